@@ -1,0 +1,48 @@
+# Two commands do everything on a fresh machine:
+#   make run    the main job (pyebm info, then the op benchmark table)
+#   make test   the test suite (installs triton and the test extra so the Triton kernels are tested)
+# Both create or reuse the virtual environment .venv, put torch==2.13.0 in first when no torch is
+# present (a plain `torch` requirement would pull a several-GB CUDA build), then install pyebm with
+# --no-build-isolation so the extension builds against that torch.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+TORCH_SPEC ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: venv install install-test run test bench cuda-check clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+venv: $(PY)
+	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH_SPEC)"
+	@$(PY) -c "import numpy, pybind11" 2>/dev/null || $(PIP) install -q numpy pybind11 setuptools wheel
+
+install: venv
+	$(PIP) install -q --no-build-isolation -e .
+
+install-test: venv
+	$(PIP) install -q "triton>=3.0" "pytest>=7" "pytest-benchmark>=4" "hypothesis>=6" "rich>=13" "matplotlib>=3.6"
+	$(PIP) install -q --no-build-isolation -e ".[test]"
+
+run: install
+	@$(PIP) install -q "rich>=13" "matplotlib>=3.6"
+	$(VENV)/bin/pyebm info
+	$(PY) bench/bench_mlp_energy.py --quick
+
+test: install-test
+	$(PY) -m pytest -q tests $(PYTEST_ARGS)
+
+bench: install-test
+	$(PY) bench/bench_mlp_energy.py
+
+# nvcc on every csrc/cuda/*.cu (no GPU needed): proves the CUDA sources compile.
+cuda-check: venv
+	$(PY) tools/cuda_check.py
+
+clean:
+	rm -rf build *.egg-info pyebm/_C*.so

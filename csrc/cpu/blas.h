@@ -1,0 +1,82 @@
+// Row-major GEMM helpers for the fused CPU kernels. Torch-free.
+//
+// With PYEBM_HAVE_BLAS the products go to the Fortran BLAS that torch links (MKL on x86 builds:
+// sgemm_/dgemm_, LP64 ints); CMake defines it only when libtorch_cpu exports those symbols.
+// Without it, a plain loop nest that the compiler vectorises. Both keep rows independent, so a
+// non-finite value in one row never reaches another row's result.
+#pragma once
+
+#include <cstdint>
+
+#ifdef PYEBM_HAVE_BLAS
+extern "C" {
+void sgemm_(const char* ta, const char* tb, const int* m, const int* n, const int* k, const float* alpha,
+            const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
+            const int* ldc);
+void dgemm_(const char* ta, const char* tb, const int* m, const int* n, const int* k, const double* alpha,
+            const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
+            const int* ldc);
+}
+#endif
+
+namespace pyebm {
+namespace cpu {
+
+#ifdef PYEBM_HAVE_BLAS
+inline void fortran_gemm(const char* ta, const char* tb, int m, int n, int k, float alpha, const float* a,
+                         int lda, const float* b, int ldb, float beta, float* c, int ldc) {
+  sgemm_(ta, tb, &m, &n, &k, &alpha, a, &lda, b, &ldb, &beta, c, &ldc);
+}
+inline void fortran_gemm(const char* ta, const char* tb, int m, int n, int k, double alpha, const double* a,
+                         int lda, const double* b, int ldb, double beta, double* c, int ldc) {
+  dgemm_(ta, tb, &m, &n, &k, &alpha, a, &lda, b, &ldb, &beta, c, &ldc);
+}
+#endif
+
+// C[M, N] (+)= A[M, K] @ W[N, K]^T   (nn.Linear forward: W is [out, in], row-major)
+template <typename T>
+inline void gemm_nt(int64_t M, int64_t N, int64_t K, const T* A, const T* W, T* C, bool accumulate) {
+  if (M == 0 || N == 0) return;
+#ifdef PYEBM_HAVE_BLAS
+  // Row-major C = A W^T is column-major C^T = W A^T: W is column-major [K, N] read transposed.
+  fortran_gemm("T", "N", static_cast<int>(N), static_cast<int>(M), static_cast<int>(K), T(1), W,
+               static_cast<int>(K), A, static_cast<int>(K), accumulate ? T(1) : T(0), C, static_cast<int>(N));
+#else
+  for (int64_t i = 0; i < M; ++i) {
+    const T* a = A + i * K;
+    T* c = C + i * N;
+    for (int64_t j = 0; j < N; ++j) {
+      const T* w = W + j * K;
+      T acc = T(0);
+      for (int64_t p = 0; p < K; ++p) acc += a[p] * w[p];
+      c[j] = accumulate ? c[j] + acc : acc;
+    }
+  }
+#endif
+}
+
+// C[M, K] (+)= G[M, N] @ W[N, K]   (input gradient through nn.Linear)
+template <typename T>
+inline void gemm_nn(int64_t M, int64_t N, int64_t K, const T* G, const T* W, T* C, bool accumulate) {
+  if (M == 0 || K == 0) return;
+#ifdef PYEBM_HAVE_BLAS
+  // Row-major C = G W is column-major C^T = W^T G^T, with W^T the column-major view of W.
+  fortran_gemm("N", "N", static_cast<int>(K), static_cast<int>(M), static_cast<int>(N), T(1), W,
+               static_cast<int>(K), G, static_cast<int>(N), accumulate ? T(1) : T(0), C, static_cast<int>(K));
+#else
+  for (int64_t i = 0; i < M; ++i) {
+    T* c = C + i * K;
+    if (!accumulate)
+      for (int64_t p = 0; p < K; ++p) c[p] = T(0);
+    const T* g = G + i * N;
+    for (int64_t j = 0; j < N; ++j) {
+      const T gj = g[j];
+      const T* w = W + j * K;
+      for (int64_t p = 0; p < K; ++p) c[p] += gj * w[p];
+    }
+  }
+#endif
+}
+
+}  // namespace cpu
+}  // namespace pyebm

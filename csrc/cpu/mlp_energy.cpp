@@ -1,0 +1,192 @@
+// CPU implementation of pyebm::mlp_energy_grad and pyebm::mlp_energy: input checks, dtype dispatch,
+// row blocks in parallel. The per-block math lives in mlp_block.h.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <string>
+
+#include "mlp_block.h"
+#include "mlp_energy_cpu.h"
+
+namespace pyebm {
+namespace cpu {
+
+Act parse_activation(const std::string& name) {
+  if (name == "relu") return Act::kRelu;
+  if (name == "silu") return Act::kSilu;
+  if (name == "gelu") return Act::kGelu;
+  if (name == "gelu_tanh") return Act::kGeluTanh;
+  if (name == "tanh") return Act::kTanh;
+  if (name == "softplus") return Act::kSoftplus;
+  TORCH_CHECK(false, "pyebm: activation must be one of relu, silu, gelu, gelu_tanh, tanh, softplus; got '",
+              name, "'");
+}
+
+namespace {
+
+void check_same(const at::Tensor& t, const char* name, const at::Tensor& y) {
+  TORCH_CHECK(t.device() == y.device(), "pyebm: ", name, " is on ", t.device(), " but y is on ", y.device());
+  TORCH_CHECK(t.scalar_type() == y.scalar_type(), "pyebm: ", name, " has dtype ", t.scalar_type(),
+              " but y has dtype ", y.scalar_type());
+}
+
+}  // namespace
+
+MlpShapes check_mlp_args(const at::Tensor& ctx, const at::Tensor& y, const at::Tensor& w_in,
+                         at::TensorList weights, at::TensorList biases, const at::Tensor& w_out,
+                         const at::Tensor& b_out) {
+  TORCH_CHECK(y.dim() == 3, "pyebm: y must be [B, K, D] (3-D); got shape ", y.sizes());
+  TORCH_CHECK(at::isFloatingType(y.scalar_type()), "pyebm: y must be a floating tensor; got ", y.scalar_type());
+  MlpShapes s;
+  s.B = y.size(0);
+  s.K = y.size(1);
+  s.D = y.size(2);
+  TORCH_CHECK(w_in.dim() == 2, "pyebm: w_in must be [H1, D]; got shape ", w_in.sizes());
+  TORCH_CHECK(w_in.size(1) == s.D, "pyebm: candidate width mismatch: y is [B, K, ", s.D, "] but w_in is ",
+              w_in.sizes(), " (expected [H1, ", s.D, "])");
+  check_same(w_in, "w_in", y);
+  const int64_t H1 = w_in.size(0);
+  TORCH_CHECK(ctx.dim() == 2 && ctx.size(1) == H1, "pyebm: ctx must be [B, H1] = [", s.B, ", ", H1,
+              "]; got shape ", ctx.sizes());
+  TORCH_CHECK(ctx.size(0) == s.B, "pyebm: batch mismatch: ctx has ", ctx.size(0), " rows but y has B = ", s.B);
+  check_same(ctx, "ctx", y);
+  TORCH_CHECK(weights.size() == biases.size(), "pyebm: weights and biases must have the same length; got ",
+              weights.size(), " and ", biases.size());
+  TORCH_CHECK(static_cast<int>(weights.size()) + 1 <= kMaxLayers, "pyebm: at most ", kMaxLayers,
+              " hidden layers; got ", weights.size() + 1);
+  s.width.push_back(H1);
+  for (size_t l = 0; l < weights.size(); ++l) {
+    const auto& w = weights[l];
+    const auto& b = biases[l];
+    TORCH_CHECK(w.dim() == 2 && w.size(1) == s.width.back(), "pyebm: weights[", l, "] must be [H_out, ",
+                s.width.back(), "]; got shape ", w.sizes());
+    TORCH_CHECK(b.dim() == 1 && b.size(0) == w.size(0), "pyebm: biases[", l, "] must be [", w.size(0),
+                "]; got shape ", b.sizes());
+    check_same(w, "weights[]", y);
+    check_same(b, "biases[]", y);
+    s.width.push_back(w.size(0));
+  }
+  TORCH_CHECK(w_out.numel() == s.width.back() && (w_out.dim() == 1 || (w_out.dim() == 2 && w_out.size(0) == 1)),
+              "pyebm: w_out must be [", s.width.back(), "] or [1, ", s.width.back(), "]; got shape ", w_out.sizes());
+  TORCH_CHECK(b_out.numel() == 1, "pyebm: b_out must hold one value; got shape ", b_out.sizes());
+  check_same(w_out, "w_out", y);
+  check_same(b_out, "b_out", y);
+  return s;
+}
+
+namespace {
+
+template <typename T>
+MlpDesc<T> make_desc(const MlpShapes& s, const at::Tensor& ctx, const at::Tensor& w_in,
+                     const std::vector<at::Tensor>& w, const std::vector<at::Tensor>& b,
+                     const at::Tensor& w_out, const at::Tensor& b_out, bool residual) {
+  MlpDesc<T> p;
+  p.D = s.D;
+  p.K = s.K;
+  p.num_hidden = static_cast<int>(s.width.size());
+  for (int l = 0; l < p.num_hidden; ++l) p.width[l] = s.width[l];
+  p.ctx = ctx.data_ptr<T>();
+  p.w_in = w_in.data_ptr<T>();
+  for (size_t l = 0; l < w.size(); ++l) {
+    p.w[l] = w[l].data_ptr<T>();
+    p.b[l] = b[l].data_ptr<T>();
+  }
+  p.w_out = w_out.data_ptr<T>();
+  p.b_out = b_out.item<T>();
+  p.residual = residual;
+  return p;
+}
+
+template <typename T>
+void run(const MlpDesc<T>& p, Act act, int64_t N, const T* y, T* E, T* G) {
+  const bool grad = G != nullptr;
+  const int64_t row_elems = p.ws_per_row(grad);
+  // Rows per block: keep a block's activations within about 256 KiB (this core's L2 share).
+  int64_t M = std::max<int64_t>(16, std::min<int64_t>(256, (256 * 1024) / (row_elems * int64_t(sizeof(T)))));
+  const int64_t threads = at::get_num_threads();
+  if (N > M && (N + M - 1) / M < threads) M = (N + threads - 1) / threads;
+  const int64_t nblocks = (N + M - 1) / M;
+  auto body = [&](int64_t b0, int64_t b1) {
+    T* ws = thread_scratch<T>(M * row_elems);
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t r0 = blk * M;
+      const int64_t m = std::min(M, N - r0);
+      const T* yb = y + r0 * p.D;
+      T* Eb = E + r0;
+      T* Gb = grad ? G + r0 * p.D : nullptr;
+      switch (act) {
+        case Act::kRelu: mlp_block<Act::kRelu, T>(p, r0, m, yb, Eb, Gb, ws); break;
+        case Act::kSilu: mlp_block<Act::kSilu, T>(p, r0, m, yb, Eb, Gb, ws); break;
+        case Act::kGelu: mlp_block<Act::kGelu, T>(p, r0, m, yb, Eb, Gb, ws); break;
+        case Act::kGeluTanh: mlp_block<Act::kGeluTanh, T>(p, r0, m, yb, Eb, Gb, ws); break;
+        case Act::kTanh: mlp_block<Act::kTanh, T>(p, r0, m, yb, Eb, Gb, ws); break;
+        case Act::kSoftplus: mlp_block<Act::kSoftplus, T>(p, r0, m, yb, Eb, Gb, ws); break;
+      }
+    }
+  };
+  if (nblocks <= 1) {
+    if (nblocks == 1) body(0, 1);
+  } else {
+    at::parallel_for(0, nblocks, 1, body);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> mlp_impl(const at::Tensor& ctx_, const at::Tensor& y_, const at::Tensor& w_in_,
+                                            at::TensorList weights_, at::TensorList biases_,
+                                            const at::Tensor& w_out_, const at::Tensor& b_out_,
+                                            c10::string_view activation, bool residual, bool grad) {
+  const MlpShapes s = check_mlp_args(ctx_, y_, w_in_, weights_, biases_, w_out_, b_out_);
+  TORCH_CHECK(y_.device().is_cpu(), "pyebm: the cpu kernel needs CPU tensors; got y on ", y_.device());
+  const Act act = parse_activation(std::string(activation));
+  const auto out_dtype = y_.scalar_type();
+  // Half precision inputs are computed in float32 and rounded once at the end.
+  const auto dt = (out_dtype == at::kDouble) ? at::kDouble : at::kFloat;
+  auto prep = [dt](const at::Tensor& t) { return t.to(dt).contiguous(); };
+  const at::Tensor ctx = prep(ctx_), y = prep(y_), w_in = prep(w_in_), w_out = prep(w_out_), b_out = prep(b_out_);
+  std::vector<at::Tensor> w, b;
+  for (const auto& t : weights_) w.push_back(prep(t));
+  for (const auto& t : biases_) b.push_back(prep(t));
+
+  at::Tensor E = at::empty({s.B, s.K}, y.options());
+  at::Tensor G = grad ? at::empty({s.B, s.K, s.D}, y.options()) : at::Tensor();
+  const int64_t N = s.B * s.K;
+  if (N > 0) {
+    AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "pyebm_mlp_energy", [&] {
+      const MlpDesc<scalar_t> p = make_desc<scalar_t>(s, ctx, w_in, w, b, w_out, b_out, residual);
+      run<scalar_t>(p, act, N, y.data_ptr<scalar_t>(), E.data_ptr<scalar_t>(),
+                    grad ? G.data_ptr<scalar_t>() : nullptr);
+    });
+  }
+  if (out_dtype != dt) {
+    E = E.to(out_dtype);
+    if (grad) G = G.to(out_dtype);
+  }
+  return {E, G};
+}
+
+std::tuple<at::Tensor, at::Tensor> mlp_energy_grad_cpu(const at::Tensor& ctx, const at::Tensor& y,
+                                                       const at::Tensor& w_in, at::TensorList weights,
+                                                       at::TensorList biases, const at::Tensor& w_out,
+                                                       const at::Tensor& b_out, c10::string_view activation,
+                                                       bool residual) {
+  return mlp_impl(ctx, y, w_in, weights, biases, w_out, b_out, activation, residual, /*grad=*/true);
+}
+
+at::Tensor mlp_energy_cpu(const at::Tensor& ctx, const at::Tensor& y, const at::Tensor& w_in,
+                          at::TensorList weights, at::TensorList biases, const at::Tensor& w_out,
+                          const at::Tensor& b_out, c10::string_view activation, bool residual) {
+  return std::get<0>(mlp_impl(ctx, y, w_in, weights, biases, w_out, b_out, activation, residual, /*grad=*/false));
+}
+
+at::Tensor dispatch_floor_cpu(const at::Tensor& x) { return at::empty({0}, x.options()); }
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pyebm, CPU, m) {
+  m.impl("mlp_energy_grad", &mlp_energy_grad_cpu);
+  m.impl("mlp_energy", &mlp_energy_cpu);
+  m.impl("dispatch_floor", &dispatch_floor_cpu);
+}
+
+}  // namespace cpu
+}  // namespace pyebm

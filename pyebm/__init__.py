@@ -1,0 +1,12 @@
+"""pyebm: fused kernels for energy-based model inference on PyTorch.
+
+    pyebm.backends()                         which backends are usable here, and why not
+    pyebm.MLPEnergy(...)                     MLP energy with cached context and a fused energy+gradient op
+    torch.ops.pyebm.*                        the fused ops
+"""
+from pyebm._version import __version__
+from pyebm._backend import backends
+from pyebm import ops, reference
+from pyebm.energy import MLPEnergy
+
+__all__ = ["__version__", "backends", "ops", "reference", "MLPEnergy"]

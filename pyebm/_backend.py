@@ -1,0 +1,141 @@
+"""Backend discovery and choice.
+
+Four backends compute the same ops:
+
+* ``torch``  - the plain PyTorch reference (``pyebm.reference``); always usable.
+* ``cpu``    - fused C++ kernels in the compiled extension ``pyebm._C`` (CPU tensors).
+* ``triton`` - Triton kernels (CUDA tensors; CPU tensors under ``TRITON_INTERPRET=1``).
+* ``cuda``   - CUDA C++ kernels in ``pyebm._C`` (CUDA tensors, built with a CUDA torch).
+
+``PYEBM_BACKEND=auto|torch|cpu|triton|cuda`` chooses (default ``auto``: the fastest usable backend
+for the tensors' device). Asking for an unusable backend by name is an error that says why.
+"""
+from __future__ import annotations
+
+import os
+from typing import Dict, Optional
+
+import torch
+
+BACKENDS = ("torch", "cpu", "triton", "cuda")
+
+_ext = None
+_ext_error: Optional[str] = None
+if os.environ.get("PYEBM_DISABLE_EXT", "0") == "1":
+    _ext_error = "disabled by PYEBM_DISABLE_EXT=1"
+else:
+    try:
+        from pyebm import _C as _ext  # noqa: F401  (importing it registers the C++ ops)
+    except ImportError as exc:  # pure-Python install (PYEBM_BUILD_EXT=0) or a broken build
+        _ext = None
+        _ext_error = f"extension pyebm._C not built ({exc})"
+
+_triton_error: Optional[str] = None
+try:
+    import triton  # noqa: F401
+except ImportError as exc:
+    triton = None
+    _triton_error = f"triton not installed ({exc})"
+
+
+def triton_interpret() -> bool:
+    """True when Triton kernels run in interpreter mode (on CPU tensors)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def ext():
+    """The compiled extension module, or None."""
+    return _ext
+
+
+def ext_info() -> Dict[str, object]:
+    if _ext is None:
+        return {"built": False, "why": _ext_error}
+    info = dict(_ext.build_info())
+    info["built"] = True
+    return info
+
+
+class BackendReport(dict):
+    """``{name: usable}`` with ``.why[name]`` saying why a backend is not usable (``None`` if it is)."""
+
+    def __init__(self, usable: Dict[str, bool], why: Dict[str, Optional[str]]):
+        super().__init__(usable)
+        self.why = why
+
+    def __repr__(self) -> str:
+        parts = []
+        for name, ok in self.items():
+            parts.append(f"{name}: {'yes' if ok else 'no (' + str(self.why[name]) + ')'}")
+        return "{" + ", ".join(parts) + "}"
+
+
+def backends() -> BackendReport:
+    """Report which backends are usable on this machine, and why not where they are not."""
+    usable: Dict[str, bool] = {"torch": True}
+    why: Dict[str, Optional[str]] = {"torch": None}
+
+    usable["cpu"] = _ext is not None
+    why["cpu"] = None if _ext is not None else _ext_error
+
+    if triton is None:
+        usable["triton"], why["triton"] = False, _triton_error
+    elif torch.cuda.is_available():
+        usable["triton"], why["triton"] = True, None
+    elif triton_interpret():
+        usable["triton"], why["triton"] = True, None
+        why["triton"] = None
+    else:
+        usable["triton"], why["triton"] = False, "no GPU (set TRITON_INTERPRET=1 to run the kernels on CPU tensors)"
+
+    if _ext is None:
+        usable["cuda"], why["cuda"] = False, _ext_error
+    elif not _ext.build_info().get("cuda", False):
+        usable["cuda"], why["cuda"] = False, "extension built without CUDA (CPU-only torch or no nvcc)"
+    elif not torch.cuda.is_available():
+        usable["cuda"], why["cuda"] = False, "no GPU"
+    else:
+        usable["cuda"], why["cuda"] = True, None
+    return BackendReport(usable, why)
+
+
+def requested_backend() -> str:
+    name = os.environ.get("PYEBM_BACKEND", "auto").strip().lower() or "auto"
+    if name != "auto" and name not in BACKENDS:
+        raise ValueError(f"PYEBM_BACKEND must be one of auto, {', '.join(BACKENDS)}; got {name!r}")
+    return name
+
+
+def resolve(device: torch.device, backend: Optional[str] = None, supported=BACKENDS) -> str:
+    """Pick the backend for tensors on ``device``.
+
+    ``backend`` overrides ``PYEBM_BACKEND``. ``supported`` lists the backends the caller has kernels
+    for (every op has ``torch``). An explicit choice that cannot run on ``device`` raises ValueError.
+    """
+    name = (backend or requested_backend()).lower()
+    report = backends()
+    device = torch.device(device)
+    if name == "auto":
+        if device.type == "cuda":
+            order = ("cuda", "triton", "torch")
+        elif device.type == "cpu":
+            order = ("cpu", "torch")
+        else:
+            order = ("torch",)
+        for cand in order:
+            if cand in supported and report[cand]:
+                return cand
+        return "torch"
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of auto, {', '.join(BACKENDS)}; got {name!r}")
+    if name not in supported:
+        raise ValueError(f"backend {name!r} has no kernel for this op (supported: {', '.join(supported)})")
+    if not report[name]:
+        raise ValueError(f"backend {name!r} is not usable: {report.why[name]}")
+    if name == "cpu" and device.type != "cpu":
+        raise ValueError(f"backend 'cpu' needs CPU tensors; got tensors on {device}")
+    if name == "cuda" and device.type != "cuda":
+        raise ValueError(f"backend 'cuda' needs CUDA tensors; got tensors on {device}")
+    if name == "triton" and device.type == "cpu" and not triton_interpret():
+        raise ValueError("backend 'triton' on CPU tensors needs TRITON_INTERPRET=1")
+    return name

@@ -1,0 +1,152 @@
+"""Energy models with cached context and a fused energy + input-gradient path."""
+from __future__ import annotations
+
+from typing import Dict, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+from pyebm import ops
+from pyebm.reference import mlp_energy as ref
+
+
+class MLPEnergy(nn.Module):
+    """E(x, y) = w_out . h_L + b_out with h_1 = act(W_x x + W_y y + b_1), h_{l+1} = act(W_l h_l + b_l).
+
+    With ``residual=True`` a layer whose input and output widths match adds its input
+    (h_{l+1} = act(W_l h_l + b_l) + h_l): the dense-residual energy of implicit behavioural cloning.
+    ``context_dim=0`` means no context.
+
+    Inference API (no autograd graph, fused kernels):
+        ctx = energy.prepare(x)               # x [B, context_dim] -> [B, H1], computed once per context
+        E = energy.energy(ctx, y)             # y [B, K, candidate_dim] -> E [B, K]
+        E, G = energy.energy_and_grad(ctx, y) # G = dE/dy [B, K, candidate_dim]
+    Training: ``energy(x, y)`` is the plain differentiable forward (gradients reach the weights).
+
+    ``backend`` fixes the backend for this model (default: ``PYEBM_BACKEND``, then ``auto``).
+    """
+
+    def __init__(self, context_dim: int, candidate_dim: int, hidden: Sequence[int] = (256, 256),
+                 activation: str = "silu", residual: bool = False, bias: bool = True,
+                 backend: Optional[str] = None, device=None, dtype=None):
+        super().__init__()
+        if not isinstance(context_dim, int) or context_dim < 0:
+            raise ValueError(f"context_dim must be an int >= 0; got {context_dim!r}")
+        if not isinstance(candidate_dim, int) or candidate_dim < 1:
+            raise ValueError(f"candidate_dim must be an int >= 1; got {candidate_dim!r}")
+        hidden = tuple(int(h) for h in hidden)
+        if len(hidden) < 1 or any(h < 1 for h in hidden):
+            raise ValueError(f"hidden must be a non-empty sequence of widths >= 1; got {hidden!r}")
+        if len(hidden) > 64:
+            raise ValueError(f"hidden may have at most 64 layers; got {len(hidden)}")
+        ref.activation_fn(activation)  # validates the name
+        kw = {"device": device, "dtype": dtype}
+        self.context_dim = context_dim
+        self.candidate_dim = candidate_dim
+        self.hidden = hidden
+        self.activation = activation
+        self.residual = bool(residual)
+        self.bias = bool(bias)
+        self.backend = backend
+        self.x_proj = nn.Linear(context_dim, hidden[0], bias=False, **kw) if context_dim > 0 else None
+        self.y_proj = nn.Linear(candidate_dim, hidden[0], bias=bias, **kw)
+        self.layers = nn.ModuleList(nn.Linear(a, b, bias=bias, **kw) for a, b in zip(hidden[:-1], hidden[1:]))
+        self.head = nn.Linear(hidden[-1], 1, bias=bias, **kw)
+        self._zeros: Dict[Tuple[torch.device, torch.dtype, int], torch.Tensor] = {}
+
+    def extra_repr(self) -> str:
+        return (f"context_dim={self.context_dim}, candidate_dim={self.candidate_dim}, hidden={self.hidden}, "
+                f"activation={self.activation!r}, residual={self.residual}, bias={self.bias}")
+
+    # -- parameters in the op layout ------------------------------------------------------------
+    def _zero(self, n: int, like: torch.Tensor) -> torch.Tensor:
+        key = (like.device, like.dtype, n)
+        z = self._zeros.get(key)
+        if z is None:
+            z = self._zeros[key] = torch.zeros(n, device=like.device, dtype=like.dtype)
+        return z
+
+    def op_params(self):
+        """(w_in, weights, biases, w_out, b_out) as the fused ops take them."""
+        w_in = self.y_proj.weight
+        weights = [layer.weight for layer in self.layers]
+        if self.bias:
+            biases = [layer.bias for layer in self.layers]
+            b_out = self.head.bias
+        else:
+            biases = [self._zero(layer.out_features, w_in) for layer in self.layers]
+            b_out = self._zero(1, w_in)
+        return w_in, weights, biases, self.head.weight.reshape(-1), b_out
+
+    def _b_in(self) -> Optional[torch.Tensor]:
+        return self.y_proj.bias if self.bias else None
+
+    # -- inference ----------------------------------------------------------------------------
+    def prepare(self, x: Union[torch.Tensor, int, None], batch: Optional[int] = None) -> torch.Tensor:
+        """Context term c = W_x x + b_1, [B, H1]. With context_dim 0, x may be an int B or [B, 0]."""
+        w = self.y_proj.weight
+        if self.context_dim == 0:
+            if isinstance(x, int):
+                B = x
+            elif x is None:
+                if batch is None:
+                    raise ValueError("prepare: this energy has no context; pass the batch size (x=B)")
+                B = batch
+            else:
+                if x.dim() != 2 or x.shape[1] != 0:
+                    raise ValueError(f"prepare: x must be [B, 0] for context_dim=0; got shape {tuple(x.shape)}")
+                B = x.shape[0]
+            with torch.no_grad():
+                return ref.mlp_context(None, None, self._b_in(), B, self.hidden[0], w)
+        if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[1] != self.context_dim:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"prepare: x must be [B, context_dim={self.context_dim}]; got {shape}")
+        if x.device != w.device or x.dtype != w.dtype:
+            raise ValueError(f"prepare: x is {x.dtype} on {x.device} but the model is {w.dtype} on {w.device}")
+        with torch.no_grad():
+            return ref.mlp_context(x, self.x_proj.weight, self._b_in(), x.shape[0], self.hidden[0], w)
+
+    def _check_y(self, ctx: torch.Tensor, y: torch.Tensor) -> None:
+        if y.dim() != 3 or y.shape[2] != self.candidate_dim:
+            raise ValueError(f"y must be [B, K, candidate_dim={self.candidate_dim}]; got shape {tuple(y.shape)}")
+        if ctx.dim() != 2 or ctx.shape[0] != y.shape[0] or ctx.shape[1] != self.hidden[0]:
+            raise ValueError(f"ctx must be [B={y.shape[0]}, {self.hidden[0]}] (from prepare(x)); "
+                             f"got shape {tuple(ctx.shape)}")
+
+    def energy(self, ctx: torch.Tensor, y: torch.Tensor, backend: Optional[str] = None) -> torch.Tensor:
+        """E [B, K] for y [B, K, candidate_dim]."""
+        self._check_y(ctx, y)
+        w_in, weights, biases, w_out, b_out = self.op_params()
+        with torch.no_grad():
+            return ops.mlp_energy(ctx, y, w_in, weights, biases, w_out, b_out, self.activation, self.residual,
+                                  backend=backend or self.backend)
+
+    def energy_and_grad(self, ctx: torch.Tensor, y: torch.Tensor,
+                        backend: Optional[str] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(E [B, K], dE/dy [B, K, candidate_dim]) in one fused call."""
+        self._check_y(ctx, y)
+        w_in, weights, biases, w_out, b_out = self.op_params()
+        with torch.no_grad():
+            return ops.mlp_energy_grad(ctx, y, w_in, weights, biases, w_out, b_out, self.activation,
+                                       self.residual, backend=backend or self.backend)
+
+    # -- training -----------------------------------------------------------------------------
+    def forward(self, x: Optional[torch.Tensor], y: torch.Tensor) -> torch.Tensor:
+        """Differentiable E: y [B, K, D] -> [B, K], or y [B, D] -> [B]. Plain autograd (training)."""
+        squeeze = y.dim() == 2
+        if squeeze:
+            y = y.unsqueeze(1)
+        if y.dim() != 3 or y.shape[2] != self.candidate_dim:
+            raise ValueError(f"y must be [B, K, {self.candidate_dim}] or [B, {self.candidate_dim}]; "
+                             f"got shape {tuple(y.shape)}")
+        B = y.shape[0]
+        if self.context_dim > 0:
+            if x is None or x.dim() != 2 or x.shape != (B, self.context_dim):
+                shape = None if x is None else tuple(x.shape)
+                raise ValueError(f"x must be [B={B}, context_dim={self.context_dim}]; got {shape}")
+            ctx = ref.mlp_context(x, self.x_proj.weight, self._b_in(), B, self.hidden[0], y)
+        else:
+            ctx = ref.mlp_context(None, None, self._b_in(), B, self.hidden[0], y)
+        w_in, weights, biases, w_out, b_out = self.op_params()
+        E = ref.mlp_energy(ctx, y, w_in, weights, biases, w_out, b_out, self.activation, self.residual)
+        return E.squeeze(1) if squeeze else E

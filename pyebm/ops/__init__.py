@@ -1,0 +1,5 @@
+"""Op layer: every fused op is a real ``torch.ops.pyebm.*`` op with a fake (meta) implementation.
+
+The functions here validate arguments, choose the backend (``pyebm._backend.resolve``) and call the op.
+"""
+from pyebm.ops.mlp_energy import dispatch_floor, mlp_energy, mlp_energy_grad  # noqa: F401
