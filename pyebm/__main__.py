@@ -1,0 +1,3 @@
+from pyebm.cli import main
+import sys
+sys.exit(main())
