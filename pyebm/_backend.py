@@ -70,8 +70,23 @@ class BackendReport(dict):
         return "{" + ", ".join(parts) + "}"
 
 
-def backends() -> BackendReport:
-    """Report which backends are usable on this machine, and why not where they are not."""
+_REPORT: Optional[BackendReport] = None
+
+
+def backends(refresh: bool = False) -> BackendReport:
+    """Report which backends are usable on this machine, and why not where they are not.
+
+    The report is computed once per process (``refresh=True`` recomputes it, e.g. after changing
+    ``TRITON_INTERPRET``); ``resolve`` uses it on every call.
+    """
+    global _REPORT
+    if _REPORT is not None and not refresh:
+        return _REPORT
+    _REPORT = _compute_report()
+    return _REPORT
+
+
+def _compute_report() -> BackendReport:
     usable: Dict[str, bool] = {"torch": True}
     why: Dict[str, Optional[str]] = {"torch": None}
 
@@ -84,7 +99,6 @@ def backends() -> BackendReport:
         usable["triton"], why["triton"] = True, None
     elif triton_interpret():
         usable["triton"], why["triton"] = True, None
-        why["triton"] = None
     else:
         usable["triton"], why["triton"] = False, "no GPU (set TRITON_INTERPRET=1 to run the kernels on CPU tensors)"
 
@@ -106,15 +120,14 @@ def requested_backend() -> str:
     return name
 
 
-def resolve(device: torch.device, backend: Optional[str] = None, supported=BACKENDS) -> str:
+def resolve(device, backend: Optional[str] = None, supported=BACKENDS) -> str:
     """Pick the backend for tensors on ``device``.
 
     ``backend`` overrides ``PYEBM_BACKEND``. ``supported`` lists the backends the caller has kernels
     for (every op has ``torch``). An explicit choice that cannot run on ``device`` raises ValueError.
     """
     name = (backend or requested_backend()).lower()
-    report = backends()
-    device = torch.device(device)
+    report = _REPORT if _REPORT is not None else backends()
     if name == "auto":
         if device.type == "cuda":
             order = ("cuda", "triton", "torch")
@@ -126,6 +139,7 @@ def resolve(device: torch.device, backend: Optional[str] = None, supported=BACKE
             if cand in supported and report[cand]:
                 return cand
         return "torch"
+    device = torch.device(device)
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of auto, {', '.join(BACKENDS)}; got {name!r}")
     if name not in supported:

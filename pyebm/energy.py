@@ -53,6 +53,7 @@ class MLPEnergy(nn.Module):
         self.layers = nn.ModuleList(nn.Linear(a, b, bias=bias, **kw) for a, b in zip(hidden[:-1], hidden[1:]))
         self.head = nn.Linear(hidden[-1], 1, bias=bias, **kw)
         self._zeros: Dict[Tuple[torch.device, torch.dtype, int], torch.Tensor] = {}
+        self._params_cache = None
 
     def extra_repr(self) -> str:
         return (f"context_dim={self.context_dim}, candidate_dim={self.candidate_dim}, hidden={self.hidden}, "
@@ -66,8 +67,34 @@ class MLPEnergy(nn.Module):
             z = self._zeros[key] = torch.zeros(n, device=like.device, dtype=like.dtype)
         return z
 
+    def _apply(self, *args, **kwargs):
+        # .to() / .cuda() / .double() move parameter storage: views cached in op_params go stale.
+        self._params_cache = None
+        self._zeros = {}
+        return super()._apply(*args, **kwargs)
+
     def op_params(self):
-        """(w_in, weights, biases, w_out, b_out) as the fused ops take them."""
+        """(w_in, weights, biases, w_out, b_out) as the fused ops take them.
+
+        Cached: in-place updates and ``load_state_dict`` keep the cache valid; ``.to()`` and friends clear
+        it, and it is rebuilt when a parameter object has been replaced by assignment.
+        """
+        cache = self._params_cache
+        if cache is not None:
+            for slot, name, param in cache[1]:
+                if slot.get(name) is not param:
+                    break
+            else:
+                return cache[0]
+        params = self._build_op_params()
+        watch = []
+        for mod in [self.y_proj, self.head, *self.layers]:
+            for name, param in mod._parameters.items():
+                watch.append((mod._parameters, name, param))
+        self._params_cache = (params, watch)
+        return params
+
+    def _build_op_params(self):
         w_in = self.y_proj.weight
         weights = [layer.weight for layer in self.layers]
         if self.bias:
@@ -76,7 +103,7 @@ class MLPEnergy(nn.Module):
         else:
             biases = [self._zero(layer.out_features, w_in) for layer in self.layers]
             b_out = self._zero(1, w_in)
-        return w_in, weights, biases, self.head.weight.reshape(-1), b_out
+        return w_in, weights, biases, self.head.weight.view(-1), b_out
 
     def _b_in(self) -> Optional[torch.Tensor]:
         return self.y_proj.bias if self.bias else None
@@ -117,18 +144,26 @@ class MLPEnergy(nn.Module):
         """E [B, K] for y [B, K, candidate_dim]."""
         self._check_y(ctx, y)
         w_in, weights, biases, w_out, b_out = self.op_params()
-        with torch.no_grad():
+        prev = torch.is_grad_enabled()
+        torch._C._set_grad_enabled(False)  # no autograd graph; cheaper than the no_grad context manager
+        try:
             return ops.mlp_energy(ctx, y, w_in, weights, biases, w_out, b_out, self.activation, self.residual,
                                   backend=backend or self.backend)
+        finally:
+            torch._C._set_grad_enabled(prev)
 
     def energy_and_grad(self, ctx: torch.Tensor, y: torch.Tensor,
                         backend: Optional[str] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         """(E [B, K], dE/dy [B, K, candidate_dim]) in one fused call."""
         self._check_y(ctx, y)
         w_in, weights, biases, w_out, b_out = self.op_params()
-        with torch.no_grad():
+        prev = torch.is_grad_enabled()
+        torch._C._set_grad_enabled(False)
+        try:
             return ops.mlp_energy_grad(ctx, y, w_in, weights, biases, w_out, b_out, self.activation,
                                        self.residual, backend=backend or self.backend)
+        finally:
+            torch._C._set_grad_enabled(prev)
 
     # -- training -----------------------------------------------------------------------------
     def forward(self, x: Optional[torch.Tensor], y: torch.Tensor) -> torch.Tensor:

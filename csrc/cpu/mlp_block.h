@@ -9,9 +9,11 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "blas.h"
+#include "vec_act.h"
 #include "pyebm/activations.h"
 
 namespace pyebm {
@@ -39,6 +41,12 @@ struct MlpDesc {
     for (int l = 0; l < num_hidden; ++l) m = std::max(m, width[l]);
     return m;
   }
+  // Multiply-adds x2 per row: the forward, and the input-gradient backward when grad.
+  int64_t flops_per_row(bool grad) const {
+    int64_t f = D * width[0] + width[num_hidden - 1];
+    for (int l = 0; l + 1 < num_hidden; ++l) f += width[l] * width[l + 1];
+    return grad ? 4 * f : 2 * f;
+  }
   // Workspace elements per row: h and act' for every layer.
   int64_t ws_per_row(bool grad) const {
     int64_t s = 0;
@@ -57,6 +65,9 @@ inline T* thread_scratch(int64_t n) {
 
 template <Act A, typename T>
 inline void act_pass(int64_t n, T* __restrict z_to_h, T* __restrict d) {
+#ifdef PYEBM_VEC_ACT
+  if constexpr (std::is_same<T, float>::value && has_vec_act<A>()) return vec_act_pass<A>(n, z_to_h, d);
+#endif
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
     T a, g;
@@ -68,6 +79,9 @@ inline void act_pass(int64_t n, T* __restrict z_to_h, T* __restrict d) {
 
 template <Act A, typename T>
 inline void act_pass_fwd(int64_t n, T* __restrict z_to_h) {
+#ifdef PYEBM_VEC_ACT
+  if constexpr (std::is_same<T, float>::value && has_vec_act<A>()) return vec_act_pass<A>(n, z_to_h, nullptr);
+#endif
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) z_to_h[i] = act_fwd<A, T>(z_to_h[i]);
 }

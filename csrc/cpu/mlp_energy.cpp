@@ -3,6 +3,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <cstdlib>
 #include <string>
 
 #include "mlp_block.h"
@@ -74,6 +75,24 @@ MlpShapes check_mlp_args(const at::Tensor& ctx, const at::Tensor& y, const at::T
   return s;
 }
 
+int64_t block_bytes() {
+  static const int64_t bytes = [] {
+    const char* env = std::getenv("PYEBM_CPU_BLOCK_BYTES");
+    int64_t v = env ? std::atoll(env) : 0;
+    return v > 0 ? v : int64_t(768) * 1024;
+  }();
+  return bytes;
+}
+
+int64_t split_flops() {
+  static const int64_t v = [] {
+    const char* env = std::getenv("PYEBM_CPU_SPLIT_FLOPS");
+    int64_t x = env ? std::atoll(env) : 0;
+    return x > 0 ? x : int64_t(1000000);
+  }();
+  return v;
+}
+
 namespace {
 
 template <typename T>
@@ -92,7 +111,7 @@ MlpDesc<T> make_desc(const MlpShapes& s, const at::Tensor& ctx, const at::Tensor
     p.b[l] = b[l].data_ptr<T>();
   }
   p.w_out = w_out.data_ptr<T>();
-  p.b_out = b_out.item<T>();
+  p.b_out = b_out.data_ptr<T>()[0];
   p.residual = residual;
   return p;
 }
@@ -101,10 +120,13 @@ template <typename T>
 void run(const MlpDesc<T>& p, Act act, int64_t N, const T* y, T* E, T* G) {
   const bool grad = G != nullptr;
   const int64_t row_elems = p.ws_per_row(grad);
-  // Rows per block: keep a block's activations within about 256 KiB (this core's L2 share).
-  int64_t M = std::max<int64_t>(16, std::min<int64_t>(256, (256 * 1024) / (row_elems * int64_t(sizeof(T)))));
+  // Rows per block: a block's activations stay within block_bytes() (a share of this core's L2).
+  int64_t M = std::max<int64_t>(16, std::min<int64_t>(512, block_bytes() / (row_elems * int64_t(sizeof(T)))));
   const int64_t threads = at::get_num_threads();
-  if (N > M && (N + M - 1) / M < threads) M = (N + threads - 1) / threads;
+  // Enough blocks for every thread, once a thread's share of work outweighs the fork cost (~2 us).
+  const int64_t min_rows = std::max<int64_t>(8, split_flops() / std::max<int64_t>(1, p.flops_per_row(grad)));
+  if ((N + M - 1) / M < threads && N >= 2 * min_rows)
+    M = std::max(min_rows, (N + threads - 1) / threads);
   const int64_t nblocks = (N + M - 1) / M;
   auto body = [&](int64_t b0, int64_t b1) {
     T* ws = thread_scratch<T>(M * row_elems);
@@ -141,7 +163,10 @@ std::tuple<at::Tensor, at::Tensor> mlp_impl(const at::Tensor& ctx_, const at::Te
   const auto out_dtype = y_.scalar_type();
   // Half precision inputs are computed in float32 and rounded once at the end.
   const auto dt = (out_dtype == at::kDouble) ? at::kDouble : at::kFloat;
-  auto prep = [dt](const at::Tensor& t) { return t.to(dt).contiguous(); };
+  // No-op in the common case (right dtype, contiguous) without a dispatcher round trip per tensor.
+  auto prep = [dt](const at::Tensor& t) {
+    return (t.scalar_type() == dt && t.is_contiguous()) ? t : t.to(dt).contiguous();
+  };
   const at::Tensor ctx = prep(ctx_), y = prep(y_), w_in = prep(w_in_), w_out = prep(w_out_), b_out = prep(b_out_);
   std::vector<at::Tensor> w, b;
   for (const auto& t : weights_) w.push_back(prep(t));

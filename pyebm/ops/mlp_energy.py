@@ -107,6 +107,8 @@ def _check_args(ctx, y, w_in, weights, biases, w_out, b_out, activation) -> None
 
 
 _SUPPORTED = ("torch", "cpu", "triton")
+_OP_GRAD = torch.ops.pyebm.mlp_energy_grad.default
+_OP_ENERGY = torch.ops.pyebm.mlp_energy.default
 
 
 def _triton_op():
@@ -121,9 +123,8 @@ def mlp_energy_grad(ctx: torch.Tensor, y: torch.Tensor, w_in: torch.Tensor, weig
                     backend: Optional[str] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """(E [B, K], dE/dy [B, K, D]) in one fused call on the chosen backend."""
     name = _backend.resolve(y.device, backend, _SUPPORTED)
-    weights, biases = list(weights), list(biases)
     if name == "cpu":
-        return torch.ops.pyebm.mlp_energy_grad(ctx, y, w_in, weights, biases, w_out, b_out, activation, residual)
+        return _OP_GRAD(ctx, y, w_in, weights, biases, w_out, b_out, activation, residual)
     _check_args(ctx, y, w_in, weights, biases, w_out, b_out, activation)
     if name == "triton":
         return _triton_op().mlp_energy_grad_triton(ctx, y, w_in, weights, biases, w_out, b_out, activation,
@@ -136,9 +137,8 @@ def mlp_energy(ctx: torch.Tensor, y: torch.Tensor, w_in: torch.Tensor, weights: 
                activation: str = "silu", residual: bool = False, backend: Optional[str] = None) -> torch.Tensor:
     """E [B, K] on the chosen backend (no gradient)."""
     name = _backend.resolve(y.device, backend, _SUPPORTED)
-    weights, biases = list(weights), list(biases)
     if name == "cpu":
-        return torch.ops.pyebm.mlp_energy(ctx, y, w_in, weights, biases, w_out, b_out, activation, residual)
+        return _OP_ENERGY(ctx, y, w_in, weights, biases, w_out, b_out, activation, residual)
     _check_args(ctx, y, w_in, weights, biases, w_out, b_out, activation)
     if name == "triton":
         return _triton_op().mlp_energy_triton(ctx, y, w_in, weights, biases, w_out, b_out, activation, residual)
