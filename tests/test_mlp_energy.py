@@ -295,3 +295,46 @@ def test_forward_is_differentiable_to_weights():
     torch.testing.assert_close(E.detach(), Ei)
     assert m(x, y[:, 0]).shape == (5,)
     torch.autograd.gradcheck(lambda yy: m(x[:2], yy), (y[:2, :2].clone().requires_grad_(),))
+
+
+def test_param_cache_follows_dtype_moves_and_replacement():
+    m = make(3, 4, (8, 8), "silu", dtype=torch.float32)
+    ctx = m.prepare(torch.randn(2, 3))
+    y = torch.randn(2, 3, 4)
+    m.energy_and_grad(ctx, y)  # fills the cache
+    m.double()
+    ctx64 = m.prepare(torch.randn(2, 3, dtype=torch.float64))
+    E, _ = m.energy_and_grad(ctx64, y.double())
+    assert E.dtype == torch.float64
+    torch.testing.assert_close(E, m.energy(ctx64, y.double(), backend="torch"))
+    m.layers[0].weight = torch.nn.Parameter(torch.randn(8, 8, dtype=torch.float64))
+    E2, _ = m.energy_and_grad(ctx64, y.double())
+    torch.testing.assert_close(E2, m.energy(ctx64, y.double(), backend="torch"))
+    assert not torch.allclose(E, E2)
+
+
+def test_pure_python_install_still_works():
+    """With the extension unavailable pyebm imports, reports why, and every op runs the reference."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, pyebm\n"
+        "r = pyebm.backends()\n"
+        "assert not r['cpu'] and 'disabled' in r.why['cpu'], r\n"
+        "m = pyebm.MLPEnergy(3, 2, hidden=(8,))\n"
+        "ctx = m.prepare(torch.randn(2, 3)); y = torch.randn(2, 4, 2)\n"
+        "E, G = m.energy_and_grad(ctx, y)\n"
+        "E2, G2 = torch.ops.pyebm.mlp_energy_grad(ctx, y, *m.op_params()[:3], *m.op_params()[3:], 'silu', False)\n"
+        "assert torch.allclose(E, E2) and torch.allclose(G, G2)\n"
+        "try:\n"
+        "    m.energy_and_grad(ctx, y, backend='cpu')\n"
+        "except ValueError as e:\n"
+        "    assert 'not usable' in str(e)\n"
+        "else:\n"
+        "    raise AssertionError('cpu backend should be refused')\n"
+        "print('ok')\n"
+    )
+    env = dict(__import__("os").environ, PYEBM_DISABLE_EXT="1")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr
