@@ -93,64 +93,52 @@ int64_t split_flops() {
   return v;
 }
 
-namespace {
-
-template <typename T>
-MlpDesc<T> make_desc(const MlpShapes& s, const at::Tensor& ctx, const at::Tensor& w_in,
-                     const std::vector<at::Tensor>& w, const std::vector<at::Tensor>& b,
-                     const at::Tensor& w_out, const at::Tensor& b_out, bool residual) {
-  MlpDesc<T> p;
-  p.D = s.D;
-  p.K = s.K;
-  p.num_hidden = static_cast<int>(s.width.size());
-  for (int l = 0; l < p.num_hidden; ++l) p.width[l] = s.width[l];
-  p.ctx = ctx.data_ptr<T>();
-  p.w_in = w_in.data_ptr<T>();
-  for (size_t l = 0; l < w.size(); ++l) {
-    p.w[l] = w[l].data_ptr<T>();
-    p.b[l] = b[l].data_ptr<T>();
-  }
-  p.w_out = w_out.data_ptr<T>();
-  p.b_out = b_out.data_ptr<T>()[0];
-  p.residual = residual;
-  return p;
+at::Tensor to_compute(const at::Tensor& t, at::ScalarType dt) {
+  // No-op in the common case (right dtype, contiguous) without a dispatcher round trip.
+  return (t.scalar_type() == dt && t.is_contiguous()) ? t : t.to(dt).contiguous();
 }
+
+MlpTensors prepare_mlp(const at::Tensor& ctx, at::ScalarType y_dtype, const at::Tensor& w_in,
+                       at::TensorList weights, at::TensorList biases, const at::Tensor& w_out,
+                       const at::Tensor& b_out) {
+  MlpTensors m;
+  // Half precision inputs are computed in float32 and rounded once at the end.
+  m.dtype = (y_dtype == at::kDouble) ? at::kDouble : at::kFloat;
+  m.ctx = to_compute(ctx, m.dtype);
+  m.w_in = to_compute(w_in, m.dtype);
+  m.w_out = to_compute(w_out, m.dtype);
+  m.b_out = to_compute(b_out, m.dtype);
+  for (const auto& t : weights) m.w.push_back(to_compute(t, m.dtype));
+  for (const auto& t : biases) m.b.push_back(to_compute(t, m.dtype));
+  return m;
+}
+
+int64_t block_rows(int64_t N, int64_t row_bytes, int64_t flops_per_row) {
+  int64_t M = std::max<int64_t>(16, std::min<int64_t>(512, block_bytes() / std::max<int64_t>(1, row_bytes)));
+  const int64_t threads = at::get_num_threads();
+  const int64_t min_rows = std::max<int64_t>(8, split_flops() / std::max<int64_t>(1, flops_per_row));
+  if ((N + M - 1) / M < threads && N >= 2 * min_rows) M = std::max(min_rows, (N + threads - 1) / threads);
+  return std::max<int64_t>(1, M);
+}
+
+namespace {
 
 template <typename T>
 void run(const MlpDesc<T>& p, Act act, int64_t N, const T* y, T* E, T* G) {
   const bool grad = G != nullptr;
   const int64_t row_elems = p.ws_per_row(grad);
-  // Rows per block: a block's activations stay within block_bytes() (a share of this core's L2).
-  int64_t M = std::max<int64_t>(16, std::min<int64_t>(512, block_bytes() / (row_elems * int64_t(sizeof(T)))));
-  const int64_t threads = at::get_num_threads();
-  // Enough blocks for every thread, once a thread's share of work outweighs the fork cost (~2 us).
-  const int64_t min_rows = std::max<int64_t>(8, split_flops() / std::max<int64_t>(1, p.flops_per_row(grad)));
-  if ((N + M - 1) / M < threads && N >= 2 * min_rows)
-    M = std::max(min_rows, (N + threads - 1) / threads);
-  const int64_t nblocks = (N + M - 1) / M;
-  auto body = [&](int64_t b0, int64_t b1) {
-    T* ws = thread_scratch<T>(M * row_elems);
-    for (int64_t blk = b0; blk < b1; ++blk) {
-      const int64_t r0 = blk * M;
-      const int64_t m = std::min(M, N - r0);
-      const T* yb = y + r0 * p.D;
-      T* Eb = E + r0;
-      T* Gb = grad ? G + r0 * p.D : nullptr;
-      switch (act) {
-        case Act::kRelu: mlp_block<Act::kRelu, T>(p, r0, m, yb, Eb, Gb, ws); break;
-        case Act::kSilu: mlp_block<Act::kSilu, T>(p, r0, m, yb, Eb, Gb, ws); break;
-        case Act::kGelu: mlp_block<Act::kGelu, T>(p, r0, m, yb, Eb, Gb, ws); break;
-        case Act::kGeluTanh: mlp_block<Act::kGeluTanh, T>(p, r0, m, yb, Eb, Gb, ws); break;
-        case Act::kTanh: mlp_block<Act::kTanh, T>(p, r0, m, yb, Eb, Gb, ws); break;
-        case Act::kSoftplus: mlp_block<Act::kSoftplus, T>(p, r0, m, yb, Eb, Gb, ws); break;
+  const int64_t M = block_rows(N, row_elems * int64_t(sizeof(T)), p.flops_per_row(grad));
+  with_act(act, [&](auto a) {
+    constexpr Act A = decltype(a)::value;
+    for_each_block(N, M, [&](int64_t b0, int64_t b1) {
+      T* ws = thread_scratch<T>(M * row_elems);
+      for (int64_t blk = b0; blk < b1; ++blk) {
+        const int64_t r0 = blk * M;
+        const int64_t m = std::min(M, N - r0);
+        mlp_block<A, T>(p, r0, m, y + r0 * p.D, E + r0, grad ? G + r0 * p.D : nullptr, ws);
       }
-    }
-  };
-  if (nblocks <= 1) {
-    if (nblocks == 1) body(0, 1);
-  } else {
-    at::parallel_for(0, nblocks, 1, body);
-  }
+    });
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor> mlp_impl(const at::Tensor& ctx_, const at::Tensor& y_, const at::Tensor& w_in_,
@@ -161,23 +149,16 @@ std::tuple<at::Tensor, at::Tensor> mlp_impl(const at::Tensor& ctx_, const at::Te
   TORCH_CHECK(y_.device().is_cpu(), "pyebm: the cpu kernel needs CPU tensors; got y on ", y_.device());
   const Act act = parse_activation(std::string(activation));
   const auto out_dtype = y_.scalar_type();
-  // Half precision inputs are computed in float32 and rounded once at the end.
-  const auto dt = (out_dtype == at::kDouble) ? at::kDouble : at::kFloat;
-  // No-op in the common case (right dtype, contiguous) without a dispatcher round trip per tensor.
-  auto prep = [dt](const at::Tensor& t) {
-    return (t.scalar_type() == dt && t.is_contiguous()) ? t : t.to(dt).contiguous();
-  };
-  const at::Tensor ctx = prep(ctx_), y = prep(y_), w_in = prep(w_in_), w_out = prep(w_out_), b_out = prep(b_out_);
-  std::vector<at::Tensor> w, b;
-  for (const auto& t : weights_) w.push_back(prep(t));
-  for (const auto& t : biases_) b.push_back(prep(t));
+  const MlpTensors mt = prepare_mlp(ctx_, out_dtype, w_in_, weights_, biases_, w_out_, b_out_);
+  const auto dt = mt.dtype;
+  const at::Tensor y = to_compute(y_, dt);
 
   at::Tensor E = at::empty({s.B, s.K}, y.options());
   at::Tensor G = grad ? at::empty({s.B, s.K, s.D}, y.options()) : at::Tensor();
   const int64_t N = s.B * s.K;
   if (N > 0) {
     AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "pyebm_mlp_energy", [&] {
-      const MlpDesc<scalar_t> p = make_desc<scalar_t>(s, ctx, w_in, w, b, w_out, b_out, residual);
+      const MlpDesc<scalar_t> p = make_desc<scalar_t>(s, mt, residual);
       run<scalar_t>(p, act, N, y.data_ptr<scalar_t>(), E.data_ptr<scalar_t>(),
                     grad ? G.data_ptr<scalar_t>() : nullptr);
     });

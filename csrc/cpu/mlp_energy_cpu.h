@@ -2,10 +2,13 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 
 #include <string>
+#include <type_traits>
 #include <vector>
 
+#include "mlp_block.h"
 #include "pyebm/activations.h"
 
 namespace pyebm {
@@ -22,6 +25,65 @@ Act parse_activation(const std::string& name);
 MlpShapes check_mlp_args(const at::Tensor& ctx, const at::Tensor& y, const at::Tensor& w_in,
                          at::TensorList weights, at::TensorList biases, const at::Tensor& w_out,
                          const at::Tensor& b_out);
+
+// The MLP's tensors in the compute dtype (float64 stays float64; float32, bfloat16 and float16 compute in
+// float32), contiguous. No copy in the common case.
+struct MlpTensors {
+  at::ScalarType dtype;
+  at::Tensor ctx, w_in, w_out, b_out;
+  std::vector<at::Tensor> w, b;
+};
+MlpTensors prepare_mlp(const at::Tensor& ctx, at::ScalarType y_dtype, const at::Tensor& w_in,
+                       at::TensorList weights, at::TensorList biases, const at::Tensor& w_out,
+                       const at::Tensor& b_out);
+at::Tensor to_compute(const at::Tensor& t, at::ScalarType dt);
+
+template <typename T>
+MlpDesc<T> make_desc(const MlpShapes& s, const MlpTensors& m, bool residual) {
+  MlpDesc<T> p;
+  p.D = s.D;
+  p.K = s.K;
+  p.num_hidden = static_cast<int>(s.width.size());
+  for (int l = 0; l < p.num_hidden; ++l) p.width[l] = s.width[l];
+  p.ctx = m.ctx.data_ptr<T>();
+  p.w_in = m.w_in.data_ptr<T>();
+  for (size_t l = 0; l < m.w.size(); ++l) {
+    p.w[l] = m.w[l].data_ptr<T>();
+    p.b[l] = m.b[l].data_ptr<T>();
+  }
+  p.w_out = m.w_out.data_ptr<T>();
+  p.b_out = m.b_out.data_ptr<T>()[0];
+  p.residual = residual;
+  return p;
+}
+
+// Rows per block for N rows whose working set is row_bytes each: a block stays within a share of this
+// core's L2, and rows are split over threads only once a thread's share outweighs the fork cost.
+int64_t block_rows(int64_t N, int64_t row_bytes, int64_t flops_per_row);
+
+// body(block_begin, block_end) over ceil(N / M) blocks: inline for one block, else at::parallel_for.
+template <typename F>
+void for_each_block(int64_t N, int64_t M, const F& body) {
+  const int64_t nblocks = (N + M - 1) / M;
+  if (nblocks == 1) {
+    body(0, 1);
+  } else if (nblocks > 1) {
+    at::parallel_for(0, nblocks, 1, body);
+  }
+}
+
+// f(std::integral_constant<Act, A>{}) for the runtime activation: one instantiation per activation.
+template <typename F>
+void with_act(Act act, const F& f) {
+  switch (act) {
+    case Act::kRelu: return f(std::integral_constant<Act, Act::kRelu>{});
+    case Act::kSilu: return f(std::integral_constant<Act, Act::kSilu>{});
+    case Act::kGelu: return f(std::integral_constant<Act, Act::kGelu>{});
+    case Act::kGeluTanh: return f(std::integral_constant<Act, Act::kGeluTanh>{});
+    case Act::kTanh: return f(std::integral_constant<Act, Act::kTanh>{});
+    case Act::kSoftplus: return f(std::integral_constant<Act, Act::kSoftplus>{});
+  }
+}
 
 }  // namespace cpu
 }  // namespace pyebm
