@@ -1,0 +1,346 @@
+"""The per-step descent update: everything one step does after the energy and its gradient are known.
+
+``descent_update`` is the function that fused C++/Triton update kernels replace. It works on rows: the
+B*K candidates flattened to ``N`` rows of ``D = prod(event)`` values, so every tensor argument below is
+[N, D] (per coordinate), [N] (per candidate) or [D] / scalar (per event coordinate, shared by all rows).
+The math is ``pyebm.reference.descent`` (steps 4-13 of its docstring); the same order of operations,
+row by row:
+
+    finite  = isfinite(E) & all(isfinite(g)) [& finite_also]
+    status  = NONFINITE where active & ~finite;  active &= finite
+    g       = clamp(g, -grad_clip, grad_clip);  g *= min(1, grad_clip_norm / ||g||)
+    crit    = ||g|| <= tol  |  |E - E_prev| <= tol     (tol > 0; one value for all rows if tol_scope="all")
+              default: status = CONVERGED and active = False where active & crit (no move this step)
+              tol_final_step: stop_after = active & pending;  pending = active & crit
+    eta_r   = eta                                  or  eta * (exp(E) / energy_temperature)  (energy_scaled)
+    d       = (-grad_scale * eta_r) * g
+    v'      = momentum * v + d;  d = v'            (momentum > 0)
+    d      += sqrt(2 * eta_r * n) * xi             (noise_mode "langevin"; n = noise_level)
+    d      -= (eta_r * n) * xi                     ("step": IBC, d = -eta * (grad_scale * g + n * xi))
+    d      += n * xi                               ("additive")
+    d       = clamp(d, -step_clip, step_clip)
+    y'      = clamp(y_base + d, lower, upper)      (bounds only when bound_each_step)
+    y'      = where(mask, fixed, y')
+    ok      = all(isfinite(y'));  status = NONFINITE and active = False where active & ~ok   (not with out=)
+    y, v    = where(active, (y', v'), (y, v));  steps += active
+    status  = CONVERGED and active = False where stop_after & active
+
+``y_base`` is the state the step starts from (the pre-evaluation transforms of ``descent_pre`` may have
+moved it away from the committed ``y``, which rows that do not move keep). Rows that stop keep ``y``
+and ``v`` bit for bit. ``xi`` is drawn by the caller for all rows (so that stopped rows do not change
+the stream). No host synchronisation happens here: every decision is a device-side mask.
+
+Two variants: with ``out=`` the proposal ``y'`` (and ``v'`` into ``velocity_out``) is written for every
+row and ``y``/``velocity`` are left alone, for ``accept_if_lower`` (the caller evaluates the proposal
+and commits with ``descent_accept``); ``dry_run=True`` writes only the proposal and touches no
+bookkeeping (the predictor of the Heun integrator).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+MAX_STEPS, CONVERGED, NONFINITE = 0, 1, 2
+NOISE_MODES = ("none", "langevin", "step", "additive", "pre")
+_POST_NOISE = ("langevin", "step", "additive")
+
+Scalar = Union[float, Tensor]
+
+try:
+    from pyebm import _backend as _be
+
+    _HAS_FUSED = _be.ext() is not None and hasattr(torch.ops.pyebm, "descent_update")
+    if _HAS_FUSED:
+        from pyebm.ops import mlp_descent as _register_fakes  # noqa: F401  (fake impls of the C++ ops)
+except Exception:  # pragma: no cover
+    _HAS_FUSED = False
+
+
+def finite_rows(t: Tensor, E: Optional[Tensor] = None) -> Tensor:
+    """[N] bool: row of t [N, D] (and E [N]) all finite. x - x is +0 exactly for finite x and NaN for
+    inf/NaN, and a sum of zeros stays zero; cheaper than isfinite (a composite op on CPU) and exact."""
+    z = torch.sub(t, t).sum(dim=1)
+    if E is not None:
+        z.add_(torch.sub(E, E))
+    return z == 0
+
+
+def clip_grad_(g: Tensor, grad_clip: Optional[float], grad_clip_norm: Optional[float]) -> Tensor:
+    """In place: clamp g [N, D] to +-grad_clip, then scale each row to L2 norm <= grad_clip_norm."""
+    if grad_clip is not None:
+        g.clamp_(-grad_clip, grad_clip)
+    if grad_clip_norm is not None:
+        # c / 0 = inf -> clamped to 1: a zero gradient stays zero.
+        scale = torch.sum(g * g, dim=1, keepdim=True).sqrt_()
+        scale = torch.div(grad_clip_norm, scale).clamp_(max=1.0)
+        g.mul_(scale)
+    return g
+
+
+def _fused_ok(y, g, y_base, E_prev, noise_mode, tol, tol_on, tol_scope, out, dry_run, finite_also, velocity,
+              mask, backend) -> bool:
+    if not _HAS_FUSED or y.device.type != "cpu" or y.dtype not in (torch.float32, torch.float64):
+        return False
+    if y_base is not None or out is not None or dry_run or finite_also is not None:
+        return False
+    if noise_mode not in ("none",) + _POST_NOISE:
+        return False
+    if tol > 0 and (tol_on != "grad_norm" or tol_scope != "candidate"):
+        return False
+    if not (y.is_contiguous() and g.is_contiguous()):
+        return False
+    if velocity is not None and not velocity.is_contiguous() or mask is not None and not mask.is_contiguous():
+        return False
+    # The fused update is the cpu backend's; every other explicit choice runs the torch ops here.
+    from pyebm import _backend
+
+    name = backend or _backend.requested_backend()
+    if name not in ("auto", "cpu"):
+        return False
+    return _backend.resolve(y.device, name, ("torch", "cpu")) == "cpu"
+
+
+def _fused_update(y, g, E, active, steps, status, velocity, pending, noise, noise_mode, noise_level, fixed, mask,
+                  lower, upper, step_clip, eta, grad_scale, momentum, grad_clip, grad_clip_norm, energy_scaled,
+                  energy_temperature, tol, tol_final_step, bound_each_step) -> Tensor:
+    def vec(v):
+        if v is None or isinstance(v, Tensor):
+            return v
+        return torch.full((y.shape[1],), float(v), dtype=y.dtype)
+
+    moved_before = steps.clone()
+    E = E if E.is_contiguous() else E.contiguous()
+    if noise is not None and not noise.is_contiguous():
+        noise = noise.contiguous()
+    torch.ops.pyebm.descent_update.default(
+        y, g, E, active, steps, status, velocity if momentum > 0 else None, pending if tol_final_step else None,
+        noise if noise_mode != "none" else None, mask, fixed if mask is not None else None, vec(lower), vec(upper),
+        vec(step_clip), float(eta), float(noise_level), noise_mode, float(grad_scale), float(momentum),
+        None if grad_clip is None else float(grad_clip), None if grad_clip_norm is None else float(grad_clip_norm),
+        bool(energy_scaled), float(energy_temperature), float(tol), bool(tol_final_step), bool(bound_each_step))
+    return steps != moved_before
+
+
+def descent_pre(y: Tensor, *, normalize: Optional[str] = None, normalize_eps: Optional[float] = None,
+                noise: Optional[Tensor] = None, noise_level: float = 0.0, project: Optional[str] = None,
+                fixed: Optional[Tensor] = None, mask: Optional[Tensor] = None) -> Tensor:
+    """Pre-evaluation transforms on y [B, K, *event] (step 1 of the reference); returns y itself when
+    there is nothing to do, else a new tensor ``ys``:
+
+        ys = y / sqrt(mean_event(y^2) + eps)   (normalize "rms"; "rms_all": mean over the whole tensor)
+        ys = ys + noise_level * xi             (noise given: noise mode "pre")
+        ys = softmax(ys, dim=-1)               (project "softmax")
+        ys = where(mask, fixed, ys)
+    """
+    if normalize is None and noise is None and project is None:
+        return y
+    ys = y
+    if normalize is not None:
+        eps = normalize_eps if normalize_eps is not None else torch.finfo(y.dtype).eps
+        if normalize == "rms":
+            ms = y.square().flatten(2).mean(dim=2).reshape(y.shape[:2] + (1,) * (y.dim() - 2))
+        elif normalize == "rms_all":
+            ms = y.square().mean()
+        else:
+            raise ValueError(f"normalize must be None, 'rms' or 'rms_all'; got {normalize!r}")
+        ys = y / (ms + eps).sqrt_()
+    if noise is not None:
+        ys = torch.add(ys, noise, alpha=noise_level) if ys is y else ys.add_(noise, alpha=noise_level)
+    if project == "softmax":
+        ys = torch.softmax(ys, dim=-1)
+    elif project is not None:
+        raise ValueError(f"project must be None or 'softmax'; got {project!r}")
+    if mask is not None:
+        ys = torch.where(mask, fixed, ys)
+    return ys
+
+
+def descent_update(
+    y: Tensor,
+    g: Tensor,
+    E: Tensor,
+    active: Tensor,
+    steps: Tensor,
+    status: Tensor,
+    *,
+    eta: float,
+    y_base: Optional[Tensor] = None,
+    velocity: Optional[Tensor] = None,
+    pending: Optional[Tensor] = None,
+    E_prev: Optional[Tensor] = None,
+    noise: Optional[Tensor] = None,
+    noise_mode: str = "none",
+    noise_level: float = 0.0,
+    fixed: Optional[Tensor] = None,
+    mask: Optional[Tensor] = None,
+    lower: Optional[Scalar] = None,
+    upper: Optional[Scalar] = None,
+    step_clip: Optional[Scalar] = None,
+    finite_also: Optional[Tensor] = None,
+    grad_scale: float = 1.0,
+    momentum: float = 0.0,
+    grad_clip: Optional[float] = None,
+    grad_clip_norm: Optional[float] = None,
+    energy_scaled: bool = False,
+    energy_temperature: float = 1.0,
+    tol: float = 0.0,
+    tol_on: str = "grad_norm",
+    tol_scope: str = "candidate",
+    tol_final_step: bool = False,
+    bound_each_step: bool = True,
+    out: Optional[Tensor] = None,
+    velocity_out: Optional[Tensor] = None,
+    dry_run: bool = False,
+    backend: Optional[str] = None,
+) -> Optional[Tensor]:
+    """One descent update for N rows (torch implementation). Returns ``move`` [N] bool (rows updated).
+
+    Tensors (all on one device, y's dtype unless noted):
+        y [N, D]         committed state; written in place for moving rows (unless ``out``/``dry_run``)
+        g [N, D]         dE/dy at the evaluation point; used as scratch (overwritten)
+        E [N]            energy at the evaluation point
+        active [N]       bool, rows still running; updated in place
+        steps [N]        int32 steps taken; updated in place
+        status [N]       int8 (0 max steps / 1 converged / 2 non-finite); updated in place
+        y_base [N, D]    state the step starts from (default y)
+        velocity [N, D]  momentum buffer (momentum > 0); updated in place for moving rows
+        pending [N]      bool, tol_final_step bookkeeping; updated in place
+        E_prev [N]       previous evaluation energy (tol_on "energy_change"; None at the first step)
+        noise [N, D]     standard normal draws for a post-gradient noise mode (None: no noise)
+        fixed, mask      [N, D] clamped values and bool mask of clamped coordinates
+        lower, upper     float or [D] box bounds; step_clip float or [D] (> 0)
+        finite_also [N]  bool, extra finiteness of the row (the second evaluation of Heun)
+    Scalars: eta is the step size of this step (the schedule value; the base size when energy_scaled),
+    noise_level the noise level n of this step. The rest are the options of ``pyebm.Descent``.
+
+    On CPU tensors with the compiled extension (``backend`` not "torch"), the common form of the step
+    (no ``y_base``/``out``/``dry_run``/``finite_also``, early exit on the gradient norm per candidate) runs
+    as the fused op ``torch.ops.pyebm.descent_update``: one pass over every row.
+    """
+    if backend != "torch" and _fused_ok(y, g, y_base, E_prev, noise_mode, tol, tol_on, tol_scope, out, dry_run,
+                                        finite_also, velocity, mask, backend):
+        return _fused_update(y, g, E, active, steps, status, velocity, pending, noise, noise_mode, noise_level,
+                             fixed, mask, lower, upper, step_clip, eta, grad_scale, momentum, grad_clip,
+                             grad_clip_norm, energy_scaled, energy_temperature, tol, tol_final_step,
+                             bound_each_step)
+    base = y if y_base is None else y_base
+    if not dry_run:
+        finite = finite_rows(g, E)
+        if finite_also is not None:
+            finite &= finite_also
+        status.masked_fill_(active & ~finite, NONFINITE)
+        active &= finite
+        clip_grad_(g, grad_clip, grad_clip_norm)
+        stop_after = None
+        if tol > 0:
+            if tol_on == "grad_norm":
+                metric = torch.sum(g * g, dim=1)
+                if tol_scope == "all":
+                    metric = torch.where(active, metric, 0.0).sum().expand_as(metric)
+                crit = metric.sqrt() <= tol
+            elif E_prev is None:
+                crit = torch.zeros_like(active)
+            else:
+                change = (E - E_prev).abs_()
+                if tol_scope == "all":
+                    change = torch.where(active, change, 0.0).max().expand_as(change)
+                crit = change <= tol
+            if tol_final_step:
+                stop_after = active & pending
+                torch.logical_and(active, crit, out=pending)
+            else:
+                stop = active & crit
+                status.masked_fill_(stop, CONVERGED)
+                active &= ~stop
+        move = active.clone()
+        d = g
+    else:
+        move = None
+        d = g.clone()
+
+    if energy_scaled:
+        eta_r = torch.exp(E).div_(energy_temperature).mul_(eta)       # [N]
+        d.mul_((eta_r * -grad_scale).unsqueeze(1))
+    else:
+        eta_r = eta
+        d.mul_(-grad_scale * eta)
+
+    v_new = None
+    if momentum > 0:
+        if velocity_out is None:
+            v_new = torch.add(d, velocity, alpha=momentum)
+        else:
+            v_new = torch.add(d, velocity, alpha=momentum, out=velocity_out)
+        d = v_new.clone()  # d picks up noise, clipping and the base in place; v' must not
+
+    if noise is not None:
+        if noise_mode == "langevin":
+            if energy_scaled:
+                d.addcmul_(noise, (eta_r * (2.0 * noise_level)).sqrt_().unsqueeze(1))
+            else:
+                d.add_(noise, alpha=math.sqrt(2.0 * eta * noise_level))
+        elif noise_mode == "step":
+            if energy_scaled:
+                d.addcmul_(noise, (eta_r * noise_level).unsqueeze(1), value=-1.0)
+            else:
+                d.add_(noise, alpha=-(eta * noise_level))
+        elif noise_mode == "additive":
+            d.add_(noise, alpha=noise_level)
+        else:
+            raise ValueError(f"noise_mode for descent_update must be one of {_POST_NOISE}; got {noise_mode!r}")
+
+    if step_clip is not None:
+        if isinstance(step_clip, Tensor):
+            torch.minimum(d, step_clip, out=d)
+            torch.maximum(d, -step_clip, out=d)
+        else:
+            d.clamp_(-step_clip, step_clip)
+
+    y_new = d.add_(base)
+    if bound_each_step and (lower is not None or upper is not None):
+        y_new.clamp_(lower, upper)
+    if mask is not None:
+        torch.where(mask, fixed, y_new, out=y_new)
+
+    if dry_run:
+        out.copy_(y_new)
+        return None
+    if out is not None:
+        # accept_if_lower: descent_accept commits (and never takes a non-finite proposal)
+        out.copy_(y_new)
+    else:
+        # A proposal that overflowed (huge energy-scaled step, say) is not taken: the row stops with
+        # its last finite value.
+        ok = finite_rows(y_new)
+        status.masked_fill_(move & ~ok, NONFINITE)
+        move &= ok
+        active &= ok
+        m = move.unsqueeze(1)
+        torch.where(m, y_new, y, out=y)
+        if v_new is not None:
+            torch.where(m, v_new, velocity, out=velocity)
+    steps += move
+    if stop_after is not None:
+        stop_after &= active
+        status.masked_fill_(stop_after, CONVERGED)
+        active &= ~stop_after
+    return move
+
+
+def descent_accept(y: Tensor, y_prop: Tensor, E: Tensor, E_prop: Tensor, move: Tensor, *,
+                   y_base: Optional[Tensor] = None, velocity: Optional[Tensor] = None,
+                   velocity_prop: Optional[Tensor] = None) -> Tensor:
+    """Commit of ``accept_if_lower`` after ``descent_update(..., out=y_prop)``: moving rows take the
+    proposal where ``E_prop < E`` and ``y_base`` (the step's starting state) elsewhere; velocity takes the
+    proposal only where accepted. A proposal is accepted only where it and its energy are finite.
+    Returns the accepted mask [N]."""
+    accept = move & (E_prop < E) & finite_rows(y_prop, E_prop)
+    base = y if y_base is None else y_base
+    new = torch.where(accept.unsqueeze(1), y_prop, base)
+    torch.where(move.unsqueeze(1), new, y, out=y)
+    if velocity is not None and velocity_prop is not None:
+        torch.where(accept.unsqueeze(1), velocity_prop, velocity, out=velocity)
+    return accept
