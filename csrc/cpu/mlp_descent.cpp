@@ -1,0 +1,306 @@
+// Whole-loop descent for the MLP energy on CPU (pyebm::mlp_descent) and the fused per-step update
+// (pyebm::descent_update). The whole loop runs every step of a block of candidate rows back to back:
+// energy + input gradient (mlp_block), then the update (update_row), so a block's rows, their
+// activations and velocity stay in this core's cache for all T steps. Blocks run in parallel; a block
+// stops early once none of its rows is running. No host round trip happens inside the loop.
+#include <torch/library.h>
+
+#include <cstring>
+
+#include "descent_update.h"
+#include "mlp_block.h"
+#include "mlp_energy_cpu.h"
+
+namespace pyebm {
+namespace cpu {
+namespace {
+
+NoiseMode parse_noise(c10::string_view s) {
+  if (s == "none") return NoiseMode::kNone;
+  if (s == "langevin") return NoiseMode::kLangevin;
+  if (s == "step") return NoiseMode::kStep;
+  if (s == "additive") return NoiseMode::kAdditive;
+  TORCH_CHECK(false, "pyebm: noise_mode must be one of none, langevin, step, additive; got '", std::string(s), "'");
+}
+
+// An optional per-dimension option as a contiguous [D] tensor in the compute dtype (undefined if absent).
+at::Tensor event_option(const c10::optional<at::Tensor>& t, const char* name, int64_t D, at::ScalarType dt) {
+  if (!t.has_value() || !t->defined()) return at::Tensor();
+  TORCH_CHECK(t->numel() == D || t->numel() == 1, "pyebm: ", name, " must hold 1 or D = ", D,
+              " values; got shape ", t->sizes());
+  TORCH_CHECK(t->device().is_cpu(), "pyebm: ", name, " must be on the CPU; got ", t->device());
+  return to_compute(t->reshape({-1}).expand({D}), dt);
+}
+
+template <typename T>
+UpdateRule<T> make_rule(int64_t D, double grad_scale, double momentum, c10::optional<double> grad_clip,
+                        c10::optional<double> grad_clip_norm, bool energy_scaled, double energy_temperature,
+                        double tol, bool tol_final_step, bool bound_each_step, const at::Tensor& lower,
+                        const at::Tensor& upper, const at::Tensor& step_clip, NoiseMode noise) {
+  TORCH_CHECK(!grad_clip.has_value() || *grad_clip > 0, "pyebm: grad_clip must be > 0; got ", *grad_clip);
+  TORCH_CHECK(!grad_clip_norm.has_value() || *grad_clip_norm > 0, "pyebm: grad_clip_norm must be > 0; got ",
+              *grad_clip_norm);
+  TORCH_CHECK(momentum >= 0 && momentum < 1, "pyebm: momentum must be in [0, 1); got ", momentum);
+  TORCH_CHECK(tol >= 0, "pyebm: tol must be >= 0; got ", tol);
+  TORCH_CHECK(energy_temperature > 0, "pyebm: energy_temperature must be > 0; got ", energy_temperature);
+  UpdateRule<T> u;
+  u.D = D;
+  u.grad_scale = T(grad_scale);
+  u.momentum = T(momentum);
+  u.grad_clip = grad_clip.has_value() ? T(*grad_clip) : T(0);
+  u.grad_clip_norm = grad_clip_norm.has_value() ? T(*grad_clip_norm) : T(0);
+  u.energy_scaled = energy_scaled;
+  u.energy_temperature = T(energy_temperature);
+  u.tol = T(tol);
+  u.tol_final_step = tol_final_step;
+  u.bound_each_step = bound_each_step;
+  u.lower = lower.defined() ? lower.data_ptr<T>() : nullptr;
+  u.upper = upper.defined() ? upper.data_ptr<T>() : nullptr;
+  u.step_clip = step_clip.defined() ? step_clip.data_ptr<T>() : nullptr;
+  u.noise = noise;
+  return u;
+}
+
+std::vector<double> host_schedule(const at::Tensor& t, const char* name, int64_t T_) {
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == T_, "pyebm: ", name, " must be [steps] = [", T_, "]; got shape ",
+              t.sizes());
+  at::Tensor c = t.to(at::kCPU, at::kDouble).contiguous();
+  const double* p = c.data_ptr<double>();
+  return std::vector<double>(p, p + T_);
+}
+
+template <Act A, typename T>
+void descent_block(const MlpDesc<T>& p, const UpdateRule<T>& u, const std::vector<double>& eta,
+                   const std::vector<double>& nlev, int64_t N, int64_t r0, int64_t m, T* y, const T* fixed,
+                   const uint8_t* mask, const T* noise, bool nesterov, T* E_final, T* E_init, int32_t* steps,
+                   int8_t* status, T* ws) {
+  const int64_t D = p.D;
+  T* mlp_ws = ws;
+  ws += m * p.ws_per_row(true);
+  T* q = ws;
+  ws += m * D;
+  T* G = ws;
+  ws += m * D;
+  T* v = ws;
+  ws += m * D;
+  T* E = ws;
+  ws += m;
+  T* scratch = ws;
+  ws += 2 * D;
+  uint8_t* active = reinterpret_cast<uint8_t*>(ws);
+  uint8_t* pending = active + m;
+  std::memset(active, 1, m);
+  std::memset(pending, 0, m);
+  std::fill(v, v + m * D, T(0));
+  std::fill(steps, steps + m, 0);
+  std::fill(status, status + m, int8_t(kMaxSteps));
+  const int64_t Tn = static_cast<int64_t>(eta.size());
+  int64_t running = m;
+  for (int64_t k = 0; k < Tn && running > 0; ++k) {
+    const T* eval = y;
+    if (nesterov && u.momentum > T(0)) {
+      for (int64_t i = 0; i < m * D; ++i) q[i] = y[i] + u.momentum * v[i];
+      eval = q;
+    }
+    mlp_block<A, T>(p, r0, m, eval, E, G, mlp_ws);
+    if (k == 0) std::copy(E, E + m, E_init);
+    const T eta_k = T(eta[k]), n_k = T(nlev[k]);
+    running = 0;
+    for (int64_t i = 0; i < m; ++i) {
+      const T* xi = noise ? noise + ((k * N) + r0 + i) * D : nullptr;
+      RowState<T> st{y + i * D, v + i * D, active + i, steps + i, status + i, pending + i};
+      update_row<T>(u, eta_k, n_k, E[i], G + i * D, y + i * D, xi, mask ? mask + i * D : nullptr,
+                    fixed ? fixed + i * D : nullptr, st, scratch);
+      running += active[i];
+    }
+  }
+  if (!u.bound_each_step && (u.lower || u.upper)) {
+    for (int64_t i = 0; i < m; ++i)
+      for (int64_t j = 0; j < D; ++j) {
+        T& yy = y[i * D + j];
+        if (u.lower && !std::isnan(yy)) yy = std::max(yy, u.lower[j]);
+        if (u.upper && !std::isnan(yy)) yy = std::min(yy, u.upper[j]);
+        if (mask && mask[i * D + j]) yy = fixed[i * D + j];
+      }
+  }
+  mlp_block<A, T>(p, r0, m, y, E_final, nullptr, mlp_ws);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlp_descent_cpu(
+    const at::Tensor& ctx_, const at::Tensor& y0_, const at::Tensor& w_in_, at::TensorList weights_,
+    at::TensorList biases_, const at::Tensor& w_out_, const at::Tensor& b_out_, c10::string_view activation,
+    bool residual, const at::Tensor& eta_, const at::Tensor& noise_level_, const c10::optional<at::Tensor>& noise_,
+    const c10::optional<at::Tensor>& lower_, const c10::optional<at::Tensor>& upper_,
+    const c10::optional<at::Tensor>& step_clip_, const c10::optional<at::Tensor>& mask_, double grad_scale,
+    double momentum, bool nesterov, c10::optional<double> grad_clip, c10::optional<double> grad_clip_norm,
+    bool energy_scaled, double energy_temperature, double tol, bool tol_final_step, bool bound_each_step,
+    c10::string_view noise_mode) {
+  const MlpShapes s = check_mlp_args(ctx_, y0_, w_in_, weights_, biases_, w_out_, b_out_);
+  TORCH_CHECK(y0_.device().is_cpu(), "pyebm: the cpu kernel needs CPU tensors; got y0 on ", y0_.device());
+  const Act act = parse_activation(std::string(activation));
+  const NoiseMode nm = parse_noise(noise_mode);
+  const int64_t Tn = eta_.numel();
+  TORCH_CHECK(Tn >= 1, "pyebm: eta must hold one step size per step (steps >= 1); got shape ", eta_.sizes());
+  const std::vector<double> eta = host_schedule(eta_, "eta", Tn);
+  const std::vector<double> nlev = host_schedule(noise_level_, "noise_level", Tn);
+  const auto out_dtype = y0_.scalar_type();
+  const MlpTensors mt = prepare_mlp(ctx_, out_dtype, w_in_, weights_, biases_, w_out_, b_out_);
+  const auto dt = mt.dtype;
+  const int64_t B = s.B, K = s.K, D = s.D, N = B * K;
+
+  at::Tensor y = y0_.to(dt).contiguous().clone();  // the state, updated in place
+  at::Tensor fixed, mask, noise;
+  if (mask_.has_value() && mask_->defined()) {
+    TORCH_CHECK(mask_->scalar_type() == at::kBool, "pyebm: mask must be bool; got ", mask_->scalar_type());
+    TORCH_CHECK(mask_->sizes() == y0_.sizes(), "pyebm: mask must be [B, K, D] = ", y0_.sizes(), "; got ",
+                mask_->sizes());
+    mask = mask_->contiguous();
+    fixed = to_compute(y0_, dt);  // clamped coordinates keep their initial values
+  }
+  if (nm != NoiseMode::kNone) {
+    TORCH_CHECK(noise_.has_value() && noise_->defined(), "pyebm: noise_mode '", std::string(noise_mode),
+                "' needs the noise tensor [steps, B, K, D]");
+    TORCH_CHECK(noise_->dim() == 4 && noise_->size(0) == Tn && noise_->size(1) == B && noise_->size(2) == K &&
+                    noise_->size(3) == D,
+                "pyebm: noise must be [steps, B, K, D] = [", Tn, ", ", B, ", ", K, ", ", D, "]; got ", noise_->sizes());
+    noise = to_compute(*noise_, dt);
+  }
+  const at::Tensor lower = event_option(lower_, "lower", D, dt);
+  const at::Tensor upper = event_option(upper_, "upper", D, dt);
+  const at::Tensor step_clip = event_option(step_clip_, "step_clip", D, dt);
+
+  at::Tensor E_final = at::empty({B, K}, y.options());
+  at::Tensor E_init = at::empty({B, K}, y.options());
+  at::Tensor steps = at::empty({B, K}, y.options().dtype(at::kInt));
+  at::Tensor status = at::empty({B, K}, y.options().dtype(at::kChar));
+  if (N > 0) {
+    AT_DISPATCH_FLOATING_TYPES(dt, "pyebm_mlp_descent", [&] {
+      using T = scalar_t;
+      const MlpDesc<T> p = make_desc<T>(s, mt, residual);
+      const UpdateRule<T> u = make_rule<T>(D, grad_scale, momentum, grad_clip, grad_clip_norm, energy_scaled,
+                                           energy_temperature, tol, tol_final_step, bound_each_step, lower, upper,
+                                           step_clip, nm);
+      // Per-row working set: the MLP buffers plus q, G, v and E, and the per-block flags.
+      const int64_t row_elems = p.ws_per_row(true) + 3 * D + 1 + 1;
+      const int64_t M = block_rows(N, row_elems * int64_t(sizeof(T)), p.flops_per_row(true) * Tn);
+      const int64_t ws_elems = M * row_elems + 2 * D + (2 * M + sizeof(T) - 1) / sizeof(T) + 1;
+      T* yp = y.data_ptr<T>();
+      const T* fp = fixed.defined() ? fixed.data_ptr<T>() : nullptr;
+      const uint8_t* mp = mask.defined() ? reinterpret_cast<const uint8_t*>(mask.data_ptr<bool>()) : nullptr;
+      const T* np = noise.defined() ? noise.data_ptr<T>() : nullptr;
+      with_act(act, [&](auto a) {
+        constexpr Act A = decltype(a)::value;
+        for_each_block(N, M, [&](int64_t b0, int64_t b1) {
+          T* ws = thread_scratch<T>(ws_elems);
+          for (int64_t blk = b0; blk < b1; ++blk) {
+            const int64_t r0 = blk * M, m = std::min(M, N - r0);
+            descent_block<A, T>(p, u, eta, nlev, N, r0, m, yp + r0 * D, fp ? fp + r0 * D : nullptr,
+                                mp ? mp + r0 * D : nullptr, np, nesterov, E_final.data_ptr<T>() + r0,
+                                E_init.data_ptr<T>() + r0, steps.data_ptr<int32_t>() + r0,
+                                status.data_ptr<int8_t>() + r0, ws);
+          }
+        });
+      });
+    });
+  }
+  if (out_dtype != dt) {
+    y = y.to(out_dtype);
+    E_final = E_final.to(out_dtype);
+    E_init = E_init.to(out_dtype);
+  }
+  return {y, E_final, E_init, steps, status};
+}
+
+// In place on y, velocity, active, steps, status and pending; g is clobbered (scratch).
+void descent_update_cpu(const at::Tensor& y, const at::Tensor& g, const at::Tensor& E, const at::Tensor& active,
+                        const at::Tensor& steps, const at::Tensor& status, const c10::optional<at::Tensor>& velocity,
+                        const c10::optional<at::Tensor>& pending, const c10::optional<at::Tensor>& noise,
+                        const c10::optional<at::Tensor>& mask, const c10::optional<at::Tensor>& fixed,
+                        const c10::optional<at::Tensor>& lower, const c10::optional<at::Tensor>& upper,
+                        const c10::optional<at::Tensor>& step_clip, double eta, double noise_level,
+                        c10::string_view noise_mode, double grad_scale, double momentum,
+                        c10::optional<double> grad_clip, c10::optional<double> grad_clip_norm, bool energy_scaled,
+                        double energy_temperature, double tol, bool tol_final_step, bool bound_each_step) {
+  TORCH_CHECK(y.dim() == 2, "pyebm: y must be [N, D]; got shape ", y.sizes());
+  const int64_t N = y.size(0), D = y.size(1);
+  auto need = [&](const at::Tensor& t, const char* name, at::IntArrayRef shape, at::ScalarType dtype) {
+    TORCH_CHECK(t.sizes() == shape, "pyebm: ", name, " must have shape ", shape, "; got ", t.sizes());
+    TORCH_CHECK(t.scalar_type() == dtype, "pyebm: ", name, " must be ", dtype, "; got ", t.scalar_type());
+    TORCH_CHECK(t.is_contiguous() && t.device().is_cpu(), "pyebm: ", name, " must be a contiguous CPU tensor");
+  };
+  const auto dt = y.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble, "pyebm: descent_update supports float32 and float64; got ", dt);
+  need(y, "y", {N, D}, dt);
+  need(g, "g", {N, D}, dt);
+  need(E, "E", {N}, dt);
+  need(active, "active", {N}, at::kBool);
+  need(steps, "steps", {N}, at::kInt);
+  need(status, "status", {N}, at::kChar);
+  if (velocity) need(*velocity, "velocity", {N, D}, dt);
+  if (pending) need(*pending, "pending", {N}, at::kBool);
+  if (noise) need(*noise, "noise", {N, D}, dt);
+  if (mask) {
+    need(*mask, "mask", {N, D}, at::kBool);
+    TORCH_CHECK(fixed.has_value(), "pyebm: mask needs fixed");
+    need(*fixed, "fixed", {N, D}, dt);
+  }
+  const NoiseMode nm = parse_noise(noise_mode);
+  TORCH_CHECK(nm == NoiseMode::kNone || noise.has_value(), "pyebm: noise_mode '", std::string(noise_mode),
+              "' needs noise");
+  TORCH_CHECK(momentum == 0 || velocity.has_value(), "pyebm: momentum > 0 needs velocity");
+  TORCH_CHECK(!tol_final_step || pending.has_value(), "pyebm: tol_final_step needs pending");
+  const at::Tensor lo = event_option(lower, "lower", D, dt), hi = event_option(upper, "upper", D, dt),
+                   sc = event_option(step_clip, "step_clip", D, dt);
+  AT_DISPATCH_FLOATING_TYPES(dt, "pyebm_descent_update", [&] {
+    using T = scalar_t;
+    const UpdateRule<T> u = make_rule<T>(D, grad_scale, momentum, grad_clip, grad_clip_norm, energy_scaled,
+                                         energy_temperature, tol, tol_final_step, bound_each_step, lo, hi, sc, nm);
+    T* yp = y.data_ptr<T>();
+    T* gp = g.data_ptr<T>();
+    const T* Ep = E.data_ptr<T>();
+    uint8_t* ap = reinterpret_cast<uint8_t*>(active.data_ptr<bool>());
+    int32_t* sp = steps.data_ptr<int32_t>();
+    int8_t* stp = status.data_ptr<int8_t>();
+    T* vp = velocity ? velocity->data_ptr<T>() : nullptr;
+    uint8_t* pp = pending ? reinterpret_cast<uint8_t*>(pending->data_ptr<bool>()) : nullptr;
+    const T* xp = (noise && nm != NoiseMode::kNone) ? noise->data_ptr<T>() : nullptr;
+    const uint8_t* mp = mask ? reinterpret_cast<const uint8_t*>(mask->data_ptr<bool>()) : nullptr;
+    const T* fp = mask ? fixed->data_ptr<T>() : nullptr;
+    const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, D));
+    at::parallel_for(0, N, grain, [&](int64_t i0, int64_t i1) {
+      T* scratch = thread_scratch<T>(2 * D);
+      for (int64_t i = i0; i < i1; ++i) {
+        RowState<T> st{yp + i * D, vp ? vp + i * D : nullptr, ap + i, sp + i, stp + i, pp ? pp + i : nullptr};
+        update_row<T>(u, T(eta), T(noise_level), Ep[i], gp + i * D, yp + i * D, xp ? xp + i * D : nullptr,
+                      mp ? mp + i * D : nullptr, fp ? fp + i * D : nullptr, st, scratch);
+      }
+    });
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(pyebm, m) {
+  // All T descent steps of the MLP energy in one call; see pyebm/ops/descent.py for the update rule.
+  m.def(
+      "mlp_descent(Tensor ctx, Tensor y0, Tensor w_in, Tensor[] weights, Tensor[] biases, Tensor w_out, "
+      "Tensor b_out, str activation, bool residual, Tensor eta, Tensor noise_level, Tensor? noise, Tensor? lower, "
+      "Tensor? upper, Tensor? step_clip, Tensor? mask, float grad_scale, float momentum, bool nesterov, "
+      "float? grad_clip, float? grad_clip_norm, bool energy_scaled, float energy_temperature, float tol, "
+      "bool tol_final_step, bool bound_each_step, str noise_mode) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // One fused update step over N rows, in place.
+  m.def(
+      "descent_update(Tensor(a!) y, Tensor(b!) g, Tensor E, Tensor(c!) active, Tensor(d!) steps, "
+      "Tensor(e!) status, Tensor(f!)? velocity, Tensor(g!)? pending, Tensor? noise, Tensor? mask, Tensor? fixed, "
+      "Tensor? lower, Tensor? upper, Tensor? step_clip, float eta, float noise_level, str noise_mode, "
+      "float grad_scale, float momentum, float? grad_clip, float? grad_clip_norm, bool energy_scaled, "
+      "float energy_temperature, float tol, bool tol_final_step, bool bound_each_step) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(pyebm, CPU, m) {
+  m.impl("mlp_descent", &mlp_descent_cpu);
+  m.impl("descent_update", &descent_update_cpu);
+}
+
+}  // namespace cpu
+}  // namespace pyebm

@@ -1,0 +1,115 @@
+"""Whole-loop descent for ``MLPEnergy``: every step of energy, input gradient and update in one call.
+
+``torch.ops.pyebm.mlp_descent`` (C++, CPU) runs all ``config.steps`` steps of a block of candidate rows
+back to back while the rows stay in cache, then the final energy pass. The update rule is exactly
+``pyebm.ops.descent.descent_update`` (same order of operations, same per-candidate early exit, same
+status codes). Noise is drawn with the caller's generator, one ``randn`` of y's shape per step, in the
+order the per-step path draws it, so both paths give the same numbers for the same seed.
+
+``minimize`` picks this path automatically (``whole_loop_backend``) when the energy is an MLPEnergy and
+the config uses only what the op implements: method "gd", the Euler integrator, no normalisation or
+projection, no accept-if-lower, early exit on the gradient norm per candidate, post-gradient noise,
+no trajectory recording. Everything else runs the per-step path.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from pyebm import _backend
+
+_HAS_CPU_OP = _backend.ext() is not None and hasattr(torch.ops.pyebm, "mlp_descent")
+
+if _HAS_CPU_OP:
+
+    @torch.library.register_fake("pyebm::mlp_descent")
+    def _(ctx, y0, w_in, weights, biases, w_out, b_out, activation, residual, eta, noise_level, noise, lower,
+          upper, step_clip, mask, grad_scale, momentum, nesterov, grad_clip, grad_clip_norm, energy_scaled,
+          energy_temperature, tol, tol_final_step, bound_each_step, noise_mode):
+        B, K = y0.shape[:2]
+        return (torch.empty_like(y0), y0.new_empty(B, K), y0.new_empty(B, K),
+                y0.new_empty(B, K, dtype=torch.int32), y0.new_empty(B, K, dtype=torch.int8))
+
+    @torch.library.register_fake("pyebm::descent_update")
+    def _(y, g, E, active, steps, status, velocity, pending, noise, mask, fixed, lower, upper, step_clip, eta,
+          noise_level, noise_mode, grad_scale, momentum, grad_clip, grad_clip_norm, energy_scaled,
+          energy_temperature, tol, tol_final_step, bound_each_step):
+        return None
+
+
+def config_supported(cfg) -> bool:
+    """Whether the whole-loop op implements every option of ``cfg``."""
+    return (cfg.method == "gd" and cfg.integrator == "euler" and cfg.normalize is None and cfg.project is None
+            and not cfg.accept_if_lower and cfg.noise in ("none", "langevin", "step", "additive")
+            and (cfg.tol == 0 or (cfg.tol_on == "grad_norm" and cfg.tol_scope == "candidate")))
+
+
+def whole_loop_backend(model, cfg, y0: torch.Tensor, record: bool, backend: Optional[str]) -> Optional[str]:
+    """The backend whose whole-loop op runs this minimisation, or None (per-step path)."""
+    from pyebm.energy import MLPEnergy
+
+    if record or not isinstance(model, MLPEnergy) or not config_supported(cfg):
+        return None
+    name = _backend.resolve(y0.device, backend or model.backend, ("torch", "cpu", "triton"))
+    if name == "cpu" and _HAS_CPU_OP and y0.dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+        return "cpu"
+    if name == "triton":
+        try:
+            from pyebm.ops import descent_triton  # noqa: F401
+        except ImportError:
+            return None
+        return "triton" if hasattr(torch.ops.pyebm, "mlp_descent_triton") else None
+    return None
+
+
+def _schedules(cfg, device):
+    eta = torch.tensor([cfg.step_size_at(k) for k in range(cfg.steps)], dtype=torch.float64)
+    nlev = torch.tensor([cfg.noise_level_at(k) for k in range(cfg.steps)], dtype=torch.float64)
+    return eta, nlev
+
+
+def _event_flat(t: Optional[torch.Tensor], D: int) -> Optional[torch.Tensor]:
+    return None if t is None else t.reshape(D)
+
+
+def run_whole_loop(model, ctx, cfg, *, y0: torch.Tensor, mask: Optional[torch.Tensor], lower, upper, step_clip,
+                   generator, backend: str):
+    """Run the whole loop on ``backend`` ("cpu" or "triton"); returns (y, E_final, E_init, steps, status)
+    with y shaped like y0."""
+    B, K = y0.shape[:2]
+    D = y0[0, 0].numel()
+    y0f = y0.reshape(B, K, D)
+    maskf = None if mask is None else mask.reshape(B, K, D)
+    w_in, weights, biases, w_out, b_out = model.op_params()
+    eta, nlev = _schedules(cfg, y0.device)
+    common = dict(grad_scale=float(cfg.grad_scale), momentum=float(cfg.momentum), nesterov=bool(cfg.nesterov),
+                  grad_clip=cfg.grad_clip, grad_clip_norm=cfg.grad_clip_norm,
+                  energy_scaled=cfg.step_schedule == "energy", energy_temperature=float(cfg.energy_temperature),
+                  tol=float(cfg.tol), tol_final_step=bool(cfg.tol_final_step),
+                  bound_each_step=bool(cfg.bound_each_step), noise_mode=cfg.noise)
+    lo, hi, sc = _event_flat(lower, D), _event_flat(upper, D), _event_flat(step_clip, D)
+    prev = torch.is_grad_enabled()
+    torch._C._set_grad_enabled(False)
+    try:
+        if backend == "cpu":
+            noise = None
+            if cfg.noise != "none":
+                noise = torch.empty((cfg.steps,) + tuple(y0.shape), device=y0.device, dtype=y0.dtype)
+                for k in range(cfg.steps):  # one draw of y's shape per step: the per-step path's order
+                    noise[k].normal_(generator=generator)
+                noise = noise.view(cfg.steps, B, K, D)
+            out = torch.ops.pyebm.mlp_descent.default(
+                ctx, y0f, w_in, weights, biases, w_out, b_out, model.activation, model.residual, eta, nlev, noise,
+                lo, hi, sc, maskf, **common)
+        else:
+            seed = int(torch.randint(0, 2**62, (1,), generator=generator, device="cpu").item()) \
+                if generator is None or generator.device.type == "cpu" else \
+                int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device).item())
+            out = torch.ops.pyebm.mlp_descent_triton(
+                ctx, y0f, w_in, weights, biases, w_out, b_out, model.activation, model.residual,
+                eta.to(torch.float32), nlev.to(torch.float32), lo, hi, sc, maskf, seed=seed, **common)
+    finally:
+        torch._C._set_grad_enabled(prev)
+    y, E_final, E_init, steps, status = out
+    return y.view(y0.shape), E_final, E_init, steps, status
