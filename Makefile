@@ -1,5 +1,5 @@
 # Two commands do everything on a fresh machine:
-#   make run    the main job (pyebm info, then the op benchmark table)
+#   make run    the main job: pyebm info, then pyebm demo (train a small energy, batched descent, latency)
 #   make test   the test suite (installs triton and the test extra so the Triton kernels are tested)
 # Both create or reuse the virtual environment .venv, put torch==2.13.0 in first when no torch is
 # present (a plain `torch` requirement would pull a several-GB CUDA build), then install pyebm with
@@ -32,7 +32,7 @@ install-test: venv
 run: install
 	@$(PIP) install -q "rich>=13" "matplotlib>=3.6"
 	$(VENV)/bin/pyebm info
-	$(PY) bench/bench_mlp_energy.py --quick
+	$(VENV)/bin/pyebm demo
 
 test: install-test
 	$(PY) -m pytest -q tests $(PYTEST_ARGS)
