@@ -81,3 +81,31 @@ def test_cli_info_json(capsys):
     assert cli_main(["info", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert set(info["backends"]) == {"torch", "cpu", "triton", "cuda"}
+
+
+def test_descent_suite_small():
+    from pyebm.bench.descent_suite import descent_cases
+
+    cases = list(descent_cases(quick=True, compile=False, memory=False, sizes=["small"], sweep=False))
+    cols = [c.column for c in cases]
+    assert cols[0] == "eager loop" and cols[-1] == GEMM_COLUMN
+    if pyebm.backends()["cpu"]:
+        assert "pyebm cpu whole-loop" in cols and "pyebm cpu per-step" in cols
+
+
+def test_eager_descent_baseline_agrees_with_minimize():
+    from pyebm.bench.descent_loops import eager_descent
+
+    m = pyebm.MLPEnergy(3, 4, hidden=(16,))
+    x, y0 = torch.randn(2, 3), torch.randn(2, 5, 4)
+    cfg = pyebm.Descent.gd(steps=5, step_size=0.1)
+    best, _ = eager_descent(m, x, y0, cfg)
+    torch.testing.assert_close(best, pyebm.minimize(m, x, candidates=5, config=cfg, init=y0).best)
+
+
+def test_latency_with_descent_config():
+    m = pyebm.MLPEnergy(6, 3, hidden=(16,))
+    res = pyebm.bench.latency(m, torch.randn(2, 6), config=pyebm.Descent.gd(steps=3), candidates=4,
+                              backends=("eager", "auto"), warmup=1, repeats=3, min_sample_s=1e-4)
+    sizes = [c.size for c in res.cases]
+    assert sizes == ["step", "step", "descent T=3", "descent T=3"]
