@@ -56,12 +56,23 @@ def ext_info() -> Dict[str, object]:
     return info
 
 
+# What each backend's kernels have been verified on. Until a kernel has run on a GPU, this says so.
+VERIFICATION = {
+    "torch": "reference implementation",
+    "cpu": "tested against the reference on CPU",
+    "triton": "tested against the reference under TRITON_INTERPRET=1 only; not yet verified on a GPU",
+    "cuda": "compiled for sm_90 and tested in a CPU emulation only; not yet verified on GPU hardware",
+}
+
+
 class BackendReport(dict):
-    """``{name: usable}`` with ``.why[name]`` saying why a backend is not usable (``None`` if it is)."""
+    """``{name: usable}`` with ``.why[name]`` saying why a backend is not usable (``None`` if it is) and
+    ``.verified[name]`` saying what its kernels have been verified on."""
 
     def __init__(self, usable: Dict[str, bool], why: Dict[str, Optional[str]]):
         super().__init__(usable)
         self.why = why
+        self.verified = dict(VERIFICATION)
 
     def __repr__(self) -> str:
         parts = []

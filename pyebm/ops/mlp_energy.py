@@ -8,7 +8,7 @@ biases[l] [H_{l+1}], w_out [H_L], b_out [1]. The math is ``pyebm.reference.mlp_e
 These are inference ops: they compute the input gradient only, never gradients to the weights, and
 record no autograd graph. Train with ``MLPEnergy.forward``.
 
-Backends: ``cpu`` (C++ in pyebm._C, registered on the CPU dispatch key), ``triton``
+Backends: ``cpu`` and ``cuda`` (C++ in pyebm._C, registered on the CPU and CUDA dispatch keys), ``triton``
 (``torch.ops.pyebm.mlp_energy_grad_triton``, any device Triton runs on), ``torch`` (the reference).
 When the extension is not built, the ``pyebm::mlp_energy*`` schemas are defined here with the
 reference as their implementation so that ``torch.ops.pyebm.*`` always exists; ``pyebm.backends()``
@@ -106,7 +106,7 @@ def _check_args(ctx, y, w_in, weights, biases, w_out, b_out, activation) -> None
     ref.activation_fn(activation)
 
 
-_SUPPORTED = ("torch", "cpu", "triton")
+_SUPPORTED = ("torch", "cpu", "triton", "cuda")
 _OP_GRAD = torch.ops.pyebm.mlp_energy_grad.default
 _OP_ENERGY = torch.ops.pyebm.mlp_energy.default
 
@@ -123,7 +123,7 @@ def mlp_energy_grad(ctx: torch.Tensor, y: torch.Tensor, w_in: torch.Tensor, weig
                     backend: Optional[str] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """(E [B, K], dE/dy [B, K, D]) in one fused call on the chosen backend."""
     name = _backend.resolve(y.device, backend, _SUPPORTED)
-    if name == "cpu":
+    if name in ("cpu", "cuda"):  # the C++ op: the dispatcher picks the CPU or CUDA kernel by device
         return _OP_GRAD(ctx, y, w_in, weights, biases, w_out, b_out, activation, residual)
     _check_args(ctx, y, w_in, weights, biases, w_out, b_out, activation)
     if name == "triton":
@@ -137,7 +137,7 @@ def mlp_energy(ctx: torch.Tensor, y: torch.Tensor, w_in: torch.Tensor, weights: 
                activation: str = "silu", residual: bool = False, backend: Optional[str] = None) -> torch.Tensor:
     """E [B, K] on the chosen backend (no gradient)."""
     name = _backend.resolve(y.device, backend, _SUPPORTED)
-    if name == "cpu":
+    if name in ("cpu", "cuda"):
         return _OP_ENERGY(ctx, y, w_in, weights, biases, w_out, b_out, activation, residual)
     _check_args(ctx, y, w_in, weights, biases, w_out, b_out, activation)
     if name == "triton":
