@@ -1,0 +1,4 @@
+"""Transformer energy models with cached context."""
+from pyebm.models.ebt import EBT, EBTCache, ThinkResult
+
+__all__ = ["EBT", "EBTCache", "ThinkResult"]

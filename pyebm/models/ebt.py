@@ -1,0 +1,925 @@
+"""Energy-Based Transformer (autoregressive, language) with cached context and batched self-verification.
+
+Weight-compatible with the published EBT (``ebt_type`` ``default`` and ``time_embed``): the module tree
+and state-dict keys are the original's, and :meth:`EBT.from_reference` loads a state dict or a
+training checkpoint saved from it. The math is the one written out in :mod:`pyebm.reference.ebt`.
+
+Inference differs from the original only in how the numbers are computed:
+
+* the context stream (real tokens, and for ``time_embed`` the time token of each landscape) never
+  depends on the candidates, so its per-layer keys and values are computed once per prompt
+  (:meth:`EBT.prepare`) and extended by one token per generated token;
+* a descent step runs only the prediction rows being optimised (for generation, the last position),
+  for all G samples of all prompts at once, attending to the cached keys/values;
+* the input gradient is a hand-written backward through the layers (no autograd graph, no weight
+  gradients); the ``autograd`` backward is kept for comparison (``EBT(..., backward="autograd")``).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pyebm import _backend
+from pyebm.reference import ebt as ref
+
+# The original's named sizes (model_utils.model_sizes).
+REFERENCE_SIZES: Dict[str, Dict[str, int]] = {
+    "4xs": {"num_transformer_blocks": 2, "multiheaded_attention_heads": 2, "embedding_dim": 128},
+    "3xs": {"num_transformer_blocks": 4, "multiheaded_attention_heads": 4, "embedding_dim": 256},
+    "xxs": {"num_transformer_blocks": 6, "multiheaded_attention_heads": 6, "embedding_dim": 384},
+    "2xs": {"num_transformer_blocks": 6, "multiheaded_attention_heads": 6, "embedding_dim": 384},
+    "xs": {"num_transformer_blocks": 12, "multiheaded_attention_heads": 6, "embedding_dim": 384},
+    "small": {"num_transformer_blocks": 12, "multiheaded_attention_heads": 12, "embedding_dim": 768},
+    "medium": {"num_transformer_blocks": 24, "multiheaded_attention_heads": 16, "embedding_dim": 1024},
+    "large": {"num_transformer_blocks": 24, "multiheaded_attention_heads": 16, "embedding_dim": 1536},
+    "xl": {"num_transformer_blocks": 24, "multiheaded_attention_heads": 32, "embedding_dim": 2048},
+}
+
+# Training-configuration settings that change the network or the update and are not implemented here,
+# with the value under which a configuration is still supported.
+_UNSUPPORTED_SETTINGS = {
+    "ebt_norm": "rms",
+    "num_modality_processing_mlp_layers": 1,
+    "learnable_process_memory": False,
+    "normalize_initial_condition_only_first_step": False,
+    "absolute_clamp": 0.0,
+    "sharpen_predicted_distribution": 0.0,
+}
+_CONFIG_NAMES = ("vocab_size", "embedding_dim", "num_transformer_blocks", "multiheaded_attention_heads",
+                 "context_length", "ebt_type", "mcmc_num_steps", "ffn_dim_multiplier",
+                 "vocab_to_embed_uses_prob_dist", "normalize_initial_condition", "mcmc_step_size",
+                 "langevin_dynamics_noise", "denoising_initial_condition", "gaussian_random_noise_scaling",
+                 "clamp_futures_grad", "clamp_futures_grad_max_change", "ebt_act_func", "norm_eps")
+
+
+@dataclass
+class ThinkResult:
+    """What :meth:`EBT.think` returns. With ``positions="last"`` the position axis is dropped.
+
+    logits          [B, V] or [B, S, V]  optimised (unnormalised) vector of the chosen sample
+    energy          [B] or [B, S]        its energy in the final noise-free pass
+    initial_energy  [B] or [B, S]        its energy at the first step
+    sample          [B] or [B, S]        index of the chosen sample in 0..G-1
+    """
+
+    logits: torch.Tensor
+    energy: torch.Tensor
+    initial_energy: torch.Tensor
+    sample: torch.Tensor
+
+
+class EBTCache:
+    """Context keys/values of a batch of prompts, per layer: [L * B, H, capacity, head_dim].
+
+    L is the number of landscapes (``mcmc_num_steps`` for ``time_embed``, else 1); rows are
+    landscape-major. ``length`` is the number of filled context-stream entries (tokens, plus the time
+    token for ``time_embed``). ``landscape`` is the one :meth:`EBT.energy` uses.
+    """
+
+    def __init__(self, tokens: torch.Tensor, keys: List[torch.Tensor], values: List[torch.Tensor],
+                 length: int, landscapes: int, landscape: int):
+        self.tokens = tokens
+        self.keys = keys
+        self.values = values
+        self.length = length
+        self.landscapes = landscapes
+        self.landscape = landscape
+
+    @property
+    def batch(self) -> int:
+        return self.tokens.shape[0]
+
+    @property
+    def capacity(self) -> int:
+        return self.keys[0].shape[2]
+
+    def kv(self, layer: int, landscape: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        B = self.batch
+        rows = slice(landscape * B, (landscape + 1) * B)
+        return self.keys[layer][rows, :, :self.length], self.values[layer][rows, :, :self.length]
+
+
+# -- modules (names and shapes are the original's, so state-dict keys match) -----------------------
+
+class _RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, **kw):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, **kw))
+
+
+class _Attention(nn.Module):
+    def __init__(self, dim: int, **kw):
+        super().__init__()
+        self.wq = nn.Linear(dim, dim, bias=False, **kw)
+        self.wk = nn.Linear(dim, dim, bias=False, **kw)
+        self.wv = nn.Linear(dim, dim, bias=False, **kw)
+        self.wo = nn.Linear(dim, dim, bias=False, **kw)
+
+
+class _FeedForward(nn.Module):
+    def __init__(self, dim: int, hidden: int, **kw):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False, **kw)
+        self.w2 = nn.Linear(hidden, dim, bias=False, **kw)
+        self.w3 = nn.Linear(dim, hidden, bias=False, **kw)
+
+
+class _Block(nn.Module):
+    def __init__(self, dim: int, hidden: int, eps: float, **kw):
+        super().__init__()
+        self.attention = _Attention(dim, **kw)
+        self.feed_forward = _FeedForward(dim, hidden, **kw)
+        self.attention_norm = _RMSNorm(dim, eps, **kw)
+        self.ffn_norm = _RMSNorm(dim, eps, **kw)
+
+
+class _Trunk(nn.Module):
+    def __init__(self, cfg: ref.EBTConfig, **kw):
+        super().__init__()
+        d = cfg.embedding_dim
+        self.layers = nn.ModuleList(_Block(d, cfg.ffn_hidden, cfg.norm_eps, **kw)
+                                    for _ in range(cfg.num_transformer_blocks))
+        self.norm = _RMSNorm(d, cfg.norm_eps, **kw)
+        self.final_layer = nn.Linear(d, 1, bias=False, **kw)
+        if cfg.ebt_type == "time_embed":
+            self.time_embeddings = nn.Embedding(cfg.mcmc_num_steps, d, **kw)
+
+
+# -- activation derivatives for the hand-written backward ------------------------------------------
+
+def _act_and_grad(name: str, u: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    if name == "silu":
+        s = torch.sigmoid(u)
+        a = u * s
+        return a, s * (1 + u * (1 - s))
+    if name == "relu":
+        return torch.relu(u), (u > 0).to(u.dtype)
+    if name == "gelu":
+        cdf = 0.5 * (1 + torch.erf(u * (1 / math.sqrt(2))))
+        return u * cdf, cdf + u * torch.exp(-0.5 * u * u) * (1 / math.sqrt(2 * math.pi))
+    if name == "elu":
+        e = torch.expm1(u.clamp(max=0))
+        return torch.where(u > 0, u, e), torch.where(u > 0, torch.ones_like(u), e + 1)
+    raise ValueError(f"ebt_act_func must be one of {sorted(ref.ACTIVATIONS)}; got {name!r}")
+
+
+def _attention_kernels():
+    """The Triton prediction-attention kernels (imported on first use: Triton is optional)."""
+    from pyebm._kernels import ebt_attention
+    return ebt_attention
+
+
+def _softmax(y: torch.Tensor) -> torch.Tensor:
+    """softmax over the vocabulary with subnormal probabilities set to 0.
+
+    Once the logits spread out (a few steps with a large alpha), exp() underflows into subnormal numbers,
+    and a CPU multiplies those 10-100x slower (the [G, V] @ [V, D] product of the next step). Values below
+    the smallest normal number change the embedding by less than V * 1.2e-38 * max|W|: nothing.
+    """
+    p = torch.softmax(y, dim=-1)
+    return p.masked_fill_(p < torch.finfo(p.dtype).tiny, 0.0)
+
+
+def _swap_pairs(x: torch.Tensor) -> torch.Tensor:
+    """(x[2k], x[2k+1]) -> (x[2k+1], x[2k]) along the last axis."""
+    return x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+
+
+def _rope(x: torch.Tensor, c: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs: out[2k] = x[2k] cos - x[2k+1] sin, out[2k+1] = x[2k+1] cos + x[2k] sin.
+
+    c = (cos_k, cos_k) and s = (-sin_k, sin_k) per pair, laid out to broadcast against x. The gradient
+    (the inverse rotation) is _rope with s negated.
+    """
+    return torch.addcmul(x * c, _swap_pairs(x), s)
+
+
+def _rms_bwd(xn: torch.Tensor, r: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """dx of xn = x * r, r = rsqrt(mean(x^2) + eps), given g = dE/dxn."""
+    return r * (g - xn * (xn * g).mean(-1, keepdim=True))
+
+
+class _Packed:
+    """The weights in the layout the cached path uses, built once per set of weights.
+
+    Per layer: QKV concatenated, with the attention scale folded into W_q and the RMSNorm weight into
+    the columns of the matrix that follows it (W_qkv, W_1|W_3), so a norm is x * r and its backward
+    needs no extra product. The final norm weight is folded into the energy head.
+    """
+
+    def __init__(self, model: "EBT"):
+        cfg = model.config
+        t = model.transformer
+        scale = 1.0 / math.sqrt(cfg.head_dim)
+        with torch.no_grad():
+            self.layers = []
+            for blk in t.layers:
+                at, ff = blk.attention, blk.feed_forward
+                wqkv = torch.cat((at.wq.weight * scale, at.wk.weight, at.wv.weight), 0)
+                w13 = torch.cat((ff.w1.weight, ff.w3.weight), 0)
+                self.layers.append((
+                    (wqkv * blk.attention_norm.weight[None, :]).detach().contiguous(),
+                    at.wo.weight.detach(),
+                    (w13 * blk.ffn_norm.weight[None, :]).detach().contiguous(),
+                    ff.w2.weight.detach(),
+                ))
+            self.head = (t.norm.weight * t.final_layer.weight.reshape(-1)).detach()
+            self.emb = model.embeddings.weight.detach()
+            # e = p @ v2e_t, dE/dp = dE/de @ v2e: v2e is [D, V] (vocab_to_embed) or embeddings^T.
+            if cfg.vocab_to_embed_uses_prob_dist:
+                self.v2e = self.emb.t()
+            else:
+                self.v2e = model.vocab_to_embed.weight.detach()
+            self.v2e_t = self.v2e.t()
+            self.time = t.time_embeddings.weight.detach() if cfg.ebt_type == "time_embed" else None
+            cos, sin = ref.rope_tables(cfg.head_dim, cfg.context_length + 2 + cfg.offset,
+                                       self.emb.dtype, self.emb.device)
+            self.cos = cos.repeat_interleave(2, dim=-1)                             # [P, hd]
+            self.sin = torch.stack((-sin, sin), dim=-1).flatten(-2)                 # [P, hd]
+
+    def rope_rows(self, pos: torch.Tensor):
+        """Tables for rows at RoPE positions pos [R], laid out [R, 3, 1, hd] for a [.., R, 3, H, hd]
+        q|k|v tensor (the v slot is the identity), plus the sin table of the inverse rotation."""
+        c, s = self.cos[pos], self.sin[pos]
+        one, zero = torch.ones_like(c), torch.zeros_like(s)
+        c3 = torch.stack((c, c, one), dim=1)[:, :, None, :]
+        s3 = torch.stack((s, s, zero), dim=1)[:, :, None, :]
+        return c3, s3, -s3
+
+
+class EBT(nn.Module):
+    """Autoregressive language Energy-Based Transformer (``default`` or ``time_embed``).
+
+    Hyperparameters keep the original training configuration's names; ``EBT(**config)`` accepts the
+    ones listed below, :meth:`from_reference` accepts a whole training configuration.
+
+    Inference::
+
+        model = pyebm.models.EBT(vocab_size=8192, context_length=256, **EBT.reference_config("xxs"))
+        res = model.think(tokens, steps=2, samples=4)       # next-token logits res.logits [B, V]
+        out = model.generate(tokens, max_new_tokens=32)     # [B, S + 32]
+
+    Energy-model protocol (what ``pyebm.minimize`` drives): ``ctx = model.prepare(tokens)``;
+    ``model.energy(ctx, y)`` and ``model.energy_and_grad(ctx, y)`` score candidates y [B, K, V] for the
+    token after ``tokens``. y is the vector fed to ``vocab_to_embed`` (a probability vector when
+    ``normalize_initial_condition``), and the gradient is taken with respect to it, as EBT's update does
+    (``pyebm.Descent.ebt`` projects logits with a softmax first). For ``time_embed`` the protocol scores
+    against one landscape, chosen at ``prepare`` (default: the last); :meth:`think` visits them all.
+    """
+
+    def __init__(self, vocab_size: int, embedding_dim: int = 384, num_transformer_blocks: int = 6,
+                 multiheaded_attention_heads: int = 6, context_length: int = 256, ebt_type: str = "default",
+                 mcmc_num_steps: int = 2, ffn_dim_multiplier: Optional[float] = None,
+                 vocab_to_embed_uses_prob_dist: bool = False, normalize_initial_condition: bool = True,
+                 mcmc_step_size: float = 60.0, langevin_dynamics_noise: float = 0.0,
+                 denoising_initial_condition: str = "random_noise", gaussian_random_noise_scaling: float = 1.0,
+                 clamp_futures_grad: bool = False, clamp_futures_grad_max_change: float = 9.0,
+                 ebt_act_func: str = "silu", norm_eps: float = 1e-5, backward: str = "manual",
+                 backend: Optional[str] = None, device=None, dtype=None):
+        super().__init__()
+        for name, val in (("vocab_size", vocab_size), ("embedding_dim", embedding_dim),
+                          ("num_transformer_blocks", num_transformer_blocks),
+                          ("multiheaded_attention_heads", multiheaded_attention_heads),
+                          ("context_length", context_length), ("mcmc_num_steps", mcmc_num_steps)):
+            if isinstance(val, bool) or not isinstance(val, int) or val < 1:
+                raise ValueError(f"{name} must be an int >= 1; got {val!r}")
+        if embedding_dim % multiheaded_attention_heads or (embedding_dim // multiheaded_attention_heads) % 2:
+            raise ValueError(f"embedding_dim ({embedding_dim}) must be a multiple of multiheaded_attention_heads "
+                             f"({multiheaded_attention_heads}) with an even head size")
+        if ebt_type not in ref.EBT_TYPES:
+            raise ValueError(f"ebt_type must be one of {ref.EBT_TYPES}; got {ebt_type!r} "
+                             "(adaln variants are not implemented)")
+        if ebt_act_func not in ref.ACTIVATIONS:
+            raise ValueError(f"ebt_act_func must be one of {sorted(ref.ACTIVATIONS)}; got {ebt_act_func!r}")
+        if vocab_to_embed_uses_prob_dist and not normalize_initial_condition:
+            raise ValueError("vocab_to_embed_uses_prob_dist requires normalize_initial_condition=True")
+        if denoising_initial_condition not in ("random_noise", "zeros"):
+            raise ValueError("denoising_initial_condition must be 'random_noise' or 'zeros'; "
+                             f"got {denoising_initial_condition!r}")
+        if backward not in ("manual", "autograd"):
+            raise ValueError(f"backward must be 'manual' or 'autograd'; got {backward!r}")
+        if ffn_dim_multiplier is not None and int(embedding_dim * ffn_dim_multiplier) < 1:
+            raise ValueError(f"ffn_dim_multiplier gives an empty feed-forward layer; got {ffn_dim_multiplier!r}")
+        self.config = ref.EBTConfig(
+            vocab_size=vocab_size, embedding_dim=embedding_dim, num_transformer_blocks=num_transformer_blocks,
+            multiheaded_attention_heads=multiheaded_attention_heads, context_length=context_length,
+            ebt_type=ebt_type, mcmc_num_steps=mcmc_num_steps, ffn_dim_multiplier=ffn_dim_multiplier,
+            vocab_to_embed_uses_prob_dist=bool(vocab_to_embed_uses_prob_dist),
+            normalize_initial_condition=bool(normalize_initial_condition), ebt_act_func=ebt_act_func,
+            norm_eps=float(norm_eps))
+        self.denoising_initial_condition = denoising_initial_condition
+        self.gaussian_random_noise_scaling = float(gaussian_random_noise_scaling)
+        self.clamp_futures_grad = bool(clamp_futures_grad)
+        self.clamp_futures_grad_max_change = float(clamp_futures_grad_max_change)
+        self.backward_mode = backward
+        self.backend = backend
+        kw = {"device": device, "dtype": dtype}
+        self.alpha = nn.Parameter(torch.tensor(float(mcmc_step_size), **kw), requires_grad=False)
+        self.langevin_dynamics_noise_std = nn.Parameter(torch.tensor(float(langevin_dynamics_noise), **kw),
+                                                        requires_grad=False)
+        self.embeddings = nn.Embedding(vocab_size, embedding_dim, **kw)
+        if not vocab_to_embed_uses_prob_dist:
+            self.vocab_to_embed = nn.Linear(vocab_size, embedding_dim, bias=False, **kw)
+        self.transformer = _Trunk(self.config, **kw)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_normal_(m.weight)
+        self._packed_cache: Optional[tuple] = None
+
+    @property
+    def event_shape(self) -> Tuple[int]:
+        """Shape of one candidate of the energy-model protocol: a vector over the vocabulary."""
+        return (self.config.vocab_size,)
+
+    # -- configuration ------------------------------------------------------------------------
+    @staticmethod
+    def reference_config(name: str) -> Dict[str, int]:
+        """``num_transformer_blocks``, ``multiheaded_attention_heads``, ``embedding_dim`` of a named size."""
+        try:
+            return dict(REFERENCE_SIZES[name])
+        except KeyError:
+            raise ValueError(f"unknown size {name!r}; known sizes: {sorted(REFERENCE_SIZES)}") from None
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (f"vocab_size={c.vocab_size}, embedding_dim={c.embedding_dim}, "
+                f"num_transformer_blocks={c.num_transformer_blocks}, "
+                f"multiheaded_attention_heads={c.multiheaded_attention_heads}, context_length={c.context_length}, "
+                f"ebt_type={c.ebt_type!r}, mcmc_num_steps={c.mcmc_num_steps}")
+
+    @classmethod
+    def from_reference(cls, state_dict: Mapping[str, Any], **hyperparameters) -> "EBT":
+        """Build an EBT from a state dict (or a training checkpoint) saved from the original model.
+
+        ``hyperparameters`` take the original training configuration's names; unrelated settings of a
+        training configuration are ignored, so ``EBT.from_reference(sd, **vars(args))`` works. Sizes
+        missing from them are read from the tensor shapes (``multiheaded_attention_heads`` and
+        ``context_length`` cannot be, and are required). Keys may carry the ``model.`` /
+        ``_orig_mod.`` prefixes of the training wrapper. Missing or unexpected keys, or tensors of
+        another shape, raise a ``ValueError`` that lists them.
+        """
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(f"state_dict must be a mapping of names to tensors; got {type(state_dict).__name__}")
+        sd: Mapping[str, Any] = state_dict
+        if "state_dict" in sd and isinstance(sd["state_dict"], Mapping):  # a training checkpoint
+            saved = sd.get("hyper_parameters") or {}
+            hyperparameters = {**{k: v for k, v in dict(saved).items()}, **hyperparameters}
+            sd = sd["state_dict"]
+        sd = _strip_prefix(dict(sd))
+        for k, v in sd.items():
+            if not isinstance(v, torch.Tensor):
+                raise TypeError(f"state_dict[{k!r}] must be a tensor; got {type(v).__name__}")
+        hp = {k: hyperparameters[k] for k in _CONFIG_NAMES if k in hyperparameters}
+        for name, ok in _UNSUPPORTED_SETTINGS.items():
+            if name in hyperparameters and hyperparameters[name] not in (ok, None):
+                raise ValueError(f"{name}={hyperparameters[name]!r} is not supported (only {ok!r})")
+        if hp.get("ebt_type", "default") not in ref.EBT_TYPES:
+            raise ValueError(f"ebt_type must be one of {ref.EBT_TYPES}; got {hp['ebt_type']!r}")
+        _infer_sizes(sd, hp)
+        for name in ("multiheaded_attention_heads", "context_length"):
+            if name not in hp:
+                raise ValueError(f"from_reference: {name} is required (it cannot be read from the state dict)")
+        if "mcmc_step_size" not in hp and isinstance(sd.get("alpha"), torch.Tensor):
+            hp["mcmc_step_size"] = float(sd["alpha"])
+        dtype = next((v.dtype for v in sd.values() if v.is_floating_point()), None)
+        model = cls(**hp, dtype=dtype)
+        expected = model.state_dict()
+        missing = sorted(set(expected) - set(sd))
+        unexpected = sorted(set(sd) - set(expected))
+        if missing or unexpected:
+            raise ValueError("from_reference: the state dict does not match an EBT with "
+                             f"{model.extra_repr()}.\n  missing keys: {missing}\n  unexpected keys: {unexpected}")
+        wrong = [f"{k}: expected {tuple(expected[k].shape)}, got {tuple(sd[k].shape)}"
+                 for k in expected if tuple(expected[k].shape) != tuple(sd[k].shape)]
+        if wrong:
+            raise ValueError("from_reference: tensors of another shape than an EBT with "
+                             f"{model.extra_repr()}:\n  " + "\n  ".join(wrong))
+        model.load_state_dict(sd, strict=True)
+        return model
+
+    # -- internals --------------------------------------------------------------------------------
+    @property
+    def _param(self) -> torch.Tensor:
+        return self.embeddings.weight
+
+    def _packed(self) -> _Packed:
+        """The packed weights, rebuilt when a parameter was modified in place or replaced."""
+        cached = self._packed_cache
+        if cached is not None:
+            params, key, packed = cached
+            if all(p._version == v and p.data_ptr() == d for p, (v, d) in zip(params, key)) \
+                    and self.transformer.layers[0].attention.wq.weight is params[1]:
+                return packed
+        params = [self.embeddings.weight, self.transformer.layers[0].attention.wq.weight,
+                  *(p for p in self.parameters())]
+        key = [(p._version, p.data_ptr()) for p in params]
+        packed = _Packed(self)
+        self._packed_cache = (params, key, packed)
+        return packed
+
+    def _check_tokens(self, tokens: torch.Tensor, extra: int = 0, what: str = "tokens") -> torch.Tensor:
+        if not isinstance(tokens, torch.Tensor):
+            raise TypeError(f"{what} must be a LongTensor [B, S]; got {type(tokens).__name__}")
+        if tokens.dim() == 1:
+            tokens = tokens.unsqueeze(0)
+        if tokens.dim() != 2 or tokens.dtype.is_floating_point or tokens.dtype == torch.bool or tokens.is_complex():
+            raise ValueError(f"{what} must be an integer tensor [B, S]; got {tokens.dtype} "
+                             f"of shape {tuple(tokens.shape)}")
+        B, S = tokens.shape
+        if B < 1 or S < 1:
+            raise ValueError(f"{what} must have at least one prompt of at least one token; got shape {(B, S)}")
+        V, C = self.config.vocab_size, self.config.context_length
+        lo, hi = int(tokens.min()), int(tokens.max())
+        if lo < 0 or hi >= V:
+            raise ValueError(f"{what}: token ids must be in [0, vocab_size={V}); got ids in [{lo}, {hi}]")
+        if S + extra > C:
+            more = f" plus {extra} generated tokens" if extra else ""
+            raise ValueError(f"{what}: prompt length {S}{more} exceeds context_length={C}")
+        return tokens.to(device=self._param.device, dtype=torch.long)
+
+    # -- the context stream -----------------------------------------------------------------------
+    def _context_forward(self, pk: _Packed, cache: EBTCache, x: torch.Tensor, start: int) -> None:
+        """Run context entries x [L*B, n, D] at stream positions start.. and store their keys/values."""
+        cfg = self.config
+        N, n, D = x.shape
+        H, hd = cfg.multiheaded_attention_heads, cfg.head_dim
+        c3, s3, _ = pk.rope_rows(torch.arange(start, start + n, device=x.device))
+        end = start + n
+        mask, causal = None, False
+        if n > 1 and start == 0:
+            causal = True
+        elif n > 1:
+            i = torch.arange(start, end, device=x.device)[:, None]
+            mask = torch.arange(end, device=x.device)[None, :] <= i  # True = may attend
+        act = ref.ACTIVATIONS[cfg.ebt_act_func]
+        eps = cfg.norm_eps
+        last = len(pk.layers) - 1
+        for li, (wqkv, wo, w13, w2) in enumerate(pk.layers):
+            xn = x * torch.rsqrt((x * x).mean(-1, keepdim=True) + eps)
+            qkv = _rope((xn @ wqkv.t()).view(N, n, 3, H, hd), c3, s3)
+            cache.keys[li][:, :, start:end] = qkv[:, :, 1].transpose(1, 2)
+            cache.values[li][:, :, start:end] = qkv[:, :, 2].transpose(1, 2)
+            if li == last:  # the last layer's context outputs are never read
+                break
+            K, Vv = cache.keys[li][:, :, :end], cache.values[li][:, :, :end]
+            # W_q carries the 1/sqrt(head_dim) factor already.
+            o = F.scaled_dot_product_attention(qkv[:, :, 0].transpose(1, 2), K, Vv, attn_mask=mask, is_causal=causal,
+                                               scale=1.0)
+            x = x + o.transpose(1, 2).reshape(N, n, D) @ wo.t()
+            xn = x * torch.rsqrt((x * x).mean(-1, keepdim=True) + eps)
+            u, z = (xn @ w13.t()).chunk(2, dim=-1)
+            x = x + (act(u) * z) @ w2.t()
+
+    def prepare(self, context: torch.Tensor, landscape: Optional[int] = None, capacity: Optional[int] = None
+                ) -> EBTCache:
+        """Cache the context keys/values of prompts ``context`` [B, S] (token ids).
+
+        For ``time_embed`` every landscape's context stream is cached. ``landscape`` is the one
+        :meth:`energy` scores against (default: the last, as in the final energy pass). ``capacity`` is
+        the number of tokens to reserve room for (default S; the cache grows when extended further).
+        """
+        cfg = self.config
+        tokens = self._check_tokens(context, what="context")
+        L = cfg.num_landscapes
+        if landscape is None:
+            landscape = L - 1
+        if not isinstance(landscape, int) or not 0 <= landscape < L:
+            raise ValueError(f"landscape must be an int in [0, {L}); got {landscape!r}")
+        B, S = tokens.shape
+        cap = max(S, min(capacity or S, cfg.context_length)) + cfg.offset
+        pk = self._packed()
+        H, hd = cfg.multiheaded_attention_heads, cfg.head_dim
+        like = pk.emb
+        keys = [like.new_empty(L * B, H, cap, hd) for _ in pk.layers]
+        values = [like.new_empty(L * B, H, cap, hd) for _ in pk.layers]
+        cache = EBTCache(tokens, keys, values, 0, L, landscape)
+        with torch.no_grad():
+            x = pk.emb[tokens]                                        # [B, S, D]
+            if cfg.ebt_type == "time_embed":
+                t = pk.time[:, None, None, :].expand(L, B, 1, cfg.embedding_dim)
+                x = torch.cat((t, x.unsqueeze(0).expand(L, B, S, cfg.embedding_dim)), dim=2)
+                x = x.reshape(L * B, S + 1, cfg.embedding_dim)
+            self._context_forward(pk, cache, x, 0)
+        cache.length = S + cfg.offset
+        return cache
+
+    def extend(self, cache: EBTCache, new_tokens: torch.Tensor) -> EBTCache:
+        """Append new_tokens [B, n] to the cached prompts (in place; returns the cache)."""
+        cfg = self.config
+        if not isinstance(new_tokens, torch.Tensor) or new_tokens.dim() != 2 or new_tokens.shape[0] != cache.batch:
+            shape = tuple(new_tokens.shape) if isinstance(new_tokens, torch.Tensor) else type(new_tokens).__name__
+            raise ValueError(f"new_tokens must be [B={cache.batch}, n]; got {shape}")
+        S_old = cache.tokens.shape[1]
+        tokens = torch.cat((cache.tokens, new_tokens.to(cache.tokens.device, torch.long)), dim=1)
+        tokens = self._check_tokens(tokens, what="tokens")  # range and context_length checks
+        n = new_tokens.shape[1]
+        if n == 0:
+            return cache
+        need = cache.length + n
+        if need > cache.capacity:
+            cap = min(cfg.context_length + cfg.offset, max(need, 2 * cache.capacity))
+            for store in (cache.keys, cache.values):
+                for li, t in enumerate(store):
+                    grown = t.new_empty(t.shape[0], t.shape[1], cap, t.shape[3])
+                    grown[:, :, :cache.length] = t[:, :, :cache.length]
+                    store[li] = grown
+        pk = self._packed()
+        with torch.no_grad():
+            x = pk.emb[tokens[:, S_old:]]
+            x = x.unsqueeze(0).expand(cache.landscapes, *x.shape).reshape(-1, n, cfg.embedding_dim)
+            self._context_forward(pk, cache, x, cache.length)
+        cache.tokens = tokens
+        cache.length = need
+        return cache
+
+    # -- the prediction rows ----------------------------------------------------------------------
+    def _attention_backend(self, device: torch.device) -> str:
+        """``triton`` (the fused prediction-attention kernel) or ``torch`` (ATen ops; also for ``cpu``)."""
+        name = _backend.resolve(device, self.backend, supported=("torch", "cpu", "triton"))
+        return "triton" if name == "triton" else "torch"
+
+    def _rows(self, pk: _Packed, cache: EBTCache, positions: torch.Tensor, samples: int):
+        """RoPE tables, the hidden-context mask [R, T] and the visible-context counts [R] (both None
+        when everything is visible), and the attention backend, for the R = samples * P prediction
+        rows of token positions ``positions`` [P] (sample-major)."""
+        off = self.config.offset
+        pos = positions.repeat(samples)
+        c3, s3, s3_t = pk.rope_rows(pos + 1 + off)
+        T = cache.length
+        triton_attn = self._attention_backend(pos.device) == "triton"
+        if int(positions.min()) + off + 1 >= T:
+            return c3, s3, s3_t, None, None, triton_attn
+        hidden = torch.arange(T, device=pos.device)[None, :] > (pos[:, None] + off)
+        return c3, s3, s3_t, hidden, pos + off + 1, triton_attn
+
+    def _pred_forward(self, pk: _Packed, cache: EBTCache, landscape: int, e: torch.Tensor, rows, save: bool):
+        """Energies [B, R] of prediction embeddings e [B, R, D]; with ``save`` also what the backward needs."""
+        cfg = self.config
+        B, R, D = e.shape
+        H, hd = cfg.multiheaded_attention_heads, cfg.head_dim
+        c3, s3, _, hidden, n_visible, triton_attn = rows
+        eps = cfg.norm_eps
+        T = cache.length
+        silu = cfg.ebt_act_func == "silu"
+        act = ref.ACTIVATIONS[cfg.ebt_act_func]
+        saved = []
+        h = e.reshape(B * R, D)
+        for li, (wqkv, wo, w13, w2) in enumerate(pk.layers):
+            Kc, Vc = cache.kv(li, landscape)                      # [B, H, T, hd]
+            r1 = torch.rsqrt((h * h).mean(-1, keepdim=True) + eps)
+            xn1 = h * r1
+            qkv = _rope((xn1 @ wqkv.t()).view(B, R, 3, H, hd), c3, s3).transpose(1, 3)  # [B, H, 3, R, hd]
+            q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]                        # [B, H, R, hd]
+            if triton_attn:
+                o, lse = _attention_kernels().ebt_attention_fwd(q, Kc, Vc, k, v, n_visible)
+                a_ctx, a_self = o, lse  # what the kernel's backward needs
+            else:
+                s_ctx = q @ Kc.transpose(-1, -2)                                      # [B, H, R, T]
+                if hidden is not None:
+                    s_ctx = s_ctx.masked_fill(hidden, float("-inf"))
+                s_self = (q * k).sum(-1, keepdim=True)
+                a = torch.softmax(torch.cat((s_ctx, s_self), dim=-1), dim=-1)
+                a_ctx, a_self = a[..., :T], a[..., T:]
+                o = torch.addcmul(a_ctx @ Vc, a_self, v)
+            h2 = torch.addmm(h, o.transpose(1, 2).reshape(B * R, D), wo.t())
+            r2 = torch.rsqrt((h2 * h2).mean(-1, keepdim=True) + eps)
+            xn2 = h2 * r2
+            u, z = (xn2 @ w13.t()).chunk(2, dim=-1)
+            if silu:
+                sg = torch.sigmoid(u)
+                au = u * sg
+            else:
+                sg = None
+                au = act(u)
+            if save:
+                saved.append((xn1, r1, q, k, v, a_ctx, a_self, xn2, r2, u, z, sg, au))
+            h = torch.addmm(h2, au * z, w2.t())
+        rF = torch.rsqrt((h * h).mean(-1, keepdim=True) + eps)
+        xnF = h * rF
+        E = (xnF @ pk.head).view(B, R)
+        return E, (saved, xnF, rF)
+
+    def _pred_backward(self, pk: _Packed, cache: EBTCache, landscape: int, state, rows) -> torch.Tensor:
+        """dE/de [B, R, D] (every row's own energy) from what _pred_forward saved."""
+        cfg = self.config
+        saved, xnF, rF = state
+        BR, D = xnF.shape
+        B = cache.batch
+        R = BR // B
+        H, hd = cfg.multiheaded_attention_heads, cfg.head_dim
+        c3, _, s3_t, _, n_visible, triton_attn = rows
+        dh = _rms_bwd(xnF, rF, pk.head.expand_as(xnF))
+        for li in range(len(pk.layers) - 1, -1, -1):
+            wqkv, wo, w13, w2 = pk.layers[li]
+            xn1, r1, q, k, v, a_ctx, a_self, xn2, r2, u, z, sg, au = saved[li]
+            Kc, Vc = cache.kv(li, landscape)
+            dm = dh @ w2                                                    # [BR, F]
+            if sg is not None:  # silu' = s (1 + u (1 - s))
+                dau = sg * (1 + u * (1 - sg))
+            else:
+                dau = _act_and_grad(cfg.ebt_act_func, u)[1]
+            df = torch.cat((dm * z * dau, dm * au), dim=-1) @ w13
+            dh2 = dh + _rms_bwd(xn2, r2, df)
+            do = (dh2 @ wo).view(B, R, H, hd).transpose(1, 2)               # [B, H, R, hd]
+            if triton_attn:
+                dq, dk, dv = _attention_kernels().ebt_attention_bwd(do, q, Kc, Vc, a_ctx, a_self, k, v, n_visible)
+            else:
+                da_ctx = do @ Vc.transpose(-1, -2)
+                da_self = (do * v).sum(-1, keepdim=True)
+                t = (a_ctx * da_ctx).sum(-1, keepdim=True) + a_self * da_self
+                ds_ctx = a_ctx * (da_ctx - t)
+                ds_self = a_self * (da_self - t)
+                dq = torch.addcmul(ds_ctx @ Kc, ds_self, k)
+                dk, dv = ds_self * q, a_self * do
+            dqkv = torch.stack((dq, dk, dv), dim=3)                         # [B, H, R, 3, hd]
+            dqkv = _rope(dqkv.permute(0, 2, 3, 1, 4), c3, s3_t)              # [B, R, 3, H, hd]
+            da = dqkv.reshape(BR, 3 * D) @ wqkv
+            dh = dh2 + _rms_bwd(xn1, r1, da)
+        return dh.view(B, R, D)
+
+    def _embed_energy(self, pk, cache, landscape, e, rows, grad: bool):
+        if not grad:
+            return self._pred_forward(pk, cache, landscape, e, rows, save=False)[0], None
+        if self.backward_mode == "autograd":
+            rows = rows[:-1] + (False,)  # the attention kernel has no autograd formula: ATen attention
+            with torch.enable_grad():
+                e = e.detach().requires_grad_(True)
+                E = self._pred_forward(pk, cache, landscape, e, rows, save=False)[0]
+                (g,) = torch.autograd.grad(E.sum(), e)
+            return E.detach(), g
+        E, state = self._pred_forward(pk, cache, landscape, e, rows, save=True)
+        return E, self._pred_backward(pk, cache, landscape, state, rows)
+
+    def _vocab_energy(self, pk, cache, landscape, p, rows, grad: bool):
+        """Energies [B, R] (and dE/dp [B, R, V]) of vocabulary-space candidates p [B, R, V]."""
+        E, ge = self._embed_energy(pk, cache, landscape, p @ pk.v2e_t, rows, grad)
+        return E, (ge @ pk.v2e if grad else None)
+
+    # -- energy-model protocol --------------------------------------------------------------------
+    def _check_candidates(self, ctx: EBTCache, y: torch.Tensor) -> None:
+        V = self.config.vocab_size
+        if not isinstance(ctx, EBTCache):
+            raise TypeError(f"ctx must come from EBT.prepare(tokens); got {type(ctx).__name__}")
+        if not isinstance(y, torch.Tensor) or y.dim() != 3 or y.shape[0] != ctx.batch or y.shape[2] != V:
+            shape = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
+            raise ValueError(f"y must be [B={ctx.batch}, K, vocab_size={V}]; got {shape}")
+        w = self._param
+        if y.dtype != w.dtype or y.device != w.device:
+            raise ValueError(f"y is {y.dtype} on {y.device} but the model is {w.dtype} on {w.device}")
+
+    def energy(self, ctx: EBTCache, y: torch.Tensor) -> torch.Tensor:
+        """E [B, K] of candidates y [B, K, V] for the token after the cached prompts."""
+        self._check_candidates(ctx, y)
+        pk = self._packed()
+        last = torch.tensor([ctx.tokens.shape[1] - 1], device=y.device)
+        with torch.no_grad():
+            return self._vocab_energy(pk, ctx, ctx.landscape, y, self._rows(pk, ctx, last, y.shape[1]), False)[0]
+
+    def energy_and_grad(self, ctx: EBTCache, y: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(E [B, K], dE/dy [B, K, V]) of candidates y [B, K, V] for the token after the cached prompts."""
+        self._check_candidates(ctx, y)
+        pk = self._packed()
+        last = torch.tensor([ctx.tokens.shape[1] - 1], device=y.device)
+        with torch.no_grad():
+            return self._vocab_energy(pk, ctx, ctx.landscape, y, self._rows(pk, ctx, last, y.shape[1]), True)
+
+    # -- training / plain forward -------------------------------------------------------------------
+    def forward(self, tokens: torch.Tensor, predictions: torch.Tensor, landscape: int = 0) -> torch.Tensor:
+        """Differentiable energies [B, S] of vocabulary-space predictions [B, S, V] after tokens [B, S]
+        (the full recompute of the original; gradients reach the weights)."""
+        tokens = self._check_tokens(tokens)
+        params = dict(self.named_parameters())
+        return ref.energy(params, self.config, tokens, predictions, landscape)
+
+    # -- inference --------------------------------------------------------------------------------
+    def _resolve_options(self, steps, alpha, noise, samples, select, accept_lower, positions, grad_clamp):
+        cfg = self.config
+        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+            raise ValueError(f"steps must be an int >= 1 (or None for the model's default); got {steps!r}")
+        if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+            raise ValueError(f"samples must be an int >= 1; got {samples!r}")
+        if select not in ref.SELECT_MODES:
+            raise ValueError(f"select must be one of {ref.SELECT_MODES}; got {select!r}")
+        if positions not in ("last", "all"):
+            raise ValueError(f"positions must be 'last' or 'all'; got {positions!r}")
+        if alpha is None:
+            alpha = float(self.alpha.detach().clamp(min=1e-4))
+        alpha = float(alpha)
+        if not math.isfinite(alpha) or alpha <= 0:
+            raise ValueError(f"alpha must be a finite number > 0; got {alpha!r}")
+        if noise is None:
+            noise = float(self.langevin_dynamics_noise_std.detach())
+        noise = float(noise)
+        if not math.isfinite(noise) or noise < 0:
+            raise ValueError(f"noise must be a finite number >= 0; got {noise!r}")
+        if grad_clamp is None:
+            grad_clamp = self.clamp_futures_grad_max_change if self.clamp_futures_grad else None
+        elif grad_clamp is False:
+            grad_clamp = None
+        elif not isinstance(grad_clamp, (int, float)) or isinstance(grad_clamp, bool) or not grad_clamp > 0:
+            raise ValueError(f"grad_clamp must be a number > 0, False or None; got {grad_clamp!r}")
+        schedule = ref.step_schedule(cfg, steps)
+        if cfg.ebt_type == "default":
+            schedule = [0] * len(schedule)  # one landscape; the step index does not enter the energy
+        return schedule, alpha, noise, select, bool(accept_lower), grad_clamp
+
+    def _initial(self, init, B: int, G: int, P: int, generator) -> torch.Tensor:
+        V = self.config.vocab_size
+        w = self._param
+        if init is None:  # the model's training-time initial condition
+            init = "zeros" if self.denoising_initial_condition == "zeros" else "normal"
+        if isinstance(init, str):
+            if init == "normal":
+                y = torch.randn((B, G, P, V), generator=generator, dtype=w.dtype, device=w.device)
+                return y * self.gaussian_random_noise_scaling
+            if init == "zeros":
+                return w.new_zeros(B, G, P, V)
+            raise ValueError(f"init must be 'normal', 'zeros' or a tensor; got {init!r}")
+        if not isinstance(init, torch.Tensor):
+            raise TypeError(f"init must be 'normal', 'zeros' or a tensor; got {type(init).__name__}")
+        if init.dim() == 3 and tuple(init.shape) == (B, P, V):
+            init = init.unsqueeze(1).expand(B, G, P, V)
+        if tuple(init.shape) != (B, G, P, V):
+            raise ValueError(f"init must be [B={B}, samples={G}, positions={P}, V={V}] or [B, positions, V]; "
+                             f"got shape {tuple(init.shape)}")
+        return init.to(device=w.device, dtype=w.dtype)
+
+    def _think_cached(self, cache: EBTCache, positions: torch.Tensor, y: torch.Tensor, schedule, alpha, noise,
+                      select, accept_lower, grad_clamp, generator, need_energy: bool = True):
+        """Run the update on y [B, G, P, V] for token positions [P]; returns (logits, E, E0, idx) [B, P(, V)].
+
+        Without ``need_energy`` and with one sample, the final energy pass (only used for the selection
+        and the reported energy) is skipped and E is None."""
+        cfg = self.config
+        pk = self._packed()
+        B, G, P, V = y.shape
+        R = G * P
+        rows = self._rows(pk, cache, positions, G)
+        normalize = cfg.normalize_initial_condition
+        y = y.reshape(B, R, V)
+        E0 = None
+        for landscape in schedule:
+            if noise != 0:
+                y = y + noise * torch.randn(y.shape, generator=generator, dtype=y.dtype, device=y.device)
+            p = _softmax(y) if normalize else y
+            E, g = self._vocab_energy(pk, cache, landscape, p, rows, True)
+            if E0 is None:
+                E0 = E
+            if grad_clamp is not None:
+                g = g.clamp(-grad_clamp / alpha, grad_clamp / alpha)
+            proposal = p - alpha * g
+            if accept_lower:
+                p_new = _softmax(proposal) if normalize else proposal
+                E_new = self._vocab_energy(pk, cache, landscape, p_new, rows, False)[0]
+                y = torch.where((E_new < E).unsqueeze(-1), proposal, p)
+            else:
+                y = proposal
+        if G == 1 and not need_energy:
+            zero = torch.zeros(B, P, dtype=torch.long, device=y.device)
+            return y.view(B, P, V), None, E0.view(B, P), zero
+        p = _softmax(y) if normalize else y
+        E_final = self._vocab_energy(pk, cache, cfg.num_landscapes - 1, p, rows, False)[0]
+        y, E_final, E0 = y.view(B, G, P, V), E_final.view(B, G, P), E0.view(B, G, P)
+        if G == 1:
+            return y[:, 0], E_final[:, 0], E0[:, 0], torch.zeros(B, P, dtype=torch.long, device=y.device)
+        idx = ref._select(E_final, E0, select)                                   # [B, P]
+        b = torch.arange(B, device=y.device)[:, None]
+        s = torch.arange(P, device=y.device)[None, :]
+        return y[b, idx, s], E_final[b, idx, s], E0[b, idx, s], idx
+
+    @torch.no_grad()
+    def think(self, tokens: Union[torch.Tensor, EBTCache], steps: Optional[int] = None,
+              alpha: Optional[float] = None, noise: Optional[float] = None, samples: int = 1, select: str = "min",
+              accept_lower: bool = False, positions: str = "last", init: Union[str, torch.Tensor, None] = None,
+              generator: Optional[torch.Generator] = None, grad_clamp: Union[float, bool, None] = None
+              ) -> ThinkResult:
+        """Optimise the next-token prediction(s) of ``tokens`` [B, S] (or of a cache from :meth:`prepare`).
+
+        steps         ``default``: the total number of steps (None: ``mcmc_num_steps``); ``time_embed``:
+                      steps on each of the ``mcmc_num_steps`` landscapes, visited in order (None: 1, the
+                      original ``forward``).
+        alpha         step size (None: the model's learned ``alpha``, clamped at 1e-4).
+        noise         std of the noise added to the logits before each step's softmax (None: the
+                      model's ``langevin_dynamics_noise``; 0 turns it off).
+        samples       G, candidates per position, run together and sharing the context cache.
+        select        ``min`` / ``max`` final energy, or ``max_gap`` (first-step minus final energy).
+        accept_lower  keep a step per position only if it lowers the energy (else stay at softmax(y)).
+        positions     ``last`` (the next token) or ``all`` (every position of the prompt).
+        init          ``normal`` (N(0, gaussian_random_noise_scaling^2)), ``zeros``, or a tensor
+                      [B, G, P, V] or [B, P, V] (P = 1 for ``last``, S for ``all``); None: the model's
+                      ``denoising_initial_condition`` (``random_noise`` -> ``normal``).
+        grad_clamp    clamp the gradient to +-grad_clamp/alpha (None: the model's ``clamp_futures_grad``
+                      setting; False: off).
+        """
+        schedule, alpha, noise, select, accept_lower, grad_clamp = self._resolve_options(
+            steps, alpha, noise, samples, select, accept_lower, positions, grad_clamp)
+        if isinstance(tokens, EBTCache):
+            cache = tokens
+        else:
+            cache = self.prepare(self._check_tokens(tokens))
+        B, S = cache.tokens.shape
+        dev = self._param.device
+        pos = torch.tensor([S - 1], device=dev) if positions == "last" else torch.arange(S, device=dev)
+        y = self._initial(init, B, samples, pos.numel(), generator)
+        logits, E, E0, idx = self._think_cached(cache, pos, y, schedule, alpha, noise, select, accept_lower,
+                                                grad_clamp, generator)
+        if positions == "last":
+            return ThinkResult(logits[:, 0], E[:, 0], E0[:, 0], idx[:, 0])
+        return ThinkResult(logits, E, E0, idx)
+
+    @torch.no_grad()
+    def generate(self, tokens: torch.Tensor, max_new_tokens: int, steps: Optional[int] = None,
+                 alpha: Optional[float] = None, noise: Optional[float] = None, samples: int = 1,
+                 select: str = "min", accept_lower: bool = False, init: Union[str, torch.Tensor, None] = None,
+                 grad_clamp: Union[float, bool, None] = None, temperature: float = 0.0, top_p: float = 0.9,
+                 eos_token_id: Optional[int] = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Append up to ``max_new_tokens`` tokens to prompts ``tokens`` [B, S]; returns [B, S + n].
+
+        Each token is one :meth:`think` on the last position (options as there), then greedy argmax
+        (``temperature=0``) or top-p sampling of softmax(logits / temperature). ``init`` may also be a
+        tensor [B, G, max_new_tokens, V]: the starting vector of each new token's prediction. Generation
+        stops early once every prompt has produced ``eos_token_id`` (when given).
+        """
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an int >= 0; got {max_new_tokens!r}")
+        temperature = float(temperature)
+        if not math.isfinite(temperature) or temperature < 0:
+            raise ValueError(f"temperature must be >= 0; got {temperature!r}")
+        if not 0 < float(top_p) <= 1:
+            raise ValueError(f"top_p must be in (0, 1]; got {top_p!r}")
+        schedule, alpha, noise, select, accept_lower, grad_clamp = self._resolve_options(
+            steps, alpha, noise, samples, select, accept_lower, "last", grad_clamp)
+        tokens = self._check_tokens(tokens, extra=max(max_new_tokens - 1, 0))
+        if max_new_tokens == 0:
+            return tokens
+        B, S = tokens.shape
+        V = self.config.vocab_size
+        if isinstance(init, torch.Tensor) and tuple(init.shape) != (B, samples, max_new_tokens, V):
+            raise ValueError(f"init must be [B={B}, samples={samples}, max_new_tokens={max_new_tokens}, V={V}]; "
+                             f"got shape {tuple(init.shape)}")
+        cache = self.prepare(tokens, capacity=S + max_new_tokens - 1)
+        out = [tokens]
+        done = torch.zeros(B, dtype=torch.bool, device=tokens.device)
+        for t in range(max_new_tokens):
+            n = cache.tokens.shape[1]
+            pos = torch.tensor([n - 1], device=tokens.device)
+            y = self._initial(init[:, :, t:t + 1] if isinstance(init, torch.Tensor) else init, B, samples, 1,
+                              generator)
+            logits = self._think_cached(cache, pos, y, schedule, alpha, noise, select, accept_lower, grad_clamp,
+                                        generator, need_energy=False)[0][:, 0]
+            if temperature > 0:
+                nxt = ref.sample_top_p(torch.softmax(logits / temperature, dim=-1), float(top_p), generator)
+            else:
+                nxt = logits.argmax(dim=-1)
+            out.append(nxt[:, None])
+            if eos_token_id is not None:
+                done |= nxt == eos_token_id
+                if bool(done.all()):
+                    break
+            if t < max_new_tokens - 1:
+                self.extend(cache, nxt[:, None])
+        return torch.cat(out, dim=1)
+
+
+# -- loading utilities ----------------------------------------------------------------------------
+
+_PREFIXES = ("model._orig_mod.", "_orig_mod.model.", "model.", "_orig_mod.")
+
+
+def _strip_prefix(sd: Dict[str, Any]) -> Dict[str, Any]:
+    for prefix in _PREFIXES:
+        if sd and all(k.startswith(prefix) for k in sd):
+            return {k[len(prefix):]: v for k, v in sd.items()}
+    return sd
+
+
+def _infer_sizes(sd: Mapping[str, torch.Tensor], hp: Dict[str, Any]) -> None:
+    """Fill sizes missing from hp from the tensor shapes of a state dict (never overrides a given value)."""
+    emb = sd.get("embeddings.weight")
+    if isinstance(emb, torch.Tensor) and emb.dim() == 2:
+        hp.setdefault("vocab_size", emb.shape[0])
+        hp.setdefault("embedding_dim", emb.shape[1])
+    layer_ids = {int(k.split(".")[2]) for k in sd if k.startswith("transformer.layers.") and k.split(".")[2].isdigit()}
+    if layer_ids:
+        hp.setdefault("num_transformer_blocks", max(layer_ids) + 1)
+    te = sd.get("transformer.time_embeddings.weight")
+    if "ebt_type" not in hp:
+        hp["ebt_type"] = "time_embed" if te is not None else "default"
+    if isinstance(te, torch.Tensor) and te.dim() == 2:
+        hp.setdefault("mcmc_num_steps", te.shape[0])
+    if "vocab_to_embed_uses_prob_dist" not in hp:
+        hp["vocab_to_embed_uses_prob_dist"] = "vocab_to_embed.weight" not in sd
+    w1 = sd.get("transformer.layers.0.feed_forward.w1.weight")
+    if "ffn_dim_multiplier" not in hp and isinstance(w1, torch.Tensor) and w1.dim() == 2 \
+            and "embedding_dim" in hp and w1.shape[0] != hp["embedding_dim"]:
+        d, hidden = hp["embedding_dim"], w1.shape[0]
+        m = hidden / d
+        if int(d * m) != hidden:  # int() of the product must give back the width
+            m = math.nextafter(m, math.inf)
+        hp["ffn_dim_multiplier"] = m
