@@ -3,6 +3,7 @@
     pyebm.backends()                         which backends are usable here, and why not
     pyebm.MLPEnergy(...)                     MLP energy with cached context and a fused energy+gradient op
     pyebm.minimize(energy, x, K, Descent())  batched multi-candidate descent (DescentResult)
+    pyebm.models.EBT, pyebm.models.EBTPolicy transformer energies with cached context
     torch.ops.pyebm.*                        the fused ops
 """
 from pyebm._version import __version__
@@ -10,5 +11,6 @@ from pyebm._backend import backends
 from pyebm import ops, reference
 from pyebm.energy import MLPEnergy
 from pyebm.descent import Descent, DescentResult, minimize
+from pyebm import models
 
-__all__ = ["__version__", "backends", "ops", "reference", "MLPEnergy", "Descent", "DescentResult", "minimize"]
+__all__ = ["__version__", "backends", "ops", "reference", "MLPEnergy", "Descent", "DescentResult", "minimize", "models"]
