@@ -4,6 +4,7 @@
     pyebm.MLPEnergy(...)                     MLP energy with cached context and a fused energy+gradient op
     pyebm.minimize(energy, x, K, Descent())  batched multi-candidate descent (DescentResult)
     pyebm.models.EBT, pyebm.models.EBTPolicy transformer energies with cached context
+    pyebm.policies.EnergyPolicy              act() for energy policies (EBT-Policy, IBC)
     torch.ops.pyebm.*                        the fused ops
 """
 from pyebm._version import __version__
@@ -11,6 +12,6 @@ from pyebm._backend import backends
 from pyebm import ops, reference
 from pyebm.energy import MLPEnergy
 from pyebm.descent import Descent, DescentResult, minimize
-from pyebm import models
+from pyebm import models, policies
 
-__all__ = ["__version__", "backends", "ops", "reference", "MLPEnergy", "Descent", "DescentResult", "minimize", "models"]
+__all__ = ["__version__", "backends", "ops", "reference", "MLPEnergy", "Descent", "DescentResult", "minimize", "models", "policies"]

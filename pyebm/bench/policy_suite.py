@@ -1,0 +1,137 @@
+"""`pyebm bench policy`: act() latency of an EBT-Policy controller, side by side, batch 1 (one robot).
+
+Columns, same observation and thread count:
+  reference loop      the original algorithm (pyebm.reference.ebt_policy.act): autograd every step, the
+                      observation keys/values recomputed every step, ||g|| read on the host every step
+  pyebm K=1           EnergyPolicy.ebt_policy (cached observation side, fused energy + input gradient);
+                      its actions equal the reference's (the note gives the max abs difference)
+  pyebm K=1 autograd  the same with autograd on the candidate only (EBTPolicy(grad_mode="autograd"))
+  pyebm K=32          32 candidates per observation, best of 32
+  DDIM-8, DDPM-100    an eager noise-prediction transformer of the same depth and width (diffusion policy,
+                      bench/diffusion_policy_baseline.py; present in a source checkout)
+Two regimes: "20 steps" (the step cap: random weights never meet the stop test) and "2 steps" (the stop
+test met at once, as a trained EBT-Policy does: one step, then the final step).
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import Callable, Iterator, List, Optional
+
+import torch
+
+from pyebm.bench.core import GEMM_COLUMN, Case
+from pyebm.bench.suites import register_suite
+from pyebm.bench.timing import gemm_reference, measure
+
+POLICY_SIZES = {
+    # action_dim, horizon, width, layers, heads, observation steps (one token each)
+    "small": dict(action_dim=7, horizon=16, embed_dim=64, layers=2, heads=4, n_obs_steps=2),
+    "full": dict(action_dim=7, horizon=16, embed_dim=256, layers=8, heads=4, n_obs_steps=2),
+}
+REGIMES = (("20 steps", 1e-3), ("2 steps", 1e9))
+
+
+def ebt_policy_flops(size: dict, grad: bool = True) -> float:
+    """2 x multiply-adds of one candidate's energy (and input gradient, about the same again)."""
+    A, T, D, Ly, To = size["action_dim"], size["horizon"], size["embed_dim"], size["layers"], size["n_obs_steps"]
+    linear = T * (A * D + D * D + Ly * 8 * D * D + D * D + D * A)
+    attention = Ly * (2 * T * T * D + 2 * T * To * D)
+    return 2.0 * (linear + attention) * (2 if grad else 1)
+
+
+def _diffusion_module():
+    """bench/diffusion_policy_baseline.py of the source tree, or None outside a checkout."""
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                        "bench", "diffusion_policy_baseline.py")
+    if not os.path.exists(path):
+        return None
+    spec = importlib.util.spec_from_file_location("pyebm_bench_diffusion_policy_baseline", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def build_model(size: dict, seed: int = 0, device: str = "cpu"):
+    from pyebm.models import EBTPolicy
+
+    torch.manual_seed(seed)
+    model = EBTPolicy(size["action_dim"], horizon=size["horizon"], embed_dim=size["embed_dim"],
+                      layers=size["layers"], heads=size["heads"], n_obs_steps=size["n_obs_steps"], device=device)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model.eval()
+
+
+def policy_cases(quick: bool = False, device: str = "cpu", compile: bool = True, memory: bool = True,
+                 sizes: Optional[List[str]] = None, sweep: bool = False,
+                 progress: Optional[Callable[[str], None]] = None) -> Iterator[Case]:
+    from pyebm.policies import EnergyPolicy
+    from pyebm.reference import ebt_policy as ref
+
+    kw = {"warmup": 1, "repeats": 5, "min_sample_s": 0.0, "max_time_s": 8.0} if quick else \
+         {"warmup": 1, "repeats": 9, "min_sample_s": 0.0, "max_time_s": 40.0}
+    dp = _diffusion_module()
+    for name in sizes or (["small"] if quick else ["full"]):
+        size = POLICY_SIZES[name]
+        model = build_model(size, device=device)
+        T, A, D, To = size["horizon"], size["action_dim"], size["embed_dim"], size["n_obs_steps"]
+        torch.manual_seed(1)
+        obs = torch.randn(1, To, D, device=device)
+        init = torch.randn(1, T, A, device=device)
+        params = dict(model.state_dict())
+        step_flops = ebt_policy_flops(size)
+        diffusion = []
+        if dp is not None:
+            torch.manual_seed(2)
+            net = dp.NoisePredictionTransformer(A, T, D, To, embed_dim=D, layers=size["layers"],
+                                                heads=size["heads"]).to(device).eval()
+            for kind, steps in (("ddim", 8), ("ddpm", 100)):
+                sampler = dp.DiffusionSampler(net, train_steps=100, steps=steps, kind=kind)
+                if progress:
+                    progress(f"policy {name}: {kind.upper()}-{steps}")
+                diffusion.append((f"{kind.upper()}-{steps}", measure(lambda s=sampler: s.sample(obs, (1, T, A)),
+                                                                      device=device, **kw), steps))
+        for regime, min_grad in REGIMES:
+            label = f"{name}, {regime}"
+            shape = {**size, "batch": 1, "min_grad": min_grad}
+
+            def reference(min_grad=min_grad):
+                return ref.act(params, obs, init, num_heads=model.heads, n_obs_steps=To, n_action_steps=8,
+                               min_grad=min_grad, normalize_mode="batch")
+
+            ref_out, info = reference()
+            if progress:
+                progress(f"policy {label}: reference loop")
+            yield Case("policy", label, "reference loop", measure(reference, device=device, **kw),
+                       flops=step_flops * info["steps"], baseline=True, params=shape,
+                       note=f"{info['steps']} steps")
+            for mode, column in (("manual", "pyebm K=1"), ("autograd", "pyebm K=1 autograd")):
+                model.grad_mode = mode
+                pol = EnergyPolicy.ebt_policy(model, min_grad=min_grad, coupled=True)
+                out = pol.act(obs, init=init)
+                steps = int(pol.last_result.steps.max())
+                diff = (out - ref_out).abs().max().item()
+                if progress:
+                    progress(f"policy {label}: {column}")
+                yield Case("policy", label, column, measure(lambda p=pol: p.act(obs, init=init), device=device, **kw),
+                           flops=step_flops * steps, params=shape,
+                           note=f"{steps} steps, max abs diff vs reference {diff:.1e}")
+            model.grad_mode = "manual"
+            pol = EnergyPolicy.ebt_policy(model, candidates=32, min_grad=min_grad)
+            pol.act(obs, generator=0)
+            steps = int(pol.last_result.steps.max())
+            if progress:
+                progress(f"policy {label}: pyebm K=32")
+            yield Case("policy", label, "pyebm K=32", measure(lambda p=pol: p.act(obs, generator=0), device=device,
+                                                               **kw),
+                       flops=32 * step_flops * steps, params=shape, note=f"{steps} steps, best of 32")
+            for column, timing, steps in diffusion:
+                yield Case("policy", label, column, timing, params=shape, note=f"{steps} network passes")
+            gemm = gemm_reference(step_flops * info["steps"], size["horizon"], device=device)
+            yield Case("policy", label, GEMM_COLUMN, measure(gemm, device=device, **kw), flops=gemm.flops,
+                       params=shape, note=f"{size['horizon']} rows")
+
+
+register_suite("policy", policy_cases)

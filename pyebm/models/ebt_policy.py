@@ -1,0 +1,510 @@
+"""EBT-Policy energy transformer with a cached observation side and a fused energy + input gradient.
+
+The network is the EBT-Policy energy over an action chunk (see ``pyebm/reference/ebt_policy.py`` for
+the math written out). Inference never builds an autograd graph: ``prepare`` computes the observation
+side once (the cross-attention keys and values of every layer, after their RMSNorm), and
+``energy_and_grad`` runs the forward pass and a hand-written backward pass to the candidate only:
+on CPU as one C++ op for the whole network (``pyebm.ops.ebt_policy``), elsewhere as batched PyTorch
+ops (all K candidates of an observation share one cross-attention matmul).
+"""
+from __future__ import annotations
+
+from typing import Dict, Mapping, NamedTuple, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pyebm import _backend
+from pyebm.ops import ebt_policy as _op
+from pyebm.reference import ebt_policy as ref
+
+_gelu_backward = torch.ops.aten.gelu_backward.default
+
+
+class EBTPolicyContext(NamedTuple):
+    """Observation side of every layer, computed once by :meth:`EBTPolicy.prepare`.
+
+    k [layers, B, H, hd, L]: cross-attention keys after their RMSNorm, pre-multiplied by hd^-0.5 and
+    transposed for ``q @ k``; v [layers, B, H, L, hd]; bias [T, L]: 0 where the temporal memory mask
+    allows, -inf elsewhere.
+    """
+
+    k: torch.Tensor
+    v: torch.Tensor
+    bias: torch.Tensor
+
+    @property
+    def batch(self) -> int:
+        return self.k.shape[1]
+
+
+class _RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = ref.RMS_EPS, **kw):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, **kw))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ref.rms_norm(x, self.weight, self.eps)
+
+
+class _Embed(nn.Module):
+    def __init__(self, action_dim: int, dim: int, **kw):
+        super().__init__()
+        self.fc1 = nn.Linear(action_dim, dim, **kw)
+        self.norm = nn.LayerNorm(dim, eps=ref.LAYER_NORM_EPS, **kw)
+        self.fc2 = nn.Linear(dim, dim, **kw)
+
+
+class _SelfAttention(nn.Module):
+    def __init__(self, dim: int, head_dim: int, **kw):
+        super().__init__()
+        self.qkv = nn.Linear(dim, 3 * dim, **kw)
+        self.q_norm = _RMSNorm(head_dim, **kw)
+        self.k_norm = _RMSNorm(head_dim, **kw)
+        self.proj = nn.Linear(dim, dim, **kw)
+
+
+class _CrossAttention(nn.Module):
+    def __init__(self, dim: int, cond_dim: int, head_dim: int, **kw):
+        super().__init__()
+        self.q = nn.Linear(dim, dim, **kw)
+        self.kv = nn.Linear(cond_dim, 2 * dim, **kw)
+        self.q_norm = _RMSNorm(head_dim, **kw)
+        self.k_norm = _RMSNorm(head_dim, **kw)
+        self.proj = nn.Linear(dim, dim, bias=False, **kw)
+
+
+class _MLP(nn.Module):
+    def __init__(self, dim: int, hidden: int, out: int, **kw):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden, **kw)
+        self.fc2 = nn.Linear(hidden, out, **kw)
+
+
+class _Block(nn.Module):
+    def __init__(self, dim: int, cond_dim: int, heads: int, **kw):
+        super().__init__()
+        hd = dim // heads
+        self.norm1 = _RMSNorm(dim, **kw)
+        self.attn = _SelfAttention(dim, hd, **kw)
+        self.norm2 = _RMSNorm(dim, **kw)
+        self.cross = _CrossAttention(dim, cond_dim, hd, **kw)
+        self.norm3 = _RMSNorm(dim, **kw)
+        self.mlp = _MLP(dim, dim, dim, **kw)
+
+
+class _Head(nn.Module):
+    def __init__(self, dim: int, out: int, **kw):
+        super().__init__()
+        self.norm = _RMSNorm(dim, **kw)
+        self.fc1 = nn.Linear(dim, dim, **kw)
+        self.fc2 = nn.Linear(dim, out, **kw)
+
+
+# -- pieces of the hand-written backward pass ----------------------------------------------------
+def _rms(x: torch.Tensor, eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(x * r, r) with r = rsqrt(mean(x^2) + eps) over the last dim."""
+    r = torch.rsqrt(x.pow(2).mean(-1, keepdim=True).add_(eps))
+    return x * r, r
+
+
+def _rms_backward(dy: torch.Tensor, w: torch.Tensor, xhat: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """d/dx of y = xhat * w with xhat = x * r: r * (gw - xhat * mean(gw * xhat)), gw = dy * w."""
+    gw = dy * w
+    return (gw - xhat * (gw * xhat).mean(-1, keepdim=True)) * r
+
+
+def _softmax_backward(dp: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    return p * (dp - (dp * p).sum(-1, keepdim=True))
+
+
+class EBTPolicy(nn.Module):
+    """Energy E(obs tokens, action chunk) of EBT-Policy; lower is better.
+
+    Args:
+        action_dim: A, the action width (the original's ``input_dim``).
+        horizon: T, actions per chunk (16).
+        cond_dim: width of the observation tokens (default ``embed_dim``; the original always feeds
+            tokens of width ``embed_dim``).
+        embed_dim: D (256). layers: blocks (8). heads: attention heads (4).
+        n_obs_steps: observation steps the tokens cover (2); the token count must be a multiple.
+        output_dim: O, head outputs averaged into E (default ``action_dim``, as the original).
+        grad_mode: "manual" (hand-written backward, default) or "autograd" (autograd on the candidate
+            only, weights detached); both give dE/dy without touching the weights' gradients.
+        backend: "cpu" (the whole network forward + input gradient as one C++ op), "torch" (batched
+            PyTorch ops, any device) or None (``PYEBM_BACKEND``, then the fastest for the tensors' device).
+
+    Protocol (no autograd graph at inference):
+        ctx = model.prepare(obs_tokens)           # [B, L, cond_dim] -> cached K/V of every layer
+        E = model.energy(ctx, y)                  # y [B, K, T, A] -> [B, K]
+        E, G = model.energy_and_grad(ctx, y)      # G = dE/dy [B, K, T, A]
+    Training: ``model(obs_tokens, actions)`` is differentiable ([B, T, A] -> [B]; [B, K, T, A] -> [B, K]).
+    """
+
+    def __init__(self, action_dim: int, horizon: int = 16, cond_dim: Optional[int] = None,
+                 embed_dim: int = 256, layers: int = 8, heads: int = 4, n_obs_steps: int = 2,
+                 output_dim: Optional[int] = None, grad_mode: str = "manual", backend: Optional[str] = None,
+                 device=None, dtype=None):
+        super().__init__()
+        cond_dim = embed_dim if cond_dim is None else cond_dim
+        output_dim = action_dim if output_dim is None else output_dim
+        for name, val in (("action_dim", action_dim), ("horizon", horizon), ("cond_dim", cond_dim),
+                          ("embed_dim", embed_dim), ("layers", layers), ("heads", heads),
+                          ("n_obs_steps", n_obs_steps), ("output_dim", output_dim)):
+            if not isinstance(val, int) or isinstance(val, bool) or val < 1:
+                raise ValueError(f"{name} must be an int >= 1; got {val!r}")
+        if embed_dim % heads != 0:
+            raise ValueError(f"embed_dim ({embed_dim}) must be divisible by heads ({heads})")
+        if embed_dim % 2 != 0:
+            raise ValueError(f"embed_dim must be even (sin-cos positions); got {embed_dim}")
+        if grad_mode not in ("manual", "autograd"):
+            raise ValueError(f"grad_mode must be 'manual' or 'autograd'; got {grad_mode!r}")
+        kw = {"device": device, "dtype": dtype}
+        self.action_dim, self.horizon, self.cond_dim = action_dim, horizon, cond_dim
+        self.embed_dim, self.num_layers, self.heads = embed_dim, layers, heads
+        self.head_dim = embed_dim // heads
+        self.n_obs_steps, self.output_dim = n_obs_steps, output_dim
+        self.grad_mode = grad_mode
+        self.backend = backend
+        self._op_cache: Optional[tuple] = None  # (params, transposed weights, their versions)
+        self.embed = _Embed(action_dim, embed_dim, **kw)
+        pos = ref.sincos_positions(horizon, embed_dim, dtype=dtype or torch.get_default_dtype(), device=device)
+        self.register_buffer("pos_emb", pos)
+        self.blocks = nn.ModuleList(_Block(embed_dim, cond_dim, heads, **kw) for _ in range(layers))
+        self.head = _Head(embed_dim, output_dim, **kw)
+
+    @property
+    def event_shape(self) -> Tuple[int, int]:
+        return (self.horizon, self.action_dim)
+
+    def extra_repr(self) -> str:
+        return (f"action_dim={self.action_dim}, horizon={self.horizon}, cond_dim={self.cond_dim}, "
+                f"embed_dim={self.embed_dim}, layers={self.num_layers}, heads={self.heads}, "
+                f"n_obs_steps={self.n_obs_steps}, output_dim={self.output_dim}")
+
+    # -- checks ---------------------------------------------------------------------------------
+    def _weight(self) -> torch.Tensor:
+        return self.embed.fc1.weight
+
+    def _check_obs(self, obs: torch.Tensor, where: str) -> None:
+        if not isinstance(obs, torch.Tensor):
+            raise TypeError(f"{where}: obs_tokens must be a tensor; got {type(obs).__name__}")
+        if obs.dim() != 3 or obs.shape[2] != self.cond_dim or obs.shape[1] < 1:
+            raise ValueError(f"{where}: obs_tokens must be [B, L, cond_dim={self.cond_dim}] with L a multiple "
+                             f"of n_obs_steps={self.n_obs_steps}; got shape {tuple(obs.shape)}")
+        if obs.shape[1] % self.n_obs_steps != 0:
+            raise ValueError(f"{where}: obs_tokens has L={obs.shape[1]} tokens, not a multiple of "
+                             f"n_obs_steps={self.n_obs_steps}")
+        w = self._weight()
+        if obs.device != w.device or obs.dtype != w.dtype:
+            raise ValueError(f"{where}: obs_tokens is {obs.dtype} on {obs.device} but the model is "
+                             f"{w.dtype} on {w.device}")
+
+    def _check_y(self, ctx: EBTPolicyContext, y: torch.Tensor) -> None:
+        T, A = self.horizon, self.action_dim
+        if not isinstance(y, torch.Tensor) or y.dim() != 4 or tuple(y.shape[2:]) != (T, A):
+            shape = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
+            raise ValueError(f"y must be [B, K, horizon={T}, action_dim={A}]; got {shape}")
+        if not isinstance(ctx, EBTPolicyContext):
+            raise TypeError(f"ctx must come from EBTPolicy.prepare; got {type(ctx).__name__}")
+        if ctx.batch != y.shape[0]:
+            raise ValueError(f"ctx was prepared for B={ctx.batch} observations but y has B={y.shape[0]}")
+        w = self._weight()
+        if y.device != w.device or y.dtype != w.dtype:
+            raise ValueError(f"y is {y.dtype} on {y.device} but the model is {w.dtype} on {w.device}")
+
+    # -- observation side -----------------------------------------------------------------------
+    def memory_mask(self, n_tokens: int, device=None) -> torch.Tensor:
+        """[horizon, n_tokens] bool, True = allowed (action t sees observation step <= t)."""
+        return ref.memory_mask(self.horizon, n_tokens, self.n_obs_steps, device=device)
+
+    def _context(self, obs: torch.Tensor) -> EBTPolicyContext:
+        B, L, _ = obs.shape
+        H, hd = self.heads, self.head_dim
+        ks, vs = [], []
+        for blk in self.blocks:
+            kv = F.linear(obs, blk.cross.kv.weight, blk.cross.kv.bias).view(B, L, 2, H, hd)
+            k = ref.rms_norm(kv[:, :, 0].transpose(1, 2), blk.cross.k_norm.weight)      # [B, H, L, hd]
+            ks.append((k * hd ** -0.5).transpose(-2, -1))
+            vs.append(kv[:, :, 1].transpose(1, 2))
+        allowed = self.memory_mask(L, device=obs.device)
+        bias = torch.zeros(allowed.shape, dtype=obs.dtype, device=obs.device).masked_fill(~allowed, float("-inf"))
+        return EBTPolicyContext(torch.stack(ks), torch.stack(vs), bias)
+
+    def prepare(self, obs_tokens: torch.Tensor) -> EBTPolicyContext:
+        """Observation tokens [B, L, cond_dim] -> the cross-attention K/V of every layer, once."""
+        self._check_obs(obs_tokens, "prepare")
+        with torch.no_grad():
+            return self._context(obs_tokens)
+
+    # -- the network ----------------------------------------------------------------------------
+    def _run(self, ctx: EBTPolicyContext, y: torch.Tensor, saved: Optional[list]) -> torch.Tensor:
+        """E [B, K] for y [B, K, T, A]; fills ``saved`` with what the backward pass needs."""
+        B, K, T, A = y.shape
+        N, D, H, hd = B * K, self.embed_dim, self.heads, self.head_dim
+        L = ctx.k.shape[-1]
+        save = saved is not None
+        e = self.embed
+        u1 = F.linear(y.reshape(N, T, A), e.fc1.weight, e.fc1.bias)
+        xc = u1 - u1.mean(-1, keepdim=True)
+        rstd = torch.rsqrt(xc.pow(2).mean(-1, keepdim=True) + e.norm.eps)
+        xln = xc * rstd
+        u2 = torch.addcmul(e.norm.bias, xln, e.norm.weight)
+        u4 = F.linear(F.gelu(u2, approximate="tanh"), e.fc2.weight, e.fc2.bias)
+        x = F.gelu(u4, approximate="tanh") + self.pos_emb
+        if save:
+            saved.append((xln, rstd, u2, u4))
+        for i, blk in enumerate(self.blocks):
+            # self-attention over the T action tokens of each candidate
+            xn1, r1 = _rms(x, blk.norm1.eps)
+            qkv = F.linear(xn1 * blk.norm1.weight, blk.attn.qkv.weight, blk.attn.qkv.bias)
+            qkv = qkv.view(N, T, 3, H, hd).permute(2, 0, 3, 1, 4)                        # [3, N, H, T, hd]
+            qh, rq = _rms(qkv[0], blk.attn.q_norm.eps)
+            kh, rk = _rms(qkv[1], blk.attn.k_norm.eps)
+            v = qkv[2]
+            qs = qh * (blk.attn.q_norm.weight * hd ** -0.5)
+            kn = kh * blk.attn.k_norm.weight
+            p = torch.softmax(qs @ kn.transpose(-2, -1), dim=-1)                         # [N, H, T, T]
+            o = (p @ v).transpose(1, 2).reshape(N, T, D)
+            x = x + F.linear(o, blk.attn.proj.weight, blk.attn.proj.bias)
+            # cross-attention to the cached observation keys/values; the K candidates of one
+            # observation are stacked along the query axis so one matmul serves them all
+            xn2, r2 = _rms(x, blk.norm2.eps)
+            cq = F.linear(xn2 * blk.norm2.weight, blk.cross.q.weight, blk.cross.q.bias)
+            cq = cq.view(B, K, T, H, hd).permute(0, 3, 1, 2, 4).reshape(B, H, K * T, hd)
+            cqh, rcq = _rms(cq, blk.cross.q_norm.eps)
+            s = (cqh * blk.cross.q_norm.weight) @ ctx.k[i]                                # [B, H, K*T, L]
+            pc = torch.softmax((s.view(B, H, K, T, L) + ctx.bias).view(B, H, K * T, L), dim=-1)
+            oc = (pc @ ctx.v[i]).view(B, H, K, T, hd).permute(0, 2, 3, 1, 4).reshape(N, T, D)
+            x = x + F.linear(oc, blk.cross.proj.weight)
+            # MLP
+            xn3, r3 = _rms(x, blk.norm3.eps)
+            h1 = F.linear(xn3 * blk.norm3.weight, blk.mlp.fc1.weight, blk.mlp.fc1.bias)
+            x = x + F.linear(F.gelu(h1, approximate="tanh"), blk.mlp.fc2.weight, blk.mlp.fc2.bias)
+            if save:
+                saved.append((xn1, r1, qh, rq, kh, rk, qs, kn, v, p, xn2, r2, cqh, rcq, pc, xn3, r3, h1))
+        hm = self.head
+        xnf, rf = _rms(x, hm.norm.eps)
+        hh = F.linear(xnf * hm.norm.weight, hm.fc1.weight, hm.fc1.bias)
+        if save:
+            saved.append((xnf, rf, hh))
+        out = F.linear(F.gelu(hh, approximate="tanh"), hm.fc2.weight, hm.fc2.bias)
+        return out.mean(dim=(-1, -2)).view(B, K)
+
+    def _backward(self, ctx: EBTPolicyContext, y: torch.Tensor, saved: list) -> torch.Tensor:
+        """dE/dy [B, K, T, A] from the activations saved by ``_run``."""
+        B, K, T, A = y.shape
+        N, D, H, hd = B * K, self.embed_dim, self.heads, self.head_dim
+        scale = hd ** -0.5
+        hm = self.head
+        xnf, rf, hh = saved[-1]
+        # dE/d(out) is 1/(T*O) everywhere, so dE/d(gelu(hh)) is one row: the column sums of fc2
+        dgh = (hm.fc2.weight.sum(0) / (T * self.output_dim)).expand_as(hh)
+        dhh = _gelu_backward(dgh, hh, approximate="tanh")
+        dx = _rms_backward(dhh @ hm.fc1.weight, hm.norm.weight, xnf, rf)
+        for i in range(self.num_layers - 1, -1, -1):
+            blk = self.blocks[i]
+            (xn1, r1, qh, rq, kh, rk, qs, kn, v, p, xn2, r2, cqh, rcq, pc, xn3, r3, h1) = saved[1 + i]
+            # MLP branch
+            dh1 = _gelu_backward(dx @ blk.mlp.fc2.weight, h1, approximate="tanh")
+            dx = dx + _rms_backward(dh1 @ blk.mlp.fc1.weight, blk.norm3.weight, xn3, r3)
+            # cross-attention branch (keys and values are constants)
+            do = (dx @ blk.cross.proj.weight).view(B, K, T, H, hd).permute(0, 3, 1, 2, 4).reshape(B, H, K * T, hd)
+            ds = _softmax_backward(do @ ctx.v[i].transpose(-2, -1), pc)                  # [B, H, K*T, L]
+            dcq = _rms_backward(ds @ ctx.k[i].transpose(-2, -1), blk.cross.q_norm.weight, cqh, rcq)
+            dcq = dcq.view(B, H, K, T, hd).permute(0, 2, 3, 1, 4).reshape(N, T, D)
+            dx = dx + _rms_backward(dcq @ blk.cross.q.weight, blk.norm2.weight, xn2, r2)
+            # self-attention branch
+            do = (dx @ blk.attn.proj.weight).view(N, T, H, hd).transpose(1, 2)          # [N, H, T, hd]
+            dv = p.transpose(-2, -1) @ do
+            ds = _softmax_backward(do @ v.transpose(-2, -1), p)
+            dq = _rms_backward((ds @ kn) * scale, blk.attn.q_norm.weight, qh, rq)
+            dk = _rms_backward(ds.transpose(-2, -1) @ qs, blk.attn.k_norm.weight, kh, rk)
+            dqkv = torch.stack((dq, dk, dv), dim=2).permute(0, 3, 2, 1, 4).reshape(N, T, 3 * D)
+            dx = dx + _rms_backward(dqkv @ blk.attn.qkv.weight, blk.norm1.weight, xn1, r1)
+        e = self.embed
+        xln, rstd, u2, u4 = saved[0]
+        du4 = _gelu_backward(dx, u4, approximate="tanh")
+        du2 = _gelu_backward(du4 @ e.fc2.weight, u2, approximate="tanh")
+        g = du2 * e.norm.weight
+        du1 = (g - g.mean(-1, keepdim=True) - xln * (g * xln).mean(-1, keepdim=True)) * rstd
+        return (du1 @ e.fc1.weight).view(B, K, T, A)
+
+    # -- inference protocol ---------------------------------------------------------------------
+    def _apply(self, fn, *args, **kwargs):
+        self._op_cache = None  # .to() / .double() / ... replace the parameter storage
+        return super()._apply(fn, *args, **kwargs)
+
+    def resolve_backend(self, device: torch.device, backend: Optional[str] = None) -> str:
+        """"cpu" (the fused C++ op) or "torch" for tensors on ``device``."""
+        supported = ("torch", "cpu") if _op.available() else ("torch",)
+        return _backend.resolve(device, backend or self.backend, supported=supported)
+
+    def _fused(self, ctx: EBTPolicyContext, y: torch.Tensor, need_grad: bool):
+        # The transposed weight copies are rebuilt when a weight changed in place (an optimiser step,
+        # load_state_dict): every in-place write bumps the tensor's version counter.
+        cache = self._op_cache
+        if cache is None:
+            params = _op.param_list(self)
+            cache = (params, None, None)
+        params = cache[0]
+        versions = tuple(p._version for p in params)
+        if cache[2] != versions:
+            cache = self._op_cache = (params, _op.transposed_weights(params), versions)
+        return _op.ebt_policy_energy_grad(y, ctx.k, ctx.v, ctx.bias, params, cache[1], self.heads,
+                                          self.blocks[0].norm1.eps if self.num_layers else ref.RMS_EPS,
+                                          self.embed.norm.eps, need_grad)
+
+    def energy(self, ctx: EBTPolicyContext, y: torch.Tensor, backend: Optional[str] = None) -> torch.Tensor:
+        """E [B, K] for candidates y [B, K, horizon, action_dim]."""
+        self._check_y(ctx, y)
+        if y.dtype in (torch.float32, torch.float64) and self.resolve_backend(y.device, backend) == "cpu":
+            return self._fused(ctx, y, False)[0]
+        with torch.no_grad():
+            return self._run(ctx, y, None)
+
+    def energy_and_grad(self, ctx: EBTPolicyContext, y: torch.Tensor,
+                        backend: Optional[str] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(E [B, K], dE/dy [B, K, horizon, action_dim]) without a graph over the weights."""
+        self._check_y(ctx, y)
+        if self.grad_mode == "autograd":
+            return self._energy_and_grad_autograd(ctx, y)
+        if y.dtype in (torch.float32, torch.float64) and self.resolve_backend(y.device, backend) == "cpu":
+            return self._fused(ctx, y, True)
+        saved: list = []
+        with torch.no_grad():
+            E = self._run(ctx, y, saved)
+            return E, self._backward(ctx, y, saved)
+
+    def _energy_and_grad_autograd(self, ctx: EBTPolicyContext, y: torch.Tensor):
+        """Autograd on the candidate only: the weights are seen through detached tensors."""
+        params = {n: p.detach() for n, p in self.named_parameters()}
+        with torch.enable_grad():
+            yy = y.detach().requires_grad_(True)
+            E = torch.func.functional_call(self, params, (ctx, yy))
+            (g,) = torch.autograd.grad(E.sum(), yy)
+        return E.detach(), g
+
+    # -- training -------------------------------------------------------------------------------
+    def forward(self, obs_tokens, actions: torch.Tensor) -> torch.Tensor:
+        """Differentiable E: actions [B, T, A] -> [B], or [B, K, T, A] -> [B, K]. Plain autograd.
+
+        ``obs_tokens`` is [B, L, cond_dim] (the observation side is then differentiable too) or an
+        :class:`EBTPolicyContext` from :meth:`prepare` (constant observation side).
+        """
+        if isinstance(obs_tokens, EBTPolicyContext):
+            ctx = obs_tokens
+        else:
+            self._check_obs(obs_tokens, "forward")
+            ctx = self._context(obs_tokens)
+        squeeze = isinstance(actions, torch.Tensor) and actions.dim() == 3
+        y = actions.unsqueeze(1) if squeeze else actions
+        self._check_y(ctx, y)
+        E = self._run(ctx, y, None)
+        return E.squeeze(1) if squeeze else E
+
+    # -- loading the original weights -----------------------------------------------------------
+    @staticmethod
+    def reference_key_map(num_layers: int, embed_fc2_index: int = 3) -> Dict[str, str]:
+        """{original key: pyebm key} for the original energy network (``PreciousTransformer``).
+
+        The original action embedding is an ``nn.Sequential`` (Linear, LayerNorm, GELU, [Dropout],
+        Linear, GELU): its second Linear sits at index 3, or 4 when a projection dropout > 0 was built.
+        """
+        m = {
+            "pos_emb": "pos_emb",
+            "input_emb._model.0.weight": "embed.fc1.weight", "input_emb._model.0.bias": "embed.fc1.bias",
+            "input_emb._model.1.weight": "embed.norm.weight", "input_emb._model.1.bias": "embed.norm.bias",
+            f"input_emb._model.{embed_fc2_index}.weight": "embed.fc2.weight",
+            f"input_emb._model.{embed_fc2_index}.bias": "embed.fc2.bias",
+            "decoder.final_layer.norm_final.weight": "head.norm.weight",
+            "decoder.final_layer.linear.fc1.weight": "head.fc1.weight",
+            "decoder.final_layer.linear.fc1.bias": "head.fc1.bias",
+            "decoder.final_layer.linear.fc2.weight": "head.fc2.weight",
+            "decoder.final_layer.linear.fc2.bias": "head.fc2.bias",
+        }
+        per_layer = {
+            "norm1.weight": "norm1.weight", "norm2.weight": "norm2.weight", "norm3.weight": "norm3.weight",
+            "attn.qkv.weight": "attn.qkv.weight", "attn.qkv.bias": "attn.qkv.bias",
+            "attn.q_norm.weight": "attn.q_norm.weight", "attn.k_norm.weight": "attn.k_norm.weight",
+            "attn.proj.weight": "attn.proj.weight", "attn.proj.bias": "attn.proj.bias",
+            "cross_attn.q.weight": "cross.q.weight", "cross_attn.q.bias": "cross.q.bias",
+            "cross_attn.kv.weight": "cross.kv.weight", "cross_attn.kv.bias": "cross.kv.bias",
+            "cross_attn.q_norm.weight": "cross.q_norm.weight", "cross_attn.k_norm.weight": "cross.k_norm.weight",
+            "cross_attn.proj.weight": "cross.proj.weight",
+            "ffn.fc1.weight": "mlp.fc1.weight", "ffn.fc1.bias": "mlp.fc1.bias",
+            "ffn.fc2.weight": "mlp.fc2.weight", "ffn.fc2.bias": "mlp.fc2.bias",
+        }
+        for i in range(num_layers):
+            for src, dst in per_layer.items():
+                m[f"decoder.layers.{i}.{src}"] = f"blocks.{i}.{dst}"
+        return m
+
+    @classmethod
+    def from_reference(cls, state_dict: Mapping[str, torch.Tensor], *, input_dim: int, cond_dim: int,
+                       embed_dim: int, output_dim: int, num_layers: int, num_heads: int, n_obs_steps: int,
+                       horizon: int, attn_dropout: float = 0.0, proj_dropout: Optional[float] = None,
+                       prefix: Optional[str] = None, backend: Optional[str] = None, device=None,
+                       dtype=None) -> "EBTPolicy":
+        """Build from the original energy network's state dict, with the original's hyperparameter names.
+
+        ``state_dict`` may be the network's own dict or a whole checkpoint dict (``nets`` / ``ema``), in
+        which case the keys under ``...energy_pred_net.`` are used (or give ``prefix``). The dropouts
+        only matter for the key layout of the action embedding (inference runs without dropout); it is
+        detected from the keys when ``proj_dropout`` is None. Missing, unexpected or mis-shaped keys
+        raise a ValueError listing them.
+        """
+        sd = dict(state_dict)
+        if prefix is None:
+            found = sorted({k[:k.index("energy_pred_net.") + len("energy_pred_net.")]
+                            for k in sd if "energy_pred_net." in k})
+            if len(found) > 1:
+                raise ValueError(f"state_dict holds several energy networks {found}; pass prefix=")
+            prefix = found[0] if found else ""
+        if prefix:
+            sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+            if not sd:
+                raise ValueError(f"no key of state_dict starts with prefix {prefix!r}")
+        if proj_dropout is None:
+            idx = 4 if any(k.startswith("input_emb._model.4.") for k in sd) else 3
+        else:
+            idx = 4 if proj_dropout > 0 else 3
+        # The original accepts cond_dim but ignores it: its cross-attention reads tokens of width
+        # embed_dim. Here too the token width comes from the weights, not from cond_dim.
+        kv = sd.get("decoder.layers.0.cross_attn.kv.weight")
+        token_dim = int(kv.shape[1]) if kv is not None and kv.dim() == 2 else embed_dim
+        model = cls(action_dim=input_dim, horizon=horizon, cond_dim=token_dim, embed_dim=embed_dim,
+                    layers=num_layers, heads=num_heads, n_obs_steps=n_obs_steps, output_dim=output_dim,
+                    backend=backend, device=device, dtype=dtype)
+        mapping = cls.reference_key_map(num_layers, idx)
+        missing = sorted(k for k in mapping if k not in sd)
+        unexpected = sorted(k for k in sd if k not in mapping)
+        if missing or unexpected:
+            raise ValueError("state_dict does not match the original energy network with "
+                             f"num_layers={num_layers}: missing keys {missing}, unexpected keys {unexpected}")
+        own = model.state_dict()
+        new = {}
+        bad = []
+        for src, dst in mapping.items():
+            t = sd[src]
+            if src == "pos_emb" and t.dim() == 3 and t.shape[0] == 1:
+                t = t[0]
+            if tuple(t.shape) != tuple(own[dst].shape):
+                bad.append(f"{src}: expected {tuple(own[dst].shape)}, got {tuple(t.shape)}")
+                continue
+            new[dst] = t.to(device=own[dst].device, dtype=own[dst].dtype)
+        if bad:
+            raise ValueError("state_dict shapes do not match the hyperparameters: " + "; ".join(bad))
+        model.load_state_dict(new, strict=True)
+        return model
+
+    def to_reference_state_dict(self, embed_fc2_index: int = 3) -> Dict[str, torch.Tensor]:
+        """This model's weights keyed as the original energy network's state dict."""
+        own = self.state_dict()
+        out = {}
+        for src, dst in self.reference_key_map(self.num_layers, embed_fc2_index).items():
+            t = own[dst]
+            out[src] = t.unsqueeze(0) if src == "pos_emb" else t
+        return out

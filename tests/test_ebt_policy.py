@@ -1,0 +1,397 @@
+"""EBTPolicy (cached observation side, hand-written input gradient) against pyebm.reference.ebt_policy."""
+import pytest
+import torch
+
+from pyebm.models import EBTPolicy, EBTPolicyContext
+from pyebm.ops import ebt_policy as ebt_op
+from pyebm.reference import ebt_policy as ref
+
+needs_op = pytest.mark.skipif(not ebt_op.available(), reason="pyebm._C without the ebt_policy op")
+# (grad_mode, backend): the fused C++ op, the batched PyTorch path, autograd on the candidate only
+MODES = [pytest.param(("manual", "cpu"), marks=needs_op, id="cpu-op"), pytest.param(("manual", "torch"), id="torch"),
+         pytest.param(("autograd", "torch"), id="autograd")]
+
+# The original network's state-dict keys for num_layers=1 (action embedding built without dropout).
+ORIGINAL_KEYS_ONE_LAYER = {
+    "pos_emb": (1, "T", "D"),
+    "input_emb._model.0.weight": ("D", "A"), "input_emb._model.0.bias": ("D",),
+    "input_emb._model.1.weight": ("D",), "input_emb._model.1.bias": ("D",),
+    "input_emb._model.3.weight": ("D", "D"), "input_emb._model.3.bias": ("D",),
+    "decoder.layers.0.norm1.weight": ("D",),
+    "decoder.layers.0.attn.qkv.weight": ("3D", "D"), "decoder.layers.0.attn.qkv.bias": ("3D",),
+    "decoder.layers.0.attn.q_norm.weight": ("hd",), "decoder.layers.0.attn.k_norm.weight": ("hd",),
+    "decoder.layers.0.attn.proj.weight": ("D", "D"), "decoder.layers.0.attn.proj.bias": ("D",),
+    "decoder.layers.0.cross_attn.q.weight": ("D", "D"), "decoder.layers.0.cross_attn.q.bias": ("D",),
+    "decoder.layers.0.cross_attn.kv.weight": ("2D", "D"), "decoder.layers.0.cross_attn.kv.bias": ("2D",),
+    "decoder.layers.0.cross_attn.q_norm.weight": ("hd",), "decoder.layers.0.cross_attn.k_norm.weight": ("hd",),
+    "decoder.layers.0.cross_attn.proj.weight": ("D", "D"),
+    "decoder.layers.0.norm2.weight": ("D",),
+    "decoder.layers.0.ffn.fc1.weight": ("D", "D"), "decoder.layers.0.ffn.fc1.bias": ("D",),
+    "decoder.layers.0.ffn.fc2.weight": ("D", "D"), "decoder.layers.0.ffn.fc2.bias": ("D",),
+    "decoder.layers.0.norm3.weight": ("D",),
+    "decoder.final_layer.norm_final.weight": ("D",),
+    "decoder.final_layer.linear.fc1.weight": ("D", "D"), "decoder.final_layer.linear.fc1.bias": ("D",),
+    "decoder.final_layer.linear.fc2.weight": ("A", "D"), "decoder.final_layer.linear.fc2.bias": ("A",),
+}
+
+
+def make_model(A=3, T=5, D=12, layers=2, heads=3, n_obs=2, dtype=torch.float64, scale=0.3, seed=0, **kw):
+    torch.manual_seed(seed)
+    m = EBTPolicy(A, horizon=T, embed_dim=D, layers=layers, heads=heads, n_obs_steps=n_obs, dtype=dtype, **kw)
+    with torch.no_grad():
+        for p in m.parameters():          # norms and biases away from 1 / 0 so every term is exercised
+            p.add_(scale * torch.randn_like(p))
+    return m
+
+
+def reference_energy_grad(model, y, obs, dtype):
+    """Reference (E, G) for every candidate, at ``dtype``; y [B, K, T, A], obs [B, L, C]."""
+    B, K = y.shape[:2]
+    params = {k: v.to(dtype) for k, v in model.state_dict().items()}
+    yy = y.reshape(B * K, *y.shape[2:]).to(dtype)
+    oo = obs.repeat_interleave(K, dim=0).to(dtype)
+    E, G = ref.energy_grad(params, yy, oo, num_heads=model.heads, n_obs_steps=model.n_obs_steps)
+    return E.reshape(B, K), G.reshape(y.shape)
+
+
+@pytest.mark.parametrize("B,K,tps", [(1, 1, 1), (3, 4, 1), (2, 3, 3), (2, 9, 1)])
+@pytest.mark.parametrize("mode", MODES)
+def test_energy_and_grad_match_reference(B, K, tps, mode):
+    grad_mode, backend = mode
+    m64 = make_model(grad_mode=grad_mode, backend=backend)
+    obs = torch.randn(B, 2 * tps, 12, dtype=torch.float64)
+    y = torch.randn(B, K, 5, 3, dtype=torch.float64)
+    E, G = m64.energy_and_grad(m64.prepare(obs), y)
+    E_ref, G_ref = reference_energy_grad(m64, y, obs, torch.float64)
+    torch.testing.assert_close(E, E_ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(G, G_ref, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(m64.energy(m64.prepare(obs), y), E_ref, rtol=1e-10, atol=1e-12)
+
+    # fp32: error bounded by a small multiple of the reference's own fp32 error
+    m32 = make_model(dtype=torch.float32, grad_mode=grad_mode, backend=backend)
+    m32.load_state_dict({k: v.float() for k, v in m64.state_dict().items()})
+    E32, G32 = m32.energy_and_grad(m32.prepare(obs.float()), y.float())
+    E_r32, G_r32 = reference_energy_grad(m64, y, obs, torch.float32)
+    tolE = 4 * (E_r32.double() - E_ref).abs().max().item() + 1e-6
+    tolG = 4 * (G_r32.double() - G_ref).abs().max().item() + 1e-6 * G_ref.abs().max().item()
+    assert (E32.double() - E_ref).abs().max().item() <= tolE
+    assert (G32.double() - G_ref).abs().max().item() <= tolG
+
+
+def test_gradient_is_nontrivial_and_per_candidate():
+    m = make_model(scale=0.5)
+    obs = torch.randn(2, 2, 12, dtype=torch.float64)
+    y = torch.randn(2, 3, 5, 3, dtype=torch.float64)
+    ctx = m.prepare(obs)
+    _, G = m.energy_and_grad(ctx, y)
+    assert G.abs().max() > 1e-3
+    # candidates are independent: changing one leaves the others' energies and gradients unchanged
+    y2 = y.clone()
+    y2[1, 2] += 1.0
+    E1, G1 = m.energy_and_grad(ctx, y)
+    E2, G2 = m.energy_and_grad(ctx, y2)
+    keep = torch.ones(2, 3, dtype=torch.bool)
+    keep[1, 2] = False
+    torch.testing.assert_close(E1[keep], E2[keep], rtol=0, atol=1e-13)
+    torch.testing.assert_close(G1[keep], G2[keep], rtol=0, atol=1e-13)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_non_contiguous_candidates(mode):
+    m = make_model(grad_mode=mode[0], backend=mode[1])
+    obs = torch.randn(2, 2, 12, dtype=torch.float64)
+    base = torch.randn(2, 5, 4, 3, dtype=torch.float64)
+    y = base.transpose(1, 2)[:, :3]                        # [2, 3, 5, 3], not contiguous
+    assert not y.is_contiguous()
+    E, G = m.energy_and_grad(m.prepare(obs), y)
+    E_ref, G_ref = reference_energy_grad(m, y.contiguous(), obs, torch.float64)
+    torch.testing.assert_close(E, E_ref)
+    torch.testing.assert_close(G, G_ref)
+
+
+def test_no_weight_gradients_at_inference():
+    m = make_model()
+    obs = torch.randn(1, 2, 12, dtype=torch.float64)
+    y = torch.randn(1, 2, 5, 3, dtype=torch.float64)
+    for mode in ("manual", "autograd"):
+        m.grad_mode = mode
+        E, G = m.energy_and_grad(m.prepare(obs), y)
+        assert not E.requires_grad and not G.requires_grad
+        assert all(p.grad is None for p in m.parameters())
+
+
+def test_forward_is_differentiable_and_matches():
+    m = make_model()
+    obs = torch.randn(2, 4, 12, dtype=torch.float64, requires_grad=True)
+    a = torch.randn(2, 5, 3, dtype=torch.float64)
+    E = m(obs, a)
+    assert E.shape == (2,)
+    E_ref, _ = reference_energy_grad(m, a.unsqueeze(1), obs.detach(), torch.float64)
+    torch.testing.assert_close(E, E_ref[:, 0])
+    E.sum().backward()
+    assert obs.grad is not None and obs.grad.abs().max() > 0
+    assert m.blocks[0].cross.kv.weight.grad.abs().max() > 0
+    assert m.embed.fc1.weight.grad.abs().max() > 0
+    # [B, K, T, A] and a prepared context work too
+    y = torch.randn(2, 3, 5, 3, dtype=torch.float64)
+    torch.testing.assert_close(m(obs.detach(), y), m.energy(m.prepare(obs.detach()), y))
+    torch.testing.assert_close(m(m.prepare(obs.detach()), y), m.energy(m.prepare(obs.detach()), y))
+
+
+def test_memory_mask_true_means_allowed():
+    # 2 observation steps of 2 tokens each, horizon 3: token t sees step s iff t >= s
+    mask = ref.memory_mask(3, 4, 2)
+    expected = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1], [1, 1, 1, 1]], dtype=torch.bool)
+    assert torch.equal(mask, expected)
+    m = make_model()
+    ctx = m.prepare(torch.randn(1, 4, 12, dtype=torch.float64))
+    assert isinstance(ctx, EBTPolicyContext)
+    assert torch.equal(torch.isfinite(ctx.bias), ref.memory_mask(5, 4, 2))
+    # the masked observation step really is invisible to action token 0 only
+    obs = torch.randn(1, 2, 12, dtype=torch.float64)
+    obs2 = obs.clone()
+    obs2[:, 1] += 3.0                                       # change observation step 1
+    y = torch.randn(1, 1, 5, 3, dtype=torch.float64)
+    assert not torch.allclose(m.energy(m.prepare(obs), y), m.energy(m.prepare(obs2), y))
+
+
+def test_sincos_positions():
+    pos = ref.sincos_positions(4, 6, dtype=torch.float64)
+    t = torch.arange(4, dtype=torch.float64)[:, None]
+    w = 1.0 / 10000 ** (torch.arange(3, dtype=torch.float64) / 3.0)
+    torch.testing.assert_close(pos, torch.cat([torch.sin(t * w), torch.cos(t * w)], dim=1))
+    m = make_model()
+    torch.testing.assert_close(m.pos_emb, ref.sincos_positions(5, 12, dtype=torch.float64))
+
+
+def _original_like_state_dict(A=3, T=5, D=12, layers=2, heads=3, dtype=torch.float64, dropout_index=3, seed=5):
+    """A state dict keyed and shaped like the original network's, with random values."""
+    g = torch.Generator().manual_seed(seed)
+    dims = {"A": A, "T": T, "D": D, "3D": 3 * D, "2D": 2 * D, "hd": D // heads}
+    sd = {}
+    for i in range(layers):
+        for key, shape in ORIGINAL_KEYS_ONE_LAYER.items():
+            key = key.replace("input_emb._model.3.", f"input_emb._model.{dropout_index}.")
+            if key.startswith("decoder.layers.0."):
+                key = key.replace("decoder.layers.0.", f"decoder.layers.{i}.")
+            elif i > 0:
+                continue
+            sd[key] = torch.randn(*[dims[s] if isinstance(s, str) else s for s in shape], generator=g, dtype=dtype)
+    sd["pos_emb"] = ref.sincos_positions(T, D, dtype=dtype).unsqueeze(0)
+    return sd
+
+
+HP = dict(input_dim=3, cond_dim=12, embed_dim=12, output_dim=3, num_layers=2, num_heads=3, n_obs_steps=2, horizon=5)
+
+
+def test_original_key_layout():
+    m = make_model(layers=1)
+    keys = m.to_reference_state_dict()
+    assert set(keys) == set(ORIGINAL_KEYS_ONE_LAYER)
+    assert tuple(keys["pos_emb"].shape) == (1, 5, 12)
+
+
+@pytest.mark.parametrize("dropout_index", [3, 4])
+def test_from_reference_round_trip(dropout_index):
+    sd = _original_like_state_dict(dropout_index=dropout_index)
+    m = EBTPolicy.from_reference(sd, **HP, dtype=torch.float64)
+    back = m.to_reference_state_dict(embed_fc2_index=dropout_index)
+    assert set(back) == set(sd)
+    for k in sd:
+        assert torch.equal(back[k], sd[k]), k
+    # a whole checkpoint dict: the energy network's keys are found under their prefix
+    ckpt = {"policy.energy_pred_net." + k: v for k, v in sd.items()}
+    ckpt["policy.obs_encoder.weight"] = torch.zeros(3)
+    m2 = EBTPolicy.from_reference(ckpt, **HP, dtype=torch.float64)
+    obs = torch.randn(2, 2, 12, dtype=torch.float64)
+    y = torch.randn(2, 2, 5, 3, dtype=torch.float64)
+    torch.testing.assert_close(m2.energy(m2.prepare(obs), y), m.energy(m.prepare(obs), y), rtol=0, atol=0)
+
+
+def test_from_reference_errors():
+    sd = _original_like_state_dict()
+    bad = dict(sd)
+    del bad["decoder.layers.1.attn.qkv.bias"]
+    bad["decoder.layers.1.attn.extra"] = torch.zeros(1)
+    with pytest.raises(ValueError, match=r"missing keys \['decoder.layers.1.attn.qkv.bias'\].*unexpected keys "
+                                         r"\['decoder.layers.1.attn.extra'\]"):
+        EBTPolicy.from_reference(bad, **HP)
+    with pytest.raises(ValueError, match="missing keys"):
+        EBTPolicy.from_reference(sd, **{**HP, "num_layers": 3})
+    with pytest.raises(ValueError, match="unexpected keys"):
+        EBTPolicy.from_reference(sd, **{**HP, "num_layers": 1})
+    with pytest.raises(ValueError, match=r"input_emb._model.0.weight: expected \(12, 4\), got \(12, 3\)"):
+        EBTPolicy.from_reference(sd, **{**HP, "input_dim": 4})
+    # like the original, cond_dim is accepted and ignored: the tokens have the cross-attention's width
+    assert EBTPolicy.from_reference(sd, **{**HP, "cond_dim": 7}).cond_dim == 12
+
+
+def test_bad_inputs():
+    m = make_model()
+    with pytest.raises(ValueError, match=r"obs_tokens must be \[B, L, cond_dim=12\].*got shape \(2, 12\)"):
+        m.prepare(torch.randn(2, 12, dtype=torch.float64))
+    with pytest.raises(ValueError, match="obs_tokens must be"):
+        m.prepare(torch.randn(2, 2, 11, dtype=torch.float64))
+    with pytest.raises(ValueError, match="not a multiple of n_obs_steps=2"):
+        m.prepare(torch.randn(2, 3, 12, dtype=torch.float64))
+    with pytest.raises(ValueError, match="float32"):
+        m.prepare(torch.randn(2, 2, 12))
+    ctx = m.prepare(torch.randn(2, 2, 12, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"y must be \[B, K, horizon=5, action_dim=3\]; got \(2, 5, 3\)"):
+        m.energy_and_grad(ctx, torch.randn(2, 5, 3, dtype=torch.float64))
+    with pytest.raises(ValueError, match="y must be"):
+        m.energy(ctx, torch.randn(2, 1, 4, 3, dtype=torch.float64))
+    with pytest.raises(ValueError, match="prepared for B=2 observations but y has B=3"):
+        m.energy(ctx, torch.randn(3, 1, 5, 3, dtype=torch.float64))
+    with pytest.raises(TypeError, match="ctx must come from EBTPolicy.prepare"):
+        m.energy(torch.zeros(2, 12), torch.randn(2, 1, 5, 3, dtype=torch.float64))
+    with pytest.raises(ValueError, match="divisible by heads"):
+        EBTPolicy(3, embed_dim=10, heads=4)
+    with pytest.raises(ValueError, match="action_dim must be an int >= 1"):
+        EBTPolicy(0)
+    with pytest.raises(ValueError, match="grad_mode"):
+        EBTPolicy(3, embed_dim=8, heads=2, layers=1, grad_mode="fast")
+
+
+# -- act() against the reference inference loop ---------------------------------------------------
+from pyebm.policies import EnergyPolicy  # noqa: E402
+
+
+def _act_pair(model, obs, init, dtype, coupled, backend=None, **opts):
+    """(pyebm actions, pyebm result, reference actions, reference info) at ``dtype``."""
+    m = make_model(dtype=dtype, layers=model.num_layers, backend=backend)
+    m.load_state_dict({k: v.to(dtype) for k, v in model.state_dict().items()})
+    pol = EnergyPolicy.ebt_policy(m, coupled=coupled, n_action_steps=3, **opts)
+    out = pol.act(obs.to(dtype), init=init.to(dtype))
+    ref_out, info = ref.act(m.state_dict(), obs.to(dtype), init.to(dtype), num_heads=m.heads,
+                            n_obs_steps=m.n_obs_steps, n_action_steps=3,
+                            normalize_mode="batch" if coupled else "sample", **opts)
+    return out, pol.last_result, ref_out, info
+
+
+@pytest.mark.parametrize("B,coupled,opts", [
+    (1, False, dict(alpha=1000.0)),                          # the template's settings, 20 steps
+    (3, True, dict(alpha=10.0, min_grad=1e-3)),              # batch-coupled normalisation and stop, as the original
+    (1, False, dict(alpha=1000.0, min_grad=10.0)),           # early exit: one step, then the final step
+    (2, True, dict(alpha=10.0, min_grad=0.0225, max_steps=12)),  # batch-wide ||g|| crosses it mid-way
+])
+@pytest.mark.parametrize("backend", [pytest.param("cpu", marks=needs_op), "torch"])
+def test_act_matches_reference_loop(B, coupled, opts, backend):
+    model = make_model(scale=0.1, layers=2)
+    obs = torch.randn(B, 2, 12, dtype=torch.float64)
+    init = torch.randn(B, 5, 3, dtype=torch.float64)
+    out64, res64, ref64, info64 = _act_pair(model, obs, init, torch.float64, coupled, backend, **opts)
+    assert out64.shape == (B, 3, 3)
+    assert torch.equal(res64.steps, torch.full((B, 1), info64["steps"], dtype=torch.int32))
+    torch.testing.assert_close(out64, ref64, rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(res64.chunk, info64["trajectory"], rtol=1e-9, atol=1e-10)
+    # the executed window starts at n_obs_steps - 1
+    torch.testing.assert_close(out64, info64["trajectory"][:, 1:4], rtol=1e-9, atol=1e-10)
+    # fp32: within a small multiple of the reference's own fp32 error
+    out32, res32, ref32, info32 = _act_pair(model, obs, init, torch.float32, coupled, backend, **opts)
+    assert info32["steps"] == info64["steps"]
+    assert torch.equal(res32.steps, res64.steps)
+    ref_err = (ref32.double() - ref64).abs().max().item()
+    assert (out32.double() - ref64).abs().max().item() <= 4 * ref_err + 1e-5
+
+
+def test_act_candidates_are_independent_per_sample():
+    """Per-sample mode: each of K candidates follows the single-chain reference loop from its own init."""
+    model = make_model(scale=0.1, layers=1)
+    obs = torch.randn(2, 2, 12, dtype=torch.float64)
+    init = torch.randn(2, 4, 5, 3, dtype=torch.float64)
+    pol = EnergyPolicy.ebt_policy(model, candidates=4, alpha=10.0, max_steps=6, n_action_steps=3)
+    pol.act(obs, init=init)
+    res = pol.last_result
+    for b in range(2):
+        for k in range(4):
+            _, info = ref.act(model.state_dict(), obs[b:b + 1], init[b:b + 1, k], num_heads=3, n_obs_steps=2,
+                              n_action_steps=3, alpha=10.0, max_steps=6, normalize_mode="sample")
+            torch.testing.assert_close(res.y[b, k], info["trajectory"][0], rtol=1e-9, atol=1e-10)
+    # best of K by final energy
+    torch.testing.assert_close(res.chunk, res.y[torch.arange(2), res.energy.argmin(dim=1)])
+
+
+# -- the fused op itself ----------------------------------------------------------------------------
+@needs_op
+def test_op_opcheck_and_energy_only():
+    m = make_model(dtype=torch.float32)
+    ctx = m.prepare(torch.randn(2, 2, 12))
+    y = torch.randn(2, 3, 5, 3)
+    params = ebt_op.param_list(m)
+    args = (y, ctx.k, ctx.v, ctx.bias, params, ebt_op.transposed_weights(params), 3, 1e-6, 1e-5, True)
+    torch.library.opcheck(torch.ops.pyebm.ebt_policy_energy_grad.default, args,
+                          test_utils=("test_schema", "test_faketensor"))
+    E, G = torch.ops.pyebm.ebt_policy_energy_grad(*args)
+    E2, G2 = torch.ops.pyebm.ebt_policy_energy_grad(*args[:-1], False)
+    assert G2.numel() == 0
+    torch.testing.assert_close(E2, E, rtol=0, atol=0)
+    # without the transposed copies the op reads the [out, in] weights: same numbers up to rounding
+    E3, G3 = torch.ops.pyebm.ebt_policy_energy_grad(y, ctx.k, ctx.v, ctx.bias, params, [], 3, 1e-6, 1e-5, True)
+    torch.testing.assert_close(E3, E)
+    torch.testing.assert_close(G3, G)
+
+
+@needs_op
+def test_op_bad_arguments():
+    m = make_model(dtype=torch.float32)
+    ctx = m.prepare(torch.randn(2, 2, 12))
+    y = torch.randn(2, 3, 5, 3)
+    params = ebt_op.param_list(m)
+    op = torch.ops.pyebm.ebt_policy_energy_grad
+    with pytest.raises(RuntimeError, match="params must hold 7 \\+ 17 \\* layers \\+ 5 tensors; got 45"):
+        op(y, ctx.k, ctx.v, ctx.bias, params[:-1], [], 3, 1e-6, 1e-5, True)
+    swapped = list(params)
+    swapped[8], swapped[9] = swapped[9], swapped[8]
+    with pytest.raises(RuntimeError, match="params\\[8\\] \\(layer 0, slot 1\\)"):
+        op(y, ctx.k, ctx.v, ctx.bias, swapped, [], 3, 1e-6, 1e-5, True)
+    with pytest.raises(RuntimeError, match="params\\[\\] has dtype Double but y has dtype Float"):
+        op(y, ctx.k, ctx.v, ctx.bias, [p.double() for p in params], [], 3, 1e-6, 1e-5, True)
+    with pytest.raises(RuntimeError, match="ctx_k must be"):
+        op(y, ctx.k[:, :1], ctx.v, ctx.bias, params, [], 3, 1e-6, 1e-5, True)
+    wt = ebt_op.transposed_weights(params)
+    with pytest.raises(RuntimeError, match="weights_t\\[1\\] must be the transpose of params\\[8\\]"):
+        op(y, ctx.k, ctx.v, ctx.bias, params, [wt[0], wt[1].t()] + wt[2:], 3, 1e-6, 1e-5, True)
+    with pytest.raises(RuntimeError, match="weights_t must be empty or hold"):
+        op(y, ctx.k, ctx.v, ctx.bias, params, wt[:3], 3, 1e-6, 1e-5, True)
+    with pytest.raises(RuntimeError, match="y must be \\[B, K, T, A\\]"):
+        op(y[0], ctx.k, ctx.v, ctx.bias, params, [], 3, 1e-6, 1e-5, True)
+
+
+@needs_op
+def test_op_sees_weight_updates_and_dtype_changes():
+    m = make_model(dtype=torch.float32)
+    obs, y = torch.randn(1, 2, 12), torch.randn(1, 2, 5, 3)
+    E1 = m.energy(m.prepare(obs), y)
+    with torch.no_grad():
+        m.head.fc2.bias.add_(1.0)                   # in place: the cached parameter list sees it
+    torch.testing.assert_close(m.energy(m.prepare(obs), y), E1 + 1.0)
+    with torch.no_grad():
+        m.blocks[0].attn.qkv.weight.mul_(1.5)     # a weight the op also keeps transposed
+    ctx = m.prepare(obs)
+    torch.testing.assert_close(m.energy_and_grad(ctx, y), m.energy_and_grad(ctx, y, backend="torch"))
+    m.load_state_dict({k: v * 0.9 for k, v in m.state_dict().items()})
+    ctx = m.prepare(obs)
+    torch.testing.assert_close(m.energy_and_grad(ctx, y), m.energy_and_grad(ctx, y, backend="torch"))
+    E1 = m.energy(ctx, y) - 1.0
+    m.double()                                      # new storage: the cache is rebuilt
+    E3 = m.energy(m.prepare(obs.double()), y.double())
+    assert E3.dtype == torch.float64
+    torch.testing.assert_close(E3, E1.double() + 1.0, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_non_finite_candidate_stays_contained(mode):
+    m = make_model(grad_mode=mode[0], backend=mode[1], dtype=torch.float32)
+    ctx = m.prepare(torch.randn(2, 2, 12))
+    y = torch.randn(2, 5, 5, 3)                 # 10 candidates: several share a block in the C++ op
+    E0, G0 = m.energy_and_grad(ctx, y)
+    bad = y.clone()
+    bad[0, 1, 2, 0] = float("nan")
+    bad[1, 3, 0, 2] = float("inf")
+    E1, G1 = m.energy_and_grad(ctx, bad)
+    hit = torch.zeros(2, 5, dtype=torch.bool)
+    hit[0, 1] = hit[1, 3] = True
+    assert not torch.isfinite(E1[hit]).any()
+    torch.testing.assert_close(E1[~hit], E0[~hit], rtol=0, atol=0)
+    torch.testing.assert_close(G1[~hit], G0[~hit], rtol=0, atol=0)
