@@ -116,12 +116,7 @@ void descent_block(const MlpDesc<T>& p, const UpdateRule<T>& u, const std::vecto
   }
   if (!u.bound_each_step && (u.lower || u.upper)) {
     for (int64_t i = 0; i < m; ++i)
-      for (int64_t j = 0; j < D; ++j) {
-        T& yy = y[i * D + j];
-        if (u.lower && !std::isnan(yy)) yy = std::max(yy, u.lower[j]);
-        if (u.upper && !std::isnan(yy)) yy = std::min(yy, u.upper[j]);
-        if (mask && mask[i * D + j]) yy = fixed[i * D + j];
-      }
+      bound_row_at_end<T>(u, y + i * D, mask ? mask + i * D : nullptr, fixed ? fixed + i * D : nullptr);
   }
   mlp_block<A, T>(p, r0, m, y, E_final, nullptr, mlp_ws);
 }

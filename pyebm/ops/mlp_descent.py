@@ -1,6 +1,6 @@
 """Whole-loop descent for ``MLPEnergy``: every step of energy, input gradient and update in one call.
 
-``torch.ops.pyebm.mlp_descent`` (C++, CPU) runs all ``config.steps`` steps of a block of candidate rows
+``torch.ops.pyebm.mlp_descent`` (C++ on CPU, CUDA on GPU) runs all ``config.steps`` steps of a block of candidate rows
 back to back while the rows stay in cache, then the final energy pass. The update rule is exactly
 ``pyebm.ops.descent.descent_update`` (same order of operations, same per-candidate early exit, same
 status codes). Noise is drawn with the caller's generator, one ``randn`` of y's shape per step, in the
@@ -13,6 +13,7 @@ no trajectory recording. Everything else runs the per-step path.
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -51,9 +52,10 @@ def whole_loop_backend(model, cfg, y0: torch.Tensor, record: bool, backend: Opti
 
     if record or not isinstance(model, MLPEnergy) or not config_supported(cfg):
         return None
-    name = _backend.resolve(y0.device, backend or model.backend, ("torch", "cpu", "triton"))
-    if name == "cpu" and _HAS_CPU_OP and y0.dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
-        return "cpu"
+    name = _backend.resolve(y0.device, backend or model.backend, ("torch", "cpu", "triton", "cuda"))
+    if name in ("cpu", "cuda") and _HAS_CPU_OP and y0.device.type == name \
+            and y0.dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+        return name  # "cuda": resolve() has checked that the extension was built with CUDA
     if name == "triton":
         try:
             from pyebm.ops import descent_triton  # noqa: F401
@@ -63,10 +65,19 @@ def whole_loop_backend(model, cfg, y0: torch.Tensor, record: bool, backend: Opti
     return None
 
 
-def _schedules(cfg, device):
+@functools.lru_cache(maxsize=64)
+def _schedules_cached(cfg):
     eta = torch.tensor([cfg.step_size_at(k) for k in range(cfg.steps)], dtype=torch.float64)
     nlev = torch.tensor([cfg.noise_level_at(k) for k in range(cfg.steps)], dtype=torch.float64)
     return eta, nlev
+
+
+def _schedules(cfg, device):
+    """Per-step step sizes and noise levels (host float64 tensors), computed once per config."""
+    try:
+        return _schedules_cached(cfg)
+    except TypeError:  # a config holding something unhashable: compute it afresh
+        return _schedules_cached.__wrapped__(cfg)
 
 
 def _event_flat(t: Optional[torch.Tensor], D: int) -> Optional[torch.Tensor]:
@@ -75,7 +86,7 @@ def _event_flat(t: Optional[torch.Tensor], D: int) -> Optional[torch.Tensor]:
 
 def run_whole_loop(model, ctx, cfg, *, y0: torch.Tensor, mask: Optional[torch.Tensor], lower, upper, step_clip,
                    generator, backend: str):
-    """Run the whole loop on ``backend`` ("cpu" or "triton"); returns (y, E_final, E_init, steps, status)
+    """Run the whole loop on ``backend`` ("cpu", "cuda" or "triton"); returns (y, E_final, E_init, steps, status)
     with y shaped like y0."""
     B, K = y0.shape[:2]
     D = y0[0, 0].numel()
@@ -92,7 +103,7 @@ def run_whole_loop(model, ctx, cfg, *, y0: torch.Tensor, mask: Optional[torch.Te
     prev = torch.is_grad_enabled()
     torch._C._set_grad_enabled(False)
     try:
-        if backend == "cpu":
+        if backend in ("cpu", "cuda"):  # the same op; the dispatcher picks the device's kernel
             noise = None
             if cfg.noise != "none":
                 noise = torch.empty((cfg.steps,) + tuple(y0.shape), device=y0.device, dtype=y0.dtype)

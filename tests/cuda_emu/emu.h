@@ -1,5 +1,5 @@
 // Host emulation of the few CUDA features the MLP kernels use, so that the kernels in
-// csrc/include/pyebm/cuda/mlp_energy.cuh run as plain C++ with one OS thread per GPU thread.
+// csrc/include/pyebm/cuda/mlp_energy.cuh and descent.cuh run as plain C++ with one OS thread per GPU thread.
 //
 // What this checks: the kernels' indexing, padding, buffer reuse and barrier placement (shared memory is
 // poisoned with NaN bits, so an element read before any thread wrote it shows in the result; a barrier
@@ -13,6 +13,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <atomic>
 #include <barrier>
 #include <cstdint>
 #include <cstring>
@@ -39,6 +40,7 @@ struct Warp {
 
 struct Block {
   std::barrier<> bar;
+  std::atomic<int> vote{0};
   std::vector<std::unique_ptr<Warp>> warps;
   explicit Block(unsigned threads) : bar(static_cast<std::ptrdiff_t>(threads)) {
     for (unsigned w = 0; w < threads / 32; ++w) warps.emplace_back(new Warp());
@@ -49,6 +51,18 @@ inline Block* block_ = nullptr;
 inline unsigned char* dynamic_smem() { return smem_; }
 inline void syncthreads() { block_->bar.arrive_and_wait(); }
 inline Warp& warp() { return *block_->warps[tid_.x / 32]; }
+
+// __syncthreads_or: a barrier that returns nonzero on every thread when pred is nonzero on any thread.
+inline int syncthreads_or(int pred) {
+  Block& b = *block_;
+  b.bar.arrive_and_wait();  // the previous vote has been read and cleared
+  if (pred) b.vote.fetch_or(1);
+  b.bar.arrive_and_wait();
+  const int r = b.vote.load();
+  b.bar.arrive_and_wait();  // every thread has read the vote
+  if (tid_.x == 0) b.vote.store(0);
+  return r;
+}
 
 template <typename V>
 V shfl_xor(V v, int mask) {
@@ -137,6 +151,7 @@ void launch(unsigned grid, unsigned threads, size_t smem, F&& body) {
 #define blockDim (::pyebm_emu::bdim_)
 #define gridDim (::pyebm_emu::gdim_)
 #define __syncthreads() ::pyebm_emu::syncthreads()
+#define __syncthreads_or(pred) ::pyebm_emu::syncthreads_or(pred)
 #define __shfl_xor_sync(mask, v, lanemask) ::pyebm_emu::shfl_xor(v, lanemask)
 using std::max;
 using std::min;

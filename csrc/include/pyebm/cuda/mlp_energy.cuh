@@ -504,25 +504,27 @@ __device__ __forceinline__ void simt_gemm(const Acc* __restrict__ X, int sa, con
   }
 }
 
+// E (and G when grad) of the 32 rows row0 .. row0 + 31 of the network p at the points y [p.rows, D] (rows
+// past p.rows are computed on zeros and dropped), into E [p.rows] and G [p.rows, D]; p.y, p.E and p.G are
+// not read (p stays the kernel parameter, so its arrays are read from the parameter bank, not copied to
+// local memory). base: the CTA's activation buffers (lay.elems elements). Every thread of the CTA calls
+// it; it starts with a barrier (the caller's writes to y and to the buffers are visible) and ends after
+// each thread's last write to E / G, without a barrier. Also the per-step energy of the whole-loop
+// descent kernel (pyebm/cuda/descent.cuh).
 template <Act A, typename T>
-__global__ void __launch_bounds__(kSimtThreads, 2) mlp_simt_kernel(const MlpParams<T> p, const SimtLayout lay, bool grad,
-                                                             unsigned char* __restrict__ gws) {
+__device__ __forceinline__ void simt_tile(const MlpParams<T>& p, const SimtLayout& lay, bool grad,
+                                          typename AccType<T>::type* base, int64_t row0, const T* __restrict__ y,
+                                          T* __restrict__ E, T* __restrict__ G) {
   using Acc = typename AccType<T>::type;
-  PYEBM_DYNAMIC_SMEM(smem);
-  Acc* base = lay.in_smem ? reinterpret_cast<Acc*>(smem)
-                          : reinterpret_cast<Acc*>(gws) + (size_t)blockIdx.x * (size_t)lay.elems;
   Acc* const X0 = base;
   Acc* const X1 = base + lay.off_x1;
   const int tid = threadIdx.x, nthr = blockDim.x, lane = tid & 31, warp = tid >> 5, nwarps = nthr >> 5;
   const int L = p.L, D = p.D, sa = lay.sa;
-  const int64_t ntiles = (p.rows + kSimtRows - 1) / kSimtRows;
-
-  for (int64_t tile = blockIdx.x; tile < ntiles; tile += gridDim.x) {
-    const int64_t row0 = tile * kSimtRows;
+  {
     __syncthreads();
     for (int i = tid; i < kSimtRows * D; i += nthr) {
       const int r = i / D, k = i - r * D;
-      X0[r * sa + k] = row0 + r < p.rows ? static_cast<Acc>(to_acc(p.y[(row0 + r) * D + k])) : Acc(0);
+      X0[r * sa + k] = row0 + r < p.rows ? static_cast<Acc>(to_acc(y[(row0 + r) * D + k])) : Acc(0);
     }
     Acc* xin = X0;
     Acc* xout = X1;
@@ -556,10 +558,10 @@ __global__ void __launch_bounds__(kSimtThreads, 2) mlp_simt_kernel(const MlpPara
         for (int c = lane; c < HL; c += 32) s += xin[r * sa + c] * static_cast<Acc>(to_acc(p.w_out[c]));
 #pragma unroll
         for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-        if (lane == 0 && row0 + r < p.rows) p.E[row0 + r] = from_acc<T>(s + static_cast<Acc>(to_acc(p.b_out[0])));
+        if (lane == 0 && row0 + r < p.rows) E[row0 + r] = from_acc<T>(s + static_cast<Acc>(to_acc(p.b_out[0])));
       }
     }
-    if (!grad) continue;
+    if (!grad) return;
     {  // dE/dz_L = w_out * act'(z_L); dE/dh_L = w_out kept when the last layer is residual.
       const int HL = p.width[L - 1], sd = lay.sd[L - 1];
       Acc* dL = base + lay.off_d[L - 1];
@@ -589,11 +591,23 @@ __global__ void __launch_bounds__(kSimtThreads, 2) mlp_simt_kernel(const MlpPara
     }
     {
       auto epi = [&](int r, int col, Acc gv) {
-        if (row0 + r < p.rows) p.G[(row0 + r) * D + col] = from_acc<T>(gv);
+        if (row0 + r < p.rows) G[(row0 + r) * D + col] = from_acc<T>(gv);
       };
       simt_gemm<T, Acc>(xin, sa, p.w_in, /*kn=*/true, D, p.width[0], epi);
     }
   }
+}
+
+template <Act A, typename T>
+__global__ void __launch_bounds__(kSimtThreads, 2) mlp_simt_kernel(const MlpParams<T> p, const SimtLayout lay, bool grad,
+                                                             unsigned char* __restrict__ gws) {
+  using Acc = typename AccType<T>::type;
+  PYEBM_DYNAMIC_SMEM(smem);
+  Acc* base = lay.in_smem ? reinterpret_cast<Acc*>(smem)
+                          : reinterpret_cast<Acc*>(gws) + (size_t)blockIdx.x * (size_t)lay.elems;
+  const int64_t ntiles = (p.rows + kSimtRows - 1) / kSimtRows;
+  for (int64_t tile = blockIdx.x; tile < ntiles; tile += gridDim.x)
+    simt_tile<A, T>(p, lay, grad, base, tile * kSimtRows, p.y, p.E, p.G);
 }
 
 // ------------------------------------------------------------------------------------------------

@@ -1,0 +1,319 @@
+// CUDA implementation of pyebm::mlp_descent (whole loop) and pyebm::descent_update (fused per-step
+// update): input checks, dtype dispatch and the launch on the current stream. The kernels are torch-free,
+// in pyebm/cuda/descent.cuh; the schemas are registered with the CPU ops (csrc/cpu/mlp_descent.cpp).
+//
+// Only device-generic c10 APIs are used (as in mlp_energy.cu), so this file also compiles against a
+// CPU-only torch for the nvcc compile check.
+//
+// Environment: PYEBM_CUDA_POISON=1 fills the outputs of mlp_descent (E_final, E_init with NaN, steps and
+// status with -1) before the kernel, so rows it fails to write show up.
+#include <ATen/ATen.h>
+#include <c10/core/DeviceGuard.h>
+#include <c10/core/impl/DeviceGuardImplInterface.h>
+#include <torch/library.h>
+
+#include <cstdlib>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "cpu/mlp_energy_cpu.h"
+#include "pyebm/cuda/descent.cuh"
+
+namespace pyebm {
+namespace gpu {
+namespace {
+
+bool poison_outputs() {
+  const char* env = std::getenv("PYEBM_CUDA_POISON");
+  return env != nullptr && env[0] == '1';
+}
+
+cudaStream_t current_stream(const at::Device& device) {
+  const c10::Stream s = c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)->getStream(device);
+  return static_cast<cudaStream_t>(s.native_handle());
+}
+
+NoiseMode parse_noise(c10::string_view s) {
+  if (s == "none") return NoiseMode::kNone;
+  if (s == "langevin") return NoiseMode::kLangevin;
+  if (s == "step") return NoiseMode::kStep;
+  if (s == "additive") return NoiseMode::kAdditive;
+  TORCH_CHECK(false, "pyebm: noise_mode must be one of none, langevin, step, additive; got '", std::string(s), "'");
+}
+
+// A per-step tensor argument on y's device.
+void check_device(const at::Tensor& t, const char* name, const at::Device& device) {
+  TORCH_CHECK(t.device() == device, "pyebm: ", name, " must be on ", device, " (like y); got ", t.device());
+}
+
+// An optional per-dimension option as a contiguous [D] tensor in the compute dtype on `device`
+// (undefined if absent). Values given on the host are copied over.
+at::Tensor event_option(const c10::optional<at::Tensor>& t, const char* name, int64_t D, at::ScalarType dt,
+                        const at::Device& device) {
+  if (!t.has_value() || !t->defined()) return at::Tensor();
+  TORCH_CHECK(t->numel() == D || t->numel() == 1, "pyebm: ", name, " must hold 1 or D = ", D,
+              " values; got shape ", t->sizes());
+  return t->reshape({-1}).expand({D}).to(device, dt).contiguous();
+}
+
+template <typename T>
+UpdateRule<T> make_rule(int64_t D, double grad_scale, double momentum, c10::optional<double> grad_clip,
+                        c10::optional<double> grad_clip_norm, bool energy_scaled, double energy_temperature,
+                        double tol, bool tol_final_step, bool bound_each_step, const at::Tensor& lower,
+                        const at::Tensor& upper, const at::Tensor& step_clip, NoiseMode noise) {
+  UpdateRule<T> u;
+  u.D = D;
+  u.grad_scale = T(grad_scale);
+  u.momentum = T(momentum);
+  u.grad_clip = grad_clip.has_value() ? T(*grad_clip) : T(0);
+  u.grad_clip_norm = grad_clip_norm.has_value() ? T(*grad_clip_norm) : T(0);
+  u.energy_scaled = energy_scaled;
+  u.energy_temperature = T(energy_temperature);
+  u.tol = T(tol);
+  u.tol_final_step = tol_final_step;
+  u.bound_each_step = bound_each_step;
+  u.lower = lower.defined() ? lower.data_ptr<T>() : nullptr;
+  u.upper = upper.defined() ? upper.data_ptr<T>() : nullptr;
+  u.step_clip = step_clip.defined() ? step_clip.data_ptr<T>() : nullptr;
+  u.noise = noise;
+  return u;
+}
+
+void check_rule(double momentum, c10::optional<double> grad_clip, c10::optional<double> grad_clip_norm,
+                double energy_temperature, double tol) {
+  TORCH_CHECK(!grad_clip.has_value() || *grad_clip > 0, "pyebm: grad_clip must be > 0; got ", *grad_clip);
+  TORCH_CHECK(!grad_clip_norm.has_value() || *grad_clip_norm > 0, "pyebm: grad_clip_norm must be > 0; got ",
+              *grad_clip_norm);
+  TORCH_CHECK(momentum >= 0 && momentum < 1, "pyebm: momentum must be in [0, 1); got ", momentum);
+  TORCH_CHECK(tol >= 0, "pyebm: tol must be >= 0; got ", tol);
+  TORCH_CHECK(energy_temperature > 0, "pyebm: energy_temperature must be > 0; got ", energy_temperature);
+}
+
+template <typename T>
+T* opt_ptr(const at::Tensor& t) {
+  return t.defined() ? t.data_ptr<T>() : nullptr;
+}
+uint8_t* byte_ptr(const at::Tensor& t) {
+  return t.defined() ? reinterpret_cast<uint8_t*>(t.data_ptr()) : nullptr;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlp_descent_cuda(
+    const at::Tensor& ctx_, const at::Tensor& y0_, const at::Tensor& w_in_, at::TensorList weights_,
+    at::TensorList biases_, const at::Tensor& w_out_, const at::Tensor& b_out_, c10::string_view activation,
+    bool residual, const at::Tensor& eta_, const at::Tensor& noise_level_, const c10::optional<at::Tensor>& noise_,
+    const c10::optional<at::Tensor>& lower_, const c10::optional<at::Tensor>& upper_,
+    const c10::optional<at::Tensor>& step_clip_, const c10::optional<at::Tensor>& mask_, double grad_scale,
+    double momentum, bool nesterov, c10::optional<double> grad_clip, c10::optional<double> grad_clip_norm,
+    bool energy_scaled, double energy_temperature, double tol, bool tol_final_step, bool bound_each_step,
+    c10::string_view noise_mode) {
+  const cpu::MlpShapes s = cpu::check_mlp_args(ctx_, y0_, w_in_, weights_, biases_, w_out_, b_out_);
+  TORCH_CHECK(y0_.is_cuda(), "pyebm: the cuda kernel needs CUDA tensors; got y0 on ", y0_.device());
+  const Act act = cpu::parse_activation(std::string(activation));
+  const NoiseMode nm = parse_noise(noise_mode);
+  check_rule(momentum, grad_clip, grad_clip_norm, energy_temperature, tol);
+  const int64_t Tn = eta_.numel();
+  TORCH_CHECK(Tn >= 1, "pyebm: eta must hold one step size per step (steps >= 1); got shape ", eta_.sizes());
+  TORCH_CHECK(eta_.dim() == 1, "pyebm: eta must be [steps] = [", Tn, "]; got shape ", eta_.sizes());
+  TORCH_CHECK(noise_level_.dim() == 1 && noise_level_.size(0) == Tn, "pyebm: noise_level must be [steps] = [", Tn,
+              "]; got shape ", noise_level_.sizes());
+  TORCH_CHECK(Tn <= std::numeric_limits<int>::max(), "pyebm: too many steps for the cuda kernel: ", Tn);
+  constexpr int64_t kIntMax = std::numeric_limits<int>::max();
+  TORCH_CHECK(s.D >= 1 && s.D <= kIntMax, "pyebm: the cuda whole-loop kernel needs 1 <= D <= ", kIntMax,
+              "; got candidate width D = ", s.D);
+  for (size_t l = 0; l < s.width.size(); ++l)
+    TORCH_CHECK(s.width[l] <= kIntMax, "pyebm: hidden width H_", l + 1, " = ", s.width[l],
+                " is too large for the cuda kernel");
+
+  const at::Device device = y0_.device();
+  const c10::DeviceGuard guard(device);
+  const auto out_dtype = y0_.scalar_type();
+  // 16-bit inputs compute in fp32, like the CPU op.
+  const cpu::MlpTensors mt = cpu::prepare_mlp(ctx_, out_dtype, w_in_, weights_, biases_, w_out_, b_out_);
+  const auto dt = mt.dtype;
+  const int64_t B = s.B, K = s.K, D = s.D, N = B * K;
+
+  at::Tensor y = y0_.to(dt).contiguous().clone();  // the state, updated in place
+  at::Tensor fixed, mask, noise;
+  if (mask_.has_value() && mask_->defined()) {
+    TORCH_CHECK(mask_->scalar_type() == at::kBool, "pyebm: mask must be bool; got ", mask_->scalar_type());
+    TORCH_CHECK(mask_->sizes() == y0_.sizes(), "pyebm: mask must be [B, K, D] = ", y0_.sizes(), "; got ",
+                mask_->sizes());
+    check_device(*mask_, "mask", device);
+    mask = mask_->contiguous();
+    fixed = cpu::to_compute(y0_, dt);  // clamped coordinates keep their initial values
+  }
+  if (nm != NoiseMode::kNone) {
+    TORCH_CHECK(noise_.has_value() && noise_->defined(), "pyebm: noise_mode '", std::string(noise_mode),
+                "' needs the noise tensor [steps, B, K, D]");
+    TORCH_CHECK(noise_->dim() == 4 && noise_->size(0) == Tn && noise_->size(1) == B && noise_->size(2) == K &&
+                    noise_->size(3) == D,
+                "pyebm: noise must be [steps, B, K, D] = [", Tn, ", ", B, ", ", K, ", ", D, "]; got ", noise_->sizes());
+    check_device(*noise_, "noise", device);
+    noise = cpu::to_compute(*noise_, dt);
+  }
+  const at::Tensor lower = event_option(lower_, "lower", D, dt, device);
+  const at::Tensor upper = event_option(upper_, "upper", D, dt, device);
+  const at::Tensor step_clip = event_option(step_clip_, "step_clip", D, dt, device);
+  // The schedules as device arrays in the compute dtype (from the host: a small copy).
+  const at::Tensor eta = eta_.to(device, dt).contiguous();
+  const at::Tensor nlev = noise_level_.to(device, dt).contiguous();
+
+  const auto opts = y.options();
+  at::Tensor E_final = at::empty({B, K}, opts);
+  at::Tensor E_init = at::empty({B, K}, opts);
+  at::Tensor steps = at::empty({B, K}, opts.dtype(at::kInt));
+  at::Tensor status = at::empty({B, K}, opts.dtype(at::kChar));
+  if (N > 0) {
+    if (poison_outputs()) {
+      E_final.fill_(std::numeric_limits<double>::quiet_NaN());
+      E_init.fill_(std::numeric_limits<double>::quiet_NaN());
+      steps.fill_(-1);
+      status.fill_(-1);
+    }
+    const bool look_ahead = nesterov && momentum > 0;
+    at::Tensor G = at::empty({N, D}, opts), E = at::empty({N}, opts), scratch = at::empty({N, 2 * D}, opts);
+    at::Tensor flags = at::empty({2, N}, opts.dtype(at::kByte));
+    at::Tensor velocity = momentum > 0 ? at::empty({N, D}, opts) : at::Tensor();
+    at::Tensor q = look_ahead ? at::empty({N, D}, opts) : at::Tensor();
+    AT_DISPATCH_FLOATING_TYPES(dt, "pyebm_mlp_descent_cuda", [&] {
+      using T = scalar_t;
+      DescentParams<T> P;
+      MlpParams<T>& p = P.mlp;
+      p.rows = N;
+      p.K = K;
+      p.D = static_cast<int>(D);
+      p.L = static_cast<int>(s.width.size());
+      for (int l = 0; l < p.L; ++l) p.width[l] = static_cast<int>(s.width[l]);
+      p.ctx = mt.ctx.data_ptr<T>();
+      p.w_in = mt.w_in.data_ptr<T>();
+      for (size_t l = 0; l < mt.w.size(); ++l) {
+        p.w[l] = mt.w[l].data_ptr<T>();
+        p.b[l] = mt.b[l].data_ptr<T>();
+      }
+      p.w_out = mt.w_out.data_ptr<T>();
+      p.b_out = mt.b_out.data_ptr<T>();
+      p.residual = residual;
+      P.u = make_rule<T>(D, grad_scale, momentum, grad_clip, grad_clip_norm, energy_scaled, energy_temperature, tol,
+                         tol_final_step, bound_each_step, lower, upper, step_clip, nm);
+      P.steps = static_cast<int>(Tn);
+      P.eta = eta.data_ptr<T>();
+      P.noise_level = nlev.data_ptr<T>();
+      P.noise = opt_ptr<T>(noise);
+      P.mask = byte_ptr(mask);
+      P.fixed = opt_ptr<T>(fixed);
+      P.nesterov = nesterov;
+      P.y = y.data_ptr<T>();
+      P.E_final = E_final.data_ptr<T>();
+      P.E_init = E_init.data_ptr<T>();
+      P.steps_out = steps.data_ptr<int32_t>();
+      P.status = status.data_ptr<int8_t>();
+      P.G = G.data_ptr<T>();
+      P.E = E.data_ptr<T>();
+      P.scratch = scratch.data_ptr<T>();
+      P.active = byte_ptr(flags);
+      P.pending = P.active + N;
+      P.velocity = opt_ptr<T>(velocity);
+      P.q = opt_ptr<T>(q);
+
+      const int dev = device.index();
+      DeviceCaps caps;
+      cudaError_t err = query_device(dev, &caps);
+      TORCH_CHECK(err == cudaSuccess, "pyebm: cannot query CUDA device ", dev, ": ", cudaGetErrorString(err));
+      const MlpPlan plan = plan_descent<T>(P, caps);
+      at::Tensor ws;
+      if (plan.ws_bytes > 0) ws = at::empty({static_cast<int64_t>(plan.ws_bytes)}, opts.dtype(at::kByte));
+      err = launch_mlp_descent<T>(P, act, plan, ws.defined() ? ws.data_ptr() : nullptr, dev, caps,
+                                  current_stream(device));
+      TORCH_CHECK(err == cudaSuccess, "pyebm: CUDA mlp_descent kernel launch failed: ", cudaGetErrorString(err));
+    });
+  }
+  if (out_dtype != dt) {
+    y = y.to(out_dtype);
+    E_final = E_final.to(out_dtype);
+    E_init = E_init.to(out_dtype);
+  }
+  return {y, E_final, E_init, steps, status};
+}
+
+// In place on y, velocity, active, steps, status and pending; g is clobbered (scratch).
+void descent_update_cuda(const at::Tensor& y, const at::Tensor& g, const at::Tensor& E, const at::Tensor& active,
+                         const at::Tensor& steps, const at::Tensor& status, const c10::optional<at::Tensor>& velocity,
+                         const c10::optional<at::Tensor>& pending, const c10::optional<at::Tensor>& noise,
+                         const c10::optional<at::Tensor>& mask, const c10::optional<at::Tensor>& fixed,
+                         const c10::optional<at::Tensor>& lower, const c10::optional<at::Tensor>& upper,
+                         const c10::optional<at::Tensor>& step_clip, double eta, double noise_level,
+                         c10::string_view noise_mode, double grad_scale, double momentum,
+                         c10::optional<double> grad_clip, c10::optional<double> grad_clip_norm, bool energy_scaled,
+                         double energy_temperature, double tol, bool tol_final_step, bool bound_each_step) {
+  TORCH_CHECK(y.dim() == 2, "pyebm: y must be [N, D]; got shape ", y.sizes());
+  TORCH_CHECK(y.is_cuda(), "pyebm: the cuda kernel needs CUDA tensors; got y on ", y.device());
+  const int64_t N = y.size(0), D = y.size(1);
+  const at::Device device = y.device();
+  auto need = [&](const at::Tensor& t, const char* name, at::IntArrayRef shape, at::ScalarType dtype) {
+    TORCH_CHECK(t.sizes() == shape, "pyebm: ", name, " must have shape ", shape, "; got ", t.sizes());
+    TORCH_CHECK(t.scalar_type() == dtype, "pyebm: ", name, " must be ", dtype, "; got ", t.scalar_type());
+    TORCH_CHECK(t.is_contiguous() && t.device() == device, "pyebm: ", name, " must be a contiguous tensor on ",
+                device, "; got ", t.device(), t.is_contiguous() ? "" : " (not contiguous)");
+  };
+  const auto dt = y.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble, "pyebm: descent_update supports float32 and float64; got ", dt);
+  need(y, "y", {N, D}, dt);
+  need(g, "g", {N, D}, dt);
+  need(E, "E", {N}, dt);
+  need(active, "active", {N}, at::kBool);
+  need(steps, "steps", {N}, at::kInt);
+  need(status, "status", {N}, at::kChar);
+  if (velocity) need(*velocity, "velocity", {N, D}, dt);
+  if (pending) need(*pending, "pending", {N}, at::kBool);
+  if (noise) need(*noise, "noise", {N, D}, dt);
+  if (mask) {
+    need(*mask, "mask", {N, D}, at::kBool);
+    TORCH_CHECK(fixed.has_value(), "pyebm: mask needs fixed");
+    need(*fixed, "fixed", {N, D}, dt);
+  }
+  const NoiseMode nm = parse_noise(noise_mode);
+  TORCH_CHECK(nm == NoiseMode::kNone || noise.has_value(), "pyebm: noise_mode '", std::string(noise_mode),
+              "' needs noise");
+  TORCH_CHECK(momentum == 0 || velocity.has_value(), "pyebm: momentum > 0 needs velocity");
+  TORCH_CHECK(!tol_final_step || pending.has_value(), "pyebm: tol_final_step needs pending");
+  check_rule(momentum, grad_clip, grad_clip_norm, energy_temperature, tol);
+  if (N == 0) return;
+  const c10::DeviceGuard guard(device);
+  const at::Tensor lo = event_option(lower, "lower", D, dt, device), hi = event_option(upper, "upper", D, dt, device),
+                   sc = event_option(step_clip, "step_clip", D, dt, device);
+  at::Tensor scratch = at::empty({N, 2 * D}, y.options());
+  AT_DISPATCH_FLOATING_TYPES(dt, "pyebm_descent_update_cuda", [&] {
+    using T = scalar_t;
+    UpdateParams<T> a;
+    a.rows = N;
+    a.u = make_rule<T>(D, grad_scale, momentum, grad_clip, grad_clip_norm, energy_scaled, energy_temperature, tol,
+                       tol_final_step, bound_each_step, lo, hi, sc, nm);
+    a.eta = T(eta);
+    a.noise_level = T(noise_level);
+    a.y = y.data_ptr<T>();
+    a.g = g.data_ptr<T>();
+    a.E = E.data_ptr<T>();
+    a.active = reinterpret_cast<uint8_t*>(active.data_ptr<bool>());
+    a.steps = steps.data_ptr<int32_t>();
+    a.status = status.data_ptr<int8_t>();
+    a.velocity = velocity ? velocity->data_ptr<T>() : nullptr;
+    a.pending = pending ? reinterpret_cast<uint8_t*>(pending->data_ptr<bool>()) : nullptr;
+    a.noise = (noise && nm != NoiseMode::kNone) ? noise->data_ptr<T>() : nullptr;
+    a.mask = mask ? reinterpret_cast<const uint8_t*>(mask->data_ptr<bool>()) : nullptr;
+    a.fixed = mask ? fixed->data_ptr<T>() : nullptr;
+    a.scratch = scratch.data_ptr<T>();
+    const cudaError_t err = launch_descent_update<T>(a, current_stream(device));
+    TORCH_CHECK(err == cudaSuccess, "pyebm: CUDA descent_update kernel launch failed: ", cudaGetErrorString(err));
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pyebm, CUDA, m) {
+  m.impl("mlp_descent", &mlp_descent_cuda);
+  m.impl("descent_update", &descent_update_cuda);
+}
+
+}  // namespace gpu
+}  // namespace pyebm
