@@ -17,6 +17,9 @@ from one packed, zero-padded weight buffer. Scratch and weights are stored tile-
 so every access is a scalar base plus a compile-time offset pattern. Threads exchange data through
 scratch, hence the tl.debug_barrier() after every pass whose output another thread reads.
 
+The forward/backward walk of one row tile is the jit function ``_mlp_tile``, shared with the whole-loop
+descent kernel (``pyebm._kernels.descent``), which keeps the gradient in scratch instead of storing it.
+
 Numerics: GEMM operands are in the weights' dtype; accumulation and everything else (activations,
 act', gradients, the energy sum) are fp32; results are rounded to y's dtype once, at the store.
 
@@ -137,6 +140,122 @@ def _mma(a, w, acc, DOT_PRECISION: tl.constexpr, EMULATE_BF16: tl.constexpr):
 # The kernel
 # ----------------------------------------------------------------------------------------------
 @triton.jit
+def _mlp_tile(
+    base, buf_elems, w_ptr, b_ptr, meta_ptr, wout_ptr, bout_ptr, ctx_tile, b_rel, rmask, g_ptr, row0,
+    D, H1, HL, num_layers, stride_cb, stride_ch, stride_wo,
+    ACT: tl.constexpr, WITH_GRAD: tl.constexpr, G_TO_SCRATCH: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr, DOT_PRECISION: tl.constexpr, EMULATE_BF16: tl.constexpr,
+):
+    """One row tile forward through every layer and (WITH_GRAD) straight back; returns E (fp32 [BLOCK_M]).
+
+    On entry the tile's candidates are in scratch buffer 0 (``base``; fp32, tile-major, zero in padded
+    columns) and every thread has passed a barrier since they were written. ``ctx_tile`` points at the
+    context row of the tile's first row and ``b_rel`` [BLOCK_M] is each row's context relative to it.
+    The gradient goes to the contiguous [N, D] tensor ``g_ptr`` (rows ``row0``.., its dtype) or, with
+    G_TO_SCRATCH, to buffer 0 in fp32 tile-major (padded columns hold exact zeros for finite rows: the
+    padded columns of W_in are zero). The whole-loop descent kernel keeps the gradient in scratch.
+    """
+    r_l = tl.arange(0, BLOCK_M)
+    c_l = tl.arange(0, BLOCK_T)
+    TILE: tl.constexpr = BLOCK_M * BLOCK_T
+    WTILE: tl.constexpr = BLOCK_T * BLOCK_T
+    t_off = r_l[:, None] * BLOCK_T + c_l[None, :]      # [BLOCK_M, BLOCK_T] chunk
+    w_off = c_l[:, None] * BLOCK_T + c_l[None, :]      # [BLOCK_T, BLOCK_T] tile of W, as stored
+    wt_off = c_l[None, :] * BLOCK_T + c_l[:, None]     # the same tile read as W^T
+    d_base = base + 2 * buf_elems
+
+    # ---- forward: layer j reads buffer j % 2 and writes buffer (j + 1) % 2 ----
+    for j in range(0, num_layers):
+        mrow = meta_ptr + j * META_COLS
+        in_t = tl.load(mrow + 0).to(tl.int32)
+        out_t = tl.load(mrow + 1).to(tl.int32)
+        # Offsets are multiples of BLOCK_T (>= 16) elements: hint it so loads vectorise.
+        w_l = w_ptr + tl.multiple_of(tl.load(mrow + 2), 16)
+        b_l = b_ptr + tl.multiple_of(tl.load(mrow + 3), 16)
+        d_l = d_base + tl.load(mrow + 4) * BLOCK_M
+        res = tl.load(mrow + 5)
+        src = base + (j % 2) * buf_elems
+        dst = base + ((j + 1) % 2) * buf_elems
+        for nt in range(0, out_t):
+            acc = tl.zeros((BLOCK_M, BLOCK_T), dtype=tl.float32)
+            w_n = w_l + nt * in_t * WTILE
+            for kt in range(0, in_t):
+                h = tl.load(src + kt * TILE + t_off)
+                w = tl.load(w_n + kt * WTILE + wt_off)
+                acc = _mma(h, w, acc, DOT_PRECISION, EMULATE_BF16)
+            cols = nt * BLOCK_T + c_l
+            if j == 0:
+                # The first layer's bias is the context term of the row's context.
+                cmask = rmask[:, None] & (cols[None, :] < H1)
+                c_off = b_rel[:, None] * stride_cb + cols[None, :] * stride_ch
+                acc += tl.load(ctx_tile + c_off, mask=cmask, other=0.0).to(tl.float32)
+            else:
+                acc += tl.load(b_l + cols).to(tl.float32)[None, :]
+            a, dz = _act(acc, ACT)
+            if res != 0:
+                a += tl.load(src + nt * TILE + t_off)
+            tl.store(dst + nt * TILE + t_off, a)
+            if WITH_GRAD:
+                tl.store(d_l + nt * TILE + t_off, dz)
+        tl.debug_barrier()
+
+    # ---- energy; with the gradient, dE/dh_L = w_out goes into the same buffer ----
+    # Padded columns of h_L need not be zero (softplus(0) = log 2, residual sums); the masked
+    # w_out load makes them contribute nothing.
+    cur = base + (num_layers % 2) * buf_elems
+    hl_t = tl.load(meta_ptr + (num_layers - 1) * META_COLS + 1).to(tl.int32)
+    e = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for ct in range(0, hl_t):
+        cols = ct * BLOCK_T + c_l
+        wo = tl.load(wout_ptr + cols * stride_wo, mask=cols < HL, other=0.0).to(tl.float32)
+        h = tl.load(cur + ct * TILE + t_off)
+        e += tl.sum(h * wo[None, :], axis=1)
+        if WITH_GRAD:
+            tl.store(cur + ct * TILE + t_off, tl.zeros((BLOCK_M, BLOCK_T), dtype=tl.float32) + wo[None, :])
+    e += tl.load(bout_ptr).to(tl.float32)
+
+    if WITH_GRAD:
+        tl.debug_barrier()
+        # ---- backward: layer j reads dE/dh_{j+1} from buffer (j + 1) % 2, writes dE/dh_j to j % 2 ----
+        for jj in range(0, num_layers):
+            j = num_layers - 1 - jj
+            mrow = meta_ptr + j * META_COLS
+            in_t = tl.load(mrow + 0).to(tl.int32)
+            out_t = tl.load(mrow + 1).to(tl.int32)
+            w_l = w_ptr + tl.multiple_of(tl.load(mrow + 2), 16)
+            d_l = d_base + tl.load(mrow + 4) * BLOCK_M
+            res = tl.load(mrow + 5)
+            g_out = base + ((j + 1) % 2) * buf_elems
+            g_in = base + (j % 2) * buf_elems
+            # dE/dz = dE/dh * act'(z), written over act'(z). Each element is read and written through
+            # the same pointer tile (same thread), so this pass needs no barrier inside.
+            for ct in range(0, out_t):
+                p = d_l + ct * TILE + t_off
+                tl.store(p, tl.load(g_out + ct * TILE + t_off) * tl.load(p))
+            tl.debug_barrier()
+            for nt in range(0, in_t):
+                acc = tl.zeros((BLOCK_M, BLOCK_T), dtype=tl.float32)
+                for kt in range(0, out_t):
+                    gz = tl.load(d_l + kt * TILE + t_off)
+                    w = tl.load(w_l + (kt * in_t + nt) * WTILE + w_off)
+                    acc = _mma(gz, w, acc, DOT_PRECISION, EMULATE_BF16)
+                if res != 0:
+                    acc += tl.load(g_out + nt * TILE + t_off)
+                if j == 0 and not G_TO_SCRATCH:
+                    cols = nt * BLOCK_T + c_l
+                    gmask = rmask[:, None] & (cols[None, :] < D)
+                    # G is contiguous [N, D]: an int64 tile base plus int32 in-tile offsets
+                    # (BLOCK_M * D < 2^31) keeps this store's addresses cheap.
+                    g_tile = g_ptr + row0 * D
+                    g_val = _to_out(acc, g_ptr.dtype.element_ty, EMULATE_BF16)
+                    tl.store(g_tile + r_l[:, None] * D + cols[None, :], g_val, mask=gmask)
+                else:
+                    tl.store(g_in + nt * TILE + t_off, acc)
+            tl.debug_barrier()
+    return e
+
+
+@triton.jit
 def _mlp_energy_kernel(
     y_ptr, ctx_ptr, w_ptr, b_ptr, meta_ptr, wout_ptr, bout_ptr,
     e_ptr, g_ptr, scratch_ptr,
@@ -149,18 +268,15 @@ def _mlp_energy_kernel(
     # [BLOCK_M, BLOCK_T], and a layer's padded weight is (out/BLOCK_T) x (in/BLOCK_T) contiguous
     # [BLOCK_T, BLOCK_T] tiles. Every scratch or weight access is then a scalar base plus the same
     # compile-time offset pattern, which keeps address registers few (no per-row runtime strides).
+    # The layer loop itself is _mlp_tile (shared with the whole-loop descent kernel).
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     r_l = tl.arange(0, BLOCK_M)
     c_l = tl.arange(0, BLOCK_T)
     TILE: tl.constexpr = BLOCK_M * BLOCK_T
-    WTILE: tl.constexpr = BLOCK_T * BLOCK_T
     t_off = r_l[:, None] * BLOCK_T + c_l[None, :]      # [BLOCK_M, BLOCK_T] chunk
-    w_off = c_l[:, None] * BLOCK_T + c_l[None, :]      # [BLOCK_T, BLOCK_T] tile of W, as stored
-    wt_off = c_l[None, :] * BLOCK_T + c_l[:, None]     # the same tile read as W^T
     # Scratch offsets in int64: programs x per-program size exceeds 2^31 elements on big grids.
     base = scratch_ptr + pid.to(tl.int64) * scratch_per_prog
-    d_base = base + 2 * buf_elems
 
     for tile in range(pid, num_tiles, nprog):
         # Row indices in int64: N * D and b * stride_yb overflow int32 for large candidate batches.
@@ -183,95 +299,11 @@ def _mlp_energy_kernel(
             tl.store(base + ct * TILE + t_off, v.to(tl.float32))
         tl.debug_barrier()
 
-        # ---- forward: layer j reads buffer j % 2 and writes buffer (j + 1) % 2 ----
-        for j in range(0, num_layers):
-            mrow = meta_ptr + j * META_COLS
-            in_t = tl.load(mrow + 0).to(tl.int32)
-            out_t = tl.load(mrow + 1).to(tl.int32)
-            # Offsets are multiples of BLOCK_T (>= 16) elements: hint it so loads vectorise.
-            w_l = w_ptr + tl.multiple_of(tl.load(mrow + 2), 16)
-            b_l = b_ptr + tl.multiple_of(tl.load(mrow + 3), 16)
-            d_l = d_base + tl.load(mrow + 4) * BLOCK_M
-            res = tl.load(mrow + 5)
-            src = base + (j % 2) * buf_elems
-            dst = base + ((j + 1) % 2) * buf_elems
-            for nt in range(0, out_t):
-                acc = tl.zeros((BLOCK_M, BLOCK_T), dtype=tl.float32)
-                w_n = w_l + nt * in_t * WTILE
-                for kt in range(0, in_t):
-                    h = tl.load(src + kt * TILE + t_off)
-                    w = tl.load(w_n + kt * WTILE + wt_off)
-                    acc = _mma(h, w, acc, DOT_PRECISION, EMULATE_BF16)
-                cols = nt * BLOCK_T + c_l
-                if j == 0:
-                    # The first layer's bias is the context term of the row's context.
-                    cmask = rmask[:, None] & (cols[None, :] < H1)
-                    c_off = (b_idx - b0)[:, None].to(tl.int32) * stride_cb + cols[None, :] * stride_ch
-                    acc += tl.load(ctx_tile + c_off, mask=cmask, other=0.0).to(tl.float32)
-                else:
-                    acc += tl.load(b_l + cols).to(tl.float32)[None, :]
-                a, dz = _act(acc, ACT)
-                if res != 0:
-                    a += tl.load(src + nt * TILE + t_off)
-                tl.store(dst + nt * TILE + t_off, a)
-                if WITH_GRAD:
-                    tl.store(d_l + nt * TILE + t_off, dz)
-            tl.debug_barrier()
-
-        # ---- energy; with the gradient, dE/dh_L = w_out goes into the same buffer ----
-        # Padded columns of h_L need not be zero (softplus(0) = log 2, residual sums); the masked
-        # w_out load makes them contribute nothing.
-        cur = base + (num_layers % 2) * buf_elems
-        hl_t = tl.load(meta_ptr + (num_layers - 1) * META_COLS + 1).to(tl.int32)
-        e = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        for ct in range(0, hl_t):
-            cols = ct * BLOCK_T + c_l
-            wo = tl.load(wout_ptr + cols * stride_wo, mask=cols < HL, other=0.0).to(tl.float32)
-            h = tl.load(cur + ct * TILE + t_off)
-            e += tl.sum(h * wo[None, :], axis=1)
-            if WITH_GRAD:
-                tl.store(cur + ct * TILE + t_off, tl.zeros((BLOCK_M, BLOCK_T), dtype=tl.float32) + wo[None, :])
-        e += tl.load(bout_ptr).to(tl.float32)
+        e = _mlp_tile(base, buf_elems, w_ptr, b_ptr, meta_ptr, wout_ptr, bout_ptr, ctx_tile,
+                      (b_idx - b0).to(tl.int32), rmask, g_ptr, row0, D, H1, HL, num_layers,
+                      stride_cb, stride_ch, stride_wo, ACT, WITH_GRAD, False,
+                      BLOCK_M, BLOCK_T, DOT_PRECISION, EMULATE_BF16)
         tl.store(e_ptr + rows, _to_out(e, e_ptr.dtype.element_ty, EMULATE_BF16), mask=rmask)
-
-        if WITH_GRAD:
-            tl.debug_barrier()
-            # ---- backward: layer j reads dE/dh_{j+1} from buffer (j + 1) % 2, writes dE/dh_j to j % 2 ----
-            for jj in range(0, num_layers):
-                j = num_layers - 1 - jj
-                mrow = meta_ptr + j * META_COLS
-                in_t = tl.load(mrow + 0).to(tl.int32)
-                out_t = tl.load(mrow + 1).to(tl.int32)
-                w_l = w_ptr + tl.multiple_of(tl.load(mrow + 2), 16)
-                d_l = d_base + tl.load(mrow + 4) * BLOCK_M
-                res = tl.load(mrow + 5)
-                g_out = base + ((j + 1) % 2) * buf_elems
-                g_in = base + (j % 2) * buf_elems
-                # dE/dz = dE/dh * act'(z), written over act'(z). Each element is read and written through
-                # the same pointer tile (same thread), so this pass needs no barrier inside.
-                for ct in range(0, out_t):
-                    p = d_l + ct * TILE + t_off
-                    tl.store(p, tl.load(g_out + ct * TILE + t_off) * tl.load(p))
-                tl.debug_barrier()
-                for nt in range(0, in_t):
-                    acc = tl.zeros((BLOCK_M, BLOCK_T), dtype=tl.float32)
-                    for kt in range(0, out_t):
-                        gz = tl.load(d_l + kt * TILE + t_off)
-                        w = tl.load(w_l + (kt * in_t + nt) * WTILE + w_off)
-                        acc = _mma(gz, w, acc, DOT_PRECISION, EMULATE_BF16)
-                    if res != 0:
-                        acc += tl.load(g_out + nt * TILE + t_off)
-                    if j == 0:
-                        cols = nt * BLOCK_T + c_l
-                        gmask = rmask[:, None] & (cols[None, :] < D)
-                        # G is contiguous [N, D]: an int64 tile base plus int32 in-tile offsets
-                        # (BLOCK_M * D < 2^31) keeps this store's addresses cheap.
-                        g_tile = g_ptr + row0 * D
-                        g_val = _to_out(acc, g_ptr.dtype.element_ty, EMULATE_BF16)
-                        tl.store(g_tile + r_l[:, None] * D + cols[None, :], g_val, mask=gmask)
-                    else:
-                        tl.store(g_in + nt * TILE + t_off, acc)
-                tl.debug_barrier()
         # The next tile overwrites buffer 0, which slower threads may still be reading.
         tl.debug_barrier()
 

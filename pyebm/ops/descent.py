@@ -80,47 +80,59 @@ def clip_grad_(g: Tensor, grad_clip: Optional[float], grad_clip_norm: Optional[f
     return g
 
 
-def _fused_ok(y, g, y_base, E_prev, noise_mode, tol, tol_on, tol_scope, out, dry_run, finite_also, velocity,
-              mask, backend) -> bool:
-    if not _HAS_FUSED or y.device.type != "cpu" or y.dtype not in (torch.float32, torch.float64):
-        return False
-    if y_base is not None or out is not None or dry_run or finite_also is not None:
-        return False
+def _fused_kind(y, g, y_base, E_prev, noise_mode, tol, tol_on, tol_scope, out, dry_run, finite_also, velocity,
+                mask, backend) -> Optional[str]:
+    """Which fused update op runs this step: "cpu" / "cuda" (the C++ op), "triton", or None (torch ops)."""
+    if out is not None or dry_run or finite_also is not None:
+        return None
     if noise_mode not in ("none",) + _POST_NOISE:
-        return False
+        return None
     if tol > 0 and (tol_on != "grad_norm" or tol_scope != "candidate"):
-        return False
+        return None
     if not (y.is_contiguous() and g.is_contiguous()):
-        return False
+        return None
     if velocity is not None and not velocity.is_contiguous() or mask is not None and not mask.is_contiguous():
-        return False
-    # The fused update is the cpu backend's; every other explicit choice runs the torch ops here.
+        return None
     from pyebm import _backend
 
     name = backend or _backend.requested_backend()
-    if name not in ("auto", "cpu"):
-        return False
-    return _backend.resolve(y.device, name, ("torch", "cpu")) == "cpu"
+    if name == "torch":
+        return None
+    name = _backend.resolve(y.device, name, ("torch", "cpu", "cuda", "triton"))
+    if name in ("cpu", "cuda"):
+        ok = _HAS_FUSED and y_base is None and y.dtype in (torch.float32, torch.float64)
+        return name if ok else None
+    if name == "triton" and y.dtype in (torch.float32, torch.bfloat16, torch.float16):
+        try:
+            from pyebm.ops import descent_triton  # noqa: F401  (defines torch.ops.pyebm.descent_update_triton)
+        except ImportError:
+            return None
+        return "triton"
+    return None
 
 
-def _fused_update(y, g, E, active, steps, status, velocity, pending, noise, noise_mode, noise_level, fixed, mask,
-                  lower, upper, step_clip, eta, grad_scale, momentum, grad_clip, grad_clip_norm, energy_scaled,
-                  energy_temperature, tol, tol_final_step, bound_each_step) -> Tensor:
+def _fused_update(kind, y, g, E, active, steps, status, velocity, pending, noise, noise_mode, noise_level, fixed,
+                  mask, lower, upper, step_clip, eta, grad_scale, momentum, grad_clip, grad_clip_norm, energy_scaled,
+                  energy_temperature, tol, tol_final_step, bound_each_step, y_base) -> Tensor:
     def vec(v):
         if v is None or isinstance(v, Tensor):
             return v
-        return torch.full((y.shape[1],), float(v), dtype=y.dtype)
+        return torch.full((y.shape[1],), float(v), dtype=y.dtype, device=y.device)
 
     moved_before = steps.clone()
     E = E if E.is_contiguous() else E.contiguous()
     if noise is not None and not noise.is_contiguous():
         noise = noise.contiguous()
-    torch.ops.pyebm.descent_update.default(
-        y, g, E, active, steps, status, velocity if momentum > 0 else None, pending if tol_final_step else None,
-        noise if noise_mode != "none" else None, mask, fixed if mask is not None else None, vec(lower), vec(upper),
-        vec(step_clip), float(eta), float(noise_level), noise_mode, float(grad_scale), float(momentum),
-        None if grad_clip is None else float(grad_clip), None if grad_clip_norm is None else float(grad_clip_norm),
-        bool(energy_scaled), float(energy_temperature), float(tol), bool(tol_final_step), bool(bound_each_step))
+    args = (y, g, E, active, steps, status, velocity if momentum > 0 else None, pending if tol_final_step else None,
+            noise if noise_mode != "none" else None, mask, fixed if mask is not None else None, vec(lower),
+            vec(upper), vec(step_clip), float(eta), float(noise_level), noise_mode, float(grad_scale),
+            float(momentum), None if grad_clip is None else float(grad_clip),
+            None if grad_clip_norm is None else float(grad_clip_norm), bool(energy_scaled),
+            float(energy_temperature), float(tol), bool(tol_final_step), bool(bound_each_step))
+    if kind == "triton":
+        torch.ops.pyebm.descent_update_triton.default(*args, y_base)
+    else:
+        torch.ops.pyebm.descent_update.default(*args)
     return steps != moved_before
 
 
@@ -216,16 +228,18 @@ def descent_update(
     Scalars: eta is the step size of this step (the schedule value; the base size when energy_scaled),
     noise_level the noise level n of this step. The rest are the options of ``pyebm.Descent``.
 
-    On CPU tensors with the compiled extension (``backend`` not "torch"), the common form of the step
-    (no ``y_base``/``out``/``dry_run``/``finite_also``, early exit on the gradient norm per candidate) runs
-    as the fused op ``torch.ops.pyebm.descent_update``: one pass over every row.
+    Unless ``backend`` is "torch", the common form of the step (no ``out``/``dry_run``/``finite_also``, early
+    exit on the gradient norm per candidate) runs as one fused pass over every row: the C++ op
+    ``torch.ops.pyebm.descent_update`` on the cpu and cuda backends (float32/float64, no ``y_base``), the
+    Triton op ``torch.ops.pyebm.descent_update_triton`` on the triton backend (float32/bfloat16/float16).
     """
-    if backend != "torch" and _fused_ok(y, g, y_base, E_prev, noise_mode, tol, tol_on, tol_scope, out, dry_run,
-                                        finite_also, velocity, mask, backend):
-        return _fused_update(y, g, E, active, steps, status, velocity, pending, noise, noise_mode, noise_level,
+    kind = None if backend == "torch" else _fused_kind(y, g, y_base, E_prev, noise_mode, tol, tol_on, tol_scope,
+                                                       out, dry_run, finite_also, velocity, mask, backend)
+    if kind is not None:
+        return _fused_update(kind, y, g, E, active, steps, status, velocity, pending, noise, noise_mode, noise_level,
                              fixed, mask, lower, upper, step_clip, eta, grad_scale, momentum, grad_clip,
                              grad_clip_norm, energy_scaled, energy_temperature, tol, tol_final_step,
-                             bound_each_step)
+                             bound_each_step, y_base)
     base = y if y_base is None else y_base
     if not dry_run:
         finite = finite_rows(g, E)

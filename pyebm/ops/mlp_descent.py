@@ -56,7 +56,7 @@ def whole_loop_backend(model, cfg, y0: torch.Tensor, record: bool, backend: Opti
     if name in ("cpu", "cuda") and _HAS_CPU_OP and y0.device.type == name \
             and y0.dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
         return name  # "cuda": resolve() has checked that the extension was built with CUDA
-    if name == "triton":
+    if name == "triton" and y0.dtype in (torch.float32, torch.bfloat16, torch.float16):
         try:
             from pyebm.ops import descent_triton  # noqa: F401
         except ImportError:
@@ -119,7 +119,7 @@ def run_whole_loop(model, ctx, cfg, *, y0: torch.Tensor, mask: Optional[torch.Te
                 int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device).item())
             out = torch.ops.pyebm.mlp_descent_triton(
                 ctx, y0f, w_in, weights, biases, w_out, b_out, model.activation, model.residual,
-                eta.to(torch.float32), nlev.to(torch.float32), lo, hi, sc, maskf, seed=seed, **common)
+                eta, nlev, lo, hi, sc, maskf, seed=seed, **common)
     finally:
         torch._C._set_grad_enabled(prev)
     y, E_final, E_init, steps, status = out
