@@ -94,6 +94,7 @@ def backends(refresh: bool = False) -> BackendReport:
     if _REPORT is not None and not refresh:
         return _REPORT
     _REPORT = _compute_report()
+    _RESOLVED.clear()
     return _REPORT
 
 
@@ -131,7 +132,23 @@ def requested_backend() -> str:
     return name
 
 
+_RESOLVED: Dict[tuple, str] = {}
+
+
 def resolve(device, backend: Optional[str] = None, supported=BACKENDS) -> str:
+    """Pick the backend for tensors on ``device`` (cached: this runs on every op call)."""
+    dtype_key = device.type if isinstance(device, torch.device) else str(device)
+    key = (dtype_key, backend, os.environ.get("PYEBM_BACKEND"), os.environ.get("TRITON_INTERPRET"), supported,
+           _REPORT is None)
+    hit = _RESOLVED.get(key)
+    if hit is not None:
+        return hit
+    name = _resolve(device, backend, supported)
+    _RESOLVED[key] = name
+    return name
+
+
+def _resolve(device, backend: Optional[str] = None, supported=BACKENDS) -> str:
     """Pick the backend for tensors on ``device``.
 
     ``backend`` overrides ``PYEBM_BACKEND``. ``supported`` lists the backends the caller has kernels

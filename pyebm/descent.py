@@ -15,6 +15,8 @@ from dataclasses import dataclass, replace
 from typing import Any, Optional, Sequence, Tuple, Union
 
 import torch
+
+from pyebm import _backend
 from torch import Tensor, nn
 
 from pyebm.ops import descent as _ops
@@ -524,9 +526,8 @@ def _run_whole_loop(model, ctx, config: Descent, *, which: str, y0: Tensor, mask
     y, E_final, E_init, steps, status = mlp_descent.run_whole_loop(
         model, ctx, config, y0=y0, mask=mask, lower=lower, upper=upper, step_clip=step_clip, generator=generator,
         backend=which)
-    idx = _select(config, E_final, E_init, status, generator)
-    ar = torch.arange(B, device=y.device)
-    return DescentResult(best=y[ar, idx], best_energy=E_final[ar, idx], best_index=idx, y=y, energy=E_final,
+    best, best_E, idx = _select_best(config, y, E_final, E_init, status, generator)
+    return DescentResult(best=best, best_energy=best_E, best_index=idx, y=y, energy=E_final,
                          initial_energy=E_init, steps=steps, status=status)
 
 
@@ -754,6 +755,17 @@ def _select(cfg: Descent, E_final: Tensor, E_init: Tensor, status: Tensor, gener
     return _sample_index(probs, u)[:, 0]
 
 
+def _select_best(cfg: Descent, y: Tensor, E_final: Tensor, E_init: Tensor, status: Tensor, generator):
+    """(best [B, *event], best_energy [B], best_index [B]) by ``cfg.selection``: one C++ pass on CPU tensors
+    for the deterministic rules, else ``_select`` and two gathers."""
+    if cfg.selection != "sample" and y.device.type == "cpu" and hasattr(torch.ops.pyebm, "select_best") \
+            and _backend.ext() is not None:
+        return torch.ops.pyebm.select_best.default(y, E_final, E_init, status, cfg.selection)
+    idx = _select(cfg, E_final, E_init, status, generator)
+    ar = torch.arange(y.shape[0], device=y.device)
+    return y[ar, idx], E_final[ar, idx], idx
+
+
 def _finish(cfg, calls, y, E_init, steps, status, fixed, mask, lower, upper, generator, traj) -> DescentResult:
     B, K = calls.bk
     if not cfg.bound_each_step and (lower is not None or upper is not None):
@@ -761,14 +773,13 @@ def _finish(cfg, calls, y, E_init, steps, status, fixed, mask, lower, upper, gen
         if mask is not None:
             torch.where(mask, fixed, y, out=y)
     E_final = calls.energy(_ops.descent_pre(y, project=cfg.project))
-    idx = _select(cfg, E_final, E_init, status.view(B, K), generator)
-    ar = torch.arange(B, device=y.device)
+    best, best_E, idx = _select_best(cfg, y, E_final, E_init, status.view(B, K), generator)
     traj_E = traj_y = None
     if traj is not None:
         traj_E, traj_y = traj
         traj_E[-1] = E_final
         traj_y[-1] = y
-    return DescentResult(best=y[ar, idx], best_energy=E_final[ar, idx], best_index=idx, y=y, energy=E_final,
+    return DescentResult(best=best, best_energy=best_E, best_index=idx, y=y, energy=E_final,
                          initial_energy=E_init, steps=steps.view(B, K), status=status.view(B, K),
                          trajectory=traj_E, trajectory_y=traj_y)
 

@@ -88,7 +88,7 @@ int64_t split_flops() {
   static const int64_t v = [] {
     const char* env = std::getenv("PYEBM_CPU_SPLIT_FLOPS");
     int64_t x = env ? std::atoll(env) : 0;
-    return x > 0 ? x : int64_t(1000000);
+    return x > 0 ? x : int64_t(300000);
   }();
   return v;
 }

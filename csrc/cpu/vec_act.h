@@ -1,7 +1,7 @@
 // Vectorised activation passes for float, written with GCC/Clang vector extensions so that they are
 // branch-free and SIMD whatever the auto-vectoriser decides (range checks in exp would otherwise become
-// unpredictable branches). Each pass is compiled twice: for the baseline ISA and, through the target
-// attribute, for AVX2+FMA; the AVX2 copy is chosen at run time when the CPU has it.
+// unpredictable branches). Each pass is compiled three times: for the baseline ISA and, through the
+// target attribute, for AVX2+FMA and for AVX-512; the widest copy the CPU supports is chosen at run time.
 #pragma once
 
 #include <cstdint>
@@ -17,68 +17,80 @@ namespace cpu {
 
 typedef float v8f __attribute__((vector_size(32)));
 typedef int32_t v8i __attribute__((vector_size(32)));
+typedef float v16f __attribute__((vector_size(64)));
+typedef int32_t v16i __attribute__((vector_size(64)));
 
 #define PYEBM_AI inline __attribute__((always_inline))
 
-PYEBM_AI v8f vsplat(float x) { return v8f{x, x, x, x, x, x, x, x}; }
-PYEBM_AI v8f vload(const float* p) {
-  v8f v;
+// The integer vector type of the same width as V.
+template <typename V> struct VecInt;
+template <> struct VecInt<v8f> { using type = v8i; };
+template <> struct VecInt<v16f> { using type = v16i; };
+
+template <typename V>
+PYEBM_AI V vsplat(float x) { return V{} + x; }
+template <typename V>
+PYEBM_AI V vload(const float* p) {
+  V v;
   std::memcpy(&v, p, sizeof(v));
   return v;
 }
-PYEBM_AI void vstore(float* p, v8f v) { std::memcpy(p, &v, sizeof(v)); }
-PYEBM_AI v8f vselect(v8i m, v8f a, v8f b) {  // m lanes are all-ones (true) or zero
-  v8i r = (m & (v8i)a) | (~m & (v8i)b);
-  return (v8f)r;
+template <typename V>
+PYEBM_AI void vstore(float* p, V v) { std::memcpy(p, &v, sizeof(v)); }
+template <typename V, typename VI = typename VecInt<V>::type>
+PYEBM_AI V vselect(VI m, V a, V b) {  // m lanes are all-ones (true) or zero
+  VI r = (m & (VI)a) | (~m & (VI)b);
+  return (V)r;
 }
 
 // exp with the same polynomial as fast_expf (about 1 ulp). NaN propagates, -inf -> 0, +inf -> inf.
-PYEBM_AI v8f vexp(v8f x) {
-  const v8f hi = vsplat(88.3762626647949f), lo = vsplat(-87.3365447504f);
-  v8f xc = vselect(x > hi, hi, x);
-  xc = vselect(xc < lo, lo, xc);
-  v8f fx = xc * 1.44269504088896341f + 0.5f;
-  v8i ti = __builtin_convertvector(fx, v8i);
-  v8f fl = __builtin_convertvector(ti, v8f);
-  fl = vselect(fl > fx, fl - 1.0f, fl);  // floor
+template <typename V, typename VI = typename VecInt<V>::type>
+PYEBM_AI V vexp(V x) {
+  const V hi = vsplat<V>(88.3762626647949f), lo = vsplat<V>(-87.3365447504f);
+  V xc = vselect<V>(x > hi, hi, x);
+  xc = vselect<V>(xc < lo, lo, xc);
+  V fx = xc * 1.44269504088896341f + 0.5f;
+  VI ti = __builtin_convertvector(fx, VI);
+  V fl = __builtin_convertvector(ti, V);
+  fl = vselect<V>(fl > fx, fl - 1.0f, fl);  // floor
   xc = xc - fl * 0.693359375f;
   xc = xc - fl * -2.12194440e-4f;
-  v8f z = xc * xc;
-  v8f p = vsplat(1.9875691500e-4f);
+  V z = xc * xc;
+  V p = vsplat<V>(1.9875691500e-4f);
   p = p * xc + 1.3981999507e-3f;
   p = p * xc + 8.3334519073e-3f;
   p = p * xc + 4.1665795894e-2f;
   p = p * xc + 1.6666665459e-1f;
   p = p * xc + 5.0000001201e-1f;
   p = p * z + xc + 1.0f;
-  v8i n = (__builtin_convertvector(fl, v8i) + 127) << 23;
-  v8f r = p * (v8f)n;
-  r = vselect(x < lo, vsplat(0.0f), r);
-  r = vselect(x > hi, vsplat(__builtin_inff()), r);
-  return vselect(x != x, x, r);
+  VI n = (__builtin_convertvector(fl, VI) + 127) << 23;
+  V r = p * (V)n;
+  r = vselect<V>(x < lo, vsplat<V>(0.0f), r);
+  r = vselect<V>(x > hi, vsplat<V>(__builtin_inff()), r);
+  return vselect<V>(x != x, x, r);
 }
 
-template <Act A>
-PYEBM_AI void vact(v8f z, v8f& a, v8f& d) {
+template <Act A, typename V, typename VI = typename VecInt<V>::type>
+PYEBM_AI void vact(V z, V& a, V& d) {
   if constexpr (A == Act::kRelu) {
-    v8i pos = z > 0.0f;
-    a = vselect(pos, z, vsplat(0.0f));
-    d = vselect(pos, vsplat(1.0f), vsplat(0.0f));
-    v8i nan = z != z;
-    a = vselect(nan, z, a);
-    d = vselect(nan, z, d);
+    VI pos = z > 0.0f;
+    a = vselect<V>(pos, z, vsplat<V>(0.0f));
+    d = vselect<V>(pos, vsplat<V>(1.0f), vsplat<V>(0.0f));
+    VI nan = z != z;
+    a = vselect<V>(nan, z, a);
+    d = vselect<V>(nan, z, d);
   } else if constexpr (A == Act::kSilu) {
-    v8f s = 1.0f / (1.0f + vexp(-z));
+    V s = 1.0f / (1.0f + vexp<V>(-z));
     a = z * s;
     d = s * (1.0f + z * (1.0f - s));
   } else if constexpr (A == Act::kGeluTanh) {
     const float k0 = 0.79788456080286535588f, k1 = 0.044715f;
-    v8f u = k0 * (z + k1 * z * z * z);
-    v8f t = 1.0f - 2.0f / (vexp(2.0f * u) + 1.0f);
+    V u = k0 * (z + k1 * z * z * z);
+    V t = 1.0f - 2.0f / (vexp<V>(2.0f * u) + 1.0f);
     a = 0.5f * z * (1.0f + t);
     d = 0.5f * (1.0f + t) + 0.5f * z * (1.0f - t * t) * k0 * (1.0f + 3.0f * k1 * z * z);
   } else {  // tanh
-    v8f t = 1.0f - 2.0f / (vexp(2.0f * z) + 1.0f);
+    V t = 1.0f - 2.0f / (vexp<V>(2.0f * z) + 1.0f);
     a = t;
     d = 1.0f - t * t;
   }
@@ -89,15 +101,16 @@ constexpr bool has_vec_act() {
   return A == Act::kRelu || A == Act::kSilu || A == Act::kGeluTanh || A == Act::kTanh;
 }
 
-#define PYEBM_DEFINE_ACT_PASSES(SUFFIX, ATTR)                                                         \
+#define PYEBM_DEFINE_ACT_PASSES(SUFFIX, ATTR, V)                                                      \
   template <Act A>                                                                                    \
   ATTR void act_pass_##SUFFIX(int64_t n, float* __restrict z, float* __restrict d) {                  \
+    constexpr int64_t W = sizeof(V) / sizeof(float);                                                  \
     int64_t i = 0;                                                                                    \
-    for (; i + 8 <= n; i += 8) {                                                                      \
-      v8f a, g;                                                                                       \
-      vact<A>(vload(z + i), a, g);                                                                    \
-      vstore(z + i, a);                                                                               \
-      if (d) vstore(d + i, g);                                                                        \
+    for (; i + W <= n; i += W) {                                                                      \
+      V a, g;                                                                                         \
+      vact<A, V>(vload<V>(z + i), a, g);                                                              \
+      vstore<V>(z + i, a);                                                                            \
+      if (d) vstore<V>(d + i, g);                                                                     \
     }                                                                                                 \
     for (; i < n; ++i) {                                                                              \
       float a, g;                                                                                     \
@@ -107,13 +120,16 @@ constexpr bool has_vec_act() {
     }                                                                                                 \
   }
 
-PYEBM_DEFINE_ACT_PASSES(base, )
+PYEBM_DEFINE_ACT_PASSES(base, , v8f)
 #if defined(__x86_64__)
-PYEBM_DEFINE_ACT_PASSES(avx2, __attribute__((target("avx2,fma"))))
+PYEBM_DEFINE_ACT_PASSES(avx2, __attribute__((target("avx2,fma"))), v8f)
+PYEBM_DEFINE_ACT_PASSES(avx512, __attribute__((target("avx512f,avx512dq,avx2,fma"))), v16f)
 
-inline bool cpu_has_avx2() {
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return ok;
+inline int cpu_vec_level() {  // 2: AVX-512, 1: AVX2 + FMA, 0: baseline
+  static const int level = (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq")) ? 2
+                           : (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))      ? 1
+                                                                                                     : 0;
+  return level;
 }
 #endif
 
@@ -121,7 +137,9 @@ inline bool cpu_has_avx2() {
 template <Act A>
 inline void vec_act_pass(int64_t n, float* __restrict z, float* __restrict d) {
 #if defined(__x86_64__)
-  if (cpu_has_avx2()) return act_pass_avx2<A>(n, z, d);
+  const int level = cpu_vec_level();
+  if (level == 2) return act_pass_avx512<A>(n, z, d);
+  if (level == 1) return act_pass_avx2<A>(n, z, d);
 #endif
   act_pass_base<A>(n, z, d);
 }

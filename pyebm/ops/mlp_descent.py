@@ -32,6 +32,11 @@ if _HAS_CPU_OP:
         return (torch.empty_like(y0), y0.new_empty(B, K), y0.new_empty(B, K),
                 y0.new_empty(B, K, dtype=torch.int32), y0.new_empty(B, K, dtype=torch.int8))
 
+    @torch.library.register_fake("pyebm::select_best")
+    def _(y, E, E_init, status, selection):
+        B = y.shape[0]
+        return y.new_empty((B,) + tuple(y.shape[2:])), E.new_empty(B), E.new_empty(B, dtype=torch.long)
+
     @torch.library.register_fake("pyebm::descent_update")
     def _(y, g, E, active, steps, status, velocity, pending, noise, mask, fixed, lower, upper, step_clip, eta,
           noise_level, noise_mode, grad_scale, momentum, grad_clip, grad_clip_norm, energy_scaled,

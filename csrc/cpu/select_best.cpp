@@ -1,0 +1,92 @@
+// pyebm::select_best: the best candidate of each context after a descent, in one pass (CPU).
+// score = -E (min), E (max) or E_init - E (max_gap); candidates whose status is non-finite or whose score is
+// not finite never win; ties go to the lowest index (torch.argmax's rule); a context with no valid
+// candidate returns index 0. Same result as pyebm.descent._select followed by the gathers.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstring>
+#include <limits>
+
+namespace pyebm {
+namespace cpu {
+namespace {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> select_best_cpu(const at::Tensor& y_, const at::Tensor& E_,
+                                                               const at::Tensor& E_init_, const at::Tensor& status_,
+                                                               c10::string_view selection) {
+  TORCH_CHECK(E_.dim() == 2, "pyebm: E must be [B, K]; got shape ", E_.sizes());
+  const int64_t B = E_.size(0), K = E_.size(1);
+  TORCH_CHECK(K >= 1, "pyebm: select_best needs at least one candidate per context (K >= 1)");
+  TORCH_CHECK(y_.dim() >= 2 && y_.size(0) == B && y_.size(1) == K, "pyebm: y must be [B, K, ...] = [", B, ", ", K,
+              ", ...]; got shape ", y_.sizes());
+  TORCH_CHECK(E_init_.sizes() == E_.sizes(), "pyebm: E_init must be [B, K] like E; got shape ", E_init_.sizes());
+  TORCH_CHECK(status_.sizes() == E_.sizes() && status_.scalar_type() == at::kChar,
+              "pyebm: status must be int8 [B, K]; got ", status_.scalar_type(), " ", status_.sizes());
+  TORCH_CHECK(E_.scalar_type() == E_init_.scalar_type(), "pyebm: E_init has dtype ", E_init_.scalar_type(),
+              " but E has ", E_.scalar_type());
+  int mode;
+  if (selection == "min") mode = 0;
+  else if (selection == "max") mode = 1;
+  else if (selection == "max_gap") mode = 2;
+  else TORCH_CHECK(false, "pyebm: selection must be min, max or max_gap; got '", std::string(selection), "'");
+  const at::Tensor E = E_.contiguous(), E0 = E_init_.contiguous();
+  const at::Tensor status = status_.contiguous();
+  at::Tensor idx = at::empty({B}, E_.options().dtype(at::kLong));
+  const int8_t* st = status.data_ptr<int8_t>();
+  int64_t* out = idx.data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, E.scalar_type(), "pyebm_select_best", [&] {
+    const scalar_t* e = E.data_ptr<scalar_t>();
+    const scalar_t* e0 = E0.data_ptr<scalar_t>();
+    for (int64_t b = 0; b < B; ++b) {
+      int64_t best = 0;
+      double best_score = 0;
+      bool found = false;
+      for (int64_t k = 0; k < K; ++k) {
+        const int64_t i = b * K + k;
+        // The score is rounded to E's dtype, as the torch expression computes it.
+        const scalar_t sv = mode == 0 ? scalar_t(-e[i]) : (mode == 1 ? e[i] : scalar_t(e0[i] - e[i]));
+        const double s = static_cast<double>(sv);
+        if (st[i] == 2 || !std::isfinite(s)) continue;
+        if (!found || s > best_score) {
+          best = k;
+          best_score = s;
+          found = true;
+        }
+      }
+      out[b] = best;
+    }
+  });
+  // Gathers as byte copies: any dtype, no indexing kernels for a handful of rows.
+  const at::Tensor y = y_.contiguous();
+  std::vector<int64_t> shape(y.sizes().begin(), y.sizes().end());
+  shape.erase(shape.begin() + 1);
+  at::Tensor best_y = at::empty(shape, y.options());
+  at::Tensor best_E = at::empty({B}, E_.options());
+  const at::Tensor& Ec = E;
+  const int64_t row = (K > 0 ? y.numel() / std::max<int64_t>(1, B * K) : 0) * y.element_size();
+  const int64_t esz = Ec.element_size();
+  const char* ys = static_cast<const char*>(y.data_ptr());
+  const char* es = static_cast<const char*>(Ec.data_ptr());
+  char* yd = static_cast<char*>(best_y.data_ptr());
+  char* ed = static_cast<char*>(best_E.data_ptr());
+  if (K > 0) {
+    for (int64_t b = 0; b < B; ++b) {
+      std::memcpy(yd + b * row, ys + (b * K + out[b]) * row, row);
+      std::memcpy(ed + b * esz, es + (b * K + out[b]) * esz, esz);
+    }
+  }
+  return {best_y, best_E, idx};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(pyebm, m) {
+  m.def("select_best(Tensor y, Tensor E, Tensor E_init, Tensor status, str selection) -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(pyebm, CPU, m) { m.impl("select_best", &select_best_cpu); }
+
+}  // namespace cpu
+}  // namespace pyebm
