@@ -140,7 +140,7 @@ inline void vec_act_pass(int64_t n, float* __restrict z, float* __restrict d) {
   const int level = cpu_vec_level();
   // relu is a select, not arithmetic: GCC's 512-bit lowering of it is slower than the AVX2 copy (measured).
   if (level == 2 && A != Act::kRelu) return act_pass_avx512<A>(n, z, d);
-  if (level == 1) return act_pass_avx2<A>(n, z, d);
+  if (level >= 1) return act_pass_avx2<A>(n, z, d);
 #endif
   act_pass_base<A>(n, z, d);
 }
