@@ -622,7 +622,10 @@ def minimize(energy: Any, context: Any, candidates: int = 1, config: Optional[De
         if init_tensor.shape[0] != B:
             raise ValueError(f"minimize: init has {init_tensor.shape[0]} rows but the context has B = {B}")
         y0 = _broadcast_candidate_tensor("init", init_tensor.detach(), B, K, event, allow_event_only=False)
-        y0 = y0.to(device=device, dtype=dtype).contiguous().clone()
+        # Copied below only for the per-step path, which updates its state in place (the whole-loop ops
+        # write their own output).
+        y0 = y0.to(device=device, dtype=dtype).contiguous()
+        y0_borrowed = True
     else:
         y0 = None
 
@@ -650,6 +653,7 @@ def minimize(energy: Any, context: Any, candidates: int = 1, config: Optional[De
 
     # ---- work starts here ----
     if y0 is None:
+        y0_borrowed = False
         y0 = _initial(init_kind, cfg, (B, K) + event, lower, upper, generator, device, dtype)
     # (an init tensor is taken as given, even outside the bounds: the first step's clamp applies to it)
     if mask_full is not None:
@@ -668,6 +672,8 @@ def minimize(energy: Any, context: Any, candidates: int = 1, config: Optional[De
     if whole_loop:
         raise ValueError("minimize: whole_loop=True but no whole-loop op supports this energy, config and "
                          "backend (the per-step path runs with whole_loop=None or False)")
+    if y0_borrowed:
+        y0 = y0.clone()
     calls = _EnergyCalls(model, ctx, kwargs, (B, K), event)
     if cfg.method == "dfo":
         return _run_dfo(calls, cfg, y0, fixed, mask_full, lower, upper, generator, record)

@@ -35,10 +35,7 @@ def mlp_context(x: Optional[torch.Tensor], w_x: Optional[torch.Tensor], b_in: Op
                 batch: int, width: int, like: torch.Tensor) -> torch.Tensor:
     """c = x @ W_x^T + b_1 -> [B, H1]. ``w_x`` None means no context (context_dim 0)."""
     if w_x is not None and w_x.shape[1] > 0:
-        c = x @ w_x.t()
-        if b_in is not None:
-            c = c + b_in
-        return c
+        return torch.addmm(b_in, x, w_x.t()) if b_in is not None else x @ w_x.t()
     if b_in is not None:
         return b_in.expand(batch, width).clone()
     return like.new_zeros(batch, width)
