@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass, replace
-from typing import Any, Optional, Sequence, Tuple, Union
+from typing import Dict, Any, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -537,7 +537,7 @@ def minimize(energy: Any, context: Any, candidates: int = 1, config: Optional[De
              init: Union[None, Tensor, str] = None, mask: Optional[Tensor] = None,
              generator: Union[None, int, torch.Generator] = None, record: bool = False,
              backend: Optional[str] = None, event_shape: Optional[Sequence[int]] = None,
-             whole_loop: Optional[bool] = None) -> DescentResult:
+             whole_loop: Optional[bool] = None, cuda_graph: bool = False) -> DescentResult:
     """Minimise ``energy`` over ``candidates`` (K) candidates per context, all contexts and candidates at once.
 
     energy     an energy model (``prepare(context)``, ``energy(ctx, y)``, ``energy_and_grad(ctx, y)``:
@@ -556,6 +556,12 @@ def minimize(energy: Any, context: Any, candidates: int = 1, config: Optional[De
                ``candidate_dim`` attribute) when no init tensor is given.
     whole_loop None: use a whole-loop op when one supports this energy and config, else the per-step
                path; False: always the per-step path; True: require the whole-loop op (error if none).
+    cuda_graph CUDA only: capture the fixed-shape per-step loop (prepare, every step, selection) in a CUDA
+               graph on the first call for these shapes and options, then replay it (any energy, including
+               plain nn.Modules through autograd). New context / init / mask values are copied into the
+               graph's inputs; the energy's parameters are read in place, so in-place weight updates are
+               seen. Noise comes from the default CUDA generator (``generator`` must be None); the
+               "all stopped" host check is off inside the graph (early exit still masks each candidate).
 
     The per-step path never synchronises with the host inside the loop, except the "all stopped" check
     every ``config.check_every`` steps when ``config.tol > 0``.
@@ -570,6 +576,9 @@ def minimize(energy: Any, context: Any, candidates: int = 1, config: Optional[De
         raise TypeError(f"minimize: record must be True or False; got {record!r}")
     if whole_loop not in (None, True, False):
         raise TypeError(f"minimize: whole_loop must be None, True or False; got {whole_loop!r}")
+    if cuda_graph:
+        return _minimize_graphed(energy, context, K, cfg, init, mask, generator, record, backend, event_shape,
+                                 whole_loop)
 
     if _is_protocol(energy):
         model = energy
@@ -680,6 +689,64 @@ def minimize(energy: Any, context: Any, candidates: int = 1, config: Optional[De
     return _run_gd(calls, cfg, y0, fixed, mask_full, lower, upper, step_clip, generator, record)
 
 
+_GRAPHS: Dict[tuple, tuple] = {}
+
+
+def _minimize_graphed(energy, context, K, cfg, init, mask, generator, record, backend, event_shape,
+                      whole_loop) -> DescentResult:
+    """``minimize(..., cuda_graph=True)``: capture once per (energy, shapes, options), then replay."""
+    if not isinstance(context, Tensor) or context.device.type != "cuda":
+        where = context.device if isinstance(context, Tensor) else type(context).__name__
+        raise ValueError(f"minimize: cuda_graph=True needs the context as a CUDA tensor; got {where}")
+    if generator is not None:
+        raise ValueError("minimize: cuda_graph=True draws noise from the default CUDA generator; pass generator=None")
+    if whole_loop:
+        raise ValueError("minimize: cuda_graph=True captures the per-step path; whole_loop=True cannot be combined "
+                         "with it")
+    if isinstance(init, Tensor) and init.device != context.device:
+        raise ValueError(f"minimize: init is on {init.device} but the context is on {context.device}")
+
+    def sig(t):
+        return None if not isinstance(t, Tensor) else (tuple(t.shape), t.dtype, str(t.device))
+
+    key = (id(energy), sig(context), K, cfg, sig(init), init if isinstance(init, str) else None, sig(mask), record,
+           backend, None if event_shape is None else tuple(event_shape))
+    entry = _GRAPHS.get(key)
+    if entry is None or entry[0] is not energy:
+        # Inside the graph the host never looks at the device: no "all stopped" check.
+        cfg_g = cfg.replace(check_every=0)
+        static_x = context.clone()
+        static_init = init.clone() if isinstance(init, Tensor) else init
+        static_mask = mask.clone() if isinstance(mask, Tensor) else mask
+
+        def run():
+            return minimize(energy, static_x, candidates=K, config=cfg_g, init=static_init, mask=static_mask,
+                            record=record, backend=backend, event_shape=event_shape, whole_loop=False)
+
+        side = torch.cuda.Stream(device=context.device)
+        side.wait_stream(torch.cuda.current_stream(context.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):  # warm-up: lazy initialisation and autotuning stay out of the graph
+                run()
+        torch.cuda.current_stream(context.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = run()
+        entry = (energy, graph, static_x, static_init, static_mask, out)
+        _GRAPHS[key] = entry
+    _, graph, static_x, static_init, static_mask, out = entry
+    static_x.copy_(context)
+    if isinstance(init, Tensor):
+        static_init.copy_(init)
+    if isinstance(mask, Tensor):
+        static_mask.copy_(mask)
+    graph.replay()
+    fields = {name: (getattr(out, name).clone() if isinstance(getattr(out, name), Tensor) else getattr(out, name))
+              for name in ("best", "best_energy", "best_index", "y", "energy", "initial_energy", "steps", "status",
+                           "trajectory", "trajectory_y")}
+    return DescentResult(**fields)
+
+
 class _EnergyCalls:
     """Calls into the model with shape checks on the first call (host-side metadata only, no sync)."""
 
@@ -710,10 +777,28 @@ class _EnergyCalls:
                              f"{list(E.shape) if isinstance(E, Tensor) else type(E).__name__}")
 
 
+_EVENT_OPTIONS: Dict[tuple, Tensor] = {}
+
+
 def _event_option(name, value, event, device, dtype) -> Optional[Tensor]:
-    """A bound / step clip as a tensor of the event shape (None if unset)."""
+    """A bound / step clip as a tensor of the event shape (None if unset). Cached per value, shape, device
+    and dtype: no host-to-device copy per call (and none inside a CUDA graph capture)."""
     if value is None:
         return None
+    key = (name, value, tuple(event), str(device), dtype)
+    try:
+        hit = _EVENT_OPTIONS.get(key)
+    except TypeError:  # unhashable value
+        key, hit = None, None
+    if hit is not None:
+        return hit
+    out = _event_option_tensor(name, value, event, device, dtype)
+    if key is not None and len(_EVENT_OPTIONS) < 256:
+        _EVENT_OPTIONS[key] = out
+    return out
+
+
+def _event_option_tensor(name, value, event, device, dtype) -> Tensor:
     t = torch.as_tensor(value, dtype=dtype, device=device)
     try:
         return t.expand(event).contiguous()
