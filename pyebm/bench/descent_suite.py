@@ -53,7 +53,20 @@ def descent_cases(quick: bool = False, device: str = "cpu", compile: bool = True
                 model, x, candidates=K, config=cfg, init=y0, backend=be, whole_loop=False)), False, ""))
             cols.append((f"pyebm {be} whole-loop", (lambda be=be: pyebm.minimize(
                 model, x, candidates=K, config=cfg, init=y0, backend=be, whole_loop=True)), False, ""))
+        if device.startswith("cuda") and batch is None:
+            # What a GPU user can do today without pyebm: capture the eager loop in a CUDA graph.
+            from pyebm.bench.timing import cuda_graphed
+
+            try:
+                cols.append(("eager loop (CUDA graph)", cuda_graphed(lambda: eager_descent(model, x, y0, cfg)),
+                             False, ""))
+            except Exception as exc:  # report, do not hide, a capture that fails
+                cols.append(("eager loop (CUDA graph)", lambda: None, False, f"capture failed: {exc}"))
+            cols.append(("pyebm per-step (CUDA graph)", lambda: pyebm.minimize(
+                model, x, candidates=K, config=cfg, init=y0, cuda_graph=True), False, ""))
         for label, fn, base, note in cols:
+            if note.startswith("capture failed"):
+                continue
             try:
                 t = measure(fn, device=device, **kw)
             except ValueError as exc:  # a whole-loop op missing on this backend: say so, keep going

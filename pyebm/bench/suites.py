@@ -5,6 +5,7 @@ the other columns, and a same-FLOP GEMM timed in the same run (this machine's ce
 """
 from __future__ import annotations
 
+import sys
 from typing import Callable, Dict, Iterator, List, Optional
 
 import torch
@@ -75,6 +76,13 @@ def ops_cases(quick: bool = False, device: str = "cpu", compile: bool = True, me
             cols.append(("torch.func", lambda: gv(y), False))
             if compile:
                 cols.append(("torch.compile", torch.compile(lambda: gv(y)), False))
+        if device.startswith("cuda") and batch is None:
+            from pyebm.bench.timing import cuda_graphed
+
+            try:
+                cols.append(("eager autograd (CUDA graph)", cuda_graphed(eager), False))
+            except Exception as exc:  # a failed capture is reported on stderr, not hidden
+                print(f"ops {name}: CUDA-graph capture of the eager step failed: {exc}", file=sys.stderr)
         ctx = model.prepare(x)
         for be in _pyebm_backends(device):
             cols.append((f"pyebm {be}", (lambda be=be: model.energy_and_grad(ctx, y, backend=be)), False))

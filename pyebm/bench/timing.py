@@ -90,3 +90,18 @@ def gemm_reference(flops: float, rows: int, dtype=torch.float32, device="cpu") -
     fn = lambda: torch.mm(a, b, out=out)  # noqa: E731
     fn.flops = 2.0 * rows * h * h  # type: ignore[attr-defined]
     return fn
+
+
+def cuda_graphed(fn: Callable[[], object], device=None) -> Callable[[], object]:
+    """``fn`` captured in a CUDA graph (after a warm-up on a side stream); returns the replay callable.
+    ``fn`` must read its inputs from tensors that stay allocated (the graph replays on the same memory)."""
+    side = torch.cuda.Stream(device=device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
