@@ -6,6 +6,7 @@ pyebm's whole-loop op (all steps in one call). Sizes are the op suite's; plus a 
 """
 from __future__ import annotations
 
+import sys
 from typing import Callable, Iterator, List, Optional
 
 import torch
@@ -60,13 +61,11 @@ def descent_cases(quick: bool = False, device: str = "cpu", compile: bool = True
             try:
                 cols.append(("eager loop (CUDA graph)", cuda_graphed(lambda: eager_descent(model, x, y0, cfg)),
                              False, ""))
-            except Exception as exc:  # report, do not hide, a capture that fails
-                cols.append(("eager loop (CUDA graph)", lambda: None, False, f"capture failed: {exc}"))
+            except Exception as exc:  # a failed capture is reported on stderr, not hidden
+                print(f"descent {name}: CUDA-graph capture of the eager loop failed: {exc}", file=sys.stderr)
             cols.append(("pyebm per-step (CUDA graph)", lambda: pyebm.minimize(
                 model, x, candidates=K, config=cfg, init=y0, cuda_graph=True), False, ""))
         for label, fn, base, note in cols:
-            if note.startswith("capture failed"):
-                continue
             try:
                 t = measure(fn, device=device, **kw)
             except ValueError as exc:  # a whole-loop op missing on this backend: say so, keep going
