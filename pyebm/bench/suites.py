@@ -29,6 +29,22 @@ def mlp_flops(N: int, D: int, hidden, grad: bool = True) -> float:
     return 2.0 * N * f * (2 if grad else 1)
 
 
+def rotating(t: torch.Tensor, bytes_beyond_cache: int = 8 << 20, most: int = 16):
+    """A callable returning ``t`` or one of its copies in turn, enough copies to exceed ``bytes_beyond_cache``
+    (on CPU; on a GPU the tensor itself)."""
+    if t.device.type != "cpu":
+        return lambda: t
+    n = max(1, min(most, -(-bytes_beyond_cache // max(1, t.numel() * t.element_size()))))
+    copies = [t] + [t.clone() for _ in range(n - 1)]
+    state = [0]
+
+    def nxt():
+        state[0] = (state[0] + 1) % n
+        return copies[state[0]]
+
+    return nxt
+
+
 def _timing_kw(quick: bool):
     return {"repeats": 7, "min_sample_s": 1e-3, "max_time_s": 3.0} if quick else \
            {"repeats": 21, "min_sample_s": 4e-3, "max_time_s": 15.0}
@@ -59,33 +75,37 @@ def ops_cases(quick: bool = False, device: str = "cpu", compile: bool = True, me
         model = pyebm.MLPEnergy(cdim, D, hidden=hidden, activation="silu").to(device)
         x = torch.randn(B, cdim, device=device)
         y = torch.randn(B, K, D, device=device)
+        # Candidate batches are rotated through copies that together exceed the L2 caches, so no column
+        # finds its input warm from the previous call (weights stay cached, as they do in real use).
+        rot = rotating(y)
         flops = mlp_flops(B * K, D, hidden)
         params = {"B": B, "K": K, "D": D, "hidden": list(hidden), "context_dim": cdim}
         if batch is not None:
             params["batch"] = batch
 
-        def eager():
-            yy = y.detach().requires_grad_(True)
+        def eager_on(yin):
+            yy = yin.detach().requires_grad_(True)
             E = model(x, yy)
             (G,) = torch.autograd.grad(E.sum(), yy)
             return E, G
 
         gv = torch.func.grad_and_value(lambda yy: model(x, yy).sum())
-        cols = [("eager autograd", eager, True)]
+        cols = [("eager autograd", lambda: eager_on(rot()), True)]
         if batch is None:
-            cols.append(("torch.func", lambda: gv(y), False))
+            cols.append(("torch.func", lambda: gv(rot()), False))
             if compile:
-                cols.append(("torch.compile", torch.compile(lambda: gv(y)), False))
+                compiled = torch.compile(lambda yin: gv(yin))
+                cols.append(("torch.compile", lambda: compiled(rot()), False))
         if device.startswith("cuda") and batch is None:
             from pyebm.bench.timing import cuda_graphed
 
-            try:
-                cols.append(("eager autograd (CUDA graph)", cuda_graphed(eager), False))
+            try:  # a graph replays fixed memory: it reads y itself
+                cols.append(("eager autograd (CUDA graph)", cuda_graphed(lambda: eager_on(y)), False))
             except Exception as exc:  # a failed capture is reported on stderr, not hidden
                 print(f"ops {name}: CUDA-graph capture of the eager step failed: {exc}", file=sys.stderr)
         ctx = model.prepare(x)
         for be in _pyebm_backends(device):
-            cols.append((f"pyebm {be}", (lambda be=be: model.energy_and_grad(ctx, y, backend=be)), False))
+            cols.append((f"pyebm {be}", (lambda be=be: model.energy_and_grad(ctx, rot(), backend=be)), False))
         for label, fn, base in cols:
             t = measure(fn, device=device, **kw)
             alloc = alloc_per_call(fn, device) if (memory and batch is None) else None
