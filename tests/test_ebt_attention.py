@@ -85,3 +85,66 @@ def test_bad_input():
         kern.ebt_attention_fwd(q, K, Vv, ks, vs, torch.ones(4, dtype=torch.long))
     with pytest.raises(ValueError, match="v_ctx is torch.float64"):
         kern.ebt_attention_fwd(q, K, Vv.double(), ks, vs)
+
+
+# -- the torch.library ops (pyebm/ops/ebt_attention.py) ------------------------------------------
+
+@pytest.mark.parametrize("self_kv,vis", [(True, True), (False, True), (True, False)])
+def test_ops_match_kernels_and_opcheck(self_kv, vis):
+    from pyebm.ops import ebt_attention as ops
+
+    B, H, R, T, hd = 2, 2, 3, 7, 8
+    q, K, Vv, ks, vs = _inputs(B, H, R, T, hd, torch.float32, cap=T + 2)
+    if not self_kv:
+        ks = vs = None
+    nv = torch.tensor([0, 3, 9]) if vis else None
+    do = torch.randn(B, H, R, hd)
+    o, lse = ops.attention_fwd(q, K, Vv, ks, vs, nv)
+    o_k, lse_k = kern.ebt_attention_fwd(q, K, Vv, ks, vs, nv)
+    assert torch.equal(o, o_k) and torch.equal(lse, lse_k)
+    got = ops.attention_bwd(do, q, K, Vv, o, lse, ks, vs, nv)
+    want = kern.ebt_attention_bwd(do, q, K, Vv, o, lse, ks, vs, nv)
+    for x, y in zip(got, want):
+        assert (x is None and y is None) or torch.equal(x, y)
+    # opcheck: schema, fake tensor and AOT-dispatch checks (inference ops: no autograd formula)
+    torch.library.opcheck(torch.ops.pyebm.ebt_attention_fwd, (q, K, Vv, ks, vs, nv))
+    torch.library.opcheck(torch.ops.pyebm.ebt_attention_bwd, (do, q, K, Vv, o, lse, ks, vs, nv))
+
+
+def test_ops_fake_shapes():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    import pyebm.ops.ebt_attention  # noqa: F401  (registers the ops)
+
+    with FakeTensorMode():
+        q = torch.empty(2, 3, 5, 16, dtype=torch.bfloat16)
+        K = torch.empty(2, 3, 11, 16, dtype=torch.bfloat16)
+        o, lse = torch.ops.pyebm.ebt_attention_fwd(q, K, K, q, q, None)
+        assert o.shape == q.shape and o.dtype == torch.bfloat16
+        assert lse.shape == (2, 3, 5) and lse.dtype == torch.float32
+        dq, dks, dvs = torch.ops.pyebm.ebt_attention_bwd(q, q, K, K, o, lse, None, None, None)
+        assert dq.shape == q.shape and dks.shape == (0,) and dvs.shape == (0,)
+
+
+def test_ops_bad_input():
+    from pyebm.ops import ebt_attention as ops
+
+    q, K, Vv, ks, vs = _inputs(1, 2, 3, 5, 16, torch.float32)
+    with pytest.raises(ValueError, match=r"k_ctx must be \[B=1, H=2, T, head_dim=16\]"):
+        ops.attention_fwd(q, K[:, :1], Vv, ks, vs)
+    o, lse = ops.attention_fwd(q, K, Vv, ks, vs)
+    with pytest.raises(ValueError, match="lse must be fp32"):
+        ops.attention_bwd(q, q, K, Vv, o, lse.double(), ks, vs)
+
+
+def test_ops_compile_fullgraph():
+    from pyebm.ops import ebt_attention as ops
+
+    def f(q, K, Vv, ks, vs, do):
+        o, lse = ops.attention_fwd(q, K, Vv, ks, vs)
+        return ops.attention_bwd(do, q, K, Vv, o, lse, ks, vs)[0]
+
+    q, K, Vv, ks, vs = _inputs(1, 2, 3, 6, 16, torch.float32)
+    do = torch.randn(1, 2, 3, 16)
+    got = torch.compile(f, fullgraph=True, backend="aot_eager")(q, K, Vv, ks, vs, do)
+    assert torch.equal(got, f(q, K, Vv, ks, vs, do))

@@ -175,6 +175,12 @@ def _attention_kernels():
     return ebt_attention
 
 
+def _norm_kernels():
+    """The Triton RMSNorm / SwiGLU kernels (imported on first use: Triton is optional)."""
+    from pyebm._kernels import ebt_norm_swiglu
+    return ebt_norm_swiglu
+
+
 def _softmax(y: torch.Tensor) -> torch.Tensor:
     """softmax over the vocabulary with subnormal probabilities set to 0.
 
@@ -540,7 +546,8 @@ class EBT(nn.Module):
 
     # -- the prediction rows ----------------------------------------------------------------------
     def _attention_backend(self, device: torch.device) -> str:
-        """``triton`` (the fused prediction-attention kernel) or ``torch`` (ATen ops; also for ``cpu``)."""
+        """``triton`` (the Triton prediction-attention, RMSNorm and SwiGLU kernels) or ``torch`` (ATen ops;
+        also for ``cpu``)."""
         name = _backend.resolve(device, self.backend, supported=("torch", "cpu", "triton"))
         return "triton" if name == "triton" else "torch"
 
@@ -568,12 +575,18 @@ class EBT(nn.Module):
         T = cache.length
         silu = cfg.ebt_act_func == "silu"
         act = ref.ACTIVATIONS[cfg.ebt_act_func]
+        # The Triton backend also runs the norms and the SwiGLU gate as kernels; their backward
+        # recomputes the norm's scale from the norm's input, which is saved in the scale's place.
+        nk = _norm_kernels() if triton_attn else None
         saved = []
         h = e.reshape(B * R, D)
         for li, (wqkv, wo, w13, w2) in enumerate(pk.layers):
             Kc, Vc = cache.kv(li, landscape)                      # [B, H, T, hd]
-            r1 = torch.rsqrt((h * h).mean(-1, keepdim=True) + eps)
-            xn1 = h * r1
+            if nk is not None:
+                xn1, r1 = nk.rms_norm_fwd(h, None, eps), h
+            else:
+                r1 = torch.rsqrt((h * h).mean(-1, keepdim=True) + eps)
+                xn1 = h * r1
             qkv = _rope((xn1 @ wqkv.t()).view(B, R, 3, H, hd), c3, s3).transpose(1, 3)  # [B, H, 3, R, hd]
             q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]                        # [B, H, R, hd]
             if triton_attn:
@@ -588,10 +601,16 @@ class EBT(nn.Module):
                 a_ctx, a_self = a[..., :T], a[..., T:]
                 o = torch.addcmul(a_ctx @ Vc, a_self, v)
             h2 = torch.addmm(h, o.transpose(1, 2).reshape(B * R, D), wo.t())
-            r2 = torch.rsqrt((h2 * h2).mean(-1, keepdim=True) + eps)
-            xn2 = h2 * r2
+            if nk is not None:
+                xn2, r2 = nk.rms_norm_fwd(h2, None, eps), h2
+            else:
+                r2 = torch.rsqrt((h2 * h2).mean(-1, keepdim=True) + eps)
+                xn2 = h2 * r2
             u, z = (xn2 @ w13.t()).chunk(2, dim=-1)
-            if silu:
+            if silu and nk is not None:
+                sg = au = None
+                m = nk.swiglu_fwd(u, z)
+            elif silu:
                 sg = torch.sigmoid(u)
                 au = u * sg
             else:
@@ -599,9 +618,12 @@ class EBT(nn.Module):
                 au = act(u)
             if save:
                 saved.append((xn1, r1, q, k, v, a_ctx, a_self, xn2, r2, u, z, sg, au))
-            h = torch.addmm(h2, au * z, w2.t())
-        rF = torch.rsqrt((h * h).mean(-1, keepdim=True) + eps)
-        xnF = h * rF
+            h = torch.addmm(h2, m if au is None else au * z, w2.t())
+        if nk is not None:
+            xnF, rF = nk.rms_norm_fwd(h, None, eps), h
+        else:
+            rF = torch.rsqrt((h * h).mean(-1, keepdim=True) + eps)
+            xnF = h * rF
         E = (xnF @ pk.head).view(B, R)
         return E, (saved, xnF, rF)
 
@@ -614,18 +636,25 @@ class EBT(nn.Module):
         R = BR // B
         H, hd = cfg.multiheaded_attention_heads, cfg.head_dim
         c3, _, s3_t, _, n_visible, triton_attn = rows
-        dh = _rms_bwd(xnF, rF, pk.head.expand_as(xnF))
+        eps = cfg.norm_eps
+        nk = _norm_kernels() if triton_attn else None
+        # With the kernels, the saved "r" slots hold the norms' inputs (see _pred_forward).
+        rms_bwd = (lambda xn, x, g: nk.rms_norm_bwd(g, x, None, eps)) if nk is not None else _rms_bwd
+        dh = rms_bwd(xnF, rF, pk.head.expand_as(xnF))
         for li in range(len(pk.layers) - 1, -1, -1):
             wqkv, wo, w13, w2 = pk.layers[li]
             xn1, r1, q, k, v, a_ctx, a_self, xn2, r2, u, z, sg, au = saved[li]
             Kc, Vc = cache.kv(li, landscape)
             dm = dh @ w2                                                    # [BR, F]
-            if sg is not None:  # silu' = s (1 + u (1 - s))
-                dau = sg * (1 + u * (1 - sg))
+            if au is None:  # the SwiGLU kernel's forward saved nothing
+                df = torch.cat(nk.swiglu_bwd(dm, u, z), dim=-1) @ w13
             else:
-                dau = _act_and_grad(cfg.ebt_act_func, u)[1]
-            df = torch.cat((dm * z * dau, dm * au), dim=-1) @ w13
-            dh2 = dh + _rms_bwd(xn2, r2, df)
+                if sg is not None:  # silu' = s (1 + u (1 - s))
+                    dau = sg * (1 + u * (1 - sg))
+                else:
+                    dau = _act_and_grad(cfg.ebt_act_func, u)[1]
+                df = torch.cat((dm * z * dau, dm * au), dim=-1) @ w13
+            dh2 = dh + rms_bwd(xn2, r2, df)
             do = (dh2 @ wo).view(B, R, H, hd).transpose(1, 2)               # [B, H, R, hd]
             if triton_attn:
                 dq, dk, dv = _attention_kernels().ebt_attention_bwd(do, q, Kc, Vc, a_ctx, a_self, k, v, n_visible)
@@ -640,7 +669,7 @@ class EBT(nn.Module):
             dqkv = torch.stack((dq, dk, dv), dim=3)                         # [B, H, R, 3, hd]
             dqkv = _rope(dqkv.permute(0, 2, 3, 1, 4), c3, s3_t)              # [B, R, 3, H, hd]
             da = dqkv.reshape(BR, 3 * D) @ wqkv
-            dh = dh2 + _rms_bwd(xn1, r1, da)
+            dh = dh2 + rms_bwd(xn1, r1, da)
         return dh.view(B, R, D)
 
     def _embed_energy(self, pk, cache, landscape, e, rows, grad: bool):
