@@ -17,9 +17,12 @@ from torch import nn
 
 from pyebm import _backend
 from pyebm.ops import ebt_policy as _op
+from pyebm.ops import ebt_policy_triton as _tri
 from pyebm.reference import ebt_policy as ref
 
 _gelu_backward = torch.ops.aten.gelu_backward.default
+# dtypes the Triton attention kernels take (fp64 stays on the PyTorch path)
+_TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 class EBTPolicyContext(NamedTuple):
@@ -134,7 +137,9 @@ class EBTPolicy(nn.Module):
         grad_mode: "manual" (hand-written backward, default) or "autograd" (autograd on the candidate
             only, weights detached); both give dE/dy without touching the weights' gradients.
         backend: "cpu" (the whole network forward + input gradient as one C++ op), "torch" (batched
-            PyTorch ops, any device) or None (``PYEBM_BACKEND``, then the fastest for the tensors' device).
+            PyTorch ops, any device), "triton" (the PyTorch path with the two attentions as Triton kernels,
+            fp32/bf16/fp16; fp64 runs the plain PyTorch path; never chosen automatically) or None
+            (``PYEBM_BACKEND``, then the fastest for the tensors' device).
 
     Protocol (no autograd graph at inference):
         ctx = model.prepare(obs_tokens)           # [B, L, cond_dim] -> cached K/V of every layer
@@ -240,8 +245,17 @@ class EBTPolicy(nn.Module):
             return self._context(obs_tokens)
 
     # -- the network ----------------------------------------------------------------------------
-    def _run(self, ctx: EBTPolicyContext, y: torch.Tensor, saved: Optional[list]) -> torch.Tensor:
-        """E [B, K] for y [B, K, T, A]; fills ``saved`` with what the backward pass needs."""
+    @staticmethod
+    def _n_visible(ctx: EBTPolicyContext, K: int) -> torch.Tensor:
+        # The temporal memory mask is a prefix per action token: count its allowed observation tokens.
+        return torch.isfinite(ctx.bias).sum(-1).to(torch.int32).repeat(K)
+
+    def _run(self, ctx: EBTPolicyContext, y: torch.Tensor, saved: Optional[list],
+             triton: bool = False) -> torch.Tensor:
+        """E [B, K] for y [B, K, T, A]; fills ``saved`` with what the backward pass needs.
+
+        ``triton``: the two attentions run as Triton kernels (``pyebm.ops.ebt_policy_triton``).
+        """
         B, K, T, A = y.shape
         N, D, H, hd = B * K, self.embed_dim, self.heads, self.head_dim
         L = ctx.k.shape[-1]
@@ -256,35 +270,49 @@ class EBTPolicy(nn.Module):
         x = F.gelu(u4, approximate="tanh") + self.pos_emb
         if save:
             saved.append((xln, rstd, u2, u4))
+        n_vis = self._n_visible(ctx, K) if triton else None
         for i, blk in enumerate(self.blocks):
             # self-attention over the T action tokens of each candidate
             xn1, r1 = _rms(x, blk.norm1.eps)
             qkv = F.linear(xn1 * blk.norm1.weight, blk.attn.qkv.weight, blk.attn.qkv.bias)
-            qkv = qkv.view(N, T, 3, H, hd).permute(2, 0, 3, 1, 4)                        # [3, N, H, T, hd]
-            qh, rq = _rms(qkv[0], blk.attn.q_norm.eps)
-            kh, rk = _rms(qkv[1], blk.attn.k_norm.eps)
-            v = qkv[2]
-            qs = qh * (blk.attn.q_norm.weight * hd ** -0.5)
-            kn = kh * blk.attn.k_norm.weight
-            p = torch.softmax(qs @ kn.transpose(-2, -1), dim=-1)                         # [N, H, T, T]
-            o = (p @ v).transpose(1, 2).reshape(N, T, D)
+            if triton:
+                o = _tri.ebt_policy_self_attn_triton(qkv, blk.attn.q_norm.weight, blk.attn.k_norm.weight, H,
+                                                     blk.attn.q_norm.eps)
+                sa = (qkv,)
+            else:
+                qkv = qkv.view(N, T, 3, H, hd).permute(2, 0, 3, 1, 4)                    # [3, N, H, T, hd]
+                qh, rq = _rms(qkv[0], blk.attn.q_norm.eps)
+                kh, rk = _rms(qkv[1], blk.attn.k_norm.eps)
+                v = qkv[2]
+                qs = qh * (blk.attn.q_norm.weight * hd ** -0.5)
+                kn = kh * blk.attn.k_norm.weight
+                p = torch.softmax(qs @ kn.transpose(-2, -1), dim=-1)                     # [N, H, T, T]
+                o = (p @ v).transpose(1, 2).reshape(N, T, D)
+                sa = (qh, rq, kh, rk, qs, kn, v, p)
             x = x + F.linear(o, blk.attn.proj.weight, blk.attn.proj.bias)
             # cross-attention to the cached observation keys/values; the K candidates of one
             # observation are stacked along the query axis so one matmul serves them all
             xn2, r2 = _rms(x, blk.norm2.eps)
             cq = F.linear(xn2 * blk.norm2.weight, blk.cross.q.weight, blk.cross.q.bias)
             cq = cq.view(B, K, T, H, hd).permute(0, 3, 1, 2, 4).reshape(B, H, K * T, hd)
-            cqh, rcq = _rms(cq, blk.cross.q_norm.eps)
-            s = (cqh * blk.cross.q_norm.weight) @ ctx.k[i]                                # [B, H, K*T, L]
-            pc = torch.softmax((s.view(B, H, K, T, L) + ctx.bias).view(B, H, K * T, L), dim=-1)
-            oc = (pc @ ctx.v[i]).view(B, H, K, T, hd).permute(0, 2, 3, 1, 4).reshape(N, T, D)
+            if triton:
+                oc, lse = _tri.ebt_policy_cross_attn_triton(cq, blk.cross.q_norm.weight, ctx.k[i].transpose(-2, -1),
+                                                            ctx.v[i], n_vis, blk.cross.q_norm.eps)
+                ca = (cq, oc, lse)
+            else:
+                cqh, rcq = _rms(cq, blk.cross.q_norm.eps)
+                s = (cqh * blk.cross.q_norm.weight) @ ctx.k[i]                            # [B, H, K*T, L]
+                pc = torch.softmax((s.view(B, H, K, T, L) + ctx.bias).view(B, H, K * T, L), dim=-1)
+                oc = pc @ ctx.v[i]
+                ca = (cqh, rcq, pc)
+            oc = oc.view(B, H, K, T, hd).permute(0, 2, 3, 1, 4).reshape(N, T, D)
             x = x + F.linear(oc, blk.cross.proj.weight)
             # MLP
             xn3, r3 = _rms(x, blk.norm3.eps)
             h1 = F.linear(xn3 * blk.norm3.weight, blk.mlp.fc1.weight, blk.mlp.fc1.bias)
             x = x + F.linear(F.gelu(h1, approximate="tanh"), blk.mlp.fc2.weight, blk.mlp.fc2.bias)
             if save:
-                saved.append((xn1, r1, qh, rq, kh, rk, qs, kn, v, p, xn2, r2, cqh, rcq, pc, xn3, r3, h1))
+                saved.append((xn1, r1, sa, xn2, r2, ca, xn3, r3, h1))
         hm = self.head
         xnf, rf = _rms(x, hm.norm.eps)
         hh = F.linear(xnf * hm.norm.weight, hm.fc1.weight, hm.fc1.bias)
@@ -293,8 +321,8 @@ class EBTPolicy(nn.Module):
         out = F.linear(F.gelu(hh, approximate="tanh"), hm.fc2.weight, hm.fc2.bias)
         return out.mean(dim=(-1, -2)).view(B, K)
 
-    def _backward(self, ctx: EBTPolicyContext, y: torch.Tensor, saved: list) -> torch.Tensor:
-        """dE/dy [B, K, T, A] from the activations saved by ``_run``."""
+    def _backward(self, ctx: EBTPolicyContext, y: torch.Tensor, saved: list, triton: bool = False) -> torch.Tensor:
+        """dE/dy [B, K, T, A] from the activations saved by ``_run`` (with the same ``triton``)."""
         B, K, T, A = y.shape
         N, D, H, hd = B * K, self.embed_dim, self.heads, self.head_dim
         scale = hd ** -0.5
@@ -304,25 +332,38 @@ class EBTPolicy(nn.Module):
         dgh = (hm.fc2.weight.sum(0) / (T * self.output_dim)).expand_as(hh)
         dhh = _gelu_backward(dgh, hh, approximate="tanh")
         dx = _rms_backward(dhh @ hm.fc1.weight, hm.norm.weight, xnf, rf)
+        n_vis = self._n_visible(ctx, K) if triton else None
         for i in range(self.num_layers - 1, -1, -1):
             blk = self.blocks[i]
-            (xn1, r1, qh, rq, kh, rk, qs, kn, v, p, xn2, r2, cqh, rcq, pc, xn3, r3, h1) = saved[1 + i]
+            xn1, r1, sa, xn2, r2, ca, xn3, r3, h1 = saved[1 + i]
             # MLP branch
             dh1 = _gelu_backward(dx @ blk.mlp.fc2.weight, h1, approximate="tanh")
             dx = dx + _rms_backward(dh1 @ blk.mlp.fc1.weight, blk.norm3.weight, xn3, r3)
             # cross-attention branch (keys and values are constants)
             do = (dx @ blk.cross.proj.weight).view(B, K, T, H, hd).permute(0, 3, 1, 2, 4).reshape(B, H, K * T, hd)
-            ds = _softmax_backward(do @ ctx.v[i].transpose(-2, -1), pc)                  # [B, H, K*T, L]
-            dcq = _rms_backward(ds @ ctx.k[i].transpose(-2, -1), blk.cross.q_norm.weight, cqh, rcq)
+            if triton:
+                cq, oc, lse = ca
+                dcq = _tri.ebt_policy_cross_attn_bwd_triton(do, cq, blk.cross.q_norm.weight,
+                                                            ctx.k[i].transpose(-2, -1), ctx.v[i], n_vis, oc, lse,
+                                                            blk.cross.q_norm.eps)
+            else:
+                cqh, rcq, pc = ca
+                ds = _softmax_backward(do @ ctx.v[i].transpose(-2, -1), pc)              # [B, H, K*T, L]
+                dcq = _rms_backward(ds @ ctx.k[i].transpose(-2, -1), blk.cross.q_norm.weight, cqh, rcq)
             dcq = dcq.view(B, H, K, T, hd).permute(0, 2, 3, 1, 4).reshape(N, T, D)
             dx = dx + _rms_backward(dcq @ blk.cross.q.weight, blk.norm2.weight, xn2, r2)
             # self-attention branch
-            do = (dx @ blk.attn.proj.weight).view(N, T, H, hd).transpose(1, 2)          # [N, H, T, hd]
-            dv = p.transpose(-2, -1) @ do
-            ds = _softmax_backward(do @ v.transpose(-2, -1), p)
-            dq = _rms_backward((ds @ kn) * scale, blk.attn.q_norm.weight, qh, rq)
-            dk = _rms_backward(ds.transpose(-2, -1) @ qs, blk.attn.k_norm.weight, kh, rk)
-            dqkv = torch.stack((dq, dk, dv), dim=2).permute(0, 3, 2, 1, 4).reshape(N, T, 3 * D)
+            if triton:
+                dqkv = _tri.ebt_policy_self_attn_bwd_triton(dx @ blk.attn.proj.weight, sa[0], blk.attn.q_norm.weight,
+                                                            blk.attn.k_norm.weight, H, blk.attn.q_norm.eps)
+            else:
+                qh, rq, kh, rk, qs, kn, v, p = sa
+                do = (dx @ blk.attn.proj.weight).view(N, T, H, hd).transpose(1, 2)      # [N, H, T, hd]
+                dv = p.transpose(-2, -1) @ do
+                ds = _softmax_backward(do @ v.transpose(-2, -1), p)
+                dq = _rms_backward((ds @ kn) * scale, blk.attn.q_norm.weight, qh, rq)
+                dk = _rms_backward(ds.transpose(-2, -1) @ qs, blk.attn.k_norm.weight, kh, rk)
+                dqkv = torch.stack((dq, dk, dv), dim=2).permute(0, 3, 2, 1, 4).reshape(N, T, 3 * D)
             dx = dx + _rms_backward(dqkv @ blk.attn.qkv.weight, blk.norm1.weight, xn1, r1)
         e = self.embed
         xln, rstd, u2, u4 = saved[0]
@@ -338,9 +379,13 @@ class EBTPolicy(nn.Module):
         return super()._apply(fn, *args, **kwargs)
 
     def resolve_backend(self, device: torch.device, backend: Optional[str] = None) -> str:
-        """"cpu" (the fused C++ op) or "torch" for tensors on ``device``."""
+        """"cpu" (the fused C++ op), "torch", or "triton" (the PyTorch path with Triton attention
+        kernels; only when asked for by name) for tensors on ``device``."""
+        name = backend or self.backend
         supported = ("torch", "cpu") if _op.available() else ("torch",)
-        return _backend.resolve(device, backend or self.backend, supported=supported)
+        if (name or _backend.requested_backend()) == "triton":
+            supported = supported + ("triton",)
+        return _backend.resolve(device, name, supported=supported)
 
     def _fused(self, ctx: EBTPolicyContext, y: torch.Tensor, need_grad: bool):
         # The transposed weight copies are rebuilt when a weight changed in place (an optimiser step,
@@ -360,10 +405,11 @@ class EBTPolicy(nn.Module):
     def energy(self, ctx: EBTPolicyContext, y: torch.Tensor, backend: Optional[str] = None) -> torch.Tensor:
         """E [B, K] for candidates y [B, K, horizon, action_dim]."""
         self._check_y(ctx, y)
-        if y.dtype in (torch.float32, torch.float64) and self.resolve_backend(y.device, backend) == "cpu":
+        name = self.resolve_backend(y.device, backend)
+        if y.dtype in (torch.float32, torch.float64) and name == "cpu":
             return self._fused(ctx, y, False)[0]
         with torch.no_grad():
-            return self._run(ctx, y, None)
+            return self._run(ctx, y, None, triton=name == "triton" and y.dtype in _TRITON_DTYPES)
 
     def energy_and_grad(self, ctx: EBTPolicyContext, y: torch.Tensor,
                         backend: Optional[str] = None) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -371,12 +417,14 @@ class EBTPolicy(nn.Module):
         self._check_y(ctx, y)
         if self.grad_mode == "autograd":
             return self._energy_and_grad_autograd(ctx, y)
-        if y.dtype in (torch.float32, torch.float64) and self.resolve_backend(y.device, backend) == "cpu":
+        name = self.resolve_backend(y.device, backend)
+        if y.dtype in (torch.float32, torch.float64) and name == "cpu":
             return self._fused(ctx, y, True)
+        triton = name == "triton" and y.dtype in _TRITON_DTYPES
         saved: list = []
         with torch.no_grad():
-            E = self._run(ctx, y, saved)
-            return E, self._backward(ctx, y, saved)
+            E = self._run(ctx, y, saved, triton)
+            return E, self._backward(ctx, y, saved, triton)
 
     def _energy_and_grad_autograd(self, ctx: EBTPolicyContext, y: torch.Tensor):
         """Autograd on the candidate only: the weights are seen through detached tensors."""
