@@ -2,11 +2,16 @@
 //
 // With PYEBM_HAVE_BLAS the products go to the Fortran BLAS that torch links (MKL on x86 builds:
 // sgemm_/dgemm_, LP64 ints); CMake defines it only when libtorch_cpu exports those symbols.
-// Without it, a plain loop nest that the compiler vectorises. Both keep rows independent, so a
-// non-finite value in one row never reaches another row's result.
+// Without it, a plain loop nest that the compiler vectorises. Small float32 products (a block of at
+// most 64 rows against a weight of a few thousand elements, see small_gemm.h) go to register-blocked
+// kernels instead, where a BLAS call costs more in setup than in arithmetic. All paths keep rows
+// independent, so a non-finite value in one row never reaches another row's result.
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
+
+#include "small_gemm.h"
 
 #ifdef PYEBM_HAVE_BLAS
 extern "C" {
@@ -37,6 +42,10 @@ inline void fortran_gemm(const char* ta, const char* tb, int m, int n, int k, do
 template <typename T>
 inline void gemm_nt(int64_t M, int64_t N, int64_t K, const T* A, const T* W, T* C, bool accumulate) {
   if (M == 0 || N == 0) return;
+#ifdef PYEBM_SMALL_GEMM
+  if constexpr (std::is_same<T, float>::value)
+    if (small_gemm_nt(M, N, K, A, W, C, accumulate)) return;
+#endif
 #ifdef PYEBM_HAVE_BLAS
   // Row-major C = A W^T is column-major C^T = W A^T: W is column-major [K, N] read transposed.
   fortran_gemm("T", "N", static_cast<int>(N), static_cast<int>(M), static_cast<int>(K), T(1), W,
@@ -59,6 +68,10 @@ inline void gemm_nt(int64_t M, int64_t N, int64_t K, const T* A, const T* W, T* 
 template <typename T>
 inline void gemm_nn(int64_t M, int64_t N, int64_t K, const T* G, const T* W, T* C, bool accumulate) {
   if (M == 0 || K == 0) return;
+#ifdef PYEBM_SMALL_GEMM
+  if constexpr (std::is_same<T, float>::value)
+    if (small_gemm_nn(M, N, K, G, W, C, accumulate)) return;
+#endif
 #ifdef PYEBM_HAVE_BLAS
   // Row-major C = G W is column-major C^T = W^T G^T, with W^T the column-major view of W.
   fortran_gemm("N", "N", static_cast<int>(K), static_cast<int>(M), static_cast<int>(N), T(1), W,

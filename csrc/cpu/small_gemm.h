@@ -1,0 +1,236 @@
+// Register-blocked float32 GEMM for the small products of the fused MLP kernels (a block of a few
+// dozen rows against a layer of a few hundred units), where a BLAS call costs more in setup than in
+// arithmetic. Torch-free.
+//
+// One kernel, C[M, N] (+)= A[M, K] B[K, N] (row-major, leading dimensions lda, ldb, ldc): each
+// micro-tile keeps MR rows x NR vectors of C in registers, broadcasts one element of A per row and
+// multiplies it into NR vectors of B's row p. Row r of C reads only row r of A, so a non-finite value
+// in one row never reaches another row. The last, partial vector of a row strip uses masked loads and
+// stores. Compiled for AVX2+FMA and for AVX-512 through target attributes and chosen at run time.
+// gemm_nt first packs W^T (16 x 16 AVX-512 transposes), so it takes this path only with AVX-512.
+#pragma once
+
+#include <cstdint>
+#include <cstdlib>
+#include <vector>
+
+#include "vec_act.h"
+
+#if defined(PYEBM_VEC_ACT) && defined(__x86_64__)
+#include <immintrin.h>
+#define PYEBM_SMALL_GEMM 1
+
+namespace pyebm {
+namespace cpu {
+namespace sgemm_detail {
+
+// Thread-local scratch for a packed W^T.
+inline float* pack_buffer(int64_t n) {
+  thread_local std::vector<float> buf;
+  if (static_cast<int64_t>(buf.size()) < n) buf.resize(static_cast<size_t>(n));
+  return buf.data();
+}
+
+#define PYEBM_SG_UNROLL _Pragma("GCC unroll 16")
+
+// The kernel body, instantiated per ISA. MAKE_MASK(n)/LOADM/STOREM: mask of the first n lanes and the
+// masked load/store of the last vector; SPLAT: broadcast of one float (a plain vector-extension splat
+// would cost an extra add per broadcast); MAXNR: widest strip in vectors; MRn: rows per tile for a strip
+// of n vectors, so that the tile's accumulators and B's vectors fit the register file.
+#define PYEBM_DEFINE_SMALL_GEMM(SUFFIX, ATTR, V, MASK_T, MAKE_MASK, LOADM, STOREM, SPLAT, MAXNR, MR1, MR2, MR3, MR4) \
+  template <int MR, int NR, bool TAIL>                                                                      \
+  ATTR inline __attribute__((always_inline)) void tile_##SUFFIX(                                            \
+      int64_t K, const float* __restrict A, int64_t lda, const float* __restrict B, int64_t ldb,            \
+      float* __restrict C, int64_t ldc, bool accumulate, MASK_T mask) {                                     \
+    constexpr int W = sizeof(V) / sizeof(float);                                                            \
+    V acc[MR][NR];                                                                                          \
+    PYEBM_SG_UNROLL for (int r = 0; r < MR; ++r) {                                                          \
+      PYEBM_SG_UNROLL for (int v = 0; v < NR; ++v) {                                                        \
+        if (!accumulate) acc[r][v] = V{};                                                                   \
+        else if (TAIL && v == NR - 1) acc[r][v] = LOADM(C + r * ldc + v * W, mask);                         \
+        else acc[r][v] = vload<V>(C + r * ldc + v * W);                                                     \
+      }                                                                                                     \
+    }                                                                                                       \
+    for (int64_t p = 0; p < K; ++p) {                                                                       \
+      const float* b = B + p * ldb;                                                                         \
+      V bv[NR];                                                                                             \
+      PYEBM_SG_UNROLL for (int v = 0; v < NR; ++v) {                                                        \
+        bv[v] = (TAIL && v == NR - 1) ? LOADM(b + v * W, mask) : vload<V>(b + v * W);                       \
+      }                                                                                                     \
+      PYEBM_SG_UNROLL for (int r = 0; r < MR; ++r) {                                                        \
+        const V a = (V)SPLAT(A[r * lda + p]);                                                              \
+        PYEBM_SG_UNROLL for (int v = 0; v < NR; ++v) acc[r][v] += a * bv[v];                                \
+      }                                                                                                     \
+    }                                                                                                       \
+    PYEBM_SG_UNROLL for (int r = 0; r < MR; ++r) {                                                          \
+      PYEBM_SG_UNROLL for (int v = 0; v < NR; ++v) {                                                        \
+        if (TAIL && v == NR - 1) STOREM(C + r * ldc + v * W, mask, acc[r][v]);                              \
+        else vstore<V>(C + r * ldc + v * W, acc[r][v]);                                                     \
+      }                                                                                                     \
+    }                                                                                                       \
+  }                                                                                                         \
+                                                                                                            \
+  /* All rows of one column strip of NR vectors (the last one masked when TAIL). */                         \
+  template <int NR, bool TAIL>                                                                              \
+  ATTR inline __attribute__((always_inline)) void strip_##SUFFIX(                                           \
+      int64_t M, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,             \
+      int64_t ldc, bool accumulate, MASK_T mask) {                                                          \
+    constexpr int MR = NR == 1 ? MR1 : NR == 2 ? MR2 : NR == 3 ? MR3 : MR4;                                 \
+    int64_t i = 0;                                                                                          \
+    for (; i + MR <= M; i += MR)                                                                            \
+      tile_##SUFFIX<MR, NR, TAIL>(K, A + i * lda, lda, B, ldb, C + i * ldc, ldc, accumulate, mask);         \
+    const float* a = A + i * lda;                                                                           \
+    float* c = C + i * ldc;                                                                                 \
+    switch (M - i) {                                                                                        \
+      case 7: tile_##SUFFIX<7, NR, TAIL>(K, a, lda, B, ldb, c, ldc, accumulate, mask); break;               \
+      case 6: tile_##SUFFIX<6, NR, TAIL>(K, a, lda, B, ldb, c, ldc, accumulate, mask); break;               \
+      case 5: tile_##SUFFIX<5, NR, TAIL>(K, a, lda, B, ldb, c, ldc, accumulate, mask); break;               \
+      case 4: tile_##SUFFIX<4, NR, TAIL>(K, a, lda, B, ldb, c, ldc, accumulate, mask); break;               \
+      case 3: tile_##SUFFIX<3, NR, TAIL>(K, a, lda, B, ldb, c, ldc, accumulate, mask); break;               \
+      case 2: tile_##SUFFIX<2, NR, TAIL>(K, a, lda, B, ldb, c, ldc, accumulate, mask); break;               \
+      case 1: tile_##SUFFIX<1, NR, TAIL>(K, a, lda, B, ldb, c, ldc, accumulate, mask); break;               \
+      default: break;                                                                                       \
+    }                                                                                                       \
+  }                                                                                                         \
+                                                                                                            \
+  ATTR __attribute__((noinline)) inline void gemm_rr_##SUFFIX(                                              \
+      int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,  \
+      int64_t ldc, bool accumulate) {                                                                       \
+    constexpr int64_t W = sizeof(V) / sizeof(float);                                                        \
+    const MASK_T none = MAKE_MASK(W);                                                                       \
+    int64_t j = 0;                                                                                          \
+    for (; j + MAXNR * W <= N; j += MAXNR * W)                                                              \
+      strip_##SUFFIX<MAXNR, false>(M, K, A, lda, B + j, ldb, C + j, ldc, accumulate, none);                 \
+    const int64_t rest = N - j;                                                                             \
+    const int64_t full = rest / W, part = rest % W;                                                         \
+    const MASK_T m = MAKE_MASK(part);                                                                       \
+    const float* b = B + j;                                                                                 \
+    float* c = C + j;                                                                                       \
+    switch (full + (part ? 4 : 0)) {                                                                        \
+      case 3: strip_##SUFFIX<3, false>(M, K, A, lda, b, ldb, c, ldc, accumulate, none); break;              \
+      case 2: strip_##SUFFIX<2, false>(M, K, A, lda, b, ldb, c, ldc, accumulate, none); break;              \
+      case 1: strip_##SUFFIX<1, false>(M, K, A, lda, b, ldb, c, ldc, accumulate, none); break;              \
+      case 7: strip_##SUFFIX<4, true>(M, K, A, lda, b, ldb, c, ldc, accumulate, m); break;                  \
+      case 6: strip_##SUFFIX<3, true>(M, K, A, lda, b, ldb, c, ldc, accumulate, m); break;                  \
+      case 5: strip_##SUFFIX<2, true>(M, K, A, lda, b, ldb, c, ldc, accumulate, m); break;                  \
+      case 4: strip_##SUFFIX<1, true>(M, K, A, lda, b, ldb, c, ldc, accumulate, m); break;                  \
+      default: break;                                                                                       \
+    }                                                                                                       \
+  }
+
+// AVX-512: 16 lanes, __mmask16 masks.
+#define PYEBM_SG_MASK512(n) static_cast<__mmask16>((n) >= 16 ? 0xFFFFu : ((1u << (n)) - 1u))
+#define PYEBM_SG_LOAD512(p, m) ((v16f)_mm512_maskz_loadu_ps((m), (p)))
+#define PYEBM_SG_STORE512(p, m, x) _mm512_mask_storeu_ps((p), (m), (__m512)(x))
+PYEBM_DEFINE_SMALL_GEMM(avx512, __attribute__((target("avx512f,avx512dq,avx2,fma"))), v16f, __mmask16,
+                        PYEBM_SG_MASK512, PYEBM_SG_LOAD512, PYEBM_SG_STORE512, _mm512_set1_ps, 4, 8, 8, 6, 4)
+
+// AVX2: 8 lanes, integer-vector masks (sign bit set = lane on).
+inline __m256i avx2_mask_bits(int64_t n) __attribute__((target("avx2,fma")));
+inline __m256i avx2_mask_bits(int64_t n) {
+  const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), lanes);
+}
+#define PYEBM_SG_LOAD256(p, m) ((v8f)_mm256_maskload_ps((p), (m)))
+#define PYEBM_SG_STORE256(p, m, x) _mm256_maskstore_ps((p), (m), (__m256)(x))
+PYEBM_DEFINE_SMALL_GEMM(avx2, __attribute__((target("avx2,fma"))), v8f, __m256i, avx2_mask_bits,
+                        PYEBM_SG_LOAD256, PYEBM_SG_STORE256, _mm256_set1_ps, 2, 8, 6, 3, 2)
+
+
+// Wt[K, N] = W[N, K]^T with 16 x 16 in-register transposes: interleave pairs of rows (floats, then
+// float pairs), then regroup 128-bit quarters twice. The edges that do not fill a 16 x 16 block are
+// copied one by one.
+__attribute__((target("avx512f,avx512dq,avx2,fma"), noinline)) inline void transpose16_avx512(
+    int64_t N, int64_t K, const float* W, float* Wt) {
+  const int64_t N16 = N & ~int64_t(15), K16 = K & ~int64_t(15);
+  for (int64_t j0 = 0; j0 < N16; j0 += 16) {
+    for (int64_t p0 = 0; p0 < K16; p0 += 16) {
+      v16f r[16], a[16], b[16];
+      for (int i = 0; i < 16; ++i) r[i] = vload<v16f>(W + (j0 + i) * K + p0);
+      for (int k = 0; k < 8; ++k) {  // quarter L of a[2k]: r2k[4L], r2k+1[4L], r2k[4L+1], r2k+1[4L+1]
+        a[2 * k] = __builtin_shufflevector(r[2 * k], r[2 * k + 1], 0, 16, 1, 17, 4, 20, 5, 21, 8, 24, 9, 25,
+                                           12, 28, 13, 29);
+        a[2 * k + 1] = __builtin_shufflevector(r[2 * k], r[2 * k + 1], 2, 18, 3, 19, 6, 22, 7, 23, 10, 26, 11,
+                                               27, 14, 30, 15, 31);
+      }
+      for (int g = 0; g < 4; ++g) {  // quarter L of b[4g + e]: column 4L + e, rows 4g .. 4g + 3
+        const v16f a0 = a[4 * g], a1 = a[4 * g + 1], a2 = a[4 * g + 2], a3 = a[4 * g + 3];
+        b[4 * g + 0] = __builtin_shufflevector(a0, a2, 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29);
+        b[4 * g + 1] = __builtin_shufflevector(a0, a2, 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31);
+        b[4 * g + 2] = __builtin_shufflevector(a1, a3, 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29);
+        b[4 * g + 3] = __builtin_shufflevector(a1, a3, 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31);
+      }
+      for (int e = 0; e < 4; ++e) {  // quarters 0, 2 of x and of y (ev), or 1, 3 (od)
+#define PYEBM_SG_EV(x, y) __builtin_shufflevector(x, y, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27)
+#define PYEBM_SG_OD(x, y) __builtin_shufflevector(x, y, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31)
+        const v16f c0 = PYEBM_SG_EV(b[e], b[4 + e]), c1 = PYEBM_SG_OD(b[e], b[4 + e]);
+        const v16f d0 = PYEBM_SG_EV(b[8 + e], b[12 + e]), d1 = PYEBM_SG_OD(b[8 + e], b[12 + e]);
+        vstore<v16f>(Wt + (p0 + e) * N + j0, PYEBM_SG_EV(c0, d0));
+        vstore<v16f>(Wt + (p0 + 4 + e) * N + j0, PYEBM_SG_EV(c1, d1));
+        vstore<v16f>(Wt + (p0 + 8 + e) * N + j0, PYEBM_SG_OD(c0, d0));
+        vstore<v16f>(Wt + (p0 + 12 + e) * N + j0, PYEBM_SG_OD(c1, d1));
+#undef PYEBM_SG_EV
+#undef PYEBM_SG_OD
+      }
+    }
+    for (int64_t j = j0; j < j0 + 16; ++j)
+      for (int64_t p = K16; p < K; ++p) Wt[p * N + j] = W[j * K + p];
+  }
+  for (int64_t j = N16; j < N; ++j)
+    for (int64_t p = 0; p < K; ++p) Wt[p * N + j] = W[j * K + p];
+}
+
+#undef PYEBM_DEFINE_SMALL_GEMM
+#undef PYEBM_SG_MASK512
+#undef PYEBM_SG_LOAD512
+#undef PYEBM_SG_STORE512
+#undef PYEBM_SG_LOAD256
+#undef PYEBM_SG_STORE256
+#undef PYEBM_SG_UNROLL
+
+}  // namespace sgemm_detail
+
+// Run-time level of the register-blocked path: 2 with AVX-512, 1 with AVX2+FMA, 0 off (no such CPU,
+// or PYEBM_CPU_SMALL_GEMM=0 in the environment, which sends every product to BLAS for comparison).
+inline int small_gemm_level() {
+  static const int level = [] {
+    const char* env = std::getenv("PYEBM_CPU_SMALL_GEMM");
+    return (env && env[0] == '0') ? 0 : cpu_vec_level();
+  }();
+  return level;
+}
+
+// Where the register-blocked path beats the BLAS call (measured against MKL on an AVX-512 Xeon, one
+// core): a block of at most 64 rows and a weight of at most 4096 (gemm_nt, which packs W^T per call)
+// or 8192 (gemm_nn) elements. Larger weights no longer fit this kernel's cache blocking; there BLAS
+// wins. n_by_k is N * K of the weight.
+inline bool small_gemm_nt_fits(int64_t M, int64_t n_by_k) { return M <= 64 && n_by_k <= 4096; }
+inline bool small_gemm_nn_fits(int64_t M, int64_t n_by_k) { return M <= 64 && n_by_k <= 8192; }
+
+// C[M, N] (+)= A[M, K] @ W[N, K]^T. W^T is packed per call into thread-local scratch with 16 x 16
+// AVX-512 transposes. Returns false (and does nothing) without AVX-512 or outside the size window.
+__attribute__((noinline)) inline bool small_gemm_nt(int64_t M, int64_t N, int64_t K, const float* A,
+                                                    const float* W, float* C, bool accumulate) {
+  if (small_gemm_level() != 2 || !small_gemm_nt_fits(M, N * K)) return false;
+  float* Wt = sgemm_detail::pack_buffer(N * K);
+  sgemm_detail::transpose16_avx512(N, K, W, Wt);
+  sgemm_detail::gemm_rr_avx512(M, N, K, A, K, Wt, N, C, N, accumulate);
+  return true;
+}
+
+// C[M, K] (+)= G[M, N] @ W[N, K]. Returns false (and does nothing) without AVX2+FMA or outside the
+// size window.
+__attribute__((noinline)) inline bool small_gemm_nn(int64_t M, int64_t N, int64_t K, const float* G,
+                                                    const float* W, float* C, bool accumulate) {
+  if (!small_gemm_nn_fits(M, N * K)) return false;
+  const int level = small_gemm_level();
+  if (level == 2) sgemm_detail::gemm_rr_avx512(M, K, N, G, N, W, K, C, K, accumulate);
+  else if (level == 1) sgemm_detail::gemm_rr_avx2(M, K, N, G, N, W, K, C, K, accumulate);
+  else return false;
+  return true;
+}
+
+}  // namespace cpu
+}  // namespace pyebm
+
+#endif  // PYEBM_VEC_ACT && __x86_64__
