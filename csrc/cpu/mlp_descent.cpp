@@ -7,6 +7,7 @@
 
 #include <cstring>
 
+#include "descent_args.h"
 #include "descent_update.h"
 #include "mlp_block.h"
 #include "mlp_energy_cpu.h"
@@ -14,52 +15,6 @@
 namespace pyebm {
 namespace cpu {
 namespace {
-
-NoiseMode parse_noise(c10::string_view s) {
-  if (s == "none") return NoiseMode::kNone;
-  if (s == "langevin") return NoiseMode::kLangevin;
-  if (s == "step") return NoiseMode::kStep;
-  if (s == "additive") return NoiseMode::kAdditive;
-  TORCH_CHECK(false, "pyebm: noise_mode must be one of none, langevin, step, additive; got '", std::string(s), "'");
-}
-
-// An optional per-dimension option as a contiguous [D] tensor in the compute dtype (undefined if absent).
-at::Tensor event_option(const c10::optional<at::Tensor>& t, const char* name, int64_t D, at::ScalarType dt) {
-  if (!t.has_value() || !t->defined()) return at::Tensor();
-  TORCH_CHECK(t->numel() == D || t->numel() == 1, "pyebm: ", name, " must hold 1 or D = ", D,
-              " values; got shape ", t->sizes());
-  TORCH_CHECK(t->device().is_cpu(), "pyebm: ", name, " must be on the CPU; got ", t->device());
-  return to_compute(t->reshape({-1}).expand({D}), dt);
-}
-
-template <typename T>
-UpdateRule<T> make_rule(int64_t D, double grad_scale, double momentum, c10::optional<double> grad_clip,
-                        c10::optional<double> grad_clip_norm, bool energy_scaled, double energy_temperature,
-                        double tol, bool tol_final_step, bool bound_each_step, const at::Tensor& lower,
-                        const at::Tensor& upper, const at::Tensor& step_clip, NoiseMode noise) {
-  TORCH_CHECK(!grad_clip.has_value() || *grad_clip > 0, "pyebm: grad_clip must be > 0; got ", *grad_clip);
-  TORCH_CHECK(!grad_clip_norm.has_value() || *grad_clip_norm > 0, "pyebm: grad_clip_norm must be > 0; got ",
-              *grad_clip_norm);
-  TORCH_CHECK(momentum >= 0 && momentum < 1, "pyebm: momentum must be in [0, 1); got ", momentum);
-  TORCH_CHECK(tol >= 0, "pyebm: tol must be >= 0; got ", tol);
-  TORCH_CHECK(energy_temperature > 0, "pyebm: energy_temperature must be > 0; got ", energy_temperature);
-  UpdateRule<T> u;
-  u.D = D;
-  u.grad_scale = T(grad_scale);
-  u.momentum = T(momentum);
-  u.grad_clip = grad_clip.has_value() ? T(*grad_clip) : T(0);
-  u.grad_clip_norm = grad_clip_norm.has_value() ? T(*grad_clip_norm) : T(0);
-  u.energy_scaled = energy_scaled;
-  u.energy_temperature = T(energy_temperature);
-  u.tol = T(tol);
-  u.tol_final_step = tol_final_step;
-  u.bound_each_step = bound_each_step;
-  u.lower = lower.defined() ? lower.data_ptr<T>() : nullptr;
-  u.upper = upper.defined() ? upper.data_ptr<T>() : nullptr;
-  u.step_clip = step_clip.defined() ? step_clip.data_ptr<T>() : nullptr;
-  u.noise = noise;
-  return u;
-}
 
 std::vector<double> host_schedule(const at::Tensor& t, const char* name, int64_t T_) {
   TORCH_CHECK(t.dim() == 1 && t.size(0) == T_, "pyebm: ", name, " must be [steps] = [", T_, "]; got shape ",
@@ -160,9 +115,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlp_desce
                 "pyebm: noise must be [steps, B, K, D] = [", Tn, ", ", B, ", ", K, ", ", D, "]; got ", noise_->sizes());
     noise = to_compute(*noise_, dt);
   }
-  const at::Tensor lower = event_option(lower_, "lower", D, dt);
-  const at::Tensor upper = event_option(upper_, "upper", D, dt);
-  const at::Tensor step_clip = event_option(step_clip_, "step_clip", D, dt);
+  const at::Tensor lower = event_option(lower_, "lower", D, dt, y0_.device());
+  const at::Tensor upper = event_option(upper_, "upper", D, dt, y0_.device());
+  const at::Tensor step_clip = event_option(step_clip_, "step_clip", D, dt, y0_.device());
 
   at::Tensor E_final = at::empty({B, K}, y.options());
   at::Tensor E_init = at::empty({B, K}, y.options());
@@ -216,36 +171,14 @@ void descent_update_cpu(const at::Tensor& y, const at::Tensor& g, const at::Tens
                         c10::string_view noise_mode, double grad_scale, double momentum,
                         c10::optional<double> grad_clip, c10::optional<double> grad_clip_norm, bool energy_scaled,
                         double energy_temperature, double tol, bool tol_final_step, bool bound_each_step) {
-  TORCH_CHECK(y.dim() == 2, "pyebm: y must be [N, D]; got shape ", y.sizes());
+  const NoiseMode nm = check_update_args(y, g, E, active, steps, status, velocity, pending, noise, mask, fixed,
+                                         noise_mode, momentum, tol_final_step);
+  TORCH_CHECK(y.device().is_cpu(), "pyebm: the cpu kernel needs CPU tensors; got y on ", y.device());
   const int64_t N = y.size(0), D = y.size(1);
-  auto need = [&](const at::Tensor& t, const char* name, at::IntArrayRef shape, at::ScalarType dtype) {
-    TORCH_CHECK(t.sizes() == shape, "pyebm: ", name, " must have shape ", shape, "; got ", t.sizes());
-    TORCH_CHECK(t.scalar_type() == dtype, "pyebm: ", name, " must be ", dtype, "; got ", t.scalar_type());
-    TORCH_CHECK(t.is_contiguous() && t.device().is_cpu(), "pyebm: ", name, " must be a contiguous CPU tensor");
-  };
   const auto dt = y.scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble, "pyebm: descent_update supports float32 and float64; got ", dt);
-  need(y, "y", {N, D}, dt);
-  need(g, "g", {N, D}, dt);
-  need(E, "E", {N}, dt);
-  need(active, "active", {N}, at::kBool);
-  need(steps, "steps", {N}, at::kInt);
-  need(status, "status", {N}, at::kChar);
-  if (velocity) need(*velocity, "velocity", {N, D}, dt);
-  if (pending) need(*pending, "pending", {N}, at::kBool);
-  if (noise) need(*noise, "noise", {N, D}, dt);
-  if (mask) {
-    need(*mask, "mask", {N, D}, at::kBool);
-    TORCH_CHECK(fixed.has_value(), "pyebm: mask needs fixed");
-    need(*fixed, "fixed", {N, D}, dt);
-  }
-  const NoiseMode nm = parse_noise(noise_mode);
-  TORCH_CHECK(nm == NoiseMode::kNone || noise.has_value(), "pyebm: noise_mode '", std::string(noise_mode),
-              "' needs noise");
-  TORCH_CHECK(momentum == 0 || velocity.has_value(), "pyebm: momentum > 0 needs velocity");
-  TORCH_CHECK(!tol_final_step || pending.has_value(), "pyebm: tol_final_step needs pending");
-  const at::Tensor lo = event_option(lower, "lower", D, dt), hi = event_option(upper, "upper", D, dt),
-                   sc = event_option(step_clip, "step_clip", D, dt);
+  const at::Tensor lo = event_option(lower, "lower", D, dt, y.device()),
+                   hi = event_option(upper, "upper", D, dt, y.device()),
+                   sc = event_option(step_clip, "step_clip", D, dt, y.device());
   AT_DISPATCH_FLOATING_TYPES(dt, "pyebm_descent_update", [&] {
     using T = scalar_t;
     const UpdateRule<T> u = make_rule<T>(D, grad_scale, momentum, grad_clip, grad_clip_norm, energy_scaled,

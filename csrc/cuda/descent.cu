@@ -17,6 +17,7 @@
 #include <string>
 #include <vector>
 
+#include "cpu/descent_args.h"
 #include "cpu/mlp_energy_cpu.h"
 #include "pyebm/cuda/descent.cuh"
 
@@ -34,61 +35,16 @@ cudaStream_t current_stream(const at::Device& device) {
   return static_cast<cudaStream_t>(s.native_handle());
 }
 
-NoiseMode parse_noise(c10::string_view s) {
-  if (s == "none") return NoiseMode::kNone;
-  if (s == "langevin") return NoiseMode::kLangevin;
-  if (s == "step") return NoiseMode::kStep;
-  if (s == "additive") return NoiseMode::kAdditive;
-  TORCH_CHECK(false, "pyebm: noise_mode must be one of none, langevin, step, additive; got '", std::string(s), "'");
-}
-
 // A per-step tensor argument on y's device.
 void check_device(const at::Tensor& t, const char* name, const at::Device& device) {
   TORCH_CHECK(t.device() == device, "pyebm: ", name, " must be on ", device, " (like y); got ", t.device());
 }
 
-// An optional per-dimension option as a contiguous [D] tensor in the compute dtype on `device`
-// (undefined if absent). Values given on the host are copied over.
-at::Tensor event_option(const c10::optional<at::Tensor>& t, const char* name, int64_t D, at::ScalarType dt,
-                        const at::Device& device) {
-  if (!t.has_value() || !t->defined()) return at::Tensor();
-  TORCH_CHECK(t->numel() == D || t->numel() == 1, "pyebm: ", name, " must hold 1 or D = ", D,
-              " values; got shape ", t->sizes());
-  return t->reshape({-1}).expand({D}).to(device, dt).contiguous();
-}
-
-template <typename T>
-UpdateRule<T> make_rule(int64_t D, double grad_scale, double momentum, c10::optional<double> grad_clip,
-                        c10::optional<double> grad_clip_norm, bool energy_scaled, double energy_temperature,
-                        double tol, bool tol_final_step, bool bound_each_step, const at::Tensor& lower,
-                        const at::Tensor& upper, const at::Tensor& step_clip, NoiseMode noise) {
-  UpdateRule<T> u;
-  u.D = D;
-  u.grad_scale = T(grad_scale);
-  u.momentum = T(momentum);
-  u.grad_clip = grad_clip.has_value() ? T(*grad_clip) : T(0);
-  u.grad_clip_norm = grad_clip_norm.has_value() ? T(*grad_clip_norm) : T(0);
-  u.energy_scaled = energy_scaled;
-  u.energy_temperature = T(energy_temperature);
-  u.tol = T(tol);
-  u.tol_final_step = tol_final_step;
-  u.bound_each_step = bound_each_step;
-  u.lower = lower.defined() ? lower.data_ptr<T>() : nullptr;
-  u.upper = upper.defined() ? upper.data_ptr<T>() : nullptr;
-  u.step_clip = step_clip.defined() ? step_clip.data_ptr<T>() : nullptr;
-  u.noise = noise;
-  return u;
-}
-
-void check_rule(double momentum, c10::optional<double> grad_clip, c10::optional<double> grad_clip_norm,
-                double energy_temperature, double tol) {
-  TORCH_CHECK(!grad_clip.has_value() || *grad_clip > 0, "pyebm: grad_clip must be > 0; got ", *grad_clip);
-  TORCH_CHECK(!grad_clip_norm.has_value() || *grad_clip_norm > 0, "pyebm: grad_clip_norm must be > 0; got ",
-              *grad_clip_norm);
-  TORCH_CHECK(momentum >= 0 && momentum < 1, "pyebm: momentum must be in [0, 1); got ", momentum);
-  TORCH_CHECK(tol >= 0, "pyebm: tol must be >= 0; got ", tol);
-  TORCH_CHECK(energy_temperature > 0, "pyebm: energy_temperature must be > 0; got ", energy_temperature);
-}
+using cpu::check_rule;
+using cpu::check_update_args;
+using cpu::event_option;
+using cpu::make_rule;
+using cpu::parse_noise;
 
 template <typename T>
 T* opt_ptr(const at::Tensor& t) {
@@ -247,36 +203,12 @@ void descent_update_cuda(const at::Tensor& y, const at::Tensor& g, const at::Ten
                          c10::optional<double> grad_clip, c10::optional<double> grad_clip_norm, bool energy_scaled,
                          double energy_temperature, double tol, bool tol_final_step, bool bound_each_step) {
   TORCH_CHECK(y.dim() == 2, "pyebm: y must be [N, D]; got shape ", y.sizes());
+  const NoiseMode nm = check_update_args(y, g, E, active, steps, status, velocity, pending, noise, mask, fixed,
+                                         noise_mode, momentum, tol_final_step);
   TORCH_CHECK(y.is_cuda(), "pyebm: the cuda kernel needs CUDA tensors; got y on ", y.device());
   const int64_t N = y.size(0), D = y.size(1);
   const at::Device device = y.device();
-  auto need = [&](const at::Tensor& t, const char* name, at::IntArrayRef shape, at::ScalarType dtype) {
-    TORCH_CHECK(t.sizes() == shape, "pyebm: ", name, " must have shape ", shape, "; got ", t.sizes());
-    TORCH_CHECK(t.scalar_type() == dtype, "pyebm: ", name, " must be ", dtype, "; got ", t.scalar_type());
-    TORCH_CHECK(t.is_contiguous() && t.device() == device, "pyebm: ", name, " must be a contiguous tensor on ",
-                device, "; got ", t.device(), t.is_contiguous() ? "" : " (not contiguous)");
-  };
   const auto dt = y.scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble, "pyebm: descent_update supports float32 and float64; got ", dt);
-  need(y, "y", {N, D}, dt);
-  need(g, "g", {N, D}, dt);
-  need(E, "E", {N}, dt);
-  need(active, "active", {N}, at::kBool);
-  need(steps, "steps", {N}, at::kInt);
-  need(status, "status", {N}, at::kChar);
-  if (velocity) need(*velocity, "velocity", {N, D}, dt);
-  if (pending) need(*pending, "pending", {N}, at::kBool);
-  if (noise) need(*noise, "noise", {N, D}, dt);
-  if (mask) {
-    need(*mask, "mask", {N, D}, at::kBool);
-    TORCH_CHECK(fixed.has_value(), "pyebm: mask needs fixed");
-    need(*fixed, "fixed", {N, D}, dt);
-  }
-  const NoiseMode nm = parse_noise(noise_mode);
-  TORCH_CHECK(nm == NoiseMode::kNone || noise.has_value(), "pyebm: noise_mode '", std::string(noise_mode),
-              "' needs noise");
-  TORCH_CHECK(momentum == 0 || velocity.has_value(), "pyebm: momentum > 0 needs velocity");
-  TORCH_CHECK(!tol_final_step || pending.has_value(), "pyebm: tol_final_step needs pending");
   check_rule(momentum, grad_clip, grad_clip_norm, energy_temperature, tol);
   if (N == 0) return;
   const c10::DeviceGuard guard(device);
