@@ -687,8 +687,27 @@ class EBT(nn.Module):
 
     def _vocab_energy(self, pk, cache, landscape, p, rows, grad: bool):
         """Energies [B, R] (and dE/dp [B, R, V]) of vocabulary-space candidates p [B, R, V]."""
+        if rows[5]:  # triton backend: the fused vocabulary-end kernels read v2e once for every row
+            from pyebm.ops.ebt_vocab import vocab_embed, vocab_grad
+
+            _, e = vocab_embed(p, pk.v2e, softmax=False)
+            E, ge = self._embed_energy(pk, cache, landscape, e, rows, grad)
+            return E, (vocab_grad(ge, pk.v2e) if grad else None)
         E, ge = self._embed_energy(pk, cache, landscape, p @ pk.v2e_t, rows, grad)
         return E, (ge @ pk.v2e if grad else None)
+
+    def _project_energy(self, pk, cache, landscape, y, rows, grad: bool, normalize: bool):
+        """(p, E, dE/dp) with p = softmax(y) (subnormal probabilities zeroed) when ``normalize``, else p = y.
+        On the triton backend the softmax and the product with v2e are one fused kernel."""
+        if rows[5] and normalize:
+            from pyebm.ops.ebt_vocab import vocab_embed, vocab_grad
+
+            p, e = vocab_embed(y, pk.v2e, softmax=True)
+            E, ge = self._embed_energy(pk, cache, landscape, e, rows, grad)
+            return p, E, (vocab_grad(ge, pk.v2e) if grad else None)
+        p = _softmax(y) if normalize else y
+        E, g = self._vocab_energy(pk, cache, landscape, p, rows, grad)
+        return p, E, g
 
     # -- energy-model protocol --------------------------------------------------------------------
     def _check_candidates(self, ctx: EBTCache, y: torch.Tensor) -> None:
@@ -796,24 +815,21 @@ class EBT(nn.Module):
         for landscape in schedule:
             if noise != 0:
                 y = y + noise * torch.randn(y.shape, generator=generator, dtype=y.dtype, device=y.device)
-            p = _softmax(y) if normalize else y
-            E, g = self._vocab_energy(pk, cache, landscape, p, rows, True)
+            p, E, g = self._project_energy(pk, cache, landscape, y, rows, True, normalize)
             if E0 is None:
                 E0 = E
             if grad_clamp is not None:
                 g = g.clamp(-grad_clamp / alpha, grad_clamp / alpha)
             proposal = p - alpha * g
             if accept_lower:
-                p_new = _softmax(proposal) if normalize else proposal
-                E_new = self._vocab_energy(pk, cache, landscape, p_new, rows, False)[0]
+                E_new = self._project_energy(pk, cache, landscape, proposal, rows, False, normalize)[1]
                 y = torch.where((E_new < E).unsqueeze(-1), proposal, p)
             else:
                 y = proposal
         if G == 1 and not need_energy:
             zero = torch.zeros(B, P, dtype=torch.long, device=y.device)
             return y.view(B, P, V), None, E0.view(B, P), zero
-        p = _softmax(y) if normalize else y
-        E_final = self._vocab_energy(pk, cache, cfg.num_landscapes - 1, p, rows, False)[0]
+        E_final = self._project_energy(pk, cache, cfg.num_landscapes - 1, y, rows, False, normalize)[1]
         y, E_final, E0 = y.view(B, G, P, V), E_final.view(B, G, P), E0.view(B, G, P)
         if G == 1:
             return y[:, 0], E_final[:, 0], E0[:, 0], torch.zeros(B, P, dtype=torch.long, device=y.device)
