@@ -8,6 +8,7 @@
 #include <string>
 
 #include "descent_update.h"
+#include "mlp_energy_cpu.h"
 
 namespace pyebm {
 namespace cpu {
@@ -63,6 +64,48 @@ UpdateRule<T> make_rule(int64_t D, double grad_scale, double momentum, c10::opti
   u.step_clip = step_clip.defined() ? step_clip.data_ptr<T>() : nullptr;
   u.noise = noise;
   return u;
+}
+
+// The state and inputs of the whole-loop op pyebm::mlp_descent in the compute dtype dt, on y0's device:
+// the state y (a copy of y0, updated in place), the mask and the values it clamps (y0), the pre-drawn
+// noise [steps, B, K, D] when noise_mode needs it, and the per-dimension options.
+struct DescentInputs {
+  at::Tensor y, fixed, mask, noise, lower, upper, step_clip;
+};
+
+inline DescentInputs prepare_descent_inputs(const at::Tensor& y0, at::ScalarType dt, int64_t steps,
+                                            const c10::optional<at::Tensor>& mask,
+                                            const c10::optional<at::Tensor>& noise,
+                                            const c10::optional<at::Tensor>& lower,
+                                            const c10::optional<at::Tensor>& upper,
+                                            const c10::optional<at::Tensor>& step_clip, NoiseMode nm,
+                                            c10::string_view noise_mode) {
+  const int64_t B = y0.size(0), K = y0.size(1), D = y0.size(2);
+  const at::Device device = y0.device();
+  DescentInputs in;
+  in.y = y0.to(dt).contiguous().clone();
+  if (mask.has_value() && mask->defined()) {
+    TORCH_CHECK(mask->scalar_type() == at::kBool, "pyebm: mask must be bool; got ", mask->scalar_type());
+    TORCH_CHECK(mask->sizes() == y0.sizes(), "pyebm: mask must be [B, K, D] = ", y0.sizes(), "; got ",
+                mask->sizes());
+    TORCH_CHECK(mask->device() == device, "pyebm: mask must be on ", device, " (like y0); got ", mask->device());
+    in.mask = mask->contiguous();
+    in.fixed = to_compute(y0, dt);  // clamped coordinates keep their initial values
+  }
+  if (nm != NoiseMode::kNone) {
+    TORCH_CHECK(noise.has_value() && noise->defined(), "pyebm: noise_mode '", std::string(noise_mode),
+                "' needs the noise tensor [steps, B, K, D]");
+    TORCH_CHECK(noise->dim() == 4 && noise->size(0) == steps && noise->size(1) == B && noise->size(2) == K &&
+                    noise->size(3) == D,
+                "pyebm: noise must be [steps, B, K, D] = [", steps, ", ", B, ", ", K, ", ", D, "]; got ",
+                noise->sizes());
+    TORCH_CHECK(noise->device() == device, "pyebm: noise must be on ", device, " (like y0); got ", noise->device());
+    in.noise = to_compute(*noise, dt);
+  }
+  in.lower = event_option(lower, "lower", D, dt, device);
+  in.upper = event_option(upper, "upper", D, dt, device);
+  in.step_clip = event_option(step_clip, "step_clip", D, dt, device);
+  return in;
 }
 
 // Checks the in-place arguments of descent_update (rows [N, D] on y's device) and returns the noise mode.

@@ -98,26 +98,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlp_desce
   const auto dt = mt.dtype;
   const int64_t B = s.B, K = s.K, D = s.D, N = B * K;
 
-  at::Tensor y = y0_.to(dt).contiguous().clone();  // the state, updated in place
-  at::Tensor fixed, mask, noise;
-  if (mask_.has_value() && mask_->defined()) {
-    TORCH_CHECK(mask_->scalar_type() == at::kBool, "pyebm: mask must be bool; got ", mask_->scalar_type());
-    TORCH_CHECK(mask_->sizes() == y0_.sizes(), "pyebm: mask must be [B, K, D] = ", y0_.sizes(), "; got ",
-                mask_->sizes());
-    mask = mask_->contiguous();
-    fixed = to_compute(y0_, dt);  // clamped coordinates keep their initial values
-  }
-  if (nm != NoiseMode::kNone) {
-    TORCH_CHECK(noise_.has_value() && noise_->defined(), "pyebm: noise_mode '", std::string(noise_mode),
-                "' needs the noise tensor [steps, B, K, D]");
-    TORCH_CHECK(noise_->dim() == 4 && noise_->size(0) == Tn && noise_->size(1) == B && noise_->size(2) == K &&
-                    noise_->size(3) == D,
-                "pyebm: noise must be [steps, B, K, D] = [", Tn, ", ", B, ", ", K, ", ", D, "]; got ", noise_->sizes());
-    noise = to_compute(*noise_, dt);
-  }
-  const at::Tensor lower = event_option(lower_, "lower", D, dt, y0_.device());
-  const at::Tensor upper = event_option(upper_, "upper", D, dt, y0_.device());
-  const at::Tensor step_clip = event_option(step_clip_, "step_clip", D, dt, y0_.device());
+  DescentInputs in = prepare_descent_inputs(y0_, dt, Tn, mask_, noise_, lower_, upper_, step_clip_, nm, noise_mode);
+  at::Tensor y = in.y;  // the state, updated in place
+  const at::Tensor &fixed = in.fixed, &mask = in.mask, &noise = in.noise;
+  const at::Tensor &lower = in.lower, &upper = in.upper, &step_clip = in.step_clip;
 
   at::Tensor E_final = at::empty({B, K}, y.options());
   at::Tensor E_init = at::empty({B, K}, y.options());

@@ -35,11 +35,6 @@ cudaStream_t current_stream(const at::Device& device) {
   return static_cast<cudaStream_t>(s.native_handle());
 }
 
-// A per-step tensor argument on y's device.
-void check_device(const at::Tensor& t, const char* name, const at::Device& device) {
-  TORCH_CHECK(t.device() == device, "pyebm: ", name, " must be on ", device, " (like y); got ", t.device());
-}
-
 using cpu::check_rule;
 using cpu::check_update_args;
 using cpu::event_option;
@@ -89,28 +84,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlp_desce
   const auto dt = mt.dtype;
   const int64_t B = s.B, K = s.K, D = s.D, N = B * K;
 
-  at::Tensor y = y0_.to(dt).contiguous().clone();  // the state, updated in place
-  at::Tensor fixed, mask, noise;
-  if (mask_.has_value() && mask_->defined()) {
-    TORCH_CHECK(mask_->scalar_type() == at::kBool, "pyebm: mask must be bool; got ", mask_->scalar_type());
-    TORCH_CHECK(mask_->sizes() == y0_.sizes(), "pyebm: mask must be [B, K, D] = ", y0_.sizes(), "; got ",
-                mask_->sizes());
-    check_device(*mask_, "mask", device);
-    mask = mask_->contiguous();
-    fixed = cpu::to_compute(y0_, dt);  // clamped coordinates keep their initial values
-  }
-  if (nm != NoiseMode::kNone) {
-    TORCH_CHECK(noise_.has_value() && noise_->defined(), "pyebm: noise_mode '", std::string(noise_mode),
-                "' needs the noise tensor [steps, B, K, D]");
-    TORCH_CHECK(noise_->dim() == 4 && noise_->size(0) == Tn && noise_->size(1) == B && noise_->size(2) == K &&
-                    noise_->size(3) == D,
-                "pyebm: noise must be [steps, B, K, D] = [", Tn, ", ", B, ", ", K, ", ", D, "]; got ", noise_->sizes());
-    check_device(*noise_, "noise", device);
-    noise = cpu::to_compute(*noise_, dt);
-  }
-  const at::Tensor lower = event_option(lower_, "lower", D, dt, device);
-  const at::Tensor upper = event_option(upper_, "upper", D, dt, device);
-  const at::Tensor step_clip = event_option(step_clip_, "step_clip", D, dt, device);
+  cpu::DescentInputs in =
+      cpu::prepare_descent_inputs(y0_, dt, Tn, mask_, noise_, lower_, upper_, step_clip_, nm, noise_mode);
+  at::Tensor y = in.y;  // the state, updated in place
+  const at::Tensor &fixed = in.fixed, &mask = in.mask, &noise = in.noise;
+  const at::Tensor &lower = in.lower, &upper = in.upper, &step_clip = in.step_clip;
   // The schedules as device arrays in the compute dtype (from the host: a small copy).
   const at::Tensor eta = eta_.to(device, dt).contiguous();
   const at::Tensor nlev = noise_level_.to(device, dt).contiguous();
