@@ -227,3 +227,34 @@ def test_whole_loop_op_bad_input():
         call(nl=torch.zeros(5, dtype=torch.float64))
     with pytest.raises(RuntimeError, match="mask must be bool"):
         call(mask=torch.zeros(2, 3, 4))
+
+
+@pytest.mark.parametrize("selection", ["min", "max", "max_gap"])
+def test_select_best_matches_the_torch_selection(selection):
+    from pyebm.descent import _select
+
+    torch.manual_seed(7)
+    y = torch.randn(4, 6, 3)
+    E, E0 = torch.randn(4, 6), torch.randn(4, 6)
+    status = torch.zeros(4, 6, dtype=torch.int8)
+    status[1, :] = 2           # no valid candidate: index 0
+    status[2, 3] = 2
+    E[3, 2] = float("nan")
+    cfg = Descent.gd(selection=selection)
+    idx = _select(cfg, E, E0, status, None)
+    best, best_E, got = torch.ops.pyebm.select_best(y, E, E0, status, selection)
+    assert torch.equal(got, idx)
+    ar = torch.arange(4)
+    assert torch.equal(best, y[ar, idx]) and torch.equal(best_E.nan_to_num(), E[ar, idx].nan_to_num())
+    torch.library.opcheck(torch.ops.pyebm.select_best.default, (y, E, E0, status, selection))
+
+
+def test_select_best_bad_input():
+    y, E = torch.randn(2, 3, 4), torch.randn(2, 3)
+    st = torch.zeros(2, 3, dtype=torch.int8)
+    with pytest.raises(RuntimeError, match="selection must be min, max or max_gap"):
+        torch.ops.pyebm.select_best(y, E, E, st, "sample")
+    with pytest.raises(RuntimeError, match="status must be int8"):
+        torch.ops.pyebm.select_best(y, E, E, st.int(), "min")
+    with pytest.raises(RuntimeError, match=r"y must be \[B, K, ...\]"):
+        torch.ops.pyebm.select_best(y[:1], E, E, st, "min")
