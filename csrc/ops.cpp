@@ -21,8 +21,15 @@ TORCH_LIBRARY(pyebm, m) {
 
 namespace py = pybind11;
 
+namespace pyebm {
+namespace cpu {
+void bind_plan(py::module& m);  // mlp_plan.cpp
+}  // namespace cpu
+}  // namespace pyebm
+
 PYBIND11_MODULE(_C, m) {
   m.doc() = "pyebm compiled kernels (CPU C++, CUDA when built)";
+  pyebm::cpu::bind_plan(m);
   m.def("build_info", []() {
     py::dict d;
     d["version"] = PYEBM_VERSION;

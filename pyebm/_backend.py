@@ -134,12 +134,23 @@ def requested_backend() -> str:
 
 _RESOLVED: Dict[tuple, str] = {}
 
+# The process environment as CPython keeps it (bytes keys on POSIX): a dict lookup instead of os.environ's
+# Mapping layers, on a path that runs on every op call. Falls back to os.environ where it is not there.
+_ENV_DATA = getattr(os.environ, "_data", None)
+if not isinstance(_ENV_DATA, dict) or os.name != "posix":
+    _ENV_DATA = None
+
+
+def _env_pair():
+    if _ENV_DATA is not None:
+        return _ENV_DATA.get(b"PYEBM_BACKEND"), _ENV_DATA.get(b"TRITON_INTERPRET")
+    return os.environ.get("PYEBM_BACKEND"), os.environ.get("TRITON_INTERPRET")
+
 
 def resolve(device, backend: Optional[str] = None, supported=BACKENDS) -> str:
     """Pick the backend for tensors on ``device`` (cached: this runs on every op call)."""
     dtype_key = device.type if isinstance(device, torch.device) else str(device)
-    key = (dtype_key, backend, os.environ.get("PYEBM_BACKEND"), os.environ.get("TRITON_INTERPRET"), supported,
-           _REPORT is None)
+    key = (dtype_key, backend, _env_pair(), supported, _REPORT is None)
     hit = _RESOLVED.get(key)
     if hit is not None:
         return hit

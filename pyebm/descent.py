@@ -19,7 +19,9 @@ import torch
 from pyebm import _backend
 from torch import Tensor, nn
 
+from pyebm.energy import MLPEnergy
 from pyebm.ops import descent as _ops
+from pyebm.ops import mlp_descent as _mlp_descent
 
 MAX_STEPS, CONVERGED, NONFINITE = _ops.MAX_STEPS, _ops.CONVERGED, _ops.NONFINITE
 STATUS_NAMES = {MAX_STEPS: "max_steps", CONVERGED: "converged", NONFINITE: "nonfinite"}
@@ -566,7 +568,13 @@ def minimize(energy: Any, context: Any, candidates: int = 1, config: Optional[De
     The per-step path never synchronises with the host inside the loop, except the "all stopped" check
     every ``config.check_every`` steps when ``config.tol > 0``.
     """
-    cfg = Descent() if config is None else config
+    cfg = _default_config() if config is None else config
+    if (record is False and not cuda_graph and mask is None and event_shape is None
+            and (whole_loop is None or whole_loop is True) and type(candidates) is int
+            and isinstance(energy, MLPEnergy) and type(cfg) is Descent):
+        fast = _fast_minimize(energy, context, candidates, cfg, init, generator, backend)
+        if fast is not None:
+            return fast
     if not isinstance(cfg, Descent):
         raise TypeError(f"minimize: config must be a pyebm.Descent; got {type(cfg).__name__}")
     if isinstance(candidates, bool) or not isinstance(candidates, numbers.Integral) or candidates < 1:
@@ -687,6 +695,61 @@ def minimize(energy: Any, context: Any, candidates: int = 1, config: Optional[De
     if cfg.method == "dfo":
         return _run_dfo(calls, cfg, y0, fixed, mask_full, lower, upper, generator, record)
     return _run_gd(calls, cfg, y0, fixed, mask_full, lower, upper, step_clip, generator, record)
+
+
+_DEFAULT: list = []
+
+
+def _default_config() -> Descent:
+    if not _DEFAULT:
+        _DEFAULT.append(Descent())
+    return _DEFAULT[0]
+
+
+def _fast_minimize(energy: MLPEnergy, context, K: int, cfg: Descent, init, generator, backend):
+    """``minimize``'s common case in one compiled call: an MLPEnergy on the cpu backend in eager mode, a
+    context tensor, a config the whole loop implements, an init kind or a ready [B, K, D] tensor, no mask
+    and no recording. The plan computes the context term, runs every step and selects the best candidate
+    (the whole-loop op's kernels: the same numbers). Returns None, before drawing any random number, when
+    the call is not that case; the general path then handles it (and raises the errors)."""
+    if type(context) is not Tensor or K < 1 or context.dim() != 2 or context.shape[1] != energy.context_dim:
+        return None
+    if generator is not None and (type(generator) is not torch.Generator or generator.device.type != "cpu"):
+        return None
+    plan = energy._fast_plan(context, context, backend)
+    if plan is None:
+        return None
+    dtype = energy._plan_dtype
+    D = energy.candidate_dim
+    if context.dtype != dtype:
+        return None
+    rule = _mlp_descent.plan_rule(cfg, dtype, D)
+    if rule is None:
+        return None
+    B = context.shape[0]
+    if init is None or type(init) is str:
+        kind = cfg.init if init is None else init
+        if kind not in INITS or (kind == "uniform" and not cfg._finite_box()):
+            return None
+        lower = _event_option("lower", cfg.lower, (D,), context.device, dtype)
+        upper = _event_option("upper", cfg.upper, (D,), context.device, dtype)
+        y0 = _initial(kind, cfg, (B, K, D), lower, upper, generator, context.device, dtype)
+    elif (type(init) is Tensor and init.dim() == 3 and init.shape[0] == B and init.shape[1] == K
+          and init.shape[2] == D and init.dtype == dtype and init.is_cpu):
+        y0 = init.detach()
+    else:
+        return None
+    noise = None
+    if cfg.noise != "none":  # one draw of y's shape per step: the order of the per-step path
+        noise = torch.empty((cfg.steps, B, K, D), dtype=dtype)
+        for k in range(cfg.steps):
+            noise[k].normal_(generator=generator)
+    out = plan.descent(context, y0, rule, noise, None)
+    if out is None:
+        raise RuntimeError("pyebm: internal error: the cpu plan refused a descent the fast path had checked")
+    y, E, E_init, steps, status, best, best_E, idx = out
+    return DescentResult(best=best, best_energy=best_E, best_index=idx, y=y, energy=E, initial_energy=E_init,
+                         steps=steps, status=status)
 
 
 _GRAPHS: Dict[tuple, tuple] = {}

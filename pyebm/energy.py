@@ -6,8 +6,15 @@ from typing import Dict, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from pyebm import ops
+from pyebm import _backend, ops
 from pyebm.reference import mlp_energy as ref
+
+_SUPPORTED = ("torch", "cpu", "triton", "cuda")
+_MlpPlan = getattr(_backend.ext(), "MlpPlan", None)
+
+
+def _compiling() -> bool:
+    return torch.compiler.is_compiling()
 
 
 class MLPEnergy(nn.Module):
@@ -54,6 +61,8 @@ class MLPEnergy(nn.Module):
         self.head = nn.Linear(hidden[-1], 1, bias=bias, **kw)
         self._zeros: Dict[Tuple[torch.device, torch.dtype, int], torch.Tensor] = {}
         self._params_cache = None
+        self._plan_cache = None
+        self._plan_dtype = None
 
     def extra_repr(self) -> str:
         return (f"context_dim={self.context_dim}, candidate_dim={self.candidate_dim}, hidden={self.hidden}, "
@@ -70,6 +79,7 @@ class MLPEnergy(nn.Module):
     def _apply(self, *args, **kwargs):
         # .to() / .cuda() / .double() move parameter storage: views cached in op_params go stale.
         self._params_cache = None
+        self._plan_cache = None
         self._zeros = {}
         return super()._apply(*args, **kwargs)
 
@@ -104,6 +114,45 @@ class MLPEnergy(nn.Module):
             biases = [self._zero(layer.out_features, w_in) for layer in self.layers]
             b_out = self._zero(1, w_in)
         return w_in, weights, biases, self.head.weight.view(-1), b_out
+
+    def cpu_plan(self):
+        """The cpu backend's plan (``pyebm._C.MlpPlan``): the weights checked, laid out and packed once and
+        called without the dispatcher; None when there is none (no extension, weights not float32/float64
+        on CPU).
+
+        Eager calls on CPU tensors go through it (``energy``, ``energy_and_grad``, ``minimize``'s whole
+        loop); the ``torch.ops.pyebm`` ops run the same kernels on the same values (same numbers), and stay
+        the path under torch.compile. In-place weight updates are seen (the plan repacks what changed);
+        replacing a parameter or moving the module builds a new plan.
+        """
+        cache = self._plan_cache
+        if cache is not None:
+            for slot, name, param in cache[1]:
+                if slot.get(name) is not param:
+                    break
+            else:
+                return cache[0]
+        plan = None
+        w_in, weights, biases, w_out, b_out = self.op_params()
+        if _MlpPlan is not None and w_in.device.type == "cpu" and w_in.dtype in (torch.float32, torch.float64):
+            w_x = self.x_proj.weight if self.x_proj is not None else None
+            plan = _MlpPlan(w_x, w_in, self._b_in(), list(weights), list(biases), w_out, b_out, self.activation,
+                            self.residual)
+        watch = []
+        for mod in [self.y_proj, self.head, *self.layers] + ([self.x_proj] if self.x_proj is not None else []):
+            for name, param in mod._parameters.items():
+                watch.append((mod._parameters, name, param))
+        self._plan_cache = (plan, watch)
+        self._plan_dtype = w_in.dtype if plan is not None else None
+        return plan
+
+    def _fast_plan(self, ctx, y, backend):
+        """The plan when this call runs on the cpu backend in eager mode, else None."""
+        if type(y) is not torch.Tensor or type(ctx) is not torch.Tensor or not y.is_cpu or _compiling():
+            return None
+        if _backend.resolve(y.device, backend or self.backend, _SUPPORTED) != "cpu":
+            return None
+        return self.cpu_plan()
 
     def _b_in(self) -> Optional[torch.Tensor]:
         return self.y_proj.bias if self.bias else None
@@ -142,6 +191,11 @@ class MLPEnergy(nn.Module):
 
     def energy(self, ctx: torch.Tensor, y: torch.Tensor, backend: Optional[str] = None) -> torch.Tensor:
         """E [B, K] for y [B, K, candidate_dim]."""
+        plan = self._fast_plan(ctx, y, backend)
+        if plan is not None:
+            out = plan.energy(ctx, y)
+            if out is not None:
+                return out
         self._check_y(ctx, y)
         w_in, weights, biases, w_out, b_out = self.op_params()
         prev = torch.is_grad_enabled()
@@ -155,6 +209,11 @@ class MLPEnergy(nn.Module):
     def energy_and_grad(self, ctx: torch.Tensor, y: torch.Tensor,
                         backend: Optional[str] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         """(E [B, K], dE/dy [B, K, candidate_dim]) in one fused call."""
+        plan = self._fast_plan(ctx, y, backend)
+        if plan is not None:
+            out = plan.energy_and_grad(ctx, y)
+            if out is not None:
+                return out
         self._check_y(ctx, y)
         w_in, weights, biases, w_out, b_out = self.op_params()
         prev = torch.is_grad_enabled()

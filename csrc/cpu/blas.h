@@ -64,6 +64,18 @@ inline void gemm_nt(int64_t M, int64_t N, int64_t K, const T* A, const T* W, T* 
 #endif
 }
 
+// gemm_nt with an optional W^T [K, N] packed ahead of time: where the small path would pack W^T itself it
+// uses Wt instead; everywhere else it is gemm_nt. The same kernel runs on the same values either way, so
+// the results are bitwise those of gemm_nt.
+template <typename T>
+inline void gemm_nt_pk(int64_t M, int64_t N, int64_t K, const T* A, const T* W, const T* Wt, T* C, bool accumulate) {
+#ifdef PYEBM_SMALL_GEMM
+  if constexpr (std::is_same<T, float>::value)
+    if (Wt != nullptr && M > 0 && N > 0 && small_gemm_nt_packed(M, N, K, A, Wt, C, accumulate)) return;
+#endif
+  gemm_nt<T>(M, N, K, A, W, C, accumulate);
+}
+
 // C[M, K] (+)= G[M, N] @ W[N, K]   (input gradient through nn.Linear)
 template <typename T>
 inline void gemm_nn(int64_t M, int64_t N, int64_t K, const T* G, const T* W, T* C, bool accumulate) {

@@ -30,6 +30,10 @@ struct MlpDesc {
   const T* ctx = nullptr;        // [B, H_1]  (W_x x + b_1)
   const T* w_in = nullptr;       // [H_1, D]
   const T* w[kMaxLayers]{};      // w[l] : [H_{l+2}, H_{l+1}] for l = 0 .. L-2
+  // Optional W^T copies ([D, H_1] and [H_{l+1}, H_{l+2}]) packed once by a plan (mlp_plan.cpp): the small
+  // forward products then skip their per-call transpose. Null: packed per call where needed.
+  const T* wt_in = nullptr;
+  const T* wt[kMaxLayers]{};
   const T* b[kMaxLayers]{};      // b[l] : [H_{l+2}]
   const T* w_out = nullptr;      // [H_L]
   T b_out = T(0);
@@ -110,7 +114,7 @@ void mlp_block(const MlpDesc<T>& p, int64_t row0, int64_t M, const T* y, T* E, T
     const T* c = p.ctx + ((row0 + i) / p.K) * H1;
     std::copy(c, c + H1, h[0] + i * H1);
   }
-  gemm_nt<T>(M, H1, p.D, y, p.w_in, h[0], /*accumulate=*/true);
+  gemm_nt_pk<T>(M, H1, p.D, y, p.w_in, p.wt_in, h[0], /*accumulate=*/true);
   if (grad) act_pass<A, T>(M * H1, h[0], d[0]); else act_pass_fwd<A, T>(M * H1, h[0]);
 
   for (int l = 0; l + 1 < L; ++l) {
@@ -118,7 +122,7 @@ void mlp_block(const MlpDesc<T>& p, int64_t row0, int64_t M, const T* y, T* E, T
     T* z = h[l + 1];
     const T* bias = p.b[l];
     for (int64_t i = 0; i < M; ++i) std::copy(bias, bias + Ho, z + i * Ho);
-    gemm_nt<T>(M, Ho, Hi, h[l], p.w[l], z, /*accumulate=*/true);
+    gemm_nt_pk<T>(M, Ho, Hi, h[l], p.w[l], p.wt[l], z, /*accumulate=*/true);
     if (grad) act_pass<A, T>(M * Ho, z, d[l + 1]); else act_pass_fwd<A, T>(M * Ho, z);
     if (p.res_at(l)) {
       const T* hp = h[l];

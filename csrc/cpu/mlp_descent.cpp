@@ -10,6 +10,7 @@
 #include "descent_args.h"
 #include "descent_update.h"
 #include "mlp_block.h"
+#include "mlp_descent_cpu.h"
 #include "mlp_energy_cpu.h"
 
 namespace pyebm {
@@ -22,58 +23,6 @@ std::vector<double> host_schedule(const at::Tensor& t, const char* name, int64_t
   at::Tensor c = t.to(at::kCPU, at::kDouble).contiguous();
   const double* p = c.data_ptr<double>();
   return std::vector<double>(p, p + T_);
-}
-
-template <Act A, typename T>
-void descent_block(const MlpDesc<T>& p, const UpdateRule<T>& u, const std::vector<double>& eta,
-                   const std::vector<double>& nlev, int64_t N, int64_t r0, int64_t m, T* y, const T* fixed,
-                   const uint8_t* mask, const T* noise, bool nesterov, T* E_final, T* E_init, int32_t* steps,
-                   int8_t* status, T* ws) {
-  const int64_t D = p.D;
-  T* mlp_ws = ws;
-  ws += m * p.ws_per_row(true);
-  T* q = ws;
-  ws += m * D;
-  T* G = ws;
-  ws += m * D;
-  T* v = ws;
-  ws += m * D;
-  T* E = ws;
-  ws += m;
-  T* scratch = ws;
-  ws += 2 * D;
-  uint8_t* active = reinterpret_cast<uint8_t*>(ws);
-  uint8_t* pending = active + m;
-  std::memset(active, 1, m);
-  std::memset(pending, 0, m);
-  std::fill(v, v + m * D, T(0));
-  std::fill(steps, steps + m, 0);
-  std::fill(status, status + m, int8_t(kMaxSteps));
-  const int64_t Tn = static_cast<int64_t>(eta.size());
-  int64_t running = m;
-  for (int64_t k = 0; k < Tn && running > 0; ++k) {
-    const T* eval = y;
-    if (nesterov && u.momentum > T(0)) {
-      for (int64_t i = 0; i < m * D; ++i) q[i] = y[i] + u.momentum * v[i];
-      eval = q;
-    }
-    mlp_block<A, T>(p, r0, m, eval, E, G, mlp_ws);
-    if (k == 0) std::copy(E, E + m, E_init);
-    const T eta_k = T(eta[k]), n_k = T(nlev[k]);
-    running = 0;
-    for (int64_t i = 0; i < m; ++i) {
-      const T* xi = noise ? noise + ((k * N) + r0 + i) * D : nullptr;
-      RowState<T> st{y + i * D, v + i * D, active + i, steps + i, status + i, pending + i};
-      update_row<T>(u, eta_k, n_k, E[i], G + i * D, y + i * D, xi, mask ? mask + i * D : nullptr,
-                    fixed ? fixed + i * D : nullptr, st, scratch);
-      running += active[i];
-    }
-  }
-  if (!u.bound_each_step && (u.lower || u.upper)) {
-    for (int64_t i = 0; i < m; ++i)
-      bound_row_at_end<T>(u, y + i * D, mask ? mask + i * D : nullptr, fixed ? fixed + i * D : nullptr);
-  }
-  mlp_block<A, T>(p, r0, m, y, E_final, nullptr, mlp_ws);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlp_descent_cpu(
@@ -114,27 +63,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlp_desce
       const UpdateRule<T> u = make_rule<T>(D, grad_scale, momentum, grad_clip, grad_clip_norm, energy_scaled,
                                            energy_temperature, tol, tol_final_step, bound_each_step, lower, upper,
                                            step_clip, nm);
-      // Per-row working set: the MLP buffers plus q, G, v and E, and the per-block flags.
-      const int64_t row_elems = p.ws_per_row(true) + 3 * D + 1 + 1;
-      const int64_t M = block_rows(N, row_elems * int64_t(sizeof(T)), p.flops_per_row(true) * Tn);
-      const int64_t ws_elems = M * row_elems + 2 * D + (2 * M + sizeof(T) - 1) / sizeof(T) + 1;
-      T* yp = y.data_ptr<T>();
-      const T* fp = fixed.defined() ? fixed.data_ptr<T>() : nullptr;
-      const uint8_t* mp = mask.defined() ? reinterpret_cast<const uint8_t*>(mask.data_ptr<bool>()) : nullptr;
-      const T* np = noise.defined() ? noise.data_ptr<T>() : nullptr;
-      with_act(act, [&](auto a) {
-        constexpr Act A = decltype(a)::value;
-        for_each_block(N, M, [&](int64_t b0, int64_t b1) {
-          T* ws = thread_scratch<T>(ws_elems);
-          for (int64_t blk = b0; blk < b1; ++blk) {
-            const int64_t r0 = blk * M, m = std::min(M, N - r0);
-            descent_block<A, T>(p, u, eta, nlev, N, r0, m, yp + r0 * D, fp ? fp + r0 * D : nullptr,
-                                mp ? mp + r0 * D : nullptr, np, nesterov, E_final.data_ptr<T>() + r0,
-                                E_init.data_ptr<T>() + r0, steps.data_ptr<int32_t>() + r0,
-                                status.data_ptr<int8_t>() + r0, ws);
-          }
-        });
-      });
+      run_descent<T>(p, u, act, eta, nlev, N, y.data_ptr<T>(), fixed.defined() ? fixed.data_ptr<T>() : nullptr,
+                     mask.defined() ? reinterpret_cast<const uint8_t*>(mask.data_ptr<bool>()) : nullptr,
+                     noise.defined() ? noise.data_ptr<T>() : nullptr, nesterov, E_final.data_ptr<T>(),
+                     E_init.data_ptr<T>(), steps.data_ptr<int32_t>(), status.data_ptr<int8_t>());
     });
   }
   if (out_dtype != dt) {

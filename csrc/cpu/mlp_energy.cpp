@@ -123,24 +123,6 @@ int64_t block_rows(int64_t N, int64_t row_bytes, int64_t flops_per_row) {
 
 namespace {
 
-template <typename T>
-void run(const MlpDesc<T>& p, Act act, int64_t N, const T* y, T* E, T* G) {
-  const bool grad = G != nullptr;
-  const int64_t row_elems = p.ws_per_row(grad);
-  const int64_t M = block_rows(N, row_elems * int64_t(sizeof(T)), p.flops_per_row(grad));
-  with_act(act, [&](auto a) {
-    constexpr Act A = decltype(a)::value;
-    for_each_block(N, M, [&](int64_t b0, int64_t b1) {
-      T* ws = thread_scratch<T>(M * row_elems);
-      for (int64_t blk = b0; blk < b1; ++blk) {
-        const int64_t r0 = blk * M;
-        const int64_t m = std::min(M, N - r0);
-        mlp_block<A, T>(p, r0, m, y + r0 * p.D, E + r0, grad ? G + r0 * p.D : nullptr, ws);
-      }
-    });
-  });
-}
-
 std::tuple<at::Tensor, at::Tensor> mlp_impl(const at::Tensor& ctx_, const at::Tensor& y_, const at::Tensor& w_in_,
                                             at::TensorList weights_, at::TensorList biases_,
                                             const at::Tensor& w_out_, const at::Tensor& b_out_,
@@ -159,7 +141,7 @@ std::tuple<at::Tensor, at::Tensor> mlp_impl(const at::Tensor& ctx_, const at::Te
   if (N > 0) {
     AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "pyebm_mlp_energy", [&] {
       const MlpDesc<scalar_t> p = make_desc<scalar_t>(s, mt, residual);
-      run<scalar_t>(p, act, N, y.data_ptr<scalar_t>(), E.data_ptr<scalar_t>(),
+      run_mlp<scalar_t>(p, act, N, y.data_ptr<scalar_t>(), E.data_ptr<scalar_t>(),
                     grad ? G.data_ptr<scalar_t>() : nullptr);
     });
   }

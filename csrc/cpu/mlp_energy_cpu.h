@@ -85,5 +85,24 @@ void with_act(Act act, const F& f) {
   }
 }
 
+// E [N] (and dE/dy [N, D] when G != nullptr) for N rows of y [N, D]: row blocks in parallel.
+template <typename T>
+void run_mlp(const MlpDesc<T>& p, Act act, int64_t N, const T* y, T* E, T* G) {
+  const bool grad = G != nullptr;
+  const int64_t row_elems = p.ws_per_row(grad);
+  const int64_t M = block_rows(N, row_elems * int64_t(sizeof(T)), p.flops_per_row(grad));
+  with_act(act, [&](auto a) {
+    constexpr Act A = decltype(a)::value;
+    for_each_block(N, M, [&](int64_t b0, int64_t b1) {
+      T* ws = thread_scratch<T>(M * row_elems);
+      for (int64_t blk = b0; blk < b1; ++blk) {
+        const int64_t r0 = blk * M;
+        const int64_t m = std::min(M, N - r0);
+        mlp_block<A, T>(p, r0, m, y + r0 * p.D, E + r0, grad ? G + r0 * p.D : nullptr, ws);
+      }
+    });
+  });
+}
+
 }  // namespace cpu
 }  // namespace pyebm

@@ -9,13 +9,21 @@
 #include <cstring>
 #include <limits>
 
+#include "select_best.h"
+
 namespace pyebm {
 namespace cpu {
-namespace {
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> select_best_cpu(const at::Tensor& y_, const at::Tensor& E_,
-                                                               const at::Tensor& E_init_, const at::Tensor& status_,
-                                                               c10::string_view selection) {
+int parse_selection(c10::string_view selection) {
+  if (selection == "min") return 0;
+  if (selection == "max") return 1;
+  if (selection == "max_gap") return 2;
+  TORCH_CHECK(false, "pyebm: selection must be min, max or max_gap; got '", std::string(selection), "'");
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> select_best_impl(const at::Tensor& y_, const at::Tensor& E_,
+                                                                const at::Tensor& E_init_, const at::Tensor& status_,
+                                                                int mode) {
   TORCH_CHECK(E_.dim() == 2, "pyebm: E must be [B, K]; got shape ", E_.sizes());
   const int64_t B = E_.size(0), K = E_.size(1);
   TORCH_CHECK(K >= 1, "pyebm: select_best needs at least one candidate per context (K >= 1)");
@@ -26,11 +34,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> select_best_cpu(const at::Tensor&
               "pyebm: status must be int8 [B, K]; got ", status_.scalar_type(), " ", status_.sizes());
   TORCH_CHECK(E_.scalar_type() == E_init_.scalar_type(), "pyebm: E_init has dtype ", E_init_.scalar_type(),
               " but E has ", E_.scalar_type());
-  int mode;
-  if (selection == "min") mode = 0;
-  else if (selection == "max") mode = 1;
-  else if (selection == "max_gap") mode = 2;
-  else TORCH_CHECK(false, "pyebm: selection must be min, max or max_gap; got '", std::string(selection), "'");
   const at::Tensor E = E_.contiguous(), E0 = E_init_.contiguous();
   const at::Tensor status = status_.contiguous();
   at::Tensor idx = at::empty({B}, E_.options().dtype(at::kLong));
@@ -78,6 +81,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> select_best_cpu(const at::Tensor&
     }
   }
   return {best_y, best_E, idx};
+}
+
+namespace {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> select_best_cpu(const at::Tensor& y, const at::Tensor& E,
+                                                               const at::Tensor& E_init, const at::Tensor& status,
+                                                               c10::string_view selection) {
+  return select_best_impl(y, E, E_init, status, parse_selection(selection));
 }
 
 }  // namespace

@@ -21,6 +21,7 @@ import torch
 from pyebm import _backend
 
 _HAS_CPU_OP = _backend.ext() is not None and hasattr(torch.ops.pyebm, "mlp_descent")
+_DescentRule = getattr(_backend.ext(), "DescentRule", None)
 
 if _HAS_CPU_OP:
 
@@ -129,3 +130,44 @@ def run_whole_loop(model, ctx, cfg, *, y0: torch.Tensor, mask: Optional[torch.Te
         torch._C._set_grad_enabled(prev)
     y, E_final, E_init, steps, status = out
     return y.view(y0.shape), E_final, E_init, steps, status
+
+
+# -- the cpu plan's whole loop (MLPEnergy.cpu_plan().descent) ------------------------------------------
+
+_RULES: dict = {}
+
+
+def plan_rule(cfg, dtype: torch.dtype, D: int):
+    """The compiled update rule (``pyebm._C.DescentRule``) for ``cfg`` on candidates [.., D] of ``dtype``,
+    built once per config object; None when the plan's whole loop does not implement ``cfg``."""
+    entry = _RULES.get(id(cfg))
+    if entry is None or entry[0] is not cfg:
+        if len(_RULES) >= 256:
+            _RULES.clear()
+        entry = _RULES[id(cfg)] = (cfg, {})  # holding cfg keeps its id from being reused
+    rules = entry[1]
+    key = (dtype, D)
+    try:
+        return rules[key]
+    except KeyError:
+        pass
+    rule = None
+    if _DescentRule is not None and config_supported(cfg) and cfg.selection in ("min", "max", "max_gap"):
+        from pyebm.descent import _event_option
+
+        try:
+            opts = [_event_option(name, getattr(cfg, name), (D,), "cpu", dtype)
+                    for name in ("lower", "upper", "step_clip")]
+        except ValueError:
+            opts = None  # not broadcastable to [D]: the general path reports it
+        if opts is not None:
+            eta, nlev = _schedules(cfg, "cpu")
+            rule = _DescentRule(eta=eta.tolist(), noise_level=nlev.tolist(), grad_scale=float(cfg.grad_scale),
+                                momentum=float(cfg.momentum), nesterov=bool(cfg.nesterov), grad_clip=cfg.grad_clip,
+                                grad_clip_norm=cfg.grad_clip_norm, energy_scaled=cfg.step_schedule == "energy",
+                                energy_temperature=float(cfg.energy_temperature), tol=float(cfg.tol),
+                                tol_final_step=bool(cfg.tol_final_step), bound_each_step=bool(cfg.bound_each_step),
+                                noise_mode=cfg.noise, lower=opts[0], upper=opts[1], step_clip=opts[2],
+                                selection=cfg.selection)
+    rules[key] = rule
+    return rule
