@@ -171,7 +171,20 @@ def _compare(fast, ref64, ref_lo, dtype, what=("y", "energy", "best", "best_ener
         assert err <= 4 * rerr + 256 * eps, (name, err, rerr)
     assert torch.equal(fast.steps, ref_lo.steps), (fast.steps, ref_lo.steps)
     assert torch.equal(fast.status, ref_lo.status), (fast.status, ref_lo.status)
-    assert torch.equal(fast.best_index, ref_lo.best_index), (fast.best_index, ref_lo.best_index)
+    _assert_same_choice(fast, ref_lo, eps)
+
+
+def _assert_same_choice(fast, ref, eps):
+    """Same best candidate; where they differ, the two candidates' energies must tie within the dtype's
+    rounding (candidates that converged to the same point)."""
+    differ = fast.best_index != ref.best_index
+    if not differ.any():
+        return
+    E = fast.energy.double()
+    rows = torch.arange(E.shape[0])
+    gap = (E[rows, fast.best_index] - E[rows, ref.best_index]).abs()[differ]
+    scale = E.abs().max().clamp_min(1.0)
+    assert (gap <= 64 * eps * scale).all(), (fast.best_index, ref.best_index, gap)
 
 
 def _run_case(kw, backend, dtype, mask=None, init_shape=None, seed=7):

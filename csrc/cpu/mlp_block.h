@@ -90,10 +90,28 @@ inline void act_pass_fwd(int64_t n, T* __restrict z_to_h) {
   for (int64_t i = 0; i < n; ++i) z_to_h[i] = act_fwd<A, T>(z_to_h[i]);
 }
 
+// a . b over n elements with 16 independent partial sums (lane t takes the elements j = t mod 16), folded
+// in a fixed pairwise order: vectorises without reassociation, and gives the same value on every ISA
+// copy up to the FMA contraction of the products.
+template <typename T>
+inline __attribute__((always_inline)) T dot_lanes(const T* __restrict a, const T* __restrict b, int64_t n) {
+  T part[16] = {};
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) {
+    for (int t = 0; t < 16; ++t) part[t] += a[j + t] * b[j + t];
+  }
+  for (int t = 0; j + t < n; ++t) part[t] += a[j + t] * b[j + t];
+  for (int w = 8; w >= 1; w /= 2) {
+    for (int t = 0; t < w; ++t) part[t] += part[t + w];
+  }
+  return part[0];
+}
+
 // Rows [row0, row0 + M) of y (contiguous [rows, D]). Writes E[M]; with G != nullptr also dE/dy [M, D].
-// ws must hold M * desc.ws_per_row(G != nullptr) elements.
+// ws must hold M * desc.ws_per_row(G != nullptr) elements. mlp_block (below) picks the ISA copy.
 template <Act A, typename T>
-void mlp_block(const MlpDesc<T>& p, int64_t row0, int64_t M, const T* y, T* E, T* G, T* ws) {
+inline __attribute__((always_inline)) void mlp_block_body(const MlpDesc<T>& p, int64_t row0, int64_t M, const T* y,
+                                                          T* E, T* G, T* ws) {
   const bool grad = G != nullptr;
   const int L = p.num_hidden;
   T* h[kMaxLayers];
@@ -133,13 +151,7 @@ void mlp_block(const MlpDesc<T>& p, int64_t row0, int64_t M, const T* y, T* E, T
 
   // Energy: one dot per row with w_out.
   const int64_t HL = p.width[L - 1];
-  for (int64_t i = 0; i < M; ++i) {
-    const T* hr = h[L - 1] + i * HL;
-    T acc = T(0);
-#pragma omp simd reduction(+ : acc)
-    for (int64_t j = 0; j < HL; ++j) acc += hr[j] * p.w_out[j];
-    E[i] = acc + p.b_out;
-  }
+  for (int64_t i = 0; i < M; ++i) E[i] = dot_lanes<T>(h[L - 1] + i * HL, p.w_out, HL) + p.b_out;
   if (!grad) return;
 
   // Backward to the input. dE/dh_L = w_out for every row; d[l] becomes dE/dz_l in place.
@@ -169,6 +181,26 @@ void mlp_block(const MlpDesc<T>& p, int64_t row0, int64_t M, const T* y, T* E, T
     for (int64_t i = 0; i < M * Hi; ++i) dl[i] *= dh[i];
   }
   gemm_nn<T>(M, H1, p.D, d[0], p.w_in, G, /*accumulate=*/false);
+}
+
+// The block's element-wise passes (copies, products, the energy dot) compiled for AVX-512 as well as for the
+// baseline ISA; the GEMMs and activation passes dispatch on their own.
+#if defined(PYEBM_VEC_ACT) && defined(__x86_64__)
+#define PYEBM_HAVE_ISA_COPIES 1
+#define PYEBM_TARGET_AVX512 __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,avx2,fma")))
+template <Act A, typename T>
+PYEBM_TARGET_AVX512 __attribute__((noinline)) void mlp_block_avx512(const MlpDesc<T>& p, int64_t row0, int64_t M,
+                                                                    const T* y, T* E, T* G, T* ws) {
+  mlp_block_body<A, T>(p, row0, M, y, E, G, ws);
+}
+#endif
+
+template <Act A, typename T>
+inline void mlp_block(const MlpDesc<T>& p, int64_t row0, int64_t M, const T* y, T* E, T* G, T* ws) {
+#ifdef PYEBM_HAVE_ISA_COPIES
+  if (cpu_vec_level() == 2) return mlp_block_avx512<A, T>(p, row0, M, y, E, G, ws);
+#endif
+  mlp_block_body<A, T>(p, row0, M, y, E, G, ws);
 }
 
 }  // namespace cpu

@@ -17,7 +17,7 @@ namespace pyebm {
 namespace cpu {
 
 template <Act A, typename T>
-void descent_block(const MlpDesc<T>& p, const UpdateRule<T>& u, const std::vector<double>& eta,
+inline __attribute__((always_inline)) void descent_block_body(const MlpDesc<T>& p, const UpdateRule<T>& u, const std::vector<double>& eta,
                    const std::vector<double>& nlev, int64_t N, int64_t r0, int64_t m, T* y, const T* fixed,
                    const uint8_t* mask, const T* noise, bool nesterov, T* E_final, T* E_init, int32_t* steps,
                    int8_t* status, T* ws) {
@@ -66,6 +66,32 @@ void descent_block(const MlpDesc<T>& p, const UpdateRule<T>& u, const std::vecto
       bound_row_at_end<T>(u, y + i * D, mask ? mask + i * D : nullptr, fixed ? fixed + i * D : nullptr);
   }
   mlp_block<A, T>(p, r0, m, y, E_final, nullptr, mlp_ws);
+}
+
+// descent_block_body for the baseline ISA or (the update's per-row loops over D) AVX-512.
+#ifdef PYEBM_HAVE_ISA_COPIES
+template <Act A, typename T>
+PYEBM_TARGET_AVX512 __attribute__((noinline)) void descent_block_avx512(
+    const MlpDesc<T>& p, const UpdateRule<T>& u, const std::vector<double>& eta, const std::vector<double>& nlev,
+    int64_t N, int64_t r0, int64_t m, T* y, const T* fixed, const uint8_t* mask, const T* noise, bool nesterov,
+    T* E_final, T* E_init, int32_t* steps, int8_t* status, T* ws) {
+  descent_block_body<A, T>(p, u, eta, nlev, N, r0, m, y, fixed, mask, noise, nesterov, E_final, E_init, steps, status,
+                           ws);
+}
+#endif
+
+template <Act A, typename T>
+inline void descent_block(const MlpDesc<T>& p, const UpdateRule<T>& u, const std::vector<double>& eta,
+                          const std::vector<double>& nlev, int64_t N, int64_t r0, int64_t m, T* y, const T* fixed,
+                          const uint8_t* mask, const T* noise, bool nesterov, T* E_final, T* E_init, int32_t* steps,
+                          int8_t* status, T* ws) {
+#ifdef PYEBM_HAVE_ISA_COPIES
+  if (cpu_vec_level() == 2)
+    return descent_block_avx512<A, T>(p, u, eta, nlev, N, r0, m, y, fixed, mask, noise, nesterov, E_final, E_init,
+                                      steps, status, ws);
+#endif
+  descent_block_body<A, T>(p, u, eta, nlev, N, r0, m, y, fixed, mask, noise, nesterov, E_final, E_init, steps, status,
+                           ws);
 }
 
 // All T = eta.size() steps for N rows: y [N, D] in place (the state), fixed/mask [N, D] or null, noise
