@@ -95,6 +95,7 @@ def backends(refresh: bool = False) -> BackendReport:
         return _REPORT
     _REPORT = _compute_report()
     _RESOLVED.clear()
+    _CPU_RESOLVED.clear()
     return _REPORT
 
 
@@ -157,6 +158,18 @@ def resolve(device, backend: Optional[str] = None, supported=BACKENDS) -> str:
     name = _resolve(device, backend, supported)
     _RESOLVED[key] = name
     return name
+
+
+_CPU_RESOLVED: Dict[tuple, bool] = {}
+
+
+def resolves_to_cpu(backend: Optional[str] = None) -> bool:
+    """resolve(cpu device, backend, all backends) == "cpu", with a smaller cache key (the eager fast paths)."""
+    key = (backend, _env_pair(), _REPORT is None)
+    hit = _CPU_RESOLVED.get(key)
+    if hit is None:
+        hit = _CPU_RESOLVED[key] = resolve(torch.device("cpu"), backend, BACKENDS) == "cpu"
+    return hit
 
 
 def _resolve(device, backend: Optional[str] = None, supported=BACKENDS) -> str:

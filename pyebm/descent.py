@@ -717,6 +717,8 @@ def _fast_minimize(energy: MLPEnergy, context, K: int, cfg: Descent, init, gener
     if generator is not None and (type(generator) is not torch.Generator or generator.device.type != "cpu"):
         return None
     plan = energy._fast_plan(context, context, backend)
+    if plan is not None and plan.stale:  # a parameter object was replaced: a new plan
+        plan = energy.cpu_plan()
     if plan is None:
         return None
     dtype = energy._plan_dtype

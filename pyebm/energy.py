@@ -63,6 +63,7 @@ class MLPEnergy(nn.Module):
         self._params_cache = None
         self._plan_cache = None
         self._plan_dtype = None
+        self._plan_fast = None
 
     def extra_repr(self) -> str:
         return (f"context_dim={self.context_dim}, candidate_dim={self.candidate_dim}, hidden={self.hidden}, "
@@ -80,6 +81,7 @@ class MLPEnergy(nn.Module):
         # .to() / .cuda() / .double() move parameter storage: views cached in op_params go stale.
         self._params_cache = None
         self._plan_cache = None
+        self._plan_fast = None
         self._zeros = {}
         return super()._apply(*args, **kwargs)
 
@@ -127,32 +129,40 @@ class MLPEnergy(nn.Module):
         """
         cache = self._plan_cache
         if cache is not None:
-            for slot, name, param in cache[1]:
-                if slot.get(name) is not param:
-                    break
-            else:
-                return cache[0]
+            plan = cache[0]
+            if plan is not None and not plan.stale:
+                self._plan_fast = plan
+                return plan
+            if plan is None:
+                for slot, name, param in cache[1]:
+                    if slot.get(name) is not param:
+                        break
+                else:
+                    return None
         plan = None
         w_in, weights, biases, w_out, b_out = self.op_params()
-        if _MlpPlan is not None and w_in.device.type == "cpu" and w_in.dtype in (torch.float32, torch.float64):
-            w_x = self.x_proj.weight if self.x_proj is not None else None
-            plan = _MlpPlan(w_x, w_in, self._b_in(), list(weights), list(biases), w_out, b_out, self.activation,
-                            self.residual)
         watch = []
         for mod in [self.y_proj, self.head, *self.layers] + ([self.x_proj] if self.x_proj is not None else []):
             for name, param in mod._parameters.items():
                 watch.append((mod._parameters, name, param))
+        if _MlpPlan is not None and w_in.device.type == "cpu" and w_in.dtype in (torch.float32, torch.float64):
+            w_x = self.x_proj.weight if self.x_proj is not None else None
+            plan = _MlpPlan(w_x, w_in, self._b_in(), list(weights), list(biases), w_out, b_out, self.activation,
+                            self.residual)
+            plan.watch(watch)
         self._plan_cache = (plan, watch)
         self._plan_dtype = w_in.dtype if plan is not None else None
+        self._plan_fast = plan
         return plan
 
     def _fast_plan(self, ctx, y, backend):
         """The plan when this call runs on the cpu backend in eager mode, else None."""
         if type(y) is not torch.Tensor or type(ctx) is not torch.Tensor or not y.is_cpu or _compiling():
             return None
-        if _backend.resolve(y.device, backend or self.backend, _SUPPORTED) != "cpu":
+        if not _backend.resolves_to_cpu(backend or self.backend):
             return None
-        return self.cpu_plan()
+        plan = self._plan_fast
+        return plan if plan is not None else self.cpu_plan()
 
     def _b_in(self) -> Optional[torch.Tensor]:
         return self.y_proj.bias if self.bias else None
@@ -196,6 +206,7 @@ class MLPEnergy(nn.Module):
             out = plan.energy(ctx, y)
             if out is not None:
                 return out
+            self._plan_fast = None  # inputs the plan does not take, or a stale plan: checked again next call
         self._check_y(ctx, y)
         w_in, weights, biases, w_out, b_out = self.op_params()
         prev = torch.is_grad_enabled()
@@ -214,6 +225,7 @@ class MLPEnergy(nn.Module):
             out = plan.energy_and_grad(ctx, y)
             if out is not None:
                 return out
+            self._plan_fast = None
         self._check_y(ctx, y)
         w_in, weights, biases, w_out, b_out = self.op_params()
         prev = torch.is_grad_enabled()

@@ -103,6 +103,27 @@ def test_plan_sees_in_place_updates_and_replacements():
     assert_bitwise(m.energy_and_grad(ctx, y), op_path(m, ctx, y))
     assert m.cpu_plan() is not plan
 
+    plan = m.cpu_plan()
+    m.layers[0]._parameters["weight"] = nn.Parameter(torch.randn(64, 64))  # behind nn.Module's back
+    assert plan.stale
+    assert_bitwise(m.energy_and_grad(ctx, y), op_path(m, ctx, y))
+    assert_bitwise(m.energy(ctx, y), op_path(m, ctx, y, grad=False))
+    assert not m.cpu_plan().stale
+
+    # torch.func.functional_call swaps parameters into the module's slots for a call (this context manager
+    # is how it does it): the plan must see the swapped-in values, then the module's own again.
+    try:
+        from torch.nn.utils.stateless import _reparametrize_module
+    except ImportError:
+        _reparametrize_module = None
+    if _reparametrize_module is not None:
+        swapped = {k: v.detach() * 0.5 for k, v in m.named_parameters()}
+        with _reparametrize_module(m, swapped):
+            got, want = m.energy_and_grad(ctx, y), op_path(m, ctx, y)
+        assert_bitwise(got, want)
+        assert not torch.equal(got[0], m.energy_and_grad(ctx, y)[0])
+        assert_bitwise(m.energy_and_grad(ctx, y), op_path(m, ctx, y))
+
     m.double()
     ctx64, y64 = m.prepare(x.double()), y.double()
     assert_bitwise(m.energy_and_grad(ctx64, y64), op_path(m, ctx64, y64))

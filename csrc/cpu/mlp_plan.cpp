@@ -141,10 +141,28 @@ class MlpPlan {
     state_ = build();
   }
 
-  // (E [B, K], dE/dy [B, K, D]), or None when the plan does not take these inputs as they are.
+  // (E [B, K], dE/dy [B, K, D]), or None when the plan does not take these inputs as they are (or is stale).
   py::object energy_and_grad(const at::Tensor& ctx, const at::Tensor& y) { return evaluate(ctx, y, true); }
   // E [B, K], or None.
   py::object energy(const at::Tensor& ctx, const at::Tensor& y) { return evaluate(ctx, y, false); }
+
+  // The module's parameter slots this plan was built from, as (dict, name, parameter) triples: when one of
+  // them holds another object, the plan is stale (stale() is true and every call returns None) and the
+  // module builds a new one.
+  void watch(const py::list& slots) {
+    watch_.clear();
+    for (const auto& item : slots) {
+      py::tuple t = py::reinterpret_borrow<py::tuple>(item);
+      TORCH_CHECK(t.size() == 3 && PyDict_Check(t[0].ptr()), "pyebm: MlpPlan.watch takes (dict, name, value) triples");
+      watch_.push_back({py::reinterpret_borrow<py::object>(t[0]), py::reinterpret_borrow<py::object>(t[1]),
+                        py::reinterpret_borrow<py::object>(t[2])});
+    }
+  }
+  bool stale() const {
+    for (const auto& w : watch_)
+      if (PyDict_GetItem(w.dict.ptr(), w.name.ptr()) != w.value.ptr()) return true;  // borrowed, no error set
+    return false;
+  }
 
   // The context term W_x x + b_1 [B, H1] for x [B, context_dim] (None when x does not fit), computed as
   // MLPEnergy.prepare computes it.
@@ -160,6 +178,7 @@ class MlpPlan {
   // fit the plan as they are.
   py::object descent(const at::Tensor& x, const at::Tensor& y0, const DescentRule& rule,
                      const c10::optional<at::Tensor>& noise, const c10::optional<at::Tensor>& mask) {
+    if (stale()) return py::none();
     std::shared_ptr<const PlanState> st = current();
     const RuleOptions& o = rule.options();
     if (!context_fits(*st, x) || !candidates_fit(*st, y0, x.size(0))) return py::none();
@@ -346,6 +365,7 @@ class MlpPlan {
   }
 
   py::object evaluate(const at::Tensor& ctx_, const at::Tensor& y_, bool grad) {
+    if (stale()) return py::none();
     std::shared_ptr<const PlanState> st = current();
     if (!ctx_.defined() || ctx_.dim() != 2 || ctx_.size(1) != st->H1 || ctx_.scalar_type() != st->dtype ||
         !ctx_.device().is_cpu() || !candidates_fit(*st, y_, ctx_.size(0)))
@@ -369,6 +389,10 @@ class MlpPlan {
     return py::make_tuple(E, G);
   }
 
+  struct Slot {
+    py::object dict, name, value;
+  };
+  std::vector<Slot> watch_;
   Act act_;
   bool residual_;
   int num_layers_ = 0;          // hidden-to-hidden layers (weights[])
@@ -399,6 +423,8 @@ void bind_plan(py::module& m) {
       .def("descent", &MlpPlan::descent, py::arg("x"), py::arg("y0"), py::arg("rule"), py::arg("noise"),
            py::arg("mask"))
       .def("refresh", &MlpPlan::refresh)
+      .def("watch", &MlpPlan::watch, py::arg("slots"))
+      .def_property_readonly("stale", &MlpPlan::stale)
       .def_property_readonly("packed_matrices", &MlpPlan::packed_matrices);
 }
 
