@@ -181,6 +181,8 @@ def _assert_same_choice(fast, ref, eps):
     if not differ.any():
         return
     E = fast.energy.double()
+    if E.dim() == 3:  # a recorded trajectory [steps + 1, B, K]: the final energies
+        E = E[-1]
     rows = torch.arange(E.shape[0])
     gap = (E[rows, fast.best_index] - E[rows, ref.best_index]).abs()[differ]
     scale = E.abs().max().clamp_min(1.0)

@@ -8,6 +8,7 @@
 // independent, so a non-finite value in one row never reaches another row's result.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <type_traits>
 
@@ -38,6 +39,9 @@ inline void fortran_gemm(const char* ta, const char* tb, int m, int n, int k, do
 }
 #endif
 
+template <typename T>
+inline void gemm_nn(int64_t M, int64_t N, int64_t K, const T* G, const T* W, T* C, bool accumulate);
+
 // C[M, N] (+)= A[M, K] @ W[N, K]^T   (nn.Linear forward: W is [out, in], row-major)
 template <typename T>
 inline void gemm_nt(int64_t M, int64_t N, int64_t K, const T* A, const T* W, T* C, bool accumulate) {
@@ -64,16 +68,33 @@ inline void gemm_nt(int64_t M, int64_t N, int64_t K, const T* A, const T* W, T* 
 #endif
 }
 
-// gemm_nt with an optional W^T [K, N] packed ahead of time: where the small path would pack W^T itself it
-// uses Wt instead; everywhere else it is gemm_nt. The same kernel runs on the same values either way, so
-// the results are bitwise those of gemm_nt.
+// Wt[K, N] = W[N, K]^T (W row-major [N, K]).
+template <typename T>
+inline void transpose_to(int64_t N, int64_t K, const T* W, T* Wt) {
+#ifdef PYEBM_SMALL_GEMM
+  if constexpr (std::is_same<T, float>::value) {
+    if (small_gemm_level() == 2) return small_gemm_pack_t(N, K, W, Wt);
+  }
+#endif
+  constexpr int64_t kB = 32;
+  for (int64_t j0 = 0; j0 < N; j0 += kB)
+    for (int64_t p0 = 0; p0 < K; p0 += kB)
+      for (int64_t j = j0; j < std::min(N, j0 + kB); ++j)
+        for (int64_t p = p0; p < std::min(K, p0 + kB); ++p) Wt[p * N + j] = W[j * K + p];
+}
+
+// C[M, N] (+)= A[M, K] @ W[N, K]^T given W^T [K, N] as well (Wt may be null: then gemm_nt). With Wt the
+// product runs as A @ Wt: the register-blocked kernel where it fits, else the BLAS "N", "N" product, which
+// MKL runs faster than the transposed form at a few hundred rows. Every caller that has W^T takes the same
+// branches for the same shapes, so the op and plan paths agree bit for bit.
 template <typename T>
 inline void gemm_nt_pk(int64_t M, int64_t N, int64_t K, const T* A, const T* W, const T* Wt, T* C, bool accumulate) {
+  if (Wt == nullptr) return gemm_nt<T>(M, N, K, A, W, C, accumulate);
 #ifdef PYEBM_SMALL_GEMM
   if constexpr (std::is_same<T, float>::value)
-    if (Wt != nullptr && M > 0 && N > 0 && small_gemm_nt_packed(M, N, K, A, Wt, C, accumulate)) return;
+    if (M > 0 && N > 0 && small_gemm_nt_packed(M, N, K, A, Wt, C, accumulate)) return;
 #endif
-  gemm_nt<T>(M, N, K, A, W, C, accumulate);
+  gemm_nn<T>(M, K, N, A, Wt, C, accumulate);
 }
 
 // C[M, K] (+)= G[M, N] @ W[N, K]   (input gradient through nn.Linear)

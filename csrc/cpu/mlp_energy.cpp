@@ -98,9 +98,17 @@ at::Tensor to_compute(const at::Tensor& t, at::ScalarType dt) {
   return (t.scalar_type() == dt && t.is_contiguous()) ? t : t.to(dt).contiguous();
 }
 
+at::Tensor transposed(const at::Tensor& w) {
+  at::Tensor t = at::empty({w.size(1), w.size(0)}, w.options());
+  AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "pyebm_transpose", [&] {
+    transpose_to<scalar_t>(w.size(0), w.size(1), w.data_ptr<scalar_t>(), t.data_ptr<scalar_t>());
+  });
+  return t;
+}
+
 MlpTensors prepare_mlp(const at::Tensor& ctx, at::ScalarType y_dtype, const at::Tensor& w_in,
                        at::TensorList weights, at::TensorList biases, const at::Tensor& w_out,
-                       const at::Tensor& b_out) {
+                       const at::Tensor& b_out, bool with_transposes) {
   MlpTensors m;
   // Half precision inputs are computed in float32 and rounded once at the end.
   m.dtype = (y_dtype == at::kDouble) ? at::kDouble : at::kFloat;
@@ -110,6 +118,10 @@ MlpTensors prepare_mlp(const at::Tensor& ctx, at::ScalarType y_dtype, const at::
   m.b_out = to_compute(b_out, m.dtype);
   for (const auto& t : weights) m.w.push_back(to_compute(t, m.dtype));
   for (const auto& t : biases) m.b.push_back(to_compute(t, m.dtype));
+  if (with_transposes) {
+    m.wt_in = transposed(m.w_in);
+    for (const auto& t : m.w) m.wt.push_back(transposed(t));
+  }
   return m;
 }
 
@@ -131,7 +143,7 @@ std::tuple<at::Tensor, at::Tensor> mlp_impl(const at::Tensor& ctx_, const at::Te
   TORCH_CHECK(y_.device().is_cpu(), "pyebm: the cpu kernel needs CPU tensors; got y on ", y_.device());
   const Act act = parse_activation(std::string(activation));
   const auto out_dtype = y_.scalar_type();
-  const MlpTensors mt = prepare_mlp(ctx_, out_dtype, w_in_, weights_, biases_, w_out_, b_out_);
+  const MlpTensors mt = prepare_mlp(ctx_, out_dtype, w_in_, weights_, biases_, w_out_, b_out_, /*with_transposes=*/true);
   const auto dt = mt.dtype;
   const at::Tensor y = to_compute(y_, dt);
 

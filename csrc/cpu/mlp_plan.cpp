@@ -61,7 +61,8 @@ struct PlanState {
   int64_t D = 0, H1 = 0, ctx_dim = 0;
   at::Tensor w_x, b_in;                // the sources, for the context term (exactly prepare()'s addmm)
   std::vector<at::Tensor> keep;        // contiguous views or copies the descriptors point into
-  std::vector<std::vector<float>> packs;  // W^T copies for the small forward products (float32)
+  at::Tensor wt_in;                    // W^T of the forward products
+  std::vector<at::Tensor> wt;
   MlpDesc<float> df;
   MlpDesc<double> dd;
   int64_t flops_grad = 0;              // per row, energy + input gradient
@@ -232,7 +233,7 @@ class MlpPlan {
 
   // Whether the sources changed since the last pack (repacks them if so); for tests and diagnostics.
   bool refresh() { return current_changed(); }
-  int64_t packed_matrices() const { return static_cast<int64_t>(state_->packs.size()); }
+  int64_t packed_matrices() const { return static_cast<int64_t>(state_->wt.size()) + 1; }
 
  private:
   std::shared_ptr<const PlanState> build() const {
@@ -308,24 +309,21 @@ class MlpPlan {
       p.b_out = b_out_c.data_ptr<T>()[0];
       p.residual = residual_;
     };
+    // W^T of every forward product, made once (the op path makes them once per call: same values).
+    st->wt_in = transposed(w_in_c);
+    for (const auto& w : wc) st->wt.push_back(transposed(w));
+    auto fill_t = [&](auto& p) {
+      using T = std::remove_const_t<std::remove_pointer_t<decltype(p.w_in)>>;
+      p.wt_in = st->wt_in.data_ptr<T>();
+      for (int l = 0; l < num_layers_; ++l) p.wt[l] = st->wt[l].data_ptr<T>();
+    };
     if (dt == at::kFloat) {
       fill(st->df);
-#ifdef PYEBM_SMALL_GEMM
-      // W^T for every forward product the small kernel may take (the same products gemm_nt would pack per
-      // call).
-      auto pack = [&](const float* W, int64_t N, int64_t K) -> const float* {
-        if (!small_gemm_nt_packable(N * K)) return nullptr;
-        st->packs.emplace_back(static_cast<size_t>(N * K));
-        small_gemm_pack_t(N, K, W, st->packs.back().data());
-        return st->packs.back().data();
-      };
-      st->packs.reserve(num_layers_ + 1);
-      st->df.wt_in = pack(st->df.w_in, st->H1, st->D);
-      for (int l = 0; l < num_layers_; ++l) st->df.wt[l] = pack(st->df.w[l], width[l + 1], width[l]);
-#endif
+      fill_t(st->df);
       st->flops_grad = st->df.flops_per_row(true);
     } else {
       fill(st->dd);
+      fill_t(st->dd);
       st->flops_grad = st->dd.flops_per_row(true);
     }
     return st;

@@ -226,10 +226,7 @@ inline bool small_gemm_nt_packed(int64_t M, int64_t N, int64_t K, const float* A
   return true;
 }
 
-// Whether a W [N, K] is worth packing ahead of time (small_gemm_nt_packed can use it for some block size).
-inline bool small_gemm_nt_packable(int64_t n_by_k) { return small_gemm_level() == 2 && small_gemm_nt_fits(1, n_by_k); }
-
-// Wt[K, N] = W[N, K]^T (AVX-512 copy; call only when small_gemm_nt_packable).
+// Wt[K, N] = W[N, K]^T (AVX-512 copy; call only when small_gemm_level() == 2).
 inline void small_gemm_pack_t(int64_t N, int64_t K, const float* W, float* Wt) {
   sgemm_detail::transpose16_avx512(N, K, W, Wt);
 }
