@@ -738,7 +738,7 @@ def _fast_minimize(energy: MLPEnergy, context, K: int, cfg: Descent, init, gener
         y0 = _initial(kind, cfg, (B, K, D), lower, upper, generator, context.device, dtype)
     elif (type(init) is Tensor and init.dim() == 3 and init.shape[0] == B and init.shape[1] == K
           and init.shape[2] == D and init.dtype == dtype and init.is_cpu):
-        y0 = init.detach()
+        y0 = init  # the plan copies it, with no autograd graph
     else:
         return None
     noise = None

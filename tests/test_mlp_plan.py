@@ -54,12 +54,14 @@ def test_plan_matches_the_op_bitwise(dtype, hidden, act, residual, B, K):
     torch.testing.assert_close(G, G_ref, rtol=tol, atol=tol)
 
 
-def test_plan_packs_the_small_products():
-    m = pyebm.MLPEnergy(4, 16, hidden=(64, 64))
-    plan = m.cpu_plan()
-    info = pyebm._backend.ext_info()
-    assert info["built"]
-    assert plan.packed_matrices in (0, 2)  # 2 with AVX-512 (W_in^T and W_1^T), none without
+def test_plan_transposes_every_forward_weight_once():
+    m = pyebm.MLPEnergy(4, 16, hidden=(64, 64, 32))
+    assert m.cpu_plan().packed_matrices == 3  # W_in^T, W_1^T, W_2^T
+    assert m.cpu_plan().refresh() is False
+    with torch.no_grad():
+        m.layers[1].weight.add_(1.0)
+    assert m.cpu_plan().refresh() is True  # re-made after the in-place change
+    assert m.cpu_plan().refresh() is False
 
 
 def test_plan_context_is_prepare():
@@ -238,6 +240,17 @@ def test_fast_minimize_inits_and_selections(init, selection, fast_calls):
     torch.manual_seed(3)
     b = minimize(m, x, candidates=7, config=cfg, init=init, event_shape=(3,))
     assert_same_result(a, b)
+
+
+def test_fast_minimize_records_no_graph(fast_calls):
+    m = pyebm.MLPEnergy(3, 4, hidden=(16,))
+    x = torch.randn(2, 3, requires_grad=True)
+    y0 = torch.randn(2, 5, 4, requires_grad=True)
+    res = minimize(m, x, candidates=5, config=Descent.gd(steps=3), init=y0)
+    assert fast_calls == [True]
+    for name in ("best", "best_energy", "y", "energy", "initial_energy"):
+        assert not getattr(res, name).requires_grad, name
+    assert torch.equal(res.y, general_path(m, x.detach(), 5, Descent.gd(steps=3), y0.detach(), 0).y)
 
 
 def test_fast_minimize_declines_what_it_does_not_run(fast_calls):

@@ -180,6 +180,7 @@ class MlpPlan {
   py::object descent(const at::Tensor& x, const at::Tensor& y0, const DescentRule& rule,
                      const c10::optional<at::Tensor>& noise, const c10::optional<at::Tensor>& mask) {
     if (stale()) return py::none();
+    at::NoGradGuard no_grad;  // inference: no autograd graph, whatever the inputs require
     std::shared_ptr<const PlanState> st = current();
     const RuleOptions& o = rule.options();
     if (!context_fits(*st, x) || !candidates_fit(*st, y0, x.size(0))) return py::none();
@@ -364,6 +365,7 @@ class MlpPlan {
 
   py::object evaluate(const at::Tensor& ctx_, const at::Tensor& y_, bool grad) {
     if (stale()) return py::none();
+    at::NoGradGuard no_grad;
     std::shared_ptr<const PlanState> st = current();
     if (!ctx_.defined() || ctx_.dim() != 2 || ctx_.size(1) != st->H1 || ctx_.scalar_type() != st->dtype ||
         !ctx_.device().is_cpu() || !candidates_fit(*st, y_, ctx_.size(0)))
