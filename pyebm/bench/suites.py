@@ -106,6 +106,13 @@ def ops_cases(quick: bool = False, device: str = "cpu", compile: bool = True, me
         ctx = model.prepare(x)
         for be in _pyebm_backends(device):
             cols.append((f"pyebm {be}", (lambda be=be: model.energy_and_grad(ctx, rot(), backend=be)), False))
+        if device == "cpu" and batch is None and pyebm.backends()["cpu"]:
+            # The same kernels through the registered op (the path torch.compile takes): the difference to
+            # "pyebm cpu" is the dispatcher, the argument lists and the per-call checks the plan avoids.
+            op_args = model.op_params()
+            op = torch.ops.pyebm.mlp_energy_grad.default
+            cols.append(("pyebm cpu, torch.ops op", (lambda: op(ctx, rot(), *op_args, model.activation,
+                                                                  model.residual)), False))
         for label, fn, base in cols:
             t = measure(fn, device=device, **kw)
             alloc = alloc_per_call(fn, device) if (memory and batch is None) else None
