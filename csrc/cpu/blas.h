@@ -83,6 +83,18 @@ inline void transpose_to(int64_t N, int64_t K, const T* W, T* Wt) {
         for (int64_t p = p0; p < std::min(K, p0 + kB); ++p) Wt[p * N + j] = W[j * K + p];
 }
 
+// Whether gemm_nt_pk takes the register-blocked path for every block of at most `rows` rows of a float32
+// weight with n_by_k elements, where it packs W^T itself (then a W^T made ahead is not needed to get the
+// same numbers as a caller that has one).
+inline bool nt_small_path_covers(bool is_float, int64_t rows, int64_t n_by_k) {
+#ifdef PYEBM_SMALL_GEMM
+  return is_float && small_gemm_level() == 2 && small_gemm_nt_fits(rows, n_by_k);
+#else
+  (void)is_float, (void)rows, (void)n_by_k;
+  return false;
+#endif
+}
+
 // C[M, N] (+)= A[M, K] @ W[N, K]^T given W^T [K, N] as well (Wt may be null: then gemm_nt). With Wt the
 // product runs as A @ Wt: the register-blocked kernel where it fits, else the BLAS "N", "N" product, which
 // MKL runs faster than the transposed form at a few hundred rows. Every caller that has W^T takes the same

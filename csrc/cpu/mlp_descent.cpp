@@ -43,7 +43,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlp_desce
   const std::vector<double> eta = host_schedule(eta_, "eta", Tn);
   const std::vector<double> nlev = host_schedule(noise_level_, "noise_level", Tn);
   const auto out_dtype = y0_.scalar_type();
-  const MlpTensors mt = prepare_mlp(ctx_, out_dtype, w_in_, weights_, biases_, w_out_, b_out_, /*with_transposes=*/true);
+  const MlpTensors mt = prepare_mlp(ctx_, out_dtype, w_in_, weights_, biases_, w_out_, b_out_,
+                                    /*transposes_for_rows=*/std::max<int64_t>(1, s.B * s.K));
   const auto dt = mt.dtype;
   const int64_t B = s.B, K = s.K, D = s.D, N = B * K;
 

@@ -108,7 +108,7 @@ at::Tensor transposed(const at::Tensor& w) {
 
 MlpTensors prepare_mlp(const at::Tensor& ctx, at::ScalarType y_dtype, const at::Tensor& w_in,
                        at::TensorList weights, at::TensorList biases, const at::Tensor& w_out,
-                       const at::Tensor& b_out, bool with_transposes) {
+                       const at::Tensor& b_out, int64_t transposes_for_rows) {
   MlpTensors m;
   // Half precision inputs are computed in float32 and rounded once at the end.
   m.dtype = (y_dtype == at::kDouble) ? at::kDouble : at::kFloat;
@@ -118,9 +118,12 @@ MlpTensors prepare_mlp(const at::Tensor& ctx, at::ScalarType y_dtype, const at::
   m.b_out = to_compute(b_out, m.dtype);
   for (const auto& t : weights) m.w.push_back(to_compute(t, m.dtype));
   for (const auto& t : biases) m.b.push_back(to_compute(t, m.dtype));
-  if (with_transposes) {
-    m.wt_in = transposed(m.w_in);
-    for (const auto& t : m.w) m.wt.push_back(transposed(t));
+  if (transposes_for_rows > 0) {
+    auto need = [&](const at::Tensor& w) {
+      return !nt_small_path_covers(m.dtype == at::kFloat, transposes_for_rows, w.numel());
+    };
+    if (need(m.w_in)) m.wt_in = transposed(m.w_in);
+    for (const auto& t : m.w) m.wt.push_back(need(t) ? transposed(t) : at::Tensor());
   }
   return m;
 }
@@ -143,7 +146,8 @@ std::tuple<at::Tensor, at::Tensor> mlp_impl(const at::Tensor& ctx_, const at::Te
   TORCH_CHECK(y_.device().is_cpu(), "pyebm: the cpu kernel needs CPU tensors; got y on ", y_.device());
   const Act act = parse_activation(std::string(activation));
   const auto out_dtype = y_.scalar_type();
-  const MlpTensors mt = prepare_mlp(ctx_, out_dtype, w_in_, weights_, biases_, w_out_, b_out_, /*with_transposes=*/true);
+  const MlpTensors mt = prepare_mlp(ctx_, out_dtype, w_in_, weights_, biases_, w_out_, b_out_,
+                                    /*transposes_for_rows=*/std::max<int64_t>(1, s.B * s.K));
   const auto dt = mt.dtype;
   const at::Tensor y = to_compute(y_, dt);
 

@@ -35,10 +35,12 @@ struct MlpTensors {
   at::Tensor wt_in;             // W_in^T [D, H1] (CPU, with_transposes)
   std::vector<at::Tensor> wt;   // W_l^T
 };
-// with_transposes (CPU kernels): also W^T of every forward product, made once per call (see gemm_nt_pk).
+// transposes_for_rows > 0 (CPU kernels over that many rows): also W^T of each forward weight whose products
+// gemm_nt_pk would not all run on the small path, made once per call; the plan has W^T of every weight,
+// and both then take the same branches (see gemm_nt_pk).
 MlpTensors prepare_mlp(const at::Tensor& ctx, at::ScalarType y_dtype, const at::Tensor& w_in,
                        at::TensorList weights, at::TensorList biases, const at::Tensor& w_out,
-                       const at::Tensor& b_out, bool with_transposes = false);
+                       const at::Tensor& b_out, int64_t transposes_for_rows = 0);
 // W^T [K, N] of a contiguous W [N, K] in the compute dtype (CPU).
 at::Tensor transposed(const at::Tensor& w);
 at::Tensor to_compute(const at::Tensor& t, at::ScalarType dt);
@@ -56,10 +58,9 @@ MlpDesc<T> make_desc(const MlpShapes& s, const MlpTensors& m, bool residual) {
     p.w[l] = m.w[l].data_ptr<T>();
     p.b[l] = m.b[l].data_ptr<T>();
   }
-  if (m.wt_in.defined()) {
-    p.wt_in = m.wt_in.data_ptr<T>();
-    for (size_t l = 0; l < m.wt.size(); ++l) p.wt[l] = m.wt[l].data_ptr<T>();
-  }
+  if (m.wt_in.defined()) p.wt_in = m.wt_in.data_ptr<T>();
+  for (size_t l = 0; l < m.wt.size(); ++l)
+    if (m.wt[l].defined()) p.wt[l] = m.wt[l].data_ptr<T>();
   p.w_out = m.w_out.data_ptr<T>();
   p.b_out = m.b_out.data_ptr<T>()[0];
   p.residual = residual;
