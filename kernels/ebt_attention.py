@@ -31,6 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .mlp_energy import _round_bf16, _to_out
+
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Whether the kernels below were defined in interpreter mode (triton.jit decides at definition time).
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -39,20 +41,8 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # Triton 3.9's interpreter multiplies bf16 tl.dot tiles as their raw uint16 storage and truncates
 # fp32 -> bf16 casts. Under the interpreter the kernels therefore round operands to bf16 themselves and
 # multiply in fp32: the numbers of a GPU bf16 MMA with fp32 accumulation (bf16 products are exact in fp32).
-@triton.jit
-def _round_bf16(x):
-    """fp32 -> nearest bf16 value (ties to even), still as fp32."""
-    bits = x.to(tl.uint32, bitcast=True)
-    bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
-    return bits.to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _round(x, dtype: tl.constexpr, EMULATE_BF16: tl.constexpr):
-    """fp32 x rounded to dtype (nearest), returned in dtype."""
-    if EMULATE_BF16:
-        x = _round_bf16(x)
-    return x.to(dtype)
+# _round(x, dtype, EMULATE_BF16): fp32 x rounded to dtype (nearest), the MLP kernels' output rounding.
+_round = _to_out
 
 
 @triton.jit

@@ -404,6 +404,9 @@ class Descent:
         return cls(**cfg)
 
 
+_DEFAULT_CONFIG = Descent()  # minimize's config=None (frozen: shared safely)
+
+
 @dataclass
 class DescentResult:
     """What ``minimize`` found.
@@ -568,7 +571,7 @@ def minimize(energy: Any, context: Any, candidates: int = 1, config: Optional[De
     The per-step path never synchronises with the host inside the loop, except the "all stopped" check
     every ``config.check_every`` steps when ``config.tol > 0``.
     """
-    cfg = _default_config() if config is None else config
+    cfg = _DEFAULT_CONFIG if config is None else config
     if (record is False and not cuda_graph and mask is None and event_shape is None
             and (whole_loop is None or whole_loop is True) and type(candidates) is int
             and isinstance(energy, MLPEnergy) and type(cfg) is Descent):
@@ -697,15 +700,6 @@ def minimize(energy: Any, context: Any, candidates: int = 1, config: Optional[De
     return _run_gd(calls, cfg, y0, fixed, mask_full, lower, upper, step_clip, generator, record)
 
 
-_DEFAULT: list = []
-
-
-def _default_config() -> Descent:
-    if not _DEFAULT:
-        _DEFAULT.append(Descent())
-    return _DEFAULT[0]
-
-
 def _fast_minimize(energy: MLPEnergy, context, K: int, cfg: Descent, init, generator, backend):
     """``minimize``'s common case in one compiled call: an MLPEnergy on the cpu backend in eager mode, a
     context tensor, a config the whole loop implements, an init kind or a ready [B, K, D] tensor, no mask
@@ -717,7 +711,7 @@ def _fast_minimize(energy: MLPEnergy, context, K: int, cfg: Descent, init, gener
     if generator is not None and (type(generator) is not torch.Generator or generator.device.type != "cpu"):
         return None
     plan = energy._fast_plan(context, context, backend)
-    if plan is not None and plan.stale:  # a parameter object was replaced: a new plan
+    if plan is not None and plan.stale:  # checked before any random number is drawn: a new plan
         plan = energy.cpu_plan()
     if plan is None:
         return None
@@ -746,7 +740,7 @@ def _fast_minimize(energy: MLPEnergy, context, K: int, cfg: Descent, init, gener
         noise = torch.empty((cfg.steps, B, K, D), dtype=dtype)
         for k in range(cfg.steps):
             noise[k].normal_(generator=generator)
-    out = plan.descent(context, y0, rule, noise, None)
+    out = plan.descent(context, y0, rule, noise)
     if out is None:
         raise RuntimeError("pyebm: internal error: the cpu plan refused a descent the fast path had checked")
     y, E, E_init, steps, status, best, best_E, idx = out

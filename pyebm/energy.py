@@ -9,12 +9,11 @@ from torch import nn
 from pyebm import _backend, ops
 from pyebm.reference import mlp_energy as ref
 
-_SUPPORTED = ("torch", "cpu", "triton", "cuda")
 _MlpPlan = getattr(_backend.ext(), "MlpPlan", None)
 
 
-def _compiling() -> bool:
-    return torch.compiler.is_compiling()
+def _slots_unchanged(slots) -> bool:
+    return all(slot.get(name) is param for slot, name, param in slots)
 
 
 class MLPEnergy(nn.Module):
@@ -63,7 +62,6 @@ class MLPEnergy(nn.Module):
         self._params_cache = None
         self._plan_cache = None
         self._plan_dtype = None
-        self._plan_fast = None
 
     def extra_repr(self) -> str:
         return (f"context_dim={self.context_dim}, candidate_dim={self.candidate_dim}, hidden={self.hidden}, "
@@ -81,7 +79,6 @@ class MLPEnergy(nn.Module):
         # .to() / .cuda() / .double() move parameter storage: views cached in op_params go stale.
         self._params_cache = None
         self._plan_cache = None
-        self._plan_fast = None
         self._zeros = {}
         return super()._apply(*args, **kwargs)
 
@@ -92,19 +89,18 @@ class MLPEnergy(nn.Module):
         it, and it is rebuilt when a parameter object has been replaced by assignment.
         """
         cache = self._params_cache
-        if cache is not None:
-            for slot, name, param in cache[1]:
-                if slot.get(name) is not param:
-                    break
-            else:
-                return cache[0]
+        if cache is not None and _slots_unchanged(cache[1]):
+            return cache[0]
+        watch = self._param_slots()
         params = self._build_op_params()
-        watch = []
-        for mod in [self.y_proj, self.head, *self.layers]:
-            for name, param in mod._parameters.items():
-                watch.append((mod._parameters, name, param))
         self._params_cache = (params, watch)
         return params
+
+    def _param_slots(self):
+        """(parameter dict, name, parameter) of every parameter: a cache built from them is stale once one of
+        these slots holds another object."""
+        mods = [self.y_proj, self.head, *self.layers] + ([self.x_proj] if self.x_proj is not None else [])
+        return [(mod._parameters, name, param) for mod in mods for name, param in mod._parameters.items()]
 
     def _build_op_params(self):
         w_in = self.y_proj.weight
@@ -131,20 +127,12 @@ class MLPEnergy(nn.Module):
         if cache is not None:
             plan = cache[0]
             if plan is not None and not plan.stale:
-                self._plan_fast = plan
                 return plan
-            if plan is None:
-                for slot, name, param in cache[1]:
-                    if slot.get(name) is not param:
-                        break
-                else:
-                    return None
+            if plan is None and _slots_unchanged(cache[1]):
+                return None
         plan = None
         w_in, weights, biases, w_out, b_out = self.op_params()
-        watch = []
-        for mod in [self.y_proj, self.head, *self.layers] + ([self.x_proj] if self.x_proj is not None else []):
-            for name, param in mod._parameters.items():
-                watch.append((mod._parameters, name, param))
+        watch = self._param_slots()
         if _MlpPlan is not None and w_in.device.type == "cpu" and w_in.dtype in (torch.float32, torch.float64):
             w_x = self.x_proj.weight if self.x_proj is not None else None
             plan = _MlpPlan(w_x, w_in, self._b_in(), list(weights), list(biases), w_out, b_out, self.activation,
@@ -152,17 +140,26 @@ class MLPEnergy(nn.Module):
             plan.watch(watch)
         self._plan_cache = (plan, watch)
         self._plan_dtype = w_in.dtype if plan is not None else None
-        self._plan_fast = plan
         return plan
 
     def _fast_plan(self, ctx, y, backend):
-        """The plan when this call runs on the cpu backend in eager mode, else None."""
-        if type(y) is not torch.Tensor or type(ctx) is not torch.Tensor or not y.is_cpu or _compiling():
+        """The plan when this call runs on the cpu backend in eager mode, else None. Not checked for
+        staleness here: the plan's calls check it themselves and return None (see ``_replanned``)."""
+        if type(y) is not torch.Tensor or type(ctx) is not torch.Tensor or not y.is_cpu \
+                or torch.compiler.is_compiling():
             return None
         if not _backend.resolves_to_cpu(backend or self.backend):
             return None
-        plan = self._plan_fast
-        return plan if plan is not None else self.cpu_plan()
+        cache = self._plan_cache
+        return cache[0] if cache is not None and cache[0] is not None else self.cpu_plan()
+
+    def _replanned(self, plan, method: str, ctx, y):
+        """After ``plan.<method>`` returned None: when the plan is stale (a parameter object was replaced),
+        build the new plan and call it; else None (inputs no plan takes as they are)."""
+        if not plan.stale:
+            return None
+        plan = self.cpu_plan()
+        return None if plan is None else getattr(plan, method)(ctx, y)
 
     def _b_in(self) -> Optional[torch.Tensor]:
         return self.y_proj.bias if self.bias else None
@@ -204,9 +201,10 @@ class MLPEnergy(nn.Module):
         plan = self._fast_plan(ctx, y, backend)
         if plan is not None:
             out = plan.energy(ctx, y)
+            if out is None:
+                out = self._replanned(plan, "energy", ctx, y)
             if out is not None:
                 return out
-            self._plan_fast = None  # inputs the plan does not take, or a stale plan: checked again next call
         self._check_y(ctx, y)
         w_in, weights, biases, w_out, b_out = self.op_params()
         prev = torch.is_grad_enabled()
@@ -223,9 +221,10 @@ class MLPEnergy(nn.Module):
         plan = self._fast_plan(ctx, y, backend)
         if plan is not None:
             out = plan.energy_and_grad(ctx, y)
+            if out is None:
+                out = self._replanned(plan, "energy_and_grad", ctx, y)
             if out is not None:
                 return out
-            self._plan_fast = None
         self._check_y(ctx, y)
         w_in, weights, biases, w_out, b_out = self.op_params()
         prev = torch.is_grad_enabled()

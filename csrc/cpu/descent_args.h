@@ -108,6 +108,15 @@ inline DescentInputs prepare_descent_inputs(const at::Tensor& y0, at::ScalarType
   return in;
 }
 
+// The whole-loop op's outputs (y, E_final, E_init, steps, status), with y and the energies rounded back to
+// the input dtype when they were computed in another.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> descent_outputs(
+    const at::Tensor& y, const at::Tensor& E_final, const at::Tensor& E_init, const at::Tensor& steps,
+    const at::Tensor& status, at::ScalarType out_dtype) {
+  if (y.scalar_type() == out_dtype) return {y, E_final, E_init, steps, status};
+  return {y.to(out_dtype), E_final.to(out_dtype), E_init.to(out_dtype), steps, status};
+}
+
 // Checks the in-place arguments of descent_update (rows [N, D] on y's device) and returns the noise mode.
 inline NoiseMode check_update_args(const at::Tensor& y, const at::Tensor& g, const at::Tensor& E,
                                    const at::Tensor& active, const at::Tensor& steps, const at::Tensor& status,

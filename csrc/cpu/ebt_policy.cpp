@@ -42,16 +42,6 @@ struct Layer {
   const T *tqkv = nullptr, *tp = nullptr, *txq = nullptr, *txp = nullptr, *tf1 = nullptr, *tf2 = nullptr;
 };
 
-// C[M, N] (+)= A[M, K] @ W^T for W [N, K]; with Wt = W^T stored [K, N] the product runs without the
-// BLAS packing the transposed operand (a third of the time of a 16-row product).
-template <typename T>
-inline void linear(int64_t M, int64_t N, int64_t K, const T* A, const T* W, const T* Wt, T* C, bool acc) {
-  if (Wt != nullptr)
-    gemm_nn<T>(M, K, N, A, Wt, C, acc);
-  else
-    gemm_nt<T>(M, N, K, A, W, C, acc);
-}
-
 template <typename T>
 struct Net {
   int64_t A, Tn, D, H, hd, L, O, layers, K;
@@ -221,7 +211,7 @@ PYEBM_INLINE void block_impl(const Net<T>& net, int64_t c0, int64_t nb, const T*
     }
   }
   gelu_pass(M * D, o, sv.u2());  // sv.u2 keeps gelu'(u2)
-  linear<T>(M, D, D, o, net.w1, net.tw1, x, false);
+  gemm_nt_pk<T>(M, D, D, o, net.w1, net.tw1, x, false);
   add_bias(x, net.b1, M, D);
   gelu_pass(M * D, x, sv.u4());  // sv.u4 keeps gelu'(u4)
   for (int64_t i = 0; i < M; ++i) {
@@ -241,7 +231,7 @@ PYEBM_INLINE void block_impl(const Net<T>& net, int64_t c0, int64_t nb, const T*
       r1[i] = rms_row(x + i * D, xn1 + i * D, D, net.rms_eps);
       for (int64_t j = 0; j < D; ++j) o[i * D + j] = xn1[i * D + j] * w.n1[j];
     }
-    linear<T>(M, 3 * D, D, o, w.wqkv, w.tqkv, big, false);
+    gemm_nt_pk<T>(M, 3 * D, D, o, w.wqkv, w.tqkv, big, false);
     add_bias(big, w.bqkv, M, 3 * D);
     for (int64_t i = 0; i < M; ++i) {
       for (int64_t h = 0; h < H; ++h) {
@@ -285,14 +275,14 @@ PYEBM_INLINE void block_impl(const Net<T>& net, int64_t c0, int64_t nb, const T*
         }
       }
     }
-    linear<T>(M, D, D, o, w.wp, w.tp, x, true);
+    gemm_nt_pk<T>(M, D, D, o, w.wp, w.tp, x, true);
     add_bias(x, w.bp, M, D);
     // cross-attention to the cached observation keys/values
     for (int64_t i = 0; i < M; ++i) {
       r2[i] = rms_row(x + i * D, xn2 + i * D, D, net.rms_eps);
       for (int64_t j = 0; j < D; ++j) o[i * D + j] = xn2[i * D + j] * w.n2[j];
     }
-    linear<T>(M, D, D, o, w.wxq, w.txq, big, false);
+    gemm_nt_pk<T>(M, D, D, o, w.wxq, w.txq, big, false);
     add_bias(big, w.bxq, M, D);
     for (int64_t i = 0; i < M; ++i)
       for (int64_t h = 0; h < H; ++h)
@@ -325,17 +315,17 @@ PYEBM_INLINE void block_impl(const Net<T>& net, int64_t c0, int64_t nb, const T*
         }
       }
     }
-    linear<T>(M, D, D, o, w.wxp, w.txp, x, true);
+    gemm_nt_pk<T>(M, D, D, o, w.wxp, w.txp, x, true);
     // MLP
     for (int64_t i = 0; i < M; ++i) {
       r3[i] = rms_row(x + i * D, xn3 + i * D, D, net.rms_eps);
       for (int64_t j = 0; j < D; ++j) o[i * D + j] = xn3[i * D + j] * w.n3[j];
     }
-    linear<T>(M, D, D, o, w.wf1, w.tf1, t2, false);
+    gemm_nt_pk<T>(M, D, D, o, w.wf1, w.tf1, t2, false);
     add_bias(t2, w.bf1, M, D);
     gelu_pass(M * D, t2, h1);  // h1 keeps gelu'(fc1 output)
     std::swap(o, t2);
-    linear<T>(M, D, D, o, w.wf2, w.tf2, x, true);
+    gemm_nt_pk<T>(M, D, D, o, w.wf2, w.tf2, x, true);
     add_bias(x, w.bf2, M, D);
   }
 
@@ -344,11 +334,11 @@ PYEBM_INLINE void block_impl(const Net<T>& net, int64_t c0, int64_t nb, const T*
     head_rf[i] = rms_row(x + i * D, head_xnf + i * D, D, net.rms_eps);
     for (int64_t j = 0; j < D; ++j) o[i * D + j] = head_xnf[i * D + j] * net.hn[j];
   }
-  linear<T>(M, D, D, o, net.hw1, net.thw1, t2, false);
+  gemm_nt_pk<T>(M, D, D, o, net.hw1, net.thw1, t2, false);
   add_bias(t2, net.hb1, M, D);
   gelu_pass(M * D, t2, head_hh);  // head_hh keeps gelu'(fc1 output)
   std::swap(o, t2);
-  linear<T>(M, O, D, o, net.hw2, net.thw2, out, false);
+  gemm_nt_pk<T>(M, O, D, o, net.hw2, net.thw2, out, false);
   add_bias(out, net.hb2, M, O);
   for (int64_t c = 0; c < nb; ++c) {
     T acc = T(0);

@@ -30,8 +30,8 @@ struct MlpDesc {
   const T* ctx = nullptr;        // [B, H_1]  (W_x x + b_1)
   const T* w_in = nullptr;       // [H_1, D]
   const T* w[kMaxLayers]{};      // w[l] : [H_{l+2}, H_{l+1}] for l = 0 .. L-2
-  // Optional W^T copies ([D, H_1] and [H_{l+1}, H_{l+2}]) packed once by a plan (mlp_plan.cpp): the small
-  // forward products then skip their per-call transpose. Null: packed per call where needed.
+  // Optional W^T copies ([D, H_1] and [H_{l+1}, H_{l+2}]): the forward products then run as A @ W^T (see
+  // gemm_nt_pk). A plan (mlp_plan.cpp) has them all; the ops make the ones the small path does not cover.
   const T* wt_in = nullptr;
   const T* wt[kMaxLayers]{};
   const T* b[kMaxLayers]{};      // b[l] : [H_{l+2}]

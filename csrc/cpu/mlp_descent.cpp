@@ -70,12 +70,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlp_desce
                      E_init.data_ptr<T>(), steps.data_ptr<int32_t>(), status.data_ptr<int8_t>());
     });
   }
-  if (out_dtype != dt) {
-    y = y.to(out_dtype);
-    E_final = E_final.to(out_dtype);
-    E_init = E_init.to(out_dtype);
-  }
-  return {y, E_final, E_init, steps, status};
+  return descent_outputs(y, E_final, E_init, steps, status, out_dtype);
 }
 
 // In place on y, velocity, active, steps, status and pending; g is clobbered (scratch).

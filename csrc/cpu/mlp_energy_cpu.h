@@ -32,8 +32,8 @@ struct MlpTensors {
   at::ScalarType dtype;
   at::Tensor ctx, w_in, w_out, b_out;
   std::vector<at::Tensor> w, b;
-  at::Tensor wt_in;             // W_in^T [D, H1] (CPU, with_transposes)
-  std::vector<at::Tensor> wt;   // W_l^T
+  at::Tensor wt_in;             // W_in^T [D, H1] or undefined (CPU, transposes_for_rows)
+  std::vector<at::Tensor> wt;   // W_l^T or undefined
 };
 // transposes_for_rows > 0 (CPU kernels over that many rows): also W^T of each forward weight whose products
 // gemm_nt_pk would not all run on the small path, made once per call; the plan has W^T of every weight,

@@ -168,6 +168,7 @@ class MlpPlan {
   // The context term W_x x + b_1 [B, H1] for x [B, context_dim] (None when x does not fit), computed as
   // MLPEnergy.prepare computes it.
   py::object context(const at::Tensor& x) {
+    if (stale()) return py::none();
     std::shared_ptr<const PlanState> st = current();
     if (!context_fits(*st, x)) return py::none();
     return py::cast(context_term(*st, x));
@@ -175,10 +176,9 @@ class MlpPlan {
 
   // The whole-loop descent from y0 [B, K, D] for context x [B, context_dim] (the context term is computed
   // here), then the best candidate per context: (y, E, E_init, steps, status, best, best_E, best_index).
-  // noise [T, B, K, D] when the rule draws noise, mask bool [B, K, D] or None. None when the inputs do not
-  // fit the plan as they are.
+  // noise [T, B, K, D] when the rule draws noise. None when the inputs do not fit the plan as they are.
   py::object descent(const at::Tensor& x, const at::Tensor& y0, const DescentRule& rule,
-                     const c10::optional<at::Tensor>& noise, const c10::optional<at::Tensor>& mask) {
+                     const c10::optional<at::Tensor>& noise) {
     if (stale()) return py::none();
     at::NoGradGuard no_grad;  // inference: no autograd graph, whatever the inputs require
     std::shared_ptr<const PlanState> st = current();
@@ -192,17 +192,9 @@ class MlpPlan {
           !noise->sizes().equals({Tn, B, K, D}) || !noise->is_contiguous())
         return py::none();
     }
-    if (mask.has_value() && mask->defined() &&
-        (mask->scalar_type() != at::kBool || !mask->device().is_cpu() || !mask->sizes().equals(y0.sizes())))
-      return py::none();
 
     at::Tensor ctx = context_term(*st, x);
-    at::Tensor y = y0.contiguous().clone();
-    at::Tensor fixed, maskc;
-    if (mask.has_value() && mask->defined()) {
-      maskc = mask->contiguous();
-      fixed = y0.contiguous();
-    }
+    at::Tensor y = y0.clone(at::MemoryFormat::Contiguous);
     at::Tensor E_final = at::empty({B, K}, y.options());
     at::Tensor E_init = at::empty({B, K}, y.options());
     at::Tensor steps = at::empty({B, K}, y.options().dtype(at::kInt));
@@ -219,9 +211,7 @@ class MlpPlan {
             make_rule<T>(D, o.grad_scale, o.momentum, o.grad_clip, o.grad_clip_norm, o.energy_scaled,
                          o.energy_temperature, o.tol, o.tol_final_step, o.bound_each_step, o.lower, o.upper,
                          o.step_clip, o.noise);
-        run_descent<T>(p, u, act_, o.eta, o.noise_level, N, y.data_ptr<T>(),
-                       fixed.defined() ? fixed.data_ptr<T>() : nullptr,
-                       maskc.defined() ? reinterpret_cast<const uint8_t*>(maskc.data_ptr<bool>()) : nullptr,
+        run_descent<T>(p, u, act_, o.eta, o.noise_level, N, y.data_ptr<T>(), /*fixed=*/nullptr, /*mask=*/nullptr,
                        o.noise != NoiseMode::kNone ? noise->data_ptr<T>() : nullptr, o.nesterov,
                        E_final.data_ptr<T>(), E_init.data_ptr<T>(), steps.data_ptr<int32_t>(),
                        status.data_ptr<int8_t>());
@@ -420,8 +410,7 @@ void bind_plan(py::module& m) {
       .def("energy_and_grad", &MlpPlan::energy_and_grad, py::arg("ctx"), py::arg("y"))
       .def("energy", &MlpPlan::energy, py::arg("ctx"), py::arg("y"))
       .def("context", &MlpPlan::context, py::arg("x"))
-      .def("descent", &MlpPlan::descent, py::arg("x"), py::arg("y0"), py::arg("rule"), py::arg("noise"),
-           py::arg("mask"))
+      .def("descent", &MlpPlan::descent, py::arg("x"), py::arg("y0"), py::arg("rule"), py::arg("noise"))
       .def("refresh", &MlpPlan::refresh)
       .def("watch", &MlpPlan::watch, py::arg("slots"))
       .def_property_readonly("stale", &MlpPlan::stale)

@@ -218,14 +218,6 @@ __attribute__((noinline)) inline bool small_gemm_nt(int64_t M, int64_t N, int64_
   return true;
 }
 
-// small_gemm_nt with W^T [K, N] already packed (by a plan): the same kernel on the same operands.
-inline bool small_gemm_nt_packed(int64_t M, int64_t N, int64_t K, const float* A, const float* Wt, float* C,
-                                 bool accumulate) {
-  if (small_gemm_level() != 2 || !small_gemm_nt_fits(M, N * K)) return false;
-  sgemm_detail::gemm_rr_avx512(M, N, K, A, K, Wt, N, C, N, accumulate);
-  return true;
-}
-
 // Wt[K, N] = W[N, K]^T (AVX-512 copy; call only when small_gemm_level() == 2).
 inline void small_gemm_pack_t(int64_t N, int64_t K, const float* W, float* Wt) {
   sgemm_detail::transpose16_avx512(N, K, W, Wt);

@@ -43,7 +43,8 @@ PYEBM_AI V vselect(VI m, V a, V b) {  // m lanes are all-ones (true) or zero
   return (V)r;
 }
 
-// exp with the same reduction constants and polynomial as fast_expf (about 1 ulp). NaN propagates, -inf -> 0, +inf -> inf.
+// exp with the same reduction constants and polynomial as fast_expf (about 1 ulp). NaN propagates,
+// -inf -> 0, +inf -> inf.
 template <typename V, typename VI = typename VecInt<V>::type>
 PYEBM_AI V vexp(V x) {
   const V hi = vsplat<V>(88.3762626647949f), lo = vsplat<V>(-87.3365447504f);

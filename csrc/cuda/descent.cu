@@ -19,21 +19,12 @@
 
 #include "cpu/descent_args.h"
 #include "cpu/mlp_energy_cpu.h"
+#include "cuda/glue.h"
 #include "pyebm/cuda/descent.cuh"
 
 namespace pyebm {
 namespace gpu {
 namespace {
-
-bool poison_outputs() {
-  const char* env = std::getenv("PYEBM_CUDA_POISON");
-  return env != nullptr && env[0] == '1';
-}
-
-cudaStream_t current_stream(const at::Device& device) {
-  const c10::Stream s = c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)->getStream(device);
-  return static_cast<cudaStream_t>(s.native_handle());
-}
 
 using cpu::check_rule;
 using cpu::check_update_args;
@@ -162,12 +153,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlp_desce
       TORCH_CHECK(err == cudaSuccess, "pyebm: CUDA mlp_descent kernel launch failed: ", cudaGetErrorString(err));
     });
   }
-  if (out_dtype != dt) {
-    y = y.to(out_dtype);
-    E_final = E_final.to(out_dtype);
-    E_init = E_init.to(out_dtype);
-  }
-  return {y, E_final, E_init, steps, status};
+  return cpu::descent_outputs(y, E_final, E_init, steps, status, out_dtype);
 }
 
 // In place on y, velocity, active, steps, status and pending; g is clobbered (scratch).

@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "cpu/mlp_energy_cpu.h"
+#include "cuda/glue.h"
 #include "pyebm/cuda/mlp_energy.cuh"
 
 namespace pyebm {
@@ -35,15 +36,6 @@ MlpPath requested_path() {
   TORCH_CHECK(false, "pyebm: PYEBM_CUDA_PATH must be auto, tc or simt; got '", env, "'");
 }
 
-bool poison_outputs() {
-  const char* env = std::getenv("PYEBM_CUDA_POISON");
-  return env != nullptr && env[0] == '1';
-}
-
-cudaStream_t current_stream(const at::Device& device) {
-  const c10::Stream s = c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)->getStream(device);
-  return static_cast<cudaStream_t>(s.native_handle());
-}
 
 // at:: element type -> CUDA element type (same bits).
 template <typename S>

@@ -86,6 +86,15 @@ def _schedules(cfg, device):
         return _schedules_cached.__wrapped__(cfg)
 
 
+def _rule_options(cfg) -> dict:
+    """The update-rule options of ``cfg`` as the whole-loop ops (and ``pyebm._C.DescentRule``) take them."""
+    return dict(grad_scale=float(cfg.grad_scale), momentum=float(cfg.momentum), nesterov=bool(cfg.nesterov),
+                grad_clip=cfg.grad_clip, grad_clip_norm=cfg.grad_clip_norm,
+                energy_scaled=cfg.step_schedule == "energy", energy_temperature=float(cfg.energy_temperature),
+                tol=float(cfg.tol), tol_final_step=bool(cfg.tol_final_step),
+                bound_each_step=bool(cfg.bound_each_step), noise_mode=cfg.noise)
+
+
 def _event_flat(t: Optional[torch.Tensor], D: int) -> Optional[torch.Tensor]:
     return None if t is None else t.reshape(D)
 
@@ -100,11 +109,7 @@ def run_whole_loop(model, ctx, cfg, *, y0: torch.Tensor, mask: Optional[torch.Te
     maskf = None if mask is None else mask.reshape(B, K, D)
     w_in, weights, biases, w_out, b_out = model.op_params()
     eta, nlev = _schedules(cfg, y0.device)
-    common = dict(grad_scale=float(cfg.grad_scale), momentum=float(cfg.momentum), nesterov=bool(cfg.nesterov),
-                  grad_clip=cfg.grad_clip, grad_clip_norm=cfg.grad_clip_norm,
-                  energy_scaled=cfg.step_schedule == "energy", energy_temperature=float(cfg.energy_temperature),
-                  tol=float(cfg.tol), tol_final_step=bool(cfg.tol_final_step),
-                  bound_each_step=bool(cfg.bound_each_step), noise_mode=cfg.noise)
+    common = _rule_options(cfg)
     lo, hi, sc = _event_flat(lower, D), _event_flat(upper, D), _event_flat(step_clip, D)
     prev = torch.is_grad_enabled()
     torch._C._set_grad_enabled(False)
@@ -162,12 +167,7 @@ def plan_rule(cfg, dtype: torch.dtype, D: int):
             opts = None  # not broadcastable to [D]: the general path reports it
         if opts is not None:
             eta, nlev = _schedules(cfg, "cpu")
-            rule = _DescentRule(eta=eta.tolist(), noise_level=nlev.tolist(), grad_scale=float(cfg.grad_scale),
-                                momentum=float(cfg.momentum), nesterov=bool(cfg.nesterov), grad_clip=cfg.grad_clip,
-                                grad_clip_norm=cfg.grad_clip_norm, energy_scaled=cfg.step_schedule == "energy",
-                                energy_temperature=float(cfg.energy_temperature), tol=float(cfg.tol),
-                                tol_final_step=bool(cfg.tol_final_step), bound_each_step=bool(cfg.bound_each_step),
-                                noise_mode=cfg.noise, lower=opts[0], upper=opts[1], step_clip=opts[2],
-                                selection=cfg.selection)
+            rule = _DescentRule(eta=eta.tolist(), noise_level=nlev.tolist(), **_rule_options(cfg), lower=opts[0],
+                                upper=opts[1], step_clip=opts[2], selection=cfg.selection)
     rules[key] = rule
     return rule

@@ -3,8 +3,8 @@
 // both the CPU (csrc/cpu/mlp_descent.cpp) and the GPU (csrc/include/pyebm/cuda/descent.cuh).
 // Torch-free; every function is __host__ __device__ under nvcc (PYEBM_HD).
 //
-// The helpers below spell out min, max, isfinite, sqrt and exp instead of calling the std:: ones, which
-// are host-only (constexpr std::min/max) in device code. They are written to give exactly the results
+// The helpers below spell out min, max, isnan, a finiteness test, sqrt and exp instead of calling the std::
+// ones, which are host-only (constexpr std::min/max) in device code. They are written to give exactly the results
 // of std::min/std::max (including which operand a NaN comparison returns) and std::isfinite/isnan, so
 // the CPU results do not depend on which spelling is used.
 #pragma once
@@ -35,16 +35,8 @@ PYEBM_HD bool isnan(T x) {
   return std::isnan(x);
 #endif
 }
-template <typename T>
-PYEBM_HD bool isfinite(T x) {
-#if defined(__CUDA_ARCH__)
-  return ::isfinite(x);
-#else
-  return std::isfinite(x);
-#endif
-}
-// 1 when x is NaN or +-inf, else 0: !isfinite(x) written as a compare, so that OR-reductions over a row
-// vectorise on the host.
+// 1 when x is NaN or +-inf, else 0: !std::isfinite(x) written as a compare, so that OR-reductions over a
+// row vectorise on the host.
 template <typename T>
 PYEBM_HD int nonfinite(T x) {
   const T big = sizeof(T) == 4 ? T(3.40282346638528859812e+38) : T(1.79769313486231570815e+308);
