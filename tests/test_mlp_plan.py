@@ -269,3 +269,42 @@ def test_fast_minimize_declines_what_it_does_not_run(fast_calls):
         minimize(m, x, candidates=0)
     with pytest.raises(ValueError, match="init"):
         minimize(m, x, candidates=3, init=torch.randn(3, 3, 4))
+
+
+def test_plan_and_rule_bad_input():
+    from pyebm import _backend
+
+    C = _backend.ext()
+    m = pyebm.MLPEnergy(3, 4, hidden=(8, 6))
+    w_in, weights, biases, w_out, b_out = m.op_params()
+    args = dict(w_x=m.x_proj.weight, w_in=w_in, b_in=m.y_proj.bias, weights=list(weights), biases=list(biases),
+                w_out=w_out, b_out=b_out, activation="silu", residual=False)
+    with pytest.raises(RuntimeError, match="weights and biases"):
+        C.MlpPlan(**{**args, "biases": []})
+    with pytest.raises(RuntimeError, match=r"weights\[0\]"):
+        C.MlpPlan(**{**args, "weights": [torch.randn(6, 5)]})
+    with pytest.raises(RuntimeError, match="dtype"):
+        C.MlpPlan(**{**args, "w_out": w_out.double()})
+    with pytest.raises(RuntimeError, match="w_x"):
+        C.MlpPlan(**{**args, "w_x": torch.randn(7, 3)})
+    with pytest.raises(RuntimeError, match="activation"):
+        C.MlpPlan(**{**args, "activation": "swish"})
+    with pytest.raises(RuntimeError, match="float32 and float64"):
+        C.MlpPlan(**{k: (v.half() if isinstance(v, torch.Tensor) else
+                         [t.half() for t in v] if isinstance(v, list) else v) for k, v in args.items()})
+
+    rule = dict(eta=[0.1, 0.1], noise_level=[0.0, 0.0], grad_scale=1.0, momentum=0.0, nesterov=False,
+                grad_clip=None, grad_clip_norm=None, energy_scaled=False, energy_temperature=1.0, tol=0.0,
+                tol_final_step=False, bound_each_step=True, noise_mode="none", lower=None, upper=None,
+                step_clip=None, selection="min")
+    assert C.DescentRule(**rule).steps == 2
+    with pytest.raises(RuntimeError, match="one step size and one noise level"):
+        C.DescentRule(**{**rule, "noise_level": [0.0]})
+    with pytest.raises(RuntimeError, match="noise_mode"):
+        C.DescentRule(**{**rule, "noise_mode": "loud"})
+    with pytest.raises(RuntimeError, match="selection"):
+        C.DescentRule(**{**rule, "selection": "sample"})
+    with pytest.raises(RuntimeError, match="momentum"):
+        C.DescentRule(**{**rule, "momentum": 1.0})
+    with pytest.raises(RuntimeError, match="lower"):
+        C.DescentRule(**{**rule, "lower": torch.zeros(2, 2)})
