@@ -333,6 +333,42 @@ def test_op_opcheck_and_energy_only():
 
 
 @needs_op
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [
+    # (width, heads, horizon, candidates): several column tiles and head groups, the compiled-in
+    # head/horizon sizes (64/16, 32/16) and odd ones, one block (a crew of threads) and several blocks
+    (256, 4, 16, 1), (160, 5, 16, 2), (96, 3, 7, 1), (64, 2, 16, 5)])
+def test_op_same_numbers_for_any_thread_count(shape, dtype):
+    """A single block is run by a crew of threads; the tiling depends on the shapes only, so any thread
+    count gives bitwise the same E and gradient, and both match the reference."""
+    D, H, T, K = shape
+    torch.manual_seed(3)
+    m = EBTPolicy(4, horizon=T, embed_dim=D, layers=2, heads=H, n_obs_steps=2, dtype=dtype)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    obs = torch.randn(2, 4, D, dtype=dtype)
+    y = torch.randn(2, K, T, 4, dtype=dtype)
+    ctx = m.prepare(obs)
+    params = ebt_op.param_list(m)
+    wt = ebt_op.transposed_weights(params)
+    threads = torch.get_num_threads()
+    out = {}
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            out[n] = torch.ops.pyebm.ebt_policy_energy_grad(y, ctx.k, ctx.v, ctx.bias, params, wt, H, 1e-6, 1e-5, True)
+    finally:
+        torch.set_num_threads(threads)
+    for n in (2, 3):
+        assert torch.equal(out[n][0], out[1][0]) and torch.equal(out[n][1], out[1][1])
+    E_ref, G_ref = m._energy_and_grad_autograd(ctx, y)
+    tol = dict(rtol=2e-4, atol=2e-5) if dtype == torch.float32 else dict(rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(out[1][0], E_ref, **tol)
+    torch.testing.assert_close(out[1][1], G_ref, **tol)
+
+
+@needs_op
 def test_op_bad_arguments():
     m = make_model(dtype=torch.float32)
     ctx = m.prepare(torch.randn(2, 2, 12))

@@ -68,6 +68,37 @@ inline void gemm_nt(int64_t M, int64_t N, int64_t K, const T* A, const T* W, T* 
 #endif
 }
 
+// C[M, N] (+)= A[M, K] @ op(B) with leading dimensions (row-major, elements): op(B) = B [K, N] (ldb >= N),
+// or with b_trans B [N, K] read transposed (ldb >= K). For column slices of a larger product: a slice
+// [n0, n1) of A @ W^T is B = W + n0 * K (b_trans), of A @ Wt or G @ W it is B = Wt + n0 (ldb = the full
+// width), with C + n0 and ldc = the full width. Always the BLAS (or the plain loop), never small_gemm.h,
+// so a slice's numbers do not depend on how wide it is.
+template <typename T>
+inline void gemm_ld(bool b_trans, int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B,
+                    int64_t ldb, T* C, int64_t ldc, bool accumulate) {
+  if (M == 0 || N == 0) return;
+#ifdef PYEBM_HAVE_BLAS
+  // row-major C = A op(B) is column-major C^T = op(B)^T A^T
+  fortran_gemm(b_trans ? "T" : "N", "N", static_cast<int>(N), static_cast<int>(M), static_cast<int>(K), T(1), B,
+               static_cast<int>(ldb), A, static_cast<int>(lda), accumulate ? T(1) : T(0), C, static_cast<int>(ldc));
+#else
+  for (int64_t i = 0; i < M; ++i) {
+    T* c = C + i * ldc;
+    const T* a = A + i * lda;
+    for (int64_t j = 0; j < N; ++j) {
+      T acc = T(0);
+      if (b_trans) {
+        const T* b = B + j * ldb;
+        for (int64_t p = 0; p < K; ++p) acc += a[p] * b[p];
+      } else {
+        for (int64_t p = 0; p < K; ++p) acc += a[p] * B[p * ldb + j];
+      }
+      c[j] = accumulate ? c[j] + acc : acc;
+    }
+  }
+#endif
+}
+
 // Wt[K, N] = W[N, K]^T (W row-major [N, K]).
 template <typename T>
 inline void transpose_to(int64_t N, int64_t K, const T* W, T* Wt) {

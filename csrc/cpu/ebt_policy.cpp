@@ -11,7 +11,10 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <cstdio>
+#include <memory>
 #include <cstdint>
 #include <cstdlib>
 #include <vector>
@@ -19,6 +22,10 @@
 #include "blas.h"
 #include "pyebm/activations.h"
 #include "vec_act.h"
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
 
 TORCH_LIBRARY_FRAGMENT(pyebm, m) {
   // E [B, K] and (need_grad) dE/dy [B, K, T, A] of the EBT-Policy energy; see pyebm/ops/ebt_policy.py.
@@ -92,11 +99,19 @@ struct Saved {
   T* rstd() const { return base + 3 * M * D; }
 };
 
-template <typename T>
+// Per-thread buffers that grow and are kept: slot 0 holds a block's shared arrays (the calling thread's
+// serves the whole crew), slot 1 a participant's own temporaries.
+template <typename T, int Slot>
 inline T* scratch(int64_t n) {
+  constexpr int64_t kPad = 64 / sizeof(T);  // room to start on a cache line
   thread_local std::vector<T> buf;
-  if (static_cast<int64_t>(buf.size()) < n) buf.resize(static_cast<size_t>(n));
-  return buf.data();
+  if (static_cast<int64_t>(buf.size()) < n + kPad) buf.resize(static_cast<size_t>(n + kPad));
+  const uintptr_t p = reinterpret_cast<uintptr_t>(buf.data());
+  return reinterpret_cast<T*>((p + 63) & ~uintptr_t(63));
+}
+template <typename T>
+inline T* crew_local(int64_t n) {
+  return scratch<T, 1>(n);
 }
 
 #if defined(__GNUC__)
@@ -157,66 +172,296 @@ PYEBM_INLINE void softmax_row(T* s, int64_t n) {
   T mx = s[0];
   for (int64_t j = 1; j < n; ++j) mx = std::max(mx, s[j]);
   T sum = T(0);
-  for (int64_t j = 0; j < n; ++j) {
-    s[j] = std::exp(s[j] - mx);
-    sum += s[j];
+#ifdef PYEBM_VEC_ACT
+  if constexpr (std::is_same<T, float>::value) {
+    // exp 8 lanes at a time (vexp, about 1 ulp); a short chunk is padded with -inf, whose exp is 0
+    for (int64_t j0 = 0; j0 < n; j0 += 8) {
+      const int64_t m = std::min<int64_t>(8, n - j0);
+      float lane[8];
+      for (int64_t k = 0; k < 8; ++k) lane[k] = k < m ? s[j0 + k] - mx : -__builtin_inff();
+      vstore<v8f>(lane, vexp<v8f>(vload<v8f>(lane)));
+      for (int64_t k = 0; k < m; ++k) {
+        s[j0 + k] = lane[k];
+        sum += lane[k];
+      }
+    }
+  } else
+#endif
+  {
+    for (int64_t j = 0; j < n; ++j) {
+      s[j] = std::exp(s[j] - mx);
+      sum += s[j];
+    }
   }
   const T inv = T(1) / sum;
   for (int64_t j = 0; j < n; ++j) s[j] *= inv;
 }
 
-// One block of nb candidates starting at global candidate c0: E[nb] and, if G, dE/dy [nb, T, A].
+// ---- self-attention of one head over one candidate's T tokens ----
+// Rows of q, k, v, out, dO, dq, dk, dv are `ld` apart (they are one head's columns of wider arrays);
+// P [T, T]; kT, vT: [hd, T] temporaries. HD and TN are compile-time sizes for the common shapes (0: use
+// hd, Tn), so the short loops over a head or over the tokens compile to straight vector code.
+template <typename T, int HD, int TN>
+PYEBM_INLINE void self_attn_head_k(int64_t hd_, int64_t Tn_, int64_t ld, const T* __restrict qs,
+                                   const T* __restrict kn, const T* __restrict v, T* __restrict P, T* __restrict out,
+                                   T* __restrict kT) {
+  const int64_t hd = HD ? HD : hd_, Tn = TN ? TN : Tn_;
+  // the keys transposed [hd, T], so a query row's scores are T-wide vector updates
+  for (int64_t u = 0; u < Tn; ++u)
+    for (int64_t d = 0; d < hd; ++d) kT[d * Tn + u] = kn[u * ld + d];
+  for (int64_t t = 0; t < Tn; ++t) {
+    const T* q = qs + t * ld;
+    T* s = P + t * Tn;
+    for (int64_t u = 0; u < Tn; ++u) s[u] = T(0);
+    for (int64_t d = 0; d < hd; ++d) {
+      const T qd = q[d];
+#pragma omp simd
+      for (int64_t u = 0; u < Tn; ++u) s[u] += qd * kT[d * Tn + u];
+    }
+    softmax_row(s, Tn);
+    T* ot = out + t * ld;
+    for (int64_t d = 0; d < hd; ++d) ot[d] = T(0);
+    for (int64_t u = 0; u < Tn; ++u) {
+      const T pu = s[u];
+#pragma omp simd
+      for (int64_t d = 0; d < hd; ++d) ot[d] += pu * v[u * ld + d];
+    }
+  }
+}
+
+// Its backward: dq, dk (after the per-head norms: before their weights) and dv, accumulated into zeroed rows.
+// qh, kh: q and k after their norms (before the weights qnw, knw); the scores used qs = qh * qnw * scale and
+// kn = kh * knw.
+template <typename T, int HD, int TN>
+PYEBM_INLINE void self_attn_head_back_k(int64_t hd_, int64_t Tn_, int64_t ld, const T* __restrict dO,
+                                        const T* __restrict v, const T* __restrict P, const T* __restrict qh,
+                                        const T* __restrict kh, const T* __restrict qnw, const T* __restrict knw,
+                                        T scale, T* __restrict dq, T* __restrict dk, T* __restrict dv, int64_t ldg,
+                                        T* __restrict dP, T* __restrict vT) {
+  const int64_t hd = HD ? HD : hd_, Tn = TN ? TN : Tn_;
+  for (int64_t u = 0; u < Tn; ++u)
+    for (int64_t d = 0; d < hd; ++d) vT[d * Tn + u] = v[u * ld + d];
+  for (int64_t t = 0; t < Tn; ++t) {
+    const T* dot = dO + t * ld;
+    const T* pr = P + t * Tn;
+    // dP[u] = dO[t] . v[u], T-wide over the transposed values
+    for (int64_t u = 0; u < Tn; ++u) dP[u] = T(0);
+    for (int64_t d = 0; d < hd; ++d) {
+      const T dd = dot[d];
+#pragma omp simd
+      for (int64_t u = 0; u < Tn; ++u) dP[u] += dd * vT[d * Tn + u];
+    }
+    T dotp = T(0);
+    for (int64_t u = 0; u < Tn; ++u) {
+      dotp += dP[u] * pr[u];
+      // dv[u] += p[t, u] * dO[t]
+      const T pu = pr[u];
+#pragma omp simd
+      for (int64_t d = 0; d < hd; ++d) dv[u * ldg + d] += pu * dot[d];
+    }
+    T* dqt = dq + t * ldg;
+    const T* qt = qh + t * ld;
+    for (int64_t u = 0; u < Tn; ++u) {
+      const T ds = pr[u] * (dP[u] - dotp) * scale;
+      if (ds == T(0)) continue;
+      const T* ku = kh + u * ld;
+      T* dku = dk + u * ldg;
+      // d(q normed) += dS kn * scale and d(k normed) += dS^T qs (qs = q normed * scale)
+#pragma omp simd
+      for (int64_t d = 0; d < hd; ++d) dqt[d] += ds * ku[d] * knw[d];
+#pragma omp simd
+      for (int64_t d = 0; d < hd; ++d) dku[d] += ds * qt[d] * qnw[d];
+    }
+  }
+}
+
 template <typename T>
-PYEBM_INLINE void block_impl(const Net<T>& net, int64_t c0, int64_t nb, const T* y, T* E, T* G) {
+PYEBM_INLINE void self_attn_head(int64_t hd, int64_t Tn, int64_t ld, const T* qs, const T* kn, const T* v, T* P,
+                                 T* out, T* kT) {
+  if (hd == 64 && Tn == 16) return self_attn_head_k<T, 64, 16>(hd, Tn, ld, qs, kn, v, P, out, kT);
+  if (hd == 32 && Tn == 16) return self_attn_head_k<T, 32, 16>(hd, Tn, ld, qs, kn, v, P, out, kT);
+  self_attn_head_k<T, 0, 0>(hd, Tn, ld, qs, kn, v, P, out, kT);
+}
+
+template <typename T>
+PYEBM_INLINE void self_attn_head_back(int64_t hd, int64_t Tn, int64_t ld, const T* dO, const T* v, const T* P,
+                                      const T* qh, const T* kh, const T* qnw, const T* knw, T scale, T* dq, T* dk,
+                                      T* dv, int64_t ldg, T* dP, T* vT) {
+  if (hd == 64 && Tn == 16)
+    return self_attn_head_back_k<T, 64, 16>(hd, Tn, ld, dO, v, P, qh, kh, qnw, knw, scale, dq, dk, dv, ldg, dP, vT);
+  if (hd == 32 && Tn == 16)
+    return self_attn_head_back_k<T, 32, 16>(hd, Tn, ld, dO, v, P, qh, kh, qnw, knw, scale, dq, dk, dv, ldg, dP, vT);
+  self_attn_head_back_k<T, 0, 0>(hd, Tn, ld, dO, v, P, qh, kh, qnw, knw, scale, dq, dk, dv, ldg, dP, vT);
+}
+
+// ---- work division ----
+// A block runs as a fixed sequence of phases. A phase is a set of independent tiles (ranges of rows,
+// column slices of a product, groups of heads), and no tile of a phase starts before the previous phase
+// is complete. Whoever takes part in a block claims tiles with an atomic counter, so one thread runs the
+// block alone and several threads run it together (the few-candidate case, where there are too few rows
+// to split by candidate) with the same code. The tiling depends on the shapes only, never on how many
+// threads take part, so every thread count gives the same numbers.
+constexpr int64_t kRowTile = 8;    // rows per tile of the row-wise passes
+constexpr int64_t kColTile = 128;  // output columns per tile of a product (narrower slices run slower)
+
+struct alignas(64) CrewPhase {
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+};
+
+inline void spin_pause() {
+#if defined(__x86_64__) || defined(__i386__)
+  _mm_pause();
+#endif
+}
+
+// One participant's view of a block's phases (n_phases of them, zeroed before the block). `claim(n)` hands
+// out the next tile of the current n-tile phase; once none is left it waits until every tile of the phase
+// is done, moves to the next phase and returns n.
+class Crew {
+ public:
+  Crew(CrewPhase* phases, int64_t n_phases) : phases_(phases), n_phases_(n_phases) {}
+  PYEBM_INLINE int64_t claim(int64_t n) {
+    if (phase_ >= n_phases_) {  // block_phases() disagrees with block_impl(): a bug, and waiting would hang
+      std::fprintf(stderr, "pyebm: ebt_policy block ran past its %lld phases\n", static_cast<long long>(n_phases_));
+      std::abort();
+    }
+    CrewPhase& p = phases_[phase_];
+    if (held_) p.done.fetch_add(1, std::memory_order_release);
+    const int64_t t = p.next.fetch_add(1, std::memory_order_relaxed);
+    held_ = t < n;
+    if (held_) return t;
+    while (p.done.load(std::memory_order_acquire) < n) spin_pause();
+    ++phase_;
+    return n;
+  }
+  int64_t phases() const { return phase_; }
+
+ private:
+  CrewPhase* phases_;
+  int64_t n_phases_;
+  int64_t phase_ = 0;
+  bool held_ = false;
+};
+
+// for every tile t of an n-tile phase that this participant claims (n evaluated once)
+#define PYEBM_TILES(crew, n, t) \
+  for (int64_t t##_n = (n), t = (crew).claim(t##_n); t < t##_n; t = (crew).claim(t##_n))
+
+// Column slice [n0, n1) of the forward product C [M, N] (+)= A [M, K] @ W^T (W [N, K], Wt [K, N] or null).
+// A slice that is the whole product keeps the small-product kernels.
+template <typename T>
+inline void fwd_slice(int64_t M, int64_t N, int64_t K, const T* A, const T* W, const T* Wt, T* C, bool acc,
+                      int64_t n0, int64_t n1) {
+  if (n0 == 0 && n1 == N) return gemm_nt_pk<T>(M, N, K, A, W, Wt, C, acc);
+  if (Wt != nullptr)
+    gemm_ld<T>(false, M, n1 - n0, K, A, K, Wt + n0, N, C + n0, N, acc);
+  else
+    gemm_ld<T>(true, M, n1 - n0, K, A, K, W + n0 * K, K, C + n0, N, acc);
+}
+
+// Column slice [k0, k1) of the input gradient C [M, K] (+)= G [M, N] @ W (W [N, K]).
+template <typename T>
+inline void bwd_slice(int64_t M, int64_t N, int64_t K, const T* G, const T* W, T* C, bool acc, int64_t k0,
+                      int64_t k1) {
+  if (k0 == 0 && k1 == K) return gemm_nn<T>(M, N, K, G, W, C, acc);
+  gemm_ld<T>(false, M, k1 - k0, N, G, N, W + k0, K, C + k0, K, acc);
+}
+
+// Elements of the block buffer shared by the participants (what the backward pass reads, then the
+// working arrays) and of each participant's own temporaries.
+template <typename T>
+int64_t block_saved_elems(const Net<T>& net, int64_t nb) {
+  const int64_t M = nb * net.Tn;
+  Saved<T> sv{M, net.D, net.H, net.Tn, net.L, nb, nullptr};
+  return sv.embed_elems() + net.layers * sv.layer_elems() + 2 * M * net.D + M;  // + head xnf, hh, rf
+}
+template <typename T>
+int64_t block_elems(const Net<T>& net, int64_t nb) {
+  const int64_t M = nb * net.Tn;
+  return block_saved_elems(net, nb) + 7 * M * net.D /*x, big (3), o, dx, t2*/ + M * std::max<int64_t>(net.O, 1);
+}
+template <typename T>
+int64_t local_elems(const Net<T>& net) {
+  return std::max(net.Tn, net.L) + net.hd + net.D + net.hd * net.Tn;
+}
+
+// One block of nb candidates starting at global candidate c0: E[nb] and, if G, dE/dy [nb, T, A].
+// buf: block_elems() shared elements.
+template <typename T>
+PYEBM_INLINE void block_impl(const Net<T>& net, int64_t c0, int64_t nb, const T* y, T* E, T* G, T* buf,
+                             Crew& crew) {
   const int64_t Tn = net.Tn, D = net.D, H = net.H, hd = net.hd, L = net.L, A = net.A, O = net.O;
   const int64_t M = nb * Tn;
   const bool grad = G != nullptr;
-  Saved<T> sv{M, D, H, Tn, L, nb, nullptr};
-  const int64_t n_saved = sv.embed_elems() + net.layers * sv.layer_elems() + 2 * M * D + M;  // + head xnf, hh, rf
-  const int64_t n_tmp = M * D /*x*/ + 3 * M * D /*big*/ + M * D /*o*/ + M * D /*dx*/ + M * D /*t2*/ +
-                        Tn * std::max(Tn, L) /*dP*/ + M * std::max<int64_t>(O, 1) /*out*/ + hd /*up*/;
-  T* buf = scratch<T>(n_saved + n_tmp);
-  sv.base = buf;
+  Saved<T> sv{M, D, H, Tn, L, nb, buf};
+  const int64_t n_saved = block_saved_elems(net, nb);
   T* head_xnf = buf + sv.embed_elems() + net.layers * sv.layer_elems();
   T* head_hh = head_xnf + M * D;
   T* head_rf = head_hh + M * D;
   T* x = buf + n_saved;
-  T* big = x + M * D;   // [M, 3D]
+  T* big = x + M * D;  // [M, 3D]
   T* o = big + 3 * M * D;
   T* dx = o + M * D;
   T* t2 = dx + M * D;
-  T* dP = t2 + M * D;
-  T* out = dP + Tn * std::max(Tn, L);
-  T* up = out + M * std::max<int64_t>(O, 1);
+  T* out = t2 + M * D;
+  // each participant's own temporaries: dS [max(T, L)], one head's gradient [hd], a row [D], one head's
+  // keys or values of a candidate transposed [hd, T]
+  T* dP = crew_local<T>(local_elems(net));
+  T* up = dP + std::max(Tn, L);
+  T* row = up + hd;
+  T* kvT = row + D;
+
+  const int64_t n_rt = (M + kRowTile - 1) / kRowTile;
+  const int64_t hpt = std::max<int64_t>(1, kColTile / hd);  // heads per head-group tile
+  const int64_t n_ht = (H + hpt - 1) / hpt;
+  auto n_ct = [](int64_t N) { return (N + kColTile - 1) / kColTile; };
+
+#define PYEBM_ROWS(t)                        \
+  const int64_t r0 = (t) * kRowTile;         \
+  const int64_t r1 = std::min(M, r0 + kRowTile)
+#define PYEBM_COLS(t, N)                     \
+  const int64_t n0 = (t) * kColTile;         \
+  const int64_t n1 = std::min<int64_t>((N), n0 + kColTile)
+#define PYEBM_HEADS(t)                       \
+  const int64_t h0 = (t) * hpt;              \
+  const int64_t h1 = std::min(H, h0 + hpt)
 
   // ---- action embedding: Linear -> LayerNorm -> GELU -> Linear -> GELU, + positions ----
-  gemm_nt<T>(M, D, A, y, net.w0, big, false);
-  add_bias(big, net.b0, M, D);
-  for (int64_t i = 0; i < M; ++i) {
-    const T* u1 = big + i * D;
-    T mu = T(0);
-  #pragma omp simd reduction(+ : mu)
-    for (int64_t j = 0; j < D; ++j) mu += u1[j];
-    mu /= T(D);
-    T var = T(0);
-  #pragma omp simd reduction(+ : var)
-    for (int64_t j = 0; j < D; ++j) var += (u1[j] - mu) * (u1[j] - mu);
-    const T rs = T(1) / std::sqrt(var / T(D) + net.ln_eps);
-    sv.rstd()[i] = rs;
-    T* xl = sv.xln() + i * D;
-    T* a = o + i * D;
-    for (int64_t j = 0; j < D; ++j) {
-      xl[j] = (u1[j] - mu) * rs;
-      a[j] = xl[j] * net.lnw[j] + net.lnb[j];
+  PYEBM_TILES(crew, n_rt, t) {
+    PYEBM_ROWS(t);
+    gemm_nt<T>(r1 - r0, D, A, y + r0 * A, net.w0, big + r0 * D, false);
+    add_bias(big + r0 * D, net.b0, r1 - r0, D);
+    for (int64_t i = r0; i < r1; ++i) {
+      const T* u1 = big + i * D;
+      T mu = T(0);
+#pragma omp simd reduction(+ : mu)
+      for (int64_t j = 0; j < D; ++j) mu += u1[j];
+      mu /= T(D);
+      T var = T(0);
+#pragma omp simd reduction(+ : var)
+      for (int64_t j = 0; j < D; ++j) var += (u1[j] - mu) * (u1[j] - mu);
+      const T rs = T(1) / std::sqrt(var / T(D) + net.ln_eps);
+      sv.rstd()[i] = rs;
+      T* xl = sv.xln() + i * D;
+      T* a = o + i * D;
+      for (int64_t j = 0; j < D; ++j) {
+        xl[j] = (u1[j] - mu) * rs;
+        a[j] = xl[j] * net.lnw[j] + net.lnb[j];
+      }
     }
+    gelu_pass((r1 - r0) * D, o + r0 * D, sv.u2() + r0 * D);  // sv.u2 keeps gelu'(u2)
   }
-  gelu_pass(M * D, o, sv.u2());  // sv.u2 keeps gelu'(u2)
-  gemm_nt_pk<T>(M, D, D, o, net.w1, net.tw1, x, false);
-  add_bias(x, net.b1, M, D);
-  gelu_pass(M * D, x, sv.u4());  // sv.u4 keeps gelu'(u4)
-  for (int64_t i = 0; i < M; ++i) {
-    const T* pos = net.pos + (i % Tn) * D;
-    for (int64_t j = 0; j < D; ++j) x[i * D + j] += pos[j];
+  PYEBM_TILES(crew, n_ct(D), t) {
+    PYEBM_COLS(t, D);
+    fwd_slice<T>(M, D, D, o, net.w1, net.tw1, x, false, n0, n1);
+    for (int64_t i = 0; i < M; ++i) {
+      T* xr = x + i * D;
+      const T* pos = net.pos + (i % Tn) * D;
+      for (int64_t j = n0; j < n1; ++j) xr[j] += net.b1[j];
+      gelu_pass(n1 - n0, xr + n0, sv.u4() + i * D + n0);  // sv.u4 keeps gelu'(u4)
+      for (int64_t j = n0; j < n1; ++j) xr[j] += pos[j];
+    }
   }
 
   // ---- blocks ----
@@ -224,296 +469,368 @@ PYEBM_INLINE void block_impl(const Net<T>& net, int64_t c0, int64_t nb, const T*
     const Layer<T>& w = net.lay[l];
     T* p = sv.layer(l);
     T *xn1 = sv.xn1(p), *qh = sv.qh(p), *kh = sv.kh(p), *vv = sv.v(p), *xn2 = sv.xn2(p), *cqh = sv.cqh(p);
-    T *xn3 = sv.xn3(p), *h1 = sv.h1(p), *r1 = sv.r1(p), *r2 = sv.r2(p), *r3 = sv.r3(p);
+    T *xn3 = sv.xn3(p), *h1 = sv.h1(p), *r1n = sv.r1(p), *r2n = sv.r2(p), *r3n = sv.r3(p);
     T *rq = sv.rq(p), *rk = sv.rk(p), *rcq = sv.rcq(p), *Pm = sv.P(p), *Pc = sv.Pc(p);
-    // self-attention
-    for (int64_t i = 0; i < M; ++i) {
-      r1[i] = rms_row(x + i * D, xn1 + i * D, D, net.rms_eps);
-      for (int64_t j = 0; j < D; ++j) o[i * D + j] = xn1[i * D + j] * w.n1[j];
-    }
-    gemm_nt_pk<T>(M, 3 * D, D, o, w.wqkv, w.tqkv, big, false);
-    add_bias(big, w.bqkv, M, 3 * D);
-    for (int64_t i = 0; i < M; ++i) {
-      for (int64_t h = 0; h < H; ++h) {
-        rq[i * H + h] = rms_row(big + i * 3 * D + h * hd, qh + i * D + h * hd, hd, net.rms_eps);
-        rk[i * H + h] = rms_row(big + i * 3 * D + D + h * hd, kh + i * D + h * hd, hd, net.rms_eps);
+    // self-attention: norm1 (rows), qkv (columns), per-head q/k norms and attention (heads) into o
+    PYEBM_TILES(crew, n_rt, t) {
+      PYEBM_ROWS(t);
+      for (int64_t i = r0; i < r1; ++i) {
+        r1n[i] = rms_row(x + i * D, xn1 + i * D, D, net.rms_eps);
+        for (int64_t j = 0; j < D; ++j) o[i * D + j] = xn1[i * D + j] * w.n1[j];
       }
-      std::copy(big + i * 3 * D + 2 * D, big + i * 3 * D + 3 * D, vv + i * D);
     }
-    // big is free again: qs [M, D] = qh * qn * scale, kn [M, D] = kh * kn in its first 2 M*D
-    T* qs = big;
-    T* knb = big + M * D;
-    for (int64_t i = 0; i < M; ++i)
-      for (int64_t h = 0; h < H; ++h)
+    PYEBM_TILES(crew, n_ct(3 * D), t) {
+      PYEBM_COLS(t, 3 * D);
+      fwd_slice<T>(M, 3 * D, D, o, w.wqkv, w.tqkv, big, false, n0, n1);
+      for (int64_t i = 0; i < M; ++i)
+        for (int64_t j = n0; j < n1; ++j) big[i * 3 * D + j] += w.bqkv[j];
+    }
+    // qs = q normed * qn * scale in t2, kn = k normed * kn in dx (both free until the backward pass)
+    T* qs = t2;
+    T* knb = dx;
+    PYEBM_TILES(crew, H, h) {
+      for (int64_t i = 0; i < M; ++i) {
+        const int64_t c = i * D + h * hd;
+        rq[i * H + h] = rms_row(big + i * 3 * D + h * hd, qh + c, hd, net.rms_eps);
+        rk[i * H + h] = rms_row(big + i * 3 * D + D + h * hd, kh + c, hd, net.rms_eps);
+        std::copy(big + i * 3 * D + 2 * D + h * hd, big + i * 3 * D + 2 * D + (h + 1) * hd, vv + c);
         for (int64_t d = 0; d < hd; ++d) {
-          qs[i * D + h * hd + d] = qh[i * D + h * hd + d] * w.qn[d] * net.scale;
-          knb[i * D + h * hd + d] = kh[i * D + h * hd + d] * w.kn[d];
+          qs[c + d] = qh[c + d] * w.qn[d] * net.scale;
+          knb[c + d] = kh[c + d] * w.kn[d];
         }
-    for (int64_t c = 0; c < nb; ++c) {
-      const int64_t r0 = c * Tn;
-      for (int64_t h = 0; h < H; ++h) {
-        T* Pch = Pm + (c * H + h) * Tn * Tn;
-        for (int64_t t = 0; t < Tn; ++t) {
-          const T* q = qs + (r0 + t) * D + h * hd;
-          T* s = Pch + t * Tn;
-          for (int64_t u = 0; u < Tn; ++u) {
-            const T* k = knb + (r0 + u) * D + h * hd;
-            T acc = T(0);
-      #pragma omp simd reduction(+ : acc)
-            for (int64_t d = 0; d < hd; ++d) acc += q[d] * k[d];
-            s[u] = acc;
-          }
-          softmax_row(s, Tn);
-          T* ot = o + (r0 + t) * D + h * hd;
-          for (int64_t d = 0; d < hd; ++d) ot[d] = T(0);
-          for (int64_t u = 0; u < Tn; ++u) {
-            const T pu = s[u];
-            const T* vu = vv + (r0 + u) * D + h * hd;
+      }
+      for (int64_t c = 0; c < nb; ++c) {
+        const int64_t r = c * Tn * D + h * hd;
+        self_attn_head<T>(hd, Tn, D, qs + r, knb + r, vv + r, Pm + (c * H + h) * Tn * Tn, o + r, kvT);
+      }
+    }
+    PYEBM_TILES(crew, n_ct(D), t) {
+      PYEBM_COLS(t, D);
+      fwd_slice<T>(M, D, D, o, w.wp, w.tp, x, true, n0, n1);
+      for (int64_t i = 0; i < M; ++i)
+        for (int64_t j = n0; j < n1; ++j) x[i * D + j] += w.bp[j];
+    }
+    // cross-attention to the cached observation keys/values: norm2 (rows), then per head group the
+    // query slice, its per-head norm and the attention (output in t2)
+    PYEBM_TILES(crew, n_rt, t) {
+      PYEBM_ROWS(t);
+      for (int64_t i = r0; i < r1; ++i) {
+        r2n[i] = rms_row(x + i * D, xn2 + i * D, D, net.rms_eps);
+        for (int64_t j = 0; j < D; ++j) o[i * D + j] = xn2[i * D + j] * w.n2[j];
+      }
+    }
+    PYEBM_TILES(crew, n_ht, t) {
+      PYEBM_HEADS(t);
+      fwd_slice<T>(M, D, D, o, w.wxq, w.txq, big, false, h0 * hd, h1 * hd);
+      for (int64_t i = 0; i < M; ++i)
+        for (int64_t j = h0 * hd; j < h1 * hd; ++j) big[i * D + j] += w.bxq[j];
+      for (int64_t h = h0; h < h1; ++h) {
+        for (int64_t i = 0; i < M; ++i)
+          rcq[i * H + h] = rms_row(big + i * D + h * hd, cqh + i * D + h * hd, hd, net.rms_eps);
+        for (int64_t c = 0; c < nb; ++c) {
+          const int64_t q0 = c * Tn;
+          const int64_t b = (c0 + c) / net.K;
+          const T* kc = net.kc(l, b, h);  // [hd, L], pre-scaled
+          const T* vc = net.vc(l, b, h);  // [L, hd]
+          T* Pch = Pc + (c * H + h) * Tn * L;
+          for (int64_t t = 0; t < Tn; ++t) {
+            const T* q = cqh + (q0 + t) * D + h * hd;
+            T* s = Pch + t * L;
+            for (int64_t j = 0; j < L; ++j) {
+              T acc = T(0);
+#pragma omp simd reduction(+ : acc)
+              for (int64_t d = 0; d < hd; ++d) acc += q[d] * w.xqn[d] * kc[d * L + j];
+              s[j] = net.bias[t * L + j] + acc;
+            }
+            softmax_row(s, L);
+            T* ot = t2 + (q0 + t) * D + h * hd;
+            for (int64_t d = 0; d < hd; ++d) ot[d] = T(0);
+            for (int64_t j = 0; j < L; ++j) {
+              const T pj = s[j];
+              const T* vj = vc + j * hd;
 #pragma omp simd
-            for (int64_t d = 0; d < hd; ++d) ot[d] += pu * vu[d];
+              for (int64_t d = 0; d < hd; ++d) ot[d] += pj * vj[d];
+            }
           }
         }
       }
     }
-    gemm_nt_pk<T>(M, D, D, o, w.wp, w.tp, x, true);
-    add_bias(x, w.bp, M, D);
-    // cross-attention to the cached observation keys/values
-    for (int64_t i = 0; i < M; ++i) {
-      r2[i] = rms_row(x + i * D, xn2 + i * D, D, net.rms_eps);
-      for (int64_t j = 0; j < D; ++j) o[i * D + j] = xn2[i * D + j] * w.n2[j];
+    PYEBM_TILES(crew, n_ct(D), t) {
+      PYEBM_COLS(t, D);
+      fwd_slice<T>(M, D, D, t2, w.wxp, w.txp, x, true, n0, n1);
     }
-    gemm_nt_pk<T>(M, D, D, o, w.wxq, w.txq, big, false);
-    add_bias(big, w.bxq, M, D);
-    for (int64_t i = 0; i < M; ++i)
-      for (int64_t h = 0; h < H; ++h)
-        rcq[i * H + h] = rms_row(big + i * D + h * hd, cqh + i * D + h * hd, hd, net.rms_eps);
-    for (int64_t c = 0; c < nb; ++c) {
-      const int64_t r0 = c * Tn;
-      const int64_t b = (c0 + c) / net.K;
-      for (int64_t h = 0; h < H; ++h) {
-        const T* kc = net.kc(l, b, h);  // [hd, L], pre-scaled
-        const T* vc = net.vc(l, b, h);  // [L, hd]
-        T* Pch = Pc + (c * H + h) * Tn * L;
-        for (int64_t t = 0; t < Tn; ++t) {
-          const T* q = cqh + (r0 + t) * D + h * hd;
-          T* s = Pch + t * L;
-          for (int64_t j = 0; j < L; ++j) s[j] = net.bias[t * L + j];
-          for (int64_t d = 0; d < hd; ++d) {
-            const T qd = q[d] * w.xqn[d];
-            const T* kd = kc + d * L;
-            for (int64_t j = 0; j < L; ++j) s[j] += qd * kd[j];
-          }
-          softmax_row(s, L);
-          T* ot = o + (r0 + t) * D + h * hd;
-          for (int64_t d = 0; d < hd; ++d) ot[d] = T(0);
-          for (int64_t j = 0; j < L; ++j) {
-            const T pj = s[j];
-            const T* vj = vc + j * hd;
-#pragma omp simd
-            for (int64_t d = 0; d < hd; ++d) ot[d] += pj * vj[d];
-          }
-        }
+    // MLP: norm3 (rows), fc1 + GELU into t2 (columns), fc2 into x (columns)
+    PYEBM_TILES(crew, n_rt, t) {
+      PYEBM_ROWS(t);
+      for (int64_t i = r0; i < r1; ++i) {
+        r3n[i] = rms_row(x + i * D, xn3 + i * D, D, net.rms_eps);
+        for (int64_t j = 0; j < D; ++j) o[i * D + j] = xn3[i * D + j] * w.n3[j];
       }
     }
-    gemm_nt_pk<T>(M, D, D, o, w.wxp, w.txp, x, true);
-    // MLP
-    for (int64_t i = 0; i < M; ++i) {
-      r3[i] = rms_row(x + i * D, xn3 + i * D, D, net.rms_eps);
-      for (int64_t j = 0; j < D; ++j) o[i * D + j] = xn3[i * D + j] * w.n3[j];
+    PYEBM_TILES(crew, n_ct(D), t) {
+      PYEBM_COLS(t, D);
+      fwd_slice<T>(M, D, D, o, w.wf1, w.tf1, t2, false, n0, n1);
+      for (int64_t i = 0; i < M; ++i) {
+        for (int64_t j = n0; j < n1; ++j) t2[i * D + j] += w.bf1[j];
+        gelu_pass(n1 - n0, t2 + i * D + n0, h1 + i * D + n0);  // h1 keeps gelu'(fc1 output)
+      }
     }
-    gemm_nt_pk<T>(M, D, D, o, w.wf1, w.tf1, t2, false);
-    add_bias(t2, w.bf1, M, D);
-    gelu_pass(M * D, t2, h1);  // h1 keeps gelu'(fc1 output)
-    std::swap(o, t2);
-    gemm_nt_pk<T>(M, D, D, o, w.wf2, w.tf2, x, true);
-    add_bias(x, w.bf2, M, D);
+    PYEBM_TILES(crew, n_ct(D), t) {
+      PYEBM_COLS(t, D);
+      fwd_slice<T>(M, D, D, t2, w.wf2, w.tf2, x, true, n0, n1);
+      for (int64_t i = 0; i < M; ++i)
+        for (int64_t j = n0; j < n1; ++j) x[i * D + j] += w.bf2[j];
+    }
   }
 
   // ---- head: RMSNorm -> Linear -> GELU -> Linear, mean over (T, O) ----
-  for (int64_t i = 0; i < M; ++i) {
-    head_rf[i] = rms_row(x + i * D, head_xnf + i * D, D, net.rms_eps);
-    for (int64_t j = 0; j < D; ++j) o[i * D + j] = head_xnf[i * D + j] * net.hn[j];
+  PYEBM_TILES(crew, n_rt, t) {
+    PYEBM_ROWS(t);
+    for (int64_t i = r0; i < r1; ++i) {
+      head_rf[i] = rms_row(x + i * D, head_xnf + i * D, D, net.rms_eps);
+      for (int64_t j = 0; j < D; ++j) o[i * D + j] = head_xnf[i * D + j] * net.hn[j];
+    }
   }
-  gemm_nt_pk<T>(M, D, D, o, net.hw1, net.thw1, t2, false);
-  add_bias(t2, net.hb1, M, D);
-  gelu_pass(M * D, t2, head_hh);  // head_hh keeps gelu'(fc1 output)
-  std::swap(o, t2);
-  gemm_nt_pk<T>(M, O, D, o, net.hw2, net.thw2, out, false);
-  add_bias(out, net.hb2, M, O);
-  for (int64_t c = 0; c < nb; ++c) {
-    T acc = T(0);
-  #pragma omp simd reduction(+ : acc)
-    for (int64_t i = c * Tn * O; i < (c + 1) * Tn * O; ++i) acc += out[i];
-    E[c] = acc / T(Tn * O);
+  PYEBM_TILES(crew, n_ct(D), t) {
+    PYEBM_COLS(t, D);
+    fwd_slice<T>(M, D, D, o, net.hw1, net.thw1, t2, false, n0, n1);
+    for (int64_t i = 0; i < M; ++i) {
+      for (int64_t j = n0; j < n1; ++j) t2[i * D + j] += net.hb1[j];
+      gelu_pass(n1 - n0, t2 + i * D + n0, head_hh + i * D + n0);  // head_hh keeps gelu'(fc1 output)
+    }
+  }
+  PYEBM_TILES(crew, 1, t) {
+    (void)t;
+    gemm_nt_pk<T>(M, O, D, t2, net.hw2, net.thw2, out, false);
+    add_bias(out, net.hb2, M, O);
+    for (int64_t c = 0; c < nb; ++c) {
+      T acc = T(0);
+#pragma omp simd reduction(+ : acc)
+      for (int64_t i = c * Tn * O; i < (c + 1) * Tn * O; ++i) acc += out[i];
+      E[c] = acc / T(Tn * O);
+    }
   }
   if (!grad) return;
 
   // ---- backward to the candidate ----
   // dE/d gelu(hh) is the same row for every token: the column sums of fc2, / (T * O)
-  for (int64_t j = 0; j < D; ++j) {
-    T s = T(0);
-  #pragma omp simd reduction(+ : s)
-    for (int64_t k = 0; k < O; ++k) s += net.hw2[k * D + j];
-    t2[j] = s / T(Tn * O);
-  }
-  for (int64_t i = 0; i < M; ++i)
+  PYEBM_TILES(crew, n_rt, t) {
+    PYEBM_ROWS(t);
     for (int64_t j = 0; j < D; ++j) {
-      o[i * D + j] = t2[j] * head_hh[i * D + j];
+      T s = T(0);
+#pragma omp simd reduction(+ : s)
+      for (int64_t k = 0; k < O; ++k) s += net.hw2[k * D + j];
+      row[j] = s / T(Tn * O);
     }
-  gemm_nn<T>(M, D, D, o, net.hw1, t2, false);
-  for (int64_t i = 0; i < M; ++i) rms_back_row(t2 + i * D, net.hn, head_xnf + i * D, head_rf[i], D, dx + i * D, false);
+    for (int64_t i = r0; i < r1; ++i)
+      for (int64_t j = 0; j < D; ++j) o[i * D + j] = row[j] * head_hh[i * D + j];
+  }
+  PYEBM_TILES(crew, n_ct(D), t) {
+    PYEBM_COLS(t, D);
+    bwd_slice<T>(M, D, D, o, net.hw1, t2, false, n0, n1);
+  }
+  PYEBM_TILES(crew, n_rt, t) {
+    PYEBM_ROWS(t);
+    for (int64_t i = r0; i < r1; ++i)
+      rms_back_row(t2 + i * D, net.hn, head_xnf + i * D, head_rf[i], D, dx + i * D, false);
+  }
 
   for (int64_t l = net.layers - 1; l >= 0; --l) {
     const Layer<T>& w = net.lay[l];
     T* p = sv.layer(l);
     T *xn1 = sv.xn1(p), *qh = sv.qh(p), *kh = sv.kh(p), *vv = sv.v(p), *xn2 = sv.xn2(p), *cqh = sv.cqh(p);
-    T *xn3 = sv.xn3(p), *h1 = sv.h1(p), *r1 = sv.r1(p), *r2 = sv.r2(p), *r3 = sv.r3(p);
+    T *xn3 = sv.xn3(p), *h1 = sv.h1(p), *r1n = sv.r1(p), *r2n = sv.r2(p), *r3n = sv.r3(p);
     T *rq = sv.rq(p), *rk = sv.rk(p), *rcq = sv.rcq(p), *Pm = sv.P(p), *Pc = sv.Pc(p);
     // MLP branch
-    gemm_nn<T>(M, D, D, dx, w.wf2, o, false);
-    for (int64_t i = 0; i < M * D; ++i) o[i] *= h1[i];
-    gemm_nn<T>(M, D, D, o, w.wf1, t2, false);
-    for (int64_t i = 0; i < M; ++i) rms_back_row(t2 + i * D, w.n3, xn3 + i * D, r3[i], D, dx + i * D, true);
-    // cross-attention branch (keys and values are constants)
-    gemm_nn<T>(M, D, D, dx, w.wxp, o, false);  // d(attention output)
-    for (int64_t c = 0; c < nb; ++c) {
-      const int64_t r0 = c * Tn;
-      const int64_t b = (c0 + c) / net.K;
-      for (int64_t h = 0; h < H; ++h) {
-        const T* kc = net.kc(l, b, h);
-        const T* vc = net.vc(l, b, h);
-        const T* Pch = Pc + (c * H + h) * Tn * L;
-        for (int64_t t = 0; t < Tn; ++t) {
-          const T* dot = o + (r0 + t) * D + h * hd;
-          const T* pr = Pch + t * L;
-          T dotp = T(0);
-          for (int64_t j = 0; j < L; ++j) {
-            const T* vj = vc + j * hd;
-            T acc = T(0);
-      #pragma omp simd reduction(+ : acc)
-            for (int64_t d = 0; d < hd; ++d) acc += dot[d] * vj[d];
-            dP[j] = acc;
-            dotp += acc * pr[j];
+    PYEBM_TILES(crew, n_ct(D), t) {
+      PYEBM_COLS(t, D);
+      bwd_slice<T>(M, D, D, dx, w.wf2, o, false, n0, n1);
+      for (int64_t i = 0; i < M; ++i)
+        for (int64_t j = n0; j < n1; ++j) o[i * D + j] *= h1[i * D + j];
+    }
+    PYEBM_TILES(crew, n_ct(D), t) {
+      PYEBM_COLS(t, D);
+      bwd_slice<T>(M, D, D, o, w.wf1, t2, false, n0, n1);
+    }
+    PYEBM_TILES(crew, n_rt, t) {
+      PYEBM_ROWS(t);
+      for (int64_t i = r0; i < r1; ++i) rms_back_row(t2 + i * D, w.n3, xn3 + i * D, r3n[i], D, dx + i * D, true);
+    }
+    // cross-attention branch (keys and values are constants): per head group, d(attention output) in o,
+    // d(q after its norm) in t2, through the per-head norm into big [M, D]
+    PYEBM_TILES(crew, n_ht, t) {
+      PYEBM_HEADS(t);
+      bwd_slice<T>(M, D, D, dx, w.wxp, o, false, h0 * hd, h1 * hd);
+      for (int64_t h = h0; h < h1; ++h) {
+        for (int64_t c = 0; c < nb; ++c) {
+          const int64_t q0 = c * Tn;
+          const int64_t b = (c0 + c) / net.K;
+          const T* kc = net.kc(l, b, h);
+          const T* vc = net.vc(l, b, h);
+          const T* Pch = Pc + (c * H + h) * Tn * L;
+          for (int64_t t = 0; t < Tn; ++t) {
+            const T* dot = o + (q0 + t) * D + h * hd;
+            const T* pr = Pch + t * L;
+            T dotp = T(0);
+            for (int64_t j = 0; j < L; ++j) {
+              const T* vj = vc + j * hd;
+              T acc = T(0);
+#pragma omp simd reduction(+ : acc)
+              for (int64_t d = 0; d < hd; ++d) acc += dot[d] * vj[d];
+              dP[j] = acc;
+              dotp += acc * pr[j];
+            }
+            for (int64_t j = 0; j < L; ++j) dP[j] = pr[j] * (dP[j] - dotp);  // dS
+            T* dq = t2 + (q0 + t) * D + h * hd;
+            for (int64_t d = 0; d < hd; ++d) dq[d] = T(0);
+            for (int64_t j = 0; j < L; ++j) {
+              const T dj = dP[j];
+#pragma omp simd
+              for (int64_t d = 0; d < hd; ++d) dq[d] += dj * kc[d * L + j];
+            }
           }
-          for (int64_t j = 0; j < L; ++j) dP[j] = pr[j] * (dP[j] - dotp);  // dS
-          T* dq = t2 + (r0 + t) * D + h * hd;  // d(q after its RMSNorm)
-          for (int64_t d = 0; d < hd; ++d) {
-            const T* kd = kc + d * L;
-            T acc = T(0);
-      #pragma omp simd reduction(+ : acc)
-            for (int64_t j = 0; j < L; ++j) acc += dP[j] * kd[j];
-            dq[d] = acc;
-          }
+        }
+        for (int64_t i = 0; i < M; ++i)
+          rms_back_row(t2 + i * D + h * hd, w.xqn, cqh + i * D + h * hd, rcq[i * H + h], hd, big + i * D + h * hd,
+                       false);
+      }
+    }
+    PYEBM_TILES(crew, n_ct(D), t) {
+      PYEBM_COLS(t, D);
+      bwd_slice<T>(M, D, D, big, w.wxq, t2, false, n0, n1);
+    }
+    PYEBM_TILES(crew, n_rt, t) {
+      PYEBM_ROWS(t);
+      for (int64_t i = r0; i < r1; ++i) rms_back_row(t2 + i * D, w.n2, xn2 + i * D, r2n[i], D, dx + i * D, true);
+    }
+    // self-attention branch: per head group, d(attention output) in o, then dq, dk, dv (after the q/k
+    // norms) in big [M, 3D], then through the per-head norms in place
+    T* dqkv = big;
+    PYEBM_TILES(crew, n_ht, t) {
+      PYEBM_HEADS(t);
+      bwd_slice<T>(M, D, D, dx, w.wp, o, false, h0 * hd, h1 * hd);
+      for (int64_t h = h0; h < h1; ++h) {
+        for (int64_t i = 0; i < M; ++i)
+          for (int64_t part = 0; part < 3; ++part)
+            std::fill(dqkv + i * 3 * D + part * D + h * hd, dqkv + i * 3 * D + part * D + (h + 1) * hd, T(0));
+        for (int64_t c = 0; c < nb; ++c) {
+          const int64_t r = c * Tn * D + h * hd;
+          T* g = dqkv + c * Tn * 3 * D + h * hd;
+          self_attn_head_back<T>(hd, Tn, D, o + r, vv + r, Pm + (c * H + h) * Tn * Tn, qh + r, kh + r, w.qn, w.kn,
+                                 net.scale, g, g + D, g + 2 * D, 3 * D, dP, kvT);
+        }
+        // through the per-head q/k RMSNorms, in place (the upstream gradient is copied out first)
+        for (int64_t i = 0; i < M; ++i) {
+          T* dq = dqkv + i * 3 * D + h * hd;
+          T* dk = dqkv + i * 3 * D + D + h * hd;
+          std::copy(dq, dq + hd, up);
+          rms_back_row(up, w.qn, qh + i * D + h * hd, rq[i * H + h], hd, dq, false);
+          std::copy(dk, dk + hd, up);
+          rms_back_row(up, w.kn, kh + i * D + h * hd, rk[i * H + h], hd, dk, false);
         }
       }
     }
-    // through the per-head q RMSNorm, into big [M, D]
-    for (int64_t i = 0; i < M; ++i)
-      for (int64_t h = 0; h < H; ++h)
-        rms_back_row(t2 + i * D + h * hd, w.xqn, cqh + i * D + h * hd, rcq[i * H + h], hd, big + i * D + h * hd,
-                     false);
-    gemm_nn<T>(M, D, D, big, w.wxq, t2, false);
-    for (int64_t i = 0; i < M; ++i) rms_back_row(t2 + i * D, w.n2, xn2 + i * D, r2[i], D, dx + i * D, true);
-    // self-attention branch
-    gemm_nn<T>(M, D, D, dx, w.wp, o, false);  // d(attention output) [M, D]
-    T* dqkv = big;  // [M, 3D]: d(q after its norm), d(k after its norm), dv
-    const T scale = net.scale;
-    const T* __restrict knw = w.kn;
-    const T* __restrict qnw = w.qn;
-    std::fill(dqkv, dqkv + M * 3 * D, T(0));
-    for (int64_t c = 0; c < nb; ++c) {
-      const int64_t r0 = c * Tn;
-      for (int64_t h = 0; h < H; ++h) {
-        const T* Pch = Pm + (c * H + h) * Tn * Tn;
-        for (int64_t t = 0; t < Tn; ++t) {
-          const T* dot = o + (r0 + t) * D + h * hd;
-          const T* pr = Pch + t * Tn;
-          T dotp = T(0);
-          for (int64_t u = 0; u < Tn; ++u) {
-            const T* vu = vv + (r0 + u) * D + h * hd;
-            T acc = T(0);
-      #pragma omp simd reduction(+ : acc)
-            for (int64_t d = 0; d < hd; ++d) acc += dot[d] * vu[d];
-            dP[u] = acc;
-            dotp += acc * pr[u];
-            // dv[u] += p[t, u] * do[t]
-            T* dv = dqkv + (r0 + u) * 3 * D + 2 * D + h * hd;
-            const T pu = pr[u];
-#pragma omp simd
-            for (int64_t d = 0; d < hd; ++d) dv[d] += pu * dot[d];
-          }
-          T* dqn = dqkv + (r0 + t) * 3 * D + h * hd;
-          const T* qt = qh + (r0 + t) * D + h * hd;
-          for (int64_t u = 0; u < Tn; ++u) {
-            const T ds = pr[u] * (dP[u] - dotp) * scale;
-            if (ds == T(0)) continue;
-            const T* ku = kh + (r0 + u) * D + h * hd;
-            T* dkn = dqkv + (r0 + u) * 3 * D + D + h * hd;
-            // d(q normed) += dS kn * scale and d(k normed) += dS^T qs (qs = q normed * scale);
-            // dqn and dkn never overlap (different thirds of a dqkv row)
-#pragma omp simd
-            for (int64_t d = 0; d < hd; ++d) dqn[d] += ds * ku[d] * knw[d];
-#pragma omp simd
-            for (int64_t d = 0; d < hd; ++d) dkn[d] += ds * qt[d] * qnw[d];
-          }
-        }
+    PYEBM_TILES(crew, n_ct(D), t) {
+      PYEBM_COLS(t, D);
+      bwd_slice<T>(M, 3 * D, D, dqkv, w.wqkv, t2, false, n0, n1);
+    }
+    // norm1 back into dx; below the first layer, also the embedding's first backward product input
+    PYEBM_TILES(crew, n_rt, t) {
+      PYEBM_ROWS(t);
+      for (int64_t i = r0; i < r1; ++i) {
+        rms_back_row(t2 + i * D, w.n1, xn1 + i * D, r1n[i], D, dx + i * D, true);
+        if (l == 0)
+          for (int64_t j = 0; j < D; ++j) o[i * D + j] = dx[i * D + j] * sv.u4()[i * D + j];
       }
     }
-    // through the per-head q/k RMSNorms, in place (the upstream gradient is copied out first)
-    for (int64_t i = 0; i < M; ++i)
-      for (int64_t h = 0; h < H; ++h) {
-        T* dq = dqkv + i * 3 * D + h * hd;
-        T* dk = dqkv + i * 3 * D + D + h * hd;
-        std::copy(dq, dq + hd, up);
-        rms_back_row(up, w.qn, qh + i * D + h * hd, rq[i * H + h], hd, dq, false);
-        std::copy(dk, dk + hd, up);
-        rms_back_row(up, w.kn, kh + i * D + h * hd, rk[i * H + h], hd, dk, false);
-      }
-    gemm_nn<T>(M, 3 * D, D, dqkv, w.wqkv, t2, false);
-    for (int64_t i = 0; i < M; ++i) rms_back_row(t2 + i * D, w.n1, xn1 + i * D, r1[i], D, dx + i * D, true);
   }
 
   // ---- embedding backward ----
-  for (int64_t i = 0; i < M * D; ++i) o[i] = dx[i] * sv.u4()[i];
-  gemm_nn<T>(M, D, D, o, net.w1, t2, false);
-  for (int64_t i = 0; i < M; ++i) {
-    const T* xl = sv.xln() + i * D;
-    T* g = o + i * D;
-    T m1 = T(0), m2 = T(0);
-    for (int64_t j = 0; j < D; ++j) {
-      g[j] = t2[i * D + j] * sv.u2()[i * D + j] * net.lnw[j];
-      m1 += g[j];
-      m2 += g[j] * xl[j];
+  if (net.layers == 0) {
+    PYEBM_TILES(crew, n_rt, t) {
+      PYEBM_ROWS(t);
+      for (int64_t i = r0 * D; i < r1 * D; ++i) o[i] = dx[i] * sv.u4()[i];
     }
-    m1 /= T(D);
-    m2 /= T(D);
-    const T rs = sv.rstd()[i];
-    for (int64_t j = 0; j < D; ++j) g[j] = rs * (g[j] - m1 - xl[j] * m2);
   }
-  gemm_nn<T>(M, D, A, o, net.w0, G, false);
+  PYEBM_TILES(crew, n_ct(D), t) {
+    PYEBM_COLS(t, D);
+    bwd_slice<T>(M, D, D, o, net.w1, t2, false, n0, n1);
+  }
+  PYEBM_TILES(crew, n_rt, t) {
+    PYEBM_ROWS(t);
+    for (int64_t i = r0; i < r1; ++i) {
+      const T* xl = sv.xln() + i * D;
+      T* g = o + i * D;
+      T m1 = T(0), m2 = T(0);
+      for (int64_t j = 0; j < D; ++j) {
+        g[j] = t2[i * D + j] * sv.u2()[i * D + j] * net.lnw[j];
+        m1 += g[j];
+        m2 += g[j] * xl[j];
+      }
+      m1 /= T(D);
+      m2 /= T(D);
+      const T rs = sv.rstd()[i];
+      for (int64_t j = 0; j < D; ++j) g[j] = rs * (g[j] - m1 - xl[j] * m2);
+    }
+    gemm_nn<T>(r1 - r0, D, A, o + r0 * D, net.w0, G + r0 * A, false);
+  }
+#undef PYEBM_ROWS
+#undef PYEBM_COLS
+#undef PYEBM_HEADS
 }
 
-// The block compiled twice: for the baseline ISA and for AVX2 + FMA (chosen at run time), so the
-// reductions and elementwise passes are 8 lanes wide where the CPU allows.
+// The block compiled for the baseline ISA, for AVX2 + FMA and for AVX-512 (chosen at run time), so the
+// reductions and element-wise passes are as wide as the CPU allows.
 template <typename T>
-void block_base(const Net<T>& net, int64_t c0, int64_t nb, const T* y, T* E, T* G) {
-  block_impl<T>(net, c0, nb, y, E, G);
+void block_base(const Net<T>& net, int64_t c0, int64_t nb, const T* y, T* E, T* G, T* buf, Crew& crew) {
+  block_impl<T>(net, c0, nb, y, E, G, buf, crew);
 }
 #if defined(__x86_64__) && defined(__GNUC__)
 template <typename T>
 __attribute__((target("avx2,fma"))) void block_avx2(const Net<T>& net, int64_t c0, int64_t nb, const T* y, T* E,
-                                                   T* G) {
-  block_impl<T>(net, c0, nb, y, E, G);
+                                                   T* G, T* buf, Crew& crew) {
+  block_impl<T>(net, c0, nb, y, E, G, buf, crew);
+}
+template <typename T>
+__attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,avx2,fma"))) void block_avx512(
+    const Net<T>& net, int64_t c0, int64_t nb, const T* y, T* E, T* G, T* buf, Crew& crew) {
+  block_impl<T>(net, c0, nb, y, E, G, buf, crew);
 }
 #endif
 
 template <typename T>
-void block(const Net<T>& net, int64_t c0, int64_t nb, const T* y, T* E, T* G) {
+void block(const Net<T>& net, int64_t c0, int64_t nb, const T* y, T* E, T* G, T* buf, Crew& crew) {
 #if defined(__x86_64__) && defined(__GNUC__)
-  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  if (avx2) return block_avx2<T>(net, c0, nb, y, E, G);
+  static const int level = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+                                   __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl")
+                               ? 2
+                           : (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) ? 1
+                                                                                               : 0;
+  if (level == 2) return block_avx512<T>(net, c0, nb, y, E, G, buf, crew);
+  if (level == 1) return block_avx2<T>(net, c0, nb, y, E, G, buf, crew);
 #endif
-  block_base<T>(net, c0, nb, y, E, G);
+  block_base<T>(net, c0, nb, y, E, G, buf, crew);
+}
+
+// `n` zeroed phase counters of the calling thread (kept between calls).
+inline CrewPhase* crew_phases(int64_t n) {
+  thread_local std::unique_ptr<CrewPhase[]> phases;
+  thread_local int64_t capacity = 0;
+  if (capacity < n) {
+    phases.reset(new CrewPhase[n]);
+    capacity = n;
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    phases[i].next.store(0, std::memory_order_relaxed);
+    phases[i].done.store(0, std::memory_order_relaxed);
+  }
+  return phases.get();
+}
+
+// Phases of one block, as block_impl() runs them: embedding 2, per layer 10, head 3; with the gradient
+// head 3, per layer 9, embedding 2 (+1 without layers).
+inline int64_t block_phases(int64_t layers, bool grad) {
+  return 5 + 10 * layers + (grad ? 5 + 9 * layers + (layers == 0 ? 1 : 0) : 0);
 }
 
 // Rows (candidates x T) per block; PYEBM_EBT_POLICY_BLOCK_ROWS overrides (for tuning).
@@ -645,20 +962,36 @@ std::tuple<at::Tensor, at::Tensor> ebt_policy_energy_grad_cpu(const at::Tensor& 
     const T* yp = y.data_ptr<T>();
     T* Ep = E.data_ptr<T>();
     T* Gp = need_grad ? G.data_ptr<T>() : nullptr;
-    // candidates per block: about block_rows() rows for the GEMMs; blocks run in parallel
+    // candidates per block: about block_rows() rows for the GEMMs. Several blocks run in parallel, one
+    // thread each; a single block (few candidates) is run by a crew of threads sharing its phases.
     const int64_t nb = std::max<int64_t>(1, block_rows() / std::max<int64_t>(1, Tn));
     const int64_t nblocks = (N + nb - 1) / nb;
-    auto body = [&](int64_t b0, int64_t b1) {
-      for (int64_t blk = b0; blk < b1; ++blk) {
-        const int64_t c0 = blk * nb;
-        const int64_t m = std::min(nb, N - c0);
-        block<T>(net, c0, m, yp + c0 * Tn * A, Ep + c0, Gp ? Gp + c0 * Tn * A : nullptr);
-      }
-    };
-    if (nblocks == 1)
-      body(0, 1);
-    else
-      at::parallel_for(0, nblocks, 1, body);
+    const int64_t n_phases = block_phases(layers, Gp != nullptr);
+    if (nblocks == 1) {
+      T* buf = scratch<T, 0>(block_elems(net, N));
+      CrewPhase* phases = crew_phases(n_phases);
+      const int64_t M = N * Tn;
+      const int64_t widest = std::max({(M + kRowTile - 1) / kRowTile, (3 * D + kColTile - 1) / kColTile, heads});
+      const int64_t crew_size = at::in_parallel_region() ? 1 : std::min<int64_t>(at::get_num_threads(), widest);
+      auto member = [&](int64_t, int64_t) {
+        Crew crew(phases, n_phases);
+        block<T>(net, 0, N, yp, Ep, Gp, buf, crew);
+      };
+      if (crew_size <= 1)
+        member(0, 1);
+      else
+        at::parallel_for(0, crew_size, 1, member);
+    } else {
+      at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+        T* buf = scratch<T, 0>(block_elems(net, nb));
+        for (int64_t blk = b0; blk < b1; ++blk) {
+          const int64_t c0 = blk * nb;
+          const int64_t m = std::min(nb, N - c0);
+          Crew crew(crew_phases(n_phases), n_phases);
+          block<T>(net, c0, m, yp + c0 * Tn * A, Ep + c0, Gp ? Gp + c0 * Tn * A : nullptr, buf, crew);
+        }
+      });
+    }
   });
   return {E, G};
 }
