@@ -82,11 +82,19 @@ void descent_update_cpu(const at::Tensor& y, const at::Tensor& g, const at::Tens
                         const c10::optional<at::Tensor>& step_clip, double eta, double noise_level,
                         c10::string_view noise_mode, double grad_scale, double momentum,
                         c10::optional<double> grad_clip, c10::optional<double> grad_clip_norm, bool energy_scaled,
-                        double energy_temperature, double tol, bool tol_final_step, bool bound_each_step) {
+                        double energy_temperature, double tol, bool tol_final_step, bool bound_each_step,
+                        const c10::optional<at::Tensor>& y_base) {
   const NoiseMode nm = check_update_args(y, g, E, active, steps, status, velocity, pending, noise, mask, fixed,
                                          noise_mode, momentum, tol_final_step);
   TORCH_CHECK(y.device().is_cpu(), "pyebm: the cpu kernel needs CPU tensors; got y on ", y.device());
   const int64_t N = y.size(0), D = y.size(1);
+  // where the step starts (default y): e.g. the normalised state, while y keeps the committed one
+  if (y_base.has_value()) {
+    TORCH_CHECK(y_base->sizes() == y.sizes() && y_base->scalar_type() == y.scalar_type() &&
+                    y_base->device() == y.device() && y_base->is_contiguous(),
+                "pyebm: y_base must be a contiguous tensor like y ", y.sizes(), " ", y.scalar_type(), "; got ",
+                y_base->sizes(), " ", y_base->scalar_type(), y_base->is_contiguous() ? "" : " (not contiguous)");
+  }
   const auto dt = y.scalar_type();
   const at::Tensor lo = event_option(lower, "lower", D, dt, y.device()),
                    hi = event_option(upper, "upper", D, dt, y.device()),
@@ -96,6 +104,7 @@ void descent_update_cpu(const at::Tensor& y, const at::Tensor& g, const at::Tens
     const UpdateRule<T> u = make_rule<T>(D, grad_scale, momentum, grad_clip, grad_clip_norm, energy_scaled,
                                          energy_temperature, tol, tol_final_step, bound_each_step, lo, hi, sc, nm);
     T* yp = y.data_ptr<T>();
+    const T* bp = y_base.has_value() ? y_base->data_ptr<T>() : yp;
     T* gp = g.data_ptr<T>();
     const T* Ep = E.data_ptr<T>();
     uint8_t* ap = reinterpret_cast<uint8_t*>(active.data_ptr<bool>());
@@ -111,7 +120,7 @@ void descent_update_cpu(const at::Tensor& y, const at::Tensor& g, const at::Tens
       T* scratch = thread_scratch<T>(2 * D);
       for (int64_t i = i0; i < i1; ++i) {
         RowState<T> st{yp + i * D, vp ? vp + i * D : nullptr, ap + i, sp + i, stp + i, pp ? pp + i : nullptr};
-        update_row<T>(u, T(eta), T(noise_level), Ep[i], gp + i * D, yp + i * D, xp ? xp + i * D : nullptr,
+        update_row<T>(u, T(eta), T(noise_level), Ep[i], gp + i * D, bp + i * D, xp ? xp + i * D : nullptr,
                       mp ? mp + i * D : nullptr, fp ? fp + i * D : nullptr, st, scratch);
       }
     });
@@ -134,7 +143,7 @@ TORCH_LIBRARY_FRAGMENT(pyebm, m) {
       "Tensor(e!) status, Tensor(f!)? velocity, Tensor(g!)? pending, Tensor? noise, Tensor? mask, Tensor? fixed, "
       "Tensor? lower, Tensor? upper, Tensor? step_clip, float eta, float noise_level, str noise_mode, "
       "float grad_scale, float momentum, float? grad_clip, float? grad_clip_norm, bool energy_scaled, "
-      "float energy_temperature, float tol, bool tol_final_step, bool bound_each_step) -> ()");
+      "float energy_temperature, float tol, bool tol_final_step, bool bound_each_step, Tensor? y_base=None) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(pyebm, CPU, m) {

@@ -165,7 +165,9 @@ void descent_update_cuda(const at::Tensor& y, const at::Tensor& g, const at::Ten
                          const c10::optional<at::Tensor>& step_clip, double eta, double noise_level,
                          c10::string_view noise_mode, double grad_scale, double momentum,
                          c10::optional<double> grad_clip, c10::optional<double> grad_clip_norm, bool energy_scaled,
-                         double energy_temperature, double tol, bool tol_final_step, bool bound_each_step) {
+                         double energy_temperature, double tol, bool tol_final_step, bool bound_each_step,
+                         const c10::optional<at::Tensor>& y_base) {
+  TORCH_CHECK(!y_base.has_value(), "pyebm: the cuda descent_update does not take y_base (the step starts at y)");
   TORCH_CHECK(y.dim() == 2, "pyebm: y must be [N, D]; got shape ", y.sizes());
   const NoiseMode nm = check_update_args(y, g, E, active, steps, status, velocity, pending, noise, mask, fixed,
                                          noise_mode, momentum, tol_final_step);

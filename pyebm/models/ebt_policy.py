@@ -390,14 +390,15 @@ class EBTPolicy(nn.Module):
     def _fused(self, ctx: EBTPolicyContext, y: torch.Tensor, need_grad: bool):
         # The transposed weight copies are rebuilt when a weight changed in place (an optimiser step,
         # load_state_dict): every in-place write bumps the tensor's version counter.
+        # Only the transposed copies can go stale: the other parameters are read in place.
         cache = self._op_cache
         if cache is None:
             params = _op.param_list(self)
-            cache = (params, None, None)
-        params = cache[0]
-        versions = tuple(p._version for p in params)
+            cache = (params, None, None, _op.transposed_sources(params))
+        params, sources = cache[0], cache[3]
+        versions = tuple(p._version for p in sources)
         if cache[2] != versions:
-            cache = self._op_cache = (params, _op.transposed_weights(params), versions)
+            cache = self._op_cache = (params, _op.transposed_weights(params), versions, sources)
         return _op.ebt_policy_energy_grad(y, ctx.k, ctx.v, ctx.bias, params, cache[1], self.heads,
                                           self.blocks[0].norm1.eps if self.num_layers else ref.RMS_EPS,
                                           self.embed.norm.eps, need_grad)

@@ -87,7 +87,9 @@ def _fused_kind(y, g, y_base, E_prev, noise_mode, tol, tol_on, tol_scope, out, d
         return None
     if noise_mode not in ("none",) + _POST_NOISE:
         return None
-    if tol > 0 and (tol_on != "grad_norm" or tol_scope != "candidate"):
+    # the batch-coupled test (tol_scope "all": the norm over every active row) is the per-row test when there
+    # is one row, as in a one-chain policy; otherwise only the torch path computes it
+    if tol > 0 and (tol_on != "grad_norm" or (tol_scope != "candidate" and y.shape[0] != 1)):
         return None
     if not (y.is_contiguous() and g.is_contiguous()):
         return None
@@ -100,7 +102,9 @@ def _fused_kind(y, g, y_base, E_prev, noise_mode, tol, tol_on, tol_scope, out, d
         return None
     name = _backend.resolve(y.device, name, ("torch", "cpu", "cuda", "triton"))
     if name in ("cpu", "cuda"):
-        ok = _HAS_FUSED and y_base is None and y.dtype in (torch.float32, torch.float64)
+        # the C++ op starts the step at y_base on the cpu only
+        ok = _HAS_FUSED and (y_base is None or name == "cpu") and y.dtype in (torch.float32, torch.float64) \
+            and (y_base is None or y_base.is_contiguous())
         return name if ok else None
     if name == "triton" and y.dtype in (torch.float32, torch.bfloat16, torch.float16):
         try:
@@ -132,7 +136,7 @@ def _fused_update(kind, y, g, E, active, steps, status, velocity, pending, noise
     if kind == "triton":
         torch.ops.pyebm.descent_update_triton.default(*args, y_base)
     else:
-        torch.ops.pyebm.descent_update.default(*args)
+        torch.ops.pyebm.descent_update.default(*args, y_base)
     return steps != moved_before
 
 

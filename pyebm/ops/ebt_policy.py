@@ -55,14 +55,19 @@ def param_list(model) -> List[torch.Tensor]:
     return [t.detach() for t in out]
 
 
-def transposed_weights(params: List[torch.Tensor]) -> List[torch.Tensor]:
-    """Contiguous transposes of the forward GEMMs' weights, in the op's ``weights_t`` order."""
+def transposed_sources(params: List[torch.Tensor]) -> List[torch.Tensor]:
+    """The forward GEMMs' weights of ``params``, in the op's ``weights_t`` order."""
     layers = (len(params) - 7 - 5) // 17
     idx = [4]
     for l in range(layers):
         idx += [7 + 17 * l + j for j in (1, 5, 8, 11, 13, 15)]
     idx += [7 + 17 * layers + 1, 7 + 17 * layers + 3]
-    return [params[i].t().contiguous() for i in idx]
+    return [params[i] for i in idx]
+
+
+def transposed_weights(params: List[torch.Tensor]) -> List[torch.Tensor]:
+    """Contiguous transposes of the forward GEMMs' weights, in the op's ``weights_t`` order."""
+    return [w.t().contiguous() for w in transposed_sources(params)]
 
 
 def ebt_policy_energy_grad(y: torch.Tensor, ctx_k: torch.Tensor, ctx_v: torch.Tensor, bias: torch.Tensor,

@@ -41,7 +41,7 @@ if _HAS_CPU_OP:
     @torch.library.register_fake("pyebm::descent_update")
     def _(y, g, E, active, steps, status, velocity, pending, noise, mask, fixed, lower, upper, step_clip, eta,
           noise_level, noise_mode, grad_scale, momentum, grad_clip, grad_clip_norm, energy_scaled,
-          energy_temperature, tol, tol_final_step, bound_each_step):
+          energy_temperature, tol, tol_final_step, bound_each_step, y_base=None):
         return None
 
 
