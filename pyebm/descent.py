@@ -519,6 +519,10 @@ def _whole_loop_supported(model, config: Descent, *, y0: Tensor, mask: Optional[
     run this minimisation, or None: the per-step path runs then. See ``pyebm.ops.mlp_descent``."""
     from pyebm.ops import mlp_descent
 
+    own = getattr(model, "whole_loop_backend", None)
+    if callable(own):  # a model with a whole-loop op of its own (EBTPolicy)
+        which = own(config, y0=y0, mask=mask, record=record, backend=backend)
+        return None if which is None else "model:" + which
     return mlp_descent.whole_loop_backend(model, config, y0, record, backend)
 
 
@@ -528,9 +532,13 @@ def _run_whole_loop(model, ctx, config: Descent, *, which: str, y0: Tensor, mask
     from pyebm.ops import mlp_descent
 
     B, K = y0.shape[:2]
-    y, E_final, E_init, steps, status = mlp_descent.run_whole_loop(
-        model, ctx, config, y0=y0, mask=mask, lower=lower, upper=upper, step_clip=step_clip, generator=generator,
-        backend=which)
+    if which.startswith("model:"):
+        y, E_final, E_init, steps, status = model.run_whole_loop(ctx, config, y0=y0, lower=lower, upper=upper,
+                                                                 step_clip=step_clip)
+    else:
+        y, E_final, E_init, steps, status = mlp_descent.run_whole_loop(
+            model, ctx, config, y0=y0, mask=mask, lower=lower, upper=upper, step_clip=step_clip,
+            generator=generator, backend=which)
     best, best_E, idx = _select_best(config, y, E_final, E_init, status, generator)
     return DescentResult(best=best, best_energy=best_E, best_index=idx, y=y, energy=E_final,
                          initial_energy=E_init, steps=steps, status=status)

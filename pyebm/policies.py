@@ -69,6 +69,12 @@ class _Prepared:
     def energy_and_grad(self, ctx, y):
         return self._energy.energy_and_grad(ctx, y)
 
+    def __getattr__(self, name):
+        # the energy's whole-loop hooks (EBTPolicy.whole_loop_backend / run_whole_loop), when it has them
+        if name in ("whole_loop_backend", "run_whole_loop"):
+            return getattr(self._energy, name)
+        raise AttributeError(name)
+
 
 def _int_arg(name: str, value, lo: int) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < lo:

@@ -431,3 +431,94 @@ def test_non_finite_candidate_stays_contained(mode):
     assert not torch.isfinite(E1[hit]).any()
     torch.testing.assert_close(E1[~hit], E0[~hit], rtol=0, atol=0)
     torch.testing.assert_close(G1[~hit], G0[~hit], rtol=0, atol=0)
+
+
+# -- the whole descent loop in one call (torch.ops.pyebm.ebt_policy_descent) ---------------------------------
+needs_loop = pytest.mark.skipif(not ebt_op.descent_available(), reason="pyebm._C without ebt_policy_descent")
+
+LOOP_CONFIGS = {
+    "ebt_policy": dict(preset=True),
+    "ebt_policy_coupled": dict(preset=True, coupled=True),
+    "plain_gd": dict(steps=5, step_size=0.05),
+    "heavy_ball_rms": dict(steps=6, step_size=0.05, momentum=0.5, normalize="rms", tol=1e-3),
+    "nesterov_all_bounds": dict(steps=6, step_size=0.1, momentum=0.8, nesterov=True, normalize="rms_all",
+                                lower=-0.5, upper=0.7),
+    "bounds_at_end_clip": dict(steps=5, step_size=0.2, lower=-0.3, upper=0.3, bound_each_step=False,
+                               grad_clip=0.5, grad_clip_norm=2.0, step_clip=0.05),
+    "energy_scaled_tol_all": dict(steps=8, step_size=0.5, step_schedule="energy", energy_temperature=3.0,
+                                  tol=5.0, tol_scope="all", tol_final_step=True),
+}
+
+
+@needs_loop
+@pytest.mark.parametrize("name", list(LOOP_CONFIGS))
+@pytest.mark.parametrize("BK", [(1, 1), (2, 3)])
+def test_whole_loop_matches_per_step_path(name, BK):
+    """minimize picks the compiled whole loop for EBTPolicy; it gives the per-step path's result (the
+    same update math, the network evaluated by the same kernel)."""
+    from pyebm import Descent, minimize
+
+    opts = dict(LOOP_CONFIGS[name])
+    if opts.pop("preset", False):
+        cfg = Descent.ebt_policy(max_steps=6, step_size=5.0, min_grad=0.05, **opts)
+    else:
+        cfg = Descent(**opts)
+    m = make_model(scale=0.1)
+    B, K = BK
+    obs = torch.randn(B, 2, 12, dtype=torch.float64)
+    init = torch.randn(B, K, 5, 3, dtype=torch.float64)
+    assert m.whole_loop_backend(cfg, y0=init, mask=None, record=False, backend=None) == "cpu"
+    fast = minimize(m, obs, candidates=K, config=cfg, init=init, whole_loop=True)
+    slow = minimize(m, obs, candidates=K, config=cfg, init=init, whole_loop=False)
+    for f in ("y", "energy", "initial_energy", "best", "best_energy"):
+        torch.testing.assert_close(getattr(fast, f), getattr(slow, f), rtol=1e-9, atol=1e-11, msg=f)
+    assert torch.equal(fast.steps, slow.steps) and torch.equal(fast.status, slow.status)
+    assert torch.equal(fast.best_index, slow.best_index)
+
+
+@needs_loop
+def test_whole_loop_not_taken_for_options_it_lacks():
+    from pyebm import Descent, minimize
+
+    m = make_model(scale=0.1)
+    obs = torch.randn(1, 2, 12, dtype=torch.float64)
+    y0 = torch.randn(1, 2, 5, 3, dtype=torch.float64)
+    for cfg in (Descent.ebt_policy(noise=0.1), Descent(steps=3, accept_if_lower=True), Descent(steps=3, tol=1e-3,
+                tol_on="energy_change"), Descent(steps=3, tol=1e-3, tol_scope="all", grad_clip=1.0)):
+        assert m.whole_loop_backend(cfg, y0=y0, mask=None, record=False, backend=None) is None
+        with pytest.raises(ValueError, match="whole_loop=True but no whole-loop op"):
+            minimize(m, obs, candidates=2, config=cfg, init=y0, whole_loop=True, generator=0)
+    cfg = Descent(steps=3)
+    assert m.whole_loop_backend(cfg, y0=y0, mask=None, record=True, backend=None) is None
+    assert m.whole_loop_backend(cfg, y0=y0, mask=None, record=False, backend="torch") is None
+    m.grad_mode = "autograd"
+    assert m.whole_loop_backend(cfg, y0=y0, mask=None, record=False, backend=None) is None
+
+
+@needs_loop
+def test_whole_loop_op_bad_arguments():
+    m = make_model(scale=0.1)
+    ctx = m.prepare(torch.randn(1, 2, 12, dtype=torch.float64))
+    y0 = torch.randn(1, 2, 5, 3, dtype=torch.float64)
+    params, wt = m._op_weights()
+    eta = torch.full((3,), 0.1, dtype=torch.float64)
+
+    def call(**kw):
+        a = dict(eta=eta, normalize="none", tol_scope="candidate", tol=0.0, grad_clip=None)
+        a.update(kw)
+        return torch.ops.pyebm.ebt_policy_descent(y0, ctx.k, ctx.v, ctx.bias, params, wt, 3, 1e-6, 1e-5, a["eta"],
+                                                  None, None, None, a["normalize"], 1e-8, 1.0, 0.0, False,
+                                                  a["grad_clip"], None, False, 1.0, a["tol"], a["tol_scope"], False,
+                                                  True)
+
+    y, E, E0, steps, status = call()
+    assert y.shape == y0.shape and E.shape == (1, 2) and steps.dtype == torch.int32 and status.dtype == torch.int8
+    assert bool((steps == 3).all())
+    with pytest.raises(RuntimeError, match="normalize must be none, rms or all; got 'rms_all'"):
+        call(normalize="rms_all")
+    with pytest.raises(RuntimeError, match="tol_scope must be candidate or all"):
+        call(tol_scope="batch")
+    with pytest.raises(RuntimeError, match="eta must be \\[steps\\]"):
+        call(eta=eta[:0])
+    with pytest.raises(RuntimeError, match="tol_scope 'all' is not combined with gradient clipping"):
+        call(tol=1e-3, tol_scope="all", grad_clip=1.0)

@@ -20,6 +20,8 @@
 #include <vector>
 
 #include "blas.h"
+#include "descent_args.h"
+#include "descent_update.h"
 #include "pyebm/activations.h"
 #include "vec_act.h"
 
@@ -32,6 +34,17 @@ TORCH_LIBRARY_FRAGMENT(pyebm, m) {
   m.def(
       "ebt_policy_energy_grad(Tensor y, Tensor ctx_k, Tensor ctx_v, Tensor bias, Tensor[] params, "
       "Tensor[] weights_t, int heads, float rms_eps, float ln_eps, bool need_grad) -> (Tensor, Tensor)");
+  // The whole descent loop of pyebm.minimize on this energy (method "gd", Euler, no noise, no mask):
+  // per step the optional RMS normalisation ("rms": per candidate, "all": over the whole batch), the
+  // Nesterov look-ahead, the network's energy and input gradient, and the update (descent_update.h); then
+  // the final energy. tol_scope "all" tests the gradient norm over every running candidate together.
+  // Returns (y, E_final, E_init, steps, status) as pyebm::mlp_descent does.
+  m.def(
+      "ebt_policy_descent(Tensor y0, Tensor ctx_k, Tensor ctx_v, Tensor bias, Tensor[] params, Tensor[] weights_t, "
+      "int heads, float rms_eps, float ln_eps, Tensor eta, Tensor? lower, Tensor? upper, Tensor? step_clip, "
+      "str normalize, float normalize_eps, float grad_scale, float momentum, bool nesterov, float? grad_clip, "
+      "float? grad_clip_norm, bool energy_scaled, float energy_temperature, float tol, str tol_scope, "
+      "bool tol_final_step, bool bound_each_step) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 namespace pyebm {
@@ -849,14 +862,22 @@ void check_same(const at::Tensor& t, const char* name, const at::Tensor& y) {
               " but y has dtype ", y.scalar_type());
 }
 
-std::tuple<at::Tensor, at::Tensor> ebt_policy_energy_grad_cpu(const at::Tensor& y_, const at::Tensor& ck_,
-                                                              const at::Tensor& cv_, const at::Tensor& bias_,
-                                                              at::TensorList params_, at::TensorList weights_t_,
-                                                              int64_t heads, double rms_eps, double ln_eps,
-                                                              bool need_grad) {
+// The network's inputs, checked once per call: contiguous parameters and transposed copies, the cached
+// observation side, and the shapes.
+struct NetArgs {
+  std::vector<at::Tensor> ps, wt;
+  at::Tensor ck, cv, bias;
+  int64_t B, K, Tn, A, D, heads, hd, L, O, layers;
+  double rms_eps, ln_eps;
+};
+
+// y_ [B, K, T, A] gives the candidate shape (checked here too).
+NetArgs check_net_args(const at::Tensor& y_, const at::Tensor& ck_, const at::Tensor& cv_, const at::Tensor& bias_,
+                       at::TensorList params_, at::TensorList weights_t_, int64_t heads, double rms_eps,
+                       double ln_eps) {
   TORCH_CHECK(y_.dim() == 4, "pyebm: y must be [B, K, T, A]; got shape ", y_.sizes());
   TORCH_CHECK(y_.scalar_type() == at::kFloat || y_.scalar_type() == at::kDouble,
-              "pyebm: ebt_policy_energy_grad takes float32 or float64; got ", y_.scalar_type());
+              "pyebm: the EBT-Policy ops take float32 or float64; got ", y_.scalar_type());
   TORCH_CHECK(y_.device().is_cpu(), "pyebm: the cpu kernel needs CPU tensors; got y on ", y_.device());
   TORCH_CHECK(heads >= 1, "pyebm: heads must be >= 1; got ", heads);
   const int64_t B = y_.size(0), K = y_.size(1), Tn = y_.size(2), A = y_.size(3);
@@ -866,7 +887,8 @@ std::tuple<at::Tensor, at::Tensor> ebt_policy_energy_grad_cpu(const at::Tensor& 
               params_.size());
   const int64_t layers = static_cast<int64_t>((params_.size() - kEmbed - kHead) / kPerLayer);
   auto prep = [](const at::Tensor& t) { return t.is_contiguous() ? t : t.contiguous(); };
-  const at::Tensor y = prep(y_), ck = prep(ck_), cv = prep(cv_), bias = prep(bias_);
+  const at::Tensor& y = y_;
+  const at::Tensor ck = prep(ck_), cv = prep(cv_), bias = prep(bias_);
   std::vector<at::Tensor> ps;
   ps.reserve(params_.size());
   for (const auto& t : params_) {
@@ -927,78 +949,209 @@ std::tuple<at::Tensor, at::Tensor> ebt_policy_energy_grad_cpu(const at::Tensor& 
     }
   }
 
-  at::Tensor E = at::empty({B, K}, y.options());
-  at::Tensor G = need_grad ? at::empty({B, K, Tn, A}, y.options()) : at::empty({0}, y.options());
-  const int64_t N = B * K;
-  if (N == 0) return {E, G};
+  return NetArgs{std::move(ps), std::move(wt), ck, cv, bias, B, K, Tn, A, D, heads, hd, L, O, layers, rms_eps,
+                 ln_eps};
+}
+
+template <typename T>
+Net<T> make_net(const NetArgs& a) {
+  const int64_t layers = a.layers;
+  Net<T> net;
+  net.A = a.A, net.Tn = a.Tn, net.D = a.D, net.H = a.heads, net.hd = a.hd, net.L = a.L, net.O = a.O;
+  net.layers = layers, net.K = a.K, net.B = a.B;
+  net.scale = T(1) / std::sqrt(T(a.hd));
+  net.rms_eps = T(a.rms_eps), net.ln_eps = T(a.ln_eps);
+  auto P = [&](int64_t i) { return a.ps[i].data_ptr<T>(); };
+  net.w0 = P(0), net.b0 = P(1), net.lnw = P(2), net.lnb = P(3), net.w1 = P(4), net.b1 = P(5), net.pos = P(6);
+  for (int64_t l = 0; l < layers; ++l) {
+    const int64_t o = kEmbed + kPerLayer * l;
+    net.lay.push_back(Layer<T>{P(o), P(o + 1), P(o + 2), P(o + 3), P(o + 4), P(o + 5), P(o + 6), P(o + 7),
+                               P(o + 8), P(o + 9), P(o + 10), P(o + 11), P(o + 12), P(o + 13), P(o + 14),
+                               P(o + 15), P(o + 16)});
+  }
+  const int64_t h0 = kEmbed + kPerLayer * layers;
+  net.hn = P(h0), net.hw1 = P(h0 + 1), net.hb1 = P(h0 + 2), net.hw2 = P(h0 + 3), net.hb2 = P(h0 + 4);
+  if (!a.wt.empty()) {
+    auto W = [&](int64_t i) { return a.wt[i].data_ptr<T>(); };
+    net.tw1 = W(0);
+    for (int64_t l = 0; l < layers; ++l) {
+      Layer<T>& ly = net.lay[l];
+      ly.tqkv = W(1 + 6 * l), ly.tp = W(2 + 6 * l), ly.txq = W(3 + 6 * l);
+      ly.txp = W(4 + 6 * l), ly.tf1 = W(5 + 6 * l), ly.tf2 = W(6 + 6 * l);
+    }
+    net.thw1 = W(1 + 6 * layers), net.thw2 = W(2 + 6 * layers);
+  }
+  net.ck = a.ck.data_ptr<T>(), net.cv = a.cv.data_ptr<T>(), net.bias = a.bias.data_ptr<T>();
+  return net;
+}
+
+// E [N] and (G not null) dE/dy [N, T, A] for the N = B * K candidates y [N, T, A].
+template <typename T>
+void run_net(const Net<T>& net, const T* yp, T* Ep, T* Gp) {
+  const int64_t N = net.B * net.K, Tn = net.Tn, A = net.A;
+  if (N == 0) return;
+  // candidates per block: about block_rows() rows for the GEMMs. Several blocks run in parallel, one
+  // thread each; a single block (few candidates) is run by a crew of threads sharing its phases.
+  const int64_t nb = std::max<int64_t>(1, block_rows() / std::max<int64_t>(1, Tn));
+  const int64_t nblocks = (N + nb - 1) / nb;
+  const int64_t n_phases = block_phases(net.layers, Gp != nullptr);
+  if (nblocks == 1) {
+    T* buf = scratch<T, 0>(block_elems(net, N));
+    CrewPhase* phases = crew_phases(n_phases);
+    const int64_t M = N * Tn;
+    const int64_t widest = std::max({(M + kRowTile - 1) / kRowTile, (3 * net.D + kColTile - 1) / kColTile, net.H});
+    const int64_t crew_size = at::in_parallel_region() ? 1 : std::min<int64_t>(at::get_num_threads(), widest);
+    auto member = [&](int64_t, int64_t) {
+      Crew crew(phases, n_phases);
+      block<T>(net, 0, N, yp, Ep, Gp, buf, crew);
+    };
+    if (crew_size <= 1)
+      member(0, 1);
+    else
+      at::parallel_for(0, crew_size, 1, member);
+  } else {
+    at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+      T* buf = scratch<T, 0>(block_elems(net, nb));
+      for (int64_t blk = b0; blk < b1; ++blk) {
+        const int64_t c0 = blk * nb;
+        const int64_t m = std::min(nb, N - c0);
+        Crew crew(crew_phases(n_phases), n_phases);
+        block<T>(net, c0, m, yp + c0 * Tn * A, Ep + c0, Gp ? Gp + c0 * Tn * A : nullptr, buf, crew);
+      }
+    });
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> ebt_policy_energy_grad_cpu(const at::Tensor& y_, const at::Tensor& ck_,
+                                                              const at::Tensor& cv_, const at::Tensor& bias_,
+                                                              at::TensorList params_, at::TensorList weights_t_,
+                                                              int64_t heads, double rms_eps, double ln_eps,
+                                                              bool need_grad) {
+  const NetArgs a = check_net_args(y_, ck_, cv_, bias_, params_, weights_t_, heads, rms_eps, ln_eps);
+  const at::Tensor y = y_.contiguous();
+  at::Tensor E = at::empty({a.B, a.K}, y.options());
+  at::Tensor G = need_grad ? at::empty({a.B, a.K, a.Tn, a.A}, y.options()) : at::empty({0}, y.options());
   AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "pyebm_ebt_policy", [&] {
     using T = scalar_t;
-    Net<T> net;
-    net.A = A, net.Tn = Tn, net.D = D, net.H = heads, net.hd = hd, net.L = L, net.O = O, net.layers = layers;
-    net.K = K, net.B = B;
-    net.scale = T(1) / std::sqrt(T(hd));
-    net.rms_eps = T(rms_eps), net.ln_eps = T(ln_eps);
-    auto P = [&](int64_t i) { return ps[i].data_ptr<T>(); };
-    net.w0 = P(0), net.b0 = P(1), net.lnw = P(2), net.lnb = P(3), net.w1 = P(4), net.b1 = P(5), net.pos = P(6);
-    for (int64_t l = 0; l < layers; ++l) {
-      const int64_t o = kEmbed + kPerLayer * l;
-      net.lay.push_back(Layer<T>{P(o), P(o + 1), P(o + 2), P(o + 3), P(o + 4), P(o + 5), P(o + 6), P(o + 7),
-                                 P(o + 8), P(o + 9), P(o + 10), P(o + 11), P(o + 12), P(o + 13), P(o + 14),
-                                 P(o + 15), P(o + 16)});
-    }
-    const int64_t h0 = kEmbed + kPerLayer * layers;
-    net.hn = P(h0), net.hw1 = P(h0 + 1), net.hb1 = P(h0 + 2), net.hw2 = P(h0 + 3), net.hb2 = P(h0 + 4);
-    if (!wt.empty()) {
-      auto W = [&](int64_t i) { return wt[i].data_ptr<T>(); };
-      net.tw1 = W(0);
-      for (int64_t l = 0; l < layers; ++l) {
-        Layer<T>& ly = net.lay[l];
-        ly.tqkv = W(1 + 6 * l), ly.tp = W(2 + 6 * l), ly.txq = W(3 + 6 * l);
-        ly.txp = W(4 + 6 * l), ly.tf1 = W(5 + 6 * l), ly.tf2 = W(6 + 6 * l);
-      }
-      net.thw1 = W(1 + 6 * layers), net.thw2 = W(2 + 6 * layers);
-    }
-    net.ck = ck.data_ptr<T>(), net.cv = cv.data_ptr<T>(), net.bias = bias.data_ptr<T>();
-    const T* yp = y.data_ptr<T>();
-    T* Ep = E.data_ptr<T>();
-    T* Gp = need_grad ? G.data_ptr<T>() : nullptr;
-    // candidates per block: about block_rows() rows for the GEMMs. Several blocks run in parallel, one
-    // thread each; a single block (few candidates) is run by a crew of threads sharing its phases.
-    const int64_t nb = std::max<int64_t>(1, block_rows() / std::max<int64_t>(1, Tn));
-    const int64_t nblocks = (N + nb - 1) / nb;
-    const int64_t n_phases = block_phases(layers, Gp != nullptr);
-    if (nblocks == 1) {
-      T* buf = scratch<T, 0>(block_elems(net, N));
-      CrewPhase* phases = crew_phases(n_phases);
-      const int64_t M = N * Tn;
-      const int64_t widest = std::max({(M + kRowTile - 1) / kRowTile, (3 * D + kColTile - 1) / kColTile, heads});
-      const int64_t crew_size = at::in_parallel_region() ? 1 : std::min<int64_t>(at::get_num_threads(), widest);
-      auto member = [&](int64_t, int64_t) {
-        Crew crew(phases, n_phases);
-        block<T>(net, 0, N, yp, Ep, Gp, buf, crew);
-      };
-      if (crew_size <= 1)
-        member(0, 1);
-      else
-        at::parallel_for(0, crew_size, 1, member);
-    } else {
-      at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
-        T* buf = scratch<T, 0>(block_elems(net, nb));
-        for (int64_t blk = b0; blk < b1; ++blk) {
-          const int64_t c0 = blk * nb;
-          const int64_t m = std::min(nb, N - c0);
-          Crew crew(crew_phases(n_phases), n_phases);
-          block<T>(net, c0, m, yp + c0 * Tn * A, Ep + c0, Gp ? Gp + c0 * Tn * A : nullptr, buf, crew);
-        }
-      });
-    }
+    const Net<T> net = make_net<T>(a);
+    run_net<T>(net, y.data_ptr<T>(), E.data_ptr<T>(), need_grad ? G.data_ptr<T>() : nullptr);
   });
   return {E, G};
 }
 
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ebt_policy_descent_cpu(
+    const at::Tensor& y0, const at::Tensor& ck_, const at::Tensor& cv_, const at::Tensor& bias_,
+    at::TensorList params_, at::TensorList weights_t_, int64_t heads, double rms_eps, double ln_eps,
+    const at::Tensor& eta_, const c10::optional<at::Tensor>& lower_, const c10::optional<at::Tensor>& upper_,
+    const c10::optional<at::Tensor>& step_clip_, c10::string_view normalize, double normalize_eps, double grad_scale,
+    double momentum, bool nesterov, c10::optional<double> grad_clip, c10::optional<double> grad_clip_norm,
+    bool energy_scaled, double energy_temperature, double tol, c10::string_view tol_scope, bool tol_final_step,
+    bool bound_each_step) {
+  const NetArgs a = check_net_args(y0, ck_, cv_, bias_, params_, weights_t_, heads, rms_eps, ln_eps);
+  TORCH_CHECK(normalize == "none" || normalize == "rms" || normalize == "all",
+              "pyebm: normalize must be none, rms or all; got '", std::string(normalize), "'");
+  TORCH_CHECK(tol_scope == "candidate" || tol_scope == "all", "pyebm: tol_scope must be candidate or all; got '",
+              std::string(tol_scope), "'");
+  TORCH_CHECK(normalize_eps >= 0, "pyebm: normalize_eps must be >= 0; got ", normalize_eps);
+  const bool coupled_tol = tol > 0 && tol_scope == "all";
+  TORCH_CHECK(!coupled_tol || (!grad_clip.has_value() && !grad_clip_norm.has_value()),
+              "pyebm: tol_scope 'all' is not combined with gradient clipping here");
+  TORCH_CHECK(eta_.dim() == 1 && eta_.numel() >= 1, "pyebm: eta must be [steps] with steps >= 1; got shape ",
+              eta_.sizes());
+  const int64_t n_steps = eta_.numel();
+  const at::Tensor eta_h = eta_.to(at::kCPU, at::kDouble).contiguous();
+  const double* eta = eta_h.data_ptr<double>();
+  const int64_t B = a.B, K = a.K, N = B * K, D = a.Tn * a.A;
+  const auto dt = y0.scalar_type();
+  const at::Tensor lower = event_option(lower_, "lower", D, dt, y0.device()),
+                   upper = event_option(upper_, "upper", D, dt, y0.device()),
+                   step_clip = event_option(step_clip_, "step_clip", D, dt, y0.device());
+  at::Tensor y = y0.contiguous().clone();  // the state, updated in place
+  at::Tensor E_final = at::empty({B, K}, y.options());
+  at::Tensor E_init = at::empty({B, K}, y.options());
+  at::Tensor steps = at::zeros({B, K}, y.options().dtype(at::kInt));
+  at::Tensor status = at::zeros({B, K}, y.options().dtype(at::kChar));
+  if (N == 0) return {y, E_final, E_init, steps, status};
+  AT_DISPATCH_FLOATING_TYPES(dt, "pyebm_ebt_policy_descent", [&] {
+    using T = scalar_t;
+    const Net<T> net = make_net<T>(a);
+    UpdateRule<T> u = make_rule<T>(D, grad_scale, momentum, grad_clip, grad_clip_norm, energy_scaled,
+                                   energy_temperature, tol, tol_final_step, bound_each_step, lower, upper, step_clip,
+                                   NoiseMode::kNone);
+    T* yp = y.data_ptr<T>();
+    T* E = E_final.data_ptr<T>();  // the step energies live here until the final pass
+    std::vector<T> ys(normalize == "none" ? 0 : N * D), q(N * D), G(N * D), v(momentum > 0 ? N * D : 0, T(0));
+    std::vector<uint8_t> active(N, 1), pending(tol_final_step ? N : 0, 0);
+    std::vector<T> scratch(2 * D);
+    int32_t* sp = steps.data_ptr<int32_t>();
+    int8_t* stp = status.data_ptr<int8_t>();
+    const T eps = T(normalize_eps);
+    for (int64_t k = 0; k < n_steps; ++k) {
+      // where the step starts: y, or y over its RMS (per candidate, or over the whole batch)
+      const T* base = yp;
+      if (!ys.empty()) {
+        if (normalize == "all") {
+          double ss = 0;
+          for (int64_t i = 0; i < N * D; ++i) ss += double(yp[i]) * double(yp[i]);
+          const T s = std::sqrt(T(ss / double(N * D)) + eps);
+          for (int64_t i = 0; i < N * D; ++i) ys[i] = yp[i] / s;
+        } else {
+          for (int64_t r = 0; r < N; ++r) {
+            const T* yr = yp + r * D;
+            T ss = T(0);
+            for (int64_t j = 0; j < D; ++j) ss += yr[j] * yr[j];
+            const T s = std::sqrt(ss / T(D) + eps);
+            for (int64_t j = 0; j < D; ++j) ys[r * D + j] = yr[j] / s;
+          }
+        }
+        base = ys.data();
+      }
+      // the evaluation point: the Nesterov look-ahead base + momentum * v
+      if (nesterov && momentum > 0)
+        for (int64_t i = 0; i < N * D; ++i) q[i] = base[i] + T(momentum) * v[i];
+      else
+        std::copy(base, base + N * D, q.begin());
+      run_net<T>(net, q.data(), E, G.data());
+      if (k == 0) std::copy(E, E + N, E_init.data_ptr<T>());
+      if (coupled_tol) {
+        // ||g|| over every running candidate with a finite energy and gradient
+        T ss = T(0);
+        for (int64_t r = 0; r < N; ++r) {
+          if (!active[r]) continue;
+          int bad = hd::nonfinite(E[r]);
+          T sr = T(0);
+          for (int64_t j = 0; j < D; ++j) {
+            bad |= hd::nonfinite(G[r * D + j]);
+            sr += G[r * D + j] * G[r * D + j];
+          }
+          if (!bad) ss += sr;
+        }
+        u.tol_met = std::sqrt(ss) <= u.tol ? 1 : 0;
+      }
+      bool any = false;
+      for (int64_t r = 0; r < N; ++r) {
+        RowState<T> st{yp + r * D, v.empty() ? nullptr : v.data() + r * D, active.data() + r, sp + r, stp + r,
+                       pending.empty() ? nullptr : pending.data() + r};
+        update_row<T>(u, T(eta[k]), T(0), E[r], G.data() + r * D, base + r * D, nullptr, nullptr, nullptr, st,
+                      scratch.data());
+        any |= active[r] != 0;
+      }
+      if (!any) break;
+    }
+    if (!bound_each_step && (u.lower || u.upper))
+      for (int64_t r = 0; r < N; ++r) bound_row_at_end<T>(u, yp + r * D, nullptr, nullptr);
+    run_net<T>(net, yp, E, nullptr);
+  });
+  return {y, E_final, E_init, steps, status};
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(pyebm, CPU, m) { m.impl("ebt_policy_energy_grad", &ebt_policy_energy_grad_cpu); }
+TORCH_LIBRARY_IMPL(pyebm, CPU, m) {
+  m.impl("ebt_policy_energy_grad", &ebt_policy_energy_grad_cpu);
+  m.impl("ebt_policy_descent", &ebt_policy_descent_cpu);
+}
 
 }  // namespace cpu
 }  // namespace pyebm

@@ -387,10 +387,10 @@ class EBTPolicy(nn.Module):
             supported = supported + ("triton",)
         return _backend.resolve(device, name, supported=supported)
 
-    def _fused(self, ctx: EBTPolicyContext, y: torch.Tensor, need_grad: bool):
-        # The transposed weight copies are rebuilt when a weight changed in place (an optimiser step,
-        # load_state_dict): every in-place write bumps the tensor's version counter.
-        # Only the transposed copies can go stale: the other parameters are read in place.
+    def _op_weights(self):
+        """(params, transposed weights) for the compiled ops. The transposed copies are rebuilt when a weight
+        changed in place (an optimiser step, load_state_dict: every in-place write bumps the tensor's version
+        counter); only they can go stale, the other parameters are read in place."""
         cache = self._op_cache
         if cache is None:
             params = _op.param_list(self)
@@ -399,9 +399,53 @@ class EBTPolicy(nn.Module):
         versions = tuple(p._version for p in sources)
         if cache[2] != versions:
             cache = self._op_cache = (params, _op.transposed_weights(params), versions, sources)
-        return _op.ebt_policy_energy_grad(y, ctx.k, ctx.v, ctx.bias, params, cache[1], self.heads,
-                                          self.blocks[0].norm1.eps if self.num_layers else ref.RMS_EPS,
-                                          self.embed.norm.eps, need_grad)
+        return params, cache[1]
+
+    def _op_eps(self) -> Tuple[float, float]:
+        return (self.blocks[0].norm1.eps if self.num_layers else ref.RMS_EPS), self.embed.norm.eps
+
+    def _fused(self, ctx: EBTPolicyContext, y: torch.Tensor, need_grad: bool):
+        params, weights_t = self._op_weights()
+        return _op.ebt_policy_energy_grad(y, ctx.k, ctx.v, ctx.bias, params, weights_t, self.heads, *self._op_eps(),
+                                          need_grad)
+
+    # -- the whole descent loop in one call (pyebm.minimize picks it) ------------------------------------
+    def whole_loop_backend(self, cfg, *, y0: torch.Tensor, mask, record: bool, backend: Optional[str]) -> Optional[str]:
+        """"cpu" when the compiled whole-loop op runs ``pyebm.minimize`` with ``cfg`` on y0 (the fused energy on
+        the cpu backend; plain gradient steps with Euler updates, no noise, no mask, no recording; momentum,
+        Nesterov, RMS normalisation per candidate or over the batch, energy-scaled steps, clipping, bounds and
+        the early exit on ||g|| per candidate or over the batch), else None (the per-step path)."""
+        if record or mask is not None or self.grad_mode != "manual" or not _op.descent_available():
+            return None
+        if not (cfg.method == "gd" and cfg.integrator == "euler" and cfg.noise == "none" and cfg.project is None
+                and not cfg.accept_if_lower and cfg.normalize in (None, "rms", "rms_all")):
+            return None
+        if cfg.tol > 0 and (cfg.tol_on != "grad_norm" or (cfg.tol_scope == "all" and (
+                cfg.grad_clip is not None or cfg.grad_clip_norm is not None))):
+            return None
+        if y0.dtype not in (torch.float32, torch.float64) or y0.dim() != 4 or y0.device.type != "cpu":
+            return None
+        if self._weight().dtype != y0.dtype or self.resolve_backend(y0.device, backend) != "cpu":
+            return None
+        return "cpu"
+
+    def run_whole_loop(self, ctx: EBTPolicyContext, cfg, *, y0: torch.Tensor, lower=None, upper=None,
+                       step_clip=None):
+        """Every step of ``cfg`` and the final energy in one call: (y, E_final, E_init, steps, status)."""
+        from pyebm.ops import mlp_descent
+
+        self._check_y(ctx, y0)
+        params, weights_t = self._op_weights()
+        eta, _ = mlp_descent._schedules(cfg, y0.device)
+        flat = [None if t is None else t.reshape(-1) for t in (lower, upper, step_clip)]
+        eps = cfg.normalize_eps if cfg.normalize_eps is not None else torch.finfo(y0.dtype).eps
+        normalize = {None: "none", "rms": "rms", "rms_all": "all"}[cfg.normalize]
+        with torch.no_grad():
+            return torch.ops.pyebm.ebt_policy_descent.default(
+                y0, ctx.k, ctx.v, ctx.bias, params, weights_t, self.heads, *self._op_eps(), eta, *flat, normalize,
+                float(eps), float(cfg.grad_scale), float(cfg.momentum), bool(cfg.nesterov), cfg.grad_clip,
+                cfg.grad_clip_norm, cfg.step_schedule == "energy", float(cfg.energy_temperature), float(cfg.tol),
+                cfg.tol_scope, bool(cfg.tol_final_step), bool(cfg.bound_each_step))
 
     def energy(self, ctx: EBTPolicyContext, y: torch.Tensor, backend: Optional[str] = None) -> torch.Tensor:
         """E [B, K] for candidates y [B, K, horizon, action_dim]."""

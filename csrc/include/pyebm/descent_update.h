@@ -86,6 +86,8 @@ struct UpdateRule {
   T energy_temperature = T(1);
   T tol = T(0);                  // > 0: stop when ||g|| <= tol (after clipping)
   bool tol_final_step = false;   // met at step k: move once more, stop after that move
+  int8_t tol_met = -1;           // 0 / 1: the test's outcome, decided over several rows by the caller;
+                                 // -1: this row's own ||g||
   bool bound_each_step = true;
   const T* lower = nullptr;      // [D] or null
   const T* upper = nullptr;      // [D] or null
@@ -131,9 +133,12 @@ PYEBM_HD bool update_row(const UpdateRule<T>& u, T eta, T n, T E, T* g, const T*
   }
   bool stop_after = false;
   if (u.tol > T(0)) {
-    T ss = T(0);
-    for (int64_t j = 0; j < D; ++j) ss += g[j] * g[j];
-    const bool crit = hd::sqrt(ss) <= u.tol;
+    bool crit = u.tol_met > 0;
+    if (u.tol_met < 0) {
+      T ss = T(0);
+      for (int64_t j = 0; j < D; ++j) ss += g[j] * g[j];
+      crit = hd::sqrt(ss) <= u.tol;
+    }
     if (u.tol_final_step) {
       stop_after = *st.pending != 0;
       *st.pending = crit ? 1 : 0;
