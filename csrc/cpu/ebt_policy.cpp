@@ -381,6 +381,42 @@ inline void bwd_slice(int64_t M, int64_t N, int64_t K, const T* G, const T* W, T
   gemm_ld<T>(false, M, k1 - k0, N, G, N, W + k0, K, C + k0, K, acc);
 }
 
+// C [M, N] = A[:, k0:k1] @ W[:, k0:k1]^T: one head group's share of a forward product whose input columns
+// belong to the group (a partial sum; W [N, K], Wt [K, N] or null).
+template <typename T>
+inline void fwd_kslice(int64_t M, int64_t N, int64_t K, const T* A, const T* W, const T* Wt, T* C, int64_t k0,
+                       int64_t k1) {
+  if (k0 == 0 && k1 == K) return gemm_nt_pk<T>(M, N, K, A, W, Wt, C, false);
+  if (Wt != nullptr)
+    gemm_ld<T>(false, M, N, k1 - k0, A + k0, K, Wt + k0 * N, N, C, N, false);
+  else
+    gemm_ld<T>(true, M, N, k1 - k0, A + k0, K, W + k0, K, C, N, false);
+}
+
+// C [M, K] (+)= G[:, n0:n1] @ W[n0:n1, :]: a head group's share of an input gradient (W [N, K]).
+template <typename T>
+inline void bwd_kslice(int64_t M, int64_t N, int64_t K, const T* G, const T* W, T* C, int64_t n0, int64_t n1,
+                       bool acc) {
+  if (n0 == 0 && n1 == N) return gemm_nn<T>(M, N, K, G, W, C, acc);
+  gemm_ld<T>(false, M, K, n1 - n0, G + n0, N, W + n0 * K, K, C, K, acc);
+}
+
+// dst[j] += (sum over the n head groups' partial rows, in group order) (+ bias[j])
+template <typename T>
+PYEBM_INLINE void add_partials(T* __restrict dst, const T* __restrict part, int64_t n, int64_t stride, int64_t D,
+                               const T* __restrict bias) {
+  for (int64_t j = 0; j < D; ++j) {
+    T s = part[j];
+    for (int64_t g = 1; g < n; ++g) s += part[g * stride + j];
+    s = dst[j] + s;
+    dst[j] = bias != nullptr ? s + bias[j] : s;
+  }
+}
+
+// Head groups: heads per group (about kColTile columns) and their number.
+inline int64_t heads_per_group(int64_t hd) { return std::max<int64_t>(1, kColTile / hd); }
+inline int64_t head_groups(int64_t H, int64_t hd) { return (H + heads_per_group(hd) - 1) / heads_per_group(hd); }
+
 // Elements of the block buffer shared by the participants (what the backward pass reads, then the
 // working arrays) and of each participant's own temporaries.
 template <typename T>
@@ -392,7 +428,8 @@ int64_t block_saved_elems(const Net<T>& net, int64_t nb) {
 template <typename T>
 int64_t block_elems(const Net<T>& net, int64_t nb) {
   const int64_t M = nb * net.Tn;
-  return block_saved_elems(net, nb) + 7 * M * net.D /*x, big (3), o, dx, t2*/ + M * std::max<int64_t>(net.O, 1);
+  return block_saved_elems(net, nb) + (8 + head_groups(net.H, net.hd)) * M * net.D /*x, big (3), o, dx, t2, att,
+         partial sums*/ + M * std::max<int64_t>(net.O, 1);
 }
 template <typename T>
 int64_t local_elems(const Net<T>& net) {
@@ -417,7 +454,10 @@ PYEBM_INLINE void block_impl(const Net<T>& net, int64_t c0, int64_t nb, const T*
   T* o = big + 3 * M * D;
   T* dx = o + M * D;
   T* t2 = dx + M * D;
-  T* out = t2 + M * D;
+  T* att = t2 + M * D;        // attention outputs [M, D]
+  T* part_sum = att + M * D;  // per head group partial products [n_ht, M, D]
+  T* out = part_sum + head_groups(H, hd) * M * D;
+  const int64_t c0_cand = c0;  // the block's first candidate
   // each participant's own temporaries: dS [max(T, L)], one head's gradient [hd], a row [D], one head's
   // keys or values of a candidate transposed [hd, T]
   T* dP = crew_local<T>(local_elems(net));
@@ -426,8 +466,8 @@ PYEBM_INLINE void block_impl(const Net<T>& net, int64_t c0, int64_t nb, const T*
   T* kvT = row + D;
 
   const int64_t n_rt = (M + kRowTile - 1) / kRowTile;
-  const int64_t hpt = std::max<int64_t>(1, kColTile / hd);  // heads per head-group tile
-  const int64_t n_ht = (H + hpt - 1) / hpt;
+  const int64_t hpt = heads_per_group(hd);  // heads per head-group tile
+  const int64_t n_ht = head_groups(H, hd);
   auto n_ct = [](int64_t N) { return (N + kColTile - 1) / kColTile; };
 
 #define PYEBM_ROWS(t)                        \
@@ -478,13 +518,17 @@ PYEBM_INLINE void block_impl(const Net<T>& net, int64_t c0, int64_t nb, const T*
   }
 
   // ---- blocks ----
+  // Per layer: norm1 (rows); per head group its q/k/v slices, per-head norms, attention and its share of
+  // the projection (a partial sum over the group's input columns); norm2 with the partial sums added
+  // (rows); per head group the cross-attention query slice, the attention and its share of the cross
+  // projection; norm3 (rows); the MLP (columns). A head group's work stays on one core from its slices to
+  // its partial product, so little data moves between cores inside a layer.
   for (int64_t l = 0; l < net.layers; ++l) {
     const Layer<T>& w = net.lay[l];
     T* p = sv.layer(l);
     T *xn1 = sv.xn1(p), *qh = sv.qh(p), *kh = sv.kh(p), *vv = sv.v(p), *xn2 = sv.xn2(p), *cqh = sv.cqh(p);
     T *xn3 = sv.xn3(p), *h1 = sv.h1(p), *r1n = sv.r1(p), *r2n = sv.r2(p), *r3n = sv.r3(p);
     T *rq = sv.rq(p), *rk = sv.rk(p), *rcq = sv.rcq(p), *Pm = sv.P(p), *Pc = sv.Pc(p);
-    // self-attention: norm1 (rows), qkv (columns), per-head q/k norms and attention (heads) into o
     PYEBM_TILES(crew, n_rt, t) {
       PYEBM_ROWS(t);
       for (int64_t i = r0; i < r1; ++i) {
@@ -492,57 +536,56 @@ PYEBM_INLINE void block_impl(const Net<T>& net, int64_t c0, int64_t nb, const T*
         for (int64_t j = 0; j < D; ++j) o[i * D + j] = xn1[i * D + j] * w.n1[j];
       }
     }
-    PYEBM_TILES(crew, n_ct(3 * D), t) {
-      PYEBM_COLS(t, 3 * D);
-      fwd_slice<T>(M, 3 * D, D, o, w.wqkv, w.tqkv, big, false, n0, n1);
-      for (int64_t i = 0; i < M; ++i)
-        for (int64_t j = n0; j < n1; ++j) big[i * 3 * D + j] += w.bqkv[j];
-    }
     // qs = q normed * qn * scale in t2, kn = k normed * kn in dx (both free until the backward pass)
     T* qs = t2;
     T* knb = dx;
-    PYEBM_TILES(crew, H, h) {
-      for (int64_t i = 0; i < M; ++i) {
-        const int64_t c = i * D + h * hd;
-        rq[i * H + h] = rms_row(big + i * 3 * D + h * hd, qh + c, hd, net.rms_eps);
-        rk[i * H + h] = rms_row(big + i * 3 * D + D + h * hd, kh + c, hd, net.rms_eps);
-        std::copy(big + i * 3 * D + 2 * D + h * hd, big + i * 3 * D + 2 * D + (h + 1) * hd, vv + c);
-        for (int64_t d = 0; d < hd; ++d) {
-          qs[c + d] = qh[c + d] * w.qn[d] * net.scale;
-          knb[c + d] = kh[c + d] * w.kn[d];
+    PYEBM_TILES(crew, n_ht, t) {
+      PYEBM_HEADS(t);
+      const int64_t c0 = h0 * hd, c1 = h1 * hd;
+      for (int64_t part = 0; part < 3; ++part) {
+        fwd_slice<T>(M, 3 * D, D, o, w.wqkv, w.tqkv, big, false, part * D + c0, part * D + c1);
+        for (int64_t i = 0; i < M; ++i)
+          for (int64_t j = part * D + c0; j < part * D + c1; ++j) big[i * 3 * D + j] += w.bqkv[j];
+      }
+      for (int64_t h = h0; h < h1; ++h) {
+        for (int64_t i = 0; i < M; ++i) {
+          const int64_t c = i * D + h * hd;
+          rq[i * H + h] = rms_row(big + i * 3 * D + h * hd, qh + c, hd, net.rms_eps);
+          rk[i * H + h] = rms_row(big + i * 3 * D + D + h * hd, kh + c, hd, net.rms_eps);
+          std::copy(big + i * 3 * D + 2 * D + h * hd, big + i * 3 * D + 2 * D + (h + 1) * hd, vv + c);
+          for (int64_t d = 0; d < hd; ++d) {
+            qs[c + d] = qh[c + d] * w.qn[d] * net.scale;
+            knb[c + d] = kh[c + d] * w.kn[d];
+          }
+        }
+        for (int64_t c = 0; c < nb; ++c) {
+          const int64_t r = c * Tn * D + h * hd;
+          self_attn_head<T>(hd, Tn, D, qs + r, knb + r, vv + r, Pm + (c * H + h) * Tn * Tn, att + r, kvT);
         }
       }
-      for (int64_t c = 0; c < nb; ++c) {
-        const int64_t r = c * Tn * D + h * hd;
-        self_attn_head<T>(hd, Tn, D, qs + r, knb + r, vv + r, Pm + (c * H + h) * Tn * Tn, o + r, kvT);
-      }
+      fwd_kslice<T>(M, D, D, att, w.wp, w.tp, part_sum + t * M * D, c0, c1);
     }
-    PYEBM_TILES(crew, n_ct(D), t) {
-      PYEBM_COLS(t, D);
-      fwd_slice<T>(M, D, D, o, w.wp, w.tp, x, true, n0, n1);
-      for (int64_t i = 0; i < M; ++i)
-        for (int64_t j = n0; j < n1; ++j) x[i * D + j] += w.bp[j];
-    }
-    // cross-attention to the cached observation keys/values: norm2 (rows), then per head group the
-    // query slice, its per-head norm and the attention (output in t2)
     PYEBM_TILES(crew, n_rt, t) {
       PYEBM_ROWS(t);
       for (int64_t i = r0; i < r1; ++i) {
+        add_partials(x + i * D, part_sum + i * D, n_ht, M * D, D, w.bp);
         r2n[i] = rms_row(x + i * D, xn2 + i * D, D, net.rms_eps);
         for (int64_t j = 0; j < D; ++j) o[i * D + j] = xn2[i * D + j] * w.n2[j];
       }
     }
+    // cross-attention to the cached observation keys/values
     PYEBM_TILES(crew, n_ht, t) {
       PYEBM_HEADS(t);
-      fwd_slice<T>(M, D, D, o, w.wxq, w.txq, big, false, h0 * hd, h1 * hd);
+      const int64_t c0 = h0 * hd, c1 = h1 * hd;
+      fwd_slice<T>(M, D, D, o, w.wxq, w.txq, big, false, c0, c1);
       for (int64_t i = 0; i < M; ++i)
-        for (int64_t j = h0 * hd; j < h1 * hd; ++j) big[i * D + j] += w.bxq[j];
+        for (int64_t j = c0; j < c1; ++j) big[i * D + j] += w.bxq[j];
       for (int64_t h = h0; h < h1; ++h) {
         for (int64_t i = 0; i < M; ++i)
           rcq[i * H + h] = rms_row(big + i * D + h * hd, cqh + i * D + h * hd, hd, net.rms_eps);
         for (int64_t c = 0; c < nb; ++c) {
           const int64_t q0 = c * Tn;
-          const int64_t b = (c0 + c) / net.K;
+          const int64_t b = (c0_cand + c) / net.K;
           const T* kc = net.kc(l, b, h);  // [hd, L], pre-scaled
           const T* vc = net.vc(l, b, h);  // [L, hd]
           T* Pch = Pc + (c * H + h) * Tn * L;
@@ -556,7 +599,7 @@ PYEBM_INLINE void block_impl(const Net<T>& net, int64_t c0, int64_t nb, const T*
               s[j] = net.bias[t * L + j] + acc;
             }
             softmax_row(s, L);
-            T* ot = t2 + (q0 + t) * D + h * hd;
+            T* ot = att + (q0 + t) * D + h * hd;
             for (int64_t d = 0; d < hd; ++d) ot[d] = T(0);
             for (int64_t j = 0; j < L; ++j) {
               const T pj = s[j];
@@ -567,15 +610,13 @@ PYEBM_INLINE void block_impl(const Net<T>& net, int64_t c0, int64_t nb, const T*
           }
         }
       }
+      fwd_kslice<T>(M, D, D, att, w.wxp, w.txp, part_sum + t * M * D, c0, c1);
     }
-    PYEBM_TILES(crew, n_ct(D), t) {
-      PYEBM_COLS(t, D);
-      fwd_slice<T>(M, D, D, t2, w.wxp, w.txp, x, true, n0, n1);
-    }
-    // MLP: norm3 (rows), fc1 + GELU into t2 (columns), fc2 into x (columns)
+    // MLP: norm3 (rows, with the cross projection's partial sums), fc1 + GELU into t2, fc2 into x (columns)
     PYEBM_TILES(crew, n_rt, t) {
       PYEBM_ROWS(t);
       for (int64_t i = r0; i < r1; ++i) {
+        add_partials<T>(x + i * D, part_sum + i * D, n_ht, M * D, D, nullptr);
         r3n[i] = rms_row(x + i * D, xn3 + i * D, D, net.rms_eps);
         for (int64_t j = 0; j < D; ++j) o[i * D + j] = xn3[i * D + j] * w.n3[j];
       }
@@ -669,15 +710,17 @@ PYEBM_INLINE void block_impl(const Net<T>& net, int64_t c0, int64_t nb, const T*
       PYEBM_ROWS(t);
       for (int64_t i = r0; i < r1; ++i) rms_back_row(t2 + i * D, w.n3, xn3 + i * D, r3n[i], D, dx + i * D, true);
     }
-    // cross-attention branch (keys and values are constants): per head group, d(attention output) in o,
-    // d(q after its norm) in t2, through the per-head norm into big [M, D]
+    // cross-attention branch (keys and values are constants), per head group: d(attention output) in o,
+    // d(q after its norm) in t2, through the per-head norm into big [M, D], then the group's share of the
+    // query projection's input gradient
     PYEBM_TILES(crew, n_ht, t) {
       PYEBM_HEADS(t);
-      bwd_slice<T>(M, D, D, dx, w.wxp, o, false, h0 * hd, h1 * hd);
+      const int64_t c0 = h0 * hd, c1 = h1 * hd;
+      bwd_slice<T>(M, D, D, dx, w.wxp, o, false, c0, c1);
       for (int64_t h = h0; h < h1; ++h) {
         for (int64_t c = 0; c < nb; ++c) {
           const int64_t q0 = c * Tn;
-          const int64_t b = (c0 + c) / net.K;
+          const int64_t b = (c0_cand + c) / net.K;
           const T* kc = net.kc(l, b, h);
           const T* vc = net.vc(l, b, h);
           const T* Pch = Pc + (c * H + h) * Tn * L;
@@ -707,21 +750,24 @@ PYEBM_INLINE void block_impl(const Net<T>& net, int64_t c0, int64_t nb, const T*
           rms_back_row(t2 + i * D + h * hd, w.xqn, cqh + i * D + h * hd, rcq[i * H + h], hd, big + i * D + h * hd,
                        false);
       }
-    }
-    PYEBM_TILES(crew, n_ct(D), t) {
-      PYEBM_COLS(t, D);
-      bwd_slice<T>(M, D, D, big, w.wxq, t2, false, n0, n1);
+      bwd_kslice<T>(M, D, D, big, w.wxq, part_sum + t * M * D, c0, c1, false);
     }
     PYEBM_TILES(crew, n_rt, t) {
       PYEBM_ROWS(t);
-      for (int64_t i = r0; i < r1; ++i) rms_back_row(t2 + i * D, w.n2, xn2 + i * D, r2n[i], D, dx + i * D, true);
+      for (int64_t i = r0; i < r1; ++i) {
+        std::fill(row, row + D, T(0));
+        add_partials<T>(row, part_sum + i * D, n_ht, M * D, D, nullptr);
+        rms_back_row(row, w.n2, xn2 + i * D, r2n[i], D, dx + i * D, true);
+      }
     }
-    // self-attention branch: per head group, d(attention output) in o, then dq, dk, dv (after the q/k
-    // norms) in big [M, 3D], then through the per-head norms in place
+    // self-attention branch, per head group: d(attention output) in o, then dq, dk, dv (after the q/k
+    // norms) in big [M, 3D], through the per-head norms in place, then the group's share of the qkv
+    // projection's input gradient
     T* dqkv = big;
     PYEBM_TILES(crew, n_ht, t) {
       PYEBM_HEADS(t);
-      bwd_slice<T>(M, D, D, dx, w.wp, o, false, h0 * hd, h1 * hd);
+      const int64_t c0 = h0 * hd, c1 = h1 * hd;
+      bwd_slice<T>(M, D, D, dx, w.wp, o, false, c0, c1);
       for (int64_t h = h0; h < h1; ++h) {
         for (int64_t i = 0; i < M; ++i)
           for (int64_t part = 0; part < 3; ++part)
@@ -742,16 +788,17 @@ PYEBM_INLINE void block_impl(const Net<T>& net, int64_t c0, int64_t nb, const T*
           rms_back_row(up, w.kn, kh + i * D + h * hd, rk[i * H + h], hd, dk, false);
         }
       }
+      for (int64_t part = 0; part < 3; ++part)
+        bwd_kslice<T>(M, 3 * D, D, dqkv, w.wqkv, part_sum + t * M * D, part * D + c0, part * D + c1, part > 0);
     }
-    PYEBM_TILES(crew, n_ct(D), t) {
-      PYEBM_COLS(t, D);
-      bwd_slice<T>(M, 3 * D, D, dqkv, w.wqkv, t2, false, n0, n1);
-    }
-    // norm1 back into dx; below the first layer, also the embedding's first backward product input
+    // norm1 back into dx (with the qkv partial sums); below the first layer, also the embedding's first
+    // backward product input
     PYEBM_TILES(crew, n_rt, t) {
       PYEBM_ROWS(t);
       for (int64_t i = r0; i < r1; ++i) {
-        rms_back_row(t2 + i * D, w.n1, xn1 + i * D, r1n[i], D, dx + i * D, true);
+        std::fill(row, row + D, T(0));
+        add_partials<T>(row, part_sum + i * D, n_ht, M * D, D, nullptr);
+        rms_back_row(row, w.n1, xn1 + i * D, r1n[i], D, dx + i * D, true);
         if (l == 0)
           for (int64_t j = 0; j < D; ++j) o[i * D + j] = dx[i * D + j] * sv.u4()[i * D + j];
       }
@@ -840,10 +887,10 @@ inline CrewPhase* crew_phases(int64_t n) {
   return phases.get();
 }
 
-// Phases of one block, as block_impl() runs them: embedding 2, per layer 10, head 3; with the gradient
-// head 3, per layer 9, embedding 2 (+1 without layers).
+// Phases of one block, as block_impl() runs them: embedding 2, per layer 7, head 3; with the gradient
+// head 3, per layer 7, embedding 2 (+1 without layers).
 inline int64_t block_phases(int64_t layers, bool grad) {
-  return 5 + 10 * layers + (grad ? 5 + 9 * layers + (layers == 0 ? 1 : 0) : 0);
+  return 5 + 7 * layers + (grad ? 5 + 7 * layers + (layers == 0 ? 1 : 0) : 0);
 }
 
 // Rows (candidates x T) per block; PYEBM_EBT_POLICY_BLOCK_ROWS overrides (for tuning).
