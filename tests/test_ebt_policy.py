@@ -406,6 +406,13 @@ def test_op_sees_weight_updates_and_dtype_changes():
         m.blocks[0].attn.qkv.weight.mul_(1.5)     # a weight the op also keeps transposed
     ctx = m.prepare(obs)
     torch.testing.assert_close(m.energy_and_grad(ctx, y), m.energy_and_grad(ctx, y, backend="torch"))
+    with torch.no_grad():                           # the observation side's stacked weights see these too
+        m.blocks[1].cross.kv.weight.mul_(1.3)
+        m.blocks[0].cross.k_norm.weight.add_(0.2)
+    E_ref, G_ref = reference_energy_grad(m, y, obs, torch.float32)
+    E, G = m.energy_and_grad(m.prepare(obs), y)
+    torch.testing.assert_close(E, E_ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(G, G_ref, rtol=1e-4, atol=1e-5)
     m.load_state_dict({k: v * 0.9 for k, v in m.state_dict().items()})
     ctx = m.prepare(obs)
     torch.testing.assert_close(m.energy_and_grad(ctx, y), m.energy_and_grad(ctx, y, backend="torch"))

@@ -174,6 +174,7 @@ class EBTPolicy(nn.Module):
         self.grad_mode = grad_mode
         self.backend = backend
         self._op_cache: Optional[tuple] = None  # (params, transposed weights, their versions)
+        self._kv_cache: Optional[tuple] = None  # (sources, their versions, stacked observation-side weights)
         self.embed = _Embed(action_dim, embed_dim, **kw)
         pos = ref.sincos_positions(horizon, embed_dim, dtype=dtype or torch.get_default_dtype(), device=device)
         self.register_buffer("pos_emb", pos)
@@ -225,18 +226,42 @@ class EBTPolicy(nn.Module):
         """[horizon, n_tokens] bool, True = allowed (action t sees observation step <= t)."""
         return ref.memory_mask(self.horizon, n_tokens, self.n_obs_steps, device=device)
 
+    def _kv_stack(self):
+        """The cross-attention key/value weights and biases of every layer stacked ([layers * 2D, C], [layers *
+        2D]) and the key norms' weights [layers, hd]: one product computes every layer's observation side. The
+        stacked copies are rebuilt when a source changed in place (its version counter moved)."""
+        cache = self._kv_cache
+        if cache is None:
+            sources = tuple(t for b in self.blocks for t in (b.cross.kv.weight, b.cross.kv.bias, b.cross.k_norm.weight))
+            cache = (sources, None, None)
+        versions = tuple(t._version for t in cache[0])
+        if cache[1] != versions:
+            with torch.no_grad():
+                s = cache[0]
+                stacked = (torch.cat(s[0::3]), torch.cat(s[1::3]), torch.stack(s[2::3]))
+            cache = self._kv_cache = (cache[0], versions, stacked)
+        return cache[2]
+
     def _context(self, obs: torch.Tensor) -> EBTPolicyContext:
         B, L, _ = obs.shape
-        H, hd = self.heads, self.head_dim
-        ks, vs = [], []
-        for blk in self.blocks:
-            kv = F.linear(obs, blk.cross.kv.weight, blk.cross.kv.bias).view(B, L, 2, H, hd)
-            k = ref.rms_norm(kv[:, :, 0].transpose(1, 2), blk.cross.k_norm.weight)      # [B, H, L, hd]
-            ks.append((k * hd ** -0.5).transpose(-2, -1))
-            vs.append(kv[:, :, 1].transpose(1, 2))
+        H, hd, n = self.heads, self.head_dim, self.num_layers
+        if n:
+            if torch.is_grad_enabled():  # training (forward): stacked in the graph, gradients reach each layer
+                w = torch.cat([blk.cross.kv.weight for blk in self.blocks])
+                b = torch.cat([blk.cross.kv.bias for blk in self.blocks])
+                k_norm = torch.stack([blk.cross.k_norm.weight for blk in self.blocks])
+            else:
+                w, b, k_norm = self._kv_stack()
+            kv = F.linear(obs, w, b).view(B, L, n, 2, H, hd)
+            k = ref.rms_norm(kv[:, :, :, 0], k_norm[:, None, :])                       # [B, L, layers, H, hd]
+            ks = (k * hd ** -0.5).permute(2, 0, 3, 4, 1).contiguous()                   # [layers, B, H, hd, L]
+            vs = kv[:, :, :, 1].permute(2, 0, 3, 1, 4).contiguous()                     # [layers, B, H, L, hd]
+        else:
+            ks = obs.new_empty(0, B, H, hd, L)
+            vs = obs.new_empty(0, B, H, L, hd)
         allowed = self.memory_mask(L, device=obs.device)
         bias = torch.zeros(allowed.shape, dtype=obs.dtype, device=obs.device).masked_fill(~allowed, float("-inf"))
-        return EBTPolicyContext(torch.stack(ks), torch.stack(vs), bias)
+        return EBTPolicyContext(ks, vs, bias)
 
     def prepare(self, obs_tokens: torch.Tensor) -> EBTPolicyContext:
         """Observation tokens [B, L, cond_dim] -> the cross-attention K/V of every layer, once."""
@@ -375,7 +400,7 @@ class EBTPolicy(nn.Module):
 
     # -- inference protocol ---------------------------------------------------------------------
     def _apply(self, fn, *args, **kwargs):
-        self._op_cache = None  # .to() / .double() / ... replace the parameter storage
+        self._op_cache = self._kv_cache = None  # .to() / .double() / ... replace the parameter storage
         return super()._apply(fn, *args, **kwargs)
 
     def resolve_backend(self, device: torch.device, backend: Optional[str] = None) -> str:
