@@ -210,6 +210,14 @@ PYEBM_INLINE void softmax_row(T* s, int64_t n) {
   for (int64_t j = 0; j < n; ++j) s[j] *= inv;
 }
 
+// The cached observation keys of one head, [hd, L] (the op's layout, for q @ k), by token: [L, hd] in kT.
+template <typename T>
+PYEBM_INLINE const T* keys_by_token(const T* __restrict kc, int64_t hd, int64_t L, T* __restrict kT) {
+  for (int64_t d = 0; d < hd; ++d)
+    for (int64_t j = 0; j < L; ++j) kT[j * hd + d] = kc[d * L + j];
+  return kT;
+}
+
 // ---- self-attention of one head over one candidate's T tokens ----
 // Rows of q, k, v, out, dO, dq, dk, dv are `ld` apart (they are one head's columns of wider arrays);
 // P [T, T]; kT, vT: [hd, T] temporaries. HD and TN are compile-time sizes for the common shapes (0: use
@@ -286,6 +294,35 @@ PYEBM_INLINE void self_attn_head_back_k(int64_t hd_, int64_t Tn_, int64_t ld, co
       for (int64_t d = 0; d < hd; ++d) dku[d] += ds * qt[d] * qnw[d];
     }
   }
+}
+
+// One head's q/k RMSNorms (qh, kh and their inverse RMS rq, rk), its values copied out of the qkv rows
+// (vv), and qs = qh * qn * scale, knb = kh * kn for the scores, for M rows.
+template <typename T, int HD>
+PYEBM_INLINE void qk_head_k(int64_t hd_, int64_t M, int64_t D, int64_t H, int64_t h, const T* __restrict big,
+                            const T* __restrict qn, const T* __restrict kn, T scale, T eps, T* __restrict qh,
+                            T* __restrict kh, T* __restrict vv, T* __restrict qs, T* __restrict knb,
+                            T* __restrict rq, T* __restrict rk) {
+  const int64_t hd = HD ? HD : hd_;
+  for (int64_t i = 0; i < M; ++i) {
+    const int64_t c = i * D + h * hd;
+    const T* row = big + i * 3 * D + h * hd;
+    rq[i * H + h] = rms_row(row, qh + c, hd, eps);
+    rk[i * H + h] = rms_row(row + D, kh + c, hd, eps);
+    for (int64_t d = 0; d < hd; ++d) vv[c + d] = row[2 * D + d];
+    for (int64_t d = 0; d < hd; ++d) {
+      qs[c + d] = qh[c + d] * qn[d] * scale;
+      knb[c + d] = kh[c + d] * kn[d];
+    }
+  }
+}
+
+template <typename T>
+PYEBM_INLINE void qk_head(int64_t hd, int64_t M, int64_t D, int64_t H, int64_t h, const T* big, const T* qn,
+                          const T* kn, T scale, T eps, T* qh, T* kh, T* vv, T* qs, T* knb, T* rq, T* rk) {
+  if (hd == 64) return qk_head_k<T, 64>(hd, M, D, H, h, big, qn, kn, scale, eps, qh, kh, vv, qs, knb, rq, rk);
+  if (hd == 32) return qk_head_k<T, 32>(hd, M, D, H, h, big, qn, kn, scale, eps, qh, kh, vv, qs, knb, rq, rk);
+  qk_head_k<T, 0>(hd, M, D, H, h, big, qn, kn, scale, eps, qh, kh, vv, qs, knb, rq, rk);
 }
 
 template <typename T>
@@ -433,7 +470,7 @@ int64_t block_elems(const Net<T>& net, int64_t nb) {
 }
 template <typename T>
 int64_t local_elems(const Net<T>& net) {
-  return std::max(net.Tn, net.L) + net.hd + net.D + net.hd * net.Tn;
+  return std::max(net.Tn, net.L) + net.hd + net.D + net.hd * std::max(net.Tn, net.L);
 }
 
 // One block of nb candidates starting at global candidate c0: E[nb] and, if G, dE/dy [nb, T, A].
@@ -459,7 +496,7 @@ PYEBM_INLINE void block_impl(const Net<T>& net, int64_t c0, int64_t nb, const T*
   T* out = part_sum + head_groups(H, hd) * M * D;
   const int64_t c0_cand = c0;  // the block's first candidate
   // each participant's own temporaries: dS [max(T, L)], one head's gradient [hd], a row [D], one head's
-  // keys or values of a candidate transposed [hd, T]
+  // keys or values of a candidate transposed [hd, T] or its observation keys by token [L, hd]
   T* dP = crew_local<T>(local_elems(net));
   T* up = dP + std::max(Tn, L);
   T* row = up + hd;
@@ -548,16 +585,7 @@ PYEBM_INLINE void block_impl(const Net<T>& net, int64_t c0, int64_t nb, const T*
           for (int64_t j = part * D + c0; j < part * D + c1; ++j) big[i * 3 * D + j] += w.bqkv[j];
       }
       for (int64_t h = h0; h < h1; ++h) {
-        for (int64_t i = 0; i < M; ++i) {
-          const int64_t c = i * D + h * hd;
-          rq[i * H + h] = rms_row(big + i * 3 * D + h * hd, qh + c, hd, net.rms_eps);
-          rk[i * H + h] = rms_row(big + i * 3 * D + D + h * hd, kh + c, hd, net.rms_eps);
-          std::copy(big + i * 3 * D + 2 * D + h * hd, big + i * 3 * D + 2 * D + (h + 1) * hd, vv + c);
-          for (int64_t d = 0; d < hd; ++d) {
-            qs[c + d] = qh[c + d] * w.qn[d] * net.scale;
-            knb[c + d] = kh[c + d] * w.kn[d];
-          }
-        }
+        qk_head<T>(hd, M, D, H, h, big, w.qn, w.kn, net.scale, net.rms_eps, qh, kh, vv, qs, knb, rq, rk);
         for (int64_t c = 0; c < nb; ++c) {
           const int64_t r = c * Tn * D + h * hd;
           self_attn_head<T>(hd, Tn, D, qs + r, knb + r, vv + r, Pm + (c * H + h) * Tn * Tn, att + r, kvT);
@@ -586,16 +614,17 @@ PYEBM_INLINE void block_impl(const Net<T>& net, int64_t c0, int64_t nb, const T*
         for (int64_t c = 0; c < nb; ++c) {
           const int64_t q0 = c * Tn;
           const int64_t b = (c0_cand + c) / net.K;
-          const T* kc = net.kc(l, b, h);  // [hd, L], pre-scaled
           const T* vc = net.vc(l, b, h);  // [L, hd]
+          const T* kT = keys_by_token(net.kc(l, b, h), hd, L, kvT);  // [L, hd], pre-scaled
           T* Pch = Pc + (c * H + h) * Tn * L;
           for (int64_t t = 0; t < Tn; ++t) {
             const T* q = cqh + (q0 + t) * D + h * hd;
             T* s = Pch + t * L;
             for (int64_t j = 0; j < L; ++j) {
+              const T* kj = kT + j * hd;
               T acc = T(0);
 #pragma omp simd reduction(+ : acc)
-              for (int64_t d = 0; d < hd; ++d) acc += q[d] * w.xqn[d] * kc[d * L + j];
+              for (int64_t d = 0; d < hd; ++d) acc += q[d] * w.xqn[d] * kj[d];
               s[j] = net.bias[t * L + j] + acc;
             }
             softmax_row(s, L);
@@ -721,8 +750,8 @@ PYEBM_INLINE void block_impl(const Net<T>& net, int64_t c0, int64_t nb, const T*
         for (int64_t c = 0; c < nb; ++c) {
           const int64_t q0 = c * Tn;
           const int64_t b = (c0_cand + c) / net.K;
-          const T* kc = net.kc(l, b, h);
           const T* vc = net.vc(l, b, h);
+          const T* kT = keys_by_token(net.kc(l, b, h), hd, L, kvT);
           const T* Pch = Pc + (c * H + h) * Tn * L;
           for (int64_t t = 0; t < Tn; ++t) {
             const T* dot = o + (q0 + t) * D + h * hd;
@@ -741,8 +770,9 @@ PYEBM_INLINE void block_impl(const Net<T>& net, int64_t c0, int64_t nb, const T*
             for (int64_t d = 0; d < hd; ++d) dq[d] = T(0);
             for (int64_t j = 0; j < L; ++j) {
               const T dj = dP[j];
+              const T* kj = kT + j * hd;
 #pragma omp simd
-              for (int64_t d = 0; d < hd; ++d) dq[d] += dj * kc[d * L + j];
+              for (int64_t d = 0; d < hd; ++d) dq[d] += dj * kj[d];
             }
           }
         }
