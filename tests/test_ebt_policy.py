@@ -520,6 +520,10 @@ def test_whole_loop_op_bad_arguments():
 
     y, E, E0, steps, status = call()
     assert y.shape == y0.shape and E.shape == (1, 2) and steps.dtype == torch.int32 and status.dtype == torch.int8
+    torch.library.opcheck(torch.ops.pyebm.ebt_policy_descent.default,
+                          (y0, ctx.k, ctx.v, ctx.bias, params, wt, 3, 1e-6, 1e-5, eta, None, None, None, "rms", 1e-8,
+                           1.0, 0.5, True, None, None, True, 9.0, 1e-3, "candidate", True, True),
+                          test_utils=("test_schema", "test_faketensor"))
     assert bool((steps == 3).all())
     with pytest.raises(RuntimeError, match="normalize must be none, rms or all; got 'rms_all'"):
         call(normalize="rms_all")
