@@ -1,10 +1,12 @@
 // pyebm::ebt_policy_energy_grad: the whole EBT-Policy energy network, forward and input gradient, in one
-// CPU call. The observation side (cross-attention keys/values of every layer) comes in precomputed.
+// CPU call; pyebm::ebt_policy_descent: every step of a descent on it, and the final energy, in one call.
+// The observation side (cross-attention keys/values of every layer) comes in precomputed.
 // Math: pyebm/reference/ebt_policy.py; layout of the parameter list: pyebm/ops/ebt_policy.py.
 //
 // Candidates are independent; they are processed in blocks of whole candidates (rows = candidates * T)
-// so the linear layers run as one GEMM per block, and blocks run in parallel. Every activation the
-// backward pass needs stays in a per-thread scratch buffer; nothing touches autograd or the dispatcher
+// so the linear layers run as one GEMM per block. Several blocks run in parallel, one thread each; a single
+// block (few candidates) is run by all threads together, phase by phase (see "work division"). Every
+// activation the backward pass needs stays in a scratch buffer; nothing touches autograd or the dispatcher
 // inside the network.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
