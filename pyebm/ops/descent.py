@@ -233,9 +233,10 @@ def descent_update(
     noise_level the noise level n of this step. The rest are the options of ``pyebm.Descent``.
 
     Unless ``backend`` is "torch", the common form of the step (no ``out``/``dry_run``/``finite_also``, early
-    exit on the gradient norm per candidate) runs as one fused pass over every row: the C++ op
-    ``torch.ops.pyebm.descent_update`` on the cpu and cuda backends (float32/float64, no ``y_base``), the
-    Triton op ``torch.ops.pyebm.descent_update_triton`` on the triton backend (float32/bfloat16/float16).
+    exit on the gradient norm per candidate, or over the batch when there is one row) runs as one fused pass
+    over every row: the C++ op ``torch.ops.pyebm.descent_update`` on the cpu and cuda backends
+    (float32/float64; a ``y_base`` on the cpu only), the Triton op ``torch.ops.pyebm.descent_update_triton``
+    on the triton backend (float32/bfloat16/float16).
     """
     kind = None if backend == "torch" else _fused_kind(y, g, y_base, E_prev, noise_mode, tol, tol_on, tol_scope,
                                                        out, dry_run, finite_also, velocity, mask, backend)
