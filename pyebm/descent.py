@@ -520,9 +520,8 @@ def _whole_loop_supported(model, config: Descent, *, y0: Tensor, mask: Optional[
     from pyebm.ops import mlp_descent
 
     own = getattr(model, "whole_loop_backend", None)
-    if callable(own):  # a model with a whole-loop op of its own (EBTPolicy)
-        which = own(config, y0=y0, mask=mask, record=record, backend=backend)
-        return None if which is None else "model:" + which
+    if callable(own):  # a model with a whole-loop op of its own (EBTPolicy, with run_whole_loop)
+        return own(config, y0=y0, mask=mask, record=record, backend=backend)
     return mlp_descent.whole_loop_backend(model, config, y0, record, backend)
 
 
@@ -532,7 +531,7 @@ def _run_whole_loop(model, ctx, config: Descent, *, which: str, y0: Tensor, mask
     from pyebm.ops import mlp_descent
 
     B, K = y0.shape[:2]
-    if which.startswith("model:"):
+    if callable(getattr(model, "whole_loop_backend", None)):
         y, E_final, E_init, steps, status = model.run_whole_loop(ctx, config, y0=y0, lower=lower, upper=upper,
                                                                  step_clip=step_clip)
     else:

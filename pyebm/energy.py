@@ -198,11 +198,20 @@ class MLPEnergy(nn.Module):
 
     def energy(self, ctx: torch.Tensor, y: torch.Tensor, backend: Optional[str] = None) -> torch.Tensor:
         """E [B, K] for y [B, K, candidate_dim]."""
+        return self._fused("energy", ops.mlp_energy, ctx, y, backend)
+
+    def energy_and_grad(self, ctx: torch.Tensor, y: torch.Tensor,
+                        backend: Optional[str] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(E [B, K], dE/dy [B, K, candidate_dim]) in one fused call."""
+        return self._fused("energy_and_grad", ops.mlp_energy_grad, ctx, y, backend)
+
+    def _fused(self, method: str, op, ctx: torch.Tensor, y: torch.Tensor, backend: Optional[str]):
+        """The cpu plan's ``method`` when it takes these inputs, else the op ``op``; no autograd graph."""
         plan = self._fast_plan(ctx, y, backend)
         if plan is not None:
-            out = plan.energy(ctx, y)
+            out = getattr(plan, method)(ctx, y)
             if out is None:
-                out = self._replanned(plan, "energy", ctx, y)
+                out = self._replanned(plan, method, ctx, y)
             if out is not None:
                 return out
         self._check_y(ctx, y)
@@ -210,28 +219,8 @@ class MLPEnergy(nn.Module):
         prev = torch.is_grad_enabled()
         torch._C._set_grad_enabled(False)  # no autograd graph; cheaper than the no_grad context manager
         try:
-            return ops.mlp_energy(ctx, y, w_in, weights, biases, w_out, b_out, self.activation, self.residual,
-                                  backend=backend or self.backend)
-        finally:
-            torch._C._set_grad_enabled(prev)
-
-    def energy_and_grad(self, ctx: torch.Tensor, y: torch.Tensor,
-                        backend: Optional[str] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(E [B, K], dE/dy [B, K, candidate_dim]) in one fused call."""
-        plan = self._fast_plan(ctx, y, backend)
-        if plan is not None:
-            out = plan.energy_and_grad(ctx, y)
-            if out is None:
-                out = self._replanned(plan, "energy_and_grad", ctx, y)
-            if out is not None:
-                return out
-        self._check_y(ctx, y)
-        w_in, weights, biases, w_out, b_out = self.op_params()
-        prev = torch.is_grad_enabled()
-        torch._C._set_grad_enabled(False)
-        try:
-            return ops.mlp_energy_grad(ctx, y, w_in, weights, biases, w_out, b_out, self.activation,
-                                       self.residual, backend=backend or self.backend)
+            return op(ctx, y, w_in, weights, biases, w_out, b_out, self.activation, self.residual,
+                      backend=backend or self.backend)
         finally:
             torch._C._set_grad_enabled(prev)
 

@@ -39,35 +39,6 @@ inline void fortran_gemm(const char* ta, const char* tb, int m, int n, int k, do
 }
 #endif
 
-template <typename T>
-inline void gemm_nn(int64_t M, int64_t N, int64_t K, const T* G, const T* W, T* C, bool accumulate);
-
-// C[M, N] (+)= A[M, K] @ W[N, K]^T   (nn.Linear forward: W is [out, in], row-major)
-template <typename T>
-inline void gemm_nt(int64_t M, int64_t N, int64_t K, const T* A, const T* W, T* C, bool accumulate) {
-  if (M == 0 || N == 0) return;
-#ifdef PYEBM_SMALL_GEMM
-  if constexpr (std::is_same<T, float>::value)
-    if (small_gemm_nt(M, N, K, A, W, C, accumulate)) return;
-#endif
-#ifdef PYEBM_HAVE_BLAS
-  // Row-major C = A W^T is column-major C^T = W A^T: W is column-major [K, N] read transposed.
-  fortran_gemm("T", "N", static_cast<int>(N), static_cast<int>(M), static_cast<int>(K), T(1), W,
-               static_cast<int>(K), A, static_cast<int>(K), accumulate ? T(1) : T(0), C, static_cast<int>(N));
-#else
-  for (int64_t i = 0; i < M; ++i) {
-    const T* a = A + i * K;
-    T* c = C + i * N;
-    for (int64_t j = 0; j < N; ++j) {
-      const T* w = W + j * K;
-      T acc = T(0);
-      for (int64_t p = 0; p < K; ++p) acc += a[p] * w[p];
-      c[j] = accumulate ? c[j] + acc : acc;
-    }
-  }
-#endif
-}
-
 // C[M, N] (+)= A[M, K] @ op(B) with leading dimensions (row-major, elements): op(B) = B [K, N] (ldb >= N),
 // or with b_trans B [N, K] read transposed (ldb >= K). For column slices of a larger product: a slice
 // [n0, n1) of A @ W^T is B = W + n0 * K (b_trans), of A @ Wt or G @ W it is B = Wt + n0 (ldb = the full
@@ -85,18 +56,38 @@ inline void gemm_ld(bool b_trans, int64_t M, int64_t N, int64_t K, const T* A, i
   for (int64_t i = 0; i < M; ++i) {
     T* c = C + i * ldc;
     const T* a = A + i * lda;
-    for (int64_t j = 0; j < N; ++j) {
-      T acc = T(0);
-      if (b_trans) {
+    if (b_trans) {  // dot products along B's rows
+      for (int64_t j = 0; j < N; ++j) {
         const T* b = B + j * ldb;
+        T acc = T(0);
         for (int64_t p = 0; p < K; ++p) acc += a[p] * b[p];
-      } else {
-        for (int64_t p = 0; p < K; ++p) acc += a[p] * B[p * ldb + j];
+        c[j] = accumulate ? c[j] + acc : acc;
       }
-      c[j] = accumulate ? c[j] + acc : acc;
+    } else {  // rows of B scaled and added
+      if (!accumulate)
+        for (int64_t j = 0; j < N; ++j) c[j] = T(0);
+      for (int64_t p = 0; p < K; ++p) {
+        const T ap = a[p];
+        const T* b = B + p * ldb;
+        for (int64_t j = 0; j < N; ++j) c[j] += ap * b[j];
+      }
     }
   }
 #endif
+}
+
+template <typename T>
+inline void gemm_nn(int64_t M, int64_t N, int64_t K, const T* G, const T* W, T* C, bool accumulate);
+
+// C[M, N] (+)= A[M, K] @ W[N, K]^T   (nn.Linear forward: W is [out, in], row-major)
+template <typename T>
+inline void gemm_nt(int64_t M, int64_t N, int64_t K, const T* A, const T* W, T* C, bool accumulate) {
+  if (M == 0 || N == 0) return;
+#ifdef PYEBM_SMALL_GEMM
+  if constexpr (std::is_same<T, float>::value)
+    if (small_gemm_nt(M, N, K, A, W, C, accumulate)) return;
+#endif
+  gemm_ld<T>(true, M, N, K, A, K, W, K, C, N, accumulate);
 }
 
 // Wt[K, N] = W[N, K]^T (W row-major [N, K]).
@@ -147,23 +138,7 @@ inline void gemm_nn(int64_t M, int64_t N, int64_t K, const T* G, const T* W, T* 
   if constexpr (std::is_same<T, float>::value)
     if (small_gemm_nn(M, N, K, G, W, C, accumulate)) return;
 #endif
-#ifdef PYEBM_HAVE_BLAS
-  // Row-major C = G W is column-major C^T = W^T G^T, with W^T the column-major view of W.
-  fortran_gemm("N", "N", static_cast<int>(K), static_cast<int>(M), static_cast<int>(N), T(1), W,
-               static_cast<int>(K), G, static_cast<int>(N), accumulate ? T(1) : T(0), C, static_cast<int>(K));
-#else
-  for (int64_t i = 0; i < M; ++i) {
-    T* c = C + i * K;
-    if (!accumulate)
-      for (int64_t p = 0; p < K; ++p) c[p] = T(0);
-    const T* g = G + i * N;
-    for (int64_t j = 0; j < N; ++j) {
-      const T gj = g[j];
-      const T* w = W + j * K;
-      for (int64_t p = 0; p < K; ++p) c[p] += gj * w[p];
-    }
-  }
-#endif
+  gemm_ld<T>(false, M, K, N, G, N, W, K, C, K, accumulate);
 }
 
 }  // namespace cpu

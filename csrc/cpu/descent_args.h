@@ -6,6 +6,7 @@
 #include <ATen/ATen.h>
 
 #include <string>
+#include <vector>
 
 #include "descent_update.h"
 #include "mlp_energy_cpu.h"
@@ -29,6 +30,15 @@ inline void check_rule(double momentum, c10::optional<double> grad_clip, c10::op
   TORCH_CHECK(momentum >= 0 && momentum < 1, "pyebm: momentum must be in [0, 1); got ", momentum);
   TORCH_CHECK(tol >= 0, "pyebm: tol must be >= 0; got ", tol);
   TORCH_CHECK(energy_temperature > 0, "pyebm: energy_temperature must be > 0; got ", energy_temperature);
+}
+
+// A per-step schedule [steps] (any device, any floating dtype) as host doubles.
+inline std::vector<double> host_schedule(const at::Tensor& t, const char* name, int64_t T_) {
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == T_, "pyebm: ", name, " must be [steps] = [", T_, "]; got shape ",
+              t.sizes());
+  at::Tensor c = t.to(at::kCPU, at::kDouble).contiguous();
+  const double* p = c.data_ptr<double>();
+  return std::vector<double>(p, p + T_);
 }
 
 // An optional per-dimension option as a contiguous [D] tensor in the compute dtype on `device` (undefined

@@ -160,6 +160,15 @@ PYEBM_INLINE T rms_row(const T* x, T* xhat, int64_t n, T eps) {
   return r;
 }
 
+// rows [r0, r1) of x [.., D]: xhat and r (rms_row), and a = xhat * w, the norm's output
+template <typename T>
+PYEBM_INLINE void rms_rows(const T* x, T* xhat, T* r, const T* w, T* a, int64_t r0, int64_t r1, int64_t D, T eps) {
+  for (int64_t i = r0; i < r1; ++i) {
+    r[i] = rms_row(x + i * D, xhat + i * D, D, eps);
+    for (int64_t j = 0; j < D; ++j) a[i * D + j] = xhat[i * D + j] * w[j];
+  }
+}
+
 // dx (+)= r * (gw - xhat * mean(gw * xhat)), gw = dy * w
 template <typename T>
 PYEBM_INLINE void rms_back_row(const T* dy, const T* w, const T* xhat, T r, int64_t n, T* dx, bool acc) {
@@ -210,14 +219,6 @@ PYEBM_INLINE void softmax_row(T* s, int64_t n) {
   }
   const T inv = T(1) / sum;
   for (int64_t j = 0; j < n; ++j) s[j] *= inv;
-}
-
-// The cached observation keys of one head, [hd, L] (the op's layout, for q @ k), by token: [L, hd] in kT.
-template <typename T>
-PYEBM_INLINE const T* keys_by_token(const T* __restrict kc, int64_t hd, int64_t L, T* __restrict kT) {
-  for (int64_t d = 0; d < hd; ++d)
-    for (int64_t j = 0; j < L; ++j) kT[j * hd + d] = kc[d * L + j];
-  return kT;
 }
 
 // ---- self-attention of one head over one candidate's T tokens ----
@@ -387,7 +388,6 @@ class Crew {
     ++phase_;
     return n;
   }
-  int64_t phases() const { return phase_; }
 
  private:
   CrewPhase* phases_;
@@ -475,10 +475,10 @@ int64_t local_elems(const Net<T>& net) {
   return std::max(net.Tn, net.L) + net.hd + net.D + net.hd * std::max(net.Tn, net.L);
 }
 
-// One block of nb candidates starting at global candidate c0: E[nb] and, if G, dE/dy [nb, T, A].
+// One block of nb candidates starting at global candidate cand0: E[nb] and, if G, dE/dy [nb, T, A].
 // buf: block_elems() shared elements.
 template <typename T>
-PYEBM_INLINE void block_impl(const Net<T>& net, int64_t c0, int64_t nb, const T* y, T* E, T* G, T* buf,
+PYEBM_INLINE void block_impl(const Net<T>& net, int64_t cand0, int64_t nb, const T* y, T* E, T* G, T* buf,
                              Crew& crew) {
   const int64_t Tn = net.Tn, D = net.D, H = net.H, hd = net.hd, L = net.L, A = net.A, O = net.O;
   const int64_t M = nb * Tn;
@@ -496,7 +496,6 @@ PYEBM_INLINE void block_impl(const Net<T>& net, int64_t c0, int64_t nb, const T*
   T* att = t2 + M * D;        // attention outputs [M, D]
   T* part_sum = att + M * D;  // per head group partial products [n_ht, M, D]
   T* out = part_sum + head_groups(H, hd) * M * D;
-  const int64_t c0_cand = c0;  // the block's first candidate
   // each participant's own temporaries: dS [max(T, L)], one head's gradient [hd], a row [D], one head's
   // keys or values of a candidate transposed [hd, T] or its observation keys by token [L, hd]
   T* dP = crew_local<T>(local_elems(net));
@@ -570,10 +569,7 @@ PYEBM_INLINE void block_impl(const Net<T>& net, int64_t c0, int64_t nb, const T*
     T *rq = sv.rq(p), *rk = sv.rk(p), *rcq = sv.rcq(p), *Pm = sv.P(p), *Pc = sv.Pc(p);
     PYEBM_TILES(crew, n_rt, t) {
       PYEBM_ROWS(t);
-      for (int64_t i = r0; i < r1; ++i) {
-        r1n[i] = rms_row(x + i * D, xn1 + i * D, D, net.rms_eps);
-        for (int64_t j = 0; j < D; ++j) o[i * D + j] = xn1[i * D + j] * w.n1[j];
-      }
+      rms_rows(x, xn1, r1n, w.n1, o, r0, r1, D, net.rms_eps);
     }
     // qs = q normed * qn * scale in t2, kn = k normed * kn in dx (both free until the backward pass)
     T* qs = t2;
@@ -597,11 +593,8 @@ PYEBM_INLINE void block_impl(const Net<T>& net, int64_t c0, int64_t nb, const T*
     }
     PYEBM_TILES(crew, n_rt, t) {
       PYEBM_ROWS(t);
-      for (int64_t i = r0; i < r1; ++i) {
-        add_partials(x + i * D, part_sum + i * D, n_ht, M * D, D, w.bp);
-        r2n[i] = rms_row(x + i * D, xn2 + i * D, D, net.rms_eps);
-        for (int64_t j = 0; j < D; ++j) o[i * D + j] = xn2[i * D + j] * w.n2[j];
-      }
+      for (int64_t i = r0; i < r1; ++i) add_partials(x + i * D, part_sum + i * D, n_ht, M * D, D, w.bp);
+      rms_rows(x, xn2, r2n, w.n2, o, r0, r1, D, net.rms_eps);
     }
     // cross-attention to the cached observation keys/values
     PYEBM_TILES(crew, n_ht, t) {
@@ -615,9 +608,10 @@ PYEBM_INLINE void block_impl(const Net<T>& net, int64_t c0, int64_t nb, const T*
           rcq[i * H + h] = rms_row(big + i * D + h * hd, cqh + i * D + h * hd, hd, net.rms_eps);
         for (int64_t c = 0; c < nb; ++c) {
           const int64_t q0 = c * Tn;
-          const int64_t b = (c0_cand + c) / net.K;
+          const int64_t b = (cand0 + c) / net.K;
           const T* vc = net.vc(l, b, h);  // [L, hd]
-          const T* kT = keys_by_token(net.kc(l, b, h), hd, L, kvT);  // [L, hd], pre-scaled
+          const T* kT = kvT;  // the keys by token [L, hd] (the op's layout is [hd, L]), pre-scaled
+          transpose_to<T>(hd, L, net.kc(l, b, h), kvT);
           T* Pch = Pc + (c * H + h) * Tn * L;
           for (int64_t t = 0; t < Tn; ++t) {
             const T* q = cqh + (q0 + t) * D + h * hd;
@@ -646,11 +640,8 @@ PYEBM_INLINE void block_impl(const Net<T>& net, int64_t c0, int64_t nb, const T*
     // MLP: norm3 (rows, with the cross projection's partial sums), fc1 + GELU into t2, fc2 into x (columns)
     PYEBM_TILES(crew, n_rt, t) {
       PYEBM_ROWS(t);
-      for (int64_t i = r0; i < r1; ++i) {
-        add_partials<T>(x + i * D, part_sum + i * D, n_ht, M * D, D, nullptr);
-        r3n[i] = rms_row(x + i * D, xn3 + i * D, D, net.rms_eps);
-        for (int64_t j = 0; j < D; ++j) o[i * D + j] = xn3[i * D + j] * w.n3[j];
-      }
+      for (int64_t i = r0; i < r1; ++i) add_partials<T>(x + i * D, part_sum + i * D, n_ht, M * D, D, nullptr);
+      rms_rows(x, xn3, r3n, w.n3, o, r0, r1, D, net.rms_eps);
     }
     PYEBM_TILES(crew, n_ct(D), t) {
       PYEBM_COLS(t, D);
@@ -671,10 +662,7 @@ PYEBM_INLINE void block_impl(const Net<T>& net, int64_t c0, int64_t nb, const T*
   // ---- head: RMSNorm -> Linear -> GELU -> Linear, mean over (T, O) ----
   PYEBM_TILES(crew, n_rt, t) {
     PYEBM_ROWS(t);
-    for (int64_t i = r0; i < r1; ++i) {
-      head_rf[i] = rms_row(x + i * D, head_xnf + i * D, D, net.rms_eps);
-      for (int64_t j = 0; j < D; ++j) o[i * D + j] = head_xnf[i * D + j] * net.hn[j];
-    }
+    rms_rows(x, head_xnf, head_rf, net.hn, o, r0, r1, D, net.rms_eps);
   }
   PYEBM_TILES(crew, n_ct(D), t) {
     PYEBM_COLS(t, D);
@@ -751,9 +739,10 @@ PYEBM_INLINE void block_impl(const Net<T>& net, int64_t c0, int64_t nb, const T*
       for (int64_t h = h0; h < h1; ++h) {
         for (int64_t c = 0; c < nb; ++c) {
           const int64_t q0 = c * Tn;
-          const int64_t b = (c0_cand + c) / net.K;
+          const int64_t b = (cand0 + c) / net.K;
           const T* vc = net.vc(l, b, h);
-          const T* kT = keys_by_token(net.kc(l, b, h), hd, L, kvT);
+          const T* kT = kvT;
+          transpose_to<T>(hd, L, net.kc(l, b, h), kvT);
           const T* Pch = Pc + (c * H + h) * Tn * L;
           for (int64_t t = 0; t < Tn; ++t) {
             const T* dot = o + (q0 + t) * D + h * hd;
@@ -877,7 +866,7 @@ template <typename T>
 void block_base(const Net<T>& net, int64_t c0, int64_t nb, const T* y, T* E, T* G, T* buf, Crew& crew) {
   block_impl<T>(net, c0, nb, y, E, G, buf, crew);
 }
-#if defined(__x86_64__) && defined(__GNUC__)
+#if defined(PYEBM_VEC_ACT) && defined(__x86_64__)
 template <typename T>
 __attribute__((target("avx2,fma"))) void block_avx2(const Net<T>& net, int64_t c0, int64_t nb, const T* y, T* E,
                                                    T* G, T* buf, Crew& crew) {
@@ -892,12 +881,8 @@ __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,avx2,fma"))) void bloc
 
 template <typename T>
 void block(const Net<T>& net, int64_t c0, int64_t nb, const T* y, T* E, T* G, T* buf, Crew& crew) {
-#if defined(__x86_64__) && defined(__GNUC__)
-  static const int level = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
-                                   __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl")
-                               ? 2
-                           : (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) ? 1
-                                                                                               : 0;
+#if defined(PYEBM_VEC_ACT) && defined(__x86_64__)
+  const int level = cpu_vec_level();
   if (level == 2) return block_avx512<T>(net, c0, nb, y, E, G, buf, crew);
   if (level == 1) return block_avx2<T>(net, c0, nb, y, E, G, buf, crew);
 #endif
@@ -1130,6 +1115,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ebt_polic
   const NetArgs a = check_net_args(y0, ck_, cv_, bias_, params_, weights_t_, heads, rms_eps, ln_eps);
   TORCH_CHECK(normalize == "none" || normalize == "rms" || normalize == "all",
               "pyebm: normalize must be none, rms or all; got '", std::string(normalize), "'");
+  const bool norm_rows = normalize == "rms", norm_all = normalize == "all";
   TORCH_CHECK(tol_scope == "candidate" || tol_scope == "all", "pyebm: tol_scope must be candidate or all; got '",
               std::string(tol_scope), "'");
   TORCH_CHECK(normalize_eps >= 0, "pyebm: normalize_eps must be >= 0; got ", normalize_eps);
@@ -1139,8 +1125,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ebt_polic
   TORCH_CHECK(eta_.dim() == 1 && eta_.numel() >= 1, "pyebm: eta must be [steps] with steps >= 1; got shape ",
               eta_.sizes());
   const int64_t n_steps = eta_.numel();
-  const at::Tensor eta_h = eta_.to(at::kCPU, at::kDouble).contiguous();
-  const double* eta = eta_h.data_ptr<double>();
+  const std::vector<double> eta = host_schedule(eta_, "eta", n_steps);
   const int64_t B = a.B, K = a.K, N = B * K, D = a.Tn * a.A;
   const auto dt = y0.scalar_type();
   const at::Tensor lower = event_option(lower_, "lower", D, dt, y0.device()),
@@ -1160,7 +1145,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ebt_polic
                                    NoiseMode::kNone);
     T* yp = y.data_ptr<T>();
     T* E = E_final.data_ptr<T>();  // the step energies live here until the final pass
-    std::vector<T> ys(normalize == "none" ? 0 : N * D), q(N * D), G(N * D), v(momentum > 0 ? N * D : 0, T(0));
+    const bool look_ahead = nesterov && momentum > 0;
+    std::vector<T> ys(norm_rows || norm_all ? N * D : 0), q(look_ahead ? N * D : 0), G(N * D),
+        v(momentum > 0 ? N * D : 0, T(0));
     std::vector<uint8_t> active(N, 1), pending(tol_final_step ? N : 0, 0);
     std::vector<T> scratch(2 * D);
     int32_t* sp = steps.data_ptr<int32_t>();
@@ -1170,7 +1157,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ebt_polic
       // where the step starts: y, or y over its RMS (per candidate, or over the whole batch)
       const T* base = yp;
       if (!ys.empty()) {
-        if (normalize == "all") {
+        if (norm_all) {
           double ss = 0;
           for (int64_t i = 0; i < N * D; ++i) ss += double(yp[i]) * double(yp[i]);
           const T s = std::sqrt(T(ss / double(N * D)) + eps);
@@ -1186,12 +1173,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ebt_polic
         }
         base = ys.data();
       }
-      // the evaluation point: the Nesterov look-ahead base + momentum * v
-      if (nesterov && momentum > 0)
+      // the evaluation point: base, or the Nesterov look-ahead base + momentum * v
+      if (look_ahead)
         for (int64_t i = 0; i < N * D; ++i) q[i] = base[i] + T(momentum) * v[i];
-      else
-        std::copy(base, base + N * D, q.begin());
-      run_net<T>(net, q.data(), E, G.data());
+      run_net<T>(net, look_ahead ? q.data() : base, E, G.data());
       if (k == 0) std::copy(E, E + N, E_init.data_ptr<T>());
       if (coupled_tol) {
         // ||g|| over every running candidate with a finite energy and gradient

@@ -17,14 +17,6 @@ namespace pyebm {
 namespace cpu {
 namespace {
 
-std::vector<double> host_schedule(const at::Tensor& t, const char* name, int64_t T_) {
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == T_, "pyebm: ", name, " must be [steps] = [", T_, "]; got shape ",
-              t.sizes());
-  at::Tensor c = t.to(at::kCPU, at::kDouble).contiguous();
-  const double* p = c.data_ptr<double>();
-  return std::vector<double>(p, p + T_);
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlp_descent_cpu(
     const at::Tensor& ctx_, const at::Tensor& y0_, const at::Tensor& w_in_, at::TensorList weights_,
     at::TensorList biases_, const at::Tensor& w_out_, const at::Tensor& b_out_, c10::string_view activation,

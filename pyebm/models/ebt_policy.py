@@ -173,8 +173,8 @@ class EBTPolicy(nn.Module):
         self.n_obs_steps, self.output_dim = n_obs_steps, output_dim
         self.grad_mode = grad_mode
         self.backend = backend
-        self._op_cache: Optional[tuple] = None  # (params, transposed weights, their versions)
-        self._kv_cache: Optional[tuple] = None  # (sources, their versions, stacked observation-side weights)
+        self._op_cache: Optional[tuple] = None  # _copies: (params, transposed weights) for the compiled ops
+        self._kv_cache: Optional[tuple] = None  # _copies: the observation side's stacked weights
         self.embed = _Embed(action_dim, embed_dim, **kw)
         pos = ref.sincos_positions(horizon, embed_dim, dtype=dtype or torch.get_default_dtype(), device=device)
         self.register_buffer("pos_emb", pos)
@@ -226,21 +226,30 @@ class EBTPolicy(nn.Module):
         """[horizon, n_tokens] bool, True = allowed (action t sees observation step <= t)."""
         return ref.memory_mask(self.horizon, n_tokens, self.n_obs_steps, device=device)
 
+    def _copies(self, name: str, setup, watch, build):
+        """Derived copies of parameters, kept in ``self.<name>``: ``setup()`` runs once (the cache is dropped
+        when the parameter storage is replaced, see ``_apply``), ``build(state)`` runs again whenever a tensor
+        in ``watch(state)`` was written in place since (every in-place write bumps its version counter)."""
+        cache = getattr(self, name)
+        if cache is None:
+            state = setup()
+            cache = (state, tuple(watch(state)), None, None)
+        versions = tuple(t._version for t in cache[1])
+        if cache[2] != versions:
+            with torch.no_grad():
+                value = build(cache[0])
+            cache = (cache[0], cache[1], versions, value)
+            setattr(self, name, cache)
+        return cache[3]
+
     def _kv_stack(self):
         """The cross-attention key/value weights and biases of every layer stacked ([layers * 2D, C], [layers *
-        2D]) and the key norms' weights [layers, hd]: one product computes every layer's observation side. The
-        stacked copies are rebuilt when a source changed in place (its version counter moved)."""
-        cache = self._kv_cache
-        if cache is None:
-            sources = tuple(t for b in self.blocks for t in (b.cross.kv.weight, b.cross.kv.bias, b.cross.k_norm.weight))
-            cache = (sources, None, None)
-        versions = tuple(t._version for t in cache[0])
-        if cache[1] != versions:
-            with torch.no_grad():
-                s = cache[0]
-                stacked = (torch.cat(s[0::3]), torch.cat(s[1::3]), torch.stack(s[2::3]))
-            cache = self._kv_cache = (cache[0], versions, stacked)
-        return cache[2]
+        2D]) and the key norms' weights [layers, hd]: one product computes every layer's observation side."""
+        return self._copies(
+            "_kv_cache",
+            lambda: tuple(t for b in self.blocks for t in (b.cross.kv.weight, b.cross.kv.bias, b.cross.k_norm.weight)),
+            lambda s: s,
+            lambda s: (torch.cat(s[0::3]), torch.cat(s[1::3]), torch.stack(s[2::3])))
 
     def _context(self, obs: torch.Tensor) -> EBTPolicyContext:
         B, L, _ = obs.shape
@@ -413,18 +422,10 @@ class EBTPolicy(nn.Module):
         return _backend.resolve(device, name, supported=supported)
 
     def _op_weights(self):
-        """(params, transposed weights) for the compiled ops. The transposed copies are rebuilt when a weight
-        changed in place (an optimiser step, load_state_dict: every in-place write bumps the tensor's version
-        counter); only they can go stale, the other parameters are read in place."""
-        cache = self._op_cache
-        if cache is None:
-            params = _op.param_list(self)
-            cache = (params, None, None, _op.transposed_sources(params))
-        params, sources = cache[0], cache[3]
-        versions = tuple(p._version for p in sources)
-        if cache[2] != versions:
-            cache = self._op_cache = (params, _op.transposed_weights(params), versions, sources)
-        return params, cache[1]
+        """(params, transposed weights) for the compiled ops. Only the transposed copies can go stale (an
+        optimiser step, load_state_dict): the other parameters are read in place."""
+        return self._copies("_op_cache", lambda: _op.param_list(self), _op.transposed_sources,
+                            lambda p: (p, _op.transposed_weights(p)))
 
     def _op_eps(self) -> Tuple[float, float]:
         return (self.blocks[0].norm1.eps if self.num_layers else ref.RMS_EPS), self.embed.norm.eps

@@ -103,8 +103,8 @@ def _fused_kind(y, g, y_base, E_prev, noise_mode, tol, tol_on, tol_scope, out, d
     name = _backend.resolve(y.device, name, ("torch", "cpu", "cuda", "triton"))
     if name in ("cpu", "cuda"):
         # the C++ op starts the step at y_base on the cpu only
-        ok = _HAS_FUSED and (y_base is None or name == "cpu") and y.dtype in (torch.float32, torch.float64) \
-            and (y_base is None or y_base.is_contiguous())
+        ok = _HAS_FUSED and y.dtype in (torch.float32, torch.float64) \
+            and (y_base is None or (name == "cpu" and y_base.is_contiguous()))
         return name if ok else None
     if name == "triton" and y.dtype in (torch.float32, torch.bfloat16, torch.float16):
         try:
