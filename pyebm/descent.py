@@ -407,12 +407,41 @@ class Descent:
 _DEFAULT_CONFIG = Descent()  # minimize's config=None (frozen: shared safely)
 
 
+class _Deferred:
+    """A result field computed when it is first read (see ``_DeferredFields``)."""
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn):
+        self.fn = fn
+
+
+class _DeferredFields:
+    """Result fields that hold a ``_Deferred`` are computed on first read and then stored, so a field
+    nobody reads costs nothing (the final energy pass of a one-candidate descent, where no selection needs
+    it)."""
+
+    def __getattribute__(self, name):
+        value = object.__getattribute__(self, name)
+        if type(value) is _Deferred:
+            value = value.fn()
+            object.__setattr__(self, name, value)
+        return value
+
+
+def _raw_field(result, name: str):
+    """A field of a result as stored: a ``_Deferred`` stays unevaluated."""
+    return object.__getattribute__(result, name)
+
+
 @dataclass
-class DescentResult:
+class DescentResult(_DeferredFields):
     """What ``minimize`` found.
 
     best [B, *event], best_energy [B], best_index [B]: the selected candidate of each context.
-    y [B, K, *event], energy [B, K]: every candidate's final state and its energy (a final energy pass).
+    y [B, K, *event], energy [B, K]: every candidate's final state and its energy (a final energy pass;
+    with one candidate on a whole-loop op, where no selection needs it, that pass runs when ``energy`` or
+    ``best_energy`` is first read, on the final states and the model as it is then).
     initial_energy [B, K]: the energy at the first evaluation (``max_gap`` selection uses it).
     steps [B, K] int32: updates each candidate made. status [B, K] int8: MAX_STEPS (0, ran every step),
     CONVERGED (1, early exit), NONFINITE (2, its energy, gradient or step stopped being finite: it kept its
@@ -527,13 +556,30 @@ def _whole_loop_supported(model, config: Descent, *, y0: Tensor, mask: Optional[
 
 def _run_whole_loop(model, ctx, config: Descent, *, which: str, y0: Tensor, mask: Optional[Tensor], lower, upper,
                     step_clip, generator: Optional[torch.Generator]) -> DescentResult:
-    """Run the whole-loop op chosen by ``_whole_loop_supported``, then select as the per-step path does."""
+    """Run the whole-loop op chosen by ``_whole_loop_supported``, then select as the per-step path does. A
+    model's own hook ``run_whole_loop(ctx, config, *, y0, lower, upper, step_clip, final_energy)`` returns
+    (y, E_final, E_init, steps, status), skipping the final energy pass when ``final_energy`` is False."""
     from pyebm.ops import mlp_descent
 
     B, K = y0.shape[:2]
     if callable(getattr(model, "whole_loop_backend", None)):
+        # one candidate and a deterministic rule: nothing to select, so the final energy pass waits until
+        # the result's energy is read
+        defer = K == 1 and config.selection != "sample"
         y, E_final, E_init, steps, status = model.run_whole_loop(ctx, config, y0=y0, lower=lower, upper=upper,
-                                                                 step_clip=step_clip)
+                                                                 step_clip=step_clip, final_energy=not defer)
+        if defer:
+            final, cache = y.clone(), []
+
+            def final_energy():
+                if not cache:
+                    with torch.no_grad():
+                        cache.append(model.energy(ctx, final))
+                return cache[0]
+
+            return DescentResult(best=y[:, 0].clone(), best_energy=_Deferred(lambda: final_energy()[:, 0]),
+                                 best_index=torch.zeros(B, dtype=torch.long, device=y.device), y=y,
+                                 energy=_Deferred(final_energy), initial_energy=E_init, steps=steps, status=status)
     else:
         y, E_final, E_init, steps, status = mlp_descent.run_whole_loop(
             model, ctx, config, y0=y0, mask=mask, lower=lower, upper=upper, step_clip=step_clip,

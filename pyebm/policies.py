@@ -21,19 +21,20 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-from pyebm.descent import NONFINITE, Descent, DescentResult, minimize
+from pyebm.descent import NONFINITE, Descent, DescentResult, _Deferred, _DeferredFields, _raw_field, minimize
 from pyebm.energy import MLPEnergy
 
 BoundValue = Union[float, Sequence[float], Tensor]
 
 
 @dataclass
-class PolicyResult:
+class PolicyResult(_DeferredFields):
     """What the last ``act`` did.
 
     actions [B, n_action_steps, A]: the executed window. chunk [B, horizon, A]: the whole chosen chunk.
     y [B, K, horizon, A], energy [B, K]: every candidate's final chunk and energy; best_energy [B],
-    best_index [B]. steps [B, K]: descent steps each candidate took (all rounds added up); status [B, K]:
+    best_index [B] (with one candidate and no recovery, where nothing needs them, the energies are
+    computed when first read). steps [B, K]: descent steps each candidate took (all rounds added up); status [B, K]:
     the descent status of the round each candidate's final value came from (0 max steps, 1 converged,
     2 non-finite). retries [B, K]: how often each candidate was re-initialised by recovery;
     recovered: how many re-initialisations happened in all (0 without recovery).
@@ -342,6 +343,9 @@ class EnergyPolicy:
         return cfg
 
     # -- acting ---------------------------------------------------------------------------------
+    def _recovers(self) -> bool:
+        return self.recovery_threshold is not None and self.max_retries > 0
+
     def reset(self) -> None:
         """Forget the previous chunk (warm start) and the last result: call at the start of an episode."""
         self._previous = None
@@ -383,13 +387,13 @@ class EnergyPolicy:
 
         res = minimize(target, context, candidates=K, config=cfg,
                        init=None if y0 is None else self._event(y0), generator=generator)
-        y, energy = self._chunks(res.y), res.energy
+        y, energy = self._chunks(res.y), res.energy if self._recovers() else _raw_field(res, "energy")
         steps, status = res.steps, res.status
         retries = torch.zeros(B, K, dtype=torch.int32, device=device)
         recovered = 0
         best_index, best = res.best_index, self._chunks(res.best)
 
-        if self.recovery_threshold is not None and self.max_retries > 0:
+        if self._recovers():
             changed = False
             for _ in range(self.max_retries):
                 bad = ~(energy <= self.recovery_threshold)          # above the threshold, or NaN
@@ -419,8 +423,11 @@ class EnergyPolicy:
         s = self.window_start
         actions = best[:, s:s + self.n_action_steps]
         self._previous = best
-        ar = torch.arange(B, device=device)
+        if type(energy) is _Deferred:  # one candidate: the final energy runs when it is read
+            energy, best_energy = _Deferred(lambda: res.energy), _Deferred(lambda: res.best_energy)
+        else:
+            best_energy = energy[torch.arange(B, device=device), best_index]
         self.last_result = PolicyResult(actions=actions, chunk=best, y=y, energy=energy,
-                                        best_energy=energy[ar, best_index], best_index=best_index, steps=steps,
+                                        best_energy=best_energy, best_index=best_index, steps=steps,
                                         status=status, retries=retries, recovered=recovered, descent=res)
         return actions

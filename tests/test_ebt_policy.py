@@ -484,6 +484,48 @@ def test_whole_loop_matches_per_step_path(name, BK):
 
 
 @needs_loop
+def test_one_candidate_final_energy_runs_when_read():
+    """With one candidate nothing is selected, so the whole loop skips its final energy pass and the result
+    computes it on first read: the same numbers as an energy call on the final states, computed once."""
+    from pyebm import Descent, minimize
+    from pyebm.descent import _Deferred, _raw_field
+    from pyebm.policies import EnergyPolicy
+
+    m = make_model(scale=0.1)
+    obs = torch.randn(2, 2, 12, dtype=torch.float64)
+    cfg = Descent.ebt_policy(max_steps=4, step_size=5.0, min_grad=0.05)
+    res = minimize(m, obs, candidates=1, config=cfg, init=torch.randn(2, 1, 5, 3, dtype=torch.float64))
+    assert type(_raw_field(res, "energy")) is _Deferred and type(_raw_field(res, "best_energy")) is _Deferred
+    want = m.energy(m.prepare(obs), res.y)
+    assert torch.equal(res.energy, want) and torch.equal(res.best_energy, want[:, 0])
+    assert res.energy is res.energy                      # stored after the first read
+    assert torch.equal(res.best, res.y[:, 0]) and res.best_index.tolist() == [0, 0]
+    # K > 1 selects by the final energy: computed in the loop
+    res2 = minimize(m, obs, candidates=2, config=cfg, init=torch.randn(2, 2, 5, 3, dtype=torch.float64))
+    assert type(_raw_field(res2, "energy")) is torch.Tensor
+
+    # the op without its final pass: NaN energies, everything else unchanged
+    ctx = m.prepare(obs)
+    y0 = torch.randn(2, 1, 5, 3, dtype=torch.float64)
+    full = m.run_whole_loop(ctx, cfg, y0=y0)
+    part = m.run_whole_loop(ctx, cfg, y0=y0, final_energy=False)
+    assert bool(torch.isnan(part[1]).all()) and torch.equal(full[1], m.energy(ctx, full[0]))
+    for a, b in zip(full[:1] + full[2:], part[:1] + part[2:]):
+        assert torch.equal(a, b)
+
+    # the policy: deferred without recovery, computed in act() when recovery needs it
+    pol = EnergyPolicy.ebt_policy(m, max_steps=4, min_grad=0.05)
+    pol.act(obs, generator=0)
+    assert type(_raw_field(pol.last_result, "energy")) is _Deferred
+    want = m.energy(m.prepare(obs), pol.last_result.y)
+    assert torch.equal(pol.last_result.energy, want) and torch.equal(pol.last_result.best_energy, want[:, 0])
+    pol = EnergyPolicy.ebt_policy(m, max_steps=4, min_grad=0.05, recovery_threshold=1e9)
+    pol.act(obs, generator=0)
+    assert type(_raw_field(pol.last_result, "energy")) is torch.Tensor
+    assert torch.equal(pol.last_result.energy, m.energy(m.prepare(obs), pol.last_result.y))
+
+
+@needs_loop
 def test_whole_loop_not_taken_for_options_it_lacks():
     from pyebm import Descent, minimize
 

@@ -16,6 +16,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdio>
+#include <limits>
 #include <memory>
 #include <cstdint>
 #include <cstdlib>
@@ -40,13 +41,14 @@ TORCH_LIBRARY_FRAGMENT(pyebm, m) {
   // per step the optional RMS normalisation ("rms": per candidate, "all": over the whole batch), the
   // Nesterov look-ahead, the network's energy and input gradient, and the update (descent_update.h); then
   // the final energy. tol_scope "all" tests the gradient norm over every running candidate together.
-  // Returns (y, E_final, E_init, steps, status) as pyebm::mlp_descent does.
+  // Returns (y, E_final, E_init, steps, status) as pyebm::mlp_descent does; with final_energy=False the
+  // final energy pass is skipped and E_final is NaN (a caller that computes it only when it is read).
   m.def(
       "ebt_policy_descent(Tensor y0, Tensor ctx_k, Tensor ctx_v, Tensor bias, Tensor[] params, Tensor[] weights_t, "
       "int heads, float rms_eps, float ln_eps, Tensor eta, Tensor? lower, Tensor? upper, Tensor? step_clip, "
       "str normalize, float normalize_eps, float grad_scale, float momentum, bool nesterov, float? grad_clip, "
       "float? grad_clip_norm, bool energy_scaled, float energy_temperature, float tol, str tol_scope, "
-      "bool tol_final_step, bool bound_each_step) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "bool tol_final_step, bool bound_each_step, bool final_energy=True) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 namespace pyebm {
@@ -1111,7 +1113,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ebt_polic
     const c10::optional<at::Tensor>& step_clip_, c10::string_view normalize, double normalize_eps, double grad_scale,
     double momentum, bool nesterov, c10::optional<double> grad_clip, c10::optional<double> grad_clip_norm,
     bool energy_scaled, double energy_temperature, double tol, c10::string_view tol_scope, bool tol_final_step,
-    bool bound_each_step) {
+    bool bound_each_step, bool final_energy) {
   const NetArgs a = check_net_args(y0, ck_, cv_, bias_, params_, weights_t_, heads, rms_eps, ln_eps);
   TORCH_CHECK(normalize == "none" || normalize == "rms" || normalize == "all",
               "pyebm: normalize must be none, rms or all; got '", std::string(normalize), "'");
@@ -1205,7 +1207,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ebt_polic
     }
     if (!bound_each_step && (u.lower || u.upper))
       for (int64_t r = 0; r < N; ++r) bound_row_at_end<T>(u, yp + r * D, nullptr, nullptr);
-    run_net<T>(net, yp, E, nullptr);
+    if (final_energy)
+      run_net<T>(net, yp, E, nullptr);
+    else
+      std::fill(E, E + N, std::numeric_limits<T>::quiet_NaN());
   });
   return {y, E_final, E_init, steps, status};
 }

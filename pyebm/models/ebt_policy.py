@@ -456,8 +456,9 @@ class EBTPolicy(nn.Module):
         return "cpu"
 
     def run_whole_loop(self, ctx: EBTPolicyContext, cfg, *, y0: torch.Tensor, lower=None, upper=None,
-                       step_clip=None):
-        """Every step of ``cfg`` and the final energy in one call: (y, E_final, E_init, steps, status)."""
+                       step_clip=None, final_energy: bool = True):
+        """Every step of ``cfg`` and the final energy in one call: (y, E_final, E_init, steps, status).
+        ``final_energy=False`` skips the final energy pass (E_final is NaN then)."""
         from pyebm.ops import mlp_descent
 
         self._check_y(ctx, y0)
@@ -471,7 +472,7 @@ class EBTPolicy(nn.Module):
                 y0, ctx.k, ctx.v, ctx.bias, params, weights_t, self.heads, *self._op_eps(), eta, *flat, normalize,
                 float(eps), float(cfg.grad_scale), float(cfg.momentum), bool(cfg.nesterov), cfg.grad_clip,
                 cfg.grad_clip_norm, cfg.step_schedule == "energy", float(cfg.energy_temperature), float(cfg.tol),
-                cfg.tol_scope, bool(cfg.tol_final_step), bool(cfg.bound_each_step))
+                cfg.tol_scope, bool(cfg.tol_final_step), bool(cfg.bound_each_step), bool(final_energy))
 
     def energy(self, ctx: EBTPolicyContext, y: torch.Tensor, backend: Optional[str] = None) -> torch.Tensor:
         """E [B, K] for candidates y [B, K, horizon, action_dim]."""

@@ -51,7 +51,7 @@ if descent_available():
     @torch.library.register_fake("pyebm::ebt_policy_descent")
     def _(y0, ctx_k, ctx_v, bias, params, weights_t, heads, rms_eps, ln_eps, eta, lower, upper, step_clip, normalize,
           normalize_eps, grad_scale, momentum, nesterov, grad_clip, grad_clip_norm, energy_scaled, energy_temperature,
-          tol, tol_scope, tol_final_step, bound_each_step):
+          tol, tol_scope, tol_final_step, bound_each_step, final_energy=True):
         B, K = y0.shape[:2]
         return (y0.new_empty(y0.shape), y0.new_empty(B, K), y0.new_empty(B, K),
                 y0.new_empty(B, K, dtype=torch.int32), y0.new_empty(B, K, dtype=torch.int8))
