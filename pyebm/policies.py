@@ -339,7 +339,13 @@ class EnergyPolicy:
         if cfg.tol > 0:
             every = self.check_every if self.check_every is not None else (1 if device.type == "cpu" else None)
             if every is not None and every != cfg.check_every:
-                cfg = cfg.replace(check_every=every)
+                # the edited copy is kept while descent and check_every stay the same objects
+                key = (cfg, every)
+                cached = getattr(self, "_config_cache", None)
+                if cached is None or cached[0][0] is not cfg or cached[0][1] != every:
+                    cached = (key, cfg.replace(check_every=every))
+                    self._config_cache = cached
+                cfg = cached[1]
         return cfg
 
     # -- acting ---------------------------------------------------------------------------------

@@ -336,8 +336,9 @@ def test_op_opcheck_and_energy_only():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("shape", [
     # (width, heads, horizon, candidates): several column tiles and head groups, the compiled-in
-    # head/horizon sizes (64/16, 32/16) and odd ones, one block (a crew of threads) and several blocks
-    (256, 4, 16, 1), (160, 5, 16, 2), (96, 3, 7, 1), (64, 2, 16, 5)])
+    # head/horizon sizes (64/16, 32/16) and odd ones, one block (a crew of threads) and several blocks;
+    # head groups of 120 columns (a weight-broadcast product over a length that is not a multiple of 16)
+    (256, 4, 16, 1), (160, 5, 16, 2), (96, 3, 7, 1), (64, 2, 16, 5), (240, 10, 6, 3)])
 def test_op_same_numbers_for_any_thread_count(shape, dtype):
     """A single block is run by a crew of threads; the tiling depends on the shapes only, so any thread
     count gives bitwise the same E and gradient, and both match the reference."""

@@ -360,7 +360,8 @@ constexpr int64_t kRowTile = 8;    // rows per tile of the row-wise passes
 constexpr int64_t kColTile = 128;  // output columns per tile of a product (narrower slices run slower)
 
 struct alignas(64) CrewPhase {
-  std::atomic<int64_t> next{0};
+  std::atomic<uint64_t> taken{0};  // tiles 0 .. 63 claimed so far, one bit each
+  std::atomic<int64_t> next{0};    // tiles from 64 on: the next one to claim, minus 64
   std::atomic<int64_t> done{0};
 };
 
@@ -373,9 +374,14 @@ inline void spin_pause() {
 // One participant's view of a block's phases (n_phases of them, zeroed before the block). `claim(n)` hands
 // out the next tile of the current n-tile phase; once none is left it waits until every tile of the phase
 // is done, moves to the next phase and returns n.
+// Participant `me` of `size` first takes its own tiles me, me + size, ... (of the first 64), then whatever
+// is left, so with the threads of a crew as many as the tiles each takes the same tile in every phase of
+// the same shape: the same weight slice, forward and backward and step after step, stays on one core,
+// while a late participant's tiles are still taken by the others.
 class Crew {
  public:
-  Crew(CrewPhase* phases, int64_t n_phases) : phases_(phases), n_phases_(n_phases) {}
+  Crew(CrewPhase* phases, int64_t n_phases, int64_t me = 0, int64_t size = 1)
+      : phases_(phases), n_phases_(n_phases), me_(me), size_(std::max<int64_t>(1, size)) {}
   PYEBM_INLINE int64_t claim(int64_t n) {
     if (phase_ >= n_phases_) {  // block_phases() disagrees with block_impl(): a bug, and waiting would hang
       std::fprintf(stderr, "pyebm: ebt_policy block ran past its %lld phases\n", static_cast<long long>(n_phases_));
@@ -383,17 +389,43 @@ class Crew {
     }
     CrewPhase& p = phases_[phase_];
     if (held_) p.done.fetch_add(1, std::memory_order_release);
-    const int64_t t = p.next.fetch_add(1, std::memory_order_relaxed);
+    const int64_t t = take(p, n);
     held_ = t < n;
     if (held_) return t;
     while (p.done.load(std::memory_order_acquire) < n) spin_pause();
     ++phase_;
+    own_ = me_;
     return n;
   }
 
  private:
+  PYEBM_INLINE static bool take_bit(CrewPhase& p, int64_t t) {
+    const uint64_t bit = uint64_t(1) << t;
+    return (p.taken.load(std::memory_order_relaxed) & bit) == 0 &&
+           (p.taken.fetch_or(bit, std::memory_order_relaxed) & bit) == 0;
+  }
+  PYEBM_INLINE int64_t take(CrewPhase& p, int64_t n) {
+    const int64_t nb = std::min<int64_t>(n, 64);
+    for (; own_ < nb; own_ += size_)  // this participant's own tiles first
+      if (take_bit(p, own_)) {
+        own_ += size_;
+        return own_ - size_;
+      }
+    const uint64_t all = nb == 64 ? ~uint64_t(0) : (uint64_t(1) << nb) - 1;
+    for (uint64_t m = p.taken.load(std::memory_order_relaxed); (m & all) != all;
+         m = p.taken.load(std::memory_order_relaxed)) {  // then any left
+      const int64_t t = __builtin_ctzll(~m);
+      if (take_bit(p, t)) return t;
+    }
+    if (n <= 64) return n;
+    const int64_t t = 64 + p.next.fetch_add(1, std::memory_order_relaxed);
+    return t < n ? t : n;
+  }
+
   CrewPhase* phases_;
   int64_t n_phases_;
+  int64_t me_, size_;
+  int64_t own_ = me_;
   int64_t phase_ = 0;
   bool held_ = false;
 };
@@ -401,6 +433,22 @@ class Crew {
 // for every tile t of an n-tile phase that this participant claims (n evaluated once)
 #define PYEBM_TILES(crew, n, t) \
   for (int64_t t##_n = (n), t = (crew).claim(t##_n); t < t##_n; t = (crew).claim(t##_n))
+
+// The input-gradient products read the transposed copy Wt [K, N] (the forward products' operand) with the
+// weight-broadcast kernel where it applies (float32 on AVX-512, output columns in groups of 16): G @ W is
+// G @ Wt^T, Wt's rows being W's columns. Each layer's weights are then read from one copy in both
+// directions, so a layer whose forward product just ran (the last layers at the turn from forward to
+// backward, the first ones from one step's backward pass to the next step's forward pass) is still in the
+// core's cache. Returns whether it ran; the BLAS on W takes the rest.
+template <typename T>
+PYEBM_INLINE bool bcast_product(int64_t M, int64_t N, int64_t P, const T* X, int64_t ldx, const T* W, int64_t ldw,
+                                T* C, int64_t ldc, bool acc) {
+#ifdef PYEBM_SMALL_GEMM
+  if constexpr (std::is_same<T, float>::value) return bcast_gemm(M, N, P, X, ldx, W, ldw, C, ldc, acc);
+#endif
+  (void)M, (void)N, (void)P, (void)X, (void)ldx, (void)W, (void)ldw, (void)C, (void)ldc, (void)acc;
+  return false;
+}
 
 // Column slice [n0, n1) of the forward product C [M, N] (+)= A [M, K] @ W^T (W [N, K], Wt [K, N] or null).
 // A slice that is the whole product keeps the small-product kernels.
@@ -414,10 +462,11 @@ inline void fwd_slice(int64_t M, int64_t N, int64_t K, const T* A, const T* W, c
     gemm_ld<T>(true, M, n1 - n0, K, A, K, W + n0 * K, K, C + n0, N, acc);
 }
 
-// Column slice [k0, k1) of the input gradient C [M, K] (+)= G [M, N] @ W (W [N, K]).
+// Column slice [k0, k1) of the input gradient C [M, K] (+)= G [M, N] @ W (W [N, K], Wt [K, N] or null).
 template <typename T>
-inline void bwd_slice(int64_t M, int64_t N, int64_t K, const T* G, const T* W, T* C, bool acc, int64_t k0,
-                      int64_t k1) {
+inline void bwd_slice(int64_t M, int64_t N, int64_t K, const T* G, const T* W, const T* Wt, T* C, bool acc,
+                      int64_t k0, int64_t k1) {
+  if (Wt != nullptr && bcast_product<T>(M, k1 - k0, N, G, N, Wt + k0 * N, N, C + k0, K, acc)) return;
   if (k0 == 0 && k1 == K) return gemm_nn<T>(M, N, K, G, W, C, acc);
   gemm_ld<T>(false, M, k1 - k0, N, G, N, W + k0, K, C + k0, K, acc);
 }
@@ -434,10 +483,12 @@ inline void fwd_kslice(int64_t M, int64_t N, int64_t K, const T* A, const T* W, 
     gemm_ld<T>(true, M, N, k1 - k0, A + k0, K, W + k0, K, C, N, false);
 }
 
-// C [M, K] (+)= G[:, n0:n1] @ W[n0:n1, :]: a head group's share of an input gradient (W [N, K]).
+// C [M, K] (+)= G[:, n0:n1] @ W[n0:n1, :]: a head group's share of an input gradient (W [N, K], Wt [K, N] or
+// null).
 template <typename T>
-inline void bwd_kslice(int64_t M, int64_t N, int64_t K, const T* G, const T* W, T* C, int64_t n0, int64_t n1,
-                       bool acc) {
+inline void bwd_kslice(int64_t M, int64_t N, int64_t K, const T* G, const T* W, const T* Wt, T* C, int64_t n0,
+                       int64_t n1, bool acc) {
+  if (Wt != nullptr && bcast_product<T>(M, K, n1 - n0, G + n0, N, Wt + n0, N, C, K, acc)) return;
   if (n0 == 0 && n1 == N) return gemm_nn<T>(M, N, K, G, W, C, acc);
   gemm_ld<T>(false, M, K, n1 - n0, G + n0, N, W + n0 * K, K, C, K, acc);
 }
@@ -454,6 +505,9 @@ PYEBM_INLINE void add_partials(T* __restrict dst, const T* __restrict part, int6
   }
 }
 
+// Column tiles of a product with N outputs.
+inline int64_t col_tiles(int64_t N) { return (N + kColTile - 1) / kColTile; }
+
 // Head groups: heads per group (about kColTile columns) and their number.
 inline int64_t heads_per_group(int64_t hd) { return std::max<int64_t>(1, kColTile / hd); }
 inline int64_t head_groups(int64_t H, int64_t hd) { return (H + heads_per_group(hd) - 1) / heads_per_group(hd); }
@@ -469,8 +523,8 @@ int64_t block_saved_elems(const Net<T>& net, int64_t nb) {
 template <typename T>
 int64_t block_elems(const Net<T>& net, int64_t nb) {
   const int64_t M = nb * net.Tn;
-  return block_saved_elems(net, nb) + (8 + head_groups(net.H, net.hd)) * M * net.D /*x, big (3), o, dx, t2, att,
-         partial sums*/ + M * std::max<int64_t>(net.O, 1);
+  return block_saved_elems(net, nb) + (8 + head_groups(net.H, net.hd) + col_tiles(net.D)) * M * net.D /*x, big (3),
+         o, dx, t2, att, partial sums of the head groups and of the MLP's column tiles*/ + M * std::max<int64_t>(net.O, 1);
 }
 template <typename T>
 int64_t local_elems(const Net<T>& net) {
@@ -497,7 +551,8 @@ PYEBM_INLINE void block_impl(const Net<T>& net, int64_t cand0, int64_t nb, const
   T* t2 = dx + M * D;
   T* att = t2 + M * D;        // attention outputs [M, D]
   T* part_sum = att + M * D;  // per head group partial products [n_ht, M, D]
-  T* out = part_sum + head_groups(H, hd) * M * D;
+  T* col_sum = part_sum + head_groups(H, hd) * M * D;  // per column tile partial products [col_tiles(D), M, D]
+  T* out = col_sum + col_tiles(D) * M * D;
   // each participant's own temporaries: dS [max(T, L)], one head's gradient [hd], a row [D], one head's
   // keys or values of a candidate transposed [hd, T] or its observation keys by token [L, hd]
   T* dP = crew_local<T>(local_elems(net));
@@ -702,7 +757,7 @@ PYEBM_INLINE void block_impl(const Net<T>& net, int64_t cand0, int64_t nb, const
   }
   PYEBM_TILES(crew, n_ct(D), t) {
     PYEBM_COLS(t, D);
-    bwd_slice<T>(M, D, D, o, net.hw1, t2, false, n0, n1);
+    bwd_slice<T>(M, D, D, o, net.hw1, net.thw1, t2, false, n0, n1);
   }
   PYEBM_TILES(crew, n_rt, t) {
     PYEBM_ROWS(t);
@@ -716,20 +771,32 @@ PYEBM_INLINE void block_impl(const Net<T>& net, int64_t cand0, int64_t nb, const
     T *xn1 = sv.xn1(p), *qh = sv.qh(p), *kh = sv.kh(p), *vv = sv.v(p), *xn2 = sv.xn2(p), *cqh = sv.cqh(p);
     T *xn3 = sv.xn3(p), *h1 = sv.h1(p), *r1n = sv.r1(p), *r2n = sv.r2(p), *r3n = sv.r3(p);
     T *rq = sv.rq(p), *rk = sv.rk(p), *rcq = sv.rcq(p), *Pm = sv.P(p), *Pc = sv.Pc(p);
-    // MLP branch
-    PYEBM_TILES(crew, n_ct(D), t) {
+    // MLP branch. Tile t of each product takes the weight slice the forward pass's tile t took (output
+    // units n0..n1 of fc2, then of fc1): its share of the input gradient is a partial sum over those units
+    // (part_sum, then col_sum), added up by the next tiles. fc1's tile t needs only its own columns of
+    // fc2's gradient.
+    const int64_t n_mt = n_ct(D);
+    PYEBM_TILES(crew, n_mt, t) {
       PYEBM_COLS(t, D);
-      bwd_slice<T>(M, D, D, dx, w.wf2, o, false, n0, n1);
-      for (int64_t i = 0; i < M; ++i)
-        for (int64_t j = n0; j < n1; ++j) o[i * D + j] *= h1[i * D + j];
+      bwd_kslice<T>(M, D, D, dx, w.wf2, w.tf2, part_sum + t * M * D, n0, n1, false);
     }
-    PYEBM_TILES(crew, n_ct(D), t) {
+    PYEBM_TILES(crew, n_mt, t) {
       PYEBM_COLS(t, D);
-      bwd_slice<T>(M, D, D, o, w.wf1, t2, false, n0, n1);
+      for (int64_t i = 0; i < M; ++i) {
+        T* oi = o + i * D;
+        for (int64_t j = n0; j < n1; ++j) oi[j] = T(0);
+        add_partials<T>(oi + n0, part_sum + i * D + n0, n_mt, M * D, n1 - n0, nullptr);
+        for (int64_t j = n0; j < n1; ++j) oi[j] *= h1[i * D + j];
+      }
+      bwd_kslice<T>(M, D, D, o, w.wf1, w.tf1, col_sum + t * M * D, n0, n1, false);
     }
     PYEBM_TILES(crew, n_rt, t) {
       PYEBM_ROWS(t);
-      for (int64_t i = r0; i < r1; ++i) rms_back_row(t2 + i * D, w.n3, xn3 + i * D, r3n[i], D, dx + i * D, true);
+      for (int64_t i = r0; i < r1; ++i) {
+        std::fill(row, row + D, T(0));
+        add_partials<T>(row, col_sum + i * D, n_mt, M * D, D, nullptr);
+        rms_back_row(row, w.n3, xn3 + i * D, r3n[i], D, dx + i * D, true);
+      }
     }
     // cross-attention branch (keys and values are constants), per head group: d(attention output) in o,
     // d(q after its norm) in t2, through the per-head norm into big [M, D], then the group's share of the
@@ -737,7 +804,7 @@ PYEBM_INLINE void block_impl(const Net<T>& net, int64_t cand0, int64_t nb, const
     PYEBM_TILES(crew, n_ht, t) {
       PYEBM_HEADS(t);
       const int64_t c0 = h0 * hd, c1 = h1 * hd;
-      bwd_slice<T>(M, D, D, dx, w.wxp, o, false, c0, c1);
+      bwd_slice<T>(M, D, D, dx, w.wxp, w.txp, o, false, c0, c1);
       for (int64_t h = h0; h < h1; ++h) {
         for (int64_t c = 0; c < nb; ++c) {
           const int64_t q0 = c * Tn;
@@ -773,7 +840,7 @@ PYEBM_INLINE void block_impl(const Net<T>& net, int64_t cand0, int64_t nb, const
           rms_back_row(t2 + i * D + h * hd, w.xqn, cqh + i * D + h * hd, rcq[i * H + h], hd, big + i * D + h * hd,
                        false);
       }
-      bwd_kslice<T>(M, D, D, big, w.wxq, part_sum + t * M * D, c0, c1, false);
+      bwd_kslice<T>(M, D, D, big, w.wxq, w.txq, part_sum + t * M * D, c0, c1, false);
     }
     PYEBM_TILES(crew, n_rt, t) {
       PYEBM_ROWS(t);
@@ -790,7 +857,7 @@ PYEBM_INLINE void block_impl(const Net<T>& net, int64_t cand0, int64_t nb, const
     PYEBM_TILES(crew, n_ht, t) {
       PYEBM_HEADS(t);
       const int64_t c0 = h0 * hd, c1 = h1 * hd;
-      bwd_slice<T>(M, D, D, dx, w.wp, o, false, c0, c1);
+      bwd_slice<T>(M, D, D, dx, w.wp, w.tp, o, false, c0, c1);
       for (int64_t h = h0; h < h1; ++h) {
         for (int64_t i = 0; i < M; ++i)
           for (int64_t part = 0; part < 3; ++part)
@@ -812,7 +879,8 @@ PYEBM_INLINE void block_impl(const Net<T>& net, int64_t cand0, int64_t nb, const
         }
       }
       for (int64_t part = 0; part < 3; ++part)
-        bwd_kslice<T>(M, 3 * D, D, dqkv, w.wqkv, part_sum + t * M * D, part * D + c0, part * D + c1, part > 0);
+        bwd_kslice<T>(M, 3 * D, D, dqkv, w.wqkv, w.tqkv, part_sum + t * M * D, part * D + c0, part * D + c1,
+                      part > 0);
     }
     // norm1 back into dx (with the qkv partial sums); below the first layer, also the embedding's first
     // backward product input
@@ -837,7 +905,7 @@ PYEBM_INLINE void block_impl(const Net<T>& net, int64_t cand0, int64_t nb, const
   }
   PYEBM_TILES(crew, n_ct(D), t) {
     PYEBM_COLS(t, D);
-    bwd_slice<T>(M, D, D, o, net.w1, t2, false, n0, n1);
+    bwd_slice<T>(M, D, D, o, net.w1, net.tw1, t2, false, n0, n1);
   }
   PYEBM_TILES(crew, n_rt, t) {
     PYEBM_ROWS(t);
@@ -900,6 +968,7 @@ inline CrewPhase* crew_phases(int64_t n) {
     capacity = n;
   }
   for (int64_t i = 0; i < n; ++i) {
+    phases[i].taken.store(0, std::memory_order_relaxed);
     phases[i].next.store(0, std::memory_order_relaxed);
     phases[i].done.store(0, std::memory_order_relaxed);
   }
@@ -1067,8 +1136,8 @@ void run_net(const Net<T>& net, const T* yp, T* Ep, T* Gp) {
     const int64_t M = N * Tn;
     const int64_t widest = std::max({(M + kRowTile - 1) / kRowTile, (3 * net.D + kColTile - 1) / kColTile, net.H});
     const int64_t crew_size = at::in_parallel_region() ? 1 : std::min<int64_t>(at::get_num_threads(), widest);
-    auto member = [&](int64_t, int64_t) {
-      Crew crew(phases, n_phases);
+    auto member = [&](int64_t me, int64_t) {
+      Crew crew(phases, n_phases, me, crew_size);
       block<T>(net, 0, N, yp, Ep, Gp, buf, crew);
     };
     if (crew_size <= 1)

@@ -137,47 +137,130 @@ PYEBM_DEFINE_SMALL_GEMM(avx2, __attribute__((target("avx2,fma"))), v8f, __m256i,
                         PYEBM_SG_LOAD256, PYEBM_SG_STORE256, _mm256_set1_ps, 2, 8, 6, 3, 2)
 
 
-// Wt[K, N] = W[N, K]^T with 16 x 16 in-register transposes: interleave pairs of rows (floats, then
-// float pairs), then regroup 128-bit quarters twice. The edges that do not fill a 16 x 16 block are
-// copied one by one.
+// In-register 16 x 16 transpose: out[c] = column c of the rows r[0..15]. Interleave pairs of rows (floats,
+// then float pairs), then regroup 128-bit quarters twice.
+__attribute__((target("avx512f,avx512dq,avx2,fma"), always_inline)) inline void transpose16_regs(const v16f* r,
+                                                                                                v16f* out) {
+  v16f a[16], b[16];
+  for (int k = 0; k < 8; ++k) {  // quarter L of a[2k]: r2k[4L], r2k+1[4L], r2k[4L+1], r2k+1[4L+1]
+    a[2 * k] = __builtin_shufflevector(r[2 * k], r[2 * k + 1], 0, 16, 1, 17, 4, 20, 5, 21, 8, 24, 9, 25, 12, 28,
+                                       13, 29);
+    a[2 * k + 1] = __builtin_shufflevector(r[2 * k], r[2 * k + 1], 2, 18, 3, 19, 6, 22, 7, 23, 10, 26, 11, 27, 14,
+                                           30, 15, 31);
+  }
+  for (int g = 0; g < 4; ++g) {  // quarter L of b[4g + e]: column 4L + e, rows 4g .. 4g + 3
+    const v16f a0 = a[4 * g], a1 = a[4 * g + 1], a2 = a[4 * g + 2], a3 = a[4 * g + 3];
+    b[4 * g + 0] = __builtin_shufflevector(a0, a2, 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29);
+    b[4 * g + 1] = __builtin_shufflevector(a0, a2, 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31);
+    b[4 * g + 2] = __builtin_shufflevector(a1, a3, 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29);
+    b[4 * g + 3] = __builtin_shufflevector(a1, a3, 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31);
+  }
+  for (int e = 0; e < 4; ++e) {  // quarters 0, 2 of x and of y (ev), or 1, 3 (od)
+#define PYEBM_SG_EV(x, y) __builtin_shufflevector(x, y, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27)
+#define PYEBM_SG_OD(x, y) __builtin_shufflevector(x, y, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31)
+    const v16f c0 = PYEBM_SG_EV(b[e], b[4 + e]), c1 = PYEBM_SG_OD(b[e], b[4 + e]);
+    const v16f d0 = PYEBM_SG_EV(b[8 + e], b[12 + e]), d1 = PYEBM_SG_OD(b[8 + e], b[12 + e]);
+    out[e] = PYEBM_SG_EV(c0, d0);
+    out[4 + e] = PYEBM_SG_EV(c1, d1);
+    out[8 + e] = PYEBM_SG_OD(c0, d0);
+    out[12 + e] = PYEBM_SG_OD(c1, d1);
+#undef PYEBM_SG_EV
+#undef PYEBM_SG_OD
+  }
+}
+
+// Wt[K, N] = W[N, K]^T with 16 x 16 in-register transposes. The edges that do not fill a 16 x 16 block
+// are copied one by one.
 __attribute__((target("avx512f,avx512dq,avx2,fma"), noinline)) inline void transpose16_avx512(
     int64_t N, int64_t K, const float* W, float* Wt) {
   const int64_t N16 = N & ~int64_t(15), K16 = K & ~int64_t(15);
   for (int64_t j0 = 0; j0 < N16; j0 += 16) {
     for (int64_t p0 = 0; p0 < K16; p0 += 16) {
-      v16f r[16], a[16], b[16];
+      v16f r[16], c[16];
       for (int i = 0; i < 16; ++i) r[i] = vload<v16f>(W + (j0 + i) * K + p0);
-      for (int k = 0; k < 8; ++k) {  // quarter L of a[2k]: r2k[4L], r2k+1[4L], r2k[4L+1], r2k+1[4L+1]
-        a[2 * k] = __builtin_shufflevector(r[2 * k], r[2 * k + 1], 0, 16, 1, 17, 4, 20, 5, 21, 8, 24, 9, 25,
-                                           12, 28, 13, 29);
-        a[2 * k + 1] = __builtin_shufflevector(r[2 * k], r[2 * k + 1], 2, 18, 3, 19, 6, 22, 7, 23, 10, 26, 11,
-                                               27, 14, 30, 15, 31);
-      }
-      for (int g = 0; g < 4; ++g) {  // quarter L of b[4g + e]: column 4L + e, rows 4g .. 4g + 3
-        const v16f a0 = a[4 * g], a1 = a[4 * g + 1], a2 = a[4 * g + 2], a3 = a[4 * g + 3];
-        b[4 * g + 0] = __builtin_shufflevector(a0, a2, 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29);
-        b[4 * g + 1] = __builtin_shufflevector(a0, a2, 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31);
-        b[4 * g + 2] = __builtin_shufflevector(a1, a3, 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29);
-        b[4 * g + 3] = __builtin_shufflevector(a1, a3, 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31);
-      }
-      for (int e = 0; e < 4; ++e) {  // quarters 0, 2 of x and of y (ev), or 1, 3 (od)
-#define PYEBM_SG_EV(x, y) __builtin_shufflevector(x, y, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27)
-#define PYEBM_SG_OD(x, y) __builtin_shufflevector(x, y, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31)
-        const v16f c0 = PYEBM_SG_EV(b[e], b[4 + e]), c1 = PYEBM_SG_OD(b[e], b[4 + e]);
-        const v16f d0 = PYEBM_SG_EV(b[8 + e], b[12 + e]), d1 = PYEBM_SG_OD(b[8 + e], b[12 + e]);
-        vstore<v16f>(Wt + (p0 + e) * N + j0, PYEBM_SG_EV(c0, d0));
-        vstore<v16f>(Wt + (p0 + 4 + e) * N + j0, PYEBM_SG_EV(c1, d1));
-        vstore<v16f>(Wt + (p0 + 8 + e) * N + j0, PYEBM_SG_OD(c0, d0));
-        vstore<v16f>(Wt + (p0 + 12 + e) * N + j0, PYEBM_SG_OD(c1, d1));
-#undef PYEBM_SG_EV
-#undef PYEBM_SG_OD
-      }
+      transpose16_regs(r, c);
+      for (int e = 0; e < 16; ++e) vstore<v16f>(Wt + (p0 + e) * N + j0, c[e]);
     }
     for (int64_t j = j0; j < j0 + 16; ++j)
       for (int64_t p = K16; p < K; ++p) Wt[p * N + j] = W[j * K + p];
   }
   for (int64_t j = N16; j < N; ++j)
     for (int64_t p = 0; p < K; ++p) Wt[p * N + j] = W[j * K + p];
+}
+
+// ---- weight-broadcast products for blocks of up to 16 rows ----
+// C[M, N] (+)= X[M, P] @ W[N, P]^T with W's rows ldw apart: the product of a block of a few dozen rows
+// with a weight read in its own row layout. For a linear layer W [out, in] it is the forward product; for
+// a transposed copy Wt [in, out] it is the input gradient G @ W (= G @ Wt^T), so one copy serves both.
+// A block of 16 rows of X is transposed once (Xt [P, 16]: one vector per p); each group of 16 output
+// columns keeps 16 accumulators, one per column holding it for the 16 rows, and per p adds one vector of
+// Xt times each column's weight broadcast from memory. No row of X mixes with another, so a non-finite
+// value in one row stays in its row. The accumulators are transposed back into C's rows. The 16 weight
+// rows are addressed from 4 bases and 3 row offsets, so the loop needs few registers for any ldw.
+__attribute__((target("avx512f,avx512dq,avx2,fma"), always_inline)) inline void bcast_cols16(
+    int64_t P, const float* __restrict Xt, const float* __restrict W, int64_t ldw, v16f* acc) {
+  const float* b0 = W;
+  const float* b1 = W + 4 * ldw;
+  const float* b2 = W + 8 * ldw;
+  const float* b3 = W + 12 * ldw;
+  const int64_t s1 = ldw, s2 = 2 * ldw, s3 = 3 * ldw;
+  for (int j = 0; j < 16; ++j) acc[j] = v16f{};
+#define PYEBM_BC_STEP(p)                                                  \
+  {                                                                       \
+    const v16f x = vload<v16f>(Xt + (p) * 16);                            \
+    acc[0] += x * (v16f)_mm512_set1_ps(b0[(p)]);                          \
+    acc[1] += x * (v16f)_mm512_set1_ps(b0[s1 + (p)]);                     \
+    acc[2] += x * (v16f)_mm512_set1_ps(b0[s2 + (p)]);                     \
+    acc[3] += x * (v16f)_mm512_set1_ps(b0[s3 + (p)]);                     \
+    acc[4] += x * (v16f)_mm512_set1_ps(b1[(p)]);                          \
+    acc[5] += x * (v16f)_mm512_set1_ps(b1[s1 + (p)]);                     \
+    acc[6] += x * (v16f)_mm512_set1_ps(b1[s2 + (p)]);                     \
+    acc[7] += x * (v16f)_mm512_set1_ps(b1[s3 + (p)]);                     \
+    acc[8] += x * (v16f)_mm512_set1_ps(b2[(p)]);                          \
+    acc[9] += x * (v16f)_mm512_set1_ps(b2[s1 + (p)]);                     \
+    acc[10] += x * (v16f)_mm512_set1_ps(b2[s2 + (p)]);                    \
+    acc[11] += x * (v16f)_mm512_set1_ps(b2[s3 + (p)]);                    \
+    acc[12] += x * (v16f)_mm512_set1_ps(b3[(p)]);                         \
+    acc[13] += x * (v16f)_mm512_set1_ps(b3[s1 + (p)]);                    \
+    acc[14] += x * (v16f)_mm512_set1_ps(b3[s2 + (p)]);                    \
+    acc[15] += x * (v16f)_mm512_set1_ps(b3[s3 + (p)]);                    \
+  }
+  int64_t p = 0;
+  for (; p + 4 <= P; p += 4) {
+    PYEBM_BC_STEP(p)
+    PYEBM_BC_STEP(p + 1)
+    PYEBM_BC_STEP(p + 2)
+    PYEBM_BC_STEP(p + 3)
+  }
+  for (; p < P; ++p) PYEBM_BC_STEP(p)
+#undef PYEBM_BC_STEP
+}
+
+__attribute__((target("avx512f,avx512dq,avx2,fma"), noinline)) inline void bcast_gemm_avx512(
+    int64_t M, int64_t N, int64_t P, const float* X, int64_t ldx, const float* W, int64_t ldw, float* C,
+    int64_t ldc, bool accumulate, float* Xt) {
+  const int64_t P16 = P & ~int64_t(15);
+  for (int64_t r0 = 0; r0 < M; r0 += 16) {
+    const int64_t rows = M - r0 < 16 ? M - r0 : 16;
+    // Xt[p, i] = X[r0 + i, p], zero beyond the last row
+    for (int64_t p0 = 0; p0 < P16; p0 += 16) {
+      v16f r[16], c[16];
+      for (int i = 0; i < 16; ++i) r[i] = i < rows ? vload<v16f>(X + (r0 + i) * ldx + p0) : v16f{};
+      transpose16_regs(r, c);
+      for (int e = 0; e < 16; ++e) vstore<v16f>(Xt + (p0 + e) * 16, c[e]);
+    }
+    for (int64_t p = P16; p < P; ++p)
+      for (int i = 0; i < 16; ++i) Xt[p * 16 + i] = i < rows ? X[(r0 + i) * ldx + p] : 0.f;
+    for (int64_t c0 = 0; c0 < N; c0 += 16) {
+      v16f acc[16], out[16];
+      bcast_cols16(P, Xt, W + c0 * ldw, ldw, acc);
+      transpose16_regs(acc, out);  // out[i]: row r0 + i, columns c0 .. c0 + 15
+      for (int i = 0; i < rows; ++i) {
+        float* c = C + (r0 + i) * ldc + c0;
+        vstore<v16f>(c, accumulate ? vload<v16f>(c) + out[i] : out[i]);
+      }
+    }
+  }
 }
 
 #undef PYEBM_DEFINE_SMALL_GEMM
@@ -221,6 +304,17 @@ __attribute__((noinline)) inline bool small_gemm_nt(int64_t M, int64_t N, int64_
 // Wt[K, N] = W[N, K]^T (AVX-512 copy; call only when small_gemm_level() == 2).
 inline void small_gemm_pack_t(int64_t N, int64_t K, const float* W, float* Wt) {
   sgemm_detail::transpose16_avx512(N, K, W, Wt);
+}
+
+// C[M, N] (+)= X[M, P] @ W[N, P]^T, W's rows ldw apart (see bcast_gemm_avx512): the weight-broadcast
+// product. Returns false (and does nothing) without AVX-512 or when N is not a multiple of 16.
+inline bool bcast_gemm(int64_t M, int64_t N, int64_t P, const float* X, int64_t ldx, const float* W, int64_t ldw,
+                       float* C, int64_t ldc, bool accumulate) {
+  if (small_gemm_level() != 2 || N % 16 != 0 || M == 0 || N == 0) return false;
+  thread_local std::vector<float> xt;
+  if (static_cast<int64_t>(xt.size()) < 16 * P) xt.resize(static_cast<size_t>(16 * P));
+  sgemm_detail::bcast_gemm_avx512(M, N, P, X, ldx, W, ldw, C, ldc, accumulate, xt.data());
+  return true;
 }
 
 // C[M, K] (+)= G[M, N] @ W[N, K]. Returns false (and does nothing) without AVX2+FMA or outside the
