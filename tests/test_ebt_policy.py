@@ -369,6 +369,35 @@ def test_op_same_numbers_for_any_thread_count(shape, dtype):
     torch.testing.assert_close(out[1][1], G_ref, **tol)
 
 
+@pytest.mark.skipif(not ebt_op.context_available(), reason="pyebm._C without ebt_policy_context")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("BL", [(1, 2), (4, 4), (3, 12)])
+def test_prepare_op_matches_torch_path(BL, dtype):
+    """prepare() without autograd computes the observation side in one C++ call (the weight-broadcast
+    product for 8 to 32 tokens, else the BLAS); it equals the PyTorch path that training uses."""
+    B, L = BL
+    torch.manual_seed(4)
+    m = EBTPolicy(3, horizon=5, embed_dim=32, layers=3, heads=2, n_obs_steps=2, cond_dim=20, dtype=dtype)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    obs = torch.randn(B, L, 20, dtype=dtype)
+    fast = m.prepare(obs)
+    with torch.enable_grad():
+        slow = m._context(obs)
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-13)
+    torch.testing.assert_close(fast.k, slow.k.detach(), **tol)
+    torch.testing.assert_close(fast.v, slow.v.detach(), **tol)
+    assert torch.equal(fast.bias, slow.bias)
+    w, b, kn = m._kv_stack()
+    torch.library.opcheck(torch.ops.pyebm.ebt_policy_context.default, (obs, w, b, kn, 2, 1e-6),
+                          test_utils=("test_schema", "test_faketensor"))
+    with pytest.raises(RuntimeError, match="w must be"):
+        torch.ops.pyebm.ebt_policy_context(obs, w[:-1], b, kn, 2, 1e-6)
+    with pytest.raises(RuntimeError, match="obs must be"):
+        torch.ops.pyebm.ebt_policy_context(obs[0], w, b, kn, 2, 1e-6)
+
+
 @needs_op
 def test_op_bad_arguments():
     m = make_model(dtype=torch.float32)

@@ -49,6 +49,11 @@ TORCH_LIBRARY_FRAGMENT(pyebm, m) {
       "str normalize, float normalize_eps, float grad_scale, float momentum, bool nesterov, float? grad_clip, "
       "float? grad_clip_norm, bool energy_scaled, float energy_temperature, float tol, str tol_scope, "
       "bool tol_final_step, bool bound_each_step, bool final_energy=True) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // The observation side of every layer (EBTPolicy.prepare without autograd): from tokens obs [B, L, C] and
+  // the stacked cross-attention key/value weights w [layers * 2D, C], b [layers * 2D] and key norms
+  // k_norm [layers, hd], the keys after their RMSNorm times hd^-0.5, transposed, ks [layers, B, H, hd, L],
+  // and the values vs [layers, B, H, L, hd].
+  m.def("ebt_policy_context(Tensor obs, Tensor w, Tensor b, Tensor k_norm, int heads, float rms_eps) -> (Tensor, Tensor)");
 }
 
 namespace pyebm {
@@ -1284,11 +1289,74 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ebt_polic
   return {y, E_final, E_init, steps, status};
 }
 
+
+// One layer per task: its keys/values product over every observation token (the weight-broadcast kernel
+// for 8 to 32 tokens, else the BLAS), then the keys' RMSNorm and both layouts.
+std::tuple<at::Tensor, at::Tensor> ebt_policy_context_cpu(const at::Tensor& obs_, const at::Tensor& w_,
+                                                          const at::Tensor& b_, const at::Tensor& k_norm_,
+                                                          int64_t heads, double rms_eps) {
+  TORCH_CHECK(obs_.dim() == 3, "pyebm: obs must be [B, L, C]; got shape ", obs_.sizes());
+  TORCH_CHECK(obs_.device().is_cpu(), "pyebm: the cpu kernel needs CPU tensors; got obs on ", obs_.device());
+  TORCH_CHECK(obs_.scalar_type() == at::kFloat || obs_.scalar_type() == at::kDouble,
+              "pyebm: the EBT-Policy ops take float32 or float64; got ", obs_.scalar_type());
+  check_same(w_, "w", obs_);
+  check_same(b_, "b", obs_);
+  check_same(k_norm_, "k_norm", obs_);
+  TORCH_CHECK(heads >= 1, "pyebm: heads must be >= 1; got ", heads);
+  const int64_t B = obs_.size(0), L = obs_.size(1), C = obs_.size(2);
+  TORCH_CHECK(k_norm_.dim() == 2, "pyebm: k_norm must be [layers, hd]; got shape ", k_norm_.sizes());
+  const int64_t layers = k_norm_.size(0), hd = k_norm_.size(1), D = heads * hd;
+  TORCH_CHECK(w_.dim() == 2 && w_.size(0) == layers * 2 * D && w_.size(1) == C, "pyebm: w must be [layers * 2D = ",
+              layers * 2 * D, ", C = ", C, "]; got shape ", w_.sizes());
+  TORCH_CHECK(b_.dim() == 1 && b_.size(0) == layers * 2 * D, "pyebm: b must be [", layers * 2 * D, "]; got shape ",
+              b_.sizes());
+  const at::Tensor obs = obs_.contiguous(), w = w_.contiguous(), b = b_.contiguous(), kn = k_norm_.contiguous();
+  at::Tensor ks = at::empty({layers, B, heads, hd, L}, obs.options());
+  at::Tensor vs = at::empty({layers, B, heads, L, hd}, obs.options());
+  const int64_t M = B * L, N = 2 * D;
+  if (M == 0 || layers == 0) return {ks, vs};
+  AT_DISPATCH_FLOATING_TYPES(obs.scalar_type(), "pyebm_ebt_policy_context", [&] {
+    using T = scalar_t;
+    const T* x = obs.data_ptr<T>();
+    const T scale = T(1) / std::sqrt(T(hd));
+    at::parallel_for(0, layers, 1, [&](int64_t l0, int64_t l1) {
+      std::vector<T> kv(static_cast<size_t>(M * N));
+      for (int64_t l = l0; l < l1; ++l) {
+        const T* wl = w.data_ptr<T>() + l * N * C;
+        const T* bl = b.data_ptr<T>() + l * N;
+        // the broadcast kernel fills 16-row blocks: worth it from half a block up to two
+        if (M < 8 || M > 32 || !bcast_product<T>(M, N, C, x, C, wl, C, kv.data(), N, false))
+          gemm_ld<T>(true, M, N, C, x, C, wl, C, kv.data(), N, false);
+        const T* knl = kn.data_ptr<T>() + l * hd;
+        for (int64_t bi = 0; bi < B; ++bi)
+          for (int64_t h = 0; h < heads; ++h) {
+            T* kd = ks.data_ptr<T>() + ((l * B + bi) * heads + h) * hd * L;  // [hd, L]
+            T* vd = vs.data_ptr<T>() + ((l * B + bi) * heads + h) * L * hd;  // [L, hd]
+            for (int64_t t = 0; t < L; ++t) {
+              const T* row = kv.data() + (bi * L + t) * N;
+              const T* k = row + h * hd;
+              const T* v = row + D + h * hd;
+              const T* bk = bl + h * hd;
+              const T* bv = bl + D + h * hd;
+              T ss = T(0);
+              for (int64_t d = 0; d < hd; ++d) ss += (k[d] + bk[d]) * (k[d] + bk[d]);
+              const T r = T(1) / std::sqrt(ss / T(hd) + T(rms_eps));
+              for (int64_t d = 0; d < hd; ++d) kd[d * L + t] = (k[d] + bk[d]) * r * knl[d] * scale;
+              for (int64_t d = 0; d < hd; ++d) vd[t * hd + d] = v[d] + bv[d];
+            }
+          }
+      }
+    });
+  });
+  return {ks, vs};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pyebm, CPU, m) {
   m.impl("ebt_policy_energy_grad", &ebt_policy_energy_grad_cpu);
   m.impl("ebt_policy_descent", &ebt_policy_descent_cpu);
+  m.impl("ebt_policy_context", &ebt_policy_context_cpu);
 }
 
 }  // namespace cpu

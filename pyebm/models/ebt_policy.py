@@ -175,6 +175,7 @@ class EBTPolicy(nn.Module):
         self.backend = backend
         self._op_cache: Optional[tuple] = None  # _copies: (params, transposed weights) for the compiled ops
         self._kv_cache: Optional[tuple] = None  # _copies: the observation side's stacked weights
+        self._bias_cache: dict = {}  # _mask_bias: the mask bias per (tokens, device, dtype)
         self.embed = _Embed(action_dim, embed_dim, **kw)
         pos = ref.sincos_positions(horizon, embed_dim, dtype=dtype or torch.get_default_dtype(), device=device)
         self.register_buffer("pos_emb", pos)
@@ -261,16 +262,30 @@ class EBTPolicy(nn.Module):
                 k_norm = torch.stack([blk.cross.k_norm.weight for blk in self.blocks])
             else:
                 w, b, k_norm = self._kv_stack()
-            kv = F.linear(obs, w, b).view(B, L, n, 2, H, hd)
-            k = ref.rms_norm(kv[:, :, :, 0], k_norm[:, None, :])                       # [B, L, layers, H, hd]
-            ks = (k * hd ** -0.5).permute(2, 0, 3, 4, 1).contiguous()                   # [layers, B, H, hd, L]
-            vs = kv[:, :, :, 1].permute(2, 0, 3, 1, 4).contiguous()                     # [layers, B, H, L, hd]
+            if not torch.is_grad_enabled() and obs.device.type == "cpu" and _op.context_available() \
+                    and obs.dtype in (torch.float32, torch.float64):
+                # one C++ call: every layer's product, norm and layouts, the layers split over the threads
+                ks, vs = torch.ops.pyebm.ebt_policy_context.default(obs, w, b, k_norm, H, ref.RMS_EPS)
+            else:
+                kv = F.linear(obs, w, b).view(B, L, n, 2, H, hd)
+                k = ref.rms_norm(kv[:, :, :, 0], k_norm[:, None, :])                   # [B, L, layers, H, hd]
+                ks = (k * hd ** -0.5).permute(2, 0, 3, 4, 1).contiguous()               # [layers, B, H, hd, L]
+                vs = kv[:, :, :, 1].permute(2, 0, 3, 1, 4).contiguous()                 # [layers, B, H, L, hd]
         else:
             ks = obs.new_empty(0, B, H, hd, L)
             vs = obs.new_empty(0, B, H, L, hd)
-        allowed = self.memory_mask(L, device=obs.device)
-        bias = torch.zeros(allowed.shape, dtype=obs.dtype, device=obs.device).masked_fill(~allowed, float("-inf"))
-        return EBTPolicyContext(ks, vs, bias)
+        return EBTPolicyContext(ks, vs, self._mask_bias(L, obs.device, obs.dtype))
+
+    def _mask_bias(self, L: int, device, dtype) -> torch.Tensor:
+        """[horizon, L]: 0 where the temporal memory mask allows, -inf elsewhere (kept per shape; callers
+        only read it)."""
+        key = (L, torch.device(device), dtype)
+        bias = self._bias_cache.get(key)
+        if bias is None:
+            allowed = self.memory_mask(L, device=device)
+            bias = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, float("-inf"))
+            self._bias_cache[key] = bias
+        return bias
 
     def prepare(self, obs_tokens: torch.Tensor) -> EBTPolicyContext:
         """Observation tokens [B, L, cond_dim] -> the cross-attention K/V of every layer, once."""

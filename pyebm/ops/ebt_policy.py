@@ -57,6 +57,19 @@ if descent_available():
                 y0.new_empty(B, K, dtype=torch.int32), y0.new_empty(B, K, dtype=torch.int8))
 
 
+def context_available() -> bool:
+    """Whether the compiled observation-side op ``ebt_policy_context`` is registered."""
+    return available() and hasattr(torch.ops.pyebm, "ebt_policy_context")
+
+
+if context_available():
+    @torch.library.register_fake("pyebm::ebt_policy_context")
+    def _(obs, w, b, k_norm, heads, rms_eps):
+        B, L, _ = obs.shape
+        layers, hd = k_norm.shape
+        return obs.new_empty(layers, B, heads, hd, L), obs.new_empty(layers, B, heads, L, hd)
+
+
 def param_list(model) -> List[torch.Tensor]:
     """The parameters of an ``EBTPolicy`` in the op's order."""
     e, h = model.embed, model.head
