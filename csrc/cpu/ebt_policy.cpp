@@ -229,6 +229,36 @@ PYEBM_INLINE void softmax_row(T* s, int64_t n) {
 }
 
 // ---- self-attention of one head over one candidate's T tokens ----
+// out[u] = sum_d a[d] * bT[d, u] for u < T: T-wide vector updates over the head dimension. With compile-time
+// sizes the sum runs as four interleaved partial sums over d (added pairwise at the end), so four
+// independent chains of multiply-adds are in flight rather than one.
+template <typename T, int HD, int TN>
+PYEBM_INLINE void tokens_dot(int64_t hd_, int64_t Tn_, const T* __restrict a, const T* __restrict bT,
+                             T* __restrict out) {
+  if constexpr (HD > 0 && TN > 0 && HD % 4 == 0) {
+    (void)hd_, (void)Tn_;
+    T acc[4][TN];
+    for (int j = 0; j < 4; ++j)
+      for (int u = 0; u < TN; ++u) acc[j][u] = T(0);
+    for (int d = 0; d < HD; d += 4)
+      for (int j = 0; j < 4; ++j) {
+        const T ad = a[d + j];
+#pragma omp simd
+        for (int u = 0; u < TN; ++u) acc[j][u] += ad * bT[(d + j) * TN + u];
+      }
+#pragma omp simd
+    for (int u = 0; u < TN; ++u) out[u] = (acc[0][u] + acc[1][u]) + (acc[2][u] + acc[3][u]);
+  } else {
+    const int64_t hd = HD ? HD : hd_, Tn = TN ? TN : Tn_;
+    for (int64_t u = 0; u < Tn; ++u) out[u] = T(0);
+    for (int64_t d = 0; d < hd; ++d) {
+      const T ad = a[d];
+#pragma omp simd
+      for (int64_t u = 0; u < Tn; ++u) out[u] += ad * bT[d * Tn + u];
+    }
+  }
+}
+
 // Rows of q, k, v, out, dO, dq, dk, dv are `ld` apart (they are one head's columns of wider arrays);
 // P [T, T]; kT, vT: [hd, T] temporaries. HD and TN are compile-time sizes for the common shapes (0: use
 // hd, Tn), so the short loops over a head or over the tokens compile to straight vector code.
@@ -243,12 +273,7 @@ PYEBM_INLINE void self_attn_head_k(int64_t hd_, int64_t Tn_, int64_t ld, const T
   for (int64_t t = 0; t < Tn; ++t) {
     const T* q = qs + t * ld;
     T* s = P + t * Tn;
-    for (int64_t u = 0; u < Tn; ++u) s[u] = T(0);
-    for (int64_t d = 0; d < hd; ++d) {
-      const T qd = q[d];
-#pragma omp simd
-      for (int64_t u = 0; u < Tn; ++u) s[u] += qd * kT[d * Tn + u];
-    }
+    tokens_dot<T, HD, TN>(hd, Tn, q, kT, s);
     softmax_row(s, Tn);
     T* ot = out + t * ld;
     for (int64_t d = 0; d < hd; ++d) ot[d] = T(0);
@@ -276,12 +301,7 @@ PYEBM_INLINE void self_attn_head_back_k(int64_t hd_, int64_t Tn_, int64_t ld, co
     const T* dot = dO + t * ld;
     const T* pr = P + t * Tn;
     // dP[u] = dO[t] . v[u], T-wide over the transposed values
-    for (int64_t u = 0; u < Tn; ++u) dP[u] = T(0);
-    for (int64_t d = 0; d < hd; ++d) {
-      const T dd = dot[d];
-#pragma omp simd
-      for (int64_t u = 0; u < Tn; ++u) dP[u] += dd * vT[d * Tn + u];
-    }
+    tokens_dot<T, HD, TN>(hd, Tn, dot, vT, dP);
     T dotp = T(0);
     for (int64_t u = 0; u < Tn; ++u) {
       dotp += dP[u] * pr[u];
