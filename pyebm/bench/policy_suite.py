@@ -4,7 +4,9 @@ Columns, same observation and thread count:
   reference loop      the original algorithm (pyebm.reference.ebt_policy.act): autograd every step, the
                       observation keys/values recomputed every step, ||g|| read on the host every step
   pyebm K=1           EnergyPolicy.ebt_policy (cached observation side, fused energy + input gradient);
-                      its actions equal the reference's (the note gives the max abs difference)
+                      its actions equal the reference's (the note gives the max abs difference). With
+                      one candidate the final energies are computed when last_result.energy is read,
+                      which the timed act() does not do (the reference computes no final energy either)
   pyebm K=1 autograd  the same with autograd on the candidate only (EBTPolicy(grad_mode="autograd"))
   pyebm K=32          32 candidates per observation, best of 32
   DDIM-8, DDPM-100    an eager noise-prediction transformer of the same depth and width (diffusion policy,
