@@ -401,8 +401,9 @@ inline void spin_pause() {
 // is done, moves to the next phase and returns n.
 // Participant `me` of `size` first takes its own tiles me, me + size, ... (of the first 64), then whatever
 // is left, so with the threads of a crew as many as the tiles each takes the same tile in every phase of
-// the same shape: the same weight slice, forward and backward and step after step, stays on one core,
-// while a late participant's tiles are still taken by the others.
+// the same shape: the same weight slice, forward and backward and step after step, stays with one thread
+// (in one core's cache while the threads keep their cores), while a late participant's tiles are still
+// taken by the others.
 class Crew {
  public:
   Crew(CrewPhase* phases, int64_t n_phases, int64_t me = 0, int64_t size = 1)

@@ -8,6 +8,9 @@
 // in one row never reaches another row. The last, partial vector of a row strip uses masked loads and
 // stores. Compiled for AVX2+FMA and for AVX-512 through target attributes and chosen at run time.
 // gemm_nt first packs W^T (16 x 16 AVX-512 transposes), so it takes this path only with AVX-512.
+//
+// A second kernel (AVX-512), bcast_gemm, C[M, N] (+)= X[M, P] @ W[N, P]^T for blocks of up to 16 rows
+// against a weight of any size read in its own row layout: see bcast_gemm_avx512.
 #pragma once
 
 #include <cstdint>
