@@ -428,6 +428,13 @@ class _DeferredFields:
             object.__setattr__(self, name, value)
         return value
 
+    def __getstate__(self):
+        # pickling and deep copies see computed values, never the deferred computation
+        return {name: getattr(self, name) for name in self.__dict__}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+
 
 def _raw_field(result, name: str):
     """A field of a result as stored: a ``_Deferred`` stays unevaluated."""

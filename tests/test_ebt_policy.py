@@ -1,4 +1,7 @@
 """EBTPolicy (cached observation side, hand-written input gradient) against pyebm.reference.ebt_policy."""
+import copy
+import pickle
+
 import pytest
 import torch
 
@@ -529,6 +532,11 @@ def test_one_candidate_final_energy_runs_when_read():
     want = m.energy(m.prepare(obs), res.y)
     assert torch.equal(res.energy, want) and torch.equal(res.best_energy, want[:, 0])
     assert res.energy is res.energy                      # stored after the first read
+    again = minimize(m, obs, candidates=1, config=cfg, init=res.y)
+    assert type(_raw_field(again, "energy")) is _Deferred
+    copied = pickle.loads(pickle.dumps(again))           # pickling computes the deferred fields
+    assert type(_raw_field(copied, "energy")) is torch.Tensor and torch.equal(copied.energy, again.energy)
+    assert torch.equal(copy.deepcopy(again).best_energy, again.best_energy)
     assert torch.equal(res.best, res.y[:, 0]) and res.best_index.tolist() == [0, 0]
     # K > 1 selects by the final energy: computed in the loop
     res2 = minimize(m, obs, candidates=2, config=cfg, init=torch.randn(2, 2, 5, 3, dtype=torch.float64))
