@@ -419,7 +419,8 @@ class _Deferred:
 class _DeferredFields:
     """Result fields that hold a ``_Deferred`` are computed on first read and then stored, so a field
     nobody reads costs nothing (the final energy pass of a one-candidate descent, where no selection needs
-    it)."""
+    it). Attribute reads, comparisons, ``dataclasses`` helpers, copies and pickling see the values;
+    ``vars(result)`` shows what is stored."""
 
     def __getattribute__(self, name):
         value = object.__getattribute__(self, name)
@@ -580,8 +581,8 @@ def _run_whole_loop(model, ctx, config: Descent, *, which: str, y0: Tensor, mask
 
             def final_energy():
                 if not cache:
-                    with torch.no_grad():
-                        cache.append(model.energy(ctx, final))
+                    with torch.no_grad():  # on the backend that ran the loop
+                        cache.append(model.energy(ctx, final, backend=which))
                 return cache[0]
 
             return DescentResult(best=y[:, 0].clone(), best_energy=_Deferred(lambda: final_energy()[:, 0]),

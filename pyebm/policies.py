@@ -64,8 +64,8 @@ class _Prepared:
     def prepare(self, context):
         return self._ctx
 
-    def energy(self, ctx, y):
-        return self._energy.energy(ctx, y)
+    def energy(self, ctx, y, **kwargs):
+        return self._energy.energy(ctx, y, **kwargs)
 
     def energy_and_grad(self, ctx, y):
         return self._energy.energy_and_grad(ctx, y)

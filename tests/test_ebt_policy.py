@@ -341,7 +341,9 @@ def test_op_opcheck_and_energy_only():
     # (width, heads, horizon, candidates): several column tiles and head groups, the compiled-in
     # head/horizon sizes (64/16, 32/16) and odd ones, one block (a crew of threads) and several blocks;
     # head groups of 120 columns (a weight-broadcast product over a length that is not a multiple of 16)
-    (256, 4, 16, 1), (160, 5, 16, 2), (96, 3, 7, 1), (64, 2, 16, 5), (240, 10, 6, 3)])
+    (256, 4, 16, 1), (160, 5, 16, 2), (96, 3, 7, 1), (64, 2, 16, 5), (240, 10, 6, 3),
+    # heads wider than a column tile: fewer head groups than column tiles (partial-sum slots)
+    (256, 1, 8, 1), (320, 2, 8, 2)])
 def test_op_same_numbers_for_any_thread_count(shape, dtype):
     """A single block is run by a crew of threads; the tiling depends on the shapes only, so any thread
     count gives bitwise the same E and gradient, and both match the reference."""
@@ -385,7 +387,9 @@ def test_prepare_op_matches_torch_path(BL, dtype):
         for p in m.parameters():
             p.add_(0.1 * torch.randn_like(p))
     obs = torch.randn(B, L, 20, dtype=dtype)
-    fast = m.prepare(obs)
+    with torch.inference_mode():
+        fast = m.prepare(obs)
+    assert not fast.bias.is_inference()          # the shared mask bias also serves training later
     with torch.enable_grad():
         slow = m._context(obs)
     tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-13)
@@ -538,6 +542,11 @@ def test_one_candidate_final_energy_runs_when_read():
     assert type(_raw_field(copied, "energy")) is torch.Tensor and torch.equal(copied.energy, again.energy)
     assert torch.equal(copy.deepcopy(again).best_energy, again.best_energy)
     assert torch.equal(res.best, res.y[:, 0]) and res.best_index.tolist() == [0, 0]
+    # the deferred pass runs on the backend that ran the loop, whatever the model's default
+    m32 = make_model(scale=0.1, dtype=torch.float32, backend="torch")
+    obs32 = obs.float()
+    r32 = minimize(m32, obs32, candidates=1, config=cfg, init=torch.randn(2, 1, 5, 3), backend="cpu")
+    assert torch.equal(r32.energy, m32.energy(m32.prepare(obs32), r32.y, backend="cpu"))
     # K > 1 selects by the final energy: computed in the loop
     res2 = minimize(m, obs, candidates=2, config=cfg, init=torch.randn(2, 2, 5, 3, dtype=torch.float64))
     assert type(_raw_field(res2, "energy")) is torch.Tensor

@@ -538,6 +538,13 @@ inline int64_t col_tiles(int64_t N) { return (N + kColTile - 1) / kColTile; }
 inline int64_t heads_per_group(int64_t hd) { return std::max<int64_t>(1, kColTile / hd); }
 inline int64_t head_groups(int64_t H, int64_t hd) { return (H + heads_per_group(hd) - 1) / heads_per_group(hd); }
 
+// Partial products [M, D] per tile that a set of partial sums holds: one per head group (attention
+// projections) or per column tile (the MLP's input gradients), whichever is more (wide heads make fewer
+// groups than column tiles).
+inline int64_t partial_slots(int64_t D, int64_t H, int64_t hd) {
+  return std::max(head_groups(H, hd), col_tiles(D));
+}
+
 // Elements of the block buffer shared by the participants (what the backward pass reads, then the
 // working arrays) and of each participant's own temporaries.
 template <typename T>
@@ -549,8 +556,8 @@ int64_t block_saved_elems(const Net<T>& net, int64_t nb) {
 template <typename T>
 int64_t block_elems(const Net<T>& net, int64_t nb) {
   const int64_t M = nb * net.Tn;
-  return block_saved_elems(net, nb) + (8 + head_groups(net.H, net.hd) + col_tiles(net.D)) * M * net.D /*x, big (3),
-         o, dx, t2, att, partial sums of the head groups and of the MLP's column tiles*/ + M * std::max<int64_t>(net.O, 1);
+  return block_saved_elems(net, nb) + (8 + 2 * partial_slots(net.D, net.H, net.hd)) * M * net.D /*x, big (3), o,
+         dx, t2, att, two sets of partial sums*/ + M * std::max<int64_t>(net.O, 1);
 }
 template <typename T>
 int64_t local_elems(const Net<T>& net) {
@@ -576,9 +583,11 @@ PYEBM_INLINE void block_impl(const Net<T>& net, int64_t cand0, int64_t nb, const
   T* dx = o + M * D;
   T* t2 = dx + M * D;
   T* att = t2 + M * D;        // attention outputs [M, D]
-  T* part_sum = att + M * D;  // per head group partial products [n_ht, M, D]
-  T* col_sum = part_sum + head_groups(H, hd) * M * D;  // per column tile partial products [col_tiles(D), M, D]
-  T* out = col_sum + col_tiles(D) * M * D;
+  // two sets of partial products [partial_slots, M, D]: part_sum (head groups; the MLP's first backward
+  // product) and col_sum (the MLP's second backward product, read while part_sum is still being read)
+  T* part_sum = att + M * D;
+  T* col_sum = part_sum + partial_slots(D, H, hd) * M * D;
+  T* out = col_sum + partial_slots(D, H, hd) * M * D;
   // each participant's own temporaries: dS [max(T, L)], one head's gradient [hd], a row [D], one head's
   // keys or values of a candidate transposed [hd, T] or its observation keys by token [L, hd]
   T* dP = crew_local<T>(local_elems(net));

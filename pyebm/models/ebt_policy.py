@@ -30,7 +30,7 @@ class EBTPolicyContext(NamedTuple):
 
     k [layers, B, H, hd, L]: cross-attention keys after their RMSNorm, pre-multiplied by hd^-0.5 and
     transposed for ``q @ k``; v [layers, B, H, L, hd]; bias [T, L]: 0 where the temporal memory mask
-    allows, -inf elsewhere.
+    allows, -inf elsewhere (one tensor shared by the contexts of the same shape: read-only).
     """
 
     k: torch.Tensor
@@ -277,13 +277,14 @@ class EBTPolicy(nn.Module):
         return EBTPolicyContext(ks, vs, self._mask_bias(L, obs.device, obs.dtype))
 
     def _mask_bias(self, L: int, device, dtype) -> torch.Tensor:
-        """[horizon, L]: 0 where the temporal memory mask allows, -inf elsewhere (kept per shape; callers
-        only read it)."""
+        """[horizon, L]: 0 where the temporal memory mask allows, -inf elsewhere. One tensor per (L, device,
+        dtype) is kept and shared by every context: read it, do not write it."""
         key = (L, torch.device(device), dtype)
         bias = self._bias_cache.get(key)
         if bias is None:
-            allowed = self.memory_mask(L, device=device)
-            bias = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, float("-inf"))
+            with torch.inference_mode(False):  # a plain tensor even when first made under inference_mode
+                allowed = self.memory_mask(L, device=device)
+                bias = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, float("-inf"))
             self._bias_cache[key] = bias
         return bias
 
