@@ -16,6 +16,11 @@ mlp fc1, mlp fc2, then head fc1, head fc2), which spare the BLAS its packing of 
                 norm3.w, mlp.fc1.w, mlp.fc1.b, mlp.fc2.w, mlp.fc2.b                        (17 tensors)
     head        norm.w, fc1.w [D, D], fc1.b, fc2.w [O, D], fc2.b [O]
 
+Two more CPU ops share the network code: ``ebt_policy_descent`` (every step of ``pyebm.minimize`` on this
+energy in one call; ``final_energy=False`` skips the final energy pass) and ``ebt_policy_context`` (the
+observation side of ``EBTPolicy.prepare``: ``(ctx_k, ctx_v)`` from the tokens and the stacked
+cross-attention key/value weights).
+
 Inference only: no gradients to the weights, no autograd graph. Backends: ``cpu`` (C++ in pyebm._C);
 everything else runs the model's own batched PyTorch path.
 """
