@@ -430,7 +430,7 @@ class EnergyPolicy:
         actions = best[:, s:s + self.n_action_steps]
         self._previous = best
         if type(energy) is _Deferred:  # one candidate: the final energy runs when it is read
-            energy, best_energy = _Deferred(lambda: res.energy), _Deferred(lambda: res.best_energy)
+            best_energy = _raw_field(res, "best_energy")  # the result's own deferred fields, one pass
         else:
             best_energy = energy[torch.arange(B, device=device), best_index]
         self.last_result = PolicyResult(actions=actions, chunk=best, y=y, energy=energy,

@@ -259,6 +259,13 @@ PYEBM_INLINE void tokens_dot(int64_t hd_, int64_t Tn_, const T* __restrict a, co
   }
 }
 
+// xT [hd, T] from one head's T rows x (`ld` apart): its keys or values by dimension.
+template <typename T>
+PYEBM_INLINE void head_transposed(int64_t hd, int64_t Tn, int64_t ld, const T* __restrict x, T* __restrict xT) {
+  for (int64_t u = 0; u < Tn; ++u)
+    for (int64_t d = 0; d < hd; ++d) xT[d * Tn + u] = x[u * ld + d];
+}
+
 // Rows of q, k, v, out, dO, dq, dk, dv are `ld` apart (they are one head's columns of wider arrays);
 // P [T, T]; kT, vT: [hd, T] temporaries. HD and TN are compile-time sizes for the common shapes (0: use
 // hd, Tn), so the short loops over a head or over the tokens compile to straight vector code.
@@ -268,8 +275,7 @@ PYEBM_INLINE void self_attn_head_k(int64_t hd_, int64_t Tn_, int64_t ld, const T
                                    T* __restrict kT) {
   const int64_t hd = HD ? HD : hd_, Tn = TN ? TN : Tn_;
   // the keys transposed [hd, T], so a query row's scores are T-wide vector updates
-  for (int64_t u = 0; u < Tn; ++u)
-    for (int64_t d = 0; d < hd; ++d) kT[d * Tn + u] = kn[u * ld + d];
+  head_transposed(hd, Tn, ld, kn, kT);
   for (int64_t t = 0; t < Tn; ++t) {
     const T* q = qs + t * ld;
     T* s = P + t * Tn;
@@ -295,8 +301,7 @@ PYEBM_INLINE void self_attn_head_back_k(int64_t hd_, int64_t Tn_, int64_t ld, co
                                         T scale, T* __restrict dq, T* __restrict dk, T* __restrict dv, int64_t ldg,
                                         T* __restrict dP, T* __restrict vT) {
   const int64_t hd = HD ? HD : hd_, Tn = TN ? TN : Tn_;
-  for (int64_t u = 0; u < Tn; ++u)
-    for (int64_t d = 0; d < hd; ++d) vT[d * Tn + u] = v[u * ld + d];
+  head_transposed(hd, Tn, ld, v, vT);
   for (int64_t t = 0; t < Tn; ++t) {
     const T* dot = dO + t * ld;
     const T* pr = P + t * Tn;
@@ -464,8 +469,8 @@ class Crew {
 // weight-broadcast kernel where it applies (float32 on AVX-512, output columns in groups of 16): G @ W is
 // G @ Wt^T, Wt's rows being W's columns. Each layer's weights are then read from one copy in both
 // directions, so a layer whose forward product just ran (the last layers at the turn from forward to
-// backward, the first ones from one step's backward pass to the next step's forward pass) is still in the
-// core's cache. Returns whether it ran; the BLAS on W takes the rest.
+// backward, the first ones from one step's backward pass to the next step's forward pass) can still be in
+// the core's cache. Returns whether it ran; the BLAS on W takes the rest.
 template <typename T>
 PYEBM_INLINE bool bcast_product(int64_t M, int64_t N, int64_t P, const T* X, int64_t ldx, const T* W, int64_t ldw,
                                 T* C, int64_t ldc, bool acc) {
@@ -598,7 +603,6 @@ PYEBM_INLINE void block_impl(const Net<T>& net, int64_t cand0, int64_t nb, const
   const int64_t n_rt = (M + kRowTile - 1) / kRowTile;
   const int64_t hpt = heads_per_group(hd);  // heads per head-group tile
   const int64_t n_ht = head_groups(H, hd);
-  auto n_ct = [](int64_t N) { return (N + kColTile - 1) / kColTile; };
 
 #define PYEBM_ROWS(t)                        \
   const int64_t r0 = (t) * kRowTile;         \
@@ -635,7 +639,7 @@ PYEBM_INLINE void block_impl(const Net<T>& net, int64_t cand0, int64_t nb, const
     }
     gelu_pass((r1 - r0) * D, o + r0 * D, sv.u2() + r0 * D);  // sv.u2 keeps gelu'(u2)
   }
-  PYEBM_TILES(crew, n_ct(D), t) {
+  PYEBM_TILES(crew, col_tiles(D), t) {
     PYEBM_COLS(t, D);
     fwd_slice<T>(M, D, D, o, net.w1, net.tw1, x, false, n0, n1);
     for (int64_t i = 0; i < M; ++i) {
@@ -735,7 +739,7 @@ PYEBM_INLINE void block_impl(const Net<T>& net, int64_t cand0, int64_t nb, const
       for (int64_t i = r0; i < r1; ++i) add_partials<T>(x + i * D, part_sum + i * D, n_ht, M * D, D, nullptr);
       rms_rows(x, xn3, r3n, w.n3, o, r0, r1, D, net.rms_eps);
     }
-    PYEBM_TILES(crew, n_ct(D), t) {
+    PYEBM_TILES(crew, col_tiles(D), t) {
       PYEBM_COLS(t, D);
       fwd_slice<T>(M, D, D, o, w.wf1, w.tf1, t2, false, n0, n1);
       for (int64_t i = 0; i < M; ++i) {
@@ -743,7 +747,7 @@ PYEBM_INLINE void block_impl(const Net<T>& net, int64_t cand0, int64_t nb, const
         gelu_pass(n1 - n0, t2 + i * D + n0, h1 + i * D + n0);  // h1 keeps gelu'(fc1 output)
       }
     }
-    PYEBM_TILES(crew, n_ct(D), t) {
+    PYEBM_TILES(crew, col_tiles(D), t) {
       PYEBM_COLS(t, D);
       fwd_slice<T>(M, D, D, t2, w.wf2, w.tf2, x, true, n0, n1);
       for (int64_t i = 0; i < M; ++i)
@@ -756,7 +760,7 @@ PYEBM_INLINE void block_impl(const Net<T>& net, int64_t cand0, int64_t nb, const
     PYEBM_ROWS(t);
     rms_rows(x, head_xnf, head_rf, net.hn, o, r0, r1, D, net.rms_eps);
   }
-  PYEBM_TILES(crew, n_ct(D), t) {
+  PYEBM_TILES(crew, col_tiles(D), t) {
     PYEBM_COLS(t, D);
     fwd_slice<T>(M, D, D, o, net.hw1, net.thw1, t2, false, n0, n1);
     for (int64_t i = 0; i < M; ++i) {
@@ -790,7 +794,7 @@ PYEBM_INLINE void block_impl(const Net<T>& net, int64_t cand0, int64_t nb, const
     for (int64_t i = r0; i < r1; ++i)
       for (int64_t j = 0; j < D; ++j) o[i * D + j] = row[j] * head_hh[i * D + j];
   }
-  PYEBM_TILES(crew, n_ct(D), t) {
+  PYEBM_TILES(crew, col_tiles(D), t) {
     PYEBM_COLS(t, D);
     bwd_slice<T>(M, D, D, o, net.hw1, net.thw1, t2, false, n0, n1);
   }
@@ -810,7 +814,7 @@ PYEBM_INLINE void block_impl(const Net<T>& net, int64_t cand0, int64_t nb, const
     // units n0..n1 of fc2, then of fc1): its share of the input gradient is a partial sum over those units
     // (part_sum, then col_sum), added up by the next tiles. fc1's tile t needs only its own columns of
     // fc2's gradient.
-    const int64_t n_mt = n_ct(D);
+    const int64_t n_mt = col_tiles(D);
     PYEBM_TILES(crew, n_mt, t) {
       PYEBM_COLS(t, D);
       bwd_kslice<T>(M, D, D, dx, w.wf2, w.tf2, part_sum + t * M * D, n0, n1, false);
@@ -938,7 +942,7 @@ PYEBM_INLINE void block_impl(const Net<T>& net, int64_t cand0, int64_t nb, const
       for (int64_t i = r0 * D; i < r1 * D; ++i) o[i] = dx[i] * sv.u4()[i];
     }
   }
-  PYEBM_TILES(crew, n_ct(D), t) {
+  PYEBM_TILES(crew, col_tiles(D), t) {
     PYEBM_COLS(t, D);
     bwd_slice<T>(M, D, D, o, net.w1, net.tw1, t2, false, n0, n1);
   }
@@ -1026,6 +1030,13 @@ int64_t block_rows() {
   return v;
 }
 
+// The input that sets the compute dtype and device of an EBT-Policy op: float32 or float64, on the cpu.
+void check_input(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble,
+              "pyebm: the EBT-Policy ops take float32 or float64; got ", t.scalar_type());
+  TORCH_CHECK(t.device().is_cpu(), "pyebm: the cpu kernel needs CPU tensors; got ", name, " on ", t.device());
+}
+
 void check_same(const at::Tensor& t, const char* name, const at::Tensor& y) {
   TORCH_CHECK(t.device() == y.device(), "pyebm: ", name, " is on ", t.device(), " but y is on ", y.device());
   TORCH_CHECK(t.scalar_type() == y.scalar_type(), "pyebm: ", name, " has dtype ", t.scalar_type(),
@@ -1046,9 +1057,7 @@ NetArgs check_net_args(const at::Tensor& y_, const at::Tensor& ck_, const at::Te
                        at::TensorList params_, at::TensorList weights_t_, int64_t heads, double rms_eps,
                        double ln_eps) {
   TORCH_CHECK(y_.dim() == 4, "pyebm: y must be [B, K, T, A]; got shape ", y_.sizes());
-  TORCH_CHECK(y_.scalar_type() == at::kFloat || y_.scalar_type() == at::kDouble,
-              "pyebm: the EBT-Policy ops take float32 or float64; got ", y_.scalar_type());
-  TORCH_CHECK(y_.device().is_cpu(), "pyebm: the cpu kernel needs CPU tensors; got y on ", y_.device());
+  check_input(y_, "y");
   TORCH_CHECK(heads >= 1, "pyebm: heads must be >= 1; got ", heads);
   const int64_t B = y_.size(0), K = y_.size(1), Tn = y_.size(2), A = y_.size(3);
   TORCH_CHECK(params_.size() >= static_cast<size_t>(kEmbed + kHead) &&
@@ -1326,9 +1335,7 @@ std::tuple<at::Tensor, at::Tensor> ebt_policy_context_cpu(const at::Tensor& obs_
                                                           const at::Tensor& b_, const at::Tensor& k_norm_,
                                                           int64_t heads, double rms_eps) {
   TORCH_CHECK(obs_.dim() == 3, "pyebm: obs must be [B, L, C]; got shape ", obs_.sizes());
-  TORCH_CHECK(obs_.device().is_cpu(), "pyebm: the cpu kernel needs CPU tensors; got obs on ", obs_.device());
-  TORCH_CHECK(obs_.scalar_type() == at::kFloat || obs_.scalar_type() == at::kDouble,
-              "pyebm: the EBT-Policy ops take float32 or float64; got ", obs_.scalar_type());
+  check_input(obs_, "obs");
   check_same(w_, "w", obs_);
   check_same(b_, "b", obs_);
   check_same(k_norm_, "k_norm", obs_);
@@ -1357,22 +1364,17 @@ std::tuple<at::Tensor, at::Tensor> ebt_policy_context_cpu(const at::Tensor& obs_
         // the broadcast kernel fills 16-row blocks: worth it from half a block up to two
         if (M < 8 || M > 32 || !bcast_product<T>(M, N, C, x, C, wl, C, kv.data(), N, false))
           gemm_ld<T>(true, M, N, C, x, C, wl, C, kv.data(), N, false);
+        add_bias(kv.data(), bl, M, N);
         const T* knl = kn.data_ptr<T>() + l * hd;
         for (int64_t bi = 0; bi < B; ++bi)
           for (int64_t h = 0; h < heads; ++h) {
             T* kd = ks.data_ptr<T>() + ((l * B + bi) * heads + h) * hd * L;  // [hd, L]
             T* vd = vs.data_ptr<T>() + ((l * B + bi) * heads + h) * L * hd;  // [L, hd]
             for (int64_t t = 0; t < L; ++t) {
-              const T* row = kv.data() + (bi * L + t) * N;
-              const T* k = row + h * hd;
-              const T* v = row + D + h * hd;
-              const T* bk = bl + h * hd;
-              const T* bv = bl + D + h * hd;
-              T ss = T(0);
-              for (int64_t d = 0; d < hd; ++d) ss += (k[d] + bk[d]) * (k[d] + bk[d]);
-              const T r = T(1) / std::sqrt(ss / T(hd) + T(rms_eps));
-              for (int64_t d = 0; d < hd; ++d) kd[d * L + t] = (k[d] + bk[d]) * r * knl[d] * scale;
-              for (int64_t d = 0; d < hd; ++d) vd[t * hd + d] = v[d] + bv[d];
+              T* k = kv.data() + (bi * L + t) * N + h * hd;
+              rms_row(k, k, hd, T(rms_eps));  // in place: the keys over their RMS
+              for (int64_t d = 0; d < hd; ++d) kd[d * L + t] = k[d] * knl[d] * scale;
+              std::copy(k + D, k + D + hd, vd + t * hd);  // the values
             }
           }
       }

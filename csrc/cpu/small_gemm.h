@@ -27,7 +27,7 @@ namespace pyebm {
 namespace cpu {
 namespace sgemm_detail {
 
-// Thread-local scratch for a packed W^T.
+// Thread-local scratch: a packed W^T (small_gemm_nt) or a transposed row block (bcast_gemm).
 inline float* pack_buffer(int64_t n) {
   thread_local std::vector<float> buf;
   if (static_cast<int64_t>(buf.size()) < n) buf.resize(static_cast<size_t>(n));
@@ -199,7 +199,8 @@ __attribute__((target("avx512f,avx512dq,avx2,fma"), noinline)) inline void trans
 // columns keeps 16 accumulators, one per column holding it for the 16 rows, and per p adds one vector of
 // Xt times each column's weight broadcast from memory. No row of X mixes with another, so a non-finite
 // value in one row stays in its row. The accumulators are transposed back into C's rows. The 16 weight
-// rows are addressed from 4 bases and 3 row offsets, so the loop needs few registers for any ldw.
+// rows are addressed from 4 bases and 3 row offsets, so the loop needs few registers for any ldw (spelled
+// out, with 4 steps per iteration: written as loops it compiles to slower code).
 __attribute__((target("avx512f,avx512dq,avx2,fma"), always_inline)) inline void bcast_cols16(
     int64_t P, const float* __restrict Xt, const float* __restrict W, int64_t ldw, v16f* acc) {
   const float* b0 = W;
@@ -314,9 +315,7 @@ inline void small_gemm_pack_t(int64_t N, int64_t K, const float* W, float* Wt) {
 inline bool bcast_gemm(int64_t M, int64_t N, int64_t P, const float* X, int64_t ldx, const float* W, int64_t ldw,
                        float* C, int64_t ldc, bool accumulate) {
   if (small_gemm_level() != 2 || N % 16 != 0 || M == 0 || N == 0) return false;
-  thread_local std::vector<float> xt;
-  if (static_cast<int64_t>(xt.size()) < 16 * P) xt.resize(static_cast<size_t>(16 * P));
-  sgemm_detail::bcast_gemm_avx512(M, N, P, X, ldx, W, ldw, C, ldc, accumulate, xt.data());
+  sgemm_detail::bcast_gemm_avx512(M, N, P, X, ldx, W, ldw, C, ldc, accumulate, sgemm_detail::pack_buffer(16 * P));
   return true;
 }
 

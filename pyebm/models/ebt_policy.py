@@ -256,13 +256,14 @@ class EBTPolicy(nn.Module):
         B, L, _ = obs.shape
         H, hd, n = self.heads, self.head_dim, self.num_layers
         if n:
-            if torch.is_grad_enabled():  # training (forward): stacked in the graph, gradients reach each layer
+            grad = torch.is_grad_enabled()
+            if grad:  # training (forward): stacked in the graph, gradients reach each layer
                 w = torch.cat([blk.cross.kv.weight for blk in self.blocks])
                 b = torch.cat([blk.cross.kv.bias for blk in self.blocks])
                 k_norm = torch.stack([blk.cross.k_norm.weight for blk in self.blocks])
             else:
                 w, b, k_norm = self._kv_stack()
-            if not torch.is_grad_enabled() and obs.device.type == "cpu" and _op.context_available() \
+            if not grad and obs.device.type == "cpu" and _op.context_available() \
                     and obs.dtype in (torch.float32, torch.float64):
                 # one C++ call: every layer's product, norm and layouts, the layers split over the threads
                 ks, vs = torch.ops.pyebm.ebt_policy_context.default(obs, w, b, k_norm, H, ref.RMS_EPS)
@@ -483,12 +484,13 @@ class EBTPolicy(nn.Module):
         flat = [None if t is None else t.reshape(-1) for t in (lower, upper, step_clip)]
         eps = cfg.normalize_eps if cfg.normalize_eps is not None else torch.finfo(y0.dtype).eps
         normalize = {None: "none", "rms": "rms", "rms_all": "all"}[cfg.normalize]
+        rule = mlp_descent._rule_options(cfg)
+        del rule["noise_mode"]  # this loop has no noise (whole_loop_backend)
         with torch.no_grad():
             return torch.ops.pyebm.ebt_policy_descent.default(
-                y0, ctx.k, ctx.v, ctx.bias, params, weights_t, self.heads, *self._op_eps(), eta, *flat, normalize,
-                float(eps), float(cfg.grad_scale), float(cfg.momentum), bool(cfg.nesterov), cfg.grad_clip,
-                cfg.grad_clip_norm, cfg.step_schedule == "energy", float(cfg.energy_temperature), float(cfg.tol),
-                cfg.tol_scope, bool(cfg.tol_final_step), bool(cfg.bound_each_step), bool(final_energy))
+                y0, ctx.k, ctx.v, ctx.bias, params, weights_t, self.heads, *self._op_eps(), eta, *flat,
+                normalize=normalize, normalize_eps=float(eps), tol_scope=cfg.tol_scope,
+                final_energy=bool(final_energy), **rule)
 
     def energy(self, ctx: EBTPolicyContext, y: torch.Tensor, backend: Optional[str] = None) -> torch.Tensor:
         """E [B, K] for candidates y [B, K, horizon, action_dim]."""
