@@ -403,6 +403,14 @@ def test_prepare_op_matches_torch_path(BL, dtype):
         torch.ops.pyebm.ebt_policy_context(obs, w[:-1], b, kn, 2, 1e-6)
     with pytest.raises(RuntimeError, match="obs must be"):
         torch.ops.pyebm.ebt_policy_context(obs[0], w, b, kn, 2, 1e-6)
+    with pytest.raises(RuntimeError, match="b must be"):
+        torch.ops.pyebm.ebt_policy_context(obs, w, b[:-1], kn, 2, 1e-6)
+    with pytest.raises(RuntimeError, match="k_norm must be"):
+        torch.ops.pyebm.ebt_policy_context(obs, w, b, kn[0], 2, 1e-6)
+    with pytest.raises(RuntimeError, match="float32 or float64"):
+        torch.ops.pyebm.ebt_policy_context(obs.half(), w.half(), b.half(), kn.half(), 2, 1e-6)
+    with pytest.raises(RuntimeError, match="heads must be"):
+        torch.ops.pyebm.ebt_policy_context(obs, w, b, kn, 0, 1e-6)
 
 
 @needs_op
