@@ -374,6 +374,32 @@ def test_op_same_numbers_for_any_thread_count(shape, dtype):
     torch.testing.assert_close(out[1][1], G_ref, **tol)
 
 
+@needs_op
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("L", [8, 10])
+def test_op_cross_projection_folded_or_not(L, dtype):
+    """With few observation tokens (4 * heads * L <= width) the op applies the cross projection to the cached
+    values once per call and mixes the projected values per token; with more it projects every token's
+    attention output. Both give the reference's energy and gradient (width 64, 2 heads: 8 tokens fold, 10 do
+    not), for one block run by a crew of threads and for several blocks."""
+    torch.manual_seed(6)
+    m = EBTPolicy(3, horizon=16, embed_dim=64, layers=2, heads=2, n_obs_steps=2, dtype=dtype)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    obs = torch.randn(3, L, 64, dtype=dtype)
+    ctx = m.prepare(obs)
+    params = ebt_op.param_list(m)
+    tol = dict(rtol=2e-4, atol=2e-5) if dtype == torch.float32 else dict(rtol=1e-9, atol=1e-10)
+    for K in (1, 9):
+        y = torch.randn(3, K, 16, 3, dtype=dtype)
+        E_ref, G_ref = m._energy_and_grad_autograd(ctx, y)
+        for wt in (ebt_op.transposed_weights(params), []):
+            E, G = torch.ops.pyebm.ebt_policy_energy_grad(y, ctx.k, ctx.v, ctx.bias, params, wt, 2, 1e-6, 1e-5, True)
+            torch.testing.assert_close(E, E_ref, **tol)
+            torch.testing.assert_close(G, G_ref, **tol)
+
+
 @pytest.mark.skipif(not ebt_op.context_available(), reason="pyebm._C without ebt_policy_context")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("BL", [(1, 2), (4, 4), (3, 12)])

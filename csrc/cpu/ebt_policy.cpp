@@ -1,6 +1,7 @@
 // pyebm::ebt_policy_energy_grad: the whole EBT-Policy energy network, forward and input gradient, in one
 // CPU call; pyebm::ebt_policy_descent: every step of a descent on it, and the final energy, in one call.
-// The observation side (cross-attention keys/values of every layer) comes in precomputed.
+// The observation side (cross-attention keys/values of every layer) comes in precomputed; with few
+// observation tokens the cross projection is applied to the values once per call (fold_cross_values).
 // Math: pyebm/reference/ebt_policy.py; layout of the parameter list: pyebm/ops/ebt_policy.py.
 //
 // Candidates are independent; they are processed in blocks of whole candidates (rows = candidates * T)
@@ -81,10 +82,20 @@ struct Net {
   const T *hn, *hw1, *hb1, *hw2, *hb2;
   const T *ck, *cv, *bias;  // [layers, B, H, hd, L], [layers, B, H, L, hd], [T, L]
   int64_t B;
+  // The cross-attention values through the cross projection, U [layers, B, H, L, D] (see fold_cross_values),
+  // or empty: then the projection runs as a product.
+  std::vector<T> cu;
 
   const T* kc(int64_t l, int64_t b, int64_t h) const { return ck + (((l * B + b) * H + h) * hd) * L; }
   const T* vc(int64_t l, int64_t b, int64_t h) const { return cv + (((l * B + b) * H + h) * L) * hd; }
+  const T* uc(int64_t l, int64_t b, int64_t h) const { return cu.data() + (((l * B + b) * H + h) * L) * D; }
+  bool folded() const { return !cu.empty(); }
 };
+
+// Whether the cross projection is folded into the cached values: a token's projected cross-attention output
+// is then sum over heads and observation tokens of P[h, j] U[h, j], H * L * D multiply-adds instead of the
+// projection's D * D, in the forward pass and again in the backward pass.
+inline bool cross_folded(int64_t H, int64_t L, int64_t D) { return 4 * H * L <= D; }
 
 // What the backward pass reads, for one block of M = nb * T rows, in one buffer (element offsets).
 // Activations are kept after their normalisation (xhat and the inverse RMS r), and GELU inputs are
@@ -696,6 +707,7 @@ PYEBM_INLINE void block_impl(const Net<T>& net, int64_t cand0, int64_t nb, const
     PYEBM_TILES(crew, n_ht, t) {
       PYEBM_HEADS(t);
       const int64_t c0 = h0 * hd, c1 = h1 * hd;
+      T* gpart = part_sum + t * M * D;  // the group's partial product of the cross projection
       fwd_slice<T>(M, D, D, o, w.wxq, w.txq, big, false, c0, c1);
       for (int64_t i = 0; i < M; ++i)
         for (int64_t j = c0; j < c1; ++j) big[i * D + j] += w.bxq[j];
@@ -720,6 +732,22 @@ PYEBM_INLINE void block_impl(const Net<T>& net, int64_t cand0, int64_t nb, const
               s[j] = net.bias[t * L + j] + acc;
             }
             softmax_row(s, L);
+            if (net.folded()) {  // the group's share of the projected output: sum over its heads of P U
+              T* ot = gpart + (q0 + t) * D;
+              const T* uh = net.uc(l, b, h);
+              for (int64_t j = 0; j < L; ++j) {
+                const T pj = s[j];
+                const T* uj = uh + j * D;
+                if (h == h0 && j == 0) {
+#pragma omp simd
+                  for (int64_t d = 0; d < D; ++d) ot[d] = pj * uj[d];
+                } else {
+#pragma omp simd
+                  for (int64_t d = 0; d < D; ++d) ot[d] += pj * uj[d];
+                }
+              }
+              continue;
+            }
             T* ot = att + (q0 + t) * D + h * hd;
             for (int64_t d = 0; d < hd; ++d) ot[d] = T(0);
             for (int64_t j = 0; j < L; ++j) {
@@ -731,7 +759,7 @@ PYEBM_INLINE void block_impl(const Net<T>& net, int64_t cand0, int64_t nb, const
           }
         }
       }
-      fwd_kslice<T>(M, D, D, att, w.wxp, w.txp, part_sum + t * M * D, c0, c1);
+      if (!net.folded()) fwd_kslice<T>(M, D, D, att, w.wxp, w.txp, gpart, c0, c1);
     }
     // MLP: norm3 (rows, with the cross projection's partial sums), fc1 + GELU into t2, fc2 into x (columns)
     PYEBM_TILES(crew, n_rt, t) {
@@ -843,24 +871,26 @@ PYEBM_INLINE void block_impl(const Net<T>& net, int64_t cand0, int64_t nb, const
     PYEBM_TILES(crew, n_ht, t) {
       PYEBM_HEADS(t);
       const int64_t c0 = h0 * hd, c1 = h1 * hd;
-      bwd_slice<T>(M, D, D, dx, w.wxp, w.txp, o, false, c0, c1);
+      // d(attention output) = dx @ Wxp, or with the projection folded dP[j] = dx . U[h, j] directly
+      if (!net.folded()) bwd_slice<T>(M, D, D, dx, w.wxp, w.txp, o, false, c0, c1);
       for (int64_t h = h0; h < h1; ++h) {
         for (int64_t c = 0; c < nb; ++c) {
           const int64_t q0 = c * Tn;
           const int64_t b = (cand0 + c) / net.K;
-          const T* vc = net.vc(l, b, h);
+          const T* vc = net.folded() ? net.uc(l, b, h) : net.vc(l, b, h);  // what dP reads: U [L, D] or v [L, hd]
+          const int64_t vw = net.folded() ? D : hd;
           const T* kT = kvT;
           transpose_to<T>(hd, L, net.kc(l, b, h), kvT);
           const T* Pch = Pc + (c * H + h) * Tn * L;
           for (int64_t t = 0; t < Tn; ++t) {
-            const T* dot = o + (q0 + t) * D + h * hd;
+            const T* dot = net.folded() ? dx + (q0 + t) * D : o + (q0 + t) * D + h * hd;
             const T* pr = Pch + t * L;
             T dotp = T(0);
             for (int64_t j = 0; j < L; ++j) {
-              const T* vj = vc + j * hd;
+              const T* vj = vc + j * vw;
               T acc = T(0);
 #pragma omp simd reduction(+ : acc)
-              for (int64_t d = 0; d < hd; ++d) acc += dot[d] * vj[d];
+              for (int64_t d = 0; d < vw; ++d) acc += dot[d] * vj[d];
               dP[j] = acc;
               dotp += acc * pr[j];
             }
@@ -1132,6 +1162,38 @@ NetArgs check_net_args(const at::Tensor& y_, const at::Tensor& ck_, const at::Te
                  ln_eps};
 }
 
+// U[l, b, h, j] = Wxp[:, head h's columns] @ v[l, b, h, j] ([D]) for every observation token j, when
+// cross_folded(): the cross projection applied once per call to the cached values rather than to every
+// candidate token's attention output (the projection is linear and has no bias).
+template <typename T>
+void fold_cross_values(Net<T>& net) {
+  const int64_t layers = net.layers, B = net.B, H = net.H, L = net.L, hd = net.hd, D = net.D;
+  if (!cross_folded(H, L, D) || layers == 0 || B == 0 || L == 0) return;
+  net.cu.assign(static_cast<size_t>(layers * B * H * L * D), T(0));
+  at::parallel_for(0, layers * B, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t l = i / B, b = i % B;
+      const Layer<T>& w = net.lay[l];
+      for (int64_t h = 0; h < H; ++h) {
+        const T* v = net.vc(l, b, h);  // [L, hd]
+        T* u = net.cu.data() + (((l * B + b) * H + h) * L) * D;
+        for (int64_t j = 0; j < L; ++j, u += D)
+          for (int64_t d = 0; d < hd; ++d) {
+            const T vd = v[j * hd + d];
+            const int64_t col = h * hd + d;
+            if (w.txp != nullptr) {
+              const T* wr = w.txp + col * D;  // Wxp's column col, contiguous in the transposed copy
+#pragma omp simd
+              for (int64_t o = 0; o < D; ++o) u[o] += vd * wr[o];
+            } else {
+              for (int64_t o = 0; o < D; ++o) u[o] += vd * w.wxp[o * D + col];
+            }
+          }
+      }
+    }
+  });
+}
+
 template <typename T>
 Net<T> make_net(const NetArgs& a) {
   const int64_t layers = a.layers;
@@ -1161,6 +1223,7 @@ Net<T> make_net(const NetArgs& a) {
     net.thw1 = W(1 + 6 * layers), net.thw2 = W(2 + 6 * layers);
   }
   net.ck = a.ck.data_ptr<T>(), net.cv = a.cv.data_ptr<T>(), net.bias = a.bias.data_ptr<T>();
+  fold_cross_values(net);
   return net;
 }
 
