@@ -572,8 +572,8 @@ int64_t block_saved_elems(const Net<T>& net, int64_t nb) {
 template <typename T>
 int64_t block_elems(const Net<T>& net, int64_t nb) {
   const int64_t M = nb * net.Tn;
-  return block_saved_elems(net, nb) + (8 + 2 * partial_slots(net.D, net.H, net.hd)) * M * net.D /*x, big (3), o,
-         dx, t2, att, two sets of partial sums*/ + M * std::max<int64_t>(net.O, 1);
+  return block_saved_elems(net, nb) + (8 + partial_slots(net.D, net.H, net.hd)) * M * net.D /*x, big (3), o, dx,
+         t2, att, partial sums*/ + M * std::max<int64_t>(net.O, 1);
 }
 template <typename T>
 int64_t local_elems(const Net<T>& net) {
@@ -599,11 +599,9 @@ PYEBM_INLINE void block_impl(const Net<T>& net, int64_t cand0, int64_t nb, const
   T* dx = o + M * D;
   T* t2 = dx + M * D;
   T* att = t2 + M * D;        // attention outputs [M, D]
-  // two sets of partial products [partial_slots, M, D]: part_sum (head groups; the MLP's first backward
-  // product) and col_sum (the MLP's second backward product, read while part_sum is still being read)
+  // partial products [partial_slots, M, D], one per head group or column tile, added up by the next row phase
   T* part_sum = att + M * D;
-  T* col_sum = part_sum + partial_slots(D, H, hd) * M * D;
-  T* out = col_sum + partial_slots(D, H, hd) * M * D;
+  T* out = part_sum + partial_slots(D, H, hd) * M * D;
   // each participant's own temporaries: dS [max(T, L)], one head's gradient [hd], a row [D], one head's
   // keys or values of a candidate transposed [hd, T] or its observation keys by token [L, hd]
   T* dP = crew_local<T>(local_elems(net));
@@ -663,11 +661,12 @@ PYEBM_INLINE void block_impl(const Net<T>& net, int64_t cand0, int64_t nb, const
   }
 
   // ---- blocks ----
-  // Per layer: norm1 (rows); per head group its q/k/v slices, per-head norms, attention and its share of
-  // the projection (a partial sum over the group's input columns); norm2 with the partial sums added
-  // (rows); per head group the cross-attention query slice, the attention and its share of the cross
-  // projection; norm3 (rows); the MLP (columns). A head group's work stays on one core from its slices to
-  // its partial product, so little data moves between cores inside a layer.
+  // Per layer: norm1 (rows, with the previous layer's MLP partial sums); per head group its q/k/v slices,
+  // per-head norms, attention and its share of the projection (a partial sum over the group's input
+  // columns); norm2 with the partial sums added (rows); per head group the cross-attention query slice, the
+  // attention and its share of the cross projection; norm3 (rows); per tile of hidden units the MLP's fc1
+  // slice and its share of fc2. A tile's work stays on one core from its slices to its partial product, so
+  // little data moves between cores inside a layer.
   for (int64_t l = 0; l < net.layers; ++l) {
     const Layer<T>& w = net.lay[l];
     T* p = sv.layer(l);
@@ -676,6 +675,9 @@ PYEBM_INLINE void block_impl(const Net<T>& net, int64_t cand0, int64_t nb, const
     T *rq = sv.rq(p), *rk = sv.rk(p), *rcq = sv.rcq(p), *Pm = sv.P(p), *Pc = sv.Pc(p);
     PYEBM_TILES(crew, n_rt, t) {
       PYEBM_ROWS(t);
+      if (l > 0)  // the previous layer's MLP output: its partial sums and fc2's bias
+        for (int64_t i = r0; i < r1; ++i)
+          add_partials<T>(x + i * D, part_sum + i * D, col_tiles(D), M * D, D, net.lay[l - 1].bf2);
       rms_rows(x, xn1, r1n, w.n1, o, r0, r1, D, net.rms_eps);
     }
     // qs = q normed * qn * scale in t2, kn = k normed * kn in dx (both free until the backward pass)
@@ -761,7 +763,8 @@ PYEBM_INLINE void block_impl(const Net<T>& net, int64_t cand0, int64_t nb, const
       }
       if (!net.folded()) fwd_kslice<T>(M, D, D, att, w.wxp, w.txp, gpart, c0, c1);
     }
-    // MLP: norm3 (rows, with the cross projection's partial sums), fc1 + GELU into t2, fc2 into x (columns)
+    // MLP: norm3 (rows, with the cross projection's partial sums), then per tile of hidden units fc1 + GELU
+    // into t2 and fc2's partial sum over those units (added, with fc2's bias, by the next row phase)
     PYEBM_TILES(crew, n_rt, t) {
       PYEBM_ROWS(t);
       for (int64_t i = r0; i < r1; ++i) add_partials<T>(x + i * D, part_sum + i * D, n_ht, M * D, D, nullptr);
@@ -774,18 +777,16 @@ PYEBM_INLINE void block_impl(const Net<T>& net, int64_t cand0, int64_t nb, const
         for (int64_t j = n0; j < n1; ++j) t2[i * D + j] += w.bf1[j];
         gelu_pass(n1 - n0, t2 + i * D + n0, h1 + i * D + n0);  // h1 keeps gelu'(fc1 output)
       }
-    }
-    PYEBM_TILES(crew, col_tiles(D), t) {
-      PYEBM_COLS(t, D);
-      fwd_slice<T>(M, D, D, t2, w.wf2, w.tf2, x, true, n0, n1);
-      for (int64_t i = 0; i < M; ++i)
-        for (int64_t j = n0; j < n1; ++j) x[i * D + j] += w.bf2[j];
+      fwd_kslice<T>(M, D, D, t2, w.wf2, w.tf2, part_sum + t * M * D, n0, n1);
     }
   }
 
   // ---- head: RMSNorm -> Linear -> GELU -> Linear, mean over (T, O) ----
   PYEBM_TILES(crew, n_rt, t) {
     PYEBM_ROWS(t);
+    if (net.layers > 0)  // the last layer's MLP output
+      for (int64_t i = r0; i < r1; ++i)
+        add_partials<T>(x + i * D, part_sum + i * D, col_tiles(D), M * D, D, net.lay[net.layers - 1].bf2);
     rms_rows(x, head_xnf, head_rf, net.hn, o, r0, r1, D, net.rms_eps);
   }
   PYEBM_TILES(crew, col_tiles(D), t) {
@@ -838,30 +839,22 @@ PYEBM_INLINE void block_impl(const Net<T>& net, int64_t cand0, int64_t nb, const
     T *xn1 = sv.xn1(p), *qh = sv.qh(p), *kh = sv.kh(p), *vv = sv.v(p), *xn2 = sv.xn2(p), *cqh = sv.cqh(p);
     T *xn3 = sv.xn3(p), *h1 = sv.h1(p), *r1n = sv.r1(p), *r2n = sv.r2(p), *r3n = sv.r3(p);
     T *rq = sv.rq(p), *rk = sv.rk(p), *rcq = sv.rcq(p), *Pm = sv.P(p), *Pc = sv.Pc(p);
-    // MLP branch. Tile t of each product takes the weight slice the forward pass's tile t took (output
-    // units n0..n1 of fc2, then of fc1): its share of the input gradient is a partial sum over those units
-    // (part_sum, then col_sum), added up by the next tiles. fc1's tile t needs only its own columns of
-    // fc2's gradient.
+    // MLP branch. Tile t takes the hidden units n0..n1 the forward pass's tile t took: their gradient
+    // (dx @ fc2's columns n0..n1, times the GELU derivative), then their share of the input gradient, a
+    // partial sum over those units added up by the next row phase.
     const int64_t n_mt = col_tiles(D);
     PYEBM_TILES(crew, n_mt, t) {
       PYEBM_COLS(t, D);
-      bwd_kslice<T>(M, D, D, dx, w.wf2, w.tf2, part_sum + t * M * D, n0, n1, false);
-    }
-    PYEBM_TILES(crew, n_mt, t) {
-      PYEBM_COLS(t, D);
-      for (int64_t i = 0; i < M; ++i) {
-        T* oi = o + i * D;
-        for (int64_t j = n0; j < n1; ++j) oi[j] = T(0);
-        add_partials<T>(oi + n0, part_sum + i * D + n0, n_mt, M * D, n1 - n0, nullptr);
-        for (int64_t j = n0; j < n1; ++j) oi[j] *= h1[i * D + j];
-      }
-      bwd_kslice<T>(M, D, D, o, w.wf1, w.tf1, col_sum + t * M * D, n0, n1, false);
+      bwd_slice<T>(M, D, D, dx, w.wf2, w.tf2, o, false, n0, n1);
+      for (int64_t i = 0; i < M; ++i)
+        for (int64_t j = n0; j < n1; ++j) o[i * D + j] *= h1[i * D + j];
+      bwd_kslice<T>(M, D, D, o, w.wf1, w.tf1, part_sum + t * M * D, n0, n1, false);
     }
     PYEBM_TILES(crew, n_rt, t) {
       PYEBM_ROWS(t);
       for (int64_t i = r0; i < r1; ++i) {
         std::fill(row, row + D, T(0));
-        add_partials<T>(row, col_sum + i * D, n_mt, M * D, D, nullptr);
+        add_partials<T>(row, part_sum + i * D, n_mt, M * D, D, nullptr);
         rms_back_row(row, w.n3, xn3 + i * D, r3n[i], D, dx + i * D, true);
       }
     }
@@ -1044,10 +1037,10 @@ inline CrewPhase* crew_phases(int64_t n) {
   return phases.get();
 }
 
-// Phases of one block, as block_impl() runs them: embedding 2, per layer 7, head 3; with the gradient
-// head 3, per layer 7, embedding 2 (+1 without layers).
+// Phases of one block, as block_impl() runs them: embedding 2, per layer 6, head 3; with the gradient
+// head 3, per layer 6, embedding 2 (+1 without layers).
 inline int64_t block_phases(int64_t layers, bool grad) {
-  return 5 + 7 * layers + (grad ? 5 + 7 * layers + (layers == 0 ? 1 : 0) : 0);
+  return 5 + 6 * layers + (grad ? 5 + 6 * layers + (layers == 0 ? 1 : 0) : 0);
 }
 
 // Rows (candidates x T) per block; PYEBM_EBT_POLICY_BLOCK_ROWS overrides (for tuning).
