@@ -539,11 +539,28 @@ inline void bwd_kslice(int64_t M, int64_t N, int64_t K, const T* G, const T* W, 
 template <typename T>
 PYEBM_INLINE void add_partials(T* __restrict dst, const T* __restrict part, int64_t n, int64_t stride, int64_t D,
                                const T* __restrict bias) {
-  for (int64_t j = 0; j < D; ++j) {
-    T s = part[j];
-    for (int64_t g = 1; g < n; ++g) s += part[g * stride + j];
-    s = dst[j] + s;
-    dst[j] = bias != nullptr ? s + bias[j] : s;
+  // in chunks of columns, each loop over contiguous columns (vector code); the same additions per column
+  constexpr int64_t kChunk = 64;
+  T s[kChunk];
+  for (int64_t j0 = 0; j0 < D; j0 += kChunk) {
+    const int64_t m = std::min(kChunk, D - j0);
+    const T* p0 = part + j0;
+    T* d = dst + j0;
+#pragma omp simd
+    for (int64_t j = 0; j < m; ++j) s[j] = p0[j];
+    for (int64_t g = 1; g < n; ++g) {
+      const T* pg = p0 + g * stride;
+#pragma omp simd
+      for (int64_t j = 0; j < m; ++j) s[j] += pg[j];
+    }
+    if (bias != nullptr) {
+      const T* b = bias + j0;
+#pragma omp simd
+      for (int64_t j = 0; j < m; ++j) d[j] = (d[j] + s[j]) + b[j];
+    } else {
+#pragma omp simd
+      for (int64_t j = 0; j < m; ++j) d[j] = d[j] + s[j];
+    }
   }
 }
 
