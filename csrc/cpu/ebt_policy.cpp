@@ -214,26 +214,20 @@ PYEBM_INLINE void softmax_row(T* s, int64_t n) {
   T mx = s[0];
   for (int64_t j = 1; j < n; ++j) mx = std::max(mx, s[j]);
   T sum = T(0);
+  int64_t j = 0;
 #ifdef PYEBM_VEC_ACT
   if constexpr (std::is_same<T, float>::value) {
-    // exp 8 lanes at a time (vexp, about 1 ulp); a short chunk is padded with -inf, whose exp is 0
-    for (int64_t j0 = 0; j0 < n; j0 += 8) {
-      const int64_t m = std::min<int64_t>(8, n - j0);
-      float lane[8];
-      for (int64_t k = 0; k < 8; ++k) lane[k] = k < m ? s[j0 + k] - mx : -__builtin_inff();
-      vstore<v8f>(lane, vexp<v8f>(vload<v8f>(lane)));
-      for (int64_t k = 0; k < m; ++k) {
-        s[j0 + k] = lane[k];
-        sum += lane[k];
-      }
+    // exp 8 lanes at a time (vexp, about 1 ulp) in place; the last few (and short rows: a padded vector
+    // would go through memory and cost more than it saves) one at a time
+    for (; j + 8 <= n; j += 8) {
+      vstore<v8f>(s + j, vexp<v8f>(vload<v8f>(s + j) - mx));
+      for (int64_t k = j; k < j + 8; ++k) sum += s[k];
     }
-  } else
+  }
 #endif
-  {
-    for (int64_t j = 0; j < n; ++j) {
-      s[j] = std::exp(s[j] - mx);
-      sum += s[j];
-    }
+  for (; j < n; ++j) {
+    s[j] = std::exp(s[j] - mx);
+    sum += s[j];
   }
   const T inv = T(1) / sum;
   for (int64_t j = 0; j < n; ++j) s[j] *= inv;
