@@ -233,6 +233,21 @@ PYEBM_INLINE void softmax_row(T* s, int64_t n) {
   for (int64_t j = 0; j < n; ++j) s[j] *= inv;
 }
 
+// sum over i < n of a[i] * b[i] as 16 interleaved partial sums added pairwise at the end: vector code
+// with independent chains for any n (the order depends on n only)
+template <typename T>
+PYEBM_INLINE T dot_n(const T* __restrict a, const T* __restrict b, int64_t n) {
+  T acc[16];
+  for (int k = 0; k < 16; ++k) acc[k] = T(0);
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    for (int k = 0; k < 16; ++k) acc[k] += a[i + k] * b[i + k];
+  for (int k = 0; i + k < n; ++k) acc[k] += a[i + k] * b[i + k];
+  for (int w = 8; w >= 1; w /= 2)
+    for (int k = 0; k < w; ++k) acc[k] += acc[k + w];
+  return acc[0];
+}
+
 // ---- self-attention of one head over one candidate's T tokens ----
 // out[u] = sum_d a[d] * bT[d, u] for u < T: T-wide vector updates over the head dimension. With compile-time
 // sizes the sum runs as four interleaved partial sums over d (added pairwise at the end), so four
@@ -731,19 +746,16 @@ PYEBM_INLINE void block_impl(const Net<T>& net, int64_t cand0, int64_t nb, const
           const int64_t q0 = c * Tn;
           const int64_t b = (cand0 + c) / net.K;
           const T* vc = net.vc(l, b, h);  // [L, hd]
-          const T* kT = kvT;  // the keys by token [L, hd] (the op's layout is [hd, L]), pre-scaled
+          // the keys by token [L, hd] (the op's layout is [hd, L]; pre-scaled), times the query norm's weight
+          const T* kT = kvT;
           transpose_to<T>(hd, L, net.kc(l, b, h), kvT);
+          for (int64_t j = 0; j < L; ++j)
+            for (int64_t d = 0; d < hd; ++d) kvT[j * hd + d] *= w.xqn[d];
           T* Pch = Pc + (c * H + h) * Tn * L;
           for (int64_t t = 0; t < Tn; ++t) {
             const T* q = cqh + (q0 + t) * D + h * hd;
             T* s = Pch + t * L;
-            for (int64_t j = 0; j < L; ++j) {
-              const T* kj = kT + j * hd;
-              T acc = T(0);
-#pragma omp simd reduction(+ : acc)
-              for (int64_t d = 0; d < hd; ++d) acc += q[d] * w.xqn[d] * kj[d];
-              s[j] = net.bias[t * L + j] + acc;
-            }
+            for (int64_t j = 0; j < L; ++j) s[j] = net.bias[t * L + j] + dot_n(q, kT + j * hd, hd);
             softmax_row(s, L);
             if (net.folded()) {  // the group's share of the projected output: sum over its heads of P U
               T* ot = gpart + (q0 + t) * D;
@@ -891,12 +903,8 @@ PYEBM_INLINE void block_impl(const Net<T>& net, int64_t cand0, int64_t nb, const
             const T* pr = Pch + t * L;
             T dotp = T(0);
             for (int64_t j = 0; j < L; ++j) {
-              const T* vj = vc + j * vw;
-              T acc = T(0);
-#pragma omp simd reduction(+ : acc)
-              for (int64_t d = 0; d < vw; ++d) acc += dot[d] * vj[d];
-              dP[j] = acc;
-              dotp += acc * pr[j];
+              dP[j] = dot_n(dot, vc + j * vw, vw);
+              dotp += dP[j] * pr[j];
             }
             for (int64_t j = 0; j < L; ++j) dP[j] = pr[j] * (dP[j] - dotp);  // dS
             T* dq = t2 + (q0 + t) * D + h * hd;
