@@ -378,9 +378,9 @@ def test_op_same_numbers_for_any_thread_count(shape, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("L", [8, 10])
 def test_op_cross_projection_folded_or_not(L, dtype):
-    """With few observation tokens (4 * heads * L <= width) the op applies the cross projection to the cached
-    values once per call and mixes the projected values per token; with more it projects every token's
-    attention output. Both give the reference's energy and gradient (width 64, 2 heads: 8 tokens fold, 10 do
+    """With few observation tokens (4 * heads * L <= width, and K * horizon >= 2 * L) the op applies the cross
+    projection to the cached values once per call and mixes the projected values per token; with more it
+    projects every token's attention output. Both give the reference's energy and gradient (width 64, 2 heads: 8 tokens fold, 10 do
     not), for one block run by a crew of threads and for several blocks."""
     torch.manual_seed(6)
     m = EBTPolicy(3, horizon=16, embed_dim=64, layers=2, heads=2, n_obs_steps=2, dtype=dtype)

@@ -94,8 +94,11 @@ struct Net {
 
 // Whether the cross projection is folded into the cached values: a token's projected cross-attention output
 // is then sum over heads and observation tokens of P[h, j] U[h, j], H * L * D multiply-adds instead of the
-// projection's D * D, in the forward pass and again in the backward pass.
-inline bool cross_folded(int64_t H, int64_t L, int64_t D) { return 4 * H * L <= D; }
+// projection's D * D, in the forward pass and again in the backward pass. Making U costs L * D * D per
+// observation, against K * T * D * D per pass saved over its K candidates of T tokens.
+inline bool cross_folded(int64_t H, int64_t L, int64_t D, int64_t K, int64_t Tn) {
+  return 4 * H * L <= D && K * Tn >= 2 * L;
+}
 
 // What the backward pass reads, for one block of M = nb * T rows, in one buffer (element offsets).
 // Activations are kept after their normalisation (xhat and the inverse RMS r), and GELU inputs are
@@ -1180,7 +1183,7 @@ NetArgs check_net_args(const at::Tensor& y_, const at::Tensor& ck_, const at::Te
 template <typename T>
 void fold_cross_values(Net<T>& net) {
   const int64_t layers = net.layers, B = net.B, H = net.H, L = net.L, hd = net.hd, D = net.D;
-  if (!cross_folded(H, L, D) || layers == 0 || B == 0 || L == 0) return;
+  if (!cross_folded(H, L, D, net.K, net.Tn) || layers == 0 || B == 0 || L == 0) return;
   net.cu.assign(static_cast<size_t>(layers * B * H * L * D), T(0));
   at::parallel_for(0, layers * B, 1, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
