@@ -1179,32 +1179,64 @@ NetArgs check_net_args(const at::Tensor& y_, const at::Tensor& ck_, const at::Te
 
 // U[l, b, h, j] = Wxp[:, head h's columns] @ v[l, b, h, j] ([D]) for every observation token j, when
 // cross_folded(): the cross projection applied once per call to the cached values rather than to every
-// candidate token's attention output (the projection is linear and has no bias).
+// candidate token's attention output (the projection is linear and has no bias). One task per layer and
+// head, U zeroed: each of Wxp's columns of the head is read once for every observation.
+template <typename T>
+PYEBM_INLINE void fold_task_impl(const Net<T>& net, T* cu, int64_t l, int64_t h) {
+  const int64_t B = net.B, H = net.H, L = net.L, hd = net.hd, D = net.D;
+  const Layer<T>& w = net.lay[l];
+  if (w.txp == nullptr) {  // U[j, o] = v[j] . Wxp[o, head h's columns], the rows of Wxp in order
+    for (int64_t b = 0; b < B; ++b) {
+      const T* v = net.vc(l, b, h);                   // [L, hd]
+      T* u = cu + (((l * B + b) * H + h) * L) * D;    // [L, D]
+      for (int64_t o = 0; o < D; ++o)
+        for (int64_t j = 0; j < L; ++j) u[j * D + o] = dot_n(v + j * hd, w.wxp + o * D + h * hd, hd);
+    }
+    return;
+  }
+  for (int64_t d = 0; d < hd; ++d) {
+    const T* __restrict wr = w.txp + (h * hd + d) * D;  // Wxp's column h * hd + d, contiguous in the copy
+    for (int64_t b = 0; b < B; ++b) {
+      const T* v = net.vc(l, b, h);
+      T* u = cu + (((l * B + b) * H + h) * L) * D;
+      for (int64_t j = 0; j < L; ++j) {
+        const T vd = v[j * hd + d];
+        T* __restrict uj = u + j * D;
+#pragma omp simd
+        for (int64_t o = 0; o < D; ++o) uj[o] += vd * wr[o];
+      }
+    }
+  }
+}
+// compiled for the baseline ISA and for AVX-512 (chosen at run time), like the block
+template <typename T>
+void fold_task_base(const Net<T>& net, T* cu, int64_t l, int64_t h) {
+  fold_task_impl<T>(net, cu, l, h);
+}
+#if defined(PYEBM_VEC_ACT) && defined(__x86_64__)
+template <typename T>
+__attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,avx2,fma"))) void fold_task_avx512(
+    const Net<T>& net, T* cu, int64_t l, int64_t h) {
+  fold_task_impl<T>(net, cu, l, h);
+}
+#endif
+
 template <typename T>
 void fold_cross_values(Net<T>& net) {
-  const int64_t layers = net.layers, B = net.B, H = net.H, L = net.L, hd = net.hd, D = net.D;
+  const int64_t layers = net.layers, B = net.B, H = net.H, L = net.L, D = net.D;
   if (!cross_folded(H, L, D, net.K, net.Tn) || layers == 0 || B == 0 || L == 0) return;
   net.cu.assign(static_cast<size_t>(layers * B * H * L * D), T(0));
-  at::parallel_for(0, layers * B, 1, [&](int64_t i0, int64_t i1) {
+  T* cu = net.cu.data();
+  const Net<T>& cnet = net;
+  at::parallel_for(0, layers * H, 1, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
-      const int64_t l = i / B, b = i % B;
-      const Layer<T>& w = net.lay[l];
-      for (int64_t h = 0; h < H; ++h) {
-        const T* v = net.vc(l, b, h);  // [L, hd]
-        T* u = net.cu.data() + (((l * B + b) * H + h) * L) * D;
-        for (int64_t j = 0; j < L; ++j, u += D)
-          for (int64_t d = 0; d < hd; ++d) {
-            const T vd = v[j * hd + d];
-            const int64_t col = h * hd + d;
-            if (w.txp != nullptr) {
-              const T* wr = w.txp + col * D;  // Wxp's column col, contiguous in the transposed copy
-#pragma omp simd
-              for (int64_t o = 0; o < D; ++o) u[o] += vd * wr[o];
-            } else {
-              for (int64_t o = 0; o < D; ++o) u[o] += vd * w.wxp[o * D + col];
-            }
-          }
+#if defined(PYEBM_VEC_ACT) && defined(__x86_64__)
+      if (cpu_vec_level() == 2) {
+        fold_task_avx512<T>(cnet, cu, i / H, i % H);
+        continue;
       }
+#endif
+      fold_task_base<T>(cnet, cu, i / H, i % H);
     }
   });
 }
