@@ -339,13 +339,11 @@ class EnergyPolicy:
         if cfg.tol > 0:
             every = self.check_every if self.check_every is not None else (1 if device.type == "cpu" else None)
             if every is not None and every != cfg.check_every:
-                # the edited copy is kept while descent and check_every stay the same objects
-                key = (cfg, every)
+                # the edited copy is kept while the descent object and check_every stay the same
                 cached = getattr(self, "_config_cache", None)
-                if cached is None or cached[0][0] is not cfg or cached[0][1] != every:
-                    cached = (key, cfg.replace(check_every=every))
-                    self._config_cache = cached
-                cfg = cached[1]
+                if cached is None or cached[0] is not cfg or cached[1] != every:
+                    cached = self._config_cache = (cfg, every, cfg.replace(check_every=every))
+                cfg = cached[2]
         return cfg
 
     # -- acting ---------------------------------------------------------------------------------

@@ -748,7 +748,6 @@ PYEBM_INLINE void block_impl(const Net<T>& net, int64_t cand0, int64_t nb, const
         for (int64_t c = 0; c < nb; ++c) {
           const int64_t q0 = c * Tn;
           const int64_t b = (cand0 + c) / net.K;
-          const T* vc = net.vc(l, b, h);  // [L, hd]
           // the keys by token [L, hd] (the op's layout is [hd, L]; pre-scaled), times the query norm's weight
           const T* kT = kvT;
           transpose_to<T>(hd, L, net.kc(l, b, h), kvT);
@@ -777,6 +776,7 @@ PYEBM_INLINE void block_impl(const Net<T>& net, int64_t cand0, int64_t nb, const
               continue;
             }
             T* ot = att + (q0 + t) * D + h * hd;
+            const T* vc = net.vc(l, b, h);  // [L, hd]
             for (int64_t d = 0; d < hd; ++d) ot[d] = T(0);
             for (int64_t j = 0; j < L; ++j) {
               const T pj = s[j];
@@ -1208,18 +1208,31 @@ PYEBM_INLINE void fold_task_impl(const Net<T>& net, T* cu, int64_t l, int64_t h)
     }
   }
 }
-// compiled for the baseline ISA and for AVX-512 (chosen at run time), like the block
+// compiled for the baseline ISA, for AVX2 + FMA and for AVX-512 (chosen at run time), like the block
 template <typename T>
 void fold_task_base(const Net<T>& net, T* cu, int64_t l, int64_t h) {
   fold_task_impl<T>(net, cu, l, h);
 }
 #if defined(PYEBM_VEC_ACT) && defined(__x86_64__)
 template <typename T>
+__attribute__((target("avx2,fma"))) void fold_task_avx2(const Net<T>& net, T* cu, int64_t l, int64_t h) {
+  fold_task_impl<T>(net, cu, l, h);
+}
+template <typename T>
 __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,avx2,fma"))) void fold_task_avx512(
     const Net<T>& net, T* cu, int64_t l, int64_t h) {
   fold_task_impl<T>(net, cu, l, h);
 }
 #endif
+template <typename T>
+void fold_task(const Net<T>& net, T* cu, int64_t l, int64_t h) {
+#if defined(PYEBM_VEC_ACT) && defined(__x86_64__)
+  const int level = cpu_vec_level();
+  if (level == 2) return fold_task_avx512<T>(net, cu, l, h);
+  if (level == 1) return fold_task_avx2<T>(net, cu, l, h);
+#endif
+  fold_task_base<T>(net, cu, l, h);
+}
 
 template <typename T>
 void fold_cross_values(Net<T>& net) {
@@ -1229,15 +1242,7 @@ void fold_cross_values(Net<T>& net) {
   T* cu = net.cu.data();
   const Net<T>& cnet = net;
   at::parallel_for(0, layers * H, 1, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-#if defined(PYEBM_VEC_ACT) && defined(__x86_64__)
-      if (cpu_vec_level() == 2) {
-        fold_task_avx512<T>(cnet, cu, i / H, i % H);
-        continue;
-      }
-#endif
-      fold_task_base<T>(cnet, cu, i / H, i % H);
-    }
+    for (int64_t i = i0; i < i1; ++i) fold_task<T>(cnet, cu, i / H, i % H);
   });
 }
 
