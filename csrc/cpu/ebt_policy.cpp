@@ -354,20 +354,20 @@ PYEBM_INLINE void self_attn_head_back_k(int64_t hd_, int64_t Tn_, int64_t ld, co
   }
 }
 
-// One head's q/k RMSNorms (qh, kh and their inverse RMS rq, rk), its values copied out of the qkv rows
-// (vv), and qs = qh * qn * scale, knb = kh * kn for the scores, for M rows.
+// One head's q/k RMSNorms (qh, kh and their inverse RMS rq, rk [M]), its values copied out (vv), and
+// qs = qh * qn * scale, knb = kh * kn for the scores, for M rows. The head's q, k, v input rows are ld_in
+// apart (its columns of the qkv product's blocks), its output rows ld apart.
 template <typename T, int HD>
-PYEBM_INLINE void qk_head_k(int64_t hd_, int64_t M, int64_t D, int64_t H, int64_t h, const T* __restrict big,
-                            const T* __restrict qn, const T* __restrict kn, T scale, T eps, T* __restrict qh,
-                            T* __restrict kh, T* __restrict vv, T* __restrict qs, T* __restrict knb,
-                            T* __restrict rq, T* __restrict rk) {
+PYEBM_INLINE void qk_head_k(int64_t hd_, int64_t M, const T* __restrict q, const T* __restrict k,
+                            const T* __restrict v, int64_t ld_in, const T* __restrict qn, const T* __restrict kn,
+                            T scale, T eps, T* __restrict qh, T* __restrict kh, T* __restrict vv, T* __restrict qs,
+                            T* __restrict knb, int64_t ld, T* __restrict rq, T* __restrict rk) {
   const int64_t hd = HD ? HD : hd_;
   for (int64_t i = 0; i < M; ++i) {
-    const int64_t c = i * D + h * hd;
-    const T* row = big + i * 3 * D + h * hd;
-    rq[i * H + h] = rms_row(row, qh + c, hd, eps);
-    rk[i * H + h] = rms_row(row + D, kh + c, hd, eps);
-    for (int64_t d = 0; d < hd; ++d) vv[c + d] = row[2 * D + d];
+    const int64_t c = i * ld, r = i * ld_in;
+    rq[i] = rms_row(q + r, qh + c, hd, eps);
+    rk[i] = rms_row(k + r, kh + c, hd, eps);
+    for (int64_t d = 0; d < hd; ++d) vv[c + d] = v[r + d];
     for (int64_t d = 0; d < hd; ++d) {
       qs[c + d] = qh[c + d] * qn[d] * scale;
       knb[c + d] = kh[c + d] * kn[d];
@@ -376,11 +376,13 @@ PYEBM_INLINE void qk_head_k(int64_t hd_, int64_t M, int64_t D, int64_t H, int64_
 }
 
 template <typename T>
-PYEBM_INLINE void qk_head(int64_t hd, int64_t M, int64_t D, int64_t H, int64_t h, const T* big, const T* qn,
-                          const T* kn, T scale, T eps, T* qh, T* kh, T* vv, T* qs, T* knb, T* rq, T* rk) {
-  if (hd == 64) return qk_head_k<T, 64>(hd, M, D, H, h, big, qn, kn, scale, eps, qh, kh, vv, qs, knb, rq, rk);
-  if (hd == 32) return qk_head_k<T, 32>(hd, M, D, H, h, big, qn, kn, scale, eps, qh, kh, vv, qs, knb, rq, rk);
-  qk_head_k<T, 0>(hd, M, D, H, h, big, qn, kn, scale, eps, qh, kh, vv, qs, knb, rq, rk);
+PYEBM_INLINE void qk_head(int64_t hd, int64_t M, const T* q, const T* k, const T* v, int64_t ld_in, const T* qn,
+                          const T* kn, T scale, T eps, T* qh, T* kh, T* vv, T* qs, T* knb, int64_t ld, T* rq, T* rk) {
+  if (hd == 64)
+    return qk_head_k<T, 64>(hd, M, q, k, v, ld_in, qn, kn, scale, eps, qh, kh, vv, qs, knb, ld, rq, rk);
+  if (hd == 32)
+    return qk_head_k<T, 32>(hd, M, q, k, v, ld_in, qn, kn, scale, eps, qh, kh, vv, qs, knb, ld, rq, rk);
+  qk_head_k<T, 0>(hd, M, q, k, v, ld_in, qn, kn, scale, eps, qh, kh, vv, qs, knb, ld, rq, rk);
 }
 
 template <typename T>
@@ -504,47 +506,53 @@ PYEBM_INLINE bool bcast_product(int64_t M, int64_t N, int64_t P, const T* X, int
   return false;
 }
 
-// Column slice [n0, n1) of the forward product C [M, N] (+)= A [M, K] @ W^T (W [N, K], Wt [K, N] or null).
-// A slice that is the whole product keeps the small-product kernels.
+// ---- products of a tile ----
+// Arrays that the tiles of a phase split by columns (a head group's q/k/v, attention outputs and their
+// gradients, an MLP tile's hidden units) are kept tile-major: the block of columns [c0, c1) of an [M, N]
+// array starts at arr + c0 * M and its rows are c1 - c0 apart. Each tile then writes and reads one
+// contiguous region of its own, which shares no cache line and no page with another tile's: with the
+// columns interleaved row by row, two cores writing neighbouring columns of the same pages ran those
+// passes at a fraction of their speed on one core. The few arrays that a row phase reads next (the
+// embedding's and the head's column tiles) stay row-major (ld = N, block at arr + c0).
+
+// C [M, n1 - n0] (ld ldc) (+)= A [M, K] (ld lda) @ W[n0:n1, :]^T (W [N, K], Wt [K, N] or null)
 template <typename T>
-inline void fwd_slice(int64_t M, int64_t N, int64_t K, const T* A, const T* W, const T* Wt, T* C, bool acc,
-                      int64_t n0, int64_t n1) {
-  if (n0 == 0 && n1 == N) return gemm_nt_pk<T>(M, N, K, A, W, Wt, C, acc);
+inline void fwd_cols(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* W, const T* Wt, int64_t n0,
+                     int64_t n1, T* C, int64_t ldc, bool acc) {
+  if (n0 == 0 && n1 == N && lda == K && ldc == N) return gemm_nt_pk<T>(M, N, K, A, W, Wt, C, acc);
   if (Wt != nullptr)
-    gemm_ld<T>(false, M, n1 - n0, K, A, K, Wt + n0, N, C + n0, N, acc);
+    gemm_ld<T>(false, M, n1 - n0, K, A, lda, Wt + n0, N, C, ldc, acc);
   else
-    gemm_ld<T>(true, M, n1 - n0, K, A, K, W + n0 * K, K, C + n0, N, acc);
+    gemm_ld<T>(true, M, n1 - n0, K, A, lda, W + n0 * K, K, C, ldc, acc);
 }
 
-// Column slice [k0, k1) of the input gradient C [M, K] (+)= G [M, N] @ W (W [N, K], Wt [K, N] or null).
+// C [M, N] = A [M, k1 - k0] (ld lda) @ W[:, k0:k1]^T: a tile's share of a product over its input columns
 template <typename T>
-inline void bwd_slice(int64_t M, int64_t N, int64_t K, const T* G, const T* W, const T* Wt, T* C, bool acc,
-                      int64_t k0, int64_t k1) {
-  if (Wt != nullptr && bcast_product<T>(M, k1 - k0, N, G, N, Wt + k0 * N, N, C + k0, K, acc)) return;
-  if (k0 == 0 && k1 == K) return gemm_nn<T>(M, N, K, G, W, C, acc);
-  gemm_ld<T>(false, M, k1 - k0, N, G, N, W + k0, K, C + k0, K, acc);
-}
-
-// C [M, N] = A[:, k0:k1] @ W[:, k0:k1]^T: one head group's share of a forward product whose input columns
-// belong to the group (a partial sum; W [N, K], Wt [K, N] or null).
-template <typename T>
-inline void fwd_kslice(int64_t M, int64_t N, int64_t K, const T* A, const T* W, const T* Wt, T* C, int64_t k0,
-                       int64_t k1) {
-  if (k0 == 0 && k1 == K) return gemm_nt_pk<T>(M, N, K, A, W, Wt, C, false);
+inline void fwd_krows(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* W, const T* Wt, int64_t k0,
+                      int64_t k1, T* C) {
+  if (k0 == 0 && k1 == K && lda == K) return gemm_nt_pk<T>(M, N, K, A, W, Wt, C, false);
   if (Wt != nullptr)
-    gemm_ld<T>(false, M, N, k1 - k0, A + k0, K, Wt + k0 * N, N, C, N, false);
+    gemm_ld<T>(false, M, N, k1 - k0, A, lda, Wt + k0 * N, N, C, N, false);
   else
-    gemm_ld<T>(true, M, N, k1 - k0, A + k0, K, W + k0, K, C, N, false);
+    gemm_ld<T>(true, M, N, k1 - k0, A, lda, W + k0, K, C, N, false);
 }
 
-// C [M, K] (+)= G[:, n0:n1] @ W[n0:n1, :]: a head group's share of an input gradient (W [N, K], Wt [K, N] or
-// null).
+// C [M, k1 - k0] (ld ldc) (+)= G [M, N] (ld ldg) @ W[:, k0:k1]
 template <typename T>
-inline void bwd_kslice(int64_t M, int64_t N, int64_t K, const T* G, const T* W, const T* Wt, T* C, int64_t n0,
-                       int64_t n1, bool acc) {
-  if (Wt != nullptr && bcast_product<T>(M, K, n1 - n0, G + n0, N, Wt + n0, N, C, K, acc)) return;
-  if (n0 == 0 && n1 == N) return gemm_nn<T>(M, N, K, G, W, C, acc);
-  gemm_ld<T>(false, M, K, n1 - n0, G + n0, N, W + n0 * K, K, C, K, acc);
+inline void bwd_cols(int64_t M, int64_t N, int64_t K, const T* G, int64_t ldg, const T* W, const T* Wt, int64_t k0,
+                     int64_t k1, T* C, int64_t ldc, bool acc) {
+  if (Wt != nullptr && bcast_product<T>(M, k1 - k0, N, G, ldg, Wt + k0 * N, N, C, ldc, acc)) return;
+  if (k0 == 0 && k1 == K && ldg == N && ldc == K) return gemm_nn<T>(M, N, K, G, W, C, acc);
+  gemm_ld<T>(false, M, k1 - k0, N, G, ldg, W + k0, K, C, ldc, acc);
+}
+
+// C [M, K] (+)= G [M, n1 - n0] (ld ldg) @ W[n0:n1, :]: a tile's share of an input gradient
+template <typename T>
+inline void bwd_krows(int64_t M, int64_t N, int64_t K, const T* G, int64_t ldg, const T* W, const T* Wt, int64_t n0,
+                      int64_t n1, T* C, bool acc) {
+  if (Wt != nullptr && bcast_product<T>(M, K, n1 - n0, G, ldg, Wt + n0, N, C, K, acc)) return;
+  if (n0 == 0 && n1 == N && ldg == N) return gemm_nn<T>(M, N, K, G, W, C, acc);
+  gemm_ld<T>(false, M, K, n1 - n0, G, ldg, W + n0 * K, K, C, K, acc);
 }
 
 // dst[j] += (sum over the n head groups' partial rows, in group order) (+ bias[j])
@@ -679,7 +687,7 @@ PYEBM_INLINE void block_impl(const Net<T>& net, int64_t cand0, int64_t nb, const
   }
   PYEBM_TILES(crew, col_tiles(D), t) {
     PYEBM_COLS(t, D);
-    fwd_slice<T>(M, D, D, o, net.w1, net.tw1, x, false, n0, n1);
+    fwd_cols<T>(M, D, D, o, D, net.w1, net.tw1, n0, n1, x + n0, D, false);
     for (int64_t i = 0; i < M; ++i) {
       T* xr = x + i * D;
       const T* pos = net.pos + (i % Tn) * D;
@@ -714,20 +722,25 @@ PYEBM_INLINE void block_impl(const Net<T>& net, int64_t cand0, int64_t nb, const
     T* knb = dx;
     PYEBM_TILES(crew, n_ht, t) {
       PYEBM_HEADS(t);
-      const int64_t c0 = h0 * hd, c1 = h1 * hd;
+      const int64_t c0 = h0 * hd, c1 = h1 * hd, gw = c1 - c0;
+      // the group's q, k, v columns: a block [M, gw] in each third of big
       for (int64_t part = 0; part < 3; ++part) {
-        fwd_slice<T>(M, 3 * D, D, o, w.wqkv, w.tqkv, big, false, part * D + c0, part * D + c1);
+        T* blk = big + part * M * D + c0 * M;
+        fwd_cols<T>(M, 3 * D, D, o, D, w.wqkv, w.tqkv, part * D + c0, part * D + c1, blk, gw, false);
+        const T* bias = w.bqkv + part * D + c0;
         for (int64_t i = 0; i < M; ++i)
-          for (int64_t j = part * D + c0; j < part * D + c1; ++j) big[i * 3 * D + j] += w.bqkv[j];
+          for (int64_t j = 0; j < gw; ++j) blk[i * gw + j] += bias[j];
       }
       for (int64_t h = h0; h < h1; ++h) {
-        qk_head<T>(hd, M, D, H, h, big, w.qn, w.kn, net.scale, net.rms_eps, qh, kh, vv, qs, knb, rq, rk);
+        const int64_t hc = c0 * M + (h - h0) * hd;  // the head's first element in the group's blocks
+        qk_head<T>(hd, M, big + hc, big + M * D + hc, big + 2 * M * D + hc, gw, w.qn, w.kn, net.scale, net.rms_eps,
+                   qh + hc, kh + hc, vv + hc, qs + hc, knb + hc, gw, rq + h * M, rk + h * M);
         for (int64_t c = 0; c < nb; ++c) {
-          const int64_t r = c * Tn * D + h * hd;
-          self_attn_head<T>(hd, Tn, D, qs + r, knb + r, vv + r, Pm + (c * H + h) * Tn * Tn, att + r, kvT);
+          const int64_t r = hc + c * Tn * gw;
+          self_attn_head<T>(hd, Tn, gw, qs + r, knb + r, vv + r, Pm + (c * H + h) * Tn * Tn, att + r, kvT);
         }
       }
-      fwd_kslice<T>(M, D, D, att, w.wp, w.tp, part_sum + t * M * D, c0, c1);
+      fwd_krows<T>(M, D, D, att + c0 * M, gw, w.wp, w.tp, c0, c1, part_sum + t * M * D);
     }
     PYEBM_TILES(crew, n_rt, t) {
       PYEBM_ROWS(t);
@@ -738,13 +751,16 @@ PYEBM_INLINE void block_impl(const Net<T>& net, int64_t cand0, int64_t nb, const
     PYEBM_TILES(crew, n_ht, t) {
       PYEBM_HEADS(t);
       const int64_t c0 = h0 * hd, c1 = h1 * hd;
+      const int64_t gw = c1 - c0;
       T* gpart = part_sum + t * M * D;  // the group's partial product of the cross projection
-      fwd_slice<T>(M, D, D, o, w.wxq, w.txq, big, false, c0, c1);
+      T* qb = big + c0 * M;             // the group's query columns [M, gw]
+      fwd_cols<T>(M, D, D, o, D, w.wxq, w.txq, c0, c1, qb, gw, false);
       for (int64_t i = 0; i < M; ++i)
-        for (int64_t j = c0; j < c1; ++j) big[i * D + j] += w.bxq[j];
+        for (int64_t j = 0; j < gw; ++j) qb[i * gw + j] += w.bxq[c0 + j];
       for (int64_t h = h0; h < h1; ++h) {
+        const int64_t hc = c0 * M + (h - h0) * hd;
         for (int64_t i = 0; i < M; ++i)
-          rcq[i * H + h] = rms_row(big + i * D + h * hd, cqh + i * D + h * hd, hd, net.rms_eps);
+          rcq[h * M + i] = rms_row(big + hc + i * gw, cqh + hc + i * gw, hd, net.rms_eps);
         for (int64_t c = 0; c < nb; ++c) {
           const int64_t q0 = c * Tn;
           const int64_t b = (cand0 + c) / net.K;
@@ -755,7 +771,7 @@ PYEBM_INLINE void block_impl(const Net<T>& net, int64_t cand0, int64_t nb, const
             for (int64_t d = 0; d < hd; ++d) kvT[j * hd + d] *= w.xqn[d];
           T* Pch = Pc + (c * H + h) * Tn * L;
           for (int64_t t = 0; t < Tn; ++t) {
-            const T* q = cqh + (q0 + t) * D + h * hd;
+            const T* q = cqh + hc + (q0 + t) * gw;
             T* s = Pch + t * L;
             for (int64_t j = 0; j < L; ++j) s[j] = net.bias[t * L + j] + dot_n(q, kT + j * hd, hd);
             softmax_row(s, L);
@@ -775,7 +791,7 @@ PYEBM_INLINE void block_impl(const Net<T>& net, int64_t cand0, int64_t nb, const
               }
               continue;
             }
-            T* ot = att + (q0 + t) * D + h * hd;
+            T* ot = att + hc + (q0 + t) * gw;
             const T* vc = net.vc(l, b, h);  // [L, hd]
             for (int64_t d = 0; d < hd; ++d) ot[d] = T(0);
             for (int64_t j = 0; j < L; ++j) {
@@ -787,7 +803,7 @@ PYEBM_INLINE void block_impl(const Net<T>& net, int64_t cand0, int64_t nb, const
           }
         }
       }
-      if (!net.folded()) fwd_kslice<T>(M, D, D, att, w.wxp, w.txp, gpart, c0, c1);
+      if (!net.folded()) fwd_krows<T>(M, D, D, att + c0 * M, gw, w.wxp, w.txp, c0, c1, gpart);
     }
     // MLP: norm3 (rows, with the cross projection's partial sums), then per tile of hidden units fc1 + GELU
     // into t2 and fc2's partial sum over those units (added, with fc2's bias, by the next row phase)
@@ -798,12 +814,14 @@ PYEBM_INLINE void block_impl(const Net<T>& net, int64_t cand0, int64_t nb, const
     }
     PYEBM_TILES(crew, col_tiles(D), t) {
       PYEBM_COLS(t, D);
-      fwd_slice<T>(M, D, D, o, w.wf1, w.tf1, t2, false, n0, n1);
-      for (int64_t i = 0; i < M; ++i) {
-        for (int64_t j = n0; j < n1; ++j) t2[i * D + j] += w.bf1[j];
-        gelu_pass(n1 - n0, t2 + i * D + n0, h1 + i * D + n0);  // h1 keeps gelu'(fc1 output)
-      }
-      fwd_kslice<T>(M, D, D, t2, w.wf2, w.tf2, part_sum + t * M * D, n0, n1);
+      const int64_t wd = n1 - n0;
+      T* hb = t2 + n0 * M;  // the tile's hidden units, [M, wd]
+      T* gb = h1 + n0 * M;  // and their gelu' (kept for the backward pass)
+      fwd_cols<T>(M, D, D, o, D, w.wf1, w.tf1, n0, n1, hb, wd, false);
+      for (int64_t i = 0; i < M; ++i)
+        for (int64_t j = 0; j < wd; ++j) hb[i * wd + j] += w.bf1[n0 + j];
+      gelu_pass(M * wd, hb, gb);
+      fwd_krows<T>(M, D, D, hb, wd, w.wf2, w.tf2, n0, n1, part_sum + t * M * D);
     }
   }
 
@@ -817,7 +835,7 @@ PYEBM_INLINE void block_impl(const Net<T>& net, int64_t cand0, int64_t nb, const
   }
   PYEBM_TILES(crew, col_tiles(D), t) {
     PYEBM_COLS(t, D);
-    fwd_slice<T>(M, D, D, o, net.hw1, net.thw1, t2, false, n0, n1);
+    fwd_cols<T>(M, D, D, o, D, net.hw1, net.thw1, n0, n1, t2 + n0, D, false);
     for (int64_t i = 0; i < M; ++i) {
       for (int64_t j = n0; j < n1; ++j) t2[i * D + j] += net.hb1[j];
       gelu_pass(n1 - n0, t2 + i * D + n0, head_hh + i * D + n0);  // head_hh keeps gelu'(fc1 output)
@@ -851,7 +869,7 @@ PYEBM_INLINE void block_impl(const Net<T>& net, int64_t cand0, int64_t nb, const
   }
   PYEBM_TILES(crew, col_tiles(D), t) {
     PYEBM_COLS(t, D);
-    bwd_slice<T>(M, D, D, o, net.hw1, net.thw1, t2, false, n0, n1);
+    bwd_cols<T>(M, D, D, o, D, net.hw1, net.thw1, n0, n1, t2 + n0, D, false);
   }
   PYEBM_TILES(crew, n_rt, t) {
     PYEBM_ROWS(t);
@@ -871,10 +889,12 @@ PYEBM_INLINE void block_impl(const Net<T>& net, int64_t cand0, int64_t nb, const
     const int64_t n_mt = col_tiles(D);
     PYEBM_TILES(crew, n_mt, t) {
       PYEBM_COLS(t, D);
-      bwd_slice<T>(M, D, D, dx, w.wf2, w.tf2, o, false, n0, n1);
-      for (int64_t i = 0; i < M; ++i)
-        for (int64_t j = n0; j < n1; ++j) o[i * D + j] *= h1[i * D + j];
-      bwd_kslice<T>(M, D, D, o, w.wf1, w.tf1, part_sum + t * M * D, n0, n1, false);
+      const int64_t wd = n1 - n0;
+      T* ob = o + n0 * M;         // d(hidden units of the tile), [M, wd]
+      const T* gb = h1 + n0 * M;  // their gelu'
+      bwd_cols<T>(M, D, D, dx, D, w.wf2, w.tf2, n0, n1, ob, wd, false);
+      for (int64_t i = 0; i < M * wd; ++i) ob[i] *= gb[i];
+      bwd_krows<T>(M, D, D, ob, wd, w.wf1, w.tf1, n0, n1, part_sum + t * M * D, false);
     }
     PYEBM_TILES(crew, n_rt, t) {
       PYEBM_ROWS(t);
@@ -889,10 +909,11 @@ PYEBM_INLINE void block_impl(const Net<T>& net, int64_t cand0, int64_t nb, const
     // query projection's input gradient
     PYEBM_TILES(crew, n_ht, t) {
       PYEBM_HEADS(t);
-      const int64_t c0 = h0 * hd, c1 = h1 * hd;
+      const int64_t c0 = h0 * hd, c1 = h1 * hd, gw = c1 - c0;
       // d(attention output) = dx @ Wxp, or with the projection folded dP[j] = dx . U[h, j] directly
-      if (!net.folded()) bwd_slice<T>(M, D, D, dx, w.wxp, w.txp, o, false, c0, c1);
+      if (!net.folded()) bwd_cols<T>(M, D, D, dx, D, w.wxp, w.txp, c0, c1, o + c0 * M, gw, false);
       for (int64_t h = h0; h < h1; ++h) {
+        const int64_t hc = c0 * M + (h - h0) * hd;
         for (int64_t c = 0; c < nb; ++c) {
           const int64_t q0 = c * Tn;
           const int64_t b = (cand0 + c) / net.K;
@@ -902,7 +923,7 @@ PYEBM_INLINE void block_impl(const Net<T>& net, int64_t cand0, int64_t nb, const
           transpose_to<T>(hd, L, net.kc(l, b, h), kvT);
           const T* Pch = Pc + (c * H + h) * Tn * L;
           for (int64_t t = 0; t < Tn; ++t) {
-            const T* dot = net.folded() ? dx + (q0 + t) * D : o + (q0 + t) * D + h * hd;
+            const T* dot = net.folded() ? dx + (q0 + t) * D : o + hc + (q0 + t) * gw;
             const T* pr = Pch + t * L;
             T dotp = T(0);
             for (int64_t j = 0; j < L; ++j) {
@@ -910,7 +931,7 @@ PYEBM_INLINE void block_impl(const Net<T>& net, int64_t cand0, int64_t nb, const
               dotp += dP[j] * pr[j];
             }
             for (int64_t j = 0; j < L; ++j) dP[j] = pr[j] * (dP[j] - dotp);  // dS
-            T* dq = t2 + (q0 + t) * D + h * hd;
+            T* dq = t2 + hc + (q0 + t) * gw;
             for (int64_t d = 0; d < hd; ++d) dq[d] = T(0);
             for (int64_t j = 0; j < L; ++j) {
               const T dj = dP[j];
@@ -921,10 +942,9 @@ PYEBM_INLINE void block_impl(const Net<T>& net, int64_t cand0, int64_t nb, const
           }
         }
         for (int64_t i = 0; i < M; ++i)
-          rms_back_row(t2 + i * D + h * hd, w.xqn, cqh + i * D + h * hd, rcq[i * H + h], hd, big + i * D + h * hd,
-                       false);
+          rms_back_row(t2 + hc + i * gw, w.xqn, cqh + hc + i * gw, rcq[h * M + i], hd, big + hc + i * gw, false);
       }
-      bwd_kslice<T>(M, D, D, big, w.wxq, w.txq, part_sum + t * M * D, c0, c1, false);
+      bwd_krows<T>(M, D, D, big + c0 * M, gw, w.wxq, w.txq, c0, c1, part_sum + t * M * D, false);
     }
     PYEBM_TILES(crew, n_rt, t) {
       PYEBM_ROWS(t);
@@ -940,31 +960,33 @@ PYEBM_INLINE void block_impl(const Net<T>& net, int64_t cand0, int64_t nb, const
     T* dqkv = big;
     PYEBM_TILES(crew, n_ht, t) {
       PYEBM_HEADS(t);
-      const int64_t c0 = h0 * hd, c1 = h1 * hd;
-      bwd_slice<T>(M, D, D, dx, w.wp, w.tp, o, false, c0, c1);
+      const int64_t c0 = h0 * hd, c1 = h1 * hd, gw = c1 - c0;
+      bwd_cols<T>(M, D, D, dx, D, w.wp, w.tp, c0, c1, o + c0 * M, gw, false);
       for (int64_t h = h0; h < h1; ++h) {
-        for (int64_t i = 0; i < M; ++i)
-          for (int64_t part = 0; part < 3; ++part)
-            std::fill(dqkv + i * 3 * D + part * D + h * hd, dqkv + i * 3 * D + part * D + (h + 1) * hd, T(0));
+        const int64_t hc = c0 * M + (h - h0) * hd;
+        for (int64_t part = 0; part < 3; ++part)
+          for (int64_t i = 0; i < M; ++i) {
+            T* g = dqkv + part * M * D + hc + i * gw;
+            std::fill(g, g + hd, T(0));
+          }
         for (int64_t c = 0; c < nb; ++c) {
-          const int64_t r = c * Tn * D + h * hd;
-          T* g = dqkv + c * Tn * 3 * D + h * hd;
-          self_attn_head_back<T>(hd, Tn, D, o + r, vv + r, Pm + (c * H + h) * Tn * Tn, qh + r, kh + r, w.qn, w.kn,
-                                 net.scale, g, g + D, g + 2 * D, 3 * D, dP, kvT);
+          const int64_t r = hc + c * Tn * gw;
+          self_attn_head_back<T>(hd, Tn, gw, o + r, vv + r, Pm + (c * H + h) * Tn * Tn, qh + r, kh + r, w.qn, w.kn,
+                                 net.scale, dqkv + r, dqkv + M * D + r, dqkv + 2 * M * D + r, gw, dP, kvT);
         }
         // through the per-head q/k RMSNorms, in place (the upstream gradient is copied out first)
         for (int64_t i = 0; i < M; ++i) {
-          T* dq = dqkv + i * 3 * D + h * hd;
-          T* dk = dqkv + i * 3 * D + D + h * hd;
+          T* dq = dqkv + hc + i * gw;
+          T* dk = dqkv + M * D + hc + i * gw;
           std::copy(dq, dq + hd, up);
-          rms_back_row(up, w.qn, qh + i * D + h * hd, rq[i * H + h], hd, dq, false);
+          rms_back_row(up, w.qn, qh + hc + i * gw, rq[h * M + i], hd, dq, false);
           std::copy(dk, dk + hd, up);
-          rms_back_row(up, w.kn, kh + i * D + h * hd, rk[i * H + h], hd, dk, false);
+          rms_back_row(up, w.kn, kh + hc + i * gw, rk[h * M + i], hd, dk, false);
         }
       }
       for (int64_t part = 0; part < 3; ++part)
-        bwd_kslice<T>(M, 3 * D, D, dqkv, w.wqkv, w.tqkv, part_sum + t * M * D, part * D + c0, part * D + c1,
-                      part > 0);
+        bwd_krows<T>(M, 3 * D, D, dqkv + part * M * D + c0 * M, gw, w.wqkv, w.tqkv, part * D + c0, part * D + c1,
+                     part_sum + t * M * D, part > 0);
     }
     // norm1 back into dx (with the qkv partial sums); below the first layer, also the embedding's first
     // backward product input
@@ -989,7 +1011,7 @@ PYEBM_INLINE void block_impl(const Net<T>& net, int64_t cand0, int64_t nb, const
   }
   PYEBM_TILES(crew, col_tiles(D), t) {
     PYEBM_COLS(t, D);
-    bwd_slice<T>(M, D, D, o, net.w1, net.tw1, t2, false, n0, n1);
+    bwd_cols<T>(M, D, D, o, D, net.w1, net.tw1, n0, n1, t2 + n0, D, false);
   }
   PYEBM_TILES(crew, n_rt, t) {
     PYEBM_ROWS(t);
