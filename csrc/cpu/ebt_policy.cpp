@@ -107,9 +107,14 @@ template <typename T>
 struct Saved {
   int64_t M, D, H, Tn, L, nb;
   T* base;
-  int64_t layer_elems() const { return 8 * M * D + 3 * M + 3 * M * H + nb * H * Tn * (Tn + L); }
+  // each layer's arrays and the embedding's start on a page of their own
+  static int64_t paged(int64_t n) {
+    constexpr int64_t kPage = 4096 / int64_t(sizeof(T));
+    return (n + kPage - 1) / kPage * kPage;
+  }
+  int64_t layer_elems() const { return paged(8 * M * D + 3 * M + 3 * M * H + nb * H * Tn * (Tn + L)); }
   T* layer(int64_t l) const { return base + embed_elems() + l * layer_elems(); }
-  int64_t embed_elems() const { return 3 * M * D + M; }
+  int64_t embed_elems() const { return paged(3 * M * D + M); }
   // within a layer: xhat and r of the three block norms, q/k after their per-head norm (before the
   // weight) and r, v, the two attention probability tensors, and gelu'(mlp fc1 output) in h1
   T* xn1(T* p) const { return p; }
@@ -139,11 +144,11 @@ struct Saved {
 // serves the whole crew), slot 1 a participant's own temporaries.
 template <typename T, int Slot>
 inline T* scratch(int64_t n) {
-  constexpr int64_t kPad = 64 / sizeof(T);  // room to start on a cache line
+  constexpr int64_t kPad = 4096 / sizeof(T);  // room to start on a page
   thread_local std::vector<T> buf;
   if (static_cast<int64_t>(buf.size()) < n + kPad) buf.resize(static_cast<size_t>(n + kPad));
   const uintptr_t p = reinterpret_cast<uintptr_t>(buf.data());
-  return reinterpret_cast<T*>((p + 63) & ~uintptr_t(63));
+  return reinterpret_cast<T*>((p + 4095) & ~uintptr_t(4095));
 }
 template <typename T>
 inline T* crew_local(int64_t n) {
@@ -604,7 +609,7 @@ template <typename T>
 int64_t block_saved_elems(const Net<T>& net, int64_t nb) {
   const int64_t M = nb * net.Tn;
   Saved<T> sv{M, net.D, net.H, net.Tn, net.L, nb, nullptr};
-  return sv.embed_elems() + net.layers * sv.layer_elems() + 2 * M * net.D + M;  // + head xnf, hh, rf
+  return Saved<T>::paged(sv.embed_elems() + net.layers * sv.layer_elems() + 2 * M * net.D + M);  // + head xnf, hh, rf
 }
 template <typename T>
 int64_t block_elems(const Net<T>& net, int64_t nb) {
