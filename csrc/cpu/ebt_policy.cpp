@@ -515,9 +515,10 @@ PYEBM_INLINE bool bcast_product(int64_t M, int64_t N, int64_t P, const T* X, int
 // Arrays that the tiles of a phase split by columns (a head group's q/k/v, attention outputs and their
 // gradients, an MLP tile's hidden units) are kept tile-major: the block of columns [c0, c1) of an [M, N]
 // array starts at arr + c0 * M and its rows are c1 - c0 apart. Each tile then writes and reads one
-// contiguous region of its own, which shares no cache line and no page with another tile's: with the
-// columns interleaved row by row, two cores writing neighbouring columns of the same pages ran those
-// passes at a fraction of their speed on one core. The few arrays that a row phase reads next (the
+// contiguous region of its own (at most its first and last cache lines or pages are shared with a
+// neighbouring block; with the common sizes, none): with the columns interleaved row by row, two cores
+// writing neighbouring columns of the same pages ran those passes at a fraction of their speed on one
+// core. The few arrays that a row phase reads next (the
 // embedding's and the head's column tiles) stay row-major (ld = N, block at arr + c0).
 
 // C [M, n1 - n0] (ld ldc) (+)= A [M, K] (ld lda) @ W[n0:n1, :]^T (W [N, K], Wt [K, N] or null)
