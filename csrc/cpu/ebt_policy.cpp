@@ -116,7 +116,8 @@ struct Saved {
   T* layer(int64_t l) const { return base + embed_elems() + l * layer_elems(); }
   int64_t embed_elems() const { return paged(3 * M * D + M); }
   // within a layer: xhat and r of the three block norms, q/k after their per-head norm (before the
-  // weight) and r, v, the two attention probability tensors, and gelu'(mlp fc1 output) in h1
+  // weight) and r, v, the two attention probability tensors, and gelu'(mlp fc1 output) in h1. qh, kh, v,
+  // cqh and h1 are tile-major (see "products of a tile"), rq, rk and rcq head-major [H, M].
   T* xn1(T* p) const { return p; }
   T* qh(T* p) const { return p + 1 * M * D; }
   T* kh(T* p) const { return p + 2 * M * D; }
@@ -733,9 +734,7 @@ PYEBM_INLINE void block_impl(const Net<T>& net, int64_t cand0, int64_t nb, const
       for (int64_t part = 0; part < 3; ++part) {
         T* blk = big + part * M * D + c0 * M;
         fwd_cols<T>(M, 3 * D, D, o, D, w.wqkv, w.tqkv, part * D + c0, part * D + c1, blk, gw, false);
-        const T* bias = w.bqkv + part * D + c0;
-        for (int64_t i = 0; i < M; ++i)
-          for (int64_t j = 0; j < gw; ++j) blk[i * gw + j] += bias[j];
+        add_bias(blk, w.bqkv + part * D + c0, M, gw);
       }
       for (int64_t h = h0; h < h1; ++h) {
         const int64_t hc = c0 * M + (h - h0) * hd;  // the head's first element in the group's blocks
@@ -761,8 +760,7 @@ PYEBM_INLINE void block_impl(const Net<T>& net, int64_t cand0, int64_t nb, const
       T* gpart = part_sum + t * M * D;  // the group's partial product of the cross projection
       T* qb = big + c0 * M;             // the group's query columns [M, gw]
       fwd_cols<T>(M, D, D, o, D, w.wxq, w.txq, c0, c1, qb, gw, false);
-      for (int64_t i = 0; i < M; ++i)
-        for (int64_t j = 0; j < gw; ++j) qb[i * gw + j] += w.bxq[c0 + j];
+      add_bias(qb, w.bxq + c0, M, gw);
       for (int64_t h = h0; h < h1; ++h) {
         const int64_t hc = c0 * M + (h - h0) * hd;
         for (int64_t i = 0; i < M; ++i)
@@ -824,8 +822,7 @@ PYEBM_INLINE void block_impl(const Net<T>& net, int64_t cand0, int64_t nb, const
       T* hb = t2 + n0 * M;  // the tile's hidden units, [M, wd]
       T* gb = h1 + n0 * M;  // and their gelu' (kept for the backward pass)
       fwd_cols<T>(M, D, D, o, D, w.wf1, w.tf1, n0, n1, hb, wd, false);
-      for (int64_t i = 0; i < M; ++i)
-        for (int64_t j = 0; j < wd; ++j) hb[i * wd + j] += w.bf1[n0 + j];
+      add_bias(hb, w.bf1 + n0, M, wd);
       gelu_pass(M * wd, hb, gb);
       fwd_krows<T>(M, D, D, hb, wd, w.wf2, w.tf2, n0, n1, part_sum + t * M * D);
     }
