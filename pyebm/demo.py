@@ -186,7 +186,6 @@ def save_figure(path: str, model, cs: torch.Tensor, res, n_paths: int = 24) -> N
 
 def run(args: argparse.Namespace) -> int:
     import pyebm
-    from pyebm.descent import _whole_loop_supported
     from pyebm.reference.descent import minimize_reference
 
     quick = args.quick
@@ -271,7 +270,7 @@ def run(args: argparse.Namespace) -> int:
         timings.append((label, _median_time(fn, repeats)))
     eager_t = timings[0][1]
     rows = [[label, f"{t / T * 1e6:9.1f}", f"{t * 1e3:8.2f}", f"{eager_t / t:5.2f}x"] for label, t in timings]
-    if _whole_loop_supported(model, tcfg, y0=yt, mask=None, record=False, backend=args.backend):
+    if pyebm.explain(model, xt, tcfg, Kt, init=yt, backend=args.backend).path in ("one call", "whole loop"):
         fn = lambda: pyebm.minimize(model, xt, Kt, tcfg, init=yt, generator=2, backend=args.backend,  # noqa: E731
                                     whole_loop=True)
         t = _median_time(fn, repeats)

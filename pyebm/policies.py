@@ -21,20 +21,21 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-from pyebm.descent import NONFINITE, Descent, DescentResult, _Deferred, _DeferredFields, _raw_field, minimize
+from pyebm.descent import NONFINITE, Descent, DescentResult, as_generator, minimize
 from pyebm.energy import MLPEnergy
 
 BoundValue = Union[float, Sequence[float], Tensor]
 
 
 @dataclass
-class PolicyResult(_DeferredFields):
-    """What the last ``act`` did.
+class PolicyResult:
+    """What the last ``act`` did (values computed during that call).
 
     actions [B, n_action_steps, A]: the executed window. chunk [B, horizon, A]: the whole chosen chunk.
     y [B, K, horizon, A], energy [B, K]: every candidate's final chunk and energy; best_energy [B],
-    best_index [B] (with one candidate and no recovery, where nothing needs them, the energies are
-    computed when first read). steps [B, K]: descent steps each candidate took (all rounds added up); status [B, K]:
+    best_index [B]. With one candidate and no recovery nothing needs the final energies, and unless the
+    policy was built with ``final_energy=True`` that pass is skipped: ``energy`` and ``best_energy`` are
+    None then. steps [B, K]: descent steps each candidate took (all rounds added up); status [B, K]:
     the descent status of the round each candidate's final value came from (0 max steps, 1 converged,
     2 non-finite). retries [B, K]: how often each candidate was re-initialised by recovery;
     recovered: how many re-initialisations happened in all (0 without recovery).
@@ -44,8 +45,8 @@ class PolicyResult(_DeferredFields):
     actions: Tensor
     chunk: Tensor
     y: Tensor
-    energy: Tensor
-    best_energy: Tensor
+    energy: Optional[Tensor]
+    best_energy: Optional[Tensor]
     best_index: Tensor
     steps: Tensor
     status: Tensor
@@ -71,8 +72,8 @@ class _Prepared:
         return self._energy.energy_and_grad(ctx, y)
 
     def __getattr__(self, name):
-        # the energy's whole-loop hooks (EBTPolicy.whole_loop_backend / run_whole_loop), when it has them
-        if name in ("whole_loop_backend", "run_whole_loop"):
+        # the energy's whole-loop hooks and the attributes pyebm._dispatch reads, when it has them
+        if name in ("whole_loop_spec", "run_whole_loop", "backend", "explain_energy", "grad_mode"):
             return getattr(self._energy, name)
         raise AttributeError(name)
 
@@ -104,6 +105,8 @@ class EnergyPolicy:
             and descended again, at most ``max_retries`` rounds; None disables.
         check_every: how often the descent's host-side "all stopped" check runs; default 1 on CPU
             (a host read costs nothing there) and the descent's own setting elsewhere.
+        final_energy: None (default): compute the candidates' final energies only where something needs
+            them (K > 1, recovery); True: always (``last_result.energy`` is then never None).
     """
 
     def __init__(self, energy, descent: Optional[Descent] = None, candidates: int = 1,
@@ -111,7 +114,7 @@ class EnergyPolicy:
                  bounds: Optional[Tuple[BoundValue, BoundValue]] = None, *, action_dim: Optional[int] = None,
                  n_obs_steps: Optional[int] = None, window_start: Optional[int] = None, warm_start: bool = False,
                  recovery_threshold: Optional[float] = None, max_retries: int = 1,
-                 check_every: Optional[int] = None):
+                 check_every: Optional[int] = None, final_energy: Optional[bool] = None):
         if not all(callable(getattr(energy, n, None)) for n in ("prepare", "energy", "energy_and_grad")):
             raise TypeError("EnergyPolicy: energy must have prepare / energy / energy_and_grad (a pyebm energy); "
                             f"got {type(energy).__name__}")
@@ -173,6 +176,9 @@ class EnergyPolicy:
         self.recovery_threshold = recovery_threshold
         self.max_retries = _int_arg("max_retries", max_retries, 0)
         self.check_every = None if check_every is None else _int_arg("check_every", check_every, 0)
+        if final_energy not in (None, True):
+            raise ValueError(f"EnergyPolicy: final_energy must be None or True; got {final_energy!r}")
+        self.final_energy = final_energy
         self.last_result: Optional[PolicyResult] = None
         self._previous: Optional[Tensor] = None
 
@@ -291,8 +297,6 @@ class EnergyPolicy:
                     or obs.shape[1] % self.n_obs_steps != 0:
                 raise ValueError(f"EnergyPolicy.act: obs must be observation tokens [B, L, cond_dim={cond_dim}] with "
                                  f"L a multiple of n_obs_steps={self.n_obs_steps}; got shape {list(obs.shape)}")
-        if obs.shape[0] < 1:
-            raise ValueError("EnergyPolicy.act: obs has an empty batch")
         # one host read per act: a non-finite observation would poison every candidate of its row
         if not bool(torch.isfinite(obs).all()):
             bad = (~torch.isfinite(obs.reshape(obs.shape[0], -1))).any(dim=1).nonzero().flatten().tolist()
@@ -367,8 +371,7 @@ class EnergyPolicy:
         obs = self._context(obs)
         B, device = obs.shape[0], obs.device
         dtype = obs.dtype
-        if isinstance(generator, numbers.Integral) and not isinstance(generator, bool):
-            generator = torch.Generator(device=device).manual_seed(int(generator))
+        generator = as_generator(generator, device, "EnergyPolicy.act")
         cfg = self._config(device)
         T, A, K = self.horizon, self.action_dim, self.candidates
 
@@ -389,9 +392,10 @@ class EnergyPolicy:
         else:
             target, context = _Prepared(self.energy, self.energy.prepare(obs)), obs
 
+        need_energy = K > 1 or self._recovers() or self.final_energy is True
         res = minimize(target, context, candidates=K, config=cfg,
-                       init=None if y0 is None else self._event(y0), generator=generator)
-        y, energy = self._chunks(res.y), res.energy if self._recovers() else _raw_field(res, "energy")
+                       init=None if y0 is None else self._event(y0), generator=generator, final_energy=need_energy)
+        y, energy = self._chunks(res.y), res.energy
         steps, status = res.steps, res.status
         retries = torch.zeros(B, K, dtype=torch.int32, device=device)
         recovered = 0
@@ -427,10 +431,7 @@ class EnergyPolicy:
         s = self.window_start
         actions = best[:, s:s + self.n_action_steps]
         self._previous = best
-        if type(energy) is _Deferred:  # one candidate: the final energy runs when it is read
-            best_energy = _raw_field(res, "best_energy")  # the result's own deferred fields, one pass
-        else:
-            best_energy = energy[torch.arange(B, device=device), best_index]
+        best_energy = None if energy is None else energy[torch.arange(B, device=device), best_index]
         self.last_result = PolicyResult(actions=actions, chunk=best, y=y, energy=energy,
                                         best_energy=best_energy, best_index=best_index, steps=steps,
                                         status=status, retries=retries, recovered=recovered, descent=res)

@@ -5,6 +5,8 @@ import pickle
 import pytest
 import torch
 
+import pyebm
+
 from pyebm.models import EBTPolicy, EBTPolicyContext
 from pyebm.ops import ebt_policy as ebt_op
 from pyebm.reference import ebt_policy as ref
@@ -545,7 +547,8 @@ def test_whole_loop_matches_per_step_path(name, BK):
     B, K = BK
     obs = torch.randn(B, 2, 12, dtype=torch.float64)
     init = torch.randn(B, K, 5, 3, dtype=torch.float64)
-    assert m.whole_loop_backend(cfg, y0=init, mask=None, record=False, backend=None) == "cpu"
+    route = pyebm.explain(m, obs, cfg, K, init=init)
+    assert (route.path, route.backend) == ("whole loop", "cpu"), route
     fast = minimize(m, obs, candidates=K, config=cfg, init=init, whole_loop=True)
     slow = minimize(m, obs, candidates=K, config=cfg, init=init, whole_loop=False)
     for f in ("y", "energy", "initial_energy", "best", "best_energy"):
@@ -555,54 +558,53 @@ def test_whole_loop_matches_per_step_path(name, BK):
 
 
 @needs_loop
-def test_one_candidate_final_energy_runs_when_read():
-    """With one candidate nothing is selected, so the whole loop skips its final energy pass and the result
-    computes it on first read: the same numbers as an energy call on the final states, computed once."""
+def test_one_candidate_final_energy_only_when_asked():
+    """With one candidate nothing is selected: minimize(..., final_energy=False) skips the whole loop's final
+    energy pass and says so (None), and every field of a result is a value computed during the call."""
     from pyebm import Descent, minimize
-    from pyebm.descent import _Deferred, _raw_field
     from pyebm.policies import EnergyPolicy
 
     m = make_model(scale=0.1)
     obs = torch.randn(2, 2, 12, dtype=torch.float64)
     cfg = Descent.ebt_policy(max_steps=4, step_size=5.0, min_grad=0.05)
-    res = minimize(m, obs, candidates=1, config=cfg, init=torch.randn(2, 1, 5, 3, dtype=torch.float64))
-    assert type(_raw_field(res, "energy")) is _Deferred and type(_raw_field(res, "best_energy")) is _Deferred
-    want = m.energy(m.prepare(obs), res.y)
-    assert torch.equal(res.energy, want) and torch.equal(res.best_energy, want[:, 0])
-    assert res.energy is res.energy                      # stored after the first read
-    again = minimize(m, obs, candidates=1, config=cfg, init=res.y)
-    assert type(_raw_field(again, "energy")) is _Deferred
-    copied = pickle.loads(pickle.dumps(again))           # pickling computes the deferred fields
-    assert type(_raw_field(copied, "energy")) is torch.Tensor and torch.equal(copied.energy, again.energy)
-    assert torch.equal(copy.deepcopy(again).best_energy, again.best_energy)
+    y0 = torch.randn(2, 1, 5, 3, dtype=torch.float64)
+    res = minimize(m, obs, candidates=1, config=cfg, init=y0, final_energy=False)
+    assert res.energy is None and res.best_energy is None
+    full = minimize(m, obs, candidates=1, config=cfg, init=y0)
+    want = m.energy(m.prepare(obs), full.y)
+    assert torch.equal(full.energy, want) and torch.equal(full.best_energy, want[:, 0])
+    for f in ("y", "best", "initial_energy", "steps", "status", "best_index"):
+        assert torch.equal(getattr(res, f), getattr(full, f)), f
     assert torch.equal(res.best, res.y[:, 0]) and res.best_index.tolist() == [0, 0]
-    # the deferred pass runs on the backend that ran the loop, whatever the model's default
-    m32 = make_model(scale=0.1, dtype=torch.float32, backend="torch")
-    obs32 = obs.float()
-    r32 = minimize(m32, obs32, candidates=1, config=cfg, init=torch.randn(2, 1, 5, 3), backend="cpu")
-    assert torch.equal(r32.energy, m32.energy(m32.prepare(obs32), r32.y, backend="cpu"))
-    # K > 1 selects by the final energy: computed in the loop
-    res2 = minimize(m, obs, candidates=2, config=cfg, init=torch.randn(2, 2, 5, 3, dtype=torch.float64))
-    assert type(_raw_field(res2, "energy")) is torch.Tensor
+    # the result does not change when the model does afterwards
+    before = full.energy.clone()
+    with torch.no_grad():
+        m.head.fc2.weight.mul_(3.0)
+    assert torch.equal(full.energy, before)
+    assert torch.equal(copy.deepcopy(full).energy, before) and torch.equal(pickle.loads(pickle.dumps(full)).energy,
+                                                                           before)
+    with pytest.raises(ValueError, match="final_energy=False needs candidates=1"):
+        minimize(m, obs, candidates=2, config=cfg, final_energy=False)
 
     # the op without its final pass: NaN energies, everything else unchanged
     ctx = m.prepare(obs)
-    y0 = torch.randn(2, 1, 5, 3, dtype=torch.float64)
     full = m.run_whole_loop(ctx, cfg, y0=y0)
     part = m.run_whole_loop(ctx, cfg, y0=y0, final_energy=False)
     assert bool(torch.isnan(part[1]).all()) and torch.equal(full[1], m.energy(ctx, full[0]))
     for a, b in zip(full[:1] + full[2:], part[:1] + part[2:]):
         assert torch.equal(a, b)
 
-    # the policy: deferred without recovery, computed in act() when recovery needs it
+    # the policy: skipped with one candidate and no recovery, unless final_energy=True; computed when
+    # recovery needs it
     pol = EnergyPolicy.ebt_policy(m, max_steps=4, min_grad=0.05)
     pol.act(obs, generator=0)
-    assert type(_raw_field(pol.last_result, "energy")) is _Deferred
+    assert pol.last_result.energy is None and pol.last_result.best_energy is None
+    pol = EnergyPolicy.ebt_policy(m, max_steps=4, min_grad=0.05, final_energy=True)
+    pol.act(obs, generator=0)
     want = m.energy(m.prepare(obs), pol.last_result.y)
     assert torch.equal(pol.last_result.energy, want) and torch.equal(pol.last_result.best_energy, want[:, 0])
     pol = EnergyPolicy.ebt_policy(m, max_steps=4, min_grad=0.05, recovery_threshold=1e9)
     pol.act(obs, generator=0)
-    assert type(_raw_field(pol.last_result, "energy")) is torch.Tensor
     assert torch.equal(pol.last_result.energy, m.energy(m.prepare(obs), pol.last_result.y))
 
 
@@ -613,16 +615,22 @@ def test_whole_loop_not_taken_for_options_it_lacks():
     m = make_model(scale=0.1)
     obs = torch.randn(1, 2, 12, dtype=torch.float64)
     y0 = torch.randn(1, 2, 5, 3, dtype=torch.float64)
-    for cfg in (Descent.ebt_policy(noise=0.1), Descent(steps=3, accept_if_lower=True), Descent(steps=3, tol=1e-3,
-                tol_on="energy_change"), Descent(steps=3, tol=1e-3, tol_scope="all", grad_clip=1.0)):
-        assert m.whole_loop_backend(cfg, y0=y0, mask=None, record=False, backend=None) is None
+    def route(cfg, **kw):
+        return pyebm.explain(m, obs, cfg, 2, init=y0, **kw)
+
+    for cfg, why in ((Descent.ebt_policy(noise=0.1), "noise"), (Descent(steps=3, accept_if_lower=True), "accept"),
+                     (Descent(steps=3, tol=1e-3, tol_on="energy_change"), "energy_change"),
+                     (Descent(steps=3, tol=1e-3, tol_scope="all", grad_clip=1.0), "clipping")):
+        r = route(cfg)
+        assert r.path == "per step" and why in r.refused["whole loop"], r
         with pytest.raises(ValueError, match="whole_loop=True but no whole-loop op"):
             minimize(m, obs, candidates=2, config=cfg, init=y0, whole_loop=True, generator=0)
     cfg = Descent(steps=3)
-    assert m.whole_loop_backend(cfg, y0=y0, mask=None, record=True, backend=None) is None
-    assert m.whole_loop_backend(cfg, y0=y0, mask=None, record=False, backend="torch") is None
+    assert route(cfg).path == "whole loop"
+    assert route(cfg, record=True).path == "per step"
+    assert route(cfg, backend="torch").path == "per step"
     m.grad_mode = "autograd"
-    assert m.whole_loop_backend(cfg, y0=y0, mask=None, record=False, backend=None) is None
+    assert "grad_mode" in route(cfg).refused["whole loop"]
 
 
 @needs_loop

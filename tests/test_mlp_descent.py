@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import pyebm
+from pyebm import _dispatch
 from pyebm import Descent, minimize
-from pyebm.descent import _whole_loop_supported
 from pyebm.ops import descent as dops
 from pyebm.reference.descent import minimize_reference
 
@@ -94,13 +94,22 @@ def test_whole_loop_mask(mask_shape):
 
 def test_minimize_picks_the_whole_loop_by_itself():
     m, x, y0 = setup(torch.float32)
-    assert _whole_loop_supported(m, CONFIGS["gd"], y0=y0, mask=None, record=False, backend=None) == "cpu"
-    # Options the op does not implement keep the per-step path.
-    for cfg in (Descent.gd(steps=3, accept_if_lower=True), Descent.gd(steps=3, normalize="rms"),
-                Descent.gd(steps=3, tol=0.1, tol_scope="all"), Descent.ibc_dfo(steps=3, lower=-1.0, upper=1.0)):
-        assert _whole_loop_supported(m, cfg, y0=y0, mask=None, record=False, backend=None) is None
-    assert _whole_loop_supported(m, CONFIGS["gd"], y0=y0, mask=None, record=True, backend=None) is None
-    assert _whole_loop_supported(m, CONFIGS["gd"], y0=y0, mask=None, record=False, backend="torch") is None
+    K = y0.shape[1]
+
+    def path(cfg, **kw):
+        return pyebm.explain(m, x, config=cfg, candidates=K, init=y0, **kw)
+
+    assert path(CONFIGS["gd"]).path == "one call"                       # context term, loop and selection
+    assert path(CONFIGS["gd"], mask=torch.zeros(y0.shape, dtype=torch.bool)).path == "whole loop"
+    # Options the op does not implement keep the per-step path, and say why.
+    for cfg, why in ((Descent.gd(steps=3, accept_if_lower=True), "accept_if_lower"),
+                     (Descent.gd(steps=3, normalize="rms"), "normalize"),
+                     (Descent.gd(steps=3, tol=0.1, tol_scope="all"), "tol_scope"),
+                     (Descent.ibc_dfo(steps=3, lower=-1.0, upper=1.0), "method")):
+        e = path(cfg)
+        assert e.path == "per step" and why in e.refused["whole loop"], (cfg, e)
+    assert "record" in path(CONFIGS["gd"], record=True).refused["whole loop"]
+    assert path(CONFIGS["gd"], backend="torch").path == "per step"
 
 
 def test_whole_loop_isolates_non_finite_candidates():
@@ -164,9 +173,9 @@ def test_fused_update_matches_torch_update(opts, dtype):
     if opts.pop("y_base", False):  # the step starts elsewhere than the committed state (a normalised y)
         opts["y_base"] = torch.randn(N, D, generator=torch.Generator().manual_seed(6))
     if N == 1 or "y_base" in opts:  # these take the C++ op on the cpu backend too
-        assert dops._fused_kind(torch.zeros(N, D), torch.zeros(N, D), opts.get("y_base"), None, "none",
-                                opts.get("tol", 0.0), "grad_norm", opts.get("tol_scope", "candidate"), None, False,
-                                None, None, None, "cpu") == "cpu"
+        assert _dispatch.update_route(torch.zeros(N, D), torch.zeros(N, D), opts.get("y_base"), "none",
+                                      opts.get("tol", 0.0), "grad_norm", opts.get("tol_scope", "candidate"), None,
+                                      False, None, None, None, "cpu") == ("cpu", None)
     runs = []
     for backend in ("torch", "cpu"):
         y, g, E, active, steps, status = op_args(N, D, dtype)

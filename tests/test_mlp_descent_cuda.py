@@ -20,7 +20,6 @@ import torch
 
 import pyebm
 from pyebm import Descent, minimize
-from pyebm.ops import mlp_descent as mdops
 
 ROOT = Path(__file__).resolve().parent.parent
 EMU_DIR = ROOT / "tests" / "cuda_emu"
@@ -328,9 +327,10 @@ def test_whole_loop_backend_resolution_on_cpu():
     m = pyebm.MLPEnergy(3, 4, hidden=(8,), dtype=torch.float64)
     y0 = torch.randn(2, 3, 4, dtype=torch.float64)
     cfg = Descent.gd(steps=3, step_size=0.1)
-    assert mdops.whole_loop_backend(m, cfg, y0, False, None) == "cpu"
+    x = torch.randn(2, 3, dtype=torch.float64)
+    assert pyebm.explain(m, x, cfg, 3, init=y0, mask=torch.zeros(y0.shape, dtype=torch.bool)).backend == "cpu"
     with pytest.raises(ValueError, match="cuda"):
-        mdops.whole_loop_backend(m, cfg, y0, False, "cuda")
+        pyebm.explain(m, x, cfg, 3, init=y0, backend="cuda")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -403,7 +403,8 @@ def test_minimize_runs_the_cuda_whole_loop():
     x, y0 = torch.randn(2, 3, dtype=torch.float64), torch.randn(2, 6, 4, dtype=torch.float64)
     cfg = Descent.gd(steps=8, step_size=0.05, momentum=0.9, nesterov=True, tol=1e-3)
     mc = m.to("cuda")
-    assert mdops.whole_loop_backend(mc, cfg, y0.cuda(), False, None) == "cuda"
+    route = pyebm.explain(mc, x.cuda(), cfg, 6, init=y0.cuda())
+    assert (route.path, route.backend) == ("whole loop", "cuda"), route
     got = minimize(mc, x.cuda(), candidates=6, config=cfg, init=y0.cuda(), whole_loop=True)
     per_step = minimize(mc, x.cuda(), candidates=6, config=cfg, init=y0.cuda(), whole_loop=False, backend="torch")
     torch.testing.assert_close(got.y, per_step.y, rtol=0, atol=1e-10)

@@ -1,13 +1,15 @@
-// pyebm._C.MlpPlan: the MLP energy's weights checked, laid out and packed once, then called straight from
+// pyebm._C.MlpPlan: the MLP energy's weights checked, laid out and packed, then called straight from
 // Python through pybind11, without the dispatcher, the argument lists and the per-call checks of the
 // torch.ops.pyebm.* ops. MLPEnergy uses it on the cpu backend in eager mode (the ops stay the path for
-// torch.compile and every other device). The kernels are the ops' kernels (mlp_block, run_descent,
+// torch.compile, tracing and every other device). The kernels are the ops' kernels (mlp_block, run_descent,
 // select_best_impl), on the same values, so both paths give the same numbers bit for bit.
 //
-// The plan keeps references to the model's parameter tensors. Before each call it compares their data
-// pointer, version counter and shape with what it packed: an in-place update (optimizer step,
-// load_state_dict, .data assignment) triggers a repack. The Python side rebuilds the plan when a parameter
-// object is replaced or the module is moved.
+// The plan is built from the module's attributes (module, name), not from tensors: every call re-reads them
+// and compares with the snapshot its pack was made from (sources.h), and packs again when anything changed
+// (an in-place write, .data =, a replaced or parametrized parameter, functional_call). The pack owns aliases
+// of every storage it points into, so a call never reads memory that the module has let go of, whatever
+// another thread assigns meanwhile. The state a call computes with is immutable and shared: a repack
+// replaces it (under the GIL) without touching a call that is running.
 //
 // A call whose inputs the plan does not take as they are (another dtype or device, wrong shapes) returns
 // None; the caller then runs the op path, which raises the documented error or converts.
@@ -24,6 +26,7 @@
 #include "mlp_descent_cpu.h"
 #include "mlp_energy_cpu.h"
 #include "select_best.h"
+#include "sources.h"
 
 namespace py = pybind11;
 
@@ -34,29 +37,11 @@ namespace {
 // Work (multiply-adds x2) above which a call releases the GIL while it computes.
 constexpr int64_t kReleaseGilFlops = int64_t(1) << 21;
 
-// A source tensor as the plan last packed it.
-struct Seen {
-  at::Tensor t;
-  const void* ptr = nullptr;
-  int64_t version = 0;
-  std::vector<int64_t> sizes;
-
-  explicit Seen(at::Tensor src) : t(std::move(src)) {
-    if (t.defined()) {
-      ptr = t.data_ptr();
-      version = t._version();
-      sizes = t.sizes().vec();
-    }
-  }
-  bool unchanged() const {
-    return !t.defined() || (t.data_ptr() == ptr && t._version() == version && t.sizes().equals(sizes));
-  }
-};
-
 // Everything a call reads; replaced as a whole when a source changes, so a call that is running keeps
 // the state it started with.
 struct PlanState {
-  std::vector<Seen> seen;
+  explicit PlanState(Snapshot s) : sources(std::move(s)) {}
+  Snapshot sources;                    // what the pack was made from (owns every storage it points into)
   at::ScalarType dtype = at::kFloat;
   int64_t D = 0, H1 = 0, ctx_dim = 0;
   at::Tensor w_x, b_in;                // the sources, for the context term (exactly prepare()'s addmm)
@@ -125,50 +110,25 @@ class DescentRule {
 
 class MlpPlan {
  public:
-  MlpPlan(c10::optional<at::Tensor> w_x, at::Tensor w_in, c10::optional<at::Tensor> b_in,
-          std::vector<at::Tensor> weights, std::vector<at::Tensor> biases, at::Tensor w_out, at::Tensor b_out,
-          const std::string& activation, bool residual)
-      : act_(parse_activation(activation)), residual_(residual) {
-    sources_.push_back(w_x.has_value() ? *w_x : at::Tensor());
-    sources_.push_back(w_in);
-    sources_.push_back(b_in.has_value() ? *b_in : at::Tensor());
-    sources_.push_back(w_out);
-    sources_.push_back(b_out);
-    num_layers_ = static_cast<int>(weights.size());
-    TORCH_CHECK(weights.size() == biases.size(), "pyebm: weights and biases must have the same length; got ",
-                weights.size(), " and ", biases.size());
-    for (auto& w : weights) sources_.push_back(w);
-    for (auto& b : biases) sources_.push_back(b);
-    state_ = build();
+  // sources: the names under `module` of w_x, w_in, b_in, w_out, b_out, then the hidden layers' weights, then
+  // their biases (None for a source the model does not have: no context, no biases).
+  MlpPlan(const py::object& module, const py::sequence& sources, int64_t num_layers, const std::string& activation,
+          bool residual)
+      : act_(parse_activation(activation)), residual_(residual), num_layers_(static_cast<int>(num_layers)) {
+    TORCH_CHECK(num_layers >= 0 && static_cast<int64_t>(sources.size()) == 5 + 2 * num_layers,
+                "pyebm: MlpPlan takes 5 + 2 * num_layers sources; got ", sources.size(), " for ", num_layers,
+                " layers");
+    state_ = build(Snapshot(module, sources));
   }
 
-  // (E [B, K], dE/dy [B, K, D]), or None when the plan does not take these inputs as they are (or is stale).
+  // (E [B, K], dE/dy [B, K, D]), or None when the plan does not take these inputs as they are.
   py::object energy_and_grad(const at::Tensor& ctx, const at::Tensor& y) { return evaluate(ctx, y, true); }
   // E [B, K], or None.
   py::object energy(const at::Tensor& ctx, const at::Tensor& y) { return evaluate(ctx, y, false); }
 
-  // The module's parameter slots this plan was built from, as (dict, name, parameter) triples: when one of
-  // them holds another object, the plan is stale (stale() is true and every call returns None) and the
-  // module builds a new one.
-  void watch(const py::list& slots) {
-    watch_.clear();
-    for (const auto& item : slots) {
-      py::tuple t = py::reinterpret_borrow<py::tuple>(item);
-      TORCH_CHECK(t.size() == 3 && PyDict_Check(t[0].ptr()), "pyebm: MlpPlan.watch takes (dict, name, value) triples");
-      watch_.push_back({py::reinterpret_borrow<py::object>(t[0]), py::reinterpret_borrow<py::object>(t[1]),
-                        py::reinterpret_borrow<py::object>(t[2])});
-    }
-  }
-  bool stale() const {
-    for (const auto& w : watch_)
-      if (PyDict_GetItem(w.dict.ptr(), w.name.ptr()) != w.value.ptr()) return true;  // borrowed, no error set
-    return false;
-  }
-
   // The context term W_x x + b_1 [B, H1] for x [B, context_dim] (None when x does not fit), computed as
   // MLPEnergy.prepare computes it.
   py::object context(const at::Tensor& x) {
-    if (stale()) return py::none();
     std::shared_ptr<const PlanState> st = current();
     if (!context_fits(*st, x)) return py::none();
     return py::cast(context_term(*st, x));
@@ -179,7 +139,6 @@ class MlpPlan {
   // noise [T, B, K, D] when the rule draws noise. None when the inputs do not fit the plan as they are.
   py::object descent(const at::Tensor& x, const at::Tensor& y0, const DescentRule& rule,
                      const c10::optional<at::Tensor>& noise) {
-    if (stale()) return py::none();
     at::NoGradGuard no_grad;  // inference: no autograd graph, whatever the inputs require
     std::shared_ptr<const PlanState> st = current();
     const RuleOptions& o = rule.options();
@@ -199,9 +158,11 @@ class MlpPlan {
     at::Tensor E_init = at::empty({B, K}, y.options());
     at::Tensor steps = at::empty({B, K}, y.options().dtype(at::kInt));
     at::Tensor status = at::empty({B, K}, y.options().dtype(at::kChar));
+    const bool release_gil = N * st->flops_grad * Tn > kReleaseGilFlops;
+    const at::Tensor noise_t = o.noise != NoiseMode::kNone ? owned(*noise, *noise, release_gil) : at::Tensor();
     {
       std::unique_ptr<py::gil_scoped_release> nogil;
-      if (N * st->flops_grad * Tn > kReleaseGilFlops) nogil = std::make_unique<py::gil_scoped_release>();
+      if (release_gil) nogil = std::make_unique<py::gil_scoped_release>();
       AT_DISPATCH_FLOATING_TYPES(st->dtype, "pyebm_plan_descent", [&] {
         using T = scalar_t;
         MlpDesc<T> p = desc<T>(*st);
@@ -212,7 +173,7 @@ class MlpPlan {
                          o.energy_temperature, o.tol, o.tol_final_step, o.bound_each_step, o.lower, o.upper,
                          o.step_clip, o.noise);
         run_descent<T>(p, u, act_, o.eta, o.noise_level, N, y.data_ptr<T>(), /*fixed=*/nullptr, /*mask=*/nullptr,
-                       o.noise != NoiseMode::kNone ? noise->data_ptr<T>() : nullptr, o.nesterov,
+                       noise_t.defined() ? noise_t.data_ptr<T>() : nullptr, o.nesterov,
                        E_final.data_ptr<T>(), E_init.data_ptr<T>(), steps.data_ptr<int32_t>(),
                        status.data_ptr<int8_t>());
       });
@@ -223,15 +184,21 @@ class MlpPlan {
   }
 
   // Whether the sources changed since the last pack (repacks them if so); for tests and diagnostics.
-  bool refresh() { return current_changed(); }
+  bool refresh() {
+    const std::shared_ptr<const PlanState> before = state_;
+    return current() != before;
+  }
+  // How many packs this plan has made (1 after construction); for tests and diagnostics.
+  int64_t packs() const { return packs_; }
   int64_t packed_matrices() const { return static_cast<int64_t>(state_->wt.size()) + 1; }
 
  private:
-  std::shared_ptr<const PlanState> build() const {
-    auto st = std::make_shared<PlanState>();
-    for (const auto& t : sources_) st->seen.emplace_back(t);
-    const at::Tensor &w_x = sources_[0], &w_in = sources_[1], &b_in = sources_[2], &w_out = sources_[3],
-                     &b_out = sources_[4];
+  std::shared_ptr<const PlanState> build(Snapshot sources) {
+    ++packs_;
+    auto st = std::make_shared<PlanState>(std::move(sources));
+    const std::vector<at::Tensor>& src = st->sources.tensors();
+    const at::Tensor &w_x = src[0], &w_in = src[1], &b_in = src[2], &w_out = src[3];
+    TORCH_CHECK(w_in.defined() && w_out.defined(), "pyebm: MlpPlan needs w_in and w_out");
     TORCH_CHECK(w_in.dim() == 2, "pyebm: w_in must be [H1, D]; got shape ", w_in.sizes());
     const auto dt = w_in.scalar_type();
     TORCH_CHECK(dt == at::kFloat || dt == at::kDouble, "pyebm: MlpPlan supports float32 and float64 weights; got ",
@@ -258,9 +225,12 @@ class MlpPlan {
       st->b_in = b_in;
     }
     std::vector<int64_t> width{st->H1};
+    std::vector<at::Tensor> bias(num_layers_);
     for (int l = 0; l < num_layers_; ++l) {
-      const at::Tensor& w = sources_[5 + l];
-      const at::Tensor& b = sources_[5 + num_layers_ + l];
+      const at::Tensor& w = src[5 + l];
+      TORCH_CHECK(w.defined(), "pyebm: MlpPlan needs every hidden layer's weight");
+      bias[l] = src[5 + num_layers_ + l].defined() ? src[5 + num_layers_ + l] : at::zeros({w.size(0)}, w.options());
+      const at::Tensor& b = bias[l];
       same(w, "weights[]");
       same(b, "biases[]");
       TORCH_CHECK(w.dim() == 2 && w.size(1) == width.back(), "pyebm: weights[", l, "] must be [H_out, ",
@@ -271,9 +241,11 @@ class MlpPlan {
     }
     TORCH_CHECK(static_cast<int>(width.size()) <= kMaxLayers, "pyebm: at most ", kMaxLayers, " hidden layers");
     same(w_out, "w_out");
-    same(b_out, "b_out");
     TORCH_CHECK(w_out.numel() == width.back(), "pyebm: w_out must hold ", width.back(), " values; got shape ",
                 w_out.sizes());
+    // A model without biases reads zeros (made here, owned by the pack).
+    const at::Tensor b_out = src[4].defined() ? src[4] : at::zeros({1}, w_in.options());
+    same(b_out, "b_out");
     TORCH_CHECK(b_out.numel() == 1, "pyebm: b_out must hold one value; got shape ", b_out.sizes());
 
     auto keep = [&](const at::Tensor& t) {
@@ -283,8 +255,8 @@ class MlpPlan {
     const at::Tensor w_in_c = keep(w_in), w_out_c = keep(w_out.reshape({-1})), b_out_c = keep(b_out.reshape({-1}));
     std::vector<at::Tensor> wc, bc;
     for (int l = 0; l < num_layers_; ++l) {
-      wc.push_back(keep(sources_[5 + l]));
-      bc.push_back(keep(sources_[5 + num_layers_ + l]));
+      wc.push_back(keep(src[5 + l]));
+      bc.push_back(keep(bias[l]));
     }
     auto fill = [&](auto& p) {
       using T = std::remove_const_t<std::remove_pointer_t<decltype(p.w_in)>>;
@@ -320,17 +292,9 @@ class MlpPlan {
     return st;
   }
 
-  bool current_changed() {
-    for (const auto& s : state_->seen) {
-      if (!s.unchanged()) {
-        state_ = build();
-        return true;
-      }
-    }
-    return false;
-  }
+  // The state for the module's current weights: the last pack when nothing changed, else a new one.
   std::shared_ptr<const PlanState> current() {
-    current_changed();
+    if (!state_->sources.unchanged()) state_ = build(state_->sources.again());
     return state_;
   }
 
@@ -348,25 +312,30 @@ class MlpPlan {
     return y.defined() && y.dim() == 3 && y.size(0) == B && y.size(2) == st.D && y.scalar_type() == st.dtype &&
            y.device().is_cpu();
   }
+  // t, or an alias of it when it is the caller's own tensor and the GIL is about to be released.
+  static at::Tensor owned(at::Tensor t, const at::Tensor& caller, bool release_gil) {
+    return release_gil && t.is_same(caller) ? caller.detach() : t;
+  }
   static at::Tensor context_term(const PlanState& st, const at::Tensor& x) {
     at::NoGradGuard no_grad;
     return st.b_in.defined() ? at::addmm(st.b_in, x, st.w_x.t()) : at::mm(x, st.w_x.t());
   }
 
   py::object evaluate(const at::Tensor& ctx_, const at::Tensor& y_, bool grad) {
-    if (stale()) return py::none();
     at::NoGradGuard no_grad;
     std::shared_ptr<const PlanState> st = current();
     if (!ctx_.defined() || ctx_.dim() != 2 || ctx_.size(1) != st->H1 || ctx_.scalar_type() != st->dtype ||
         !ctx_.device().is_cpu() || !candidates_fit(*st, y_, ctx_.size(0)))
       return py::none();
     const int64_t B = y_.size(0), K = y_.size(1), D = y_.size(2), N = B * K;
-    const at::Tensor y = y_.contiguous(), ctx = ctx_.contiguous();
+    const bool release_gil = N * st->flops_grad > kReleaseGilFlops;
+    // Without the GIL another Python thread may reassign the caller's tensors (.data =): compute on aliases.
+    const at::Tensor y = owned(y_.contiguous(), y_, release_gil), ctx = owned(ctx_.contiguous(), ctx_, release_gil);
     at::Tensor E = at::empty({B, K}, y.options());
     at::Tensor G = grad ? at::empty({B, K, D}, y.options()) : at::Tensor();
     if (N > 0) {
       std::unique_ptr<py::gil_scoped_release> nogil;
-      if (N * st->flops_grad > kReleaseGilFlops) nogil = std::make_unique<py::gil_scoped_release>();
+      if (release_gil) nogil = std::make_unique<py::gil_scoped_release>();
       AT_DISPATCH_FLOATING_TYPES(st->dtype, "pyebm_plan_mlp", [&] {
         using T = scalar_t;
         MlpDesc<T> p = desc<T>(*st);
@@ -379,14 +348,10 @@ class MlpPlan {
     return py::make_tuple(E, G);
   }
 
-  struct Slot {
-    py::object dict, name, value;
-  };
-  std::vector<Slot> watch_;
   Act act_;
   bool residual_;
-  int num_layers_ = 0;          // hidden-to-hidden layers (weights[])
-  std::vector<at::Tensor> sources_;  // w_x, w_in, b_in, w_out, b_out, weights..., biases...
+  int num_layers_ = 0;  // hidden-to-hidden layers (weights[])
+  int64_t packs_ = 0;
   std::shared_ptr<const PlanState> state_;
 };
 
@@ -402,19 +367,25 @@ void bind_plan(py::module& m) {
            py::arg("lower"), py::arg("upper"), py::arg("step_clip"), py::arg("selection"))
       .def_property_readonly("steps", &DescentRule::steps);
   py::class_<MlpPlan>(m, "MlpPlan",
-                      "MLP energy weights checked and packed once, called without the dispatcher (cpu backend).")
-      .def(py::init<c10::optional<at::Tensor>, at::Tensor, c10::optional<at::Tensor>, std::vector<at::Tensor>,
-                    std::vector<at::Tensor>, at::Tensor, at::Tensor, const std::string&, bool>(),
-           py::arg("w_x"), py::arg("w_in"), py::arg("b_in"), py::arg("weights"), py::arg("biases"), py::arg("w_out"),
-           py::arg("b_out"), py::arg("activation"), py::arg("residual"))
+                      "MLP energy weights packed from the module's attributes and checked against them on every "
+                      "call, called without the dispatcher (cpu backend).")
+      .def(py::init<const py::object&, const py::sequence&, int64_t, const std::string&, bool>(), py::arg("module"),
+           py::arg("sources"), py::arg("num_layers"), py::arg("activation"), py::arg("residual"))
       .def("energy_and_grad", &MlpPlan::energy_and_grad, py::arg("ctx"), py::arg("y"))
       .def("energy", &MlpPlan::energy, py::arg("ctx"), py::arg("y"))
       .def("context", &MlpPlan::context, py::arg("x"))
       .def("descent", &MlpPlan::descent, py::arg("x"), py::arg("y0"), py::arg("rule"), py::arg("noise"))
       .def("refresh", &MlpPlan::refresh)
-      .def("watch", &MlpPlan::watch, py::arg("slots"))
-      .def_property_readonly("stale", &MlpPlan::stale)
+      .def_property_readonly("packs", &MlpPlan::packs)
       .def_property_readonly("packed_matrices", &MlpPlan::packed_matrices);
+  py::class_<Snapshot>(m, "Snapshot",
+                       "The tensors of a module's named sources as read now, with a check that the module still "
+                       "holds exactly them (identity, storage, version, layout).")
+      .def(py::init<const py::object&, const py::sequence&>(), py::arg("module"), py::arg("sources"))
+      .def("again", &Snapshot::again)
+      .def("unchanged", &Snapshot::unchanged)
+      .def_property_readonly("tensors", &Snapshot::tensors)
+      .def("__len__", &Snapshot::size);
 }
 
 }  // namespace cpu

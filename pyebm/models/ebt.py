@@ -24,7 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pyebm import _backend
+from pyebm import _dispatch, _state
+from pyebm.descent import as_generator
+from pyebm.ops import ebt_attention as _ebt_attention_ops, ebt_norm_swiglu as _ebt_norm_ops  # noqa: F401  (register the ops)
 from pyebm.reference import ebt as ref
 
 # The original's named sizes (model_utils.model_sizes).
@@ -169,16 +171,33 @@ def _act_and_grad(name: str, u: torch.Tensor) -> Tuple[torch.Tensor, torch.Tenso
     raise ValueError(f"ebt_act_func must be one of {sorted(ref.ACTIVATIONS)}; got {name!r}")
 
 
-def _attention_kernels():
-    """The Triton prediction-attention kernels (imported on first use: Triton is optional)."""
-    from pyebm._kernels import ebt_attention
-    return ebt_attention
+class _TritonOps:
+    """EBT's Triton kernels, called through their registered ops (``torch.ops.pyebm.ebt_*``, defined in
+    ``pyebm.ops.ebt_attention`` / ``ebt_norm_swiglu``), so tracing, compiling and dispatch modes see them."""
 
+    @staticmethod
+    def attention_fwd(q, k_ctx, v_ctx, k_self, v_self, n_visible):
+        return torch.ops.pyebm.ebt_attention_fwd(q, k_ctx, v_ctx, k_self, v_self, n_visible)
 
-def _norm_kernels():
-    """The Triton RMSNorm / SwiGLU kernels (imported on first use: Triton is optional)."""
-    from pyebm._kernels import ebt_norm_swiglu
-    return ebt_norm_swiglu
+    @staticmethod
+    def attention_bwd(do, q, k_ctx, v_ctx, o, lse, k_self, v_self, n_visible):
+        return torch.ops.pyebm.ebt_attention_bwd(do, q, k_ctx, v_ctx, o, lse, k_self, v_self, n_visible)
+
+    @staticmethod
+    def rms_norm_fwd(x, weight, eps):
+        return torch.ops.pyebm.ebt_rms_norm_fwd(x, weight, eps)
+
+    @staticmethod
+    def rms_norm_bwd(dy, x, weight, eps):
+        return torch.ops.pyebm.ebt_rms_norm_bwd(dy, x, weight, eps)
+
+    @staticmethod
+    def swiglu_fwd(a, b):
+        return torch.ops.pyebm.ebt_swiglu_fwd(a, b)
+
+    @staticmethod
+    def swiglu_bwd(dy, a, b):
+        return torch.ops.pyebm.ebt_swiglu_bwd(dy, a, b)
 
 
 def _softmax(y: torch.Tensor) -> torch.Tensor:
@@ -211,39 +230,47 @@ def _rms_bwd(xn: torch.Tensor, r: torch.Tensor, g: torch.Tensor) -> torch.Tensor
     return r * (g - xn * (xn * g).mean(-1, keepdim=True))
 
 
+_LAYER_SOURCES = ("attention.wq.weight", "attention.wk.weight", "attention.wv.weight", "attention.wo.weight",
+                  "feed_forward.w1.weight", "feed_forward.w3.weight", "feed_forward.w2.weight",
+                  "attention_norm.weight", "ffn_norm.weight")
+
+
+def _packed_sources(cfg: "ref.EBTConfig") -> List[Optional[str]]:
+    """The tensors ``_Packed`` is made from, as names under the model (see ``pyebm._state``)."""
+    names: List[Optional[str]] = [f"transformer.layers.{i}.{n}" for i in range(cfg.num_transformer_blocks)
+                                  for n in _LAYER_SOURCES]
+    names += ["transformer.norm.weight", "transformer.final_layer.weight", "embeddings.weight",
+              None if cfg.vocab_to_embed_uses_prob_dist else "vocab_to_embed.weight",
+              "transformer.time_embeddings.weight" if cfg.ebt_type == "time_embed" else None]
+    return names
+
+
 class _Packed:
-    """The weights in the layout the cached path uses, built once per set of weights.
+    """The weights in the layout the cached path uses, built once per set of weights (``pyebm._state``).
 
     Per layer: QKV concatenated, with the attention scale folded into W_q and the RMSNorm weight into
     the columns of the matrix that follows it (W_qkv, W_1|W_3), so a norm is x * r and its backward
     needs no extra product. The final norm weight is folded into the energy head.
     """
 
-    def __init__(self, model: "EBT"):
-        cfg = model.config
-        t = model.transformer
+    def __init__(self, cfg: "ref.EBTConfig", tensors: List[Optional[torch.Tensor]]):
+        n = len(_LAYER_SOURCES)
         scale = 1.0 / math.sqrt(cfg.head_dim)
         with torch.no_grad():
             self.layers = []
-            for blk in t.layers:
-                at, ff = blk.attention, blk.feed_forward
-                wqkv = torch.cat((at.wq.weight * scale, at.wk.weight, at.wv.weight), 0)
-                w13 = torch.cat((ff.w1.weight, ff.w3.weight), 0)
-                self.layers.append((
-                    (wqkv * blk.attention_norm.weight[None, :]).detach().contiguous(),
-                    at.wo.weight.detach(),
-                    (w13 * blk.ffn_norm.weight[None, :]).detach().contiguous(),
-                    ff.w2.weight.detach(),
-                ))
-            self.head = (t.norm.weight * t.final_layer.weight.reshape(-1)).detach()
-            self.emb = model.embeddings.weight.detach()
+            for i in range(cfg.num_transformer_blocks):
+                wq, wk, wv, wo, w1, w3, w2, attn_norm, ffn_norm = tensors[i * n:(i + 1) * n]
+                wqkv = torch.cat((wq * scale, wk, wv), 0)
+                w13 = torch.cat((w1, w3), 0)
+                self.layers.append(((wqkv * attn_norm[None, :]).contiguous(), wo,
+                                    (w13 * ffn_norm[None, :]).contiguous(), w2))
+            norm, final, emb, v2e, time = tensors[cfg.num_transformer_blocks * n:]
+            self.head = norm * final.reshape(-1)
+            self.emb = emb
             # e = p @ v2e_t, dE/dp = dE/de @ v2e: v2e is [D, V] (vocab_to_embed) or embeddings^T.
-            if cfg.vocab_to_embed_uses_prob_dist:
-                self.v2e = self.emb.t()
-            else:
-                self.v2e = model.vocab_to_embed.weight.detach()
+            self.v2e = self.emb.t() if cfg.vocab_to_embed_uses_prob_dist else v2e
             self.v2e_t = self.v2e.t()
-            self.time = t.time_embeddings.weight.detach() if cfg.ebt_type == "time_embed" else None
+            self.time = time
             cos, sin = ref.rope_tables(cfg.head_dim, cfg.context_length + 2 + cfg.offset,
                                        self.emb.dtype, self.emb.device)
             self.cos = cos.repeat_interleave(2, dim=-1)                             # [P, hd]
@@ -259,7 +286,7 @@ class _Packed:
         return c3, s3, -s3
 
 
-class EBT(nn.Module):
+class EBT(_state.PackedModule):
     """Autoregressive language Energy-Based Transformer (``default`` or ``time_embed``).
 
     Hyperparameters keep the original training configuration's names; ``EBT(**config)`` accepts the
@@ -336,7 +363,6 @@ class EBT(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_normal_(m.weight)
-        self._packed_cache: Optional[tuple] = None
 
     @property
     def event_shape(self) -> Tuple[int]:
@@ -415,19 +441,10 @@ class EBT(nn.Module):
         return self.embeddings.weight
 
     def _packed(self) -> _Packed:
-        """The packed weights, rebuilt when a parameter was modified in place or replaced."""
-        cached = self._packed_cache
-        if cached is not None:
-            params, key, packed = cached
-            if all(p._version == v and p.data_ptr() == d for p, (v, d) in zip(params, key)) \
-                    and self.transformer.layers[0].attention.wq.weight is params[1]:
-                return packed
-        params = [self.embeddings.weight, self.transformer.layers[0].attention.wq.weight,
-                  *(p for p in self.parameters())]
-        key = [(p._version, p.data_ptr()) for p in params]
-        packed = _Packed(self)
-        self._packed_cache = (params, key, packed)
-        return packed
+        """The packed weights of the module's current parameters (re-checked on every call, rebuilt when one
+        was modified in place or replaced; see ``pyebm._state``)."""
+        cfg = self.config
+        return _state.packed(self, "packed", lambda: _packed_sources(cfg), lambda t: _Packed(cfg, t))
 
     def _check_tokens(self, tokens: torch.Tensor, extra: int = 0, what: str = "tokens") -> torch.Tensor:
         if not isinstance(tokens, torch.Tensor):
@@ -548,8 +565,7 @@ class EBT(nn.Module):
     def _attention_backend(self, device: torch.device) -> str:
         """``triton`` (the Triton prediction-attention, RMSNorm and SwiGLU kernels) or ``torch`` (ATen ops;
         also for ``cpu``)."""
-        name = _backend.resolve(device, self.backend, supported=("torch", "cpu", "triton"))
-        return "triton" if name == "triton" else "torch"
+        return _dispatch.ebt_attention(self, device)
 
     def _rows(self, pk: _Packed, cache: EBTCache, positions: torch.Tensor, samples: int):
         """RoPE tables, the hidden-context mask [R, T] and the visible-context counts [R] (both None
@@ -577,7 +593,7 @@ class EBT(nn.Module):
         act = ref.ACTIVATIONS[cfg.ebt_act_func]
         # The Triton backend also runs the norms and the SwiGLU gate as kernels; their backward
         # recomputes the norm's scale from the norm's input, which is saved in the scale's place.
-        nk = _norm_kernels() if triton_attn else None
+        nk = _TritonOps if triton_attn else None
         saved = []
         h = e.reshape(B * R, D)
         for li, (wqkv, wo, w13, w2) in enumerate(pk.layers):
@@ -590,7 +606,7 @@ class EBT(nn.Module):
             qkv = _rope((xn1 @ wqkv.t()).view(B, R, 3, H, hd), c3, s3).transpose(1, 3)  # [B, H, 3, R, hd]
             q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]                        # [B, H, R, hd]
             if triton_attn:
-                o, lse = _attention_kernels().ebt_attention_fwd(q, Kc, Vc, k, v, n_visible)
+                o, lse = _TritonOps.attention_fwd(q, Kc, Vc, k, v, n_visible)
                 a_ctx, a_self = o, lse  # what the kernel's backward needs
             else:
                 s_ctx = q @ Kc.transpose(-1, -2)                                      # [B, H, R, T]
@@ -637,7 +653,7 @@ class EBT(nn.Module):
         H, hd = cfg.multiheaded_attention_heads, cfg.head_dim
         c3, _, s3_t, _, n_visible, triton_attn = rows
         eps = cfg.norm_eps
-        nk = _norm_kernels() if triton_attn else None
+        nk = _TritonOps if triton_attn else None
         # With the kernels, the saved "r" slots hold the norms' inputs (see _pred_forward).
         rms_bwd = (lambda xn, x, g: nk.rms_norm_bwd(g, x, None, eps)) if nk is not None else _rms_bwd
         dh = rms_bwd(xnF, rF, pk.head.expand_as(xnF))
@@ -657,7 +673,7 @@ class EBT(nn.Module):
             dh2 = dh + rms_bwd(xn2, r2, df)
             do = (dh2 @ wo).view(B, R, H, hd).transpose(1, 2)               # [B, H, R, hd]
             if triton_attn:
-                dq, dk, dv = _attention_kernels().ebt_attention_bwd(do, q, Kc, Vc, a_ctx, a_self, k, v, n_visible)
+                dq, dk, dv = _TritonOps.attention_bwd(do, q, Kc, Vc, a_ctx, a_self, k, v, n_visible)
             else:
                 da_ctx = do @ Vc.transpose(-1, -2)
                 da_self = (do * v).sum(-1, keepdim=True)
@@ -842,7 +858,7 @@ class EBT(nn.Module):
     def think(self, tokens: Union[torch.Tensor, EBTCache], steps: Optional[int] = None,
               alpha: Optional[float] = None, noise: Optional[float] = None, samples: int = 1, select: str = "min",
               accept_lower: bool = False, positions: str = "last", init: Union[str, torch.Tensor, None] = None,
-              generator: Optional[torch.Generator] = None, grad_clamp: Union[float, bool, None] = None
+              generator: Union[None, int, torch.Generator] = None, grad_clamp: Union[float, bool, None] = None
               ) -> ThinkResult:
         """Optimise the next-token prediction(s) of ``tokens`` [B, S] (or of a cache from :meth:`prepare`).
 
@@ -862,6 +878,8 @@ class EBT(nn.Module):
         grad_clamp    clamp the gradient to +-grad_clamp/alpha (None: the model's ``clamp_futures_grad``
                       setting; False: off).
         """
+        _dispatch.check_not_traced("EBT.think")
+        generator = as_generator(generator, self._param.device, "EBT.think")
         schedule, alpha, noise, select, accept_lower, grad_clamp = self._resolve_options(
             steps, alpha, noise, samples, select, accept_lower, positions, grad_clamp)
         if isinstance(tokens, EBTCache):
@@ -883,7 +901,8 @@ class EBT(nn.Module):
                  alpha: Optional[float] = None, noise: Optional[float] = None, samples: int = 1,
                  select: str = "min", accept_lower: bool = False, init: Union[str, torch.Tensor, None] = None,
                  grad_clamp: Union[float, bool, None] = None, temperature: float = 0.0, top_p: float = 0.9,
-                 eos_token_id: Optional[int] = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+                 eos_token_id: Optional[int] = None, generator: Union[None, int, torch.Generator] = None
+                 ) -> torch.Tensor:
         """Append up to ``max_new_tokens`` tokens to prompts ``tokens`` [B, S]; returns [B, S + n].
 
         Each token is one :meth:`think` on the last position (options as there), then greedy argmax
@@ -891,6 +910,8 @@ class EBT(nn.Module):
         tensor [B, G, max_new_tokens, V]: the starting vector of each new token's prediction. Generation
         stops early once every prompt has produced ``eos_token_id`` (when given).
         """
+        _dispatch.check_not_traced("EBT.generate")
+        generator = as_generator(generator, self._param.device, "EBT.generate")
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be an int >= 0; got {max_new_tokens!r}")
         temperature = float(temperature)

@@ -15,14 +15,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pyebm import _backend
+from pyebm import _dispatch, _state
+from pyebm.config import rule_options, schedules
 from pyebm.ops import ebt_policy as _op
 from pyebm.ops import ebt_policy_triton as _tri
+from pyebm.protocol import WholeLoopSpec
 from pyebm.reference import ebt_policy as ref
 
 _gelu_backward = torch.ops.aten.gelu_backward.default
-# dtypes the Triton attention kernels take (fp64 stays on the PyTorch path)
-_TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 class EBTPolicyContext(NamedTuple):
@@ -123,7 +123,7 @@ def _softmax_backward(dp: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     return p * (dp - (dp * p).sum(-1, keepdim=True))
 
 
-class EBTPolicy(nn.Module):
+class EBTPolicy(_state.PackedModule):
     """Energy E(obs tokens, action chunk) of EBT-Policy; lower is better.
 
     Args:
@@ -173,9 +173,6 @@ class EBTPolicy(nn.Module):
         self.n_obs_steps, self.output_dim = n_obs_steps, output_dim
         self.grad_mode = grad_mode
         self.backend = backend
-        self._op_cache: Optional[tuple] = None  # _copies: (params, transposed weights) for the compiled ops
-        self._kv_cache: Optional[tuple] = None  # _copies: the observation side's stacked weights
-        self._bias_cache: dict = {}  # _mask_bias: the mask bias per (tokens, device, dtype)
         self.embed = _Embed(action_dim, embed_dim, **kw)
         pos = ref.sincos_positions(horizon, embed_dim, dtype=dtype or torch.get_default_dtype(), device=device)
         self.register_buffer("pos_emb", pos)
@@ -211,7 +208,9 @@ class EBTPolicy(nn.Module):
 
     def _check_y(self, ctx: EBTPolicyContext, y: torch.Tensor) -> None:
         T, A = self.horizon, self.action_dim
-        if not isinstance(y, torch.Tensor) or y.dim() != 4 or tuple(y.shape[2:]) != (T, A):
+        if not isinstance(y, torch.Tensor):
+            raise TypeError(f"y must be a tensor [B, K, horizon={T}, action_dim={A}]; got {type(y).__name__}")
+        if y.dim() != 4 or tuple(y.shape[2:]) != (T, A):
             shape = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
             raise ValueError(f"y must be [B, K, horizon={T}, action_dim={A}]; got {shape}")
         if not isinstance(ctx, EBTPolicyContext):
@@ -227,30 +226,16 @@ class EBTPolicy(nn.Module):
         """[horizon, n_tokens] bool, True = allowed (action t sees observation step <= t)."""
         return ref.memory_mask(self.horizon, n_tokens, self.n_obs_steps, device=device)
 
-    def _copies(self, name: str, setup, watch, build):
-        """Derived copies of parameters, kept in ``self.<name>``: ``setup()`` runs once (the cache is dropped
-        when the parameter storage is replaced, see ``_apply``), ``build(state)`` runs again whenever a tensor
-        in ``watch(state)`` was written in place since (every in-place write bumps its version counter)."""
-        cache = getattr(self, name)
-        if cache is None:
-            state = setup()
-            cache = (state, tuple(watch(state)), None, None)
-        versions = tuple(t._version for t in cache[1])
-        if cache[2] != versions:
-            with torch.no_grad():
-                value = build(cache[0])
-            cache = (cache[0], cache[1], versions, value)
-            setattr(self, name, cache)
-        return cache[3]
-
     def _kv_stack(self):
         """The cross-attention key/value weights and biases of every layer stacked ([layers * 2D, C], [layers *
-        2D]) and the key norms' weights [layers, hd]: one product computes every layer's observation side."""
-        return self._copies(
-            "_kv_cache",
-            lambda: tuple(t for b in self.blocks for t in (b.cross.kv.weight, b.cross.kv.bias, b.cross.k_norm.weight)),
-            lambda s: s,
-            lambda s: (torch.cat(s[0::3]), torch.cat(s[1::3]), torch.stack(s[2::3])))
+        2D]) and the key norms' weights [layers, hd]: one product computes every layer's observation side.
+        Packed once per set of weights (``pyebm._state``)."""
+        def names():
+            return [f"blocks.{i}.cross.{n}" for i in range(self.num_layers)
+                    for n in ("kv.weight", "kv.bias", "k_norm.weight")]
+
+        return _state.packed(self, "kv_stack", names,
+                             lambda s: (torch.cat(s[0::3]), torch.cat(s[1::3]), torch.stack(s[2::3])))
 
     def _context(self, obs: torch.Tensor) -> EBTPolicyContext:
         B, L, _ = obs.shape
@@ -263,8 +248,7 @@ class EBTPolicy(nn.Module):
                 k_norm = torch.stack([blk.cross.k_norm.weight for blk in self.blocks])
             else:
                 w, b, k_norm = self._kv_stack()
-            if not grad and obs.device.type == "cpu" and _op.context_available() \
-                    and obs.dtype in (torch.float32, torch.float64):
+            if not grad and _dispatch.ebt_policy_context_refusal(obs) is None:
                 # one C++ call: every layer's product, norm and layouts, the layers split over the threads
                 ks, vs = torch.ops.pyebm.ebt_policy_context.default(obs, w, b, k_norm, H, ref.RMS_EPS)
             else:
@@ -280,13 +264,14 @@ class EBTPolicy(nn.Module):
     def _mask_bias(self, L: int, device, dtype) -> torch.Tensor:
         """[horizon, L]: 0 where the temporal memory mask allows, -inf elsewhere. One tensor per (L, device,
         dtype) is kept and shared by every context: read it, do not write it."""
-        key = (L, torch.device(device), dtype)
-        bias = self._bias_cache.get(key)
+        key = ("mask_bias", L, torch.device(device), dtype)
+        packs = _state.packs(self)
+        bias = packs.get(key)
         if bias is None:
             with torch.inference_mode(False):  # a plain tensor even when first made under inference_mode
                 allowed = self.memory_mask(L, device=device)
                 bias = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, float("-inf"))
-            self._bias_cache[key] = bias
+            packs[key] = bias
         return bias
 
     def prepare(self, obs_tokens: torch.Tensor) -> EBTPolicyContext:
@@ -425,24 +410,31 @@ class EBTPolicy(nn.Module):
         return (du1 @ e.fc1.weight).view(B, K, T, A)
 
     # -- inference protocol ---------------------------------------------------------------------
-    def _apply(self, fn, *args, **kwargs):
-        self._op_cache = self._kv_cache = None  # .to() / .double() / ... replace the parameter storage
-        return super()._apply(fn, *args, **kwargs)
-
     def resolve_backend(self, device: torch.device, backend: Optional[str] = None) -> str:
-        """"cpu" (the fused C++ op), "torch", or "triton" (the PyTorch path with Triton attention
-        kernels; only when asked for by name) for tensors on ``device``."""
+        """The backend an energy call on ``device`` resolves to: "cpu" (the fused C++ op), "torch", or "triton"
+        (the PyTorch path with Triton attention kernels; only when asked for by name)."""
         name = backend or self.backend
-        supported = ("torch", "cpu") if _op.available() else ("torch",)
-        if (name or _backend.requested_backend()) == "triton":
-            supported = supported + ("triton",)
-        return _backend.resolve(device, name, supported=supported)
+        return _dispatch.resolve(device, name, _dispatch.ebt_policy_backends(name))
+
+    def _op_param_names(self):
+        """The op's flat parameter list (``pyebm.ops.ebt_policy``) as names under this module."""
+        out = [f"embed.{n}" for n in ("fc1.weight", "fc1.bias", "norm.weight", "norm.bias", "fc2.weight", "fc2.bias")]
+        out.append("pos_emb")
+        for i in range(self.num_layers):
+            out += [f"blocks.{i}.{n}" for n in (
+                "norm1.weight", "attn.qkv.weight", "attn.qkv.bias", "attn.q_norm.weight", "attn.k_norm.weight",
+                "attn.proj.weight", "attn.proj.bias", "norm2.weight", "cross.q.weight", "cross.q.bias",
+                "cross.q_norm.weight", "cross.proj.weight", "norm3.weight", "mlp.fc1.weight", "mlp.fc1.bias",
+                "mlp.fc2.weight", "mlp.fc2.bias")]
+        out += [f"head.{n}" for n in ("norm.weight", "fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias")]
+        return out
 
     def _op_weights(self):
-        """(params, transposed weights) for the compiled ops. Only the transposed copies can go stale (an
-        optimiser step, load_state_dict): the other parameters are read in place."""
-        return self._copies("_op_cache", lambda: _op.param_list(self), _op.transposed_sources,
-                            lambda p: (p, _op.transposed_weights(p)))
+        """(params, transposed weights) for the compiled ops: the module's tensors in the op's order and the
+        contiguous transposes of the forward products' weights, packed once per set of weights
+        (``pyebm._state``: re-checked against the module on every call)."""
+        return _state.packed(self, "op_weights", self._op_param_names,
+                             lambda p: (p, _op.transposed_weights(p)))
 
     def _op_eps(self) -> Tuple[float, float]:
         return (self.blocks[0].norm1.eps if self.num_layers else ref.RMS_EPS), self.embed.norm.eps
@@ -452,40 +444,45 @@ class EBTPolicy(nn.Module):
         return _op.ebt_policy_energy_grad(y, ctx.k, ctx.v, ctx.bias, params, weights_t, self.heads, *self._op_eps(),
                                           need_grad)
 
-    # -- the whole descent loop in one call (pyebm.minimize picks it) ------------------------------------
-    def whole_loop_backend(self, cfg, *, y0: torch.Tensor, mask, record: bool, backend: Optional[str]) -> Optional[str]:
-        """"cpu" when the compiled whole-loop op runs ``pyebm.minimize`` with ``cfg`` on y0 (the fused energy on
-        the cpu backend; plain gradient steps with Euler updates, no noise, no mask, no recording; momentum,
-        Nesterov, RMS normalisation per candidate or over the batch, energy-scaled steps, clipping, bounds and
-        the early exit on ||g|| per candidate or over the batch), else None (the per-step path)."""
-        if record or mask is not None or self.grad_mode != "manual" or not _op.descent_available():
-            return None
-        if not (cfg.method == "gd" and cfg.integrator == "euler" and cfg.noise == "none" and cfg.project is None
-                and not cfg.accept_if_lower and cfg.normalize in (None, "rms", "rms_all")):
-            return None
-        if cfg.tol > 0 and (cfg.tol_on != "grad_norm" or (cfg.tol_scope == "all" and (
-                cfg.grad_clip is not None or cfg.grad_clip_norm is not None))):
-            return None
-        if y0.dtype not in (torch.float32, torch.float64) or y0.dim() != 4 or y0.device.type != "cpu":
-            return None
-        if self._weight().dtype != y0.dtype or self.resolve_backend(y0.device, backend) != "cpu":
-            return None
-        return "cpu"
+    def explain_energy(self, ctx, y, backend: Optional[str] = None) -> str:
+        """What an ``energy_and_grad`` call on these inputs runs (``pyebm.explain``)."""
+        return {"cpu": "torch.ops.pyebm.ebt_policy_energy_grad (the whole network in one C++ op)",
+                "triton": "batched PyTorch ops with the Triton attention ops",
+                "autograd": "autograd on the candidate (grad_mode='autograd')",
+                "torch": "batched PyTorch ops with the hand-written backward"}[
+            _dispatch.ebt_policy_call(self, y, backend, True)]
 
-    def run_whole_loop(self, ctx: EBTPolicyContext, cfg, *, y0: torch.Tensor, lower=None, upper=None,
-                       step_clip=None, final_energy: bool = True):
+    # -- the whole descent loop in one call (pyebm.protocol's whole-loop hook) --------------------------
+    def whole_loop_spec(self, dtype: torch.dtype) -> WholeLoopSpec:
+        """What ``torch.ops.pyebm.ebt_policy_descent`` implements for candidates of ``dtype``: plain gradient
+        steps with Euler updates, no noise, no mask; momentum, Nesterov, RMS normalisation per candidate or
+        over the batch, energy-scaled steps, clipping, bounds and the early exit on ||g|| per candidate or
+        over the batch (not with gradient clipping)."""
+        why = None
+        if self.grad_mode != "manual":
+            why = "grad_mode='autograd' (the whole-loop op runs the hand-written backward)"
+        elif not _op.descent_available():
+            why = "the compiled extension is not available"
+        elif dtype not in (torch.float32, torch.float64):
+            why = f"{dtype} candidates (the op takes float32/float64)"
+        elif self._weight().dtype != dtype:
+            why = f"{dtype} candidates but {self._weight().dtype} weights"
+        return WholeLoopSpec(backends=("cpu",), dtypes=(torch.float32, torch.float64), noise=("none",),
+                             normalize=(None, "rms", "rms_all"), tol_scopes=("candidate", "all"),
+                             tol_all_with_clip=False, mask=False, unavailable=why)
+
+    def run_whole_loop(self, ctx: EBTPolicyContext, cfg, *, backend: str = "cpu", y0: torch.Tensor, mask=None,
+                       lower=None, upper=None, step_clip=None, generator=None, final_energy: bool = True):
         """Every step of ``cfg`` and the final energy in one call: (y, E_final, E_init, steps, status).
         ``final_energy=False`` skips the final energy pass (E_final is NaN then)."""
-        from pyebm.ops import mlp_descent
-
         self._check_y(ctx, y0)
         params, weights_t = self._op_weights()
-        eta, _ = mlp_descent._schedules(cfg, y0.device)
+        eta, _ = schedules(cfg)
         flat = [None if t is None else t.reshape(-1) for t in (lower, upper, step_clip)]
         eps = cfg.normalize_eps if cfg.normalize_eps is not None else torch.finfo(y0.dtype).eps
         normalize = {None: "none", "rms": "rms", "rms_all": "all"}[cfg.normalize]
-        rule = mlp_descent._rule_options(cfg)
-        del rule["noise_mode"]  # this loop has no noise (whole_loop_backend)
+        rule = rule_options(cfg)
+        del rule["noise_mode"]  # this loop has no noise (whole_loop_spec)
         with torch.no_grad():
             return torch.ops.pyebm.ebt_policy_descent.default(
                 y0, ctx.k, ctx.v, ctx.bias, params, weights_t, self.heads, *self._op_eps(), eta, *flat,
@@ -495,22 +492,22 @@ class EBTPolicy(nn.Module):
     def energy(self, ctx: EBTPolicyContext, y: torch.Tensor, backend: Optional[str] = None) -> torch.Tensor:
         """E [B, K] for candidates y [B, K, horizon, action_dim]."""
         self._check_y(ctx, y)
-        name = self.resolve_backend(y.device, backend)
-        if y.dtype in (torch.float32, torch.float64) and name == "cpu":
+        path = _dispatch.ebt_policy_call(self, y, backend, False)
+        if path == "cpu":
             return self._fused(ctx, y, False)[0]
         with torch.no_grad():
-            return self._run(ctx, y, None, triton=name == "triton" and y.dtype in _TRITON_DTYPES)
+            return self._run(ctx, y, None, triton=path == "triton")
 
     def energy_and_grad(self, ctx: EBTPolicyContext, y: torch.Tensor,
                         backend: Optional[str] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         """(E [B, K], dE/dy [B, K, horizon, action_dim]) without a graph over the weights."""
         self._check_y(ctx, y)
-        if self.grad_mode == "autograd":
+        path = _dispatch.ebt_policy_call(self, y, backend, True)
+        if path == "autograd":
             return self._energy_and_grad_autograd(ctx, y)
-        name = self.resolve_backend(y.device, backend)
-        if y.dtype in (torch.float32, torch.float64) and name == "cpu":
+        if path == "cpu":
             return self._fused(ctx, y, True)
-        triton = name == "triton" and y.dtype in _TRITON_DTYPES
+        triton = path == "triton"
         saved: list = []
         with torch.no_grad():
             E = self._run(ctx, y, saved, triton)

@@ -43,20 +43,13 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-MAX_STEPS, CONVERGED, NONFINITE = 0, 1, 2
-NOISE_MODES = ("none", "langevin", "step", "additive", "pre")
+from pyebm import _dispatch
+from pyebm.config import CONVERGED, MAX_STEPS, NONFINITE, NOISE_MODES  # noqa: F401
+from pyebm.ops import mlp_descent as _register_fakes  # noqa: F401  (fake impls of the C++ ops)
+
 _POST_NOISE = ("langevin", "step", "additive")
 
 Scalar = Union[float, Tensor]
-
-try:
-    from pyebm import _backend as _be
-
-    _HAS_FUSED = _be.ext() is not None and hasattr(torch.ops.pyebm, "descent_update")
-    if _HAS_FUSED:
-        from pyebm.ops import mlp_descent as _register_fakes  # noqa: F401  (fake impls of the C++ ops)
-except Exception:  # pragma: no cover
-    _HAS_FUSED = False
 
 
 def finite_rows(t: Tensor, E: Optional[Tensor] = None) -> Tensor:
@@ -78,41 +71,6 @@ def clip_grad_(g: Tensor, grad_clip: Optional[float], grad_clip_norm: Optional[f
         scale = torch.div(grad_clip_norm, scale).clamp_(max=1.0)
         g.mul_(scale)
     return g
-
-
-def _fused_kind(y, g, y_base, E_prev, noise_mode, tol, tol_on, tol_scope, out, dry_run, finite_also, velocity,
-                mask, backend) -> Optional[str]:
-    """Which fused update op runs this step: "cpu" / "cuda" (the C++ op), "triton", or None (torch ops)."""
-    if out is not None or dry_run or finite_also is not None:
-        return None
-    if noise_mode not in ("none",) + _POST_NOISE:
-        return None
-    # the batch-coupled test (tol_scope "all": the norm over every active row) is the per-row test when there
-    # is one row, as in a one-chain policy; otherwise only the torch path computes it
-    if tol > 0 and (tol_on != "grad_norm" or (tol_scope != "candidate" and y.shape[0] != 1)):
-        return None
-    if not (y.is_contiguous() and g.is_contiguous()):
-        return None
-    if velocity is not None and not velocity.is_contiguous() or mask is not None and not mask.is_contiguous():
-        return None
-    from pyebm import _backend
-
-    name = backend or _backend.requested_backend()
-    if name == "torch":
-        return None
-    name = _backend.resolve(y.device, name, ("torch", "cpu", "cuda", "triton"))
-    if name in ("cpu", "cuda"):
-        # the C++ op starts the step at y_base on the cpu only
-        ok = _HAS_FUSED and y.dtype in (torch.float32, torch.float64) \
-            and (y_base is None or (name == "cpu" and y_base.is_contiguous()))
-        return name if ok else None
-    if name == "triton" and y.dtype in (torch.float32, torch.bfloat16, torch.float16):
-        try:
-            from pyebm.ops import descent_triton  # noqa: F401  (defines torch.ops.pyebm.descent_update_triton)
-        except ImportError:
-            return None
-        return "triton"
-    return None
 
 
 def _fused_update(kind, y, g, E, active, steps, status, velocity, pending, noise, noise_mode, noise_level, fixed,
@@ -236,10 +194,10 @@ def descent_update(
     exit on the gradient norm per candidate, or over the batch when there is one row) runs as one fused pass
     over every row: the C++ op ``torch.ops.pyebm.descent_update`` on the cpu and cuda backends
     (float32/float64; a ``y_base`` on the cpu only), the Triton op ``torch.ops.pyebm.descent_update_triton``
-    on the triton backend (float32/bfloat16/float16).
+    on the triton backend (float32/bfloat16/float16). ``pyebm._dispatch.update_route`` decides.
     """
-    kind = None if backend == "torch" else _fused_kind(y, g, y_base, E_prev, noise_mode, tol, tol_on, tol_scope,
-                                                       out, dry_run, finite_also, velocity, mask, backend)
+    kind = _dispatch.update_route(y, g, y_base, noise_mode, tol, tol_on, tol_scope, out, dry_run, finite_also,
+                                  velocity, mask, backend)[0]
     if kind is not None:
         return _fused_update(kind, y, g, E, active, steps, status, velocity, pending, noise, noise_mode, noise_level,
                              fixed, mask, lower, upper, step_clip, eta, grad_scale, momentum, grad_clip,

@@ -1,0 +1,181 @@
+// pyebm._C.Snapshot: the tensors a packed state was built from, read from a module by their names, and a check,
+// on every call, that the module still holds exactly those tensors.
+//
+// A source is a dotted name under a root module ("layers.0.weight"). It is resolved the way nn.Module resolves
+// attributes, from the root every time: each submodule through _modules, the last part through _parameters, then
+// _buffers, then plain attribute access (which computes a parametrized weight, or returns the plain attribute of
+// the weight_norm / spectral_norm hooks). A replaced submodule is therefore seen as well as a replaced tensor.
+// A snapshot keeps, per source:
+//   - the tensor object itself (a strong reference: its identity cannot be reused while we compare with it),
+//   - a detached alias of it (a tensor of its own that shares the storage): whatever a pack points into stays
+//     alive however the module's tensor is changed later (.data =, a moved module), so a call running on a pack
+//     never reads freed memory,
+//   - its data pointer, version counter, storage offset, sizes, strides, dtype and device when read.
+// unchanged() resolves every source again and compares: another object (assignment, functional_call, a
+// parametrization computing a new tensor, a new submodule), another storage or offset (.data =, .to()), another
+// version (every in-place write through the tensor or its views: optimizer steps, load_state_dict, copy_()),
+// another shape or layout. Writes that bypass the version counter (through `param.data`, numpy views) are not
+// seen: autograd does not see them either. Inference tensors have no version counter: a snapshot holding one is
+// never unchanged, so every call packs again.
+//
+// Every method runs with the GIL held (pybind11 calls), so reading a module's attributes never races a Python
+// thread that assigns them; what a pack reads afterwards, with the GIL released, is owned by the snapshot.
+#pragma once
+
+#include <torch/python.h>
+
+#include <pybind11/pybind11.h>
+
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace pyebm {
+namespace cpu {
+
+namespace py = pybind11;
+
+class Snapshot {
+ public:
+  // names: a sequence of dotted names under root; None gives an absent source (an undefined tensor, e.g. a bias
+  // the model does not have).
+  // The root is held by a weak reference: a snapshot lives in its module's packed state, and a strong one would
+  // make a reference cycle that the garbage collector cannot see through.
+  Snapshot(const py::object& root, const py::sequence& names) : root_(py::weakref(root)) {
+    slots_.reserve(names.size());
+    for (const auto& item : names) {
+      Slot s;
+      if (!item.is_none()) {
+        const std::string name = py::cast<std::string>(item);
+        size_t begin = 0;
+        while (true) {
+          const size_t dot = name.find('.', begin);
+          s.path.push_back(py::reinterpret_steal<py::object>(
+              PyUnicode_InternFromString(name.substr(begin, dot == std::string::npos ? std::string::npos : dot - begin)
+                                             .c_str())));
+          if (dot == std::string::npos) break;
+          begin = dot + 1;
+        }
+        s.name = name;
+      }
+      slots_.push_back(std::move(s));
+    }
+    read_all();
+  }
+
+  // A new snapshot of the same sources, read now.
+  Snapshot again() const {
+    Snapshot s(*this);
+    s.read_all();
+    return s;
+  }
+
+  bool unchanged() const {
+    if (volatile_) return false;
+    for (const Slot& s : slots_) {
+      if (s.path.empty()) continue;
+      const py::object now = resolve(s);
+      if (now.ptr() != s.seen.ptr() || (!now.is_none() && !same_tensor(s))) return false;
+    }
+    return true;
+  }
+
+  // The aliases in source order (undefined for absent sources and for sources holding None).
+  const std::vector<at::Tensor>& tensors() const { return aliases_; }
+  size_t size() const { return slots_.size(); }
+
+ private:
+  struct Slot {
+    std::vector<py::object> path;  // interned name parts
+    std::string name;
+    py::object seen;  // what the source held when read
+    const void* ptr = nullptr;
+    int64_t version = 0, offset = 0;
+    std::vector<int64_t> sizes, strides;
+    at::ScalarType dtype = at::kFloat;
+    at::Device device = at::kCPU;
+  };
+
+  // obj.__dict__[dict_name][key] (borrowed; nullptr when absent).
+  static PyObject* member(PyObject* obj, const char* dict_name, PyObject* key) {
+    PyObject** dictptr = _PyObject_GetDictPtr(obj);
+    if (dictptr == nullptr || *dictptr == nullptr) return nullptr;
+    PyObject* d = PyDict_GetItemString(*dictptr, dict_name);
+    if (d == nullptr || !PyDict_Check(d)) return nullptr;
+    PyObject* v = PyDict_GetItemWithError(d, key);
+    if (v == nullptr && PyErr_Occurred()) throw py::error_already_set();
+    return v;
+  }
+  static py::object getattr(PyObject* obj, PyObject* key) {
+    PyObject* v = PyObject_GetAttr(obj, key);
+    if (v == nullptr) throw py::error_already_set();
+    return py::reinterpret_steal<py::object>(v);
+  }
+
+  // The source's current value, resolved from the root.
+  py::object resolve(const Slot& s) const {
+    py::object obj = root_();
+    if (obj.is_none()) throw py::value_error("pyebm: the module of this snapshot no longer exists");
+    const size_t n = s.path.size();
+    for (size_t i = 0; i + 1 < n; ++i) {
+      PyObject* sub = member(obj.ptr(), "_modules", s.path[i].ptr());
+      obj = sub != nullptr ? py::reinterpret_borrow<py::object>(sub) : getattr(obj.ptr(), s.path[i].ptr());
+    }
+    PyObject* key = s.path[n - 1].ptr();
+    for (const char* d : {"_parameters", "_buffers"}) {
+      PyObject* v = member(obj.ptr(), d, key);
+      if (v != nullptr) return py::reinterpret_borrow<py::object>(v);
+    }
+    return getattr(obj.ptr(), key);
+  }
+
+  static bool same_tensor(const Slot& s) {
+    const at::Tensor& t = THPVariable_Unpack(s.seen.ptr());
+    return t.data_ptr() == s.ptr && t._version() == s.version && t.storage_offset() == s.offset &&
+           t.sizes().equals(s.sizes) && t.strides().equals(s.strides) && t.scalar_type() == s.dtype &&
+           t.device() == s.device;
+  }
+
+  void read_all() {
+    aliases_.clear();
+    aliases_.reserve(slots_.size());
+    volatile_ = false;
+    for (Slot& s : slots_) {
+      if (s.path.empty()) {
+        aliases_.emplace_back();
+        continue;
+      }
+      s.seen = resolve(s);
+      PyObject* v = s.seen.ptr();
+      if (v == Py_None) {
+        aliases_.emplace_back();
+        continue;
+      }
+      if (!THPVariable_Check(v)) throw py::type_error("pyebm: " + s.name + " is not a tensor");
+      const at::Tensor& t = THPVariable_Unpack(v);
+      TORCH_CHECK(t.layout() == at::kStrided && t.has_storage(), "pyebm: ", s.name,
+                  " must be a dense (strided) tensor; got layout ", t.layout());
+      s.ptr = t.data_ptr();
+      if (t.is_inference()) {
+        volatile_ = true;  // no version counter: never unchanged
+        s.version = 0;
+      } else {
+        s.version = t._version();
+      }
+      s.offset = t.storage_offset();
+      s.sizes = t.sizes().vec();
+      s.strides = t.strides().vec();
+      s.dtype = t.scalar_type();
+      s.device = t.device();
+      aliases_.push_back(t.detach());
+    }
+  }
+
+  py::weakref root_;
+  std::vector<Slot> slots_;
+  std::vector<at::Tensor> aliases_;
+  bool volatile_ = false;  // holds an inference tensor: never unchanged
+};
+
+}  // namespace cpu
+}  // namespace pyebm

@@ -1,0 +1,338 @@
+"""Which path runs a call: the one place that decides.
+
+Every fast path has one predicate here that answers None ("yes, it can run this call") or the reason why
+not. Models, the descent engine and the op wrappers ask these predicates; they never re-derive them, and
+``pyebm.explain`` shows their answers to users ("why is my call slow").
+
+Paths, fastest first:
+
+minimize (``descent_route``)
+    cuda graph      the per-step loop captured once and replayed (``cuda_graph=True``; CUDA tensors)
+    one call        prepare + every step + selection in one compiled call (a model's ``run_one_call``;
+                    MLPEnergy on the cpu backend in eager mode)
+    whole loop      every step in one compiled op (a model's ``run_whole_loop``; see ``WholeLoopSpec``)
+    per step        the model's fused ``energy_and_grad`` and the fused update op per step
+    autograd        a plain ``f(x, y)`` energy: autograd on y per step, the fused update op
+energy calls (``mlp_call``, ``ebt_policy_call``)
+    plan            MLPEnergy's cpu plan: packed weights called through pybind11 without the dispatcher
+    op              the registered ``torch.ops.pyebm.*`` op of the resolved backend (the path under
+                    torch.compile, torch.jit.trace, torch.func transforms, dispatch modes and subclasses)
+    torch           the plain PyTorch reference
+update step (``update_route``)
+    fused           ``torch.ops.pyebm.descent_update`` (cpu / cuda) or ``descent_update_triton``
+    torch           the same rule as separate torch ops
+
+Backend availability (which backends exist on this machine, the ``PYEBM_BACKEND`` choice and its errors)
+is ``pyebm._backend``; this module decides what runs given that.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from pyebm import _backend
+from pyebm.protocol import WholeLoopSpec, has_whole_loop
+
+ALL_BACKENDS = ("torch", "cpu", "triton", "cuda")
+
+_is_compiling = torch.compiler.is_compiling
+_tracing_state = torch._C._get_tracing_state
+_functorch_level = torch._C._functorch.peek_interpreter_stack
+try:
+    from torch.utils._python_dispatch import _get_current_dispatch_mode as _dispatch_mode
+except ImportError:  # pragma: no cover
+    def _dispatch_mode():
+        return None
+
+
+# -- eager calls on plain tensors ----------------------------------------------------------------------
+
+def eager_refusal(*tensors) -> Optional[str]:
+    """None when a call runs eagerly on plain tensors, so a path that bypasses the dispatcher (a plan, a
+    one-call descent) may take it; else why not. Under torch.compile, torch.jit.trace, a torch.func
+    transform or a TorchDispatchMode, and for tensor subclasses, the registered ops run instead (they are
+    traced, recorded, transformed and seen by the mode)."""
+    if _is_compiling():
+        return "under torch.compile (the registered ops are traced instead)"
+    if _tracing_state() is not None:
+        return "under torch.jit.trace (the registered ops are recorded instead)"
+    if _functorch_level() is not None:
+        return "inside a torch.func transform"
+    if _dispatch_mode() is not None:
+        return "a TorchDispatchMode is active"
+    for t in tensors:
+        if type(t) is not Tensor:
+            return f"an input is a {type(t).__name__}, not a plain torch.Tensor"
+    return None
+
+
+def check_not_traced(what: str) -> None:
+    """Raise under torch.jit.trace for calls whose host-side control flow a trace cannot record."""
+    if _tracing_state() is not None:
+        raise RuntimeError(f"pyebm: {what} cannot be recorded by torch.jit.trace (its loop decides on the host); "
+                           "trace the energy calls (energy, energy_and_grad), or use torch.compile / torch.export")
+
+
+def model_backend(model, backend: Optional[str]) -> Optional[str]:
+    return backend or getattr(model, "backend", None)
+
+
+def resolve(device, backend: Optional[str], supported=ALL_BACKENDS) -> str:
+    """The backend for tensors on ``device`` (``pyebm._backend.resolve``: availability and errors)."""
+    return _backend.resolve(device, backend, supported)
+
+
+# -- MLPEnergy energy calls --------------------------------------------------------------------------
+
+MLP_BACKENDS = ALL_BACKENDS
+PLAN_DTYPES = (torch.float32, torch.float64)
+
+
+def _has_plan() -> bool:
+    return getattr(_backend.ext(), "MlpPlan", None) is not None
+
+
+def plan_refusal(model, *tensors) -> Optional[str]:
+    """None when MLPEnergy's cpu plan may take a call on ``tensors`` (the model's weights float32/float64 on
+    the CPU, eager mode, plain tensors); else why not. The plan itself still hands back calls whose shapes or
+    dtypes it does not take as they are (the op then raises the documented error)."""
+    if not _has_plan():
+        return f"the compiled extension is not available ({_backend.ext_info().get('why')})"
+    why = eager_refusal(*tensors)
+    if why is not None:
+        return why
+    w = model.y_proj.weight
+    if w.dtype not in PLAN_DTYPES or w.device.type != "cpu":
+        return f"the plan takes float32/float64 CPU weights; the model's are {w.dtype} on {w.device}"
+    return None
+
+
+def mlp_call(model, ctx, y, backend: Optional[str]) -> str:
+    """"plan" or the op backend ("cpu", "cuda", "triton", "torch") of an MLPEnergy energy call."""
+    device = y.device if isinstance(y, Tensor) else torch.device("cpu")
+    name = resolve(device, model_backend(model, backend), MLP_BACKENDS)
+    if name == "cpu" and plan_refusal(model, ctx, y) is None:
+        return "plan"
+    return name
+
+
+# -- EBT-Policy energy calls -------------------------------------------------------------------------
+
+def _has_op(name: str) -> bool:
+    return _backend.ext() is not None and hasattr(torch.ops.pyebm, name)
+
+
+def ebt_policy_backends(name: Optional[str]) -> Tuple[str, ...]:
+    supported = ("torch", "cpu") if _has_op("ebt_policy_energy_grad") else ("torch",)
+    if (name or _backend.requested_backend()) == "triton":
+        supported = supported + ("triton",)  # the Triton attention kernels: only when asked for by name
+    return supported
+
+
+def ebt_policy_call(model, y, backend: Optional[str], need_grad: bool) -> str:
+    """"autograd" | "cpu" (the fused C++ op) | "triton" (PyTorch with the Triton attention kernels) |
+    "torch" (batched PyTorch ops) for an EBTPolicy energy call on y."""
+    if need_grad and model.grad_mode == "autograd":
+        return "autograd"
+    name = model_backend(model, backend)
+    name = resolve(y.device, name, ebt_policy_backends(name))
+    if name == "cpu":
+        return "cpu" if y.dtype in PLAN_DTYPES else "torch"
+    if name == "triton":
+        return "triton" if y.dtype in (torch.float32, torch.bfloat16, torch.float16) else "torch"
+    return "torch"
+
+
+def ebt_policy_context_refusal(obs) -> Optional[str]:
+    """None when ``EBTPolicy.prepare`` computes the observation side with the C++ op ``ebt_policy_context``."""
+    if torch.is_grad_enabled():
+        return "grad mode is on (training: the observation side stays in the autograd graph)"
+    if obs.device.type != "cpu" or obs.dtype not in PLAN_DTYPES:
+        return f"the C++ op takes float32/float64 CPU tokens; got {obs.dtype} on {obs.device}"
+    if not _has_op("ebt_policy_context"):
+        return "the compiled extension is not available"
+    return None
+
+
+# -- EBT --------------------------------------------------------------------------------------------
+
+def ebt_attention(model, device) -> str:
+    """"triton" (the Triton prediction-attention, RMSNorm and SwiGLU ops) or "torch" (ATen ops; also for
+    the cpu backend) for EBT's cached prediction rows."""
+    name = resolve(device, model.backend, ("torch", "cpu", "triton"))
+    return "triton" if name == "triton" else "torch"
+
+
+# -- the per-step update ------------------------------------------------------------------------------
+
+_POST_NOISE = ("none", "langevin", "step", "additive")
+
+
+def update_route(y, g, y_base, noise_mode, tol, tol_on, tol_scope, out, dry_run, finite_also, velocity, mask,
+                 backend) -> Tuple[Optional[str], Optional[str]]:
+    """(kind, None) with kind "cpu" / "cuda" (the C++ op) or "triton" for a fused update step, or (None, why
+    the torch ops run instead)."""
+    if backend == "torch":
+        return None, "backend 'torch'"
+    if out is not None or dry_run or finite_also is not None:
+        return None, "a proposal step (accept_if_lower / Heun) runs as torch ops"
+    if noise_mode not in _POST_NOISE:
+        return None, f"noise mode {noise_mode!r}"
+    # tol_scope "all" (the norm over every active row) equals the per-row test when there is one row
+    if tol > 0 and (tol_on != "grad_norm" or (tol_scope != "candidate" and y.shape[0] != 1)):
+        return None, "early exit on the energy change or over the whole batch"
+    if not (y.is_contiguous() and g.is_contiguous()) or (velocity is not None and not velocity.is_contiguous()) \
+            or (mask is not None and not mask.is_contiguous()):
+        return None, "non-contiguous state"
+    name = resolve(y.device, backend or _backend.requested_backend(), ALL_BACKENDS)
+    if name in ("cpu", "cuda"):
+        if not _has_op("descent_update"):
+            return None, "the compiled extension is not available"
+        if y.dtype not in PLAN_DTYPES:
+            return None, f"the C++ update takes float32/float64; got {y.dtype}"
+        if y_base is not None and (name != "cpu" or not y_base.is_contiguous()):
+            return None, "a step from a moved state (normalisation, pre-noise) runs fused on the cpu only"
+        return name, None
+    if name == "triton":
+        if y.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            return None, f"the Triton update takes float32/bfloat16/float16; got {y.dtype}"
+        try:
+            from pyebm.ops import descent_triton  # noqa: F401  (defines torch.ops.pyebm.descent_update_triton)
+        except ImportError as exc:
+            return None, f"triton is not importable ({exc})"
+        return "triton", None
+    return None, "backend 'torch'"
+
+
+# -- selection ----------------------------------------------------------------------------------------
+
+_HAS_SELECT: List[bool] = []
+
+
+def select_in_one_pass(selection: str, y: Tensor) -> bool:
+    """Whether the best candidate is picked by the C++ op ``select_best`` (CPU tensors, deterministic rules)."""
+    if not _HAS_SELECT:
+        _HAS_SELECT.append(_backend.ext() is not None and hasattr(torch.ops.pyebm, "select_best"))
+    return _HAS_SELECT[0] and selection != "sample" and y.device.type == "cpu"
+
+
+# -- whole loop and one call ------------------------------------------------------------------------------
+
+def whole_loop_config_refusal(cfg, spec: WholeLoopSpec, *, mask: bool, record: bool) -> Optional[str]:
+    """None when the whole-loop op described by ``spec`` implements every option of ``cfg``."""
+    if spec.unavailable is not None:
+        return spec.unavailable
+    if record:
+        return "record=True (the trajectory is kept by the per-step path)"
+    if cfg.method != "gd":
+        return f"method {cfg.method!r}"
+    if cfg.integrator != "euler":
+        return f"integrator {cfg.integrator!r}"
+    if cfg.project is not None:
+        return f"project {cfg.project!r}"
+    if cfg.accept_if_lower:
+        return "accept_if_lower"
+    if cfg.noise not in spec.noise:
+        return f"noise {cfg.noise!r} (the op implements {', '.join(spec.noise)})"
+    if cfg.normalize not in spec.normalize:
+        return f"normalize {cfg.normalize!r}"
+    if cfg.tol > 0:
+        if cfg.tol_on != "grad_norm":
+            return f"early exit on {cfg.tol_on!r}"
+        if cfg.tol_scope not in spec.tol_scopes:
+            return f"tol_scope {cfg.tol_scope!r}"
+        if cfg.tol_scope == "all" and not spec.tol_all_with_clip and (
+                cfg.grad_clip is not None or cfg.grad_clip_norm is not None):
+            return "tol_scope 'all' with gradient clipping"
+    if mask and not spec.mask:
+        return "a clamped-coordinate mask"
+    return None
+
+
+def whole_loop_backend(model, cfg, *, device, dtype, mask: bool, record: bool, backend: Optional[str]
+                       ) -> Tuple[Optional[str], Optional[str]]:
+    """(backend, None) of a model's whole-loop op that runs this minimisation, or (None, why not)."""
+    if not has_whole_loop(model):
+        return None, f"{type(model).__name__} has no whole-loop op"
+    spec = model.whole_loop_spec(dtype)
+    why = whole_loop_config_refusal(cfg, spec, mask=mask, record=record)
+    if why is not None:
+        return None, why
+    name = resolve(device, model_backend(model, backend), ALL_BACKENDS)
+    if name not in spec.backends:
+        have = ", ".join(spec.backends) or "none"
+        return None, f"backend {name!r} has no whole-loop op for {dtype} candidates (have: {have})"
+    if name in ("cpu", "cuda") and torch.device(device).type != name:
+        return None, f"backend {name!r} with candidates on {device}"
+    return name, None
+
+
+def one_call_refusal(model, cfg, *, context, init, mask, record, generator, backend) -> Optional[str]:
+    """None when a model's ``run_one_call`` (prepare + every step + selection in one compiled call) runs
+    this minimisation; else why not."""
+    if not has_whole_loop(model) or not callable(getattr(model, "run_one_call", None)):
+        return f"{type(model).__name__} has no one-call descent"
+    if not isinstance(context, Tensor):
+        return "the context is not a tensor"
+    spec = model.whole_loop_spec(context.dtype)
+    if not spec.one_call:
+        return spec.unavailable or spec.one_call_why or f"no one-call descent for {context.dtype} contexts"
+    why = whole_loop_config_refusal(cfg, spec, mask=mask is not None, record=record)
+    if why is not None:
+        return why
+    if mask is not None:
+        return "a clamped-coordinate mask (the one-call descent has none)"
+    if cfg.selection == "sample":
+        return "selection 'sample' (drawn on the host side)"
+    why = eager_refusal(context, *(() if not isinstance(init, Tensor) else (init,)))
+    if why is not None:
+        return why
+    name = resolve(context.device, model_backend(model, backend), ALL_BACKENDS)
+    if name not in spec.one_call:
+        return f"backend {name!r}"
+    if generator is not None and torch.device(generator.device).type != "cpu":
+        return "a generator on another device"
+    return None
+
+
+# -- minimize ----------------------------------------------------------------------------------------
+
+@dataclass
+class Route:
+    """How ``minimize`` runs a call: ``kind`` ("cuda graph", "one call", "whole loop", "per step",
+    "autograd"), the backend of its compiled part, and why each faster kind was refused."""
+
+    kind: str
+    backend: Optional[str] = None
+    refused: Dict[str, str] = field(default_factory=dict)
+
+
+def descent_route(model, cfg, *, context, device, dtype, init, mask, record, generator, backend, whole_loop,
+                  cuda_graph, generic: bool, explain: bool = False) -> Route:
+    """The route of a ``minimize`` call. ``generic``: the energy is a plain ``f(x, y)`` (autograd)."""
+    refused: Dict[str, str] = {}
+    if cuda_graph:
+        if whole_loop:
+            raise ValueError("minimize: cuda_graph=True captures the per-step path; whole_loop=True cannot be "
+                             "combined with it")
+        return Route("cuda graph", "cuda")
+    refused["cuda graph"] = "not requested (cuda_graph=False)"
+    if whole_loop is False:
+        refused["one call"] = refused["whole loop"] = "whole_loop=False"
+    else:
+        why = one_call_refusal(model, cfg, context=context, init=init, mask=mask, record=record,
+                               generator=generator, backend=backend)
+        if why is None:
+            return Route("one call", "cpu", refused)
+        refused["one call"] = why
+        name, why = whole_loop_backend(model, cfg, device=device, dtype=dtype, mask=mask is not None,
+                                       record=record, backend=backend)
+        if name is not None:
+            return Route("whole loop", name, refused)
+        refused["whole loop"] = why
+        if whole_loop:
+            raise ValueError(f"minimize: whole_loop=True but no whole-loop op runs this call: {why}")
+    return Route("autograd" if generic else "per step", None, refused)
