@@ -38,6 +38,36 @@ except ImportError as exc:
     _triton_error = f"triton not installed ({exc})"
 
 
+# -- fork safety -------------------------------------------------------------------------------------
+# GNU OpenMP, the thread pool of torch's CPU builds (at::parallel_for, which pyebm's CPU kernels use, and the
+# BLAS), cannot run a parallel region in a child forked after the parent started the pool: the child waits
+# forever for pool threads that do not exist in it. torch's own ops hang there the same way (data loader
+# workers avoid it by running single-threaded). A child forked from a process whose pool may exist (more
+# than one thread at fork time) therefore starts with one intra-op thread; it may raise the count again
+# with torch.set_num_threads() where its OpenMP runtime is fork-safe.
+_FORK = {"pool": False}
+
+
+def _pool_may_exist() -> bool:
+    try:
+        return len(os.listdir("/proc/self/task")) > 1
+    except OSError:  # not Linux: assume it may
+        return True
+
+
+def _before_fork() -> None:
+    _FORK["pool"] = _pool_may_exist()
+
+
+def _after_fork_in_child() -> None:
+    if _FORK["pool"] and torch.get_num_threads() > 1:
+        torch.set_num_threads(1)
+
+
+if hasattr(os, "register_at_fork") and "OpenMP" in torch.__config__.parallel_info():
+    os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)
+
+
 def triton_interpret() -> bool:
     """True when Triton kernels run in interpreter mode (on CPU tensors)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
