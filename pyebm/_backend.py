@@ -235,3 +235,8 @@ def _resolve(device, backend: Optional[str] = None, supported=BACKENDS) -> str:
     if name == "triton" and device.type == "cpu" and not triton_interpret():
         raise ValueError("backend 'triton' on CPU tensors needs TRITON_INTERPRET=1")
     return name
+
+
+# The report is computed on import, so that the first op call inside a torch.compile region reads a
+# constant instead of probing the extension (which Dynamo cannot trace).
+backends()

@@ -102,6 +102,18 @@ def packs(module: nn.Module) -> Dict[object, object]:
     return d
 
 
+def resolve(module: nn.Module, name: str):
+    """``module``'s attribute at a dotted name, as attribute access gives it."""
+    obj = module
+    for part in name.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _traced() -> bool:
+    return torch.compiler.is_compiling() or torch._C._get_tracing_state() is not None
+
+
 def packed(module: nn.Module, key, names: Callable[[], Sequence[Optional[str]]],
            build: Callable[[List[Optional[torch.Tensor]]], T]) -> T:
     """The pack ``key`` of ``module`` for its current weights.
@@ -109,7 +121,13 @@ def packed(module: nn.Module, key, names: Callable[[], Sequence[Optional[str]]],
     ``names()`` lists the pack's sources (dotted names under ``module``; None for an absent one), ``build``
     makes the pack from their tensors (detached aliases, in that order). The pack is rebuilt whenever a
     source changed since it was made. Thread-safe: a pack and its snapshot are replaced together.
+
+    Under torch.compile and torch.jit.trace the pack is built from the module's own tensors on every call
+    and never stored: the graph then reads the parameters themselves (a traced module that loads new
+    weights computes with them) and packs inside the graph.
     """
+    if _traced():
+        return build([None if n is None else resolve(module, n) for n in names()])
     d = packs(module)
     entry = d.get(key)
     if entry is not None and entry[0].unchanged():

@@ -162,6 +162,30 @@ def test_jit_trace_records_the_ops_or_refuses():
     for a, b in zip(traced(x2, y2), f(x2, y2)):
         torch.testing.assert_close(a, b)
 
+    # the trace reads the module's parameters, not a pack: a traced module that loads new weights uses them
+    new = MLPEnergy(3, 2, hidden=(8,))
+    traced.m.load_state_dict(new.state_dict())
+    for a, b in zip(traced(x2, y2), new.energy_and_grad(new.prepare(x2), y2)):
+        torch.testing.assert_close(a, b)
+
+    p = EBTPolicy(action_dim=3, horizon=5, cond_dim=12, embed_dim=16, layers=1, heads=2)
+
+    class PolicyCall(torch.nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def forward(self, obs, y):
+            return self.net.energy_and_grad(self.net.prepare(obs), y)
+
+    obs, ya = torch.randn(2, 4, 12), torch.randn(2, 3, 5, 3)
+    traced = torch.jit.trace(PolicyCall(p), (obs, ya), check_trace=False)
+    assert "pyebm::ebt_policy_energy_grad" in str(traced.graph)
+    other = EBTPolicy(action_dim=3, horizon=5, cond_dim=12, embed_dim=16, layers=1, heads=2)
+    traced.net.load_state_dict(other.state_dict())
+    for a, b in zip(traced(obs, ya), other.energy_and_grad(other.prepare(obs), ya)):
+        torch.testing.assert_close(a, b)
+
     class Descend(torch.nn.Module):
         def __init__(self):
             super().__init__()
@@ -241,3 +265,18 @@ def test_no_import_cycles():
     for n in sorted(graph):
         if n not in state:
             visit(n)
+
+
+def test_torch_compile_fullgraph_of_energy_calls():
+    """Under torch.compile the packs are built inside the graph from the parameters (no pybind11 objects to
+    trace), so energy calls compile without graph breaks and follow later weight changes."""
+    p = EBTPolicy(action_dim=3, horizon=5, cond_dim=12, embed_dim=16, layers=1, heads=2)
+    obs, ya = torch.randn(2, 4, 12), torch.randn(2, 3, 5, 3)
+    ctx = p.prepare(obs)
+    f = torch.compile(lambda c, y: p.energy_and_grad(c, y), fullgraph=True, backend="aot_eager")
+    for a, b in zip(f(ctx, ya), p.energy_and_grad(ctx, ya)):
+        torch.testing.assert_close(a, b)
+    with torch.no_grad():
+        p.head.fc2.weight.mul_(2.0)
+    for a, b in zip(f(ctx, ya), p.energy_and_grad(ctx, ya, backend="torch")):
+        torch.testing.assert_close(a, b)

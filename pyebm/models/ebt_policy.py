@@ -440,9 +440,10 @@ class EBTPolicy(_state.PackedModule):
         return (self.blocks[0].norm1.eps if self.num_layers else ref.RMS_EPS), self.embed.norm.eps
 
     def _fused(self, ctx: EBTPolicyContext, y: torch.Tensor, need_grad: bool):
-        params, weights_t = self._op_weights()
-        return _op.ebt_policy_energy_grad(y, ctx.k, ctx.v, ctx.bias, params, weights_t, self.heads, *self._op_eps(),
-                                          need_grad)
+        with torch.no_grad():  # an inference op: the input gradient only, no graph over the weights
+            params, weights_t = self._op_weights()
+            return _op.ebt_policy_energy_grad(y, ctx.k, ctx.v, ctx.bias, params, weights_t, self.heads,
+                                              *self._op_eps(), need_grad)
 
     def explain_energy(self, ctx, y, backend: Optional[str] = None) -> str:
         """What an ``energy_and_grad`` call on these inputs runs (``pyebm.explain``)."""
