@@ -473,7 +473,9 @@ class BenchResult:
             ax2.grid(True, which="both", alpha=0.3)
             if ax2.get_legend_handles_labels()[0]:
                 ax2.legend(fontsize=7)
-        fig.suptitle(self.header(), fontsize=7)
+        import textwrap
+
+        fig.suptitle(textwrap.fill(self.header(), 60 + 50 * len(suites)), fontsize=7)
         fig.tight_layout()
         fig.savefig(path, dpi=120)
         plt.close(fig)
