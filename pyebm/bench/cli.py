@@ -27,11 +27,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                                   "(.benchmarks/pyebm/, or $PYEBM_BENCH_STORAGE)")
     p.add_argument("--compare", metavar="NAME", help="after the run, compare it with a saved run: its NAME, its "
                                                      "number, 'latest', or a JSON file")
-    p.add_argument("--min-samples", type=int, default=None, help="samples per column at least (default 5; quick 5)")
-    p.add_argument("--max-samples", type=int, default=None, help="samples per column at most (default 200; "
-                                                                  "quick 40)")
+    p.add_argument("--min-samples", type=int, default=None, metavar="N",
+                   help="samples per column at least (default 10, --quick 5; policy 7 and 5)")
+    p.add_argument("--max-samples", type=int, default=None, metavar="N",
+                   help="samples per column at most (default 200, --quick 40; policy 60 and 20)")
     p.add_argument("--budget", type=float, default=None, metavar="SECONDS",
-                   help="sampling time per size before stopping short of the target (default 20; quick 4)")
+                   help="sampling time per size before stopping short of the target (default 20, --quick 4; "
+                        "policy 40 and 8)")
     p.add_argument("--ci-target", type=float, default=None, metavar="FRACTION",
                    help="stop once every ratio's 95%% interval is within +-FRACTION (default 0.05)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
