@@ -304,6 +304,7 @@ def test_spread_and_host_load_warnings():
     rows = {r["column"]: r for r in res.rows()}
     assert any(w.startswith("spread: IQR is") for w in rows["spread"]["warnings"])
     assert rows["calm"]["warnings"] == [] and rows["eager autograd"]["warnings"] == []
+    assert "host was busy" not in res.legend()
 
     busy = {"loadavg": [6.0, 5.0, 4.0], "cpu_mhz": [3000.0, 3000.0], "other_running_threads": 3}
     res = BenchResult(_group([("eager autograd", eager), ("calm", calm)], QUIET, busy), meta={"usable_cores": 2})
@@ -314,6 +315,7 @@ def test_spread_and_host_load_warnings():
     host_rows = [w for w in res.to_dict()["warnings"] if w["column"] is None]
     assert len(host_rows) == 3  # once per size, not once per column
     assert "(every column)" in res.markdown()
+    assert "The host was busy during this run" in res.legend()
     assert host.host_warnings(QUIET, QUIET, threads=2, cores=2) == []
     # this run's own threads are not load: 2 threads on 2 cores with a load average of 2 is a quiet host
     assert host.host_warnings({**QUIET, "loadavg": [2.0, 2.0, 2.0]}, None, threads=2, cores=2) == []

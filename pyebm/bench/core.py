@@ -201,7 +201,7 @@ class BenchResult:
                     target = (c.sampling or {}).get("rel_ci_target")
                     hw = stats.rel_half_width(ci, point)
                     if target and hw > target:
-                        warnings.append(f"x eager known to +-{hw:.0%} only (target +-{target:.0%}; sampling stopped "
+                        warnings.append(f"x eager known to +-{hw:.1%} only (target +-{target:.0%}; sampling stopped "
                                         f"by {c.sampling.get('stop')} after {c.sampling.get('rounds')} rounds)")
             if s["n"] >= 2 and s["spread"] > self.spread_warn:
                 warnings.append(f"spread: IQR is {s['spread']:.0%} of the median (warning above "
@@ -345,6 +345,9 @@ class BenchResult:
             until = f"until every ratio's interval is within +-{tgt:.0%} or" if tgt else "until"
             lines.append(f"{suite}: {a.get('min_samples')} to {a.get('max_samples')} samples per column, {until} "
                          f"{a.get('budget_s'):g} s of sampling per size are spent.")
+        if any(w["column"] is None for w in self.warnings()):
+            lines.append("The host was busy during this run (warnings above): load slows the columns unequally, so "
+                         "even ratios with tight intervals may be off. Rerun on a quiet machine before quoting them.")
         lines.append(f"median, IQR (q25-q75), min, p90 per call; n = samples. x eager = median(baseline) / "
                      f"median(column) [{self.confidence:.0%} bootstrap interval, {stats.RESAMPLES} resamples, seed "
                      f"{stats.SEED}, paired by round]; \"noisy\" = interval spans more than "
