@@ -3,7 +3,6 @@ fake clock), noise warnings, comparisons and history, the latency API, rendering
 asserted: every measured timing here is only checked for its structure."""
 import csv
 import json
-import math
 import os
 
 import numpy as np
