@@ -22,15 +22,21 @@ venv: $(PY)
 	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH_SPEC)"
 	@$(PY) -c "import numpy, pybind11" 2>/dev/null || $(PIP) install -q numpy pybind11 setuptools wheel
 
+# -v: pip hides a build's output otherwise; with it CMake's and Ninja's [done/total] lines show progress.
 install: venv
-	$(PIP) install -q --no-build-isolation -e .
+	@echo "make: building the C++ extension pyebm._C (CMake + Ninja, a few minutes on 2 cores)"
+	$(PIP) install -v --no-build-isolation -e .
 
 install-test: venv
 	$(PIP) install -q "triton>=3.0" "pytest>=7" "pytest-benchmark>=4" "hypothesis>=6" "rich>=13" "matplotlib>=3.6"
-	$(PIP) install -q --no-build-isolation -e ".[test]"
+	@echo "make: building the C++ extension pyebm._C (CMake + Ninja, a few minutes on 2 cores)"
+	$(PIP) install -v --no-build-isolation -e ".[test]"
 
 run: install
 	@$(PIP) install -q "rich>=13" "matplotlib>=3.6"
+	@echo "make run: pyebm info (version, build, usable backends), then pyebm demo (trains a small energy model,"
+	@echo "          runs batched multi-candidate descent on it, times the fused path against the eager loop,"
+	@echo "          writes pyebm_demo.png). The op benchmark is 'make bench' or '.venv/bin/pyebm bench ops --quick'."
 	$(VENV)/bin/pyebm info
 	$(VENV)/bin/pyebm demo
 

@@ -59,9 +59,18 @@ class CMakeBuild(build_ext):
         if with_cuda == "1" and nvcc:
             args.append(f"-DCMAKE_CUDA_COMPILER={nvcc}")
         args += os.environ.get("PYEBM_CMAKE_ARGS", "").split()
+        # Progress goes to the terminal as it happens (pip shows it with -v): CMake's configure lines, then
+        # Ninja's "[done/total] Building CXX object ..." line per file.
+        _say(f"configuring pyebm._C with CMake (CUDA kernels {'on' if with_cuda == '1' else 'off'}) in {build_dir}")
         subprocess.check_call(args, cwd=build_dir)
         jobs = os.environ.get("PYEBM_BUILD_JOBS", str(os.cpu_count() or 1))
+        _say(f"compiling pyebm._C with Ninja, {jobs} jobs: a few minutes on 2 cores, one [done/total] line per file")
         subprocess.check_call(["cmake", "--build", ".", "--target", "_C", "-j", jobs], cwd=build_dir)
+        _say("pyebm._C built")
+
+
+def _say(msg: str) -> None:
+    print(f"pyebm build: {msg}", file=sys.stderr, flush=True)
 
 
 setup(

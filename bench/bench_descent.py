@@ -1,7 +1,7 @@
 """Whole minimize latency, T=10 steps: eager loop, torch.compile of the step, pyebm per-step, whole-loop.
 
     python bench/bench_descent.py [--quick] [--no-compile] [--device cpu|cuda] [--sizes small,large] [--sweep]
-                                  [--json FILE] [--plot FILE]
+                                  [--json FILE] [--csv FILE] [--plot FILE]
 
 Same code as `pyebm bench descent`.
 """

@@ -3,6 +3,8 @@
 #include <pybind11/pybind11.h>
 #include <torch/library.h>
 
+#include "cpu/vec_act.h"
+
 #ifndef PYEBM_VERSION
 #define PYEBM_VERSION "unknown"
 #endif
@@ -49,6 +51,13 @@ PYBIND11_MODULE(_C, m) {
     d["openmp"] = false;
 #endif
     d["torch_abi_cxx11"] = static_cast<bool>(_GLIBCXX_USE_CXX11_ABI);
+    // The instruction set the CPU kernels chose at run time on this machine (benchmarks record it).
+#if defined(PYEBM_VEC_ACT) && defined(__x86_64__)
+    const int level = pyebm::cpu::cpu_vec_level();
+    d["cpu_isa"] = level == 2 ? "AVX-512" : level == 1 ? "AVX2" : "baseline";
+#else
+    d["cpu_isa"] = "baseline";
+#endif
     return d;
   });
 }

@@ -44,7 +44,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pyebm", description="Fused kernels for energy-based model inference")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     p_info = sub.add_parser("info", help="version, build information and usable backends")
     p_info.add_argument("--json", action="store_true", help="print as JSON")
     p_info.set_defaults(func=_cmd_info)
@@ -73,6 +73,9 @@ _COMMANDS = [
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command is None:  # `pyebm` alone: say what there is
+        parser.print_help()
+        return 0
     return int(args.func(args) or 0)
 
 

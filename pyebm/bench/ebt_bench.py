@@ -18,7 +18,7 @@ import json
 import statistics
 import sys
 import time
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import torch
 
@@ -26,7 +26,7 @@ from pyebm.models import EBT
 from pyebm.reference import ebt as ref
 
 
-def median_time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
+def time_samples(fn: Callable[[], object], repeats: int, warmup: int = 1) -> List[float]:
     for _ in range(warmup):
         fn()
     samples: List[float] = []
@@ -34,6 +34,14 @@ def median_time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> floa
         t0 = time.perf_counter()
         fn()
         samples.append(time.perf_counter() - t0)
+    return samples
+
+
+def median_time(fn: Callable[[], object], repeats: int, warmup: int = 1, into: Optional[List[float]] = None) -> float:
+    """Median of ``repeats`` timed calls; the samples are appended to ``into`` when given."""
+    samples = time_samples(fn, repeats, warmup)
+    if into is not None:
+        into.extend(samples)
     return statistics.median(samples)
 
 
@@ -86,15 +94,19 @@ def run_bench(args) -> Dict[str, object]:
     opts = dict(steps=args.steps, alpha=args.alpha, select="min")
     params = {k: v.detach() for k, v in model.named_parameters()}
     rows = {}
+    samples: Dict[str, List[float]] = {k: [] for k in ("pyebm_generate_s", "pyebm_prefill_s", "pyebm_step_s",
+                                                       "reference_generate_s", "reference_step_s")}
 
     with torch.no_grad():
         t_fast = median_time(lambda: model.generate(tokens, args.new_tokens, samples=G, init=init, **opts),
-                             repeats=args.repeats)
+                             repeats=args.repeats, into=samples["pyebm_generate_s"])
         fast_out = model.generate(tokens, args.new_tokens, samples=G, init=init, **opts)
-        t_prefill = median_time(lambda: model.prepare(tokens, capacity=args.prompt + args.new_tokens), args.repeats)
+        t_prefill = median_time(lambda: model.prepare(tokens, capacity=args.prompt + args.new_tokens), args.repeats,
+                                into=samples["pyebm_prefill_s"])
         cache = model.prepare(tokens)
         y = torch.randn(B, G, V, generator=gen)
-        t_step_fast = median_time(pyebm_step(model, cache, y, args.alpha), repeats=max(5, args.repeats * 3))
+        t_step_fast = median_time(pyebm_step(model, cache, y, args.alpha), repeats=max(5, args.repeats * 3),
+                                  into=samples["pyebm_step_s"])
     rows["pyebm prefill (s)"] = (None, t_prefill)
 
     if args.skip_reference:
@@ -103,10 +115,13 @@ def run_bench(args) -> Dict[str, object]:
         t0 = time.perf_counter()
         ref_out = ref.generate(params, model.config, tokens, args.new_tokens, init, **opts)
         t_ref = time.perf_counter() - t0  # once: it is the slow side
+        samples["reference_generate_s"].append(t_ref)
         same = bool(torch.equal(ref_out, fast_out))
         y_full = torch.randn(B, args.prompt, V, generator=gen)
-        t_step_ref = median_time(reference_step(model, tokens, y_full, args.alpha), repeats=3)
+        one = []
+        t_step_ref = median_time(reference_step(model, tokens, y_full, args.alpha), repeats=3, into=one)
         t_step_ref *= G  # the reference runs the G samples one after another
+        samples["reference_step_s"] += [G * t for t in one]
 
     n = args.new_tokens
     result = {
@@ -117,6 +132,7 @@ def run_bench(args) -> Dict[str, object]:
         "reference_generate_s": t_ref, "pyebm_generate_s": t_fast,
         "reference_tokens_per_s": None if t_ref is None else n / t_ref, "pyebm_tokens_per_s": n / t_fast,
         "reference_step_s": t_step_ref, "pyebm_step_s": t_step_fast, "pyebm_prefill_s": t_prefill,
+        "samples_s": samples,
     }
 
     sweep = []
@@ -125,7 +141,9 @@ def run_bench(args) -> Dict[str, object]:
             for S in args.sweep:
                 toks = torch.randint(0, V, (B, S), generator=gen)
                 c = model.prepare(toks)
-                sweep.append((S, median_time(pyebm_step(model, c, y, args.alpha), repeats=max(5, args.repeats * 3))))
+                samples[f"pyebm_step_s prompt {S}"] = []
+                sweep.append((S, median_time(pyebm_step(model, c, y, args.alpha), repeats=max(5, args.repeats * 3),
+                                             into=samples[f"pyebm_step_s prompt {S}"])))
     result["pyebm_step_by_prompt"] = sweep
     return result
 

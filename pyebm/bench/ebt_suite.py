@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from typing import Callable, Iterator, Optional
 
-from pyebm.bench.core import Case
+from pyebm.bench.core import Case, run_params
 from pyebm.bench.suites import register_suite
 from pyebm.bench.timing import Timing
 
@@ -27,20 +27,27 @@ def ebt_cases(quick: bool = False, device: str = "cpu", progress: Optional[Calla
         progress("ebt generation (the reference runs once)")
     r = ebt_bench.run_bench(args)
     cfg = r["config"]
-    params = dict(cfg)
+    params = run_params(dict(cfg), device)
+    samples = r["samples_s"]
     note = "" if r["identical_greedy_output"] else "OUTPUTS DIFFER"
     size = f"{cfg['new_tokens']} tokens, prompt {cfg['prompt']}, G={cfg['samples']}"
+    # Sequential timings (the reference generation runs once): intervals, where any, are not paired.
+    sampling = {"interleaved": False, "rounds": None, "stop": "fixed repeats"}
+
+    def case(size_, column, key, baseline=False, params_=params, note_=""):
+        return Case("ebt", size_, column, Timing(list(samples[key])), baseline=baseline, params=params_, note=note_,
+                    sampling=sampling)
+
     if r["reference_generate_s"] is not None:
-        yield Case("ebt", size, "reference algorithm: generate", Timing([r["reference_generate_s"]]), baseline=True,
-                   params=params)
-    yield Case("ebt", size, "pyebm: generate", Timing([r["pyebm_generate_s"]]), params=params, note=note)
+        yield case(size, "reference algorithm: generate", "reference_generate_s", baseline=True)
+    yield case(size, "pyebm: generate", "pyebm_generate_s", note_=note)
     step = "one think step (G samples)"
     if r["reference_step_s"] is not None:
-        yield Case("ebt", step, "reference algorithm", Timing([r["reference_step_s"]]), baseline=True, params=params)
-    yield Case("ebt", step, "pyebm", Timing([r["pyebm_step_s"]]), params=params)
-    yield Case("ebt", "prefill", "pyebm", Timing([r["pyebm_prefill_s"]]), params=params)
-    for S, t in r["pyebm_step_by_prompt"]:
-        yield Case("ebt", f"think step, prompt {S}", "pyebm", Timing([t]), params={**params, "prompt": S})
+        yield case(step, "reference algorithm", "reference_step_s", baseline=True)
+    yield case(step, "pyebm", "pyebm_step_s")
+    yield case("prefill", "pyebm", "pyebm_prefill_s")
+    for S, _ in r["pyebm_step_by_prompt"]:
+        yield case(f"think step, prompt {S}", "pyebm", f"pyebm_step_s prompt {S}", params_={**params, "prompt": S})
 
 
 register_suite("ebt", ebt_cases)

@@ -13,18 +13,19 @@ Columns, same observation and thread count:
                       bench/diffusion_policy_baseline.py; present in a source checkout)
 Two regimes: "20 steps" (the step cap: random weights never meet the stop test) and "2 steps" (the stop
 test met at once, as a trained EBT-Policy does: one step, then the final step).
+The columns of a regime are sampled together, round-robin (pyebm.bench.timing.measure_interleaved).
 """
 from __future__ import annotations
 
 import importlib.util
 import os
-from typing import Callable, Iterator, List, Optional
+from typing import Callable, Dict, Iterator, List, Optional
 
 import torch
 
-from pyebm.bench.core import GEMM_COLUMN, Case
-from pyebm.bench.suites import register_suite
-from pyebm.bench.timing import gemm_reference, measure
+from pyebm.bench.core import GEMM_COLUMN, Case, Column, measure_cases
+from pyebm.bench.suites import merge_sampling, register_suite
+from pyebm.bench.timing import gemm_reference
 
 POLICY_SIZES = {
     # action_dim, horizon, width, layers, heads, observation steps (one token each)
@@ -68,12 +69,15 @@ def build_model(size: dict, seed: int = 0, device: str = "cpu"):
 
 def policy_cases(quick: bool = False, device: str = "cpu", compile: bool = True, memory: bool = True,
                  sizes: Optional[List[str]] = None, sweep: bool = False,
-                 progress: Optional[Callable[[str], None]] = None) -> Iterator[Case]:
+                 progress: Optional[Callable[[str], None]] = None,
+                 sampling: Optional[Dict[str, object]] = None) -> Iterator[Case]:
     from pyebm.policies import EnergyPolicy
     from pyebm.reference import ebt_policy as ref
 
-    kw = {"warmup": 1, "repeats": 5, "min_sample_s": 0.0, "max_time_s": 8.0} if quick else \
-         {"warmup": 1, "repeats": 9, "min_sample_s": 0.0, "max_time_s": 40.0}
+    # Calls of tens to hundreds of milliseconds: one call per sample, a longer budget per regime.
+    kw: Dict[str, object] = {"warmup": 1, "min_samples": 5, "max_samples": 20, "budget_s": 8.0, "min_sample_s": 0.0} \
+        if quick else {"warmup": 1, "min_samples": 7, "max_samples": 60, "budget_s": 40.0, "min_sample_s": 0.0}
+    kw = merge_sampling(kw, sampling)
     dp = _diffusion_module()
     for name in sizes or (["small"] if quick else ["full"]):
         size = POLICY_SIZES[name]
@@ -91,10 +95,8 @@ def policy_cases(quick: bool = False, device: str = "cpu", compile: bool = True,
                                                 heads=size["heads"]).to(device).eval()
             for kind, steps in (("ddim", 8), ("ddpm", 100)):
                 sampler = dp.DiffusionSampler(net, train_steps=100, steps=steps, kind=kind)
-                if progress:
-                    progress(f"policy {name}: {kind.upper()}-{steps}")
-                diffusion.append((f"{kind.upper()}-{steps}", measure(lambda s=sampler: s.sample(obs, (1, T, A)),
-                                                                      device=device, **kw), steps))
+                diffusion.append(Column(f"{kind.upper()}-{steps}", lambda s=sampler: s.sample(obs, (1, T, A)),
+                                        note=f"{steps} network passes"))
         for regime, min_grad in REGIMES:
             label = f"{name}, {regime}"
             shape = {**size, "batch": 1, "min_grad": min_grad}
@@ -104,36 +106,35 @@ def policy_cases(quick: bool = False, device: str = "cpu", compile: bool = True,
                                min_grad=min_grad, normalize_mode="batch")
 
             ref_out, info = reference()
-            if progress:
-                progress(f"policy {label}: reference loop")
-            yield Case("policy", label, "reference loop", measure(reference, device=device, **kw),
-                       flops=step_flops * info["steps"], baseline=True, params=shape,
-                       note=f"{info['steps']} steps")
+            cols = [Column("reference loop", reference, baseline=True, flops=step_flops * info["steps"],
+                           note=f"{info['steps']} steps")]
             for mode, column in (("manual", "pyebm K=1"), ("autograd", "pyebm K=1 autograd")):
                 model.grad_mode = mode
                 pol = EnergyPolicy.ebt_policy(model, min_grad=min_grad, coupled=True)
                 out = pol.act(obs, init=init)
                 steps = int(pol.last_result.steps.max())
                 diff = (out - ref_out).abs().max().item()
-                if progress:
-                    progress(f"policy {label}: {column}")
-                yield Case("policy", label, column, measure(lambda p=pol: p.act(obs, init=init), device=device, **kw),
-                           flops=step_flops * steps, params=shape,
-                           note=f"{steps} steps, max abs diff vs reference {diff:.1e}")
+                # Each policy object keeps the grad mode it was built with; the model's is set per call.
+                cols.append(Column(column, (lambda p=pol, m=mode: _act_in_mode(model, m, p, obs, init)),
+                                   flops=step_flops * steps,
+                                   note=f"{steps} steps, max abs diff vs reference {diff:.1e}"))
             model.grad_mode = "manual"
             pol = EnergyPolicy.ebt_policy(model, candidates=32, min_grad=min_grad)
             pol.act(obs, generator=0)
             steps = int(pol.last_result.steps.max())
-            if progress:
-                progress(f"policy {label}: pyebm K=32")
-            yield Case("policy", label, "pyebm K=32", measure(lambda p=pol: p.act(obs, generator=0), device=device,
-                                                               **kw),
-                       flops=32 * step_flops * steps, params=shape, note=f"{steps} steps, best of 32")
-            for column, timing, steps in diffusion:
-                yield Case("policy", label, column, timing, params=shape, note=f"{steps} network passes")
+            cols.append(Column("pyebm K=32", lambda p=pol: _act_in_mode(model, "manual", p, obs, None, generator=0),
+                               flops=32 * step_flops * steps, note=f"{steps} steps, best of 32"))
+            cols += diffusion
             gemm = gemm_reference(step_flops * info["steps"], size["horizon"], device=device)
-            yield Case("policy", label, GEMM_COLUMN, measure(gemm, device=device, **kw), flops=gemm.flops,
-                       params=shape, note=f"{size['horizon']} rows")
+            cols.append(Column(GEMM_COLUMN, gemm, flops=gemm.flops, note=f"{size['horizon']} rows", alloc=False))
+            yield from measure_cases("policy", label, cols, shape, device=device, timing=kw, progress=progress)
+
+
+def _act_in_mode(model, mode: str, pol, obs, init, generator=None):
+    model.grad_mode = mode
+    if init is not None:
+        return pol.act(obs, init=init)
+    return pol.act(obs, generator=generator)
 
 
 register_suite("policy", policy_cases)
