@@ -28,7 +28,7 @@ is ``pyebm._backend``; this module decides what runs given that.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -91,32 +91,34 @@ MLP_BACKENDS = ALL_BACKENDS
 PLAN_DTYPES = (torch.float32, torch.float64)
 
 
-def _has_plan() -> bool:
-    return getattr(_backend.ext(), "MlpPlan", None) is not None
+_HAS_PLAN = getattr(_backend.ext(), "MlpPlan", None) is not None
 
 
 def plan_refusal(model, *tensors) -> Optional[str]:
-    """None when MLPEnergy's cpu plan may take a call on ``tensors`` (the model's weights float32/float64 on
-    the CPU, eager mode, plain tensors); else why not. The plan itself still hands back calls whose shapes or
-    dtypes it does not take as they are (the op then raises the documented error)."""
-    if not _has_plan():
+    """None when MLPEnergy's cpu plan may take a call on ``tensors`` (eager mode, plain tensors, the model's
+    weights float32/float64 on the CPU); else why not. The plan itself still hands back calls whose shapes or
+    dtypes it does not take as they are (the op then raises the documented error or converts), and weights
+    that became another dtype since it was made."""
+    if not _HAS_PLAN:
         return f"the compiled extension is not available ({_backend.ext_info().get('why')})"
     why = eager_refusal(*tensors)
     if why is not None:
         return why
-    w = model.y_proj.weight
-    if w.dtype not in PLAN_DTYPES or w.device.type != "cpu":
-        return f"the plan takes float32/float64 CPU weights; the model's are {w.dtype} on {w.device}"
+    if model.dtype not in PLAN_DTYPES or model.device.type != "cpu":
+        return f"the plan takes float32/float64 CPU weights; the model's are {model.dtype} on {model.device}"
     return None
 
 
 def mlp_call(model, ctx, y, backend: Optional[str]) -> str:
     """"plan" or the op backend ("cpu", "cuda", "triton", "torch") of an MLPEnergy energy call."""
+    name = backend or model.backend
+    if type(y) is Tensor and y.is_cpu and _backend.resolves_to_cpu(name):
+        # the common case, in the order of its cost; the plan checks its weights' dtype itself
+        if _HAS_PLAN and type(ctx) is Tensor and eager_refusal() is None:
+            return "plan"
+        return "cpu"
     device = y.device if isinstance(y, Tensor) else torch.device("cpu")
-    name = resolve(device, model_backend(model, backend), MLP_BACKENDS)
-    if name == "cpu" and plan_refusal(model, ctx, y) is None:
-        return "plan"
-    return name
+    return resolve(device, name, MLP_BACKENDS)
 
 
 # -- EBT-Policy energy calls -------------------------------------------------------------------------
@@ -221,8 +223,24 @@ def select_in_one_pass(selection: str, y: Tensor) -> bool:
 
 # -- whole loop and one call ------------------------------------------------------------------------------
 
+_CONFIG_REFUSALS: Dict[tuple, tuple] = {}
+
+
 def whole_loop_config_refusal(cfg, spec: WholeLoopSpec, *, mask: bool, record: bool) -> Optional[str]:
-    """None when the whole-loop op described by ``spec`` implements every option of ``cfg``."""
+    """None when the whole-loop op described by ``spec`` implements every option of ``cfg`` (remembered per
+    config object, which the table holds so that its id is not reused, and spec)."""
+    key = (id(cfg), id(spec), mask, record)
+    hit = _CONFIG_REFUSALS.get(key)
+    if hit is not None and hit[0] is cfg and hit[1] is spec:
+        return hit[2]
+    why = _config_refusal(cfg, spec, mask, record)
+    if len(_CONFIG_REFUSALS) >= 512:
+        _CONFIG_REFUSALS.clear()
+    _CONFIG_REFUSALS[key] = (cfg, spec, why)
+    return why
+
+
+def _config_refusal(cfg, spec: WholeLoopSpec, mask: bool, record: bool) -> Optional[str]:
     if spec.unavailable is not None:
         return spec.unavailable
     if record:
@@ -255,7 +273,7 @@ def whole_loop_config_refusal(cfg, spec: WholeLoopSpec, *, mask: bool, record: b
 def whole_loop_backend(model, cfg, *, device, dtype, mask: bool, record: bool, backend: Optional[str]
                        ) -> Tuple[Optional[str], Optional[str]]:
     """(backend, None) of a model's whole-loop op that runs this minimisation, or (None, why not)."""
-    if not has_whole_loop(model):
+    if not _hooks(model)[0]:
         return None, f"{type(model).__name__} has no whole-loop op"
     spec = model.whole_loop_spec(dtype)
     why = whole_loop_config_refusal(cfg, spec, mask=mask, record=record)
@@ -270,30 +288,40 @@ def whole_loop_backend(model, cfg, *, device, dtype, mask: bool, record: bool, b
     return name, None
 
 
+def _hooks(model) -> Tuple[bool, bool]:
+    """(has a whole-loop op, has a one-call descent)."""
+    whole = has_whole_loop(model)
+    return whole, whole and callable(getattr(model, "run_one_call", None))
+
+
 def one_call_refusal(model, cfg, *, context, init, mask, record, generator, backend) -> Optional[str]:
     """None when a model's ``run_one_call`` (prepare + every step + selection in one compiled call) runs
     this minimisation; else why not."""
-    if not has_whole_loop(model) or not callable(getattr(model, "run_one_call", None)):
+    if not _hooks(model)[1]:
         return f"{type(model).__name__} has no one-call descent"
-    if not isinstance(context, Tensor):
-        return "the context is not a tensor"
+    if type(context) is not Tensor:
+        return "the context is not a plain tensor"
     spec = model.whole_loop_spec(context.dtype)
     if not spec.one_call:
         return spec.unavailable or spec.one_call_why or f"no one-call descent for {context.dtype} contexts"
-    why = whole_loop_config_refusal(cfg, spec, mask=mask is not None, record=record)
-    if why is not None:
-        return why
     if mask is not None:
         return "a clamped-coordinate mask (the one-call descent has none)"
-    if cfg.selection == "sample":
-        return "selection 'sample' (drawn on the host side)"
-    why = eager_refusal(context, *(() if not isinstance(init, Tensor) else (init,)))
+    why = whole_loop_config_refusal(cfg, spec, mask=False, record=record)
     if why is not None:
         return why
-    name = resolve(context.device, model_backend(model, backend), ALL_BACKENDS)
-    if name not in spec.one_call:
-        return f"backend {name!r}"
-    if generator is not None and torch.device(generator.device).type != "cpu":
+    if cfg.selection == "sample":
+        return "selection 'sample' (drawn on the host side)"
+    if init is not None and type(init) is not Tensor:
+        return f"init is a {type(init).__name__}, not a plain torch.Tensor"
+    why = eager_refusal()
+    if why is not None:
+        return why
+    name = backend or getattr(model, "backend", None)
+    if not (context.is_cpu and _backend.resolves_to_cpu(name)):
+        name = resolve(context.device, name, ALL_BACKENDS)
+        if name not in spec.one_call:
+            return f"backend {name!r}"
+    if generator is not None and generator.device.type != "cpu":
         return "a generator on another device"
     return None
 
@@ -311,7 +339,7 @@ class Route:
 
 
 def descent_route(model, cfg, *, context, device, dtype, init, mask, record, generator, backend, whole_loop,
-                  cuda_graph, generic: bool, explain: bool = False) -> Route:
+                  cuda_graph, generic: bool) -> Route:
     """The route of a ``minimize`` call. ``generic``: the energy is a plain ``f(x, y)`` (autograd)."""
     refused: Dict[str, str] = {}
     if cuda_graph:

@@ -62,9 +62,8 @@ class _PySnapshot:
     def _key(t):
         if t is None:
             return None
-        if t.is_inference():
-            return False
-        return (t.data_ptr(), t._version, t.storage_offset(), tuple(t.shape), t.stride(), t.dtype, t.device)
+        version = None if t.is_inference() else t._version  # inference tensors have no version counter
+        return (t.data_ptr(), version, t.storage_offset(), tuple(t.shape), t.stride(), t.dtype, t.device)
 
     def _read(self) -> None:
         self._seen, self._keys, self.tensors = [], [], []
@@ -75,16 +74,21 @@ class _PySnapshot:
             self._seen.append(t)
             self._keys.append(self._key(t))
             self.tensors.append(None if t is None else t.detach())
+        self._volatile = any(k is not None and k[1] is None for k in self._keys)
 
-    def unchanged(self) -> bool:
+    def unchanged(self, versions: bool = True) -> bool:
+        if versions and self._volatile:
+            return False
         for name, seen, key in zip(self._names, self._seen, self._keys):
             if name is None:
                 continue
-            if key is False:
-                return False
             now = self._resolve(name)
-            if now is not seen or (now is not None and self._key(now) != key):
+            if now is not seen:
                 return False
+            if now is not None:
+                got = self._key(now)
+                if (got if versions else got[:1] + got[2:]) != (key if versions else key[:1] + key[2:]):
+                    return False
         return True
 
     def __len__(self) -> int:
@@ -100,6 +104,18 @@ def packs(module: nn.Module) -> Dict[object, object]:
     if d is None:
         d = module.__dict__[ATTR] = {}
     return d
+
+
+def attr(module: nn.Module, name: str):
+    """``getattr(module, name)`` without nn.Module.__getattr__ for plain parameters, buffers and submodules
+    (which costs a microsecond a call): the instance's own dicts first, then attribute access (a
+    parametrization's property, a hook's plain attribute)."""
+    d = module.__dict__
+    for store in ("_parameters", "_modules", "_buffers"):
+        v = d[store].get(name)
+        if v is not None:
+            return v
+    return getattr(module, name)
 
 
 def resolve(module: nn.Module, name: str):

@@ -89,6 +89,8 @@ class _ModuleEnergy:
 
 def _event_shape_of(energy) -> Optional[Tuple[int, ...]]:
     shape = getattr(energy, "event_shape", None)
+    if type(shape) is tuple:
+        return shape
     if shape is not None:
         return tuple(int(s) for s in shape)
     dim = getattr(energy, "candidate_dim", None)
@@ -100,8 +102,10 @@ def _event_shape_of(energy) -> Optional[Tuple[int, ...]]:
 def _like_of(energy, context, init) -> Tuple[torch.device, torch.dtype]:
     if isinstance(init, Tensor):
         return init.device, init.dtype
-    if isinstance(getattr(energy, "dtype", None), torch.dtype):
-        return torch.device(getattr(energy, "device", "cpu")), energy.dtype
+    dtype = getattr(energy, "dtype", None)
+    if isinstance(dtype, torch.dtype):
+        device = getattr(energy, "device", "cpu")
+        return (device if isinstance(device, torch.device) else torch.device(device)), dtype
     if isinstance(energy, nn.Module):
         for p in energy.parameters():
             return p.device, p.dtype
@@ -168,6 +172,8 @@ class _Call:
 def as_generator(generator, device, where: str) -> Optional[torch.Generator]:
     """A torch.Generator on ``device`` from a generator, an int seed or None; a generator on another kind of
     device is an error."""
+    if generator is None:
+        return None
     if isinstance(generator, numbers.Integral) and not isinstance(generator, bool):
         return torch.Generator(device=device).manual_seed(int(generator))
     if generator is not None and not isinstance(generator, torch.Generator):
@@ -179,7 +185,7 @@ def as_generator(generator, device, where: str) -> Optional[torch.Generator]:
 
 
 def _check_flag(name: str, value) -> bool:
-    if not isinstance(value, bool):
+    if value is not True and value is not False:
         raise TypeError(f"minimize: {name} must be True or False; got {value!r}")
     return value
 
@@ -202,63 +208,76 @@ def _batch_size(context, init_tensor) -> int:
                      "or an init tensor")
 
 
-def _plan_call(energy, context, candidates, config, init, mask, generator, record, backend, event_shape,
-               whole_loop, cuda_graph, final_energy: bool = True) -> _Call:
-    """Validate the arguments of ``minimize`` and route the call. Draws no random number, runs nothing."""
-    cfg = _DEFAULT_CONFIG if config is None else config
-    if not isinstance(cfg, Descent):
+_PROTOCOL_TYPES: Dict[type, bool] = {}
+
+
+def _as_model(energy) -> Tuple[Any, bool]:
+    """(the energy model, whether it is a plain f(x, y) wrapped for autograd)."""
+    t = type(energy)
+    is_model = _PROTOCOL_TYPES.get(t)
+    if is_model is None:
+        is_model = _PROTOCOL_TYPES[t] = is_energy_model(energy)
+    if is_model:
+        return energy, False
+    if not callable(energy):
+        raise TypeError("minimize: energy must have prepare/energy/energy_and_grad or be callable as "
+                        f"energy(x, y) -> E [B, K]; got {t.__name__}")
+    return _ModuleEnergy(energy), True
+
+
+def _check_options(cfg, candidates, record, cuda_graph, final_energy, whole_loop, backend) -> int:
+    """The scalar options of a minimize call; returns K."""
+    if type(cfg) is not Descent and not isinstance(cfg, Descent):
         raise TypeError(f"minimize: config must be a pyebm.Descent; got {type(cfg).__name__}")
-    if isinstance(candidates, bool) or not isinstance(candidates, numbers.Integral) or candidates < 1:
+    if type(candidates) is not int and (isinstance(candidates, bool) or not isinstance(candidates, numbers.Integral)):
         raise ValueError(f"minimize: candidates must be an int >= 1; got {candidates!r}")
     K = int(candidates)
-    record, cuda_graph, final_energy = (_check_flag(n, v) for n, v in
-                                        (("record", record), ("cuda_graph", cuda_graph), ("final_energy", final_energy)))
-    if whole_loop not in (None, True, False):
+    if K < 1:
+        raise ValueError(f"minimize: candidates must be an int >= 1; got {candidates!r}")
+    _check_flag("record", record)
+    _check_flag("cuda_graph", cuda_graph)
+    _check_flag("final_energy", final_energy)
+    if whole_loop is not None and whole_loop is not True and whole_loop is not False:
         raise TypeError(f"minimize: whole_loop must be None, True or False; got {whole_loop!r}")
     if not final_energy and K != 1:
         raise ValueError(f"minimize: final_energy=False needs candidates=1 (selecting among {K} candidates needs "
                          "their final energies)")
     if backend is not None and not isinstance(backend, str):
         raise TypeError(f"minimize: backend must be a string or None; got {type(backend).__name__}")
+    return K
 
-    generic = not is_energy_model(energy)
-    if generic and not callable(energy):
-        raise TypeError("minimize: energy must have prepare/energy/energy_and_grad or be callable as "
-                        f"energy(x, y) -> E [B, K]; got {type(energy).__name__}")
-    model = _ModuleEnergy(energy) if generic else energy
 
-    init_kind, init_tensor = cfg.init, None
+def _init_arg(init, cfg) -> Tuple[str, Optional[Tensor]]:
+    """(init kind, init tensor or None) of minimize's ``init``."""
+    if init is None:
+        return cfg.init, None
+    if isinstance(init, Tensor):
+        if not init.is_floating_point():
+            raise TypeError(f"minimize: init must be a floating tensor; got {init.dtype}")
+        return cfg.init, init
     if isinstance(init, str):
         if init not in INITS:
             raise ValueError(f"minimize: init must be a tensor or one of {', '.join(map(repr, INITS))}; got {init!r}")
         if init == "uniform" and not cfg._finite_box():
             raise ValueError("minimize: init='uniform' needs finite config.lower and config.upper")
-        init_kind = init
-    elif isinstance(init, Tensor):
-        if not init.is_floating_point():
-            raise TypeError(f"minimize: init must be a floating tensor; got {init.dtype}")
-        init_tensor = init
-    elif init is not None:
-        raise TypeError(f"minimize: init must be a tensor, a string or None; got {type(init).__name__}")
+        return init, None
+    raise TypeError(f"minimize: init must be a tensor, a string or None; got {type(init).__name__}")
 
-    device, dtype = _like_of(energy, context, init_tensor)
-    if not dtype.is_floating_point or dtype.is_complex:
-        raise TypeError(f"minimize: candidates must be real floating point; the energy's parameters are {dtype}")
-    B = _batch_size(context, init_tensor)
 
-    event = tuple(int(s) for s in event_shape) if event_shape is not None else _event_shape_of(model)
-    if event is None:
-        if init_tensor is None or init_tensor.dim() < 3:
-            raise ValueError("minimize: cannot tell the candidate shape of this energy; pass init=[B, K, ...] "
-                             "or event_shape=(...)")
-        event = tuple(init_tensor.shape[2:])
+def _candidate_tensors(init_tensor, mask, B, K, event, device, dtype):
+    """(y0, mask) as [B, K, *event] tensors on the candidates' device (y0 in their dtype), or None."""
     y0 = None
     if init_tensor is not None:
-        if init_tensor.shape[0] != B:
-            raise ValueError(f"minimize: init has {init_tensor.shape[0]} rows but the context has B = {B}")
-        y0 = _broadcast_candidate_tensor("init", init_tensor.detach(), B, K, event, allow_event_only=False)
-        y0 = y0.to(device=device, dtype=dtype).contiguous()
-
+        shape = init_tensor.shape
+        if shape[0] != B:
+            raise ValueError(f"minimize: init has {shape[0]} rows but the context has B = {B}")
+        y0 = init_tensor.detach() if init_tensor.requires_grad else init_tensor
+        if not (len(shape) == 2 + len(event) and shape[1] == K and tuple(shape[2:]) == event):
+            y0 = _broadcast_candidate_tensor("init", y0, B, K, event, allow_event_only=False)
+        if y0.dtype != dtype or not (y0.is_cpu and device.type == "cpu"):
+            y0 = y0.to(device=device, dtype=dtype)
+        if not y0.is_contiguous():
+            y0 = y0.contiguous()
     mask_full = None
     if mask is not None:
         if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
@@ -268,13 +287,31 @@ def _plan_call(energy, context, candidates, config, init, mask, generator, recor
             raise ValueError("minimize: mask needs an init tensor holding the values of the clamped coordinates")
         mask_full = _broadcast_candidate_tensor("mask", mask, B, K, event, allow_event_only=True)
         mask_full = mask_full.to(device).contiguous()
+    return y0, mask_full
 
+
+def _plan_call(energy, context, candidates, config, init, mask, generator, record, backend, event_shape,
+               whole_loop, cuda_graph, final_energy: bool = True) -> _Call:
+    """Validate the arguments of ``minimize`` and route the call. Draws no random number, runs nothing."""
+    cfg = _DEFAULT_CONFIG if config is None else config
+    K = _check_options(cfg, candidates, record, cuda_graph, final_energy, whole_loop, backend)
+    model, generic = _as_model(energy)
+    init_kind, init_tensor = _init_arg(init, cfg)
+    device, dtype = _like_of(energy, context, init_tensor)
+    if not dtype.is_floating_point or dtype.is_complex:
+        raise TypeError(f"minimize: candidates must be real floating point; the energy's parameters are {dtype}")
+    B = _batch_size(context, init_tensor)
+    event = tuple(int(s) for s in event_shape) if event_shape is not None else _event_shape_of(model)
+    if event is None:
+        if init_tensor is None or init_tensor.dim() < 3:
+            raise ValueError("minimize: cannot tell the candidate shape of this energy; pass init=[B, K, ...] "
+                             "or event_shape=(...)")
+        event = tuple(init_tensor.shape[2:])
+    y0, mask_full = _candidate_tensors(init_tensor, mask, B, K, event, device, dtype)
     generator = as_generator(generator, device, "minimize")
-
     lower = event_option("lower", cfg.lower, event, device, dtype)
     upper = event_option("upper", cfg.upper, event, device, dtype)
     step_clip = event_option("step_clip", cfg.step_clip, event, device, dtype)
-
     route = _dispatch.descent_route(model, cfg, context=context, device=device, dtype=dtype, init=init_tensor,
                                     mask=mask_full, record=record, generator=generator, backend=backend,
                                     whole_loop=whole_loop, cuda_graph=cuda_graph, generic=generic)
@@ -450,8 +487,8 @@ def _run_graphed(call: _Call) -> DescentResult:
            call.backend, None if call.event_shape is None else tuple(call.event_shape), call.final_energy)
     graphs = _graphs_of(energy)
     entry = graphs.get(key)
-    if entry is not None and entry[0] is not None and not entry[0].unchanged():
-        entry = None
+    if entry is not None and entry[0] is not None and not entry[0].unchanged(versions=False):
+        entry = None  # a tensor the graph reads has new storage: capture again
     if entry is None:
         snap = None
         if isinstance(energy, nn.Module):

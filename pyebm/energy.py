@@ -16,6 +16,7 @@ from pyebm.reference import mlp_energy as ref
 _MlpPlan = getattr(_backend.ext(), "MlpPlan", None)
 _DescentRule = getattr(_backend.ext(), "DescentRule", None)
 _WHOLE_LOOP_NOISE = ("none", "langevin", "step", "additive")
+_CPU = torch.device("cpu")
 
 
 def _dim_arg(name: str, value, lo: int) -> int:
@@ -100,6 +101,24 @@ class MLPEnergy(_state.PackedModule):
         self.layers = nn.ModuleList(nn.Linear(a, b, bias=bias, **kw) for a, b in zip(hidden[:-1], hidden[1:]))
         self.head = nn.Linear(hidden[-1], 1, bias=bias, **kw)
 
+    @property
+    def event_shape(self) -> Tuple[int]:
+        """The shape of one candidate: (candidate_dim,)."""
+        return (self.candidate_dim,)
+
+    def _w_in(self) -> Tensor:
+        return _state.attr(self.__dict__["_modules"]["y_proj"], "weight")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the weights (and of the candidates minimize draws)."""
+        return self._w_in().dtype
+
+    @property
+    def device(self) -> torch.device:
+        w = self._w_in()
+        return _CPU if w.is_cpu else w.device
+
     def extra_repr(self) -> str:
         return (f"context_dim={self.context_dim}, candidate_dim={self.candidate_dim}, hidden={self.hidden}, "
                 f"activation={self.activation!r}, residual={self.residual}, bias={self.bias}")
@@ -117,15 +136,18 @@ class MLPEnergy(_state.PackedModule):
     def op_params(self):
         """(w_in, weights, biases, w_out, b_out) as the fused ops take them: the module's current tensors,
         read on every call (parametrizations compute theirs)."""
-        w_in = self.y_proj.weight
-        weights = [layer.weight for layer in self.layers]
+        attr, mods = _state.attr, self.__dict__["_modules"]
+        w_in = attr(mods["y_proj"], "weight")
+        layers = mods["layers"].__dict__["_modules"].values()
+        weights = [attr(layer, "weight") for layer in layers]
+        head = mods["head"]
         if self.bias:
-            biases = [layer.bias for layer in self.layers]
-            b_out = self.head.bias
+            biases = [attr(layer, "bias") for layer in layers]
+            b_out = attr(head, "bias")
         else:
-            biases = [self._zero(layer.out_features, w_in) for layer in self.layers]
+            biases = [self._zero(layer.out_features, w_in) for layer in layers]
             b_out = self._zero(1, w_in)
-        return w_in, weights, biases, self.head.weight.reshape(-1), b_out
+        return w_in, weights, biases, attr(head, "weight").reshape(-1), b_out
 
     def _source_names(self):
         """The plan's sources: w_x, w_in, b_in, w_out, b_out, the layers' weights, then their biases."""
@@ -143,19 +165,22 @@ class MLPEnergy(_state.PackedModule):
         d = _state.packs(self)
         plan = d.get("cpu_plan")
         if plan is None and _MlpPlan is not None:
-            w = self.y_proj.weight
+            w = self._w_in()
             if w.device.type == "cpu" and w.dtype in _dispatch.PLAN_DTYPES:
                 plan = d["cpu_plan"] = _MlpPlan(self, self._source_names(), len(self.layers), self.activation,
                                                 self.residual)
         return plan
 
     def _b_in(self) -> Optional[Tensor]:
-        return self.y_proj.bias if self.bias else None
+        return _state.attr(self.__dict__["_modules"]["y_proj"], "bias") if self.bias else None
+
+    def _w_x(self) -> Tensor:
+        return _state.attr(self.__dict__["_modules"]["x_proj"], "weight")
 
     # -- inference ----------------------------------------------------------------------------
     def prepare(self, x: Union[Tensor, int, None], batch: Optional[int] = None) -> Tensor:
         """Context term c = W_x x + b_1, [B, H1]. With context_dim 0, x may be an int B or [B, 0]."""
-        w = self.y_proj.weight
+        w = self._w_in()
         if self.context_dim == 0:
             if isinstance(x, numbers.Integral) and not isinstance(x, bool):
                 B = int(x)
@@ -181,7 +206,7 @@ class MLPEnergy(_state.PackedModule):
         if x.device != w.device or x.dtype != w.dtype:
             raise ValueError(f"prepare: x is {x.dtype} on {x.device} but the model is {w.dtype} on {w.device}")
         with torch.no_grad():
-            return ref.mlp_context(x, self.x_proj.weight, self._b_in(), x.shape[0], self.hidden[0], w)
+            return ref.mlp_context(x, self._w_x(), self._b_in(), x.shape[0], self.hidden[0], w)
 
     def _check_y(self, ctx, y) -> None:
         if not isinstance(y, Tensor):
@@ -207,10 +232,12 @@ class MLPEnergy(_state.PackedModule):
         they are), else the op ``op``; no autograd graph either way."""
         path = _dispatch.mlp_call(self, ctx, y, backend)
         if path == "plan":
-            out = getattr(self.cpu_plan(), method)(ctx, y)
+            plan = self.cpu_plan()
+            out = None if plan is None else getattr(plan, method)(ctx, y)
             if out is not None:
                 return out
-            path = "cpu"  # shapes or dtypes the plan does not take as they are: the op raises or converts
+            # weights, shapes or dtypes the plan does not take as they are: the op computes, converts or raises
+            path = "cpu"
         self._check_y(ctx, y)
         w_in, weights, biases, w_out, b_out = self.op_params()
         prev = torch.is_grad_enabled()
@@ -233,8 +260,8 @@ class MLPEnergy(_state.PackedModule):
     # -- the whole descent loop (pyebm.protocol's whole-loop hook) ------------------------------
     def whole_loop_spec(self, dtype: torch.dtype) -> WholeLoopSpec:
         """What the whole-loop ops implement for candidates of ``dtype`` (``pyebm._dispatch`` decides)."""
-        w = self.y_proj.weight
-        return _mlp_spec(dtype, w.dtype, w.device.type, self.context_dim > 0)
+        w = self._w_in()
+        return _mlp_spec(dtype, w.dtype, w.is_cpu, self.context_dim > 0)
 
     def run_whole_loop(self, ctx, config, *, backend: str, y0: Tensor, mask, lower, upper, step_clip, generator,
                        final_energy: bool = True):
@@ -278,7 +305,7 @@ class MLPEnergy(_state.PackedModule):
             if not isinstance(x, Tensor) or x.dim() != 2 or x.shape != (B, self.context_dim):
                 shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
                 raise ValueError(f"x must be [B={B}, context_dim={self.context_dim}]; got {shape}")
-            ctx = ref.mlp_context(x, self.x_proj.weight, self._b_in(), B, self.hidden[0], y)
+            ctx = ref.mlp_context(x, self._w_x(), self._b_in(), B, self.hidden[0], y)
         else:
             ctx = ref.mlp_context(None, None, self._b_in(), B, self.hidden[0], y)
         w_in, weights, biases, w_out, b_out = self.op_params()
@@ -303,8 +330,8 @@ def _triton_descent() -> bool:
     return hit
 
 
-def _mlp_spec(dtype, weight_dtype, weight_device: str, has_context: bool) -> WholeLoopSpec:
-    key = (dtype, weight_dtype, weight_device, has_context)
+def _mlp_spec(dtype, weight_dtype, weights_on_cpu: bool, has_context: bool) -> WholeLoopSpec:
+    key = (dtype, weight_dtype, weights_on_cpu, has_context)
     spec = _SPECS.get(key)
     if spec is not None:
         return spec
@@ -316,8 +343,9 @@ def _mlp_spec(dtype, weight_dtype, weight_device: str, has_context: bool) -> Who
     one_call, why = (), None
     if _MlpPlan is None or _DescentRule is None:
         why = "the compiled extension is not available"
-    elif weight_device != "cpu" or weight_dtype not in _dispatch.PLAN_DTYPES:
-        why = f"the cpu plan takes float32/float64 CPU weights; the model's are {weight_dtype} on {weight_device}"
+    elif not weights_on_cpu or weight_dtype not in _dispatch.PLAN_DTYPES:
+        why = (f"the cpu plan takes float32/float64 CPU weights; the model's are {weight_dtype}"
+               + ("" if weights_on_cpu else " on another device"))
     elif dtype != weight_dtype:
         why = f"{dtype} context but {weight_dtype} weights"
     elif not has_context:

@@ -42,6 +42,7 @@ constexpr int64_t kReleaseGilFlops = int64_t(1) << 21;
 struct PlanState {
   explicit PlanState(Snapshot s) : sources(std::move(s)) {}
   Snapshot sources;                    // what the pack was made from (owns every storage it points into)
+  bool usable = true;                  // false: the sources cannot be packed (another dtype, device or shape)
   at::ScalarType dtype = at::kFloat;
   int64_t D = 0, H1 = 0, ctx_dim = 0;
   at::Tensor w_x, b_in;                // the sources, for the context term (exactly prepare()'s addmm)
@@ -130,7 +131,7 @@ class MlpPlan {
   // MLPEnergy.prepare computes it.
   py::object context(const at::Tensor& x) {
     std::shared_ptr<const PlanState> st = current();
-    if (!context_fits(*st, x)) return py::none();
+    if (!st->usable || !context_fits(*st, x)) return py::none();
     return py::cast(context_term(*st, x));
   }
 
@@ -142,7 +143,7 @@ class MlpPlan {
     at::NoGradGuard no_grad;  // inference: no autograd graph, whatever the inputs require
     std::shared_ptr<const PlanState> st = current();
     const RuleOptions& o = rule.options();
-    if (!context_fits(*st, x) || !candidates_fit(*st, y0, x.size(0))) return py::none();
+    if (!st->usable || !context_fits(*st, x) || !candidates_fit(*st, y0, x.size(0))) return py::none();
     const int64_t B = y0.size(0), K = y0.size(1), D = y0.size(2), N = B * K, Tn = rule.steps();
     for (const at::Tensor* t : {&o.lower, &o.upper, &o.step_clip})
       if (t->defined() && (t->scalar_type() != st->dtype || t->numel() != D)) return py::none();
@@ -190,7 +191,7 @@ class MlpPlan {
   }
   // How many packs this plan has made (1 after construction); for tests and diagnostics.
   int64_t packs() const { return packs_; }
-  int64_t packed_matrices() const { return static_cast<int64_t>(state_->wt.size()) + 1; }
+  int64_t packed_matrices() const { return state_->usable ? static_cast<int64_t>(state_->wt.size()) + 1 : 0; }
 
  private:
   std::shared_ptr<const PlanState> build(Snapshot sources) {
@@ -292,9 +293,20 @@ class MlpPlan {
     return st;
   }
 
-  // The state for the module's current weights: the last pack when nothing changed, else a new one.
+  // The state for the module's current weights: the last pack when nothing changed, else a new one. Weights
+  // that cannot be packed (changed to another dtype or device, inconsistent shapes) give an unusable state:
+  // every call returns None and the op path computes or raises the documented error.
   std::shared_ptr<const PlanState> current() {
-    if (!state_->sources.unchanged()) state_ = build(state_->sources.again());
+    if (!state_->sources.unchanged()) {
+      Snapshot again = state_->sources.again();
+      try {
+        state_ = build(again);
+      } catch (const c10::Error&) {
+        auto st = std::make_shared<PlanState>(std::move(again));
+        st->usable = false;
+        state_ = st;
+      }
+    }
     return state_;
   }
 
@@ -324,7 +336,7 @@ class MlpPlan {
   py::object evaluate(const at::Tensor& ctx_, const at::Tensor& y_, bool grad) {
     at::NoGradGuard no_grad;
     std::shared_ptr<const PlanState> st = current();
-    if (!ctx_.defined() || ctx_.dim() != 2 || ctx_.size(1) != st->H1 || ctx_.scalar_type() != st->dtype ||
+    if (!st->usable || !ctx_.defined() || ctx_.dim() != 2 || ctx_.size(1) != st->H1 || ctx_.scalar_type() != st->dtype ||
         !ctx_.device().is_cpu() || !candidates_fit(*st, y_, ctx_.size(0)))
       return py::none();
     const int64_t B = y_.size(0), K = y_.size(1), D = y_.size(2), N = B * K;
@@ -383,7 +395,7 @@ void bind_plan(py::module& m) {
                        "holds exactly them (identity, storage, version, layout).")
       .def(py::init<const py::object&, const py::sequence&>(), py::arg("module"), py::arg("sources"))
       .def("again", &Snapshot::again)
-      .def("unchanged", &Snapshot::unchanged)
+      .def("unchanged", &Snapshot::unchanged, py::arg("versions") = true)
       .def_property_readonly("tensors", &Snapshot::tensors)
       .def("__len__", &Snapshot::size);
 }

@@ -70,12 +70,14 @@ class Snapshot {
     return s;
   }
 
-  bool unchanged() const {
-    if (volatile_) return false;
+  // versions=false compares everything but the version counters: the same objects and storages, whatever was
+  // written into them (what a captured CUDA graph, which reads every tensor at its address, needs).
+  bool unchanged(bool versions = true) const {
+    if (volatile_ && versions) return false;
     for (const Slot& s : slots_) {
       if (s.path.empty()) continue;
       const py::object now = resolve(s);
-      if (now.ptr() != s.seen.ptr() || (!now.is_none() && !same_tensor(s))) return false;
+      if (now.ptr() != s.seen.ptr() || (!now.is_none() && !same_tensor(s, versions))) return false;
     }
     return true;
   }
@@ -96,11 +98,27 @@ class Snapshot {
     at::Device device = at::kCPU;
   };
 
+  // Interned names of nn.Module's attribute dicts (created once, kept for the process's lifetime).
+  static PyObject* interned(const char* s) { return PyUnicode_InternFromString(s); }
+  static PyObject* modules_key() {
+    static PyObject* k = interned("_modules");
+    return k;
+  }
+  static PyObject* parameters_key() {
+    static PyObject* k = interned("_parameters");
+    return k;
+  }
+  static PyObject* buffers_key() {
+    static PyObject* k = interned("_buffers");
+    return k;
+  }
+
   // obj.__dict__[dict_name][key] (borrowed; nullptr when absent).
-  static PyObject* member(PyObject* obj, const char* dict_name, PyObject* key) {
+  static PyObject* member(PyObject* obj, PyObject* dict_name, PyObject* key) {
     PyObject** dictptr = _PyObject_GetDictPtr(obj);
     if (dictptr == nullptr || *dictptr == nullptr) return nullptr;
-    PyObject* d = PyDict_GetItemString(*dictptr, dict_name);
+    PyObject* d = PyDict_GetItemWithError(*dictptr, dict_name);
+    if (d == nullptr && PyErr_Occurred()) throw py::error_already_set();
     if (d == nullptr || !PyDict_Check(d)) return nullptr;
     PyObject* v = PyDict_GetItemWithError(d, key);
     if (v == nullptr && PyErr_Occurred()) throw py::error_already_set();
@@ -118,20 +136,20 @@ class Snapshot {
     if (obj.is_none()) throw py::value_error("pyebm: the module of this snapshot no longer exists");
     const size_t n = s.path.size();
     for (size_t i = 0; i + 1 < n; ++i) {
-      PyObject* sub = member(obj.ptr(), "_modules", s.path[i].ptr());
+      PyObject* sub = member(obj.ptr(), modules_key(), s.path[i].ptr());
       obj = sub != nullptr ? py::reinterpret_borrow<py::object>(sub) : getattr(obj.ptr(), s.path[i].ptr());
     }
     PyObject* key = s.path[n - 1].ptr();
-    for (const char* d : {"_parameters", "_buffers"}) {
+    for (PyObject* d : {parameters_key(), buffers_key()}) {
       PyObject* v = member(obj.ptr(), d, key);
       if (v != nullptr) return py::reinterpret_borrow<py::object>(v);
     }
     return getattr(obj.ptr(), key);
   }
 
-  static bool same_tensor(const Slot& s) {
+  static bool same_tensor(const Slot& s, bool versions) {
     const at::Tensor& t = THPVariable_Unpack(s.seen.ptr());
-    return t.data_ptr() == s.ptr && t._version() == s.version && t.storage_offset() == s.offset &&
+    return t.data_ptr() == s.ptr && (!versions || t._version() == s.version) && t.storage_offset() == s.offset &&
            t.sizes().equals(s.sizes) && t.strides().equals(s.strides) && t.scalar_type() == s.dtype &&
            t.device() == s.device;
   }

@@ -23,6 +23,7 @@ from pyebm.protocol import WholeLoopSpec
 from pyebm.reference import ebt_policy as ref
 
 _gelu_backward = torch.ops.aten.gelu_backward.default
+_SPECS: Dict[Optional[str], WholeLoopSpec] = {}  # whole_loop_spec's answers, by reason (None: available)
 
 
 class EBTPolicyContext(NamedTuple):
@@ -183,14 +184,24 @@ class EBTPolicy(_state.PackedModule):
     def event_shape(self) -> Tuple[int, int]:
         return (self.horizon, self.action_dim)
 
+    def _weight(self) -> torch.Tensor:
+        return _state.attr(self.__dict__["_modules"]["embed"].__dict__["_modules"]["fc1"], "weight")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the weights (and of the candidates minimize draws)."""
+        return self._weight().dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self._weight().device
+
     def extra_repr(self) -> str:
         return (f"action_dim={self.action_dim}, horizon={self.horizon}, cond_dim={self.cond_dim}, "
                 f"embed_dim={self.embed_dim}, layers={self.num_layers}, heads={self.heads}, "
                 f"n_obs_steps={self.n_obs_steps}, output_dim={self.output_dim}")
 
     # -- checks ---------------------------------------------------------------------------------
-    def _weight(self) -> torch.Tensor:
-        return self.embed.fc1.weight
 
     def _check_obs(self, obs: torch.Tensor, where: str) -> None:
         if not isinstance(obs, torch.Tensor):
@@ -466,11 +477,15 @@ class EBTPolicy(_state.PackedModule):
             why = "the compiled extension is not available"
         elif dtype not in (torch.float32, torch.float64):
             why = f"{dtype} candidates (the op takes float32/float64)"
-        elif self._weight().dtype != dtype:
-            why = f"{dtype} candidates but {self._weight().dtype} weights"
-        return WholeLoopSpec(backends=("cpu",), dtypes=(torch.float32, torch.float64), noise=("none",),
-                             normalize=(None, "rms", "rms_all"), tol_scopes=("candidate", "all"),
-                             tol_all_with_clip=False, mask=False, unavailable=why)
+        elif self.dtype != dtype:
+            why = f"{dtype} candidates but {self.dtype} weights"
+        spec = _SPECS.get(why)
+        if spec is None:
+            spec = _SPECS[why] = WholeLoopSpec(
+                backends=("cpu",), dtypes=(torch.float32, torch.float64), noise=("none",),
+                normalize=(None, "rms", "rms_all"), tol_scopes=("candidate", "all"), tol_all_with_clip=False,
+                mask=False, unavailable=why)
+        return spec
 
     def run_whole_loop(self, ctx: EBTPolicyContext, cfg, *, backend: str = "cpu", y0: torch.Tensor, mask=None,
                        lower=None, upper=None, step_clip=None, generator=None, final_energy: bool = True):
