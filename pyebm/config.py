@@ -467,6 +467,29 @@ def schedules(cfg: Descent) -> Tuple[Tensor, Tensor]:
     return eta, nlev
 
 
+_DEVICE_SCHEDULES: Dict[tuple, tuple] = {}
+
+
+def schedules_on(cfg: Descent, device) -> Tuple[Tensor, Tensor]:
+    """``schedules(cfg)`` on ``device`` (float64): on an accelerator the copy is made once per config and
+    device, so a whole-loop op reads device memory only (no host-to-device copy per call, which a CUDA graph
+    could not capture)."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return schedules(cfg)
+    key = (id(cfg), str(device))
+    hit = _DEVICE_SCHEDULES.get(key)
+    if hit is not None and hit[0] is cfg:
+        return hit[1]
+    eta, nlev = schedules(cfg)
+    out = (eta.to(device), nlev.to(device))
+    if not _tracing():
+        if len(_DEVICE_SCHEDULES) >= 64:
+            _DEVICE_SCHEDULES.clear()
+        _DEVICE_SCHEDULES[key] = (cfg, out)
+    return out
+
+
 def rule_options(cfg: Descent) -> dict:
     """The update-rule options of ``cfg`` as the whole-loop ops (and ``pyebm._C.DescentRule``) take them."""
     return dict(grad_scale=float(cfg.grad_scale), momentum=float(cfg.momentum), nesterov=bool(cfg.nesterov),

@@ -107,6 +107,9 @@ class EnergyPolicy:
             (a host read costs nothing there) and the descent's own setting elsewhere.
         final_energy: None (default): compute the candidates' final energies only where something needs
             them (K > 1, recovery); True: always (``last_result.energy`` is then never None).
+        cuda_graph: capture each act() (observation side, descent, selection) in a CUDA graph per input
+            shape and replay it (CUDA observations, noise from the default CUDA generator; the descent's
+            host-side "all stopped" check is off; without recovery and warm start, which decide on the host).
     """
 
     def __init__(self, energy, descent: Optional[Descent] = None, candidates: int = 1,
@@ -114,7 +117,7 @@ class EnergyPolicy:
                  bounds: Optional[Tuple[BoundValue, BoundValue]] = None, *, action_dim: Optional[int] = None,
                  n_obs_steps: Optional[int] = None, window_start: Optional[int] = None, warm_start: bool = False,
                  recovery_threshold: Optional[float] = None, max_retries: int = 1,
-                 check_every: Optional[int] = None, final_energy: Optional[bool] = None):
+                 check_every: Optional[int] = None, final_energy: Optional[bool] = None, cuda_graph: bool = False):
         if not all(callable(getattr(energy, n, None)) for n in ("prepare", "energy", "energy_and_grad")):
             raise TypeError("EnergyPolicy: energy must have prepare / energy / energy_and_grad (a pyebm energy); "
                             f"got {type(energy).__name__}")
@@ -179,6 +182,14 @@ class EnergyPolicy:
         if final_energy not in (None, True):
             raise ValueError(f"EnergyPolicy: final_energy must be None or True; got {final_energy!r}")
         self.final_energy = final_energy
+        if not isinstance(cuda_graph, bool):
+            raise TypeError(f"EnergyPolicy: cuda_graph must be True or False; got {cuda_graph!r}")
+        if cuda_graph and (self._recovers() or warm_start):
+            raise ValueError("EnergyPolicy: cuda_graph=True captures one act(); recovery_threshold and warm_start "
+                             "decide on the host between acts and rounds")
+        self.cuda_graph = cuda_graph
+        self._graphs: dict = {}
+        self._device_bounds: dict = {}
         self.last_result: Optional[PolicyResult] = None
         self._previous: Optional[Tensor] = None
 
@@ -277,7 +288,7 @@ class EnergyPolicy:
         return self._bound_pair(bounds, self.horizon, self.action_dim)
 
     # -- observations ---------------------------------------------------------------------------
-    def _context(self, obs: Tensor) -> Tensor:
+    def _context(self, obs: Tensor, check_finite: bool = True) -> Tensor:
         if not isinstance(obs, Tensor):
             raise TypeError(f"EnergyPolicy.act: obs must be a tensor; got {type(obs).__name__}")
         if not obs.is_floating_point():
@@ -298,7 +309,7 @@ class EnergyPolicy:
                 raise ValueError(f"EnergyPolicy.act: obs must be observation tokens [B, L, cond_dim={cond_dim}] with "
                                  f"L a multiple of n_obs_steps={self.n_obs_steps}; got shape {list(obs.shape)}")
         # one host read per act: a non-finite observation would poison every candidate of its row
-        if not bool(torch.isfinite(obs).all()):
+        if check_finite and not bool(torch.isfinite(obs).all()):
             bad = (~torch.isfinite(obs.reshape(obs.shape[0], -1))).any(dim=1).nonzero().flatten().tolist()
             raise ValueError(f"EnergyPolicy.act: obs contains NaN or Inf (batch rows {bad})")
         return obs
@@ -311,11 +322,22 @@ class EnergyPolicy:
         """The energy's candidate layout -> [..., horizon, A]."""
         return t.reshape(t.shape[:-1] + (self.horizon, self.action_dim)) if self.flat else t
 
+    def _bounds_on(self, device, dtype) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+        """(lower, upper) [horizon, A] on ``device`` in ``dtype``, copied there once (no host-to-device copy per
+        act, which a CUDA graph could not capture)."""
+        if self.lower is None:
+            return None, None
+        key = (str(device), dtype)
+        hit = self._device_bounds.get(key)
+        if hit is None:
+            hit = self._device_bounds[key] = (self.lower.to(device=device, dtype=dtype),
+                                              self.upper.to(device=device, dtype=dtype))
+        return hit
+
     def _fresh(self, B: int, cfg: Descent, generator, device, dtype) -> Tensor:
         """New candidates [B, K, horizon, A] drawn as the descent's own init would."""
         shape = (B, self.candidates, self.horizon, self.action_dim)
-        lo = None if self.lower is None else self.lower.to(device=device, dtype=dtype)
-        up = None if self.upper is None else self.upper.to(device=device, dtype=dtype)
+        lo, up = self._bounds_on(device, dtype)
         if cfg.init == "uniform":
             y = lo + (up - lo) * torch.rand(shape, generator=generator, device=device, dtype=dtype)
         elif cfg.init == "zeros":
@@ -367,12 +389,20 @@ class EnergyPolicy:
         obs_dim] / [B, context_dim] (MLPEnergy). init: candidates [B, K, horizon, A] or [B, horizon, A]
         (shared by the K candidates); default: drawn by the descent's init (plus the warm start).
         generator: a torch.Generator or an int seed for every random draw.
+
+        With ``cuda_graph=True`` the whole act (observation side, descent, selection) is captured in a CUDA
+        graph on the first call for each shape and replayed afterwards (see ``EnergyPolicy``).
         """
         obs = self._context(obs)
+        if self.cuda_graph:
+            return self._act_graphed(obs, init, generator)
+        generator = as_generator(generator, obs.device, "EnergyPolicy.act")
+        return self._act(obs, init, generator, self._config(obs.device))
+
+    def _act(self, obs: Tensor, init: Optional[Tensor], generator, cfg: Descent) -> Tensor:
+        """act() on validated observations with a given config; sets ``last_result``."""
         B, device = obs.shape[0], obs.device
         dtype = obs.dtype
-        generator = as_generator(generator, device, "EnergyPolicy.act")
-        cfg = self._config(device)
         T, A, K = self.horizon, self.action_dim, self.candidates
 
         if init is not None:
@@ -426,8 +456,8 @@ class EnergyPolicy:
                 best = y[torch.arange(B, device=device), best_index]
 
         if self.lower is not None:
-            best = torch.maximum(torch.minimum(best, self.upper.to(device=device, dtype=dtype)),
-                                 self.lower.to(device=device, dtype=dtype))
+            lo, up = self._bounds_on(device, dtype)
+            best = torch.maximum(torch.minimum(best, up), lo)
         s = self.window_start
         actions = best[:, s:s + self.n_action_steps]
         self._previous = best
@@ -436,3 +466,79 @@ class EnergyPolicy:
                                         best_energy=best_energy, best_index=best_index, steps=steps,
                                         status=status, retries=retries, recovered=recovered, descent=res)
         return actions
+
+    # -- CUDA graphs -----------------------------------------------------------------------------
+    def _act_graphed(self, obs: Tensor, init: Optional[Tensor], generator) -> Tensor:
+        """act() captured in a CUDA graph per (observation shape, dtype, device, init shape), then replayed
+        with the new inputs copied into the graph's own. The graph reads the energy's parameters at their
+        addresses: in-place weight updates are read as they are, and a parameter given new storage makes a
+        new capture. Outputs (actions and ``last_result``) are copies, values of this call."""
+        if obs.device.type != "cuda":
+            raise ValueError(f"EnergyPolicy.act: cuda_graph=True needs CUDA observations; got them on {obs.device}")
+        if generator is not None:
+            raise ValueError("EnergyPolicy.act: cuda_graph=True draws from the default CUDA generator; pass "
+                             "generator=None")
+        if init is not None:
+            init = self._init_tensor(init, obs.shape[0], obs.device, obs.dtype)
+
+        def sig(t):
+            return None if t is None else (tuple(t.shape), t.dtype, str(t.device))
+
+        key = (sig(obs), sig(init))
+        entry = self._graphs.get(key)
+        if entry is not None and entry[0] is not None and not entry[0].unchanged(versions=False):
+            entry = None  # a tensor the graph reads has new storage: capture again
+        if entry is None:
+            entry = self._capture(obs, init)
+            self._graphs[key] = entry
+        _, graph, static_obs, static_init, out = entry
+        static_obs.copy_(obs)
+        if init is not None:
+            static_init.copy_(init)
+        graph.replay()
+        result = self.last_result = _cloned(out)
+        self._previous = result.chunk
+        return result.actions
+
+    def _capture(self, obs: Tensor, init: Optional[Tensor]):
+        from pyebm import _state
+
+        snap = None
+        if isinstance(self.energy, torch.nn.Module):
+            names = [n for n, _ in self.energy.named_parameters()] + [n for n, _ in self.energy.named_buffers()]
+            snap = _state.Snapshot(self.energy, names)
+        cfg = self._config(obs.device).replace(check_every=0)  # inside the graph the host never reads the device
+        static_obs = obs.clone()
+        static_init = None if init is None else init.clone()
+
+        def run():
+            self._act(static_obs, static_init, None, cfg)
+            return self.last_result
+
+        device = obs.device
+        side = torch.cuda.Stream(device=device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(2):  # warm-up: lazy initialisation, packs and device copies stay out of the graph
+                run()
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = run()
+        return snap, graph, static_obs, static_init, out
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_graphs"] = {}  # captured graphs hold device memory of this process: never copied
+        return state
+
+
+def _cloned(result: PolicyResult) -> PolicyResult:
+    """A PolicyResult whose tensors are copies (a replayed graph overwrites its outputs on the next replay)."""
+    def c(v):
+        return v.clone() if isinstance(v, Tensor) else v
+
+    res = result.descent
+    descent = DescentResult(**{f: c(getattr(res, f)) for f in res.__dataclass_fields__})
+    return PolicyResult(**{f: (descent if f == "descent" else c(getattr(result, f)))
+                           for f in result.__dataclass_fields__})

@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 
 from pyebm import _backend
-from pyebm.config import rule_options, schedules
+from pyebm.config import rule_options, schedules_on
 
 HAS_OP = _backend.ext() is not None and hasattr(torch.ops.pyebm, "mlp_descent")
 
@@ -57,7 +57,7 @@ def run(model, ctx, cfg, *, y0: torch.Tensor, mask: Optional[torch.Tensor], lowe
     y0f = y0.reshape(B, K, D)
     maskf = None if mask is None else mask.reshape(B, K, D)
     w_in, weights, biases, w_out, b_out = model.op_params()
-    eta, nlev = schedules(cfg)
+    eta, nlev = schedules_on(cfg, y0.device)  # on the candidates' device: no copy per call
     common = rule_options(cfg)
     lo, hi, sc = _event_flat(lower, D), _event_flat(upper, D), _event_flat(step_clip, D)
     prev = torch.is_grad_enabled()
