@@ -12,7 +12,7 @@ PIP := $(PY) -m pip
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: venv install install-test run test bench cuda-check clean
+.PHONY: venv install install-test run test bench cuda-check gpu-rehearsal clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +49,32 @@ bench: install-test
 # nvcc on every csrc/cuda/*.cu (no GPU needed): proves the CUDA sources compile.
 cuda-check: venv
 	$(PY) tools/cuda_check.py
+
+# The GPU machine's stack on this machine (no GPU needed; not part of `make test`): a separate venv with
+# Python 3.12, the CUDA build of torch 2.11.0 and triton 3.6.0 (several GB, downloaded once: an existing
+# venv with those versions is reused), then bench/gpu_suite.sh in its dry-run mode (the same build with
+# every .cu, the import check, the GPU test command) and the whole suite (CPU kernels, Triton interpreter).
+# numpy < 2.4: triton 3.6's interpreter turns 1-element arrays into ints, which numpy 2.4 refuses.
+GPU_VENV ?= .venv-gpu
+GPU_PY := $(GPU_VENV)/bin/python
+GPU_TORCH_SPEC ?= torch==2.11.0
+GPU_TRITON_SPEC ?= triton==3.6.0
+GPU_OUT ?= bench/out/rehearsal
+
+$(GPU_PY):
+	@py=""; for c in python3.12 $$(ls -d $${PYENV_ROOT:-$$HOME/.pyenv}/versions/3.12*/bin/python3.12 2>/dev/null); do \
+	  if $$c -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12))' 2>/dev/null; then py=$$c; break; fi; done; \
+	if [ -z "$$py" ]; then py=$(PYTHON); echo "gpu-rehearsal: no Python 3.12 here; using $$($$py -V) (the device has 3.12)"; fi; \
+	$$py -m venv $(GPU_VENV)
+	$(GPU_PY) -m pip install -q --upgrade pip
+
+gpu-rehearsal: $(GPU_PY)
+	@$(GPU_PY) -c "import torch, triton, sys; sys.exit(not ('$(GPU_TORCH_SPEC)'.endswith('=' + torch.__version__.split('+')[0]) and '$(GPU_TRITON_SPEC)'.endswith('=' + triton.__version__)))" 2>/dev/null \
+	  || $(GPU_PY) -m pip install "$(GPU_TORCH_SPEC)" "$(GPU_TRITON_SPEC)"
+	@$(GPU_PY) -c "import numpy, pybind11, setuptools, wheel, pytest, pytest_benchmark, hypothesis, xdist, rich, matplotlib, sys; sys.exit(tuple(map(int, numpy.__version__.split('.')[:2])) >= (2, 4))" 2>/dev/null \
+	  || $(GPU_PY) -m pip install -q "numpy<2.4" pybind11 setuptools wheel "pytest>=7" "pytest-benchmark>=4" "hypothesis>=6" pytest-xdist "rich>=13" "matplotlib>=3.6"
+	PYTHON=$(GPU_PY) PYEBM_GPU_SUITE_DRY=1 bash bench/gpu_suite.sh $(GPU_OUT)
+	PYTHONPATH=$(CURDIR) $(GPU_PY) -m pytest -q -p no:cacheprovider tests $(PYTEST_ARGS)
 
 clean:
 	rm -rf build *.egg-info pyebm/_C*.so

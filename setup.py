@@ -57,7 +57,11 @@ class CMakeBuild(build_ext):
             f"-DPYEBM_WITH_CUDA={'ON' if with_cuda == '1' else 'OFF'}",
         ]
         if with_cuda == "1" and nvcc:
-            args.append(f"-DCMAKE_CUDA_COMPILER={nvcc}")
+            # torch's CMake config finds the toolkit through FindCUDA, which guesses the root from the nvcc
+            # on PATH (a wrapper script in /usr/local/bin gives /usr/local); name it from the nvcc used.
+            toolkit = os.path.dirname(os.path.dirname(nvcc))
+            args += [f"-DCMAKE_CUDA_COMPILER={nvcc}", f"-DCUDA_TOOLKIT_ROOT_DIR={toolkit}",
+                     f"-DCUDAToolkit_ROOT={toolkit}"]
         args += os.environ.get("PYEBM_CMAKE_ARGS", "").split()
         # Progress goes to the terminal as it happens (pip shows it with -v): CMake's configure lines, then
         # Ninja's "[done/total] Building CXX object ..." line per file.

@@ -9,6 +9,10 @@
     torch.ops.pyebm.*                        the fused ops
 """
 from pyebm._version import __version__
+from pyebm import _source_tree
+
+_source_tree.install_finder()  # kernels/ as pyebm._kernels in a checkout used in place (no install)
+
 from pyebm._backend import backends
 from pyebm import ops, reference
 from pyebm.energy import MLPEnergy

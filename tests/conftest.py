@@ -28,3 +28,21 @@ def _seed():
     import torch
 
     torch.manual_seed(1234)
+
+
+@pytest.fixture(params=[pytest.param("cpu", id="interp", marks=pytest.mark.triton),
+                        pytest.param("cuda", id="cuda", marks=[pytest.mark.triton, pytest.mark.gpu])])
+def triton_device(request):
+    """The device of a Triton test's tensors, one test per device.
+
+    ``interp``: CPU tensors, kernels run by Triton's interpreter (TRITON_INTERPRET=1, which this file sets
+    when there is no GPU). ``cuda``: CUDA tensors, kernels compiled for the GPU (marked ``gpu``: skipped
+    without one). A process runs one of the two: Triton decides interpreted or compiled when a kernel is
+    defined, from TRITON_INTERPRET.
+    """
+    interpreted = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    if request.param == "cpu" and not interpreted:
+        pytest.skip("Triton on CPU tensors needs TRITON_INTERPRET=1; this process compiles for the GPU")
+    if request.param == "cuda" and interpreted:
+        pytest.skip("TRITON_INTERPRET=1: this process interprets Triton kernels instead of compiling them")
+    return torch.device(request.param)

@@ -212,17 +212,18 @@ def test_think_noise_is_reproducible_and_batched():
 
 
 @pytest.mark.parametrize("ebt_type", VARIANTS)
-def test_triton_attention_backend(ebt_type):
-    """The model with the Triton prediction-attention kernel (interpreter on CPU) equals the ATen path."""
+def test_triton_attention_backend(triton_device, ebt_type):
+    """The model with the Triton prediction-attention kernel (interpreter on CPU tensors, compiled on CUDA
+    tensors) equals the ATen path."""
     pytest.importorskip("triton")
     from pyebm import _backend
     if not _backend.backends()["triton"] and not _backend.triton_interpret():
         pytest.skip("triton backend not usable here")
-    model64 = make_model(ebt_type)
-    model = make_model(ebt_type).float()
-    fast = make_model(ebt_type, backend="triton").float()
-    tok = rand_tokens(2, 5)
-    init = torch.randn(2, 3, 5, V)
+    model64 = make_model(ebt_type).to(triton_device)
+    model = make_model(ebt_type).float().to(triton_device)
+    fast = make_model(ebt_type, backend="triton").float().to(triton_device)
+    tok = rand_tokens(2, 5).to(triton_device)
+    init = torch.randn(2, 3, 5, V, device=triton_device)
     for positions, sl in (("all", slice(None)), ("last", slice(4, 5))):
         kw = dict(steps=2, alpha=0.2, samples=3, positions=positions)
         a = model.think(tok, init=init[:, :, sl], **kw)
@@ -233,7 +234,7 @@ def test_triton_attention_backend(ebt_type):
             want, ref32, got = getattr(c, key), getattr(a, key), getattr(b, key)
             torch.testing.assert_close(got.double(), want, rtol=0, atol=tolerance(ref32, want), msg=key)
     ctx = fast.prepare(tok)
-    y = torch.softmax(torch.randn(2, 4, V), -1)
+    y = torch.softmax(torch.randn(2, 4, V, device=triton_device), -1)
     E1, g1 = model.energy_and_grad(model.prepare(tok), y)
     E2, g2 = fast.energy_and_grad(ctx, y)
     E64, g64 = model64.energy_and_grad(model64.prepare(tok), y.double())

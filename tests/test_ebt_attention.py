@@ -1,4 +1,5 @@
-"""Triton prediction attention (kernels/ebt_attention.py, interpreter mode on CPU) against the reference."""
+"""Triton prediction attention (kernels/ebt_attention.py) against the reference, once per ``triton_device``
+(conftest.py: interpreter mode on CPU tensors, or compiled on CUDA tensors)."""
 import pytest
 import torch
 
@@ -8,9 +9,9 @@ triton = pytest.importorskip("triton")
 kern = pytest.importorskip("pyebm._kernels.ebt_attention")
 
 
-def _inputs(B, H, R, T, hd, dtype, cap=None, seed=0):
+def _inputs(B, H, R, T, hd, dtype, cap=None, seed=0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
-    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).to(device)  # noqa: E731
     cap = cap or T
     # the cache is a slice of a larger buffer, as in the model (non-contiguous)
     K = r(B, H, cap, hd)[:, :, :T].to(dtype)
@@ -33,14 +34,14 @@ def _ref(q, K, Vv, ks, vs, nv, dtype=torch.float64):
     (1, 2, 17, 70, 16, True, True),      # rows over one block of context, odd sizes
     (2, 1, 5, 9, 16, False, True),       # cross-attention with a visible prefix (row 0 sees nothing)
 ])
-def test_forward_backward_fp32(B, H, R, T, hd, self_kv, vis):
-    q, K, Vv, ks, vs = _inputs(B, H, R, T, hd, torch.float32, cap=T + 3)
+def test_forward_backward_fp32(triton_device, B, H, R, T, hd, self_kv, vis):
+    q, K, Vv, ks, vs = _inputs(B, H, R, T, hd, torch.float32, cap=T + 3, device=triton_device)
     if not self_kv:
         ks = vs = None
     nv = None
     if vis:
-        nv = torch.arange(R) % (T + 2)  # includes 0 (nothing visible) and > T (clamped)
-    do = torch.randn(B, H, R, hd)
+        nv = torch.arange(R, device=triton_device) % (T + 2)  # includes 0 (nothing visible) and > T (clamped)
+    do = torch.randn(B, H, R, hd, device=triton_device)
     o, lse = kern.ebt_attention_fwd(q, K, Vv, ks, vs, nv)
     dq, dks, dvs = kern.ebt_attention_bwd(do, q, K, Vv, o, lse, ks, vs, nv)
     grads = {}
@@ -62,8 +63,8 @@ def test_forward_backward_fp32(B, H, R, T, hd, self_kv, vis):
         assert (o[:, :, 0] == 0).all() and (dq[:, :, 0] == 0).all()
 
 
-def test_lse_and_bf16():
-    q, K, Vv, ks, vs = _inputs(2, 2, 4, 20, 16, torch.float32)
+def test_lse_and_bf16(triton_device):
+    q, K, Vv, ks, vs = _inputs(2, 2, 4, 20, 16, torch.float32, device=triton_device)
     o, lse = kern.ebt_attention_fwd(q, K, Vv, ks, vs)
     s = torch.cat((q @ K.transpose(-1, -2), (q * ks).sum(-1, keepdim=True)), -1)
     torch.testing.assert_close(lse, torch.logsumexp(s, -1), rtol=1e-5, atol=1e-5)
@@ -75,14 +76,14 @@ def test_lse_and_bf16():
     assert float((ob.double() - o_ref).abs().max()) <= 4 * err_ref + 1e-2
 
 
-def test_bad_input():
-    q, K, Vv, ks, vs = _inputs(1, 2, 3, 5, 16, torch.float32)
+def test_bad_input(triton_device):
+    q, K, Vv, ks, vs = _inputs(1, 2, 3, 5, 16, torch.float32, device=triton_device)
     with pytest.raises(ValueError, match=r"k_ctx must be \[B=1, H=2, T, head_dim=16\]"):
         kern.ebt_attention_fwd(q, K[:, :1], Vv, ks, vs)
     with pytest.raises(ValueError, match="k_self and v_self must be given together"):
         kern.ebt_attention_fwd(q, K, Vv, ks, None)
     with pytest.raises(ValueError, match=r"n_visible must be an integer tensor \[R=3\]"):
-        kern.ebt_attention_fwd(q, K, Vv, ks, vs, torch.ones(4, dtype=torch.long))
+        kern.ebt_attention_fwd(q, K, Vv, ks, vs, torch.ones(4, dtype=torch.long, device=triton_device))
     with pytest.raises(ValueError, match="v_ctx is torch.float64"):
         kern.ebt_attention_fwd(q, K, Vv.double(), ks, vs)
 
@@ -90,15 +91,15 @@ def test_bad_input():
 # -- the torch.library ops (pyebm/ops/ebt_attention.py) ------------------------------------------
 
 @pytest.mark.parametrize("self_kv,vis", [(True, True), (False, True), (True, False)])
-def test_ops_match_kernels_and_opcheck(self_kv, vis):
+def test_ops_match_kernels_and_opcheck(triton_device, self_kv, vis):
     from pyebm.ops import ebt_attention as ops
 
     B, H, R, T, hd = 2, 2, 3, 7, 8
-    q, K, Vv, ks, vs = _inputs(B, H, R, T, hd, torch.float32, cap=T + 2)
+    q, K, Vv, ks, vs = _inputs(B, H, R, T, hd, torch.float32, cap=T + 2, device=triton_device)
     if not self_kv:
         ks = vs = None
-    nv = torch.tensor([0, 3, 9]) if vis else None
-    do = torch.randn(B, H, R, hd)
+    nv = torch.tensor([0, 3, 9], device=triton_device) if vis else None
+    do = torch.randn(B, H, R, hd, device=triton_device)
     o, lse = ops.attention_fwd(q, K, Vv, ks, vs, nv)
     o_k, lse_k = kern.ebt_attention_fwd(q, K, Vv, ks, vs, nv)
     assert torch.equal(o, o_k) and torch.equal(lse, lse_k)
@@ -126,10 +127,10 @@ def test_ops_fake_shapes():
         assert dq.shape == q.shape and dks.shape == (0,) and dvs.shape == (0,)
 
 
-def test_ops_bad_input():
+def test_ops_bad_input(triton_device):
     from pyebm.ops import ebt_attention as ops
 
-    q, K, Vv, ks, vs = _inputs(1, 2, 3, 5, 16, torch.float32)
+    q, K, Vv, ks, vs = _inputs(1, 2, 3, 5, 16, torch.float32, device=triton_device)
     with pytest.raises(ValueError, match=r"k_ctx must be \[B=1, H=2, T, head_dim=16\]"):
         ops.attention_fwd(q, K[:, :1], Vv, ks, vs)
     o, lse = ops.attention_fwd(q, K, Vv, ks, vs)
@@ -137,14 +138,14 @@ def test_ops_bad_input():
         ops.attention_bwd(q, q, K, Vv, o, lse.double(), ks, vs)
 
 
-def test_ops_compile_fullgraph():
+def test_ops_compile_fullgraph(triton_device):
     from pyebm.ops import ebt_attention as ops
 
     def f(q, K, Vv, ks, vs, do):
         o, lse = ops.attention_fwd(q, K, Vv, ks, vs)
         return ops.attention_bwd(do, q, K, Vv, o, lse, ks, vs)[0]
 
-    q, K, Vv, ks, vs = _inputs(1, 2, 3, 6, 16, torch.float32)
-    do = torch.randn(1, 2, 3, 16)
+    q, K, Vv, ks, vs = _inputs(1, 2, 3, 6, 16, torch.float32, device=triton_device)
+    do = torch.randn(1, 2, 3, 16, device=triton_device)
     got = torch.compile(f, fullgraph=True, backend="aot_eager")(q, K, Vv, ks, vs, do)
     assert torch.equal(got, f(q, K, Vv, ks, vs, do))

@@ -1,8 +1,9 @@
 """Triton backend of the fused MLP energy ops against the reference.
 
-On a machine without a GPU these run the kernel on CPU tensors in Triton's interpreter
-(TRITON_INTERPRET=1, set by conftest.py before pyebm is imported). Shapes stay small: the
-interpreter executes every block operation in Python.
+Each test runs once per ``triton_device`` (conftest.py): on CPU tensors in Triton's interpreter when
+there is no GPU (TRITON_INTERPRET=1, set by conftest.py before pyebm is imported), on CUDA tensors with
+compiled kernels when there is one. Shapes stay small: the interpreter executes every block operation
+in Python.
 
 Tolerance: the kernel's error against the fp64 reference is bounded by a small multiple of the
 reference's own error at the kernel's dtype (the same inputs, rounded to that dtype, run through the
@@ -24,7 +25,6 @@ pytestmark = [
 ]
 
 ACTS = ("relu", "silu", "gelu", "gelu_tanh", "tanh", "softplus")
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 EPS = {torch.float32: 2.0 ** -23, torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -10}
 # Floor of the tolerance in ulps of the result's largest magnitude. fp32 needs a few: its reference
 # error can be near zero by luck on one tensor. In bf16/fp16 the reference error is large and the floor
@@ -38,12 +38,12 @@ def _ops():
     return torch.ops.pyebm
 
 
-def make(B, K, D, hidden, dtype=torch.float32, seed=0):
-    """Random (ctx, y, w_in, weights, biases, w_out, b_out) drawn in fp64 and rounded to ``dtype``."""
+def make(B, K, D, hidden, dtype=torch.float32, seed=0, *, device):
+    """Random (ctx, y, w_in, weights, biases, w_out, b_out) drawn in fp64, rounded to ``dtype``, on ``device``."""
     g = torch.Generator().manual_seed(seed)
 
     def r(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype).to(DEVICE)
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype).to(device)
 
     w_in = r(hidden[0], D, scale=1.0 / math.sqrt(D))
     weights = [r(o, i, scale=1.0 / math.sqrt(i)) for i, o in zip(hidden[:-1], hidden[1:])]
@@ -85,8 +85,8 @@ def run_and_check(args, act, residual, dtype, mult=4.0, config=None):
 
 @pytest.mark.parametrize("act", ACTS)
 @pytest.mark.parametrize("residual", [False, True])
-def test_activations_fp32(act, residual):
-    run_and_check(make(3, 5, 7, (64, 64)), act, residual, torch.float32)
+def test_activations_fp32(triton_device, act, residual):
+    run_and_check(make(3, 5, 7, (64, 64), device=triton_device), act, residual, torch.float32)
 
 
 # (B, K, D, hidden, residual): widths 1, 7, 64 and 123, depths 1-3, K = 1, 5, 33; with residual on, the
@@ -104,47 +104,51 @@ SHAPES = [
 
 @pytest.mark.parametrize("act", ACTS)
 @pytest.mark.parametrize("B,K,D,hidden,residual", SHAPES)
-def test_shapes_fp32(B, K, D, hidden, residual, act):
-    run_and_check(make(B, K, D, hidden, seed=B * 100 + K), act, residual, torch.float32)
+def test_shapes_fp32(triton_device, B, K, D, hidden, residual, act):
+    run_and_check(make(B, K, D, hidden, seed=B * 100 + K, device=triton_device), act, residual, torch.float32)
 
 
 @pytest.mark.parametrize("act", ACTS)
 @pytest.mark.parametrize("residual", [False, True])
-def test_bf16(act, residual):
-    run_and_check(make(3, 5, 7, (64, 64), torch.bfloat16, seed=7), act, residual, torch.bfloat16, mult=2.0)
+def test_bf16(triton_device, act, residual):
+    args = make(3, 5, 7, (64, 64), torch.bfloat16, seed=7, device=triton_device)
+    run_and_check(args, act, residual, torch.bfloat16, mult=2.0)
 
 
 @pytest.mark.parametrize("B,K,D,hidden,residual", SHAPES)
-def test_bf16_shapes(B, K, D, hidden, residual):
+def test_bf16_shapes(triton_device, B, K, D, hidden, residual):
     act = ACTS[len(hidden) + K % 4]
-    run_and_check(make(B, K, D, hidden, torch.bfloat16, seed=B + K), act, residual, torch.bfloat16, mult=2.0)
+    args = make(B, K, D, hidden, torch.bfloat16, seed=B + K, device=triton_device)
+    run_and_check(args, act, residual, torch.bfloat16, mult=2.0)
 
 
 @pytest.mark.parametrize("act", ["silu", "gelu_tanh", "softplus"])
-def test_fp16(act):
-    run_and_check(make(3, 5, 7, (64, 64), torch.float16, seed=9), act, True, torch.float16, mult=2.0)
+def test_fp16(triton_device, act):
+    args = make(3, 5, 7, (64, 64), torch.float16, seed=9, device=triton_device)
+    run_and_check(args, act, True, torch.float16, mult=2.0)
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy overflow in exp on the branch not taken
 @pytest.mark.parametrize("act", ACTS)
-def test_extreme_preactivations(act):
+def test_extreme_preactivations(triton_device, act):
     # Pre-activations from about -100 to 100 plus tiny ones: softplus above its threshold of 20 and with
     # exp underflowing, tanh/gelu_tanh in both saturated tails and in their small-argument branch.
-    ctx, y, w_in, weights, biases, w_out, b_out = make(3, 33, 7, (16, 16), seed=13)
+    ctx, y, w_in, weights, biases, w_out, b_out = make(3, 33, 7, (16, 16), seed=13, device=triton_device)
     y = y * 40.0
     y[0] *= 1e-4
     run_and_check((ctx, y, w_in, weights, biases, w_out, b_out), act, False, torch.float32)
 
 
-def test_persistent_loop_and_small_tiles():
+def test_persistent_loop_and_small_tiles(triton_device):
     # 165 rows, 16-row tiles, 3 programs: every program walks several row tiles that cross context rows.
     cfg = {"BLOCK_M": 16, "BLOCK_T": 16, "max_programs": 3}
-    run_and_check(make(5, 33, 7, (40, 40, 7), seed=3), "gelu_tanh", True, torch.float32, config=cfg)
+    args = make(5, 33, 7, (40, 40, 7), seed=3, device=triton_device)
+    run_and_check(args, "gelu_tanh", True, torch.float32, config=cfg)
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy under the interpreter, on the NaN rows
-def test_nan_and_inf_stay_in_their_candidate():
-    args = list(make(3, 5, 7, (64, 64), seed=11))
+def test_nan_and_inf_stay_in_their_candidate(triton_device):
+    args = list(make(3, 5, 7, (64, 64), seed=11, device=triton_device))
     y = args[1].clone()
     y[1, 2, 3] = float("nan")
     y[2, 4, 0] = float("inf")
@@ -162,15 +166,15 @@ def test_nan_and_inf_stay_in_their_candidate():
 
 
 @pytest.mark.parametrize("B,K", [(0, 5), (3, 0)])
-def test_empty(B, K):
-    args = make(B, K, 7, (16, 16))
+def test_empty(triton_device, B, K):
+    args = make(B, K, 7, (16, 16), device=triton_device)
     E, G = _ops().mlp_energy_grad_triton(*args, "silu", False)
     assert E.shape == (B, K) and G.shape == (B, K, 7)
     assert _ops().mlp_energy_triton(*args, "silu", False).shape == (B, K)
 
 
-def test_non_contiguous_inputs():
-    ctx, y, w_in, weights, biases, w_out, b_out = make(3, 5, 7, (33, 33), seed=5)
+def test_non_contiguous_inputs(triton_device):
+    ctx, y, w_in, weights, biases, w_out, b_out = make(3, 5, 7, (33, 33), seed=5, device=triton_device)
     big = torch.randn(3, 11, 16, dtype=y.dtype, device=y.device)
     y_nc = big[:, ::2, 3:10]  # [3, 6, 7], strided in every dim
     y_nc = y_nc[:, :5]
@@ -188,9 +192,9 @@ def test_non_contiguous_inputs():
     assert G.is_contiguous() and G.shape == y_nc.shape
 
 
-def test_weight_updates_are_seen():
+def test_weight_updates_are_seen(triton_device):
     # Packed weights are cached; an in-place update must repack.
-    args = make(3, 5, 7, (33, 33), seed=6)
+    args = make(3, 5, 7, (33, 33), seed=6, device=triton_device)
     E1, _ = _ops().mlp_energy_grad_triton(*args, "silu", False)
     with torch.no_grad():
         args[3][0].mul_(-1.5)
@@ -202,13 +206,13 @@ def test_weight_updates_are_seen():
     torch.testing.assert_close(G2.double(), G64, rtol=1e-5, atol=1e-5)
 
 
-def test_mlp_energy_module_backend_triton():
+def test_mlp_energy_module_backend_triton(triton_device):
     import pyebm
 
     torch.manual_seed(0)
-    model = pyebm.MLPEnergy(5, 7, hidden=(33, 33), activation="gelu", residual=True).to(DEVICE)
-    x = torch.randn(3, 5, device=DEVICE)
-    y = torch.randn(3, 4, 7, device=DEVICE)
+    model = pyebm.MLPEnergy(5, 7, hidden=(33, 33), activation="gelu", residual=True).to(triton_device)
+    x = torch.randn(3, 5, device=triton_device)
+    y = torch.randn(3, 4, 7, device=triton_device)
     ctx = model.prepare(x)
     E, G = model.energy_and_grad(ctx, y, backend="triton")
     E_ref, G_ref = model.energy_and_grad(ctx, y, backend="torch")
@@ -217,9 +221,9 @@ def test_mlp_energy_module_backend_triton():
     torch.testing.assert_close(model.energy(ctx, y, backend="triton"), E_ref, rtol=1e-5, atol=1e-5)
 
 
-def test_bad_input():
+def test_bad_input(triton_device):
     ops = _ops()
-    ctx, y, w_in, weights, biases, w_out, b_out = make(3, 5, 7, (16, 16))
+    ctx, y, w_in, weights, biases, w_out, b_out = make(3, 5, 7, (16, 16), device=triton_device)
     with pytest.raises(TypeError, match="float32, bfloat16 or float16"):
         ops.mlp_energy_grad_triton(*as64((ctx, y, w_in, weights, biases, w_out, b_out)), "silu", False)
     with pytest.raises(ValueError, match="w_in"):
@@ -232,21 +236,21 @@ def test_bad_input():
         ops.mlp_energy_triton(ctx, y, w_in, weights, biases, w_out, b_out, "swish", False)
 
 
-@pytest.mark.skipif(DEVICE != "cpu", reason="checks the interpreter-mode guard")
+@pytest.mark.skipif(not _backend.triton_interpret(), reason="checks the interpreter-mode guard")
 def test_cpu_needs_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
-        _ops().mlp_energy_triton(*make(1, 2, 3, (16,)), "relu", False)
+        _ops().mlp_energy_triton(*make(1, 2, 3, (16,), device="cpu"), "relu", False)
 
 
-def test_opcheck():
-    args = make(2, 3, 5, (16, 16), seed=4)
+def test_opcheck(triton_device):
+    args = make(2, 3, 5, (16, 16), seed=4, device=triton_device)
     torch.library.opcheck(_ops().mlp_energy_grad_triton.default, (*args, "gelu", True))
     torch.library.opcheck(_ops().mlp_energy_triton.default, (*args, "softplus", False))
 
 
-def test_torch_compile_fullgraph():
-    args = make(2, 3, 5, (16, 16), seed=12)
+def test_torch_compile_fullgraph(triton_device):
+    args = make(2, 3, 5, (16, 16), seed=12, device=triton_device)
 
     def step(ctx, y, w_in, w0, b0, w_out, b_out):
         E, G = torch.ops.pyebm.mlp_energy_grad_triton(ctx, y, w_in, [w0], [b0], w_out, b_out, "silu", True)

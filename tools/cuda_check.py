@@ -77,6 +77,9 @@ def main(argv=None) -> int:
         f"-DPython3_EXECUTABLE={sys.executable}",
         f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}",
         f"-DCMAKE_CUDA_COMPILER={nvcc}",
+        # a CUDA build of torch looks for the toolkit through FindCUDA: name its root (see setup.py)
+        f"-DCUDA_TOOLKIT_ROOT_DIR={os.path.dirname(os.path.dirname(nvcc))}",
+        f"-DCUDAToolkit_ROOT={os.path.dirname(os.path.dirname(nvcc))}",
         "-DCMAKE_CUDA_ARCHITECTURES=90",
         "-DPYEBM_WITH_CUDA=OFF",
         "-DPYEBM_CUDA_COMPILE_CHECK=ON",
