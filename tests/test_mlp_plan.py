@@ -287,7 +287,7 @@ def test_plan_and_rule_bad_input():
         C.MlpPlan(**{**args, "w_out": w_out.double()})
     with pytest.raises(RuntimeError, match="w_x"):
         C.MlpPlan(**{**args, "w_x": torch.randn(7, 3)})
-    with pytest.raises(RuntimeError, match="activation"):
+    with pytest.raises(ValueError, match="activation"):
         C.MlpPlan(**{**args, "activation": "swish"})
     with pytest.raises(RuntimeError, match="float32 and float64"):
         C.MlpPlan(**{k: (v.half() if isinstance(v, torch.Tensor) else
@@ -300,11 +300,11 @@ def test_plan_and_rule_bad_input():
     assert C.DescentRule(**rule).steps == 2
     with pytest.raises(RuntimeError, match="one step size and one noise level"):
         C.DescentRule(**{**rule, "noise_level": [0.0]})
-    with pytest.raises(RuntimeError, match="noise_mode"):
+    with pytest.raises(ValueError, match="noise_mode"):
         C.DescentRule(**{**rule, "noise_mode": "loud"})
-    with pytest.raises(RuntimeError, match="selection"):
+    with pytest.raises(ValueError, match="selection"):
         C.DescentRule(**{**rule, "selection": "sample"})
-    with pytest.raises(RuntimeError, match="momentum"):
+    with pytest.raises(ValueError, match="momentum"):
         C.DescentRule(**{**rule, "momentum": 1.0})
     with pytest.raises(RuntimeError, match="lower"):
         C.DescentRule(**{**rule, "lower": torch.zeros(2, 2)})

@@ -49,14 +49,9 @@ _POST_NOISE = ("langevin", "step", "additive")
 
 Scalar = Union[float, Tensor]
 
-try:
-    from pyebm import _backend as _be
+from pyebm import _backend as _be
 
-    _HAS_FUSED = _be.ext() is not None and hasattr(torch.ops.pyebm, "descent_update")
-    if _HAS_FUSED:
-        from pyebm.ops import mlp_descent as _register_fakes  # noqa: F401  (fake impls of the C++ ops)
-except Exception:  # pragma: no cover
-    _HAS_FUSED = False
+_HAS_FUSED = _be.ext() is not None and hasattr(torch.ops.pyebm, "descent_update")
 
 
 def finite_rows(t: Tensor, E: Optional[Tensor] = None) -> Tensor:
