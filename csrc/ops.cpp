@@ -7,8 +7,13 @@
 // Each op checks every tensor's shape, dtype, device and layout against the others before a kernel reads
 // memory (csrc/cpu/op_checks.h); the fakes run the same checks (pyebm/ops/_checks.py).
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 #include <torch/library.h>
 
+#include <string>
+#include <vector>
+
+#include "cpu/cpu_isa.h"
 
 #ifndef PYEBM_VERSION
 #define PYEBM_VERSION "unknown"
@@ -93,7 +98,22 @@ void bind_plan(py::module& m);  // mlp_plan.cpp
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "pyebm compiled kernels (CPU C++, CUDA when built)";
+  // PYEBM_CPU_ISA names an instruction set this CPU cannot run (or is misspelt): say so here, once, rather
+  // than run other code than the one asked for.
+  const pyebm::cpu::CpuIsaState& isa = pyebm::cpu::cpu_isa_state();
+  if (!isa.error.empty()) throw py::value_error("pyebm: " + isa.error);
   pyebm::cpu::bind_plan(m);
+  m.def("cpu_isa", []() {
+    const pyebm::cpu::CpuIsaState& s = pyebm::cpu::cpu_isa_state();
+    py::dict d;
+    d["active"] = pyebm::cpu::isa_name(s.level);
+    std::vector<std::string> supported;
+    for (int l = pyebm::cpu::cpu_isa_supported(); l >= 0; --l) supported.push_back(pyebm::cpu::isa_name(l));
+    d["supported"] = supported;
+    d["requested"] = s.requested.empty() ? py::object(py::none()) : py::object(py::str(s.requested));
+    return d;
+  }, "The instruction set of the CPU kernels: {'active', 'supported' (widest first), 'requested' "
+     "(PYEBM_CPU_ISA or None)}.");
   m.def("build_info", []() {
     py::dict d;
     d["version"] = PYEBM_VERSION;
@@ -112,6 +132,7 @@ PYBIND11_MODULE(_C, m) {
 #else
     d["openmp"] = false;
 #endif
+    d["cpu_isa"] = pyebm::cpu::isa_name(pyebm::cpu::cpu_vec_level());
     d["torch_abi_cxx11"] = static_cast<bool>(_GLIBCXX_USE_CXX11_ABI);
     return d;
   });
