@@ -5,7 +5,8 @@
 // small_gemm.h, mlp_block.h, mlp_descent_cpu.h, ebt_policy.cpp) goes through cpu_vec_level(), so one
 // machine can run each path it supports: an AVX-512 machine also proves the AVX2 and baseline paths.
 // A request for an instruction set this CPU lacks, or an unknown name, is not silently lowered: the
-// import of pyebm._C raises ValueError with cpu_isa_error() (see ops.cpp). Torch-free.
+// import of pyebm._C fails with CpuIsaState::error (ops.cpp), and pyebm.ops turns that into a ValueError
+// from `import pyebm` (rather than a quiet fall back to the torch backend). Torch-free.
 #pragma once
 
 #include <cctype>
