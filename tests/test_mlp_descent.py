@@ -232,9 +232,9 @@ def test_whole_loop_op_bad_input():
         call(noise_mode="brownian")
     with pytest.raises(ValueError, match=r"needs the noise tensor"):
         call(noise_mode="langevin")
-    with pytest.raises(ValueError, match=r"noise must have shape \[3, 2, 3, 4\] \(\[steps, B, K, D\]\)"):
+    with pytest.raises(ValueError, match=r"noise must have shape \[4, 2, 3, 4\] \(\[steps, B, K, D\]\)"):
         call(noise_mode="langevin", noise=torch.randn(3, 2, 3, 4))
-    with pytest.raises(ValueError, match=r"noise_level must be a floating \[steps\] = \[3\] tensor"):
+    with pytest.raises(ValueError, match=r"noise_level must be a floating \[steps\] = \[4\] tensor"):
         call(nl=torch.zeros(5, dtype=torch.float64))
     with pytest.raises(TypeError, match="mask must be torch.bool"):
         call(mask=torch.zeros(2, 3, 4))

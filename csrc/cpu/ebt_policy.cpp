@@ -1170,20 +1170,23 @@ NetArgs check_net_args(const char* op, const char* y_name, const at::Tensor& y_,
   checks::shape(op, Arg{"bias"}, bias_, {Tn, L}, "[T, L]");
 
   // the exact shape of every parameter: a wrong list order or a view of the wrong size stops here
-  std::vector<std::vector<int64_t>> expect;
-  expect.reserve(n_params);
-  for (auto s : std::initializer_list<std::vector<int64_t>>{{D, A}, {D}, {D}, {D}, {D, D}, {D}, {Tn, D}})
-    expect.push_back(s);
-  for (int64_t l = 0; l < layers; ++l)
-    for (auto s : std::initializer_list<std::vector<int64_t>>{
-             {D}, {3 * D, D}, {3 * D}, {hd}, {hd}, {D, D}, {D}, {D}, {D, D}, {D}, {hd}, {D, D}, {D}, {D, D}, {D},
-             {D, D}, {D}})
-      expect.push_back(s);
-  for (auto s : std::initializer_list<std::vector<int64_t>>{{D}, {D, D}, {D}, {O, D}, {O}}) expect.push_back(s);
+  struct Shape {
+    int64_t d[2];
+    size_t n;
+  };
+  const Shape kEmbedShapes[kEmbed] = {{{D, A}, 2}, {{D}, 1}, {{D}, 1}, {{D}, 1}, {{D, D}, 2}, {{D}, 1}, {{Tn, D}, 2}};
+  const Shape kLayerShapes[kPerLayer] = {{{D}, 1},    {{3 * D, D}, 2}, {{3 * D}, 1}, {{hd}, 1}, {{hd}, 1}, {{D, D}, 2},
+                                         {{D}, 1},    {{D}, 1},        {{D, D}, 2},  {{D}, 1},  {{hd}, 1}, {{D, D}, 2},
+                                         {{D}, 1},    {{D, D}, 2},     {{D}, 1},     {{D, D}, 2}, {{D}, 1}};
+  const Shape kHeadShapes[kHead] = {{{D}, 1}, {{D, D}, 2}, {{D}, 1}, {{O, D}, 2}, {{O}, 1}};
   for (int64_t i = 0; i < n_params; ++i) {
-    if (params_[i].sizes() == at::IntArrayRef(expect[i])) continue;
+    const Shape& e = i < kEmbed                          ? kEmbedShapes[i]
+                     : i < kEmbed + kPerLayer * layers ? kLayerShapes[(i - kEmbed) % kPerLayer]
+                                                        : kHeadShapes[i - kEmbed - kPerLayer * layers];
+    const at::IntArrayRef want(e.d, e.n);
+    if (params_[i].sizes() == want) continue;
     const std::string n = param_name(i, layers);
-    checks::shape(op, Arg{"params", i, n.c_str()}, params_[i], expect[i]);
+    checks::shape(op, Arg{"params", i, n.c_str()}, params_[i], want);
   }
 
   auto prep = [](const at::Tensor& t) { return t.is_contiguous() ? t : t.contiguous(); };

@@ -11,8 +11,8 @@
 //   mlp_descent, descent_update, select_best, ebt_policy_descent, ebt_policy_context, dispatch_floor
 //       are inference ops: with grad mode on and an input that requires grad they raise, naming the input.
 //
-// When no input requires grad (or grad mode is off) every kernel here goes straight to the device kernel:
-// a few flag tests per call, no Python. descent_update, which writes its inputs in place, also bumps their
+// When no input requires grad (or grad mode is off) every kernel here goes straight to the device kernel
+// (a redispatch with the call's own keys): a few flag tests per call, no Python. descent_update, which writes its inputs in place, also bumps their
 // version counters (what the ADInplaceOrView kernel of a built-in in-place op does).
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/grad_mode.h>
@@ -73,15 +73,18 @@ c10::OperatorHandle find_op(const char* name) {
 template <const char* Name, class Sig>
 struct Inference;
 
+// The keys below autograd for this call: the device kernel, or on the way the Python, Functionalize and fake
+// modes of tracing. A redispatch with them skips the dispatcher's key computation and the TLS guard.
+inline c10::DispatchKeySet below_autograd(c10::DispatchKeySet ks) { return ks & c10::after_ADInplaceOrView_keyset; }
+
 template <const char* Name, class R, class... Args>
 struct Inference<Name, R(Args...)> {
-  static R call(Args... args) {
+  static R call(c10::DispatchKeySet ks, Args... args) {
     static const c10::OperatorHandle handle = find_op(Name);
     const int i = first_requiring_grad(args...);
     if (i >= 0) inference_only(handle, i);
     static const auto op = handle.typed<R(Args...)>();
-    at::AutoDispatchBelowADInplaceOrView guard;
-    return op.call(args...);
+    return op.redispatch(below_autograd(ks), args...);
   }
 };
 
@@ -123,7 +126,7 @@ void bump(const OptTensor& t) {
 }
 
 // descent_update writes y, g, active, steps, status, velocity and pending.
-void descent_update_autograd(const at::Tensor& y, const at::Tensor& g, const at::Tensor& E, const at::Tensor& active,
+void descent_update_autograd(c10::DispatchKeySet ks, const at::Tensor& y, const at::Tensor& g, const at::Tensor& E, const at::Tensor& active,
                              const at::Tensor& steps, const at::Tensor& status, const OptTensor& velocity,
                              const OptTensor& pending, const OptTensor& noise, const OptTensor& mask,
                              const OptTensor& fixed, const OptTensor& lower, const OptTensor& upper,
@@ -132,7 +135,7 @@ void descent_update_autograd(const at::Tensor& y, const at::Tensor& g, const at:
                              c10::optional<double> grad_clip_norm, bool energy_scaled, double energy_temperature,
                              double tol, bool tol_final_step, bool bound_each_step, const OptTensor& y_base) {
   Inference<kDescentUpdate, DescentUpdateSig>::call(
-      y, g, E, active, steps, status, velocity, pending, noise, mask, fixed, lower, upper, step_clip, eta,
+      ks, y, g, E, active, steps, status, velocity, pending, noise, mask, fixed, lower, upper, step_clip, eta,
       noise_level, noise_mode, grad_scale, momentum, grad_clip, grad_clip_norm, energy_scaled, energy_temperature, tol,
       tol_final_step, bound_each_step, y_base);
   bump(y), bump(g), bump(active), bump(steps), bump(status), bump(velocity), bump(pending);
@@ -226,7 +229,8 @@ struct MlpEnergyFn : public torch::autograd::Function<MlpEnergyFn> {
   }
 };
 
-std::tuple<at::Tensor, at::Tensor> mlp_energy_grad_autograd(const at::Tensor& ctx, const at::Tensor& y,
+std::tuple<at::Tensor, at::Tensor> mlp_energy_grad_autograd(c10::DispatchKeySet ks, const at::Tensor& ctx,
+                                                            const at::Tensor& y,
                                                             const at::Tensor& w_in, at::TensorList weights,
                                                             at::TensorList biases, const at::Tensor& w_out,
                                                             const at::Tensor& b_out, c10::string_view activation,
@@ -236,8 +240,7 @@ std::tuple<at::Tensor, at::Tensor> mlp_energy_grad_autograd(const at::Tensor& ct
                                .typed<std::tuple<at::Tensor, at::Tensor>(
                                    const at::Tensor&, const at::Tensor&, const at::Tensor&, at::TensorList,
                                    at::TensorList, const at::Tensor&, const at::Tensor&, c10::string_view, bool)>();
-    at::AutoDispatchBelowADInplaceOrView guard;
-    return op.call(ctx, y, w_in, weights, biases, w_out, b_out, activation, residual);
+    return op.redispatch(below_autograd(ks), ctx, y, w_in, weights, biases, w_out, b_out, activation, residual);
   }
   ensure_python_vjp(find_op("pyebm::mlp_energy_vjp"));
   const variable_list out =
@@ -245,7 +248,7 @@ std::tuple<at::Tensor, at::Tensor> mlp_energy_grad_autograd(const at::Tensor& ct
   return {out[0], out[1]};
 }
 
-at::Tensor mlp_energy_autograd(const at::Tensor& ctx, const at::Tensor& y, const at::Tensor& w_in,
+at::Tensor mlp_energy_autograd(c10::DispatchKeySet ks, const at::Tensor& ctx, const at::Tensor& y, const at::Tensor& w_in,
                                at::TensorList weights, at::TensorList biases, const at::Tensor& w_out,
                                const at::Tensor& b_out, c10::string_view activation, bool residual) {
   if (first_requiring_grad(ctx, y, w_in, weights, biases, w_out, b_out) < 0) {
@@ -253,8 +256,7 @@ at::Tensor mlp_energy_autograd(const at::Tensor& ctx, const at::Tensor& y, const
                                .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                                  at::TensorList, at::TensorList, const at::Tensor&, const at::Tensor&,
                                                  c10::string_view, bool)>();
-    at::AutoDispatchBelowADInplaceOrView guard;
-    return op.call(ctx, y, w_in, weights, biases, w_out, b_out, activation, residual);
+    return op.redispatch(below_autograd(ks), ctx, y, w_in, weights, biases, w_out, b_out, activation, residual);
   }
   ensure_python_vjp(find_op("pyebm::mlp_energy_vjp"));
   return MlpEnergyFn::apply(ctx, y, w_in, weights, biases, w_out, b_out, std::string(activation), residual,
@@ -311,7 +313,7 @@ struct EbtPolicyEnergyFn : public torch::autograd::Function<EbtPolicyEnergyFn> {
   }
 };
 
-std::tuple<at::Tensor, at::Tensor> ebt_policy_energy_grad_autograd(const at::Tensor& y, const at::Tensor& ck,
+std::tuple<at::Tensor, at::Tensor> ebt_policy_energy_grad_autograd(c10::DispatchKeySet ks, const at::Tensor& y, const at::Tensor& ck,
                                                                    const at::Tensor& cv, const at::Tensor& bias,
                                                                    at::TensorList params, at::TensorList weights_t,
                                                                    int64_t heads, double rms_eps, double ln_eps,
@@ -319,8 +321,7 @@ std::tuple<at::Tensor, at::Tensor> ebt_policy_energy_grad_autograd(const at::Ten
   static const c10::OperatorHandle handle = find_op("pyebm::ebt_policy_energy_grad");
   if (first_requiring_grad(y, ck, cv, bias, params, weights_t) < 0) {
     static const auto op = handle.typed<EbtEnergySig>();
-    at::AutoDispatchBelowADInplaceOrView guard;
-    return op.call(y, ck, cv, bias, params, weights_t, heads, rms_eps, ln_eps, need_grad);
+    return op.redispatch(below_autograd(ks), y, ck, cv, bias, params, weights_t, heads, rms_eps, ln_eps, need_grad);
   }
   TORCH_CHECK(!(at::GradMode::is_enabled() && rg(weights_t)),
               "pyebm::ebt_policy_energy_grad: weights_t (transposed copies of params, for speed) must not require "
