@@ -832,3 +832,50 @@ def test_triton_ebt_ops():
                refs={"q"}, accepts={8: nv_ok})
     bwd.call()
     assert fuzz(bwd) >= 40   # the harness ran (each a refused call)
+
+
+def test_pure_python_ops_check_and_differentiate():
+    """Without pyebm._C the MLP-energy ops (pyebm.ops._fallback, the reference as implementation) keep the
+    contract: the same checks in the op and its fake, the same autograd formula."""
+    import os
+    import subprocess
+    import sys
+
+    code = r'''
+import torch, pyebm
+from torch._subclasses.fake_tensor import FakeTensorMode
+assert not pyebm.backends()["cpu"]
+m = pyebm.MLPEnergy(3, 2, hidden=(5, 4)).double()
+ctx = m.prepare(torch.randn(2, 3, dtype=torch.float64))
+y = torch.randn(2, 4, 2, dtype=torch.float64, requires_grad=True)
+w_in, ws, bs, w_out, b_out = m.op_params()
+op = torch.ops.pyebm.mlp_energy_grad.default
+for bad in (torch.randn(100, dtype=torch.float64)[:1], w_out.float(), w_out.to("meta")):
+    for fake in (False, True):
+        args = [ctx, y.detach(), w_in.detach(), [w.detach() for w in ws], [b.detach() for b in bs], bad,
+                b_out.detach(), "silu", False]
+        try:
+            if fake:
+                mode = FakeTensorMode()
+                with mode:
+                    op(*[mode.from_tensor(a) if isinstance(a, torch.Tensor) else
+                         ([mode.from_tensor(t) for t in a] if isinstance(a, list) else a) for a in args])
+            else:
+                op(*args)
+        except (ValueError, TypeError) as e:
+            assert "w_out" in str(e), e
+        else:
+            raise AssertionError(f"accepted {bad.shape} {bad.dtype} {bad.device} (fake={fake})")
+torch.library.opcheck(op, (ctx, y, w_in, list(ws), list(bs), w_out, b_out, "silu", False))
+try:
+    with torch.enable_grad():
+        torch.ops.pyebm.dispatch_floor(torch.randn(3, requires_grad=True))
+except RuntimeError as e:
+    assert "inference op" in str(e)
+else:
+    raise AssertionError("dispatch_floor took an input that requires grad")
+print("ok")
+'''
+    env = dict(os.environ, PYEBM_DISABLE_EXT="1")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-3000:]
