@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence
 
 import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import pyebm
-from pyebm.ops import descent as dops
 from pyebm.ops import ebt_policy as eop
 from pyebm.reference import ebt_policy as ref_policy
 from pyebm.reference import mlp_energy as ref_mlp

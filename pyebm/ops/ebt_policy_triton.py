@@ -28,7 +28,7 @@ tensors) on machines without Triton.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 from torch import Tensor
