@@ -12,7 +12,7 @@ PIP := $(PY) -m pip
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: venv install install-test run test bench cuda-check gpu-rehearsal clean
+.PHONY: venv install install-test run test test-isa bench cuda-check gpu-rehearsal clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,19 @@ run: install
 
 test: install-test
 	$(PY) -m pytest -q tests $(PYTEST_ARGS)
+	@$(MAKE) --no-print-directory test-isa
+
+# The CPU kernel tests again under each instruction set this CPU runs below its widest (PYEBM_CPU_ISA; torch's
+# and MKL's own dispatch lowered to match), so an AVX-512 machine also proves the AVX2 and baseline paths.
+ISA_TESTS ?= tests/test_mlp_energy.py tests/test_mlp_descent.py tests/test_descent.py tests/test_ebt_policy.py \
+	tests/test_mlp_plan.py tests/test_op_boundary.py tests/test_cpu_isa.py
+test-isa:
+	@for isa in $$($(PY) -c "import pyebm; from pyebm import _C; print(' '.join(_C.cpu_isa()['supported'][1:]))" 2>/dev/null); do \
+	  case $$isa in avx2) aten=avx2; mkl=AVX2;; *) aten=default; mkl=SSE4_2;; esac; \
+	  echo "== CPU kernel tests with PYEBM_CPU_ISA=$$isa"; \
+	  PYEBM_CPU_ISA=$$isa ATEN_CPU_CAPABILITY=$$aten MKL_ENABLE_INSTRUCTIONS=$$mkl \
+	    $(PY) -m pytest -q -k "not demo" $(ISA_TESTS) $(PYTEST_ARGS) || exit 1; \
+	done
 
 bench: install-test
 	$(PY) bench/bench_mlp_energy.py

@@ -142,8 +142,8 @@ def packed(module: nn.Module, key, names: Callable[[], Sequence[Optional[str]]],
     and never stored: the graph then reads the parameters themselves (a traced module that loads new
     weights computes with them) and packs inside the graph.
     """
-    if _traced():
-        return build([None if n is None else resolve(module, n) for n in names()])
+    if _traced():  # detached like a pack's aliases (inference: no graph over the weights), still read each call
+        return build([None if n is None else resolve(module, n).detach() for n in names()])
     d = packs(module)
     entry = d.get(key)
     if entry is not None and entry[0].unchanged():

@@ -326,14 +326,15 @@ def test_host_state_and_machine_info_record_this_machine():
     info = pyebm.bench.machine_info("cpu")
     for k in ("cpu_model", "cpu_isa", "cpu_count", "usable_cores", "governor", "torch", "triton", "pyebm", "commit"):
         assert k in info
-    assert info["cpu_isa"] in ("AVX-512", "AVX2", "baseline")
+    assert info["cpu_isa"] in ("avx512", "avx2", "baseline")
     flags = host.cpu_flags()
     if flags and pyebm.backends()["cpu"] and "avx2" in flags:
-        # the extension's own run-time choice agrees with what the CPU flags allow
+        # the extension reports the level its kernels use: the widest the CPU flags allow, or PYEBM_CPU_ISA's
         assert info["cpu_isa_source"] == "pyebm._C.build_info()"
-        assert info["cpu_isa"] == host.isa_from_flags(flags)
-    assert host.isa_from_flags(["avx2", "fma", "avx512f", "avx512dq"]) == "AVX-512"
-    assert host.isa_from_flags(["avx2", "fma", "avx512f"]) == "AVX2"
+        assert info["cpu_isa"] == pyebm._backend.ext().cpu_isa()["active"]
+        assert pyebm._backend.ext().cpu_isa()["supported"][0] == host.isa_from_flags(flags)
+    assert host.isa_from_flags(["avx2", "fma", "avx512f", "avx512dq"]) == "avx512"
+    assert host.isa_from_flags(["avx2", "fma", "avx512f"]) == "avx2"
     assert host.isa_from_flags(["sse4_2"]) == "baseline"
 
 

@@ -444,13 +444,18 @@ def test_seed_reproducible_and_independent_of_tiling(triton_device):
     m, x, y0 = mlp_setup(3, 9, 5, (16,), "silu", False, seed=6, device=triton_device)
     cfg = Descent.langevin(steps=3, step_size=0.05, temperature=0.2)
     a = loop_triton(m, x, y0, cfg, seed=2**40 + 3)
+    again = loop_triton(m, x, y0, cfg, seed=2**40 + 3)
     b = loop_triton(m, x, y0, cfg, seed=2**40 + 3, config={"BLOCK_M": 16, "BLOCK_T": 16, "max_programs": 1})
     c = loop_triton(m, x, y0, cfg, seed=2**40 + 4)
+    # The same launch twice runs the same instructions on the same data (no atomics): bit for bit.
+    for u, v in zip(a, again):
+        assert torch.equal(u, v)
+    # Another tiling draws the same noise (Philox keyed by seed, step, row and column, not by tile), but its
+    # products reduce over other tile shapes, so the floats agree to rounding only; a different noise stream
+    # would differ by ~1e-1. tol = 0: every candidate runs every step, so steps and status are exact.
     for u, v in zip(a, b):
-        if u.is_floating_point() and _backend.triton_interpret():
-            # the interpreter's tl.dot is numpy's matmul, whose BLAS may round a row differently with
-            # the number of rows in the product: the same noise then gives values a few ulps apart
-            torch.testing.assert_close(u, v, rtol=0, atol=8 * EPS32 * u.abs().max().item())
+        if u.is_floating_point():
+            torch.testing.assert_close(u, v, rtol=1e-5, atol=1e-6)
         else:
             assert torch.equal(u, v)
     assert not torch.equal(a[0], c[0])

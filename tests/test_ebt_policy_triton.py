@@ -241,7 +241,7 @@ def test_bad_inputs(triton_device):
         tri.ebt_policy_cross_attn_triton(q, w, kc, kc, nv[:5], EPS)
     with pytest.raises(ValueError, match="k_ctx"):
         tri.ebt_policy_cross_attn_triton(q, w, kc[:1], kc, nv, EPS)
-    with pytest.raises(ValueError, match="v_ctx"):
+    with pytest.raises(TypeError, match="v_ctx"):
         tri.ebt_policy_cross_attn_triton(q, w, kc, kc.bfloat16(), nv, EPS)
     with pytest.raises(ValueError, match="weight"):
         tri.ebt_policy_rms_norm_triton(torch.randn(3, 4, **f), torch.ones(5, **f), EPS)

@@ -295,7 +295,7 @@ def test_plan_and_rule_bad_input():
     names = m._source_names()
     with pytest.raises(RuntimeError, match="sources"):
         C.MlpPlan(m, names[:-1], 1, "silu", False)
-    with pytest.raises(RuntimeError, match="activation"):
+    with pytest.raises(ValueError, match="activation"):
         C.MlpPlan(m, names, 1, "swish", False)
     with pytest.raises(AttributeError):
         C.MlpPlan(m, names[:5] + ["layers.0.nothing", names[6]], 1, "silu", False)
@@ -319,11 +319,11 @@ def test_plan_and_rule_bad_input():
     assert C.DescentRule(**rule).steps == 2
     with pytest.raises(RuntimeError, match="one step size and one noise level"):
         C.DescentRule(**{**rule, "noise_level": [0.0]})
-    with pytest.raises(RuntimeError, match="noise_mode"):
+    with pytest.raises(ValueError, match="noise_mode"):
         C.DescentRule(**{**rule, "noise_mode": "loud"})
-    with pytest.raises(RuntimeError, match="selection"):
+    with pytest.raises(ValueError, match="selection"):
         C.DescentRule(**{**rule, "selection": "sample"})
-    with pytest.raises(RuntimeError, match="momentum"):
+    with pytest.raises(ValueError, match="momentum"):
         C.DescentRule(**{**rule, "momentum": 1.0})
     with pytest.raises(RuntimeError, match="lower"):
         C.DescentRule(**{**rule, "lower": torch.zeros(2, 2)})

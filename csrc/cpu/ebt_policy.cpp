@@ -26,6 +26,7 @@
 #include "blas.h"
 #include "descent_args.h"
 #include "descent_update.h"
+#include "op_checks.h"
 #include "pyebm/activations.h"
 #include "vec_act.h"
 
@@ -33,29 +34,7 @@
 #include <immintrin.h>
 #endif
 
-TORCH_LIBRARY_FRAGMENT(pyebm, m) {
-  // E [B, K] and (need_grad) dE/dy [B, K, T, A] of the EBT-Policy energy; see pyebm/ops/ebt_policy.py.
-  m.def(
-      "ebt_policy_energy_grad(Tensor y, Tensor ctx_k, Tensor ctx_v, Tensor bias, Tensor[] params, "
-      "Tensor[] weights_t, int heads, float rms_eps, float ln_eps, bool need_grad) -> (Tensor, Tensor)");
-  // The whole descent loop of pyebm.minimize on this energy (method "gd", Euler, no noise, no mask):
-  // per step the optional RMS normalisation ("rms": per candidate, "all": over the whole batch), the
-  // Nesterov look-ahead, the network's energy and input gradient, and the update (descent_update.h); then
-  // the final energy. tol_scope "all" tests the gradient norm over every running candidate together.
-  // Returns (y, E_final, E_init, steps, status) as pyebm::mlp_descent does; with final_energy=False the
-  // final energy pass is skipped and E_final is NaN (a caller that computes it only when it is read).
-  m.def(
-      "ebt_policy_descent(Tensor y0, Tensor ctx_k, Tensor ctx_v, Tensor bias, Tensor[] params, Tensor[] weights_t, "
-      "int heads, float rms_eps, float ln_eps, Tensor eta, Tensor? lower, Tensor? upper, Tensor? step_clip, "
-      "str normalize, float normalize_eps, float grad_scale, float momentum, bool nesterov, float? grad_clip, "
-      "float? grad_clip_norm, bool energy_scaled, float energy_temperature, float tol, str tol_scope, "
-      "bool tol_final_step, bool bound_each_step, bool final_energy=True) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
-  // The observation side of every layer (EBTPolicy.prepare without autograd): from tokens obs [B, L, C] and
-  // the stacked cross-attention key/value weights w [layers * 2D, C], b [layers * 2D] and key norms
-  // k_norm [layers, hd], the keys after their RMSNorm times hd^-0.5, transposed, ks [layers, B, H, hd, L],
-  // and the values vs [layers, B, H, L, hd].
-  m.def("ebt_policy_context(Tensor obs, Tensor w, Tensor b, Tensor k_norm, int heads, float rms_eps) -> (Tensor, Tensor)");
-}
+// Schemas of the three ops: csrc/ops.cpp.
 
 namespace pyebm {
 namespace cpu {
@@ -1101,16 +1080,30 @@ int64_t block_rows() {
 }
 
 // The input that sets the compute dtype and device of an EBT-Policy op: float32 or float64, on the cpu.
-void check_input(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble,
-              "pyebm: the EBT-Policy ops take float32 or float64; got ", t.scalar_type());
-  TORCH_CHECK(t.device().is_cpu(), "pyebm: the cpu kernel needs CPU tensors; got ", name, " on ", t.device());
+void check_input(const char* op, const at::Tensor& t, const char* name) {
+  checks::dense(op, checks::Arg{name}, t);
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, op,
+                   ": the EBT-Policy ops take float32 or float64; got ", name, " as ", checks::describe(t));
+  TORCH_CHECK_VALUE(t.device().is_cpu(), op, ": the cpu kernel needs CPU tensors; got ", name, " on ", t.device());
 }
 
-void check_same(const at::Tensor& t, const char* name, const at::Tensor& y) {
-  TORCH_CHECK(t.device() == y.device(), "pyebm: ", name, " is on ", t.device(), " but y is on ", y.device());
-  TORCH_CHECK(t.scalar_type() == y.scalar_type(), "pyebm: ", name, " has dtype ", t.scalar_type(),
-              " but y has dtype ", y.scalar_type());
+// The names of the parameters in the op's order (pyebm/ops/ebt_policy.py, param_list), for messages.
+constexpr const char* kEmbedNames[kEmbed] = {"embed.fc1.weight", "embed.fc1.bias", "embed.norm.weight",
+                                             "embed.norm.bias",  "embed.fc2.weight", "embed.fc2.bias",
+                                             "pos_emb"};
+constexpr const char* kLayerNames[kPerLayer] = {
+    "norm1.weight",       "attn.qkv.weight", "attn.qkv.bias", "attn.q_norm.weight", "attn.k_norm.weight",
+    "attn.proj.weight",   "attn.proj.bias",  "norm2.weight",  "cross.q.weight",     "cross.q.bias",
+    "cross.q_norm.weight", "cross.proj.weight", "norm3.weight", "mlp.fc1.weight",   "mlp.fc1.bias",
+    "mlp.fc2.weight",     "mlp.fc2.bias"};
+constexpr const char* kHeadNames[kHead] = {"head.norm.weight", "head.fc1.weight", "head.fc1.bias",
+                                           "head.fc2.weight", "head.fc2.bias"};
+
+std::string param_name(int64_t i, int64_t layers) {
+  if (i < kEmbed) return kEmbedNames[i];
+  const int64_t l = (i - kEmbed) / kPerLayer;
+  if (l < layers) return "blocks." + std::to_string(l) + "." + kLayerNames[(i - kEmbed) % kPerLayer];
+  return kHeadNames[i - kEmbed - kPerLayer * layers];
 }
 
 // The network's inputs, checked once per call: contiguous parameters and transposed copies, the cached
@@ -1122,62 +1115,90 @@ struct NetArgs {
   double rms_eps, ln_eps;
 };
 
-// y_ [B, K, T, A] gives the candidate shape (checked here too).
-NetArgs check_net_args(const at::Tensor& y_, const at::Tensor& ck_, const at::Tensor& cv_, const at::Tensor& bias_,
-                       at::TensorList params_, at::TensorList weights_t_, int64_t heads, double rms_eps,
-                       double ln_eps) {
-  TORCH_CHECK(y_.dim() == 4, "pyebm: y must be [B, K, T, A]; got shape ", y_.sizes());
-  check_input(y_, "y");
-  TORCH_CHECK(heads >= 1, "pyebm: heads must be >= 1; got ", heads);
+// Every tensor of the network checked against y_ [B, K, T, A] (layout, dtype, device, exact shape) before
+// anything is read: the width D comes from params[0] [D, A], the output width O from the head's fc2 weight,
+// L from ctx_k; every other shape follows. Non-contiguous tensors are copied.
+NetArgs check_net_args(const char* op, const char* y_name, const at::Tensor& y_, const at::Tensor& ck_,
+                       const at::Tensor& cv_, const at::Tensor& bias_, at::TensorList params_,
+                       at::TensorList weights_t_, int64_t heads, double rms_eps, double ln_eps) {
+  using checks::Arg;
+  check_input(op, y_, y_name);
+  TORCH_CHECK_VALUE(y_.dim() == 4, op, ": ", y_name, " must be [B, K, T, A]; got shape ", y_.sizes());
+  TORCH_CHECK_VALUE(heads >= 1, op, ": heads must be >= 1; got ", heads);
+  checks::non_negative(op, "rms_eps", rms_eps);
+  checks::non_negative(op, "ln_eps", ln_eps);
   const int64_t B = y_.size(0), K = y_.size(1), Tn = y_.size(2), A = y_.size(3);
-  TORCH_CHECK(params_.size() >= static_cast<size_t>(kEmbed + kHead) &&
-                  (params_.size() - kEmbed - kHead) % kPerLayer == 0,
-              "pyebm: params must hold ", kEmbed, " + ", kPerLayer, " * layers + ", kHead, " tensors; got ",
-              params_.size());
+  TORCH_CHECK_VALUE(Tn >= 1, op, ": ", y_name, " must have T >= 1 action tokens; got shape ", y_.sizes());
+  TORCH_CHECK_VALUE(params_.size() >= static_cast<size_t>(kEmbed + kHead) &&
+                        (params_.size() - kEmbed - kHead) % kPerLayer == 0,
+                    op, ": params must hold ", kEmbed, " + ", kPerLayer, " * layers + ", kHead, " tensors; got ",
+                    params_.size());
   const int64_t layers = static_cast<int64_t>((params_.size() - kEmbed - kHead) / kPerLayer);
+  const int64_t n_params = static_cast<int64_t>(params_.size());
+  for (int64_t i = 0; i < n_params; ++i) {  // names built on failure only
+    const at::Tensor& t = params_[i];
+    if (!t.defined() || t.layout() != at::kStrided || t.is_quantized() || t.scalar_type() != y_.scalar_type() ||
+        t.device() != y_.device()) {
+      const std::string n = param_name(i, layers);
+      checks::dense(op, Arg{"params", i, n.c_str()}, t);
+      checks::like(op, Arg{"params", i, n.c_str()}, t, y_, y_name);
+    }
+  }
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"ctx_k", &ck_}, {"ctx_v", &cv_},
+                                {"bias", &bias_}}) {
+    checks::dense(op, Arg{name}, *t);
+    checks::like(op, Arg{name}, *t, y_, y_name);
+  }
+  const at::Tensor& w0 = params_[0];
+  TORCH_CHECK_VALUE(w0.dim() == 2 && w0.size(1) == A, op, ": params[0] (embed.fc1.weight) must be [D, A = ", A,
+                    "]; got shape ", w0.sizes());
+  const int64_t D = w0.size(0);
+  TORCH_CHECK_VALUE(D >= 1 && D % heads == 0, op, ": the width D = ", D, " (params[0] is [D, A]) must be >= 1 and ",
+                    "divisible by heads = ", heads);
+  const int64_t hd = D / heads;
+  const at::Tensor& hw2 = params_[kEmbed + kPerLayer * layers + 3];
+  TORCH_CHECK_VALUE(hw2.dim() == 2 && hw2.size(1) == D && hw2.size(0) >= 1, op, ": params[",
+                    kEmbed + kPerLayer * layers + 3, "] (head.fc2.weight) must be [O, D = ", D,
+                    "] with O >= 1; got shape ", hw2.sizes());
+  const int64_t O = hw2.size(0);
+  TORCH_CHECK_VALUE(ck_.dim() == 5 && ck_.size(0) == layers && ck_.size(1) == B && ck_.size(2) == heads &&
+                        ck_.size(3) == hd && ck_.size(4) >= 1,
+                    op, ": ctx_k must be [layers=", layers, ", B=", B, ", H=", heads, ", hd=", hd,
+                    ", L] with L >= 1; got shape ", ck_.sizes());
+  const int64_t L = ck_.size(4);
+  checks::shape(op, Arg{"ctx_v"}, cv_, {layers, B, heads, L, hd}, "[layers, B, H, L, hd]");
+  checks::shape(op, Arg{"bias"}, bias_, {Tn, L}, "[T, L]");
+
+  // the exact shape of every parameter: a wrong list order or a view of the wrong size stops here
+  struct Shape {
+    int64_t d[2];
+    size_t n;
+  };
+  const Shape kEmbedShapes[kEmbed] = {{{D, A}, 2}, {{D}, 1}, {{D}, 1}, {{D}, 1}, {{D, D}, 2}, {{D}, 1}, {{Tn, D}, 2}};
+  const Shape kLayerShapes[kPerLayer] = {{{D}, 1},    {{3 * D, D}, 2}, {{3 * D}, 1}, {{hd}, 1}, {{hd}, 1}, {{D, D}, 2},
+                                         {{D}, 1},    {{D}, 1},        {{D, D}, 2},  {{D}, 1},  {{hd}, 1}, {{D, D}, 2},
+                                         {{D}, 1},    {{D, D}, 2},     {{D}, 1},     {{D, D}, 2}, {{D}, 1}};
+  const Shape kHeadShapes[kHead] = {{{D}, 1}, {{D, D}, 2}, {{D}, 1}, {{O, D}, 2}, {{O}, 1}};
+  for (int64_t i = 0; i < n_params; ++i) {
+    const Shape& e = i < kEmbed                          ? kEmbedShapes[i]
+                     : i < kEmbed + kPerLayer * layers ? kLayerShapes[(i - kEmbed) % kPerLayer]
+                                                        : kHeadShapes[i - kEmbed - kPerLayer * layers];
+    const at::IntArrayRef want(e.d, e.n);
+    if (params_[i].sizes() == want) continue;
+    const std::string n = param_name(i, layers);
+    checks::shape(op, Arg{"params", i, n.c_str()}, params_[i], want);
+  }
+
   auto prep = [](const at::Tensor& t) { return t.is_contiguous() ? t : t.contiguous(); };
-  const at::Tensor& y = y_;
-  const at::Tensor ck = prep(ck_), cv = prep(cv_), bias = prep(bias_);
   std::vector<at::Tensor> ps;
   ps.reserve(params_.size());
-  for (const auto& t : params_) {
-    check_same(t, "params[]", y);
-    ps.push_back(prep(t));
-  }
-  check_same(ck, "ctx_k", y);
-  check_same(cv, "ctx_v", y);
-  check_same(bias, "bias", y);
-  const int64_t D = ps[0].size(0);
-  TORCH_CHECK(ps[0].dim() == 2 && ps[0].size(1) == A, "pyebm: params[0] (action embedding) must be [D, ", A,
-              "]; got ", ps[0].sizes());
-  TORCH_CHECK(D % heads == 0, "pyebm: width ", D, " is not divisible by heads ", heads);
-  const int64_t hd = D / heads;
-  TORCH_CHECK(ps[6].dim() == 2 && ps[6].size(0) == Tn && ps[6].size(1) == D, "pyebm: params[6] (positions) must be [",
-              Tn, ", ", D, "]; got ", ps[6].sizes());
-  TORCH_CHECK(ck.dim() == 5 && ck.size(0) == layers && ck.size(1) == B && ck.size(2) == heads && ck.size(3) == hd,
-              "pyebm: ctx_k must be [layers=", layers, ", B=", B, ", H=", heads, ", hd=", hd, ", L]; got ", ck.sizes());
-  const int64_t L = ck.size(4);
-  TORCH_CHECK(cv.dim() == 5 && cv.size(0) == layers && cv.size(1) == B && cv.size(2) == heads && cv.size(3) == L &&
-                  cv.size(4) == hd,
-              "pyebm: ctx_v must be [", layers, ", ", B, ", ", heads, ", ", L, ", ", hd, "]; got ", cv.sizes());
-  TORCH_CHECK(bias.dim() == 2 && bias.size(0) == Tn && bias.size(1) == L, "pyebm: bias must be [", Tn, ", ", L,
-              "]; got ", bias.sizes());
-  const at::Tensor& hw2 = ps[kEmbed + kPerLayer * layers + 3];
-  TORCH_CHECK(hw2.dim() == 2 && hw2.size(1) == D, "pyebm: head fc2 weight must be [O, ", D, "]; got ", hw2.sizes());
-  const int64_t O = hw2.size(0);
-  // shapes of the per-layer weights (a wrong list order shows up here, not as garbage)
-  const int64_t expect_numel[kPerLayer] = {D, 3 * D * D, 3 * D, hd, hd, D * D, D, D, D * D, D, hd, D * D, D, D * D,
-                                           D, D * D, D};
-  for (int64_t l = 0; l < layers; ++l)
-    for (int j = 0; j < kPerLayer; ++j)
-      TORCH_CHECK(ps[kEmbed + kPerLayer * l + j].numel() == expect_numel[j], "pyebm: params[",
-                  kEmbed + kPerLayer * l + j, "] (layer ", l, ", slot ", j, ") has ",
-                  ps[kEmbed + kPerLayer * l + j].numel(), " elements; expected ", expect_numel[j]);
+  for (const auto& t : params_) ps.push_back(prep(t));
 
   // optional transposed weights: embed fc2, per layer (qkv, proj, cross q, cross proj, fc1, fc2), head fc1, fc2
   const int64_t n_t = 1 + 6 * layers + 2;
-  TORCH_CHECK(weights_t_.empty() || static_cast<int64_t>(weights_t_.size()) == n_t,
-              "pyebm: weights_t must be empty or hold 1 + 6 * layers + 2 = ", n_t, " tensors; got ", weights_t_.size());
+  TORCH_CHECK_VALUE(weights_t_.empty() || static_cast<int64_t>(weights_t_.size()) == n_t, op,
+                    ": weights_t must be empty or hold 1 + 6 * layers + 2 = ", n_t, " tensors; got ",
+                    weights_t_.size());
   std::vector<at::Tensor> wt;
   {
     std::vector<int64_t> src = {4};
@@ -1190,16 +1211,17 @@ NetArgs check_net_args(const at::Tensor& y_, const at::Tensor& ck_, const at::Te
     for (size_t i = 0; i < weights_t_.size(); ++i) {
       const at::Tensor& t = weights_t_[i];
       const at::Tensor& w = ps[src[i]];
-      check_same(t, "weights_t[]", y);
-      TORCH_CHECK(t.dim() == 2 && w.dim() == 2 && t.size(0) == w.size(1) && t.size(1) == w.size(0),
-                  "pyebm: weights_t[", i, "] must be the transpose of params[", src[i], "] ", w.sizes(), "; got ",
-                  t.sizes());
+      checks::dense(op, Arg{"weights_t", static_cast<int64_t>(i)}, t);
+      checks::like(op, Arg{"weights_t", static_cast<int64_t>(i)}, t, y_, y_name);
+      TORCH_CHECK_VALUE(t.dim() == 2 && t.size(0) == w.size(1) && t.size(1) == w.size(0), op, ": weights_t[", i,
+                        "] must be the transpose of params[", src[i], "] (", param_name(src[i], layers), ") ",
+                        w.sizes(), ", i.e. [", w.size(1), ", ", w.size(0), "]; got shape ", t.sizes());
       wt.push_back(prep(t));
     }
   }
 
-  return NetArgs{std::move(ps), std::move(wt), ck, cv, bias, B, K, Tn, A, D, heads, hd, L, O, layers, rms_eps,
-                 ln_eps};
+  return NetArgs{std::move(ps), std::move(wt), prep(ck_), prep(cv_), prep(bias_), B, K, Tn, A, D, heads, hd, L,
+                 O, layers, rms_eps, ln_eps};
 }
 
 // U[l, b, h, j] = Wxp[:, head h's columns] @ v[l, b, h, j] ([D]) for every observation token j, when
@@ -1346,7 +1368,8 @@ std::tuple<at::Tensor, at::Tensor> ebt_policy_energy_grad_cpu(const at::Tensor& 
                                                               at::TensorList params_, at::TensorList weights_t_,
                                                               int64_t heads, double rms_eps, double ln_eps,
                                                               bool need_grad) {
-  const NetArgs a = check_net_args(y_, ck_, cv_, bias_, params_, weights_t_, heads, rms_eps, ln_eps);
+  const NetArgs a = check_net_args("pyebm::ebt_policy_energy_grad", "y", y_, ck_, cv_, bias_, params_, weights_t_,
+                                   heads, rms_eps, ln_eps);
   const at::Tensor y = y_.contiguous();
   at::Tensor E = at::empty({a.B, a.K}, y.options());
   at::Tensor G = need_grad ? at::empty({a.B, a.K, a.Tn, a.A}, y.options()) : at::empty({0}, y.options());
@@ -1367,25 +1390,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ebt_polic
     double momentum, bool nesterov, c10::optional<double> grad_clip, c10::optional<double> grad_clip_norm,
     bool energy_scaled, double energy_temperature, double tol, c10::string_view tol_scope, bool tol_final_step,
     bool bound_each_step, bool final_energy) {
-  const NetArgs a = check_net_args(y0, ck_, cv_, bias_, params_, weights_t_, heads, rms_eps, ln_eps);
-  TORCH_CHECK(normalize == "none" || normalize == "rms" || normalize == "all",
-              "pyebm: normalize must be none, rms or all; got '", std::string(normalize), "'");
+  const char* op = "pyebm::ebt_policy_descent";
+  const NetArgs a = check_net_args(op, "y0", y0, ck_, cv_, bias_, params_, weights_t_, heads, rms_eps, ln_eps);
+  TORCH_CHECK_VALUE(normalize == "none" || normalize == "rms" || normalize == "all", op,
+                    ": normalize must be none, rms or all; got '", std::string(normalize), "'");
   const bool norm_rows = normalize == "rms", norm_all = normalize == "all";
-  TORCH_CHECK(tol_scope == "candidate" || tol_scope == "all", "pyebm: tol_scope must be candidate or all; got '",
-              std::string(tol_scope), "'");
-  TORCH_CHECK(normalize_eps >= 0, "pyebm: normalize_eps must be >= 0; got ", normalize_eps);
+  TORCH_CHECK_VALUE(tol_scope == "candidate" || tol_scope == "all", op,
+                    ": tol_scope must be candidate or all; got '", std::string(tol_scope), "'");
+  checks::non_negative(op, "normalize_eps", normalize_eps);
+  check_rule(momentum, grad_clip, grad_clip_norm, energy_temperature, tol);
+  checks::finite(op, "grad_scale", grad_scale);
   const bool coupled_tol = tol > 0 && tol_scope == "all";
-  TORCH_CHECK(!coupled_tol || (!grad_clip.has_value() && !grad_clip_norm.has_value()),
-              "pyebm: tol_scope 'all' is not combined with gradient clipping here");
-  TORCH_CHECK(eta_.dim() == 1 && eta_.numel() >= 1, "pyebm: eta must be [steps] with steps >= 1; got shape ",
-              eta_.sizes());
+  TORCH_CHECK_VALUE(!coupled_tol || (!grad_clip.has_value() && !grad_clip_norm.has_value()), op,
+                    ": tol_scope 'all' is not combined with gradient clipping here");
+  TORCH_CHECK_VALUE(eta_.dim() == 1 && eta_.numel() >= 1, op, ": eta must be [steps] with steps >= 1; got shape ",
+                    eta_.sizes());
   const int64_t n_steps = eta_.numel();
-  const std::vector<double> eta = host_schedule(eta_, "eta", n_steps);
+  const std::vector<double> eta = host_schedule(eta_, "eta", n_steps, op, y0.device());
   const int64_t B = a.B, K = a.K, N = B * K, D = a.Tn * a.A;
   const auto dt = y0.scalar_type();
-  const at::Tensor lower = event_option(lower_, "lower", D, dt, y0.device()),
-                   upper = event_option(upper_, "upper", D, dt, y0.device()),
-                   step_clip = event_option(step_clip_, "step_clip", D, dt, y0.device());
+  const EventOptions ev = event_options(lower_, upper_, step_clip_, D, dt, y0.device(), op);
+  const at::Tensor &lower = ev.lower, &upper = ev.upper, &step_clip = ev.step_clip;
   at::Tensor y = y0.contiguous().clone();  // the state, updated in place
   at::Tensor E_final = at::empty({B, K}, y.options());
   at::Tensor E_init = at::empty({B, K}, y.options());
@@ -1474,19 +1499,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ebt_polic
 std::tuple<at::Tensor, at::Tensor> ebt_policy_context_cpu(const at::Tensor& obs_, const at::Tensor& w_,
                                                           const at::Tensor& b_, const at::Tensor& k_norm_,
                                                           int64_t heads, double rms_eps) {
-  TORCH_CHECK(obs_.dim() == 3, "pyebm: obs must be [B, L, C]; got shape ", obs_.sizes());
-  check_input(obs_, "obs");
-  check_same(w_, "w", obs_);
-  check_same(b_, "b", obs_);
-  check_same(k_norm_, "k_norm", obs_);
-  TORCH_CHECK(heads >= 1, "pyebm: heads must be >= 1; got ", heads);
+  const char* op = "pyebm::ebt_policy_context";
+  check_input(op, obs_, "obs");
+  TORCH_CHECK_VALUE(obs_.dim() == 3, op, ": obs must be [B, L, C]; got shape ", obs_.sizes());
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"w", &w_}, {"b", &b_}, {"k_norm", &k_norm_}}) {
+    checks::dense(op, checks::Arg{name}, *t);
+    checks::like(op, checks::Arg{name}, *t, obs_, "obs");
+  }
+  TORCH_CHECK_VALUE(heads >= 1, op, ": heads must be >= 1; got ", heads);
+  checks::non_negative(op, "rms_eps", rms_eps);
   const int64_t B = obs_.size(0), L = obs_.size(1), C = obs_.size(2);
-  TORCH_CHECK(k_norm_.dim() == 2, "pyebm: k_norm must be [layers, hd]; got shape ", k_norm_.sizes());
+  TORCH_CHECK_VALUE(k_norm_.dim() == 2, op, ": k_norm must be [layers, hd]; got shape ", k_norm_.sizes());
   const int64_t layers = k_norm_.size(0), hd = k_norm_.size(1), D = heads * hd;
-  TORCH_CHECK(w_.dim() == 2 && w_.size(0) == layers * 2 * D && w_.size(1) == C, "pyebm: w must be [layers * 2D = ",
-              layers * 2 * D, ", C = ", C, "]; got shape ", w_.sizes());
-  TORCH_CHECK(b_.dim() == 1 && b_.size(0) == layers * 2 * D, "pyebm: b must be [", layers * 2 * D, "]; got shape ",
-              b_.sizes());
+  TORCH_CHECK_VALUE(w_.dim() == 2 && w_.size(0) == layers * 2 * D && w_.size(1) == C, op,
+                    ": w must be [layers * 2D = ", layers * 2 * D, ", C = ", C, "]; got shape ", w_.sizes());
+  TORCH_CHECK_VALUE(b_.dim() == 1 && b_.size(0) == layers * 2 * D, op, ": b must be [", layers * 2 * D,
+                    "]; got shape ", b_.sizes());
   const at::Tensor obs = obs_.contiguous(), w = w_.contiguous(), b = b_.contiguous(), kn = k_norm_.contiguous();
   at::Tensor ks = at::empty({layers, B, heads, hd, L}, obs.options());
   at::Tensor vs = at::empty({layers, B, heads, L, hd}, obs.options());

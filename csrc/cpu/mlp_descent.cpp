@@ -12,6 +12,7 @@
 #include "mlp_block.h"
 #include "mlp_descent_cpu.h"
 #include "mlp_energy_cpu.h"
+#include "op_checks.h"
 
 namespace pyebm {
 namespace cpu {
@@ -26,14 +27,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlp_desce
     double momentum, bool nesterov, c10::optional<double> grad_clip, c10::optional<double> grad_clip_norm,
     bool energy_scaled, double energy_temperature, double tol, bool tol_final_step, bool bound_each_step,
     c10::string_view noise_mode) {
-  const MlpShapes s = check_mlp_args(ctx_, y0_, w_in_, weights_, biases_, w_out_, b_out_);
-  TORCH_CHECK(y0_.device().is_cpu(), "pyebm: the cpu kernel needs CPU tensors; got y0 on ", y0_.device());
+  const char* op = "pyebm::mlp_descent";
+  const MlpShapes s = check_mlp_args(ctx_, y0_, w_in_, weights_, biases_, w_out_, b_out_, op, "y0");
+  TORCH_CHECK_VALUE(y0_.device().is_cpu(), op, ": the cpu kernel needs CPU tensors; got y0 on ", y0_.device());
   const Act act = parse_activation(std::string(activation));
   const NoiseMode nm = parse_noise(noise_mode);
+  check_rule(momentum, grad_clip, grad_clip_norm, energy_temperature, tol);
+  checks::finite(op, "grad_scale", grad_scale);
   const int64_t Tn = eta_.numel();
-  TORCH_CHECK(Tn >= 1, "pyebm: eta must hold one step size per step (steps >= 1); got shape ", eta_.sizes());
-  const std::vector<double> eta = host_schedule(eta_, "eta", Tn);
-  const std::vector<double> nlev = host_schedule(noise_level_, "noise_level", Tn);
+  TORCH_CHECK_VALUE(eta_.dim() == 1 && Tn >= 1, op, ": eta must be a floating [steps] tensor with steps >= 1; got ",
+                    checks::describe(eta_));
+  const std::vector<double> eta = host_schedule(eta_, "eta", Tn, op, y0_.device());
+  const std::vector<double> nlev = host_schedule(noise_level_, "noise_level", Tn, op, y0_.device(), /*non_negative=*/true);
   const auto out_dtype = y0_.scalar_type();
   const MlpTensors mt = prepare_mlp(ctx_, out_dtype, w_in_, weights_, biases_, w_out_, b_out_,
                                     /*transposes_for_rows=*/std::max<int64_t>(1, s.B * s.K));
@@ -76,21 +81,17 @@ void descent_update_cpu(const at::Tensor& y, const at::Tensor& g, const at::Tens
                         c10::optional<double> grad_clip, c10::optional<double> grad_clip_norm, bool energy_scaled,
                         double energy_temperature, double tol, bool tol_final_step, bool bound_each_step,
                         const c10::optional<at::Tensor>& y_base) {
+  const char* op = "pyebm::descent_update";
+  // y_base: where the step starts (default y), e.g. the normalised state, while y keeps the committed one
   const NoiseMode nm = check_update_args(y, g, E, active, steps, status, velocity, pending, noise, mask, fixed,
-                                         noise_mode, momentum, tol_final_step);
-  TORCH_CHECK(y.device().is_cpu(), "pyebm: the cpu kernel needs CPU tensors; got y on ", y.device());
+                                         noise_mode, momentum, tol_final_step, y_base);
+  TORCH_CHECK_VALUE(y.device().is_cpu(), op, ": the cpu kernel needs CPU tensors; got y on ", y.device());
+  check_rule(momentum, grad_clip, grad_clip_norm, energy_temperature, tol);
+  check_step_scalars(op, eta, noise_level, grad_scale);
   const int64_t N = y.size(0), D = y.size(1);
-  // where the step starts (default y): e.g. the normalised state, while y keeps the committed one
-  if (y_base.has_value()) {
-    TORCH_CHECK(y_base->sizes() == y.sizes() && y_base->scalar_type() == y.scalar_type() &&
-                    y_base->device() == y.device() && y_base->is_contiguous(),
-                "pyebm: y_base must be a contiguous tensor like y ", y.sizes(), " ", y.scalar_type(), "; got ",
-                y_base->sizes(), " ", y_base->scalar_type(), y_base->is_contiguous() ? "" : " (not contiguous)");
-  }
   const auto dt = y.scalar_type();
-  const at::Tensor lo = event_option(lower, "lower", D, dt, y.device()),
-                   hi = event_option(upper, "upper", D, dt, y.device()),
-                   sc = event_option(step_clip, "step_clip", D, dt, y.device());
+  const EventOptions ev = event_options(lower, upper, step_clip, D, dt, y.device(), op);
+  const at::Tensor &lo = ev.lower, &hi = ev.upper, &sc = ev.step_clip;
   AT_DISPATCH_FLOATING_TYPES(dt, "pyebm_descent_update", [&] {
     using T = scalar_t;
     const UpdateRule<T> u = make_rule<T>(D, grad_scale, momentum, grad_clip, grad_clip_norm, energy_scaled,
@@ -121,23 +122,7 @@ void descent_update_cpu(const at::Tensor& y, const at::Tensor& g, const at::Tens
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(pyebm, m) {
-  // All T descent steps of the MLP energy in one call; see pyebm/ops/descent.py for the update rule.
-  m.def(
-      "mlp_descent(Tensor ctx, Tensor y0, Tensor w_in, Tensor[] weights, Tensor[] biases, Tensor w_out, "
-      "Tensor b_out, str activation, bool residual, Tensor eta, Tensor noise_level, Tensor? noise, Tensor? lower, "
-      "Tensor? upper, Tensor? step_clip, Tensor? mask, float grad_scale, float momentum, bool nesterov, "
-      "float? grad_clip, float? grad_clip_norm, bool energy_scaled, float energy_temperature, float tol, "
-      "bool tol_final_step, bool bound_each_step, str noise_mode) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
-  // One fused update step over N rows, in place.
-  m.def(
-      "descent_update(Tensor(a!) y, Tensor(b!) g, Tensor E, Tensor(c!) active, Tensor(d!) steps, "
-      "Tensor(e!) status, Tensor(f!)? velocity, Tensor(g!)? pending, Tensor? noise, Tensor? mask, Tensor? fixed, "
-      "Tensor? lower, Tensor? upper, Tensor? step_clip, float eta, float noise_level, str noise_mode, "
-      "float grad_scale, float momentum, float? grad_clip, float? grad_clip_norm, bool energy_scaled, "
-      "float energy_temperature, float tol, bool tol_final_step, bool bound_each_step, Tensor? y_base=None) -> ()");
-}
-
+// Schemas: csrc/ops.cpp.
 TORCH_LIBRARY_IMPL(pyebm, CPU, m) {
   m.impl("mlp_descent", &mlp_descent_cpu);
   m.impl("descent_update", &descent_update_cpu);

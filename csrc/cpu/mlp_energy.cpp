@@ -8,6 +8,7 @@
 
 #include "mlp_block.h"
 #include "mlp_energy_cpu.h"
+#include "op_checks.h"
 
 namespace pyebm {
 namespace cpu {
@@ -19,59 +20,61 @@ Act parse_activation(const std::string& name) {
   if (name == "gelu_tanh") return Act::kGeluTanh;
   if (name == "tanh") return Act::kTanh;
   if (name == "softplus") return Act::kSoftplus;
-  TORCH_CHECK(false, "pyebm: activation must be one of relu, silu, gelu, gelu_tanh, tanh, softplus; got '",
-              name, "'");
+  TORCH_CHECK_VALUE(false, "pyebm: activation must be one of relu, silu, gelu, gelu_tanh, tanh, softplus; got '",
+                    name, "'");
 }
-
-namespace {
-
-void check_same(const at::Tensor& t, const char* name, const at::Tensor& y) {
-  TORCH_CHECK(t.device() == y.device(), "pyebm: ", name, " is on ", t.device(), " but y is on ", y.device());
-  TORCH_CHECK(t.scalar_type() == y.scalar_type(), "pyebm: ", name, " has dtype ", t.scalar_type(),
-              " but y has dtype ", y.scalar_type());
-}
-
-}  // namespace
 
 MlpShapes check_mlp_args(const at::Tensor& ctx, const at::Tensor& y, const at::Tensor& w_in,
                          at::TensorList weights, at::TensorList biases, const at::Tensor& w_out,
-                         const at::Tensor& b_out) {
-  TORCH_CHECK(y.dim() == 3, "pyebm: y must be [B, K, D] (3-D); got shape ", y.sizes());
-  TORCH_CHECK(at::isFloatingType(y.scalar_type()), "pyebm: y must be a floating tensor; got ", y.scalar_type());
+                         const at::Tensor& b_out, const char* op, const char* y_name) {
+  using checks::Arg;
+  checks::dense(op, Arg{y_name}, y);
+  TORCH_CHECK_VALUE(y.dim() == 3, op, ": ", y_name, " must be [B, K, D] (3-D); got shape ", y.sizes());
+  TORCH_CHECK_TYPE(at::isFloatingType(y.scalar_type()), op, ": ", y_name, " must be a floating tensor; got ",
+                   y.scalar_type());
   MlpShapes s;
   s.B = y.size(0);
   s.K = y.size(1);
   s.D = y.size(2);
-  TORCH_CHECK(w_in.dim() == 2, "pyebm: w_in must be [H1, D]; got shape ", w_in.sizes());
-  TORCH_CHECK(w_in.size(1) == s.D, "pyebm: candidate width mismatch: y is [B, K, ", s.D, "] but w_in is ",
-              w_in.sizes(), " (expected [H1, ", s.D, "])");
-  check_same(w_in, "w_in", y);
+  checks::dense(op, Arg{"w_in"}, w_in);
+  checks::like(op, Arg{"w_in"}, w_in, y, y_name);
+  TORCH_CHECK_VALUE(w_in.dim() == 2, op, ": w_in must be [H1, D] (2-D); got shape ", w_in.sizes());
+  TORCH_CHECK_VALUE(w_in.size(1) == s.D, op, ": candidate width mismatch: ", y_name, " is [B, K, ", s.D,
+                    "] but w_in is ", w_in.sizes(), " (expected [H1, ", s.D, "])");
   const int64_t H1 = w_in.size(0);
-  TORCH_CHECK(ctx.dim() == 2 && ctx.size(1) == H1, "pyebm: ctx must be [B, H1] = [", s.B, ", ", H1,
-              "]; got shape ", ctx.sizes());
-  TORCH_CHECK(ctx.size(0) == s.B, "pyebm: batch mismatch: ctx has ", ctx.size(0), " rows but y has B = ", s.B);
-  check_same(ctx, "ctx", y);
-  TORCH_CHECK(weights.size() == biases.size(), "pyebm: weights and biases must have the same length; got ",
-              weights.size(), " and ", biases.size());
-  TORCH_CHECK(static_cast<int>(weights.size()) + 1 <= kMaxLayers, "pyebm: at most ", kMaxLayers,
-              " hidden layers; got ", weights.size() + 1);
+  checks::dense(op, Arg{"ctx"}, ctx);
+  checks::like(op, Arg{"ctx"}, ctx, y, y_name);
+  TORCH_CHECK_VALUE(ctx.dim() == 2 && ctx.size(1) == H1, op, ": ctx must be [B, H1] = [", s.B, ", ", H1,
+                    "]; got shape ", ctx.sizes());
+  TORCH_CHECK_VALUE(ctx.size(0) == s.B, op, ": batch mismatch: ctx has ", ctx.size(0), " rows but ", y_name,
+                    " has B = ", s.B);
+  TORCH_CHECK_VALUE(weights.size() == biases.size(), op, ": weights and biases must have the same length; got ",
+                    weights.size(), " and ", biases.size());
+  TORCH_CHECK_VALUE(static_cast<int>(weights.size()) + 1 <= kMaxLayers, op, ": at most ", kMaxLayers,
+                    " hidden layers; got ", weights.size() + 1);
   s.width.push_back(H1);
   for (size_t l = 0; l < weights.size(); ++l) {
     const auto& w = weights[l];
     const auto& b = biases[l];
-    TORCH_CHECK(w.dim() == 2 && w.size(1) == s.width.back(), "pyebm: weights[", l, "] must be [H_out, ",
-                s.width.back(), "]; got shape ", w.sizes());
-    TORCH_CHECK(b.dim() == 1 && b.size(0) == w.size(0), "pyebm: biases[", l, "] must be [", w.size(0),
-                "]; got shape ", b.sizes());
-    check_same(w, "weights[]", y);
-    check_same(b, "biases[]", y);
+    const int64_t li = static_cast<int64_t>(l);
+    checks::dense(op, Arg{"weights", li}, w);
+    checks::dense(op, Arg{"biases", li}, b);
+    checks::like(op, Arg{"weights", li}, w, y, y_name);
+    checks::like(op, Arg{"biases", li}, b, y, y_name);
+    TORCH_CHECK_VALUE(w.dim() == 2 && w.size(1) == s.width.back(), op, ": weights[", l, "] must be [H_out, ",
+                      s.width.back(), "]; got shape ", w.sizes());
+    TORCH_CHECK_VALUE(b.dim() == 1 && b.size(0) == w.size(0), op, ": biases[", l, "] must be [", w.size(0),
+                      "]; got shape ", b.sizes());
     s.width.push_back(w.size(0));
   }
-  TORCH_CHECK(w_out.numel() == s.width.back() && (w_out.dim() == 1 || (w_out.dim() == 2 && w_out.size(0) == 1)),
-              "pyebm: w_out must be [", s.width.back(), "] or [1, ", s.width.back(), "]; got shape ", w_out.sizes());
-  TORCH_CHECK(b_out.numel() == 1, "pyebm: b_out must hold one value; got shape ", b_out.sizes());
-  check_same(w_out, "w_out", y);
-  check_same(b_out, "b_out", y);
+  checks::dense(op, Arg{"w_out"}, w_out);
+  checks::dense(op, Arg{"b_out"}, b_out);
+  checks::like(op, Arg{"w_out"}, w_out, y, y_name);
+  checks::like(op, Arg{"b_out"}, b_out, y, y_name);
+  TORCH_CHECK_VALUE(w_out.numel() == s.width.back() && (w_out.dim() == 1 || (w_out.dim() == 2 && w_out.size(0) == 1)),
+                    op, ": w_out must be [", s.width.back(), "] or [1, ", s.width.back(), "]; got shape ",
+                    w_out.sizes());
+  TORCH_CHECK_VALUE(b_out.numel() == 1, op, ": b_out must hold one value; got shape ", b_out.sizes());
   return s;
 }
 
@@ -142,8 +145,9 @@ std::tuple<at::Tensor, at::Tensor> mlp_impl(const at::Tensor& ctx_, const at::Te
                                             at::TensorList weights_, at::TensorList biases_,
                                             const at::Tensor& w_out_, const at::Tensor& b_out_,
                                             c10::string_view activation, bool residual, bool grad) {
-  const MlpShapes s = check_mlp_args(ctx_, y_, w_in_, weights_, biases_, w_out_, b_out_);
-  TORCH_CHECK(y_.device().is_cpu(), "pyebm: the cpu kernel needs CPU tensors; got y on ", y_.device());
+  const char* op = grad ? "pyebm::mlp_energy_grad" : "pyebm::mlp_energy";
+  const MlpShapes s = check_mlp_args(ctx_, y_, w_in_, weights_, biases_, w_out_, b_out_, op);
+  TORCH_CHECK_VALUE(y_.device().is_cpu(), op, ": the cpu kernel needs CPU tensors; got y on ", y_.device());
   const Act act = parse_activation(std::string(activation));
   const auto out_dtype = y_.scalar_type();
   const MlpTensors mt = prepare_mlp(ctx_, out_dtype, w_in_, weights_, biases_, w_out_, b_out_,

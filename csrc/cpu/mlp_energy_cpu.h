@@ -21,10 +21,12 @@ struct MlpShapes {
 
 Act parse_activation(const std::string& name);
 
-// Checks every argument of the MLP ops (shapes, dtypes, devices) with errors that name the argument.
+// Checks every tensor argument of the MLP ops (layout, shape, dtype, device against y) with errors that name
+// the op and the argument (op_checks.h). Non-contiguous tensors are accepted: prepare_mlp copies them.
 MlpShapes check_mlp_args(const at::Tensor& ctx, const at::Tensor& y, const at::Tensor& w_in,
                          at::TensorList weights, at::TensorList biases, const at::Tensor& w_out,
-                         const at::Tensor& b_out);
+                         const at::Tensor& b_out, const char* op = "pyebm::mlp_energy_grad",
+                         const char* y_name = "y");
 
 // The MLP's tensors in the compute dtype (float64 stays float64; float32, bfloat16 and float16 compute in
 // float32), contiguous. No copy in the common case.

@@ -9,6 +9,7 @@
 #include <cstring>
 #include <limits>
 
+#include "op_checks.h"
 #include "select_best.h"
 
 namespace pyebm {
@@ -18,22 +19,31 @@ int parse_selection(c10::string_view selection) {
   if (selection == "min") return 0;
   if (selection == "max") return 1;
   if (selection == "max_gap") return 2;
-  TORCH_CHECK(false, "pyebm: selection must be min, max or max_gap; got '", std::string(selection), "'");
+  TORCH_CHECK_VALUE(false, "pyebm: selection must be min, max or max_gap; got '", std::string(selection), "'");
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> select_best_impl(const at::Tensor& y_, const at::Tensor& E_,
                                                                 const at::Tensor& E_init_, const at::Tensor& status_,
                                                                 int mode) {
-  TORCH_CHECK(E_.dim() == 2, "pyebm: E must be [B, K]; got shape ", E_.sizes());
+  const char* op = "pyebm::select_best";
+  using checks::Arg;
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"y", &y_}, {"E", &E_}, {"E_init", &E_init_},
+                                {"status", &status_}})
+    checks::dense(op, Arg{name}, *t);
+  TORCH_CHECK_VALUE(E_.dim() == 2, op, ": E must be [B, K]; got shape ", E_.sizes());
+  TORCH_CHECK_TYPE(at::isFloatingType(E_.scalar_type()), op, ": E must be a floating tensor; got ",
+                   checks::describe(E_));
   const int64_t B = E_.size(0), K = E_.size(1);
-  TORCH_CHECK(K >= 1, "pyebm: select_best needs at least one candidate per context (K >= 1)");
-  TORCH_CHECK(y_.dim() >= 2 && y_.size(0) == B && y_.size(1) == K, "pyebm: y must be [B, K, ...] = [", B, ", ", K,
-              ", ...]; got shape ", y_.sizes());
-  TORCH_CHECK(E_init_.sizes() == E_.sizes(), "pyebm: E_init must be [B, K] like E; got shape ", E_init_.sizes());
-  TORCH_CHECK(status_.sizes() == E_.sizes() && status_.scalar_type() == at::kChar,
-              "pyebm: status must be int8 [B, K]; got ", status_.scalar_type(), " ", status_.sizes());
-  TORCH_CHECK(E_.scalar_type() == E_init_.scalar_type(), "pyebm: E_init has dtype ", E_init_.scalar_type(),
-              " but E has ", E_.scalar_type());
+  TORCH_CHECK_VALUE(K >= 1, op, ": select_best needs at least one candidate per context (K >= 1)");
+  TORCH_CHECK_VALUE(y_.dim() >= 2 && y_.size(0) == B && y_.size(1) == K, op, ": y must be [B, K, ...] = [", B, ", ",
+                    K, ", ...]; got shape ", y_.sizes());
+  checks::shape(op, Arg{"E_init"}, E_init_, E_.sizes(), "[B, K]");
+  checks::like(op, Arg{"E_init"}, E_init_, E_, "E");
+  TORCH_CHECK_VALUE(status_.sizes() == E_.sizes() && status_.scalar_type() == at::kChar, op,
+                    ": status must be int8 [B, K] = [", B, ", ", K, "]; got ", checks::describe(status_));
+  checks::device(op, Arg{"status"}, status_, E_.device());
+  checks::device(op, Arg{"y"}, y_, E_.device());
+  TORCH_CHECK_VALUE(E_.device().is_cpu(), op, ": the cpu kernel needs CPU tensors; got E on ", E_.device());
   const at::Tensor E = E_.contiguous(), E0 = E_init_.contiguous();
   const at::Tensor status = status_.contiguous();
   at::Tensor idx = at::empty({B}, E_.options().dtype(at::kLong));
@@ -93,10 +103,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> select_best_cpu(const at::Tensor&
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(pyebm, m) {
-  m.def("select_best(Tensor y, Tensor E, Tensor E_init, Tensor status, str selection) -> (Tensor, Tensor, Tensor)");
-}
-
+// Schema: csrc/ops.cpp.
 TORCH_LIBRARY_IMPL(pyebm, CPU, m) { m.impl("select_best", &select_best_cpu); }
 
 }  // namespace cpu

@@ -277,8 +277,9 @@ __attribute__((target("avx512f,avx512dq,avx2,fma"), noinline)) inline void bcast
 
 }  // namespace sgemm_detail
 
-// Run-time level of the register-blocked path: 2 with AVX-512, 1 with AVX2+FMA, 0 off (no such CPU,
-// or PYEBM_CPU_SMALL_GEMM=0 in the environment, which sends every product to BLAS for comparison).
+// Run-time level of the register-blocked path: 2 with AVX-512, 1 with AVX2+FMA, 0 off (the baseline
+// level, whether the CPU has nothing wider or PYEBM_CPU_ISA=baseline asks for it; or
+// PYEBM_CPU_SMALL_GEMM=0 in the environment, which sends every product to BLAS for comparison).
 inline int small_gemm_level() {
   static const int level = [] {
     const char* env = std::getenv("PYEBM_CPU_SMALL_GEMM");

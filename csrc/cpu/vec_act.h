@@ -1,12 +1,14 @@
 // Vectorised activation passes for float, written with GCC/Clang vector extensions so that they are
 // branch-free and SIMD whatever the auto-vectoriser decides (range checks in exp would otherwise become
 // unpredictable branches). Each pass is compiled three times: for the baseline ISA and, through the
-// target attribute, for AVX2+FMA and for AVX-512; the widest copy the CPU supports is chosen at run time.
+// target attribute, for AVX2+FMA and for AVX-512; cpu_vec_level() (cpu_isa.h: the widest the CPU supports, or
+// PYEBM_CPU_ISA) chooses at run time.
 #pragma once
 
 #include <cstdint>
 #include <cstring>
 
+#include "cpu_isa.h"
 #include "pyebm/activations.h"
 
 namespace pyebm {
@@ -128,12 +130,6 @@ PYEBM_DEFINE_ACT_PASSES(base, , v8f)
 PYEBM_DEFINE_ACT_PASSES(avx2, __attribute__((target("avx2,fma"))), v8f)
 PYEBM_DEFINE_ACT_PASSES(avx512, __attribute__((target("avx512f,avx512dq,avx2,fma"))), v16f)
 
-inline int cpu_vec_level() {  // 2: AVX-512, 1: AVX2 + FMA, 0: baseline
-  static const int level = (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq")) ? 2
-                           : (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))      ? 1
-                                                                                                     : 0;
-  return level;
-}
 #endif
 
 // z <- act(z) and, when d is not null, d <- act'(z).

@@ -1,6 +1,6 @@
 // CUDA implementation of pyebm::mlp_descent (whole loop) and pyebm::descent_update (fused per-step
-// update): input checks, dtype dispatch and the launch on the current stream. The kernels are torch-free,
-// in pyebm/cuda/descent.cuh; the schemas are registered with the CPU ops (csrc/cpu/mlp_descent.cpp).
+// update): input checks (csrc/cpu/op_checks.h, shared with the CPU ops), dtype dispatch and the launch on the
+// current stream. The kernels are torch-free, in pyebm/cuda/descent.cuh; the schemas are in csrc/ops.cpp.
 //
 // Only device-generic c10 APIs are used (as in mlp_energy.cu), so this file also compiles against a
 // CPU-only torch for the nvcc compile check.
@@ -19,6 +19,7 @@
 
 #include "cpu/descent_args.h"
 #include "cpu/mlp_energy_cpu.h"
+#include "cpu/op_checks.h"
 #include "cuda/glue.h"
 #include "pyebm/cuda/descent.cuh"
 
@@ -49,23 +50,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlp_desce
     double momentum, bool nesterov, c10::optional<double> grad_clip, c10::optional<double> grad_clip_norm,
     bool energy_scaled, double energy_temperature, double tol, bool tol_final_step, bool bound_each_step,
     c10::string_view noise_mode) {
-  const cpu::MlpShapes s = cpu::check_mlp_args(ctx_, y0_, w_in_, weights_, biases_, w_out_, b_out_);
-  TORCH_CHECK(y0_.is_cuda(), "pyebm: the cuda kernel needs CUDA tensors; got y0 on ", y0_.device());
+  const char* op = "pyebm::mlp_descent";
+  const cpu::MlpShapes s = cpu::check_mlp_args(ctx_, y0_, w_in_, weights_, biases_, w_out_, b_out_, op, "y0");
+  TORCH_CHECK_VALUE(y0_.is_cuda(), op, ": the cuda kernel needs CUDA tensors; got y0 on ", y0_.device());
   const Act act = cpu::parse_activation(std::string(activation));
   const NoiseMode nm = parse_noise(noise_mode);
   check_rule(momentum, grad_clip, grad_clip_norm, energy_temperature, tol);
+  checks::finite(op, "grad_scale", grad_scale);
   const int64_t Tn = eta_.numel();
-  TORCH_CHECK(Tn >= 1, "pyebm: eta must hold one step size per step (steps >= 1); got shape ", eta_.sizes());
-  TORCH_CHECK(eta_.dim() == 1, "pyebm: eta must be [steps] = [", Tn, "]; got shape ", eta_.sizes());
-  TORCH_CHECK(noise_level_.dim() == 1 && noise_level_.size(0) == Tn, "pyebm: noise_level must be [steps] = [", Tn,
-              "]; got shape ", noise_level_.sizes());
-  TORCH_CHECK(Tn <= std::numeric_limits<int>::max(), "pyebm: too many steps for the cuda kernel: ", Tn);
+  TORCH_CHECK_VALUE(eta_.dim() == 1 && Tn >= 1, op, ": eta must be a floating [steps] tensor with steps >= 1; got ",
+                    checks::describe(eta_));
+  // the schedules' shapes, dtypes and values (host copies; the whole loop reads them from the device below)
+  cpu::host_schedule(eta_, "eta", Tn, op, y0_.device());
+  cpu::host_schedule(noise_level_, "noise_level", Tn, op, y0_.device(), /*non_negative=*/true);
+  TORCH_CHECK_VALUE(Tn <= std::numeric_limits<int>::max(), op, ": too many steps for the cuda kernel: ", Tn);
   constexpr int64_t kIntMax = std::numeric_limits<int>::max();
-  TORCH_CHECK(s.D >= 1 && s.D <= kIntMax, "pyebm: the cuda whole-loop kernel needs 1 <= D <= ", kIntMax,
-              "; got candidate width D = ", s.D);
+  TORCH_CHECK_VALUE(s.D >= 1 && s.D <= kIntMax, op, ": the cuda whole-loop kernel needs 1 <= D <= ", kIntMax,
+                    "; got candidate width D = ", s.D);
   for (size_t l = 0; l < s.width.size(); ++l)
-    TORCH_CHECK(s.width[l] <= kIntMax, "pyebm: hidden width H_", l + 1, " = ", s.width[l],
-                " is too large for the cuda kernel");
+    TORCH_CHECK_VALUE(s.width[l] <= kIntMax, op, ": hidden width H_", l + 1, " = ", s.width[l],
+                      " is too large for the cuda kernel");
 
   const at::Device device = y0_.device();
   const c10::DeviceGuard guard(device);
@@ -167,19 +171,27 @@ void descent_update_cuda(const at::Tensor& y, const at::Tensor& g, const at::Ten
                          c10::optional<double> grad_clip, c10::optional<double> grad_clip_norm, bool energy_scaled,
                          double energy_temperature, double tol, bool tol_final_step, bool bound_each_step,
                          const c10::optional<at::Tensor>& y_base) {
-  TORCH_CHECK(!y_base.has_value(), "pyebm: the cuda descent_update does not take y_base (the step starts at y)");
-  TORCH_CHECK(y.dim() == 2, "pyebm: y must be [N, D]; got shape ", y.sizes());
+  const char* op = "pyebm::descent_update";
+  TORCH_CHECK_VALUE(!y_base.has_value(), op, ": the cuda kernel does not take y_base (the step starts at y)");
   const NoiseMode nm = check_update_args(y, g, E, active, steps, status, velocity, pending, noise, mask, fixed,
                                          noise_mode, momentum, tol_final_step);
-  TORCH_CHECK(y.is_cuda(), "pyebm: the cuda kernel needs CUDA tensors; got y on ", y.device());
+  TORCH_CHECK_VALUE(y.is_cuda(), op, ": the cuda kernel needs CUDA tensors; got y on ", y.device());
   const int64_t N = y.size(0), D = y.size(1);
   const at::Device device = y.device();
   const auto dt = y.scalar_type();
   check_rule(momentum, grad_clip, grad_clip_norm, energy_temperature, tol);
-  if (N == 0) return;
+  cpu::check_step_scalars(op, eta, noise_level, grad_scale);
   const c10::DeviceGuard guard(device);
-  const at::Tensor lo = event_option(lower, "lower", D, dt, device), hi = event_option(upper, "upper", D, dt, device),
-                   sc = event_option(step_clip, "step_clip", D, dt, device);
+  // Bounds and step clips given as CPU tensors are checked on the host and copied over; ones on the device
+  // are checked through a small synchronising copy (checks::event_values), except while a CUDA graph is being
+  // captured, where no host read is allowed.
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  const cudaError_t cerr = cudaStreamIsCapturing(current_stream(device), &capture);
+  TORCH_CHECK(cerr == cudaSuccess, op, ": cannot query the stream's capture status: ", cudaGetErrorString(cerr));
+  const cpu::EventOptions ev = cpu::event_options(lower, upper, step_clip, D, dt, device, op,
+                                                  /*read_device=*/capture == cudaStreamCaptureStatusNone);
+  if (N == 0) return;
+  const at::Tensor &lo = ev.lower, &hi = ev.upper, &sc = ev.step_clip;
   at::Tensor scratch = at::empty({N, 2 * D}, y.options());
   AT_DISPATCH_FLOATING_TYPES(dt, "pyebm_descent_update_cuda", [&] {
     using T = scalar_t;

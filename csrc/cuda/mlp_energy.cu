@@ -86,17 +86,19 @@ std::tuple<at::Tensor, at::Tensor> mlp_impl(const at::Tensor& ctx_, const at::Te
                                             at::TensorList weights_, at::TensorList biases_,
                                             const at::Tensor& w_out_, const at::Tensor& b_out_,
                                             c10::string_view activation, bool residual, bool grad) {
-  const cpu::MlpShapes s = cpu::check_mlp_args(ctx_, y_, w_in_, weights_, biases_, w_out_, b_out_);
-  TORCH_CHECK(y_.is_cuda(), "pyebm: the cuda kernel needs CUDA tensors; got y on ", y_.device());
+  const char* op = grad ? "pyebm::mlp_energy_grad" : "pyebm::mlp_energy";
+  // every tensor's layout, shape, dtype and device (csrc/cpu/op_checks.h, shared with the CPU ops)
+  const cpu::MlpShapes s = cpu::check_mlp_args(ctx_, y_, w_in_, weights_, biases_, w_out_, b_out_, op);
+  TORCH_CHECK_VALUE(y_.is_cuda(), op, ": the cuda kernel needs CUDA tensors; got y on ", y_.device());
   const Act act = cpu::parse_activation(std::string(activation));
   constexpr int64_t kIntMax = std::numeric_limits<int>::max();
-  TORCH_CHECK(s.D <= kIntMax, "pyebm: candidate width D = ", s.D, " is too large for the cuda kernel");
+  TORCH_CHECK_VALUE(s.D <= kIntMax, op, ": candidate width D = ", s.D, " is too large for the cuda kernel");
   for (size_t l = 0; l < s.width.size(); ++l)
-    TORCH_CHECK(s.width[l] <= kIntMax, "pyebm: hidden width H_", l + 1, " = ", s.width[l],
-                " is too large for the cuda kernel");
+    TORCH_CHECK_VALUE(s.width[l] <= kIntMax, op, ": hidden width H_", l + 1, " = ", s.width[l],
+                      " is too large for the cuda kernel");
   const MlpPath path = requested_path();
-  TORCH_CHECK(path != MlpPath::kTensorCore || y_.scalar_type() == at::kBFloat16 || y_.scalar_type() == at::kHalf,
-              "pyebm: PYEBM_CUDA_PATH=tc needs bfloat16 or float16 inputs; got ", y_.scalar_type());
+  TORCH_CHECK_VALUE(path != MlpPath::kTensorCore || y_.scalar_type() == at::kBFloat16 || y_.scalar_type() == at::kHalf,
+                    op, ": PYEBM_CUDA_PATH=tc needs bfloat16 or float16 inputs; got ", y_.scalar_type());
 
   const c10::DeviceGuard guard(y_.device());
   // Contiguous row-major operands (a no-op for the usual contiguous parameters).

@@ -55,9 +55,9 @@ def isa_from_flags(flags) -> str:
     csrc/cpu/vec_act.h: AVX-512 needs avx512f and avx512dq; AVX2 needs avx2 and fma)."""
     f = set(flags)
     if {"avx512f", "avx512dq"} <= f:
-        return "AVX-512"
+        return "avx512"
     if {"avx2", "fma"} <= f:
-        return "AVX2"
+        return "avx2"
     return "baseline"
 
 

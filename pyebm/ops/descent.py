@@ -45,7 +45,6 @@ from torch import Tensor
 
 from pyebm import _dispatch
 from pyebm.config import CONVERGED, MAX_STEPS, NONFINITE, NOISE_MODES  # noqa: F401
-from pyebm.ops import mlp_descent as _register_fakes  # noqa: F401  (fake impls of the C++ ops)
 
 _POST_NOISE = ("langevin", "step", "additive")
 

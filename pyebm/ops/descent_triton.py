@@ -34,7 +34,9 @@ plus an optional ``y_base`` (the state the step starts from when pre-evaluation 
   steps [B, K] int32, status [B, K] int8 (0 max steps, 1 converged, 2 non-finite).
 
 dtypes: float32, bfloat16, float16 (all update arithmetic in fp32). CUDA tensors, or CPU tensors with
-TRITON_INTERPRET=1 set before the kernels are imported. Inference ops: no autograd.
+TRITON_INTERPRET=1 set before the kernels are imported. Inference ops: no autograd formula (a backward through
+them raises). Argument checks: ``check_update`` / ``check_loop`` (``pyebm.ops._checks``), which the fakes in
+``pyebm.ops._fake`` run as well.
 """
 from __future__ import annotations
 
@@ -44,10 +46,9 @@ import torch
 from torch import Tensor
 
 from pyebm import _backend
-from pyebm.ops.mlp_energy import _check_args
+from pyebm.ops import _checks
 
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-NOISE_MODES = ("none", "langevin", "step", "additive")
+NOISE_MODES = _checks.NOISE_MODES
 
 
 def _kernels():
@@ -58,46 +59,41 @@ def _kernels():
     return kernels
 
 
-def _check_device(t: Tensor, what: str) -> None:
+def _check_device(op: str, t: Tensor, what: str) -> None:
     if t.device.type == "cpu" and not _backend.triton_interpret():
-        raise ValueError(f"pyebm: the triton backend on CPU tensors needs TRITON_INTERPRET=1 ({what} is on CPU)")
+        raise ValueError(f"{op}: the triton backend on CPU tensors needs TRITON_INTERPRET=1 ({what} is on CPU)")
 
 
-def _check_scalars(momentum, grad_clip, grad_clip_norm, energy_temperature, tol, noise_mode) -> None:
-    if noise_mode not in NOISE_MODES:
-        raise ValueError(f"pyebm: noise_mode must be one of {', '.join(NOISE_MODES)}; got {noise_mode!r}")
-    if not 0.0 <= momentum < 1.0:
-        raise ValueError(f"pyebm: momentum must be in [0, 1); got {momentum}")
-    if grad_clip is not None and not grad_clip > 0:
-        raise ValueError(f"pyebm: grad_clip must be > 0; got {grad_clip}")
-    if grad_clip_norm is not None and not grad_clip_norm > 0:
-        raise ValueError(f"pyebm: grad_clip_norm must be > 0; got {grad_clip_norm}")
-    if not energy_temperature > 0:
-        raise ValueError(f"pyebm: energy_temperature must be > 0; got {energy_temperature}")
-    if not tol >= 0:
-        raise ValueError(f"pyebm: tol must be >= 0; got {tol}")
+def check_update(y, g, E, active, steps, status, velocity, pending, noise, mask, fixed, lower, upper, step_clip, eta,
+                 noise_level, noise_mode, grad_scale, momentum, grad_clip, grad_clip_norm, energy_temperature, tol,
+                 tol_final_step, y_base, fake: bool = False) -> None:
+    """The arguments of descent_update_triton (its fake runs this too, without the value checks)."""
+    op = "pyebm::descent_update_triton"
+    N, D = _checks.descent_update_args(op, y, g, E, active, steps, status, velocity, pending, noise, mask, fixed,
+                                       lower, upper, step_clip, noise_mode, momentum, tol, tol_final_step, y_base,
+                                       triton=True)
+    _checks.rule(momentum, grad_clip, grad_clip_norm, energy_temperature, tol)
+    _checks.step_scalars(op, eta, noise_level, grad_scale)
+    if not fake:
+        _check_device(op, y, "y")
+        _checks.event_values(op, lower, upper, step_clip, D)
 
 
-def _check_event(t: Optional[Tensor], name: str, D: int, like: Tensor) -> None:
-    if t is None:
-        return
-    if not t.is_floating_point():
-        raise TypeError(f"pyebm: {name} must be a floating tensor; got {t.dtype}")
-    if t.numel() not in (1, D):
-        raise ValueError(f"pyebm: {name} must hold 1 or D = {D} values; got shape {tuple(t.shape)}")
-    if t.device != like.device:
-        raise ValueError(f"pyebm: {name} is on {t.device} but y is on {like.device}")
-
-
-def _need(t: Optional[Tensor], name: str, shape, dtype, like: Tensor, why: str = "") -> None:
-    if t is None:
-        raise ValueError(f"pyebm: {name} is required{why}")
-    if tuple(t.shape) != tuple(shape):
-        raise ValueError(f"pyebm: {name} must have shape {list(shape)}; got {list(t.shape)}")
-    if t.dtype != dtype:
-        raise TypeError(f"pyebm: {name} must be {dtype}; got {t.dtype}")
-    if t.device != like.device:
-        raise ValueError(f"pyebm: {name} is on {t.device} but y is on {like.device}")
+def check_loop(ctx, y0, w_in, weights, biases, w_out, b_out, activation, eta, noise_level, lower, upper, step_clip,
+               mask, grad_scale, momentum, grad_clip, grad_clip_norm, energy_temperature, tol, noise_mode,
+               fake: bool = False) -> None:
+    """The arguments of mlp_descent_triton (its fake runs this too, without the value checks)."""
+    op = "pyebm::mlp_descent_triton"
+    _, _, _, D = _checks.mlp_descent_args(op, ctx, y0, w_in, weights, biases, w_out, b_out, activation, eta,
+                                          noise_level, None, lower, upper, step_clip, mask, noise_mode, momentum,
+                                          grad_clip, grad_clip_norm, energy_temperature, tol, grad_scale)
+    if y0.dtype not in _checks.TRITON_DTYPES:
+        raise TypeError(f"{op}: the triton backend takes y0 as float32, bfloat16 or float16; got {y0.dtype}")
+    if not fake:
+        _check_device(op, y0, "y0")
+        _checks.schedule_values(op, "eta", eta)
+        _checks.schedule_values(op, "noise_level", noise_level, non_negative=True)
+        _checks.event_values(op, lower, upper, step_clip, D)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -114,51 +110,15 @@ def descent_update_triton(y: Tensor, g: Tensor, E: Tensor, active: Tensor, steps
                           tol: float, tol_final_step: bool, bound_each_step: bool,
                           y_base: Optional[Tensor] = None) -> None:
     """One fused descent step over N rows (see the module docstring), in place."""
-    if y.dim() != 2:
-        raise ValueError(f"pyebm: y must be [N, D]; got shape {list(y.shape)}")
-    if y.dtype not in _DTYPES:
-        raise TypeError(f"pyebm: the triton backend takes y as float32, bfloat16 or float16; got {y.dtype}")
-    _check_device(y, "y")
-    N, D = y.shape
-    _check_scalars(momentum, grad_clip, grad_clip_norm, energy_temperature, tol, noise_mode)
-    _need(g, "g", (N, D), y.dtype, y)
-    _need(E, "E", (N,), y.dtype, y)
-    _need(active, "active", (N,), torch.bool, y)
-    _need(steps, "steps", (N,), torch.int32, y)
-    _need(status, "status", (N,), torch.int8, y)
-    if momentum > 0:
-        _need(velocity, "velocity", (N, D), y.dtype, y, " when momentum > 0")
-    if tol > 0 and tol_final_step:
-        _need(pending, "pending", (N,), torch.bool, y, " when tol > 0 and tol_final_step")
-    if noise_mode != "none":
-        _need(noise, "noise", (N, D), y.dtype, y, f" for noise_mode {noise_mode!r}")
-    if mask is not None:
-        _need(mask, "mask", (N, D), torch.bool, y)
-        _need(fixed, "fixed", (N, D), y.dtype, y, " with mask")
-    if y_base is not None:
-        _need(y_base, "y_base", (N, D), y.dtype, y)
-    for name, t in (("lower", lower), ("upper", upper), ("step_clip", step_clip)):
-        _check_event(t, name, D, y)
-    for name, t in (("active", active), ("steps", steps), ("status", status), ("E", E), ("pending", pending)):
-        if t is not None and t.numel() > 1 and t.stride(0) != 1:
-            raise ValueError(f"pyebm: {name} must be contiguous")
-    for name, t in (("y", y), ("g", g), ("velocity", velocity), ("noise", noise), ("mask", mask),
-                    ("fixed", fixed), ("y_base", y_base)):
-        if t is not None and D > 1 and t.stride(1) != 1:
-            raise ValueError(f"pyebm: {name} must have unit stride along D; got strides {t.stride()}")
+    check_update(y, g, E, active, steps, status, velocity, pending, noise, mask, fixed, lower, upper, step_clip, eta,
+                 noise_level, noise_mode, grad_scale, momentum, grad_clip, grad_clip_norm, energy_temperature, tol,
+                 tol_final_step, y_base)
     _kernels().launch_update(
         y, g, E, active, steps, status, velocity, pending, noise, mask, fixed, lower, upper, step_clip,
         float(eta), float(noise_level), noise_mode, float(grad_scale), float(momentum),
         None if grad_clip is None else float(grad_clip), None if grad_clip_norm is None else float(grad_clip_norm),
         bool(energy_scaled), float(energy_temperature), float(tol), bool(tol_final_step), bool(bound_each_step),
         y_base=y_base)
-
-
-@descent_update_triton.register_fake
-def _(y, g, E, active, steps, status, velocity, pending, noise, mask, fixed, lower, upper, step_clip, eta,
-      noise_level, noise_mode, grad_scale, momentum, grad_clip, grad_clip_norm, energy_scaled, energy_temperature,
-      tol, tol_final_step, bound_each_step, y_base=None):
-    return None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -174,34 +134,11 @@ def mlp_descent_triton(ctx: Tensor, y0: Tensor, w_in: Tensor, weights: List[Tens
                        bound_each_step: bool, noise_mode: str,
                        seed: int) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(y, E_final, E_init, steps, status) of all T = len(eta) steps in one launch (module docstring)."""
-    _check_args(ctx, y0, w_in, weights, biases, w_out, b_out, activation)
-    if y0.dtype not in _DTYPES:
-        raise TypeError(f"pyebm: the triton backend takes y0 as float32, bfloat16 or float16; got {y0.dtype}")
-    _check_device(y0, "y0")
-    _check_scalars(momentum, grad_clip, grad_clip_norm, energy_temperature, tol, noise_mode)
-    B, K, D = y0.shape
-    if eta.dim() != 1 or eta.numel() < 1 or not eta.is_floating_point():
-        raise ValueError(f"pyebm: eta must be a floating [steps] tensor with steps >= 1; got shape "
-                         f"{list(eta.shape)}, dtype {eta.dtype}")
-    if noise_level.dim() != 1 or noise_level.numel() != eta.numel() or not noise_level.is_floating_point():
-        raise ValueError(f"pyebm: noise_level must be a floating [steps] = [{eta.numel()}] tensor; got shape "
-                         f"{list(noise_level.shape)}, dtype {noise_level.dtype}")
-    for name, t in (("lower", lower), ("upper", upper), ("step_clip", step_clip)):
-        _check_event(t, name, D, y0)
-    if mask is not None:
-        _need(mask, "mask", (B, K, D), torch.bool, y0)
+    check_loop(ctx, y0, w_in, weights, biases, w_out, b_out, activation, eta, noise_level, lower, upper, step_clip,
+               mask, grad_scale, momentum, grad_clip, grad_clip_norm, energy_temperature, tol, noise_mode)
     return _kernels().mlp_descent(
         ctx, y0, w_in, weights, biases, w_out, b_out, activation, residual, eta, noise_level, lower, upper,
         step_clip, mask, float(grad_scale), float(momentum), bool(nesterov),
         None if grad_clip is None else float(grad_clip), None if grad_clip_norm is None else float(grad_clip_norm),
         bool(energy_scaled), float(energy_temperature), float(tol), bool(tol_final_step), bool(bound_each_step),
         noise_mode, int(seed))
-
-
-@mlp_descent_triton.register_fake
-def _(ctx, y0, w_in, weights, biases, w_out, b_out, activation, residual, eta, noise_level, lower, upper,
-      step_clip, mask, grad_scale, momentum, nesterov, grad_clip, grad_clip_norm, energy_scaled, energy_temperature,
-      tol, tol_final_step, bound_each_step, noise_mode, seed):
-    B, K, D = y0.shape
-    return (y0.new_empty(B, K, D), y0.new_empty(B, K), y0.new_empty(B, K),
-            y0.new_empty(B, K, dtype=torch.int32), y0.new_empty(B, K, dtype=torch.int8))

@@ -12,7 +12,8 @@
 The math is ``pyebm.reference.ebt.prediction_attention``. dtypes float32, bfloat16, float16 (fp32
 softmax and accumulation). CUDA tensors, or CPU tensors when TRITON_INTERPRET=1 was set before the
 kernels were imported. Inference ops: no autograd formula is registered (the model's hand-written
-backward calls ``ebt_attention_bwd`` itself). Triton is imported on the first call, so the ops exist
+backward calls ``ebt_attention_bwd`` itself; a backward through them raises). Arguments are checked in
+``pyebm.ops._checks`` (the fakes in ``pyebm.ops._fake`` run the same checks). Triton is imported on the first call, so the ops exist
 (e.g. for tracing with fake tensors) on machines without Triton.
 """
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 from torch import Tensor
 
 from pyebm import _backend
+from pyebm.ops import _checks
 
 
 def _kernels():
@@ -33,10 +35,26 @@ def _kernels():
     return kernels
 
 
+def _cpu_rule(op: str, q: Tensor) -> None:
+    if q.device.type == "cpu" and not _backend.triton_interpret():
+        raise ValueError(f"{op}: the triton backend on CPU tensors needs TRITON_INTERPRET=1")
+
+
+def check_bwd(do, q, k_ctx, v_ctx, o, lse, k_self, v_self, n_visible) -> None:
+    """The arguments of ebt_attention_bwd (its fake runs this too)."""
+    op = "pyebm::ebt_attention_bwd"
+    B, H, R, hd = _checks.attention_args(op, q, k_ctx, v_ctx, k_self, v_self, n_visible)
+    _checks.same(op, "do", do, q, "q", (B, H, R, hd))
+    _checks.same(op, "o", o, q, "q", (B, H, R, hd))
+    _checks.fp32_aux(op, "lse", lse, (B, H, R), q, "ebt_attention_fwd")
+
+
 @torch.library.custom_op("pyebm::ebt_attention_fwd", mutates_args=())
 def ebt_attention_fwd(q: Tensor, k_ctx: Tensor, v_ctx: Tensor, k_self: Optional[Tensor],
                       v_self: Optional[Tensor], n_visible: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
     """(o [B, H, R, hd], lse [B, H, R] fp32) of prediction attention, one Triton launch."""
+    _checks.attention_args("pyebm::ebt_attention_fwd", q, k_ctx, v_ctx, k_self, v_self, n_visible)
+    _cpu_rule("pyebm::ebt_attention_fwd", q)
     return _kernels().ebt_attention_fwd(q, k_ctx, v_ctx, k_self, v_self, n_visible)
 
 
@@ -45,24 +63,12 @@ def ebt_attention_bwd(do: Tensor, q: Tensor, k_ctx: Tensor, v_ctx: Tensor, o: Te
                       k_self: Optional[Tensor], v_self: Optional[Tensor], n_visible: Optional[Tensor]
                       ) -> Tuple[Tensor, Tensor, Tensor]:
     """(dq, dk_self, dv_self) [B, H, R, hd]; dk_self, dv_self are empty without a self key/value."""
+    check_bwd(do, q, k_ctx, v_ctx, o, lse, k_self, v_self, n_visible)
+    _cpu_rule("pyebm::ebt_attention_bwd", q)
     dq, dks, dvs = _kernels().ebt_attention_bwd(do, q, k_ctx, v_ctx, o, lse, k_self, v_self, n_visible)
     if dks is None:
         dks, dvs = q.new_empty(0), q.new_empty(0)
     return dq, dks, dvs
-
-
-@ebt_attention_fwd.register_fake
-def _(q, k_ctx, v_ctx, k_self, v_self, n_visible):
-    B, H, R, hd = q.shape
-    return q.new_empty(B, H, R, hd), q.new_empty(B, H, R, dtype=torch.float32)
-
-
-@ebt_attention_bwd.register_fake
-def _(do, q, k_ctx, v_ctx, o, lse, k_self, v_self, n_visible):
-    B, H, R, hd = q.shape
-    if k_self is None:
-        return q.new_empty(B, H, R, hd), q.new_empty(0), q.new_empty(0)
-    return q.new_empty(B, H, R, hd), q.new_empty(B, H, R, hd), q.new_empty(B, H, R, hd)
 
 
 def attention_fwd(q: Tensor, k_ctx: Tensor, v_ctx: Tensor, k_self: Optional[Tensor] = None,

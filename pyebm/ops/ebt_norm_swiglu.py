@@ -15,7 +15,8 @@ tensors when TRITON_INTERPRET=1 was set before the kernels were imported.
 
 The two forward ops carry an autograd formula built from the backward ops (input gradients: x for
 RMSNorm, a and b for SwiGLU; asking for the RMSNorm weight's gradient raises). The backward ops have
-none (no double backward). Triton is imported on the first call, so the ops exist (e.g. for tracing
+none (no double backward: a backward through them raises). Arguments are checked in ``pyebm.ops._checks``
+(the fakes in ``pyebm.ops._fake`` run the same checks). Triton is imported on the first call, so the ops exist (e.g. for tracing
 with fake tensors) on machines without Triton.
 """
 from __future__ import annotations
@@ -26,6 +27,7 @@ import torch
 from torch import Tensor
 
 from pyebm import _backend
+from pyebm.ops import _checks
 
 
 def _kernels():
@@ -36,48 +38,43 @@ def _kernels():
     return kernels
 
 
+def _cpu_rule(op: str, x: Tensor) -> None:
+    if x.device.type == "cpu" and not _backend.triton_interpret():
+        raise ValueError(f"{op}: the triton backend on CPU tensors needs TRITON_INTERPRET=1")
+
+
 @torch.library.custom_op("pyebm::ebt_rms_norm_fwd", mutates_args=())
 def ebt_rms_norm_fwd(x: Tensor, weight: Optional[Tensor], eps: float) -> Tensor:
     """RMSNorm of x [..., D] over its last axis, times weight [D] (or not, when None)."""
+    _checks.rms_norm_args("pyebm::ebt_rms_norm_fwd", x, weight, eps)
+    _cpu_rule("pyebm::ebt_rms_norm_fwd", x)
     return _kernels().rms_norm_fwd(x, weight, eps)
 
 
 @torch.library.custom_op("pyebm::ebt_rms_norm_bwd", mutates_args=())
 def ebt_rms_norm_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], eps: float) -> Tensor:
     """dx [..., D] of ebt_rms_norm_fwd(x, weight, eps) given dy."""
+    _checks.rms_norm_args("pyebm::ebt_rms_norm_bwd", x, weight, eps)
+    _checks.same("pyebm::ebt_rms_norm_bwd", "dy", dy, x, "x", x.shape)
+    _cpu_rule("pyebm::ebt_rms_norm_bwd", x)
     return _kernels().rms_norm_bwd(dy, x, weight, eps)
 
 
 @torch.library.custom_op("pyebm::ebt_swiglu_fwd", mutates_args=())
 def ebt_swiglu_fwd(a: Tensor, b: Tensor) -> Tensor:
     """silu(a) * b, elementwise, for a, b [..., F]."""
+    _checks.swiglu_args("pyebm::ebt_swiglu_fwd", a, b)
+    _cpu_rule("pyebm::ebt_swiglu_fwd", a)
     return _kernels().swiglu_fwd(a, b)
 
 
 @torch.library.custom_op("pyebm::ebt_swiglu_bwd", mutates_args=())
 def ebt_swiglu_bwd(dy: Tensor, a: Tensor, b: Tensor) -> Tuple[Tensor, Tensor]:
     """(da, db) [..., F] of silu(a) * b given dy."""
+    _checks.swiglu_args("pyebm::ebt_swiglu_bwd", a, b)
+    _checks.same("pyebm::ebt_swiglu_bwd", "dy", dy, a, "a", a.shape)
+    _cpu_rule("pyebm::ebt_swiglu_bwd", a)
     return _kernels().swiglu_bwd(dy, a, b)
-
-
-@ebt_rms_norm_fwd.register_fake
-def _(x, weight, eps):
-    return x.new_empty(x.shape)
-
-
-@ebt_rms_norm_bwd.register_fake
-def _(dy, x, weight, eps):
-    return x.new_empty(x.shape)
-
-
-@ebt_swiglu_fwd.register_fake
-def _(a, b):
-    return a.new_empty(a.shape)
-
-
-@ebt_swiglu_bwd.register_fake
-def _(dy, a, b):
-    return a.new_empty(a.shape), a.new_empty(a.shape)
 
 
 # -- autograd of the forward ops (input gradients) -------------------------------------------------

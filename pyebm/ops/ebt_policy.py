@@ -21,8 +21,12 @@ energy in one call; ``final_energy=False`` skips the final energy pass) and ``eb
 observation side of ``EBTPolicy.prepare``: ``(ctx_k, ctx_v)`` from the tokens and the stacked
 cross-attention key/value weights).
 
-Inference only: no gradients to the weights, no autograd graph. Backends: ``cpu`` (C++ in pyebm._C);
-everything else runs the model's own batched PyTorch path.
+``ebt_policy_energy_grad`` is differentiable in y, ctx_k, ctx_v, bias and params (a registered formula: the
+backward recomputes ``pyebm.reference.ebt_policy.op_energy`` with autograd); ``weights_t`` must not require grad.
+``ebt_policy_descent`` and ``ebt_policy_context`` are inference ops: with grad mode on and an input that requires
+grad they raise. Every op checks each tensor's shape, dtype, device and layout before the kernel reads it; the
+fakes (``pyebm.ops._fake``) run the same checks. Backends: ``cpu`` (C++ in pyebm._C); everything else runs the
+model's own batched PyTorch path.
 """
 from __future__ import annotations
 
@@ -40,39 +44,14 @@ def available() -> bool:
     return _backend.ext() is not None and hasattr(torch.ops.pyebm, OP_NAME)
 
 
-if available():
-    @torch.library.register_fake("pyebm::ebt_policy_energy_grad")
-    def _(y, ctx_k, ctx_v, bias, params, weights_t, heads, rms_eps, ln_eps, need_grad):
-        B, K, T, A = y.shape
-        return y.new_empty(B, K), (y.new_empty(B, K, T, A) if need_grad else y.new_empty(0))
-
-
 def descent_available() -> bool:
     """Whether the compiled whole-loop op ``ebt_policy_descent`` is registered."""
     return available() and hasattr(torch.ops.pyebm, "ebt_policy_descent")
 
 
-if descent_available():
-    @torch.library.register_fake("pyebm::ebt_policy_descent")
-    def _(y0, ctx_k, ctx_v, bias, params, weights_t, heads, rms_eps, ln_eps, eta, lower, upper, step_clip, normalize,
-          normalize_eps, grad_scale, momentum, nesterov, grad_clip, grad_clip_norm, energy_scaled, energy_temperature,
-          tol, tol_scope, tol_final_step, bound_each_step, final_energy=True):
-        B, K = y0.shape[:2]
-        return (y0.new_empty(y0.shape), y0.new_empty(B, K), y0.new_empty(B, K),
-                y0.new_empty(B, K, dtype=torch.int32), y0.new_empty(B, K, dtype=torch.int8))
-
-
 def context_available() -> bool:
     """Whether the compiled observation-side op ``ebt_policy_context`` is registered."""
     return available() and hasattr(torch.ops.pyebm, "ebt_policy_context")
-
-
-if context_available():
-    @torch.library.register_fake("pyebm::ebt_policy_context")
-    def _(obs, w, b, k_norm, heads, rms_eps):
-        B, L, _ = obs.shape
-        layers, hd = k_norm.shape
-        return obs.new_empty(layers, B, heads, hd, L), obs.new_empty(layers, B, heads, L, hd)
 
 
 def param_list(model) -> List[torch.Tensor]:

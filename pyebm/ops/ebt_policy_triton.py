@@ -28,14 +28,13 @@ tensors) on machines without Triton.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 from torch import Tensor
 
 from pyebm import _backend
-
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+from pyebm.ops import _checks
 
 
 def _kernels():
@@ -61,67 +60,19 @@ def memory_n_visible(horizon: int, n_tokens: int, n_obs_steps: int, candidates: 
     return nv.repeat(candidates)
 
 
-# -- checks ---------------------------------------------------------------------------------------
-def _float(name: str, t: Tensor) -> None:
-    if not isinstance(t, Tensor):
-        raise TypeError(f"pyebm: {name} must be a tensor; got {type(t).__name__}")
-    if t.dtype not in _DTYPES:
-        raise TypeError(f"pyebm: the triton backend takes {name} as float32, bfloat16 or float16; got {t.dtype}")
+# -- checks (pyebm.ops._checks; the fakes in pyebm.ops._fake run the same) -----------------------
+def _cpu_rule(op: str, t: Tensor) -> None:
     if t.device.type == "cpu" and not _backend.triton_interpret():
-        raise ValueError(f"pyebm: the triton backend on CPU tensors ({name}) needs TRITON_INTERPRET=1")
-
-
-def _same(name: str, t: Tensor, like: Tensor, like_name: str, shape: Optional[tuple] = None) -> None:
-    if shape is not None and tuple(t.shape) != tuple(shape):
-        raise ValueError(f"pyebm: {name} must have shape {tuple(shape)}; got {tuple(t.shape)}")
-    if t.dtype != like.dtype or t.device != like.device:
-        raise ValueError(f"pyebm: {name} is {t.dtype} on {t.device}; {like_name} is {like.dtype} on {like.device}")
-
-
-def _check_self(qkv: Tensor, q_weight: Tensor, k_weight: Tensor, heads: int) -> int:
-    _float("qkv", qkv)
-    if qkv.dim() != 3 or qkv.shape[2] % 3 != 0:
-        raise ValueError(f"pyebm: qkv must be [N, T, 3 * embed_dim]; got shape {tuple(qkv.shape)}")
-    D = qkv.shape[2] // 3
-    if heads < 1 or D % heads != 0:
-        raise ValueError(f"pyebm: heads must be >= 1 and divide embed_dim={D}; got {heads}")
-    hd = D // heads
-    _same("q_weight", q_weight, qkv, "qkv", (hd,))
-    _same("k_weight", k_weight, qkv, "qkv", (hd,))
-    return hd
-
-
-def _check_cross(q: Tensor, q_weight: Tensor, k_ctx: Tensor, v_ctx: Tensor, n_visible: Tensor) -> None:
-    _float("q", q)
-    if q.dim() != 4:
-        raise ValueError(f"pyebm: q must be [B, H, R, head_dim]; got shape {tuple(q.shape)}")
-    B, H, R, hd = q.shape
-    _same("q_weight", q_weight, q, "q", (hd,))
-    for name, t in (("k_ctx", k_ctx), ("v_ctx", v_ctx)):
-        if t.dim() != 4 or tuple(t.shape[:2]) != (B, H) or t.shape[3] != hd or t.shape[2] != k_ctx.shape[2]:
-            raise ValueError(f"pyebm: {name} must be [B={B}, H={H}, L, head_dim={hd}] (same L for both); "
-                             f"got shape {tuple(t.shape)}")
-        _same(name, t, q, "q")
-    if (n_visible.dtype not in (torch.int32, torch.int64) or n_visible.dim() not in (1, 2)
-            or n_visible.shape[-1] != R or (n_visible.dim() == 2 and n_visible.shape[0] != B)):
-        raise ValueError(f"pyebm: n_visible must be an integer tensor [R={R}] or [B={B}, R={R}]; got "
-                         f"{n_visible.dtype} of shape {tuple(n_visible.shape)}")
-    if n_visible.device != q.device:
-        raise ValueError(f"pyebm: n_visible is on {n_visible.device}; q is on {q.device}")
-
-
-def _check_rms(x: Tensor, weight: Tensor) -> None:
-    _float("x", x)
-    if x.dim() < 1:
-        raise ValueError("pyebm: x must have at least one dimension")
-    _same("weight", weight, x, "x", (x.shape[-1],))
+        raise ValueError(f"{op}: the triton backend on CPU tensors needs TRITON_INTERPRET=1")
 
 
 # -- self-attention --------------------------------------------------------------------------------
 @torch.library.custom_op("pyebm::ebt_policy_self_attn_triton", mutates_args=())
 def ebt_policy_self_attn_triton(qkv: Tensor, q_weight: Tensor, k_weight: Tensor, heads: int, eps: float) -> Tensor:
     """o [N, T, D]: qk-RMSNorm bidirectional self-attention of qkv [N, T, 3D], one program per (n, head)."""
-    _check_self(qkv, q_weight, k_weight, heads)
+    op = "pyebm::ebt_policy_self_attn_triton"
+    _checks.policy_self_attn_args(op, qkv, q_weight, k_weight, heads)
+    _cpu_rule(op, qkv)
     return _kernels()[0].self_attention_fwd(qkv, q_weight, k_weight, heads, eps)
 
 
@@ -129,21 +80,12 @@ def ebt_policy_self_attn_triton(qkv: Tensor, q_weight: Tensor, k_weight: Tensor,
 def ebt_policy_self_attn_bwd_triton(grad_out: Tensor, qkv: Tensor, q_weight: Tensor, k_weight: Tensor, heads: int,
                                     eps: float) -> Tensor:
     """dqkv [N, T, 3D] from grad_out [N, T, D] (the forward tile is recomputed)."""
-    _check_self(qkv, q_weight, k_weight, heads)
+    op = "pyebm::ebt_policy_self_attn_bwd_triton"
+    _checks.policy_self_attn_args(op, qkv, q_weight, k_weight, heads)
     N, T, C = qkv.shape
-    _same("grad_out", grad_out, qkv, "qkv", (N, T, C // 3))
+    _checks.same(op, "grad_out", grad_out, qkv, "qkv", (N, T, C // 3))
+    _cpu_rule(op, qkv)
     return _kernels()[0].self_attention_bwd(grad_out, qkv, q_weight, k_weight, heads, eps)
-
-
-@ebt_policy_self_attn_triton.register_fake
-def _(qkv, q_weight, k_weight, heads, eps):
-    N, T, C = qkv.shape
-    return qkv.new_empty(N, T, C // 3)
-
-
-@ebt_policy_self_attn_bwd_triton.register_fake
-def _(grad_out, qkv, q_weight, k_weight, heads, eps):
-    return qkv.new_empty(qkv.shape)
 
 
 # -- cross-attention to cached observation tokens --------------------------------------------------
@@ -151,7 +93,9 @@ def _(grad_out, qkv, q_weight, k_weight, heads, eps):
 def ebt_policy_cross_attn_triton(q: Tensor, q_weight: Tensor, k_ctx: Tensor, v_ctx: Tensor, n_visible: Tensor,
                                  eps: float) -> Tuple[Tensor, Tensor]:
     """(o [B, H, R, hd], lse [B, H, R] fp32): RMSNorm(q) * q_weight attending to a visible prefix of k/v."""
-    _check_cross(q, q_weight, k_ctx, v_ctx, n_visible)
+    op = "pyebm::ebt_policy_cross_attn_triton"
+    _checks.policy_cross_args(op, q, q_weight, k_ctx, v_ctx, n_visible)
+    _cpu_rule(op, q)
     kp, ka = _kernels()
     qn, _ = kp.rms_norm_fwd(q, q_weight, eps)
     return ka.ebt_attention_fwd(qn, k_ctx, v_ctx, n_visible=n_visible)
@@ -161,80 +105,55 @@ def ebt_policy_cross_attn_triton(q: Tensor, q_weight: Tensor, k_ctx: Tensor, v_c
 def ebt_policy_cross_attn_bwd_triton(grad_out: Tensor, q: Tensor, q_weight: Tensor, k_ctx: Tensor, v_ctx: Tensor,
                                      n_visible: Tensor, out: Tensor, lse: Tensor, eps: float) -> Tensor:
     """dq [B, H, R, hd] (raw q) from grad_out [B, H, R, hd] and the forward's (out, lse)."""
-    _check_cross(q, q_weight, k_ctx, v_ctx, n_visible)
-    _same("grad_out", grad_out, q, "q", q.shape)
-    _same("out", out, q, "q", q.shape)
-    if tuple(lse.shape) != tuple(q.shape[:3]) or lse.dtype != torch.float32:
-        raise ValueError(f"pyebm: lse must be float32 {tuple(q.shape[:3])} from the forward; got {lse.dtype} "
-                         f"of shape {tuple(lse.shape)}")
+    op = "pyebm::ebt_policy_cross_attn_bwd_triton"
+    _checks.policy_cross_args(op, q, q_weight, k_ctx, v_ctx, n_visible)
+    _checks.same(op, "grad_out", grad_out, q, "q", q.shape)
+    _checks.same(op, "out", out, q, "q", q.shape)
+    _checks.fp32_aux(op, "lse", lse, q.shape[:3], q, "the forward")
+    _cpu_rule(op, q)
     kp, ka = _kernels()
     qn, rstd = kp.rms_norm_fwd(q, q_weight, eps)
     dqn = ka.ebt_attention_bwd(grad_out, qn, k_ctx, v_ctx, out, lse, n_visible=n_visible)[0]
     return kp.rms_norm_bwd(dqn, q, q_weight, rstd)
 
 
-@ebt_policy_cross_attn_triton.register_fake
-def _(q, q_weight, k_ctx, v_ctx, n_visible, eps):
-    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
-
-
-@ebt_policy_cross_attn_bwd_triton.register_fake
-def _(grad_out, q, q_weight, k_ctx, v_ctx, n_visible, out, lse, eps):
-    return q.new_empty(q.shape)
-
-
 # -- RMSNorm and GELU-tanh -------------------------------------------------------------------------
 @torch.library.custom_op("pyebm::ebt_policy_rms_norm_triton", mutates_args=())
 def ebt_policy_rms_norm_triton(x: Tensor, weight: Tensor, eps: float) -> Tuple[Tensor, Tensor]:
     """(x * rstd * weight, rstd fp32 [...]) with rstd = rsqrt(mean(x^2) + eps) over the last dim."""
-    _check_rms(x, weight)
+    op = "pyebm::ebt_policy_rms_norm_triton"
+    _checks.policy_rms_args(op, x, weight)
+    _cpu_rule(op, x)
     return _kernels()[0].rms_norm_fwd(x, weight, eps)
 
 
 @torch.library.custom_op("pyebm::ebt_policy_rms_norm_bwd_triton", mutates_args=())
 def ebt_policy_rms_norm_bwd_triton(grad_out: Tensor, x: Tensor, weight: Tensor, rstd: Tensor) -> Tensor:
     """dx from grad_out (x's shape) and the forward's rstd."""
-    _check_rms(x, weight)
-    _same("grad_out", grad_out, x, "x", x.shape)
-    if tuple(rstd.shape) != tuple(x.shape[:-1]) or rstd.dtype != torch.float32:
-        raise ValueError(f"pyebm: rstd must be float32 {tuple(x.shape[:-1])} from the forward; got {rstd.dtype} "
-                         f"of shape {tuple(rstd.shape)}")
+    op = "pyebm::ebt_policy_rms_norm_bwd_triton"
+    _checks.policy_rms_args(op, x, weight)
+    _checks.same(op, "grad_out", grad_out, x, "x", x.shape)
+    _checks.fp32_aux(op, "rstd", rstd, x.shape[:-1], x, "the forward")
+    _cpu_rule(op, x)
     return _kernels()[0].rms_norm_bwd(grad_out, x, weight, rstd)
-
-
-@ebt_policy_rms_norm_triton.register_fake
-def _(x, weight, eps):
-    return x.new_empty(x.shape), x.new_empty(x.shape[:-1], dtype=torch.float32)
-
-
-@ebt_policy_rms_norm_bwd_triton.register_fake
-def _(grad_out, x, weight, rstd):
-    return x.new_empty(x.shape)
 
 
 @torch.library.custom_op("pyebm::ebt_policy_gelu_tanh_triton", mutates_args=())
 def ebt_policy_gelu_tanh_triton(x: Tensor) -> Tensor:
     """GELU, tanh approximation, elementwise (contiguous output)."""
-    _float("x", x)
+    _checks.triton_input("pyebm::ebt_policy_gelu_tanh_triton", "x", x)
+    _cpu_rule("pyebm::ebt_policy_gelu_tanh_triton", x)
     return _kernels()[0].gelu_tanh(x)
 
 
 @torch.library.custom_op("pyebm::ebt_policy_gelu_tanh_bwd_triton", mutates_args=())
 def ebt_policy_gelu_tanh_bwd_triton(grad_out: Tensor, x: Tensor) -> Tensor:
     """grad_out * gelu_tanh'(x) (torch's gelu_backward with approximate='tanh')."""
-    _float("x", x)
-    _same("grad_out", grad_out, x, "x", x.shape)
+    op = "pyebm::ebt_policy_gelu_tanh_bwd_triton"
+    _checks.triton_input(op, "x", x)
+    _checks.same(op, "grad_out", grad_out, x, "x", x.shape)
+    _cpu_rule(op, x)
     return _kernels()[0].gelu_tanh(x, grad_out)
-
-
-@ebt_policy_gelu_tanh_triton.register_fake
-def _(x):
-    return x.new_empty(x.shape)
-
-
-@ebt_policy_gelu_tanh_bwd_triton.register_fake
-def _(grad_out, x):
-    return x.new_empty(x.shape)
 
 
 # -- autograd: input gradients only ---------------------------------------------------------------

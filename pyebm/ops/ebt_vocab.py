@@ -10,7 +10,8 @@
 Each reads w once per tile of up to 64 rows (all samples of a step together). dtypes float32, bfloat16,
 float16 (fp32 softmax and accumulation); outputs contiguous, in the input's dtype. CUDA tensors, or CPU
 tensors when TRITON_INTERPRET=1 was set before the kernels were imported. Inference ops: no autograd
-formula. Triton is imported on the first call, so the ops exist (e.g. for tracing with fake tensors) on
+formula (a backward through them raises). Arguments are checked in ``pyebm.ops._checks`` (the fakes in
+``pyebm.ops._fake`` run the same checks). Triton is imported on the first call, so the ops exist (e.g. for tracing with fake tensors) on
 machines without Triton.
 """
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 from torch import Tensor
 
 from pyebm import _backend
+from pyebm.ops import _checks
 
 
 def _kernels():
@@ -31,9 +33,16 @@ def _kernels():
     return kernels
 
 
+def _cpu_rule(op: str, x: Tensor) -> None:
+    if x.device.type == "cpu" and not _backend.triton_interpret():
+        raise ValueError(f"{op}: the triton backend on CPU tensors needs TRITON_INTERPRET=1")
+
+
 @torch.library.custom_op("pyebm::ebt_vocab_embed", mutates_args=())
 def ebt_vocab_embed(y: Tensor, w: Tensor, softmax: bool) -> Tuple[Tensor, Tensor]:
     """(p [..., V] or empty, e [..., D]) of candidates y [..., V] and w [D, V]."""
+    _checks.vocab_args("pyebm::ebt_vocab_embed", "y", y, w, 1)
+    _cpu_rule("pyebm::ebt_vocab_embed", y)
     p, e = _kernels().vocab_embed(y, w, softmax)
     return (p if p is not None else y.new_empty(0)), e
 
@@ -41,19 +50,9 @@ def ebt_vocab_embed(y: Tensor, w: Tensor, softmax: bool) -> Tuple[Tensor, Tensor
 @torch.library.custom_op("pyebm::ebt_vocab_grad", mutates_args=())
 def ebt_vocab_grad(ge: Tensor, w: Tensor) -> Tensor:
     """g = ge @ w [..., V] for ge [..., D] and w [D, V]."""
+    _checks.vocab_args("pyebm::ebt_vocab_grad", "ge", ge, w, 0)
+    _cpu_rule("pyebm::ebt_vocab_grad", ge)
     return _kernels().vocab_grad(ge, w)
-
-
-@ebt_vocab_embed.register_fake
-def _(y, w, softmax):
-    D = w.shape[0]
-    e = y.new_empty(*y.shape[:-1], D)
-    return (y.new_empty(y.shape) if softmax else y.new_empty(0)), e
-
-
-@ebt_vocab_grad.register_fake
-def _(ge, w):
-    return ge.new_empty(*ge.shape[:-1], w.shape[1])
 
 
 def vocab_embed(y: Tensor, w: Tensor, softmax: bool = True) -> Tuple[Tensor, Tensor]:

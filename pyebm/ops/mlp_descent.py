@@ -22,26 +22,6 @@ from pyebm.config import rule_options, schedules_on
 
 HAS_OP = _backend.ext() is not None and hasattr(torch.ops.pyebm, "mlp_descent")
 
-if HAS_OP:
-
-    @torch.library.register_fake("pyebm::mlp_descent")
-    def _(ctx, y0, w_in, weights, biases, w_out, b_out, activation, residual, eta, noise_level, noise, lower,
-          upper, step_clip, mask, grad_scale, momentum, nesterov, grad_clip, grad_clip_norm, energy_scaled,
-          energy_temperature, tol, tol_final_step, bound_each_step, noise_mode):
-        B, K = y0.shape[:2]
-        return (torch.empty_like(y0), y0.new_empty(B, K), y0.new_empty(B, K),
-                y0.new_empty(B, K, dtype=torch.int32), y0.new_empty(B, K, dtype=torch.int8))
-
-    @torch.library.register_fake("pyebm::select_best")
-    def _(y, E, E_init, status, selection):
-        B = y.shape[0]
-        return y.new_empty((B,) + tuple(y.shape[2:])), E.new_empty(B), E.new_empty(B, dtype=torch.long)
-
-    @torch.library.register_fake("pyebm::descent_update")
-    def _(y, g, E, active, steps, status, velocity, pending, noise, mask, fixed, lower, upper, step_clip, eta,
-          noise_level, noise_mode, grad_scale, momentum, grad_clip, grad_clip_norm, energy_scaled,
-          energy_temperature, tol, tol_final_step, bound_each_step, y_base=None):
-        return None
 
 
 def _event_flat(t: Optional[torch.Tensor], D: int) -> Optional[torch.Tensor]:

@@ -191,3 +191,56 @@ def act(params: Mapping[str, torch.Tensor], cond: torch.Tensor, init: torch.Tens
     start = n_obs_steps - 1
     info = {"trajectory": a, "steps": i + 1, "energy": E, "grad_norms": grad_norms, "last_grad": g}
     return a[:, start:start + n_action_steps], info
+
+
+# -- the fused ops' signatures (pyebm.ops.ebt_policy) -------------------------------------------------
+
+def op_context(obs: torch.Tensor, w: torch.Tensor, b: torch.Tensor, k_norm: torch.Tensor, heads: int,
+               rms_eps: float = RMS_EPS) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``torch.ops.pyebm.ebt_policy_context``: from tokens obs [B, L, C], the stacked cross-attention key/value
+    weights w [layers * 2D, C] (per layer: D key rows, then D value rows), b [layers * 2D] and key norms
+    k_norm [layers, hd], the keys after their RMSNorm times hd^-0.5, transposed, [layers, B, H, hd, L], and the
+    values [layers, B, H, L, hd]."""
+    layers, hd = k_norm.shape
+    B, L, _ = obs.shape
+    D = heads * hd
+    kv = F.linear(obs, w, b).view(B, L, layers, 2, heads, hd)
+    k = rms_norm(kv[:, :, :, 0], k_norm[:, None, :], rms_eps) * hd ** -0.5       # [B, L, layers, H, hd]
+    v = kv[:, :, :, 1]
+    return k.permute(2, 0, 3, 4, 1), v.permute(2, 0, 3, 1, 4)
+
+
+def op_energy(y: torch.Tensor, ctx_k: torch.Tensor, ctx_v: torch.Tensor, bias: torch.Tensor, params,
+              heads: int, rms_eps: float = RMS_EPS, ln_eps: float = LAYER_NORM_EPS) -> torch.Tensor:
+    """E [B, K] of ``torch.ops.pyebm.ebt_policy_energy_grad`` for candidates y [B, K, T, A].
+
+    ctx_k [layers, B, H, hd, L] and ctx_v [layers, B, H, L, hd] are the observation side (``op_context``),
+    bias [T, L] is added to the cross-attention scores (0 allowed, -inf masked), and ``params`` is the flat
+    list of ``pyebm.ops.ebt_policy.param_list`` (embedding 7, 17 per layer, head 5). The same network as
+    ``energy_tokens``, with the observation keys and values given instead of computed.
+    """
+    p = list(params)
+    B, K, T, A = y.shape
+    layers = (len(p) - 12) // 17
+    D = p[0].shape[0]
+    hd = D // heads
+    h = F.linear(y.reshape(B * K, T, A), p[0], p[1])
+    h = F.layer_norm(h, (D,), p[2], p[3], ln_eps)
+    x = gelu(F.linear(gelu(h), p[4], p[5])) + p[6]
+    for l in range(layers):
+        (n1, wqkv, bqkv, qn, kn, wp, bp, n2, wxq, bxq, xqn, wxp, n3, wf1, bf1, wf2,
+         bf2) = p[7 + 17 * l: 7 + 17 * (l + 1)]
+        q, k, v = F.linear(rms_norm(x, n1, rms_eps), wqkv, bqkv).chunk(3, dim=-1)
+        q = rms_norm(_heads(q, heads), qn, rms_eps)
+        k = rms_norm(_heads(k, heads), kn, rms_eps)
+        x = x + F.linear(_attend(q, k, _heads(v, heads), None), wp, bp)
+        # cross-attention: the K candidates of context b against its cached keys (already scaled) and values
+        q = rms_norm(_heads(F.linear(rms_norm(x, n2, rms_eps), wxq, bxq), heads), xqn, rms_eps)
+        q = q.reshape(B, K, heads, T, hd)
+        s = torch.einsum("bkhtd,bhdl->bkhtl", q, ctx_k[l]) + bias
+        o = s.softmax(dim=-1) @ ctx_v[l].unsqueeze(1)                  # [B, K, H, T, hd]
+        x = x + F.linear(o.reshape(B * K, heads, T, hd).transpose(1, 2).reshape(B * K, T, D), wxp)
+        x = x + F.linear(gelu(F.linear(rms_norm(x, n3, rms_eps), wf1, bf1)), wf2, bf2)
+    hn, hw1, hb1, hw2, hb2 = p[-5:]
+    out = F.linear(gelu(F.linear(rms_norm(x, hn, rms_eps), hw1, hb1)), hw2, hb2)
+    return out.mean(dim=(-1, -2)).reshape(B, K)
