@@ -603,14 +603,42 @@ int64_t local_elems(const Net<T>& net) {
   return std::max(net.Tn, net.L) + net.hd + net.D + net.hd * std::max(net.Tn, net.L);
 }
 
-// One block of nb candidates starting at global candidate cand0: E[nb] and, if G, dE/dy [nb, T, A].
-// buf: block_elems() shared elements.
+// ---- one block, step by step ----
+// A block runs as the steps below, each a group of phases (the number in brackets), in this order:
+// embed_forward [2]; per layer self_attn_forward [2], cross_attn_forward [2], mlp_forward [2]; head_forward [3];
+// then with the gradient head_backward [3]; per layer, last first, mlp_backward [2], cross_attn_backward [2],
+// self_attn_backward [2]; embed_backward [2, +1 without layers]. block_phases() counts them.
+
+// What the steps of one block share: nb candidates starting at global candidate cand0, their inputs and
+// outputs, the sizes, and where each array lives in the shared buffer (block_elems()) and in the
+// participant's own temporaries (local_elems()).
 template <typename T>
-PYEBM_INLINE void block_impl(const Net<T>& net, int64_t cand0, int64_t nb, const T* y, T* E, T* G, T* buf,
-                             Crew& crew) {
+struct BlockRun {
+  const Net<T>& net;
+  Crew& crew;
+  int64_t cand0, nb;
+  const T* y;
+  T* E;
+  T* G;  // dE/dy [nb, T, A], or null: no gradient
+  int64_t Tn, D, H, hd, L, A, O, M;
+  Saved<T> sv;  // what the backward pass reads
+  T *head_xnf, *head_hh, *head_rf;
+  // working arrays [M, D] (big [M, 3D]): see block_run()
+  T *x, *big, *o, *dx, *t2, *att, *part_sum, *out;
+  // the participant's own temporaries
+  T *dP, *up, *row, *kvT;
+  int64_t n_rt;  // row tiles
+  int64_t hpt;   // heads per head-group tile
+  int64_t n_ht;  // head-group tiles
+};
+
+// The arrays of one block of nb candidates starting at global candidate cand0: E[nb] and, if G, dE/dy
+// [nb, T, A]. buf: block_elems() shared elements.
+template <typename T>
+PYEBM_INLINE BlockRun<T> block_run(const Net<T>& net, int64_t cand0, int64_t nb, const T* y, T* E, T* G, T* buf,
+                                   Crew& crew) {
   const int64_t Tn = net.Tn, D = net.D, H = net.H, hd = net.hd, L = net.L, A = net.A, O = net.O;
   const int64_t M = nb * Tn;
-  const bool grad = G != nullptr;
   Saved<T> sv{M, D, H, Tn, L, nb, buf};
   const int64_t n_saved = block_saved_elems(net, nb);
   T* head_xnf = buf + sv.embed_elems() + net.layers * sv.layer_elems();
@@ -635,6 +663,25 @@ PYEBM_INLINE void block_impl(const Net<T>& net, int64_t cand0, int64_t nb, const
   const int64_t n_rt = (M + kRowTile - 1) / kRowTile;
   const int64_t hpt = heads_per_group(hd);  // heads per head-group tile
   const int64_t n_ht = head_groups(H, hd);
+  return BlockRun<T>{net, crew, cand0, nb, y, E, G, Tn, D, H, hd, L, A, O, M, sv, head_xnf, head_hh, head_rf,
+                     x, big, o, dx, t2, att, part_sum, out, dP, up, row, kvT, n_rt, hpt, n_ht};
+}
+
+// Layer l's weights and the arrays it keeps for the backward pass (Saved).
+template <typename T>
+struct LayerRun {
+  const Layer<T>& w;
+  T *xn1, *qh, *kh, *vv, *xn2, *cqh, *xn3, *h1, *r1n, *r2n, *r3n, *rq, *rk, *rcq, *Pm, *Pc;
+};
+
+template <typename T>
+PYEBM_INLINE LayerRun<T> layer_run(const BlockRun<T>& run, int64_t l) {
+  const Saved<T>& sv = run.sv;
+  const Layer<T>& w = run.net.lay[l];
+  T* p = sv.layer(l);
+  return LayerRun<T>{w,         sv.xn1(p), sv.qh(p),  sv.kh(p), sv.v(p),   sv.xn2(p), sv.cqh(p), sv.xn3(p), sv.h1(p),
+                     sv.r1(p), sv.r2(p),  sv.r3(p),  sv.rq(p), sv.rk(p),  sv.rcq(p), sv.P(p),   sv.Pc(p)};
+}
 
 #define PYEBM_ROWS(t)                        \
   const int64_t r0 = (t) * kRowTile;         \
@@ -646,7 +693,15 @@ PYEBM_INLINE void block_impl(const Net<T>& net, int64_t cand0, int64_t nb, const
   const int64_t h0 = (t) * hpt;              \
   const int64_t h1 = std::min(H, h0 + hpt)
 
-  // ---- action embedding: Linear -> LayerNorm -> GELU -> Linear -> GELU, + positions ----
+// Action embedding [2 phases]: Linear -> LayerNorm -> GELU -> Linear -> GELU, + positions.
+template <typename T>
+PYEBM_INLINE void embed_forward(const BlockRun<T>& run) {
+  const Net<T>& net = run.net;
+  Crew& crew = run.crew;
+  const int64_t Tn = run.Tn, D = run.D, A = run.A, M = run.M, n_rt = run.n_rt;
+  const Saved<T>& sv = run.sv;
+  const T* y = run.y;
+  T *x = run.x, *big = run.big, *o = run.o;
   PYEBM_TILES(crew, n_rt, t) {
     PYEBM_ROWS(t);
     gemm_nt<T>(r1 - r0, D, A, y + r0 * A, net.w0, big + r0 * D, false);
@@ -682,132 +737,167 @@ PYEBM_INLINE void block_impl(const Net<T>& net, int64_t cand0, int64_t nb, const
       for (int64_t j = n0; j < n1; ++j) xr[j] += pos[j];
     }
   }
+}
 
-  // ---- blocks ----
-  // Per layer: norm1 (rows, with the previous layer's MLP partial sums); per head group its q/k/v slices,
-  // per-head norms, attention and its share of the projection (a partial sum over the group's input
-  // columns); norm2 with the partial sums added (rows); per head group the cross-attention query slice, the
-  // attention and its share of the cross projection; norm3 (rows); per tile of hidden units the MLP's fc1
-  // slice and its share of fc2. A tile's work stays on one core from its slices to its partial product, so
-  // little data moves between cores inside a layer.
-  for (int64_t l = 0; l < net.layers; ++l) {
-    const Layer<T>& w = net.lay[l];
-    T* p = sv.layer(l);
-    T *xn1 = sv.xn1(p), *qh = sv.qh(p), *kh = sv.kh(p), *vv = sv.v(p), *xn2 = sv.xn2(p), *cqh = sv.cqh(p);
-    T *xn3 = sv.xn3(p), *h1 = sv.h1(p), *r1n = sv.r1(p), *r2n = sv.r2(p), *r3n = sv.r3(p);
-    T *rq = sv.rq(p), *rk = sv.rk(p), *rcq = sv.rcq(p), *Pm = sv.P(p), *Pc = sv.Pc(p);
-    PYEBM_TILES(crew, n_rt, t) {
-      PYEBM_ROWS(t);
-      if (l > 0)  // the previous layer's MLP output: its partial sums and fc2's bias
-        for (int64_t i = r0; i < r1; ++i)
-          add_partials<T>(x + i * D, part_sum + i * D, col_tiles(D), M * D, D, net.lay[l - 1].bf2);
-      rms_rows(x, xn1, r1n, w.n1, o, r0, r1, D, net.rms_eps);
+// Layer l, self-attention [2 phases]: norm1 (rows, with the previous layer's MLP partial sums); per head
+// group its q/k/v slices, per-head norms, attention and its share of the projection (a partial sum over
+// the group's input columns).
+template <typename T>
+PYEBM_INLINE void self_attn_forward(const BlockRun<T>& run, int64_t l, const LayerRun<T>& lr) {
+  const Net<T>& net = run.net;
+  Crew& crew = run.crew;
+  const int64_t nb = run.nb, Tn = run.Tn, D = run.D, H = run.H, hd = run.hd, M = run.M;
+  const int64_t n_rt = run.n_rt, hpt = run.hpt, n_ht = run.n_ht;
+  T *x = run.x, *big = run.big, *o = run.o, *dx = run.dx, *t2 = run.t2, *att = run.att, *part_sum = run.part_sum;
+  T* kvT = run.kvT;
+  const Layer<T>& w = lr.w;
+  T *xn1 = lr.xn1, *qh = lr.qh, *kh = lr.kh, *vv = lr.vv, *r1n = lr.r1n, *rq = lr.rq, *rk = lr.rk, *Pm = lr.Pm;
+  PYEBM_TILES(crew, n_rt, t) {
+    PYEBM_ROWS(t);
+    if (l > 0)  // the previous layer's MLP output: its partial sums and fc2's bias
+      for (int64_t i = r0; i < r1; ++i)
+        add_partials<T>(x + i * D, part_sum + i * D, col_tiles(D), M * D, D, net.lay[l - 1].bf2);
+    rms_rows(x, xn1, r1n, w.n1, o, r0, r1, D, net.rms_eps);
+  }
+  // qs = q normed * qn * scale in t2, kn = k normed * kn in dx (both free until the backward pass)
+  T* qs = t2;
+  T* knb = dx;
+  PYEBM_TILES(crew, n_ht, t) {
+    PYEBM_HEADS(t);
+    const int64_t c0 = h0 * hd, c1 = h1 * hd, gw = c1 - c0;
+    // the group's q, k, v columns: a block [M, gw] in each third of big
+    for (int64_t part = 0; part < 3; ++part) {
+      T* blk = big + part * M * D + c0 * M;
+      fwd_cols<T>(M, 3 * D, D, o, D, w.wqkv, w.tqkv, part * D + c0, part * D + c1, blk, gw, false);
+      add_bias(blk, w.bqkv + part * D + c0, M, gw);
     }
-    // qs = q normed * qn * scale in t2, kn = k normed * kn in dx (both free until the backward pass)
-    T* qs = t2;
-    T* knb = dx;
-    PYEBM_TILES(crew, n_ht, t) {
-      PYEBM_HEADS(t);
-      const int64_t c0 = h0 * hd, c1 = h1 * hd, gw = c1 - c0;
-      // the group's q, k, v columns: a block [M, gw] in each third of big
-      for (int64_t part = 0; part < 3; ++part) {
-        T* blk = big + part * M * D + c0 * M;
-        fwd_cols<T>(M, 3 * D, D, o, D, w.wqkv, w.tqkv, part * D + c0, part * D + c1, blk, gw, false);
-        add_bias(blk, w.bqkv + part * D + c0, M, gw);
+    for (int64_t h = h0; h < h1; ++h) {
+      const int64_t hc = c0 * M + (h - h0) * hd;  // the head's first element in the group's blocks
+      qk_head<T>(hd, M, big + hc, big + M * D + hc, big + 2 * M * D + hc, gw, w.qn, w.kn, net.scale, net.rms_eps,
+                 qh + hc, kh + hc, vv + hc, qs + hc, knb + hc, gw, rq + h * M, rk + h * M);
+      for (int64_t c = 0; c < nb; ++c) {
+        const int64_t r = hc + c * Tn * gw;
+        self_attn_head<T>(hd, Tn, gw, qs + r, knb + r, vv + r, Pm + (c * H + h) * Tn * Tn, att + r, kvT);
       }
-      for (int64_t h = h0; h < h1; ++h) {
-        const int64_t hc = c0 * M + (h - h0) * hd;  // the head's first element in the group's blocks
-        qk_head<T>(hd, M, big + hc, big + M * D + hc, big + 2 * M * D + hc, gw, w.qn, w.kn, net.scale, net.rms_eps,
-                   qh + hc, kh + hc, vv + hc, qs + hc, knb + hc, gw, rq + h * M, rk + h * M);
-        for (int64_t c = 0; c < nb; ++c) {
-          const int64_t r = hc + c * Tn * gw;
-          self_attn_head<T>(hd, Tn, gw, qs + r, knb + r, vv + r, Pm + (c * H + h) * Tn * Tn, att + r, kvT);
-        }
-      }
-      fwd_krows<T>(M, D, D, att + c0 * M, gw, w.wp, w.tp, c0, c1, part_sum + t * M * D);
     }
-    PYEBM_TILES(crew, n_rt, t) {
-      PYEBM_ROWS(t);
-      for (int64_t i = r0; i < r1; ++i) add_partials(x + i * D, part_sum + i * D, n_ht, M * D, D, w.bp);
-      rms_rows(x, xn2, r2n, w.n2, o, r0, r1, D, net.rms_eps);
-    }
-    // cross-attention to the cached observation keys/values
-    PYEBM_TILES(crew, n_ht, t) {
-      PYEBM_HEADS(t);
-      const int64_t c0 = h0 * hd, c1 = h1 * hd;
-      const int64_t gw = c1 - c0;
-      T* gpart = part_sum + t * M * D;  // the group's partial product of the cross projection
-      T* qb = big + c0 * M;             // the group's query columns [M, gw]
-      fwd_cols<T>(M, D, D, o, D, w.wxq, w.txq, c0, c1, qb, gw, false);
-      add_bias(qb, w.bxq + c0, M, gw);
-      for (int64_t h = h0; h < h1; ++h) {
-        const int64_t hc = c0 * M + (h - h0) * hd;
-        for (int64_t i = 0; i < M; ++i)
-          rcq[h * M + i] = rms_row(big + hc + i * gw, cqh + hc + i * gw, hd, net.rms_eps);
-        for (int64_t c = 0; c < nb; ++c) {
-          const int64_t q0 = c * Tn;
-          const int64_t b = (cand0 + c) / net.K;
-          // the keys by token [L, hd] (the op's layout is [hd, L]; pre-scaled), times the query norm's weight
-          const T* kT = kvT;
-          transpose_to<T>(hd, L, net.kc(l, b, h), kvT);
-          for (int64_t j = 0; j < L; ++j)
-            for (int64_t d = 0; d < hd; ++d) kvT[j * hd + d] *= w.xqn[d];
-          T* Pch = Pc + (c * H + h) * Tn * L;
-          for (int64_t t = 0; t < Tn; ++t) {
-            const T* q = cqh + hc + (q0 + t) * gw;
-            T* s = Pch + t * L;
-            for (int64_t j = 0; j < L; ++j) s[j] = net.bias[t * L + j] + dot_n(q, kT + j * hd, hd);
-            softmax_row(s, L);
-            if (net.folded()) {  // the group's share of the projected output: sum over its heads of P U
-              T* ot = gpart + (q0 + t) * D;
-              const T* uh = net.uc(l, b, h);
-              for (int64_t j = 0; j < L; ++j) {
-                const T pj = s[j];
-                const T* uj = uh + j * D;
-                if (h == h0 && j == 0) {
-#pragma omp simd
-                  for (int64_t d = 0; d < D; ++d) ot[d] = pj * uj[d];
-                } else {
-#pragma omp simd
-                  for (int64_t d = 0; d < D; ++d) ot[d] += pj * uj[d];
-                }
-              }
-              continue;
-            }
-            T* ot = att + hc + (q0 + t) * gw;
-            const T* vc = net.vc(l, b, h);  // [L, hd]
-            for (int64_t d = 0; d < hd; ++d) ot[d] = T(0);
+    fwd_krows<T>(M, D, D, att + c0 * M, gw, w.wp, w.tp, c0, c1, part_sum + t * M * D);
+  }
+}
+
+// Layer l, cross-attention [2 phases]: norm2 with the self-attention's partial sums added (rows); per head
+// group the query slice, the attention to the cached observation keys/values and its share of the cross
+// projection.
+template <typename T>
+PYEBM_INLINE void cross_attn_forward(const BlockRun<T>& run, int64_t l, const LayerRun<T>& lr) {
+  const Net<T>& net = run.net;
+  Crew& crew = run.crew;
+  const int64_t cand0 = run.cand0, nb = run.nb, Tn = run.Tn, D = run.D, H = run.H, hd = run.hd, L = run.L, M = run.M;
+  const int64_t n_rt = run.n_rt, hpt = run.hpt, n_ht = run.n_ht;
+  T *x = run.x, *big = run.big, *o = run.o, *att = run.att, *part_sum = run.part_sum;
+  T* kvT = run.kvT;
+  const Layer<T>& w = lr.w;
+  T *xn2 = lr.xn2, *cqh = lr.cqh, *r2n = lr.r2n, *rcq = lr.rcq, *Pc = lr.Pc;
+  PYEBM_TILES(crew, n_rt, t) {
+    PYEBM_ROWS(t);
+    for (int64_t i = r0; i < r1; ++i) add_partials(x + i * D, part_sum + i * D, n_ht, M * D, D, w.bp);
+    rms_rows(x, xn2, r2n, w.n2, o, r0, r1, D, net.rms_eps);
+  }
+  // cross-attention to the cached observation keys/values
+  PYEBM_TILES(crew, n_ht, t) {
+    PYEBM_HEADS(t);
+    const int64_t c0 = h0 * hd, c1 = h1 * hd;
+    const int64_t gw = c1 - c0;
+    T* gpart = part_sum + t * M * D;  // the group's partial product of the cross projection
+    T* qb = big + c0 * M;             // the group's query columns [M, gw]
+    fwd_cols<T>(M, D, D, o, D, w.wxq, w.txq, c0, c1, qb, gw, false);
+    add_bias(qb, w.bxq + c0, M, gw);
+    for (int64_t h = h0; h < h1; ++h) {
+      const int64_t hc = c0 * M + (h - h0) * hd;
+      for (int64_t i = 0; i < M; ++i)
+        rcq[h * M + i] = rms_row(big + hc + i * gw, cqh + hc + i * gw, hd, net.rms_eps);
+      for (int64_t c = 0; c < nb; ++c) {
+        const int64_t q0 = c * Tn;
+        const int64_t b = (cand0 + c) / net.K;
+        // the keys by token [L, hd] (the op's layout is [hd, L]; pre-scaled), times the query norm's weight
+        const T* kT = kvT;
+        transpose_to<T>(hd, L, net.kc(l, b, h), kvT);
+        for (int64_t j = 0; j < L; ++j)
+          for (int64_t d = 0; d < hd; ++d) kvT[j * hd + d] *= w.xqn[d];
+        T* Pch = Pc + (c * H + h) * Tn * L;
+        for (int64_t t = 0; t < Tn; ++t) {
+          const T* q = cqh + hc + (q0 + t) * gw;
+          T* s = Pch + t * L;
+          for (int64_t j = 0; j < L; ++j) s[j] = net.bias[t * L + j] + dot_n(q, kT + j * hd, hd);
+          softmax_row(s, L);
+          if (net.folded()) {  // the group's share of the projected output: sum over its heads of P U
+            T* ot = gpart + (q0 + t) * D;
+            const T* uh = net.uc(l, b, h);
             for (int64_t j = 0; j < L; ++j) {
               const T pj = s[j];
-              const T* vj = vc + j * hd;
+              const T* uj = uh + j * D;
+              if (h == h0 && j == 0) {
 #pragma omp simd
-              for (int64_t d = 0; d < hd; ++d) ot[d] += pj * vj[d];
+                for (int64_t d = 0; d < D; ++d) ot[d] = pj * uj[d];
+              } else {
+#pragma omp simd
+                for (int64_t d = 0; d < D; ++d) ot[d] += pj * uj[d];
+              }
             }
+            continue;
+          }
+          T* ot = att + hc + (q0 + t) * gw;
+          const T* vc = net.vc(l, b, h);  // [L, hd]
+          for (int64_t d = 0; d < hd; ++d) ot[d] = T(0);
+          for (int64_t j = 0; j < L; ++j) {
+            const T pj = s[j];
+            const T* vj = vc + j * hd;
+#pragma omp simd
+            for (int64_t d = 0; d < hd; ++d) ot[d] += pj * vj[d];
           }
         }
       }
-      if (!net.folded()) fwd_krows<T>(M, D, D, att + c0 * M, gw, w.wxp, w.txp, c0, c1, gpart);
     }
-    // MLP: norm3 (rows, with the cross projection's partial sums), then per tile of hidden units fc1 + GELU
-    // into t2 and fc2's partial sum over those units (added, with fc2's bias, by the next row phase)
-    PYEBM_TILES(crew, n_rt, t) {
-      PYEBM_ROWS(t);
-      for (int64_t i = r0; i < r1; ++i) add_partials<T>(x + i * D, part_sum + i * D, n_ht, M * D, D, nullptr);
-      rms_rows(x, xn3, r3n, w.n3, o, r0, r1, D, net.rms_eps);
-    }
-    PYEBM_TILES(crew, col_tiles(D), t) {
-      PYEBM_COLS(t, D);
-      const int64_t wd = n1 - n0;
-      T* hb = t2 + n0 * M;  // the tile's hidden units, [M, wd]
-      T* gb = h1 + n0 * M;  // and their gelu' (kept for the backward pass)
-      fwd_cols<T>(M, D, D, o, D, w.wf1, w.tf1, n0, n1, hb, wd, false);
-      add_bias(hb, w.bf1 + n0, M, wd);
-      gelu_pass(M * wd, hb, gb);
-      fwd_krows<T>(M, D, D, hb, wd, w.wf2, w.tf2, n0, n1, part_sum + t * M * D);
-    }
+    if (!net.folded()) fwd_krows<T>(M, D, D, att + c0 * M, gw, w.wxp, w.txp, c0, c1, gpart);
   }
+}
 
-  // ---- head: RMSNorm -> Linear -> GELU -> Linear, mean over (T, O) ----
+// Layer l, MLP [2 phases].
+template <typename T>
+PYEBM_INLINE void mlp_forward(const BlockRun<T>& run, const LayerRun<T>& lr) {
+  const Net<T>& net = run.net;
+  Crew& crew = run.crew;
+  const int64_t D = run.D, M = run.M, n_rt = run.n_rt, n_ht = run.n_ht;
+  T *x = run.x, *o = run.o, *t2 = run.t2, *part_sum = run.part_sum;
+  const Layer<T>& w = lr.w;
+  T *xn3 = lr.xn3, *h1 = lr.h1, *r3n = lr.r3n;
+  // MLP: norm3 (rows, with the cross projection's partial sums), then per tile of hidden units fc1 + GELU
+  // into t2 and fc2's partial sum over those units (added, with fc2's bias, by the next row phase)
+  PYEBM_TILES(crew, n_rt, t) {
+    PYEBM_ROWS(t);
+    for (int64_t i = r0; i < r1; ++i) add_partials<T>(x + i * D, part_sum + i * D, n_ht, M * D, D, nullptr);
+    rms_rows(x, xn3, r3n, w.n3, o, r0, r1, D, net.rms_eps);
+  }
+  PYEBM_TILES(crew, col_tiles(D), t) {
+    PYEBM_COLS(t, D);
+    const int64_t wd = n1 - n0;
+    T* hb = t2 + n0 * M;  // the tile's hidden units, [M, wd]
+    T* gb = h1 + n0 * M;  // and their gelu' (kept for the backward pass)
+    fwd_cols<T>(M, D, D, o, D, w.wf1, w.tf1, n0, n1, hb, wd, false);
+    add_bias(hb, w.bf1 + n0, M, wd);
+    gelu_pass(M * wd, hb, gb);
+    fwd_krows<T>(M, D, D, hb, wd, w.wf2, w.tf2, n0, n1, part_sum + t * M * D);
+  }
+}
+
+// Head [3 phases]: RMSNorm -> Linear -> GELU -> Linear, mean over (T, O).
+template <typename T>
+PYEBM_INLINE void head_forward(const BlockRun<T>& run) {
+  const Net<T>& net = run.net;
+  Crew& crew = run.crew;
+  const int64_t nb = run.nb, Tn = run.Tn, D = run.D, O = run.O, M = run.M, n_rt = run.n_rt;
+  T* E = run.E;
+  T *head_xnf = run.head_xnf, *head_hh = run.head_hh, *head_rf = run.head_rf;
+  T *x = run.x, *o = run.o, *t2 = run.t2, *part_sum = run.part_sum, *out = run.out;
   PYEBM_TILES(crew, n_rt, t) {
     PYEBM_ROWS(t);
     if (net.layers > 0)  // the last layer's MLP output
@@ -834,10 +924,18 @@ PYEBM_INLINE void block_impl(const Net<T>& net, int64_t cand0, int64_t nb, const
       E[c] = acc / T(Tn * O);
     }
   }
-  if (!grad) return;
+}
 
-  // ---- backward to the candidate ----
-  // dE/d gelu(hh) is the same row for every token: the column sums of fc2, / (T * O)
+// ---- backward to the candidate ----
+// Head backward [3 phases]: into dx.
+// dE/d gelu(hh) is the same row for every token: the column sums of fc2, / (T * O)
+template <typename T>
+PYEBM_INLINE void head_backward(const BlockRun<T>& run) {
+  const Net<T>& net = run.net;
+  Crew& crew = run.crew;
+  const int64_t Tn = run.Tn, D = run.D, O = run.O, M = run.M, n_rt = run.n_rt;
+  T *head_xnf = run.head_xnf, *head_hh = run.head_hh, *head_rf = run.head_rf;
+  T *o = run.o, *dx = run.dx, *t2 = run.t2, *row = run.row;
   PYEBM_TILES(crew, n_rt, t) {
     PYEBM_ROWS(t);
     for (int64_t j = 0; j < D; ++j) {
@@ -858,133 +956,169 @@ PYEBM_INLINE void block_impl(const Net<T>& net, int64_t cand0, int64_t nb, const
     for (int64_t i = r0; i < r1; ++i)
       rms_back_row(t2 + i * D, net.hn, head_xnf + i * D, head_rf[i], D, dx + i * D, false);
   }
+}
 
-  for (int64_t l = net.layers - 1; l >= 0; --l) {
-    const Layer<T>& w = net.lay[l];
-    T* p = sv.layer(l);
-    T *xn1 = sv.xn1(p), *qh = sv.qh(p), *kh = sv.kh(p), *vv = sv.v(p), *xn2 = sv.xn2(p), *cqh = sv.cqh(p);
-    T *xn3 = sv.xn3(p), *h1 = sv.h1(p), *r1n = sv.r1(p), *r2n = sv.r2(p), *r3n = sv.r3(p);
-    T *rq = sv.rq(p), *rk = sv.rk(p), *rcq = sv.rcq(p), *Pm = sv.P(p), *Pc = sv.Pc(p);
-    // MLP branch. Tile t takes the hidden units n0..n1 the forward pass's tile t took: their gradient
-    // (dx @ fc2's columns n0..n1, times the GELU derivative), then their share of the input gradient, a
-    // partial sum over those units added up by the next row phase.
-    const int64_t n_mt = col_tiles(D);
-    PYEBM_TILES(crew, n_mt, t) {
-      PYEBM_COLS(t, D);
-      const int64_t wd = n1 - n0;
-      T* ob = o + n0 * M;         // d(hidden units of the tile), [M, wd]
-      const T* gb = h1 + n0 * M;  // their gelu'
-      bwd_cols<T>(M, D, D, dx, D, w.wf2, w.tf2, n0, n1, ob, wd, false);
-      for (int64_t i = 0; i < M * wd; ++i) ob[i] *= gb[i];
-      bwd_krows<T>(M, D, D, ob, wd, w.wf1, w.tf1, n0, n1, part_sum + t * M * D, false);
-    }
-    PYEBM_TILES(crew, n_rt, t) {
-      PYEBM_ROWS(t);
-      for (int64_t i = r0; i < r1; ++i) {
-        std::fill(row, row + D, T(0));
-        add_partials<T>(row, part_sum + i * D, n_mt, M * D, D, nullptr);
-        rms_back_row(row, w.n3, xn3 + i * D, r3n[i], D, dx + i * D, true);
-      }
-    }
-    // cross-attention branch (keys and values are constants), per head group: d(attention output) in o,
-    // d(q after its norm) in t2, through the per-head norm into big [M, D], then the group's share of the
-    // query projection's input gradient
-    PYEBM_TILES(crew, n_ht, t) {
-      PYEBM_HEADS(t);
-      const int64_t c0 = h0 * hd, c1 = h1 * hd, gw = c1 - c0;
-      // d(attention output) = dx @ Wxp, or with the projection folded dP[j] = dx . U[h, j] directly
-      if (!net.folded()) bwd_cols<T>(M, D, D, dx, D, w.wxp, w.txp, c0, c1, o + c0 * M, gw, false);
-      for (int64_t h = h0; h < h1; ++h) {
-        const int64_t hc = c0 * M + (h - h0) * hd;
-        for (int64_t c = 0; c < nb; ++c) {
-          const int64_t q0 = c * Tn;
-          const int64_t b = (cand0 + c) / net.K;
-          const T* vc = net.folded() ? net.uc(l, b, h) : net.vc(l, b, h);  // what dP reads: U [L, D] or v [L, hd]
-          const int64_t vw = net.folded() ? D : hd;
-          const T* kT = kvT;
-          transpose_to<T>(hd, L, net.kc(l, b, h), kvT);
-          const T* Pch = Pc + (c * H + h) * Tn * L;
-          for (int64_t t = 0; t < Tn; ++t) {
-            const T* dot = net.folded() ? dx + (q0 + t) * D : o + hc + (q0 + t) * gw;
-            const T* pr = Pch + t * L;
-            T dotp = T(0);
-            for (int64_t j = 0; j < L; ++j) {
-              dP[j] = dot_n(dot, vc + j * vw, vw);
-              dotp += dP[j] * pr[j];
-            }
-            for (int64_t j = 0; j < L; ++j) dP[j] = pr[j] * (dP[j] - dotp);  // dS
-            T* dq = t2 + hc + (q0 + t) * gw;
-            for (int64_t d = 0; d < hd; ++d) dq[d] = T(0);
-            for (int64_t j = 0; j < L; ++j) {
-              const T dj = dP[j];
-              const T* kj = kT + j * hd;
-#pragma omp simd
-              for (int64_t d = 0; d < hd; ++d) dq[d] += dj * kj[d];
-            }
-          }
-        }
-        for (int64_t i = 0; i < M; ++i)
-          rms_back_row(t2 + hc + i * gw, w.xqn, cqh + hc + i * gw, rcq[h * M + i], hd, big + hc + i * gw, false);
-      }
-      bwd_krows<T>(M, D, D, big + c0 * M, gw, w.wxq, w.txq, c0, c1, part_sum + t * M * D, false);
-    }
-    PYEBM_TILES(crew, n_rt, t) {
-      PYEBM_ROWS(t);
-      for (int64_t i = r0; i < r1; ++i) {
-        std::fill(row, row + D, T(0));
-        add_partials<T>(row, part_sum + i * D, n_ht, M * D, D, nullptr);
-        rms_back_row(row, w.n2, xn2 + i * D, r2n[i], D, dx + i * D, true);
-      }
-    }
-    // self-attention branch, per head group: d(attention output) in o, then dq, dk, dv (after the q/k
-    // norms) in big [M, 3D], through the per-head norms in place, then the group's share of the qkv
-    // projection's input gradient
-    T* dqkv = big;
-    PYEBM_TILES(crew, n_ht, t) {
-      PYEBM_HEADS(t);
-      const int64_t c0 = h0 * hd, c1 = h1 * hd, gw = c1 - c0;
-      bwd_cols<T>(M, D, D, dx, D, w.wp, w.tp, c0, c1, o + c0 * M, gw, false);
-      for (int64_t h = h0; h < h1; ++h) {
-        const int64_t hc = c0 * M + (h - h0) * hd;
-        for (int64_t part = 0; part < 3; ++part)
-          for (int64_t i = 0; i < M; ++i) {
-            T* g = dqkv + part * M * D + hc + i * gw;
-            std::fill(g, g + hd, T(0));
-          }
-        for (int64_t c = 0; c < nb; ++c) {
-          const int64_t r = hc + c * Tn * gw;
-          self_attn_head_back<T>(hd, Tn, gw, o + r, vv + r, Pm + (c * H + h) * Tn * Tn, qh + r, kh + r, w.qn, w.kn,
-                                 net.scale, dqkv + r, dqkv + M * D + r, dqkv + 2 * M * D + r, gw, dP, kvT);
-        }
-        // through the per-head q/k RMSNorms, in place (the upstream gradient is copied out first)
-        for (int64_t i = 0; i < M; ++i) {
-          T* dq = dqkv + hc + i * gw;
-          T* dk = dqkv + M * D + hc + i * gw;
-          std::copy(dq, dq + hd, up);
-          rms_back_row(up, w.qn, qh + hc + i * gw, rq[h * M + i], hd, dq, false);
-          std::copy(dk, dk + hd, up);
-          rms_back_row(up, w.kn, kh + hc + i * gw, rk[h * M + i], hd, dk, false);
-        }
-      }
-      for (int64_t part = 0; part < 3; ++part)
-        bwd_krows<T>(M, 3 * D, D, dqkv + part * M * D + c0 * M, gw, w.wqkv, w.tqkv, part * D + c0, part * D + c1,
-                     part_sum + t * M * D, part > 0);
-    }
-    // norm1 back into dx (with the qkv partial sums); below the first layer, also the embedding's first
-    // backward product input
-    PYEBM_TILES(crew, n_rt, t) {
-      PYEBM_ROWS(t);
-      for (int64_t i = r0; i < r1; ++i) {
-        std::fill(row, row + D, T(0));
-        add_partials<T>(row, part_sum + i * D, n_ht, M * D, D, nullptr);
-        rms_back_row(row, w.n1, xn1 + i * D, r1n[i], D, dx + i * D, true);
-        if (l == 0)
-          for (int64_t j = 0; j < D; ++j) o[i * D + j] = dx[i * D + j] * sv.u4()[i * D + j];
-      }
+// Layer l, MLP branch backward [2 phases]. Tile t takes the hidden units n0..n1 the forward pass's tile t
+// took: their gradient (dx @ fc2's columns n0..n1, times the GELU derivative), then their share of the
+// input gradient, a partial sum over those units added up by the next row phase (norm3 back into dx).
+template <typename T>
+PYEBM_INLINE void mlp_backward(const BlockRun<T>& run, const LayerRun<T>& lr) {
+  Crew& crew = run.crew;
+  const int64_t D = run.D, M = run.M, n_rt = run.n_rt;
+  T *o = run.o, *dx = run.dx, *part_sum = run.part_sum, *row = run.row;
+  const Layer<T>& w = lr.w;
+  T *xn3 = lr.xn3, *h1 = lr.h1, *r3n = lr.r3n;
+  const int64_t n_mt = col_tiles(D);
+  PYEBM_TILES(crew, n_mt, t) {
+    PYEBM_COLS(t, D);
+    const int64_t wd = n1 - n0;
+    T* ob = o + n0 * M;         // d(hidden units of the tile), [M, wd]
+    const T* gb = h1 + n0 * M;  // their gelu'
+    bwd_cols<T>(M, D, D, dx, D, w.wf2, w.tf2, n0, n1, ob, wd, false);
+    for (int64_t i = 0; i < M * wd; ++i) ob[i] *= gb[i];
+    bwd_krows<T>(M, D, D, ob, wd, w.wf1, w.tf1, n0, n1, part_sum + t * M * D, false);
+  }
+  PYEBM_TILES(crew, n_rt, t) {
+    PYEBM_ROWS(t);
+    for (int64_t i = r0; i < r1; ++i) {
+      std::fill(row, row + D, T(0));
+      add_partials<T>(row, part_sum + i * D, n_mt, M * D, D, nullptr);
+      rms_back_row(row, w.n3, xn3 + i * D, r3n[i], D, dx + i * D, true);
     }
   }
+}
 
-  // ---- embedding backward ----
+// Layer l, cross-attention branch backward [2 phases] (keys and values are constants), per head group:
+// d(attention output) in o, d(q after its norm) in t2, through the per-head norm into big [M, D], then the
+// group's share of the query projection's input gradient; norm2 back into dx.
+template <typename T>
+PYEBM_INLINE void cross_attn_backward(const BlockRun<T>& run, int64_t l, const LayerRun<T>& lr) {
+  const Net<T>& net = run.net;
+  Crew& crew = run.crew;
+  const int64_t cand0 = run.cand0, nb = run.nb, Tn = run.Tn, D = run.D, H = run.H, hd = run.hd, L = run.L, M = run.M;
+  const int64_t n_rt = run.n_rt, hpt = run.hpt, n_ht = run.n_ht;
+  T *big = run.big, *o = run.o, *dx = run.dx, *t2 = run.t2, *part_sum = run.part_sum;
+  T *dP = run.dP, *row = run.row, *kvT = run.kvT;
+  const Layer<T>& w = lr.w;
+  T *xn2 = lr.xn2, *cqh = lr.cqh, *r2n = lr.r2n, *rcq = lr.rcq, *Pc = lr.Pc;
+  PYEBM_TILES(crew, n_ht, t) {
+    PYEBM_HEADS(t);
+    const int64_t c0 = h0 * hd, c1 = h1 * hd, gw = c1 - c0;
+    // d(attention output) = dx @ Wxp, or with the projection folded dP[j] = dx . U[h, j] directly
+    if (!net.folded()) bwd_cols<T>(M, D, D, dx, D, w.wxp, w.txp, c0, c1, o + c0 * M, gw, false);
+    for (int64_t h = h0; h < h1; ++h) {
+      const int64_t hc = c0 * M + (h - h0) * hd;
+      for (int64_t c = 0; c < nb; ++c) {
+        const int64_t q0 = c * Tn;
+        const int64_t b = (cand0 + c) / net.K;
+        const T* vc = net.folded() ? net.uc(l, b, h) : net.vc(l, b, h);  // what dP reads: U [L, D] or v [L, hd]
+        const int64_t vw = net.folded() ? D : hd;
+        const T* kT = kvT;
+        transpose_to<T>(hd, L, net.kc(l, b, h), kvT);
+        const T* Pch = Pc + (c * H + h) * Tn * L;
+        for (int64_t t = 0; t < Tn; ++t) {
+          const T* dot = net.folded() ? dx + (q0 + t) * D : o + hc + (q0 + t) * gw;
+          const T* pr = Pch + t * L;
+          T dotp = T(0);
+          for (int64_t j = 0; j < L; ++j) {
+            dP[j] = dot_n(dot, vc + j * vw, vw);
+            dotp += dP[j] * pr[j];
+          }
+          for (int64_t j = 0; j < L; ++j) dP[j] = pr[j] * (dP[j] - dotp);  // dS
+          T* dq = t2 + hc + (q0 + t) * gw;
+          for (int64_t d = 0; d < hd; ++d) dq[d] = T(0);
+          for (int64_t j = 0; j < L; ++j) {
+            const T dj = dP[j];
+            const T* kj = kT + j * hd;
+#pragma omp simd
+            for (int64_t d = 0; d < hd; ++d) dq[d] += dj * kj[d];
+          }
+        }
+      }
+      for (int64_t i = 0; i < M; ++i)
+        rms_back_row(t2 + hc + i * gw, w.xqn, cqh + hc + i * gw, rcq[h * M + i], hd, big + hc + i * gw, false);
+    }
+    bwd_krows<T>(M, D, D, big + c0 * M, gw, w.wxq, w.txq, c0, c1, part_sum + t * M * D, false);
+  }
+  PYEBM_TILES(crew, n_rt, t) {
+    PYEBM_ROWS(t);
+    for (int64_t i = r0; i < r1; ++i) {
+      std::fill(row, row + D, T(0));
+      add_partials<T>(row, part_sum + i * D, n_ht, M * D, D, nullptr);
+      rms_back_row(row, w.n2, xn2 + i * D, r2n[i], D, dx + i * D, true);
+    }
+  }
+}
+
+// Layer l, self-attention branch backward [2 phases], per head group: d(attention output) in o, then dq,
+// dk, dv (after the q/k norms) in big [M, 3D], through the per-head norms in place, then the group's share
+// of the qkv projection's input gradient; norm1 back into dx (with the qkv partial sums), and below the
+// first layer also the embedding's first backward product input.
+template <typename T>
+PYEBM_INLINE void self_attn_backward(const BlockRun<T>& run, int64_t l, const LayerRun<T>& lr) {
+  const Net<T>& net = run.net;
+  Crew& crew = run.crew;
+  const int64_t nb = run.nb, Tn = run.Tn, D = run.D, H = run.H, hd = run.hd, M = run.M;
+  const int64_t n_rt = run.n_rt, hpt = run.hpt, n_ht = run.n_ht;
+  const Saved<T>& sv = run.sv;
+  T *big = run.big, *o = run.o, *dx = run.dx, *part_sum = run.part_sum;
+  T *dP = run.dP, *up = run.up, *row = run.row, *kvT = run.kvT;
+  const Layer<T>& w = lr.w;
+  T *xn1 = lr.xn1, *qh = lr.qh, *kh = lr.kh, *vv = lr.vv, *r1n = lr.r1n, *rq = lr.rq, *rk = lr.rk, *Pm = lr.Pm;
+  T* dqkv = big;
+  PYEBM_TILES(crew, n_ht, t) {
+    PYEBM_HEADS(t);
+    const int64_t c0 = h0 * hd, c1 = h1 * hd, gw = c1 - c0;
+    bwd_cols<T>(M, D, D, dx, D, w.wp, w.tp, c0, c1, o + c0 * M, gw, false);
+    for (int64_t h = h0; h < h1; ++h) {
+      const int64_t hc = c0 * M + (h - h0) * hd;
+      for (int64_t part = 0; part < 3; ++part)
+        for (int64_t i = 0; i < M; ++i) {
+          T* g = dqkv + part * M * D + hc + i * gw;
+          std::fill(g, g + hd, T(0));
+        }
+      for (int64_t c = 0; c < nb; ++c) {
+        const int64_t r = hc + c * Tn * gw;
+        self_attn_head_back<T>(hd, Tn, gw, o + r, vv + r, Pm + (c * H + h) * Tn * Tn, qh + r, kh + r, w.qn, w.kn,
+                               net.scale, dqkv + r, dqkv + M * D + r, dqkv + 2 * M * D + r, gw, dP, kvT);
+      }
+      // through the per-head q/k RMSNorms, in place (the upstream gradient is copied out first)
+      for (int64_t i = 0; i < M; ++i) {
+        T* dq = dqkv + hc + i * gw;
+        T* dk = dqkv + M * D + hc + i * gw;
+        std::copy(dq, dq + hd, up);
+        rms_back_row(up, w.qn, qh + hc + i * gw, rq[h * M + i], hd, dq, false);
+        std::copy(dk, dk + hd, up);
+        rms_back_row(up, w.kn, kh + hc + i * gw, rk[h * M + i], hd, dk, false);
+      }
+    }
+    for (int64_t part = 0; part < 3; ++part)
+      bwd_krows<T>(M, 3 * D, D, dqkv + part * M * D + c0 * M, gw, w.wqkv, w.tqkv, part * D + c0, part * D + c1,
+                   part_sum + t * M * D, part > 0);
+  }
+  // norm1 back into dx (with the qkv partial sums); below the first layer, also the embedding's first
+  // backward product input
+  PYEBM_TILES(crew, n_rt, t) {
+    PYEBM_ROWS(t);
+    for (int64_t i = r0; i < r1; ++i) {
+      std::fill(row, row + D, T(0));
+      add_partials<T>(row, part_sum + i * D, n_ht, M * D, D, nullptr);
+      rms_back_row(row, w.n1, xn1 + i * D, r1n[i], D, dx + i * D, true);
+      if (l == 0)
+        for (int64_t j = 0; j < D; ++j) o[i * D + j] = dx[i * D + j] * sv.u4()[i * D + j];
+    }
+  }
+}
+
+// Embedding backward [2 phases, 3 without layers]: into G.
+template <typename T>
+PYEBM_INLINE void embed_backward(const BlockRun<T>& run) {
+  const Net<T>& net = run.net;
+  Crew& crew = run.crew;
+  const int64_t D = run.D, A = run.A, M = run.M, n_rt = run.n_rt;
+  const Saved<T>& sv = run.sv;
+  T* G = run.G;
+  T *o = run.o, *dx = run.dx, *t2 = run.t2;
   if (net.layers == 0) {
     PYEBM_TILES(crew, n_rt, t) {
       PYEBM_ROWS(t);
@@ -1013,9 +1147,38 @@ PYEBM_INLINE void block_impl(const Net<T>& net, int64_t cand0, int64_t nb, const
     }
     gemm_nn<T>(r1 - r0, D, A, o + r0 * D, net.w0, G + r0 * A, false);
   }
+}
+
 #undef PYEBM_ROWS
 #undef PYEBM_COLS
 #undef PYEBM_HEADS
+
+// One block of nb candidates starting at global candidate cand0: E[nb] and, if G, dE/dy [nb, T, A].
+// buf: block_elems() shared elements.
+template <typename T>
+PYEBM_INLINE void block_impl(const Net<T>& net, int64_t cand0, int64_t nb, const T* y, T* E, T* G, T* buf,
+                             Crew& crew) {
+  const BlockRun<T> run = block_run<T>(net, cand0, nb, y, E, G, buf, crew);
+  embed_forward(run);
+  // Per layer: per head group of the self-attention, then of the cross-attention, then per tile of the MLP's
+  // hidden units, each after its norm's row phase. A tile's work stays on one core from its slices to its
+  // partial product, so little data moves between cores inside a layer.
+  for (int64_t l = 0; l < net.layers; ++l) {
+    const LayerRun<T> lr = layer_run(run, l);
+    self_attn_forward(run, l, lr);
+    cross_attn_forward(run, l, lr);
+    mlp_forward(run, lr);
+  }
+  head_forward(run);
+  if (G == nullptr) return;
+  head_backward(run);
+  for (int64_t l = net.layers - 1; l >= 0; --l) {
+    const LayerRun<T> lr = layer_run(run, l);
+    mlp_backward(run, lr);
+    cross_attn_backward(run, l, lr);
+    self_attn_backward(run, l, lr);
+  }
+  embed_backward(run);
 }
 
 // The block compiled for the baseline ISA, for AVX2 + FMA and for AVX-512 (chosen at run time), so the
