@@ -203,84 +203,17 @@ def descent_update(
                              grad_clip_norm, energy_scaled, energy_temperature, tol, tol_final_step,
                              bound_each_step, y_base)
     base = y if y_base is None else y_base
-    if not dry_run:
-        finite = finite_rows(g, E)
-        if finite_also is not None:
-            finite &= finite_also
-        status.masked_fill_(active & ~finite, NONFINITE)
-        active &= finite
-        clip_grad_(g, grad_clip, grad_clip_norm)
-        stop_after = None
-        if tol > 0:
-            if tol_on == "grad_norm":
-                metric = torch.sum(g * g, dim=1)
-                if tol_scope == "all":
-                    metric = torch.where(active, metric, 0.0).sum().expand_as(metric)
-                crit = metric.sqrt() <= tol
-            elif E_prev is None:
-                crit = torch.zeros_like(active)
-            else:
-                change = (E - E_prev).abs_()
-                if tol_scope == "all":
-                    change = torch.where(active, change, 0.0).max().expand_as(change)
-                crit = change <= tol
-            if tol_final_step:
-                stop_after = active & pending
-                torch.logical_and(active, crit, out=pending)
-            else:
-                stop = active & crit
-                status.masked_fill_(stop, CONVERGED)
-                active &= ~stop
-        move = active.clone()
+    if dry_run:
+        move, stop_after, d = None, None, g.clone()
+    else:
+        move, stop_after = _stop_rows(g, E, active, status, pending, E_prev, finite_also, grad_clip, grad_clip_norm,
+                                      tol, tol_on, tol_scope, tol_final_step)
         d = g
-    else:
-        move = None
-        d = g.clone()
-
-    if energy_scaled:
-        eta_r = torch.exp(E).div_(energy_temperature).mul_(eta)       # [N]
-        d.mul_((eta_r * -grad_scale).unsqueeze(1))
-    else:
-        eta_r = eta
-        d.mul_(-grad_scale * eta)
-
-    v_new = None
-    if momentum > 0:
-        if velocity_out is None:
-            v_new = torch.add(d, velocity, alpha=momentum)
-        else:
-            v_new = torch.add(d, velocity, alpha=momentum, out=velocity_out)
-        d = v_new.clone()  # d picks up noise, clipping and the base in place; v' must not
-
+    d, v_new, eta_r = _direction(d, E, velocity, velocity_out, eta, grad_scale, momentum, energy_scaled,
+                                 energy_temperature)
     if noise is not None:
-        if noise_mode == "langevin":
-            if energy_scaled:
-                d.addcmul_(noise, (eta_r * (2.0 * noise_level)).sqrt_().unsqueeze(1))
-            else:
-                d.add_(noise, alpha=math.sqrt(2.0 * eta * noise_level))
-        elif noise_mode == "step":
-            if energy_scaled:
-                d.addcmul_(noise, (eta_r * noise_level).unsqueeze(1), value=-1.0)
-            else:
-                d.add_(noise, alpha=-(eta * noise_level))
-        elif noise_mode == "additive":
-            d.add_(noise, alpha=noise_level)
-        else:
-            raise ValueError(f"noise_mode for descent_update must be one of {_POST_NOISE}; got {noise_mode!r}")
-
-    if step_clip is not None:
-        if isinstance(step_clip, Tensor):
-            torch.minimum(d, step_clip, out=d)
-            torch.maximum(d, -step_clip, out=d)
-        else:
-            d.clamp_(-step_clip, step_clip)
-
-    y_new = d.add_(base)
-    if bound_each_step and (lower is not None or upper is not None):
-        y_new.clamp_(lower, upper)
-    if mask is not None:
-        torch.where(mask, fixed, y_new, out=y_new)
-
+        _add_noise(d, noise, noise_mode, noise_level, eta, eta_r, energy_scaled)
+    y_new = _propose(d, base, step_clip, lower, upper, bound_each_step, fixed, mask)
     if dry_run:
         out.copy_(y_new)
         return None
@@ -288,22 +221,120 @@ def descent_update(
         # accept_if_lower: descent_accept commits (and never takes a non-finite proposal)
         out.copy_(y_new)
     else:
-        # A proposal that overflowed (huge energy-scaled step, say) is not taken: the row stops with
-        # its last finite value.
-        ok = finite_rows(y_new)
-        status.masked_fill_(move & ~ok, NONFINITE)
-        move &= ok
-        active &= ok
-        m = move.unsqueeze(1)
-        torch.where(m, y_new, y, out=y)
-        if v_new is not None:
-            torch.where(m, v_new, velocity, out=velocity)
+        _commit(y, y_new, velocity, v_new, move, active, status)
     steps += move
     if stop_after is not None:
         stop_after &= active
         status.masked_fill_(stop_after, CONVERGED)
         active &= ~stop_after
     return move
+
+
+def _stop_rows(g, E, active, status, pending, E_prev, finite_also, grad_clip, grad_clip_norm, tol, tol_on,
+               tol_scope, tol_final_step):
+    """Which rows take this step: non-finite rows stop (NONFINITE), g is clipped in place, rows whose
+    criterion holds stop (CONVERGED) now or, with tol_final_step, after this step. Returns (move, stop_after):
+    move [N] the rows that move; stop_after [N] or None, the rows that stop once this step is taken."""
+    finite = finite_rows(g, E)
+    if finite_also is not None:
+        finite &= finite_also
+    status.masked_fill_(active & ~finite, NONFINITE)
+    active &= finite
+    clip_grad_(g, grad_clip, grad_clip_norm)
+    stop_after = None
+    if tol > 0:
+        crit = _criterion(g, E, active, E_prev, tol, tol_on, tol_scope)
+        if tol_final_step:
+            stop_after = active & pending
+            torch.logical_and(active, crit, out=pending)
+        else:
+            stop = active & crit
+            status.masked_fill_(stop, CONVERGED)
+            active &= ~stop
+    return active.clone(), stop_after
+
+
+def _criterion(g, E, active, E_prev, tol, tol_on, tol_scope) -> Tensor:
+    """[N] bool: the early-exit criterion holds (the gradient norm or the energy change is <= tol; over all
+    running rows together when tol_scope is "all")."""
+    if tol_on == "grad_norm":
+        metric = torch.sum(g * g, dim=1)
+        if tol_scope == "all":
+            metric = torch.where(active, metric, 0.0).sum().expand_as(metric)
+        return metric.sqrt() <= tol
+    if E_prev is None:
+        return torch.zeros_like(active)
+    change = (E - E_prev).abs_()
+    if tol_scope == "all":
+        change = torch.where(active, change, 0.0).max().expand_as(change)
+    return change <= tol
+
+
+def _direction(d, E, velocity, velocity_out, eta, grad_scale, momentum, energy_scaled, energy_temperature):
+    """The gradient step, in place on d = g: d = -grad_scale * eta_r * g, then the momentum update
+    v' = momentum * v + d (into velocity_out when given). Returns (d, v' or None, eta_r)."""
+    if energy_scaled:
+        eta_r = torch.exp(E).div_(energy_temperature).mul_(eta)       # [N]
+        d.mul_((eta_r * -grad_scale).unsqueeze(1))
+    else:
+        eta_r = eta
+        d.mul_(-grad_scale * eta)
+    v_new = None
+    if momentum > 0:
+        if velocity_out is None:
+            v_new = torch.add(d, velocity, alpha=momentum)
+        else:
+            v_new = torch.add(d, velocity, alpha=momentum, out=velocity_out)
+        d = v_new.clone()  # d picks up noise, clipping and the base in place; v' must not
+    return d, v_new, eta_r
+
+
+def _add_noise(d, noise, noise_mode, noise_level, eta, eta_r, energy_scaled) -> None:
+    """The post-gradient noise of ``noise_mode``, added to d in place."""
+    if noise_mode == "langevin":
+        if energy_scaled:
+            d.addcmul_(noise, (eta_r * (2.0 * noise_level)).sqrt_().unsqueeze(1))
+        else:
+            d.add_(noise, alpha=math.sqrt(2.0 * eta * noise_level))
+    elif noise_mode == "step":
+        if energy_scaled:
+            d.addcmul_(noise, (eta_r * noise_level).unsqueeze(1), value=-1.0)
+        else:
+            d.add_(noise, alpha=-(eta * noise_level))
+    elif noise_mode == "additive":
+        d.add_(noise, alpha=noise_level)
+    else:
+        raise ValueError(f"noise_mode for descent_update must be one of {_POST_NOISE}; got {noise_mode!r}")
+
+
+def _propose(d, base, step_clip, lower, upper, bound_each_step, fixed, mask) -> Tensor:
+    """The proposal y' = clamp(base + clamp(d, +-step_clip), lower, upper), clamped coordinates fixed;
+    built in place in d."""
+    if step_clip is not None:
+        if isinstance(step_clip, Tensor):
+            torch.minimum(d, step_clip, out=d)
+            torch.maximum(d, -step_clip, out=d)
+        else:
+            d.clamp_(-step_clip, step_clip)
+    y_new = d.add_(base)
+    if bound_each_step and (lower is not None or upper is not None):
+        y_new.clamp_(lower, upper)
+    if mask is not None:
+        torch.where(mask, fixed, y_new, out=y_new)
+    return y_new
+
+
+def _commit(y, y_new, velocity, v_new, move, active, status) -> None:
+    """Moving rows take y' (and v'). A proposal that overflowed (a huge energy-scaled step, say) is not
+    taken: the row stops with its last finite value (NONFINITE)."""
+    ok = finite_rows(y_new)
+    status.masked_fill_(move & ~ok, NONFINITE)
+    move &= ok
+    active &= ok
+    m = move.unsqueeze(1)
+    torch.where(m, y_new, y, out=y)
+    if v_new is not None:
+        torch.where(m, v_new, velocity, out=velocity)
 
 
 def descent_accept(y: Tensor, y_prop: Tensor, E: Tensor, E_prop: Tensor, move: Tensor, *,
