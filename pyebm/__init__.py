@@ -7,6 +7,7 @@
     pyebm.explain(energy, x, config=..., K)  which path a call takes, and why not a faster one
     pyebm.models.EBT, pyebm.models.EBTPolicy transformer energies with cached context
     pyebm.policies.EnergyPolicy              act() for energy policies (EBT-Policy, IBC)
+    pyebm.discrete                           exact and local argmins over sets and permutations, Sinkhorn
     torch.ops.pyebm.*                        the fused ops
 """
 from pyebm._version import __version__
@@ -22,7 +23,8 @@ from pyebm.descent import DescentResult, minimize
 from pyebm.rerank import RerankResult, rerank
 from pyebm.explain import Explanation, explain
 from pyebm._state import repack
-from pyebm import models, policies, protocol
+from pyebm import discrete, models, policies, protocol
 
 __all__ = ["__version__", "backends", "ops", "reference", "MLPEnergy", "Descent", "DescentResult", "minimize",
-           "rerank", "RerankResult", "explain", "Explanation", "repack", "models", "policies", "protocol"]
+           "rerank", "RerankResult", "explain", "Explanation", "repack", "models", "policies", "protocol",
+           "discrete"]
