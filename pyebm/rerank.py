@@ -177,7 +177,8 @@ def rerank(energy: Any, context: Any, candidates: Union[Tensor, Sequence[Tensor]
     refine       a ``pyebm.Descent``: run ``pyebm.minimize`` from the proposals (``init=candidates``) before
                  scoring; the states returned are the refined ones and ``index`` still names the proposal each
                  descended from. ``method="dfo"`` (which resamples candidates) is refused. The descent's own
-                 ``selection`` is not used: rerank always ranks by final energy.
+                 ``selection`` is not used: rerank always ranks by final energy. With an ``EnergyPolicy``,
+                 ``refine=policy.descent`` is the policy's own update rule, action bounds included.
     temperature  T > 0: also return ``probs`` = softmax(-E / T) over each context's valid candidates.
     mask         bool [B, N], True for real proposals (with a tensor ``candidates``); default all True.
     backend      passed on to the energy's fused ops (as in ``minimize``).

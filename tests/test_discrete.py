@@ -259,3 +259,20 @@ def test_permutation_bad_input():
         sinkhorn(torch.randn(2, 3, 4))
     with pytest.raises(TypeError, match="real floating"):
         sinkhorn(torch.ones(3, 3, dtype=torch.long))
+
+
+@pytest.mark.gpu
+def test_cuda_auction_and_sort_match_scipy():
+    torch.manual_seed(5)
+    theta = torch.rand(64, 24, 24, device="cuda")
+    exact = permutation_argmin(theta)                     # scipy through the CPU
+    auc = permutation_argmin(theta, method="auction")     # on the GPU
+    assert auc.perm.device.type == "cuda" and exact.perm.device.type == "cuda"
+    assert (auc.energy >= exact.energy - 1e-4).all()
+    assert (auc.energy <= exact.energy + auc.gap_bound + 1e-4).all()
+    r = torch.randn(16, 9, device="cuda", dtype=torch.float64)
+    torch.testing.assert_close(permutation_argmin(r).perm.cpu(), permutation_argmin(r.cpu()).perm)
+    u = torch.randn(8, 6, device="cuda", dtype=torch.float64)
+    U = torch.randn(8, 6, 6, device="cuda", dtype=torch.float64)
+    res = set_argmin(u, U)
+    torch.testing.assert_close(res.energy, set_energy(res.y, u, U))

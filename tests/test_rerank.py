@@ -141,6 +141,12 @@ def test_ebt_policy_and_energy_policy_action_chunks():
     pol = EnergyPolicy.ebt_policy(m, candidates=4)
     res_pol = pyebm.rerank(pol, obs, chunks, k=k)
     check_against(res_pol, E_ref, chunks, k)
+    # refined by the policy's own rule: its bounds hold, and the energies are those of the refined chunks
+    bounded = EnergyPolicy.ebt_policy(m, candidates=4, max_steps=3, bounds=(-0.5, 0.5))
+    res_ref = pyebm.rerank(bounded, obs, chunks, k=k, refine=bounded.descent)
+    assert res_ref.states.shape == (B, k, 6, 2) and res_ref.states.abs().max() <= 0.5
+    with torch.no_grad():
+        torch.testing.assert_close(res_ref.energy, m(obs, res_ref.states))
 
 
 def test_energy_policy_over_flattened_mlp_chunks():
@@ -302,3 +308,20 @@ def test_empty_batch():
     m = pyebm.MLPEnergy(3, 2, hidden=(8,))
     res = pyebm.rerank(m, torch.randn(0, 3), torch.randn(0, 5, 2), k=2, temperature=1.0)
     assert res.index.shape == (0, 2) and res.states.shape == (0, 2, 2) and res.probs.shape == (0, 5)
+
+
+@pytest.mark.gpu
+def test_cuda_rerank_matches_cpu():
+    torch.manual_seed(0)
+    m = pyebm.MLPEnergy(4, 3, hidden=(32, 32))
+    x, y = torch.randn(5, 4), torch.randn(5, 300, 3)
+    mask = torch.rand(5, 300) < 0.8
+    cpu = pyebm.rerank(m, x, y, k=7, mask=mask, temperature=0.3)
+    mc = m.to("cuda")
+    gpu = pyebm.rerank(mc, x.cuda(), y.cuda(), k=7, mask=mask.cuda(), temperature=0.3)
+    assert gpu.index.device.type == "cuda"
+    torch.testing.assert_close(gpu.all_energy.cpu(), cpu.all_energy, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(gpu.probs.cpu(), cpu.probs, atol=1e-4, rtol=1e-4)
+    E = cpu.all_energy
+    # the chosen energies are the k lowest valid ones (indices may differ only between near-equal energies)
+    torch.testing.assert_close(gpu.energy.cpu(), torch.sort(E, 1).values[:, :7], atol=1e-4, rtol=1e-4)
