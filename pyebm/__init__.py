@@ -3,9 +3,11 @@
     pyebm.backends()                         which backends are usable here, and why not
     pyebm.MLPEnergy(...)                     MLP energy with cached context and a fused energy+gradient op
     pyebm.minimize(energy, x, K, Descent())  batched multi-candidate descent (DescentResult)
+    pyebm.rerank(energy, x, proposals, k)    score / refine externally proposed candidates, keep the best k
     pyebm.explain(energy, x, config=..., K)  which path a call takes, and why not a faster one
     pyebm.models.EBT, pyebm.models.EBTPolicy transformer energies with cached context
     pyebm.policies.EnergyPolicy              act() for energy policies (EBT-Policy, IBC)
+    pyebm.discrete                           exact and local argmins over sets and permutations, Sinkhorn
     torch.ops.pyebm.*                        the fused ops
 """
 from pyebm._version import __version__
@@ -18,9 +20,11 @@ from pyebm import ops, reference
 from pyebm.energy import MLPEnergy
 from pyebm.config import Descent
 from pyebm.descent import DescentResult, minimize
+from pyebm.rerank import RerankResult, rerank
 from pyebm.explain import Explanation, explain
 from pyebm._state import repack
-from pyebm import models, policies, protocol
+from pyebm import discrete, models, policies, protocol
 
 __all__ = ["__version__", "backends", "ops", "reference", "MLPEnergy", "Descent", "DescentResult", "minimize",
-           "explain", "Explanation", "repack", "models", "policies", "protocol"]
+           "rerank", "RerankResult", "explain", "Explanation", "repack", "models", "policies", "protocol",
+           "discrete"]

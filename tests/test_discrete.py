@@ -1,0 +1,278 @@
+"""pyebm.discrete argmins against brute force over every set / permutation of small problems, Sinkhorn
+against a plain (non-log) Sinkhorn, and bad input."""
+import itertools
+
+import pytest
+import torch
+
+from pyebm.discrete import permutation_argmin, permutation_energy, set_argmin, set_energy, sinkhorn
+
+scipy = pytest.importorskip("scipy")
+
+
+def all_sets(L, dtype=torch.float64):
+    return torch.tensor(list(itertools.product([0, 1], repeat=L)), dtype=dtype)  # [2^L, L]
+
+
+def brute_set_energies(u, U=None):
+    """E of every set [B, 2^L], written out directly."""
+    Y = all_sets(u.shape[-1], u.dtype)
+    E = -(u.unsqueeze(1) * Y).sum(-1)
+    if U is not None:
+        E = E - 0.5 * torch.einsum("sl,blm,sm->bs", Y, U, Y)
+    return E, Y
+
+
+# -- sets --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("L", [1, 3, 7])
+def test_unary_argmin_is_the_brute_force_minimum(L):
+    u = torch.randn(5, L, dtype=torch.float64)
+    res = set_argmin(u)
+    E, Y = brute_set_energies(u)
+    assert res.exact and res.flips is None
+    torch.testing.assert_close(res.energy, E.min(1).values)
+    torch.testing.assert_close(res.energy, set_energy(res.y, u))
+    assert ((res.y == 0) | (res.y == 1)).all()
+
+
+@pytest.mark.parametrize("at_most", [False, True])
+def test_unary_cardinality_is_the_brute_force_minimum(at_most):
+    L = 6
+    u = torch.randn(8, L, dtype=torch.float64)
+    E, Y = brute_set_energies(u)
+    size = Y.sum(1)
+    for k in range(L + 1):
+        res = set_argmin(u, k=k, at_most=at_most)
+        allowed = (size <= k) if at_most else (size == k)
+        best = E.masked_fill(~allowed, float("inf")).min(1).values
+        torch.testing.assert_close(res.energy, best)
+        n = res.y.sum(1)
+        assert ((n <= k) if at_most else (n == k)).all()
+
+
+def test_unary_ties():
+    u = torch.tensor([[1.0, 0.0, 1.0, -1.0, 0.0]])
+    assert set_argmin(u).y.tolist() == [[1, 0, 1, 0, 0]]           # zero scores stay out
+    assert set_argmin(u, k=3).y.tolist() == [[1, 1, 1, 0, 0]]      # equal scores: lower index first
+    assert set_argmin(u, k=3, at_most=True).y.tolist() == [[1, 0, 1, 0, 0]]
+    one = set_argmin(torch.tensor([0.5, -0.5]))
+    assert one.y.tolist() == [1.0, 0.0] and one.energy.dim() == 0
+
+
+def test_pairwise_result_is_one_flip_optimal_and_no_better_than_brute_force():
+    torch.manual_seed(0)
+    B, L = 32, 8
+    u = torch.randn(B, L, dtype=torch.float64)
+    U = torch.randn(B, L, L, dtype=torch.float64)
+    res = set_argmin(u, U)
+    E, Y = brute_set_energies(u, U)
+    assert not res.exact
+    torch.testing.assert_close(res.energy, set_energy(res.y, u, U))
+    assert (res.energy >= E.min(1).values - 1e-12).all()
+    # every single flip of the result raises (or keeps) the energy
+    for i in range(L):
+        flipped = res.y.clone()
+        flipped[:, i] = 1 - flipped[:, i]
+        assert (set_energy(flipped, u, U) >= res.energy - 1e-12).all()
+    # a local method: it finds the global minimum on most of these small random problems
+    found = torch.isclose(res.energy, E.min(1).values).double().mean()
+    assert found >= 0.6, float(found)
+
+
+def test_pairwise_ferromagnetic_and_zero_coupling_are_exact():
+    torch.manual_seed(1)
+    B, L = 16, 7
+    u = torch.randn(B, L, dtype=torch.float64)
+    zero = set_argmin(u, torch.zeros(L, L, dtype=torch.float64))
+    assert torch.equal(zero.y, set_argmin(u).y)
+    # strong positive couplings: the all-ones or the all-zeros set, whichever is lower
+    U = torch.full((L, L), 5.0, dtype=torch.float64)
+    res = set_argmin(u, U)
+    E, _ = brute_set_energies(u, U.expand(B, L, L))
+    torch.testing.assert_close(res.energy, E.min(1).values)
+
+
+def test_pairwise_local_search_from_init():
+    torch.manual_seed(2)
+    L = 6
+    u = torch.randn(4, L, dtype=torch.float64)
+    U = torch.randn(L, L, dtype=torch.float64)
+    init = torch.randint(0, 2, (4, L)).bool()
+    res = set_argmin(u, U, init=init)
+    assert (res.energy <= set_energy(init, u, U) + 1e-12).all()
+    assert (res.flips >= 0).all()
+    unchanged = res.flips == 0
+    assert torch.equal(res.y[unchanged], init[unchanged].double())
+
+
+def test_set_bad_input():
+    u = torch.randn(2, 4)
+    with pytest.raises(ValueError, match="y must be binary"):
+        set_energy(torch.full((2, 4), 0.5), u)
+    with pytest.raises(ValueError, match="init must be binary"):
+        set_argmin(u, torch.zeros(4, 4), init=torch.full((2, 4), 2.0))
+    with pytest.raises(ValueError, match="y must have the shape of u"):
+        set_energy(torch.zeros(2, 3), u)
+    with pytest.raises(ValueError, match="L = 0"):
+        set_argmin(torch.randn(2, 0))
+    with pytest.raises(ValueError, match=r"U must be \[B, L, L\]"):
+        set_argmin(u, torch.zeros(3, 4, 4))
+    with pytest.raises(ValueError, match="k must be an int in"):
+        set_argmin(u, k=5)
+    with pytest.raises(ValueError, match="at_most=True needs k"):
+        set_argmin(u, at_most=True)
+    with pytest.raises(ValueError, match="unary energies only"):
+        set_argmin(u, torch.zeros(4, 4), k=2)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        set_argmin(torch.tensor([[1.0, float("nan")]]))
+    with pytest.raises(TypeError, match="real floating"):
+        set_argmin(torch.ones(2, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"u must be \[B, L\]"):
+        set_argmin(torch.ones(2, 3, 4))
+    with pytest.raises(ValueError, match="U is torch.float64"):
+        set_argmin(u, torch.zeros(4, 4, dtype=torch.float64))
+
+
+# -- permutations ------------------------------------------------------------------------------------
+
+def all_perms(k):
+    return torch.tensor(list(itertools.permutations(range(k))))  # [k!, k]
+
+
+@pytest.mark.parametrize("k", [1, 2, 4, 6])
+def test_permutahedron_sort_is_the_brute_force_minimum(k):
+    theta = torch.randn(7, k, dtype=torch.float64)
+    w = torch.randn(k, dtype=torch.float64)
+    P = all_perms(k)
+    for ww in (None, w):
+        res = permutation_argmin(theta, ww)
+        ws = torch.arange(1, k + 1, dtype=torch.float64) if ww is None else ww.sort().values
+        E_all = -(theta.unsqueeze(1) * ws[P]).sum(-1)                 # [B, k!]
+        torch.testing.assert_close(res.energy, E_all.min(1).values)
+        torch.testing.assert_close(res.energy, permutation_energy(res.perm, theta, ww))
+        assert res.exact
+
+
+def test_permutahedron_ties_and_unbatched():
+    res = permutation_argmin(torch.tensor([0.5, 2.0, 0.5, -1.0]))
+    assert res.perm.tolist() == [1, 3, 2, 0] and res.energy.dim() == 0
+    assert float(res.energy) == -(0.5 * 2 + 2.0 * 4 + 0.5 * 3 - 1.0 * 1)
+
+
+@pytest.mark.parametrize("method", ["scipy", "auction"])
+@pytest.mark.parametrize("k", [1, 2, 3, 5, 6])
+def test_assignment_is_the_brute_force_minimum(method, k):
+    torch.manual_seed(k)
+    theta = torch.randn(9, k, k, dtype=torch.float64)
+    P = all_perms(k)
+    E_all = -theta[:, torch.arange(k).expand(P.shape[0], k), P].sum(-1)  # [B, k!]
+    res = permutation_argmin(theta, method=method)
+    torch.testing.assert_close(res.energy, E_all.min(1).values)
+    torch.testing.assert_close(res.energy, permutation_energy(res.perm, theta))
+    assert res.exact == (method == "scipy")
+    M = res.matrix(torch.float64)
+    assert torch.equal(M.sum(1), torch.ones(9, k, dtype=torch.float64))
+    assert torch.equal(M.sum(2), torch.ones(9, k, dtype=torch.float64))
+
+
+def test_auction_matches_scipy_on_larger_problems_fp32():
+    torch.manual_seed(3)
+    for k, B in ((17, 5), (40, 3)):
+        theta = torch.rand(B, k, k)
+        exact = permutation_argmin(theta, method="scipy")
+        auc = permutation_argmin(theta, method="auction")
+        assert (auc.energy >= exact.energy - 1e-5).all()
+        assert (auc.energy <= exact.energy + auc.gap_bound + 1e-5).all()
+    # integer scores: the optimum beats every other assignment by >= 1 > k * eps, so the auction is exact
+    theta = torch.randint(0, 50, (6, 12, 12)).double()
+    assert torch.equal(permutation_argmin(theta, method="auction").energy,
+                       permutation_argmin(theta, method="scipy").energy)
+    # equal scores everywhere: every assignment is optimal
+    flat = permutation_argmin(torch.ones(2, 5, 5), method="auction")
+    assert torch.equal(torch.sort(flat.perm, 1).values, torch.arange(5).expand(2, 5))
+
+
+def test_assignment_empty_batch():
+    res = permutation_argmin(torch.randn(0, 4, 4))
+    assert res.perm.shape == (0, 4) and res.energy.shape == (0,)
+
+
+def test_sinkhorn_against_plain_scaling_and_the_assignment():
+    torch.manual_seed(4)
+    theta = torch.randn(3, 5, 5, dtype=torch.float64)
+    tau = 0.7
+    P = sinkhorn(theta, tau, iters=200)
+    # plain Sinkhorn-Knopp on K = exp(theta / tau): alternate row and column scalings
+    K = (theta / tau).exp()
+    r = torch.ones(3, 5, dtype=torch.float64)
+    c = torch.ones(3, 5, dtype=torch.float64)
+    for _ in range(200):
+        r = 1.0 / (K * c.unsqueeze(1)).sum(2)
+        c = 1.0 / (K * r.unsqueeze(2)).sum(1)
+    torch.testing.assert_close(P, r.unsqueeze(2) * K * c.unsqueeze(1))
+    torch.testing.assert_close(P.sum(1), torch.ones(3, 5, dtype=torch.float64))
+    torch.testing.assert_close(P.sum(2), torch.ones(3, 5, dtype=torch.float64))
+    torch.testing.assert_close(sinkhorn(theta, tau, 200, log=True).exp(), P)
+    # small tau: close to the permutation matrix of the exact assignment
+    exact = permutation_argmin(theta)
+    soft = sinkhorn(theta, 0.01, iters=2000)
+    assert torch.equal(soft.argmax(-1), exact.perm)
+    torch.testing.assert_close(soft, exact.matrix(torch.float64), atol=2e-2, rtol=0)
+
+
+def test_permutation_bad_input():
+    theta = torch.randn(2, 4, 4)
+    with pytest.raises(ValueError, match="not a permutation"):
+        permutation_energy(torch.tensor([[0, 1, 1, 3], [0, 1, 2, 3]]), theta)
+    with pytest.raises(ValueError, match="not a permutation"):
+        permutation_energy(torch.tensor([[0, 1, 2, 4], [0, 1, 2, 3]]), theta)
+    with pytest.raises(TypeError, match="integer tensor"):
+        permutation_energy(torch.zeros(2, 4), theta)
+    with pytest.raises(ValueError, match=r"perm must be \[B, k\]"):
+        permutation_energy(torch.zeros(2, 3, dtype=torch.long), theta)
+    with pytest.raises(ValueError, match="k = 0"):
+        permutation_argmin(torch.randn(2, 0))
+    with pytest.raises(ValueError, match="square"):
+        permutation_argmin(torch.randn(2, 3, 4))
+    with pytest.raises(ValueError, match="shape"):
+        permutation_argmin(torch.randn(2, 3, 3, 3))
+    with pytest.raises(ValueError, match="method must be one of"):
+        permutation_argmin(theta, method="hungarian")
+    with pytest.raises(ValueError, match="method='sort' solves the permutahedron"):
+        permutation_argmin(theta, method="sort")
+    with pytest.raises(ValueError, match="solved exactly by method='sort'"):
+        permutation_argmin(torch.randn(2, 4), method="scipy")
+    with pytest.raises(ValueError, match="w applies to the permutahedron"):
+        permutation_argmin(theta, w=torch.ones(4))
+    with pytest.raises(ValueError, match=r"w must be \[k\]"):
+        permutation_argmin(torch.randn(2, 4), w=torch.ones(3))
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        permutation_argmin(torch.tensor([[[0.0, float("inf")], [1.0, 0.0]]]))
+    with pytest.raises(ValueError, match="eps must be"):
+        permutation_argmin(theta, method="auction", eps=0.0)
+    with pytest.raises(RuntimeError, match="max_rounds"):
+        permutation_argmin(torch.rand(1, 30, 30), method="auction", max_rounds=2)
+    with pytest.raises(ValueError, match="tau must be"):
+        sinkhorn(theta, tau=0.0)
+    with pytest.raises(ValueError, match="square"):
+        sinkhorn(torch.randn(2, 3, 4))
+    with pytest.raises(TypeError, match="real floating"):
+        sinkhorn(torch.ones(3, 3, dtype=torch.long))
+
+
+@pytest.mark.gpu
+def test_cuda_auction_and_sort_match_scipy():
+    torch.manual_seed(5)
+    theta = torch.rand(64, 24, 24, device="cuda")
+    exact = permutation_argmin(theta)                     # scipy through the CPU
+    auc = permutation_argmin(theta, method="auction")     # on the GPU
+    assert auc.perm.device.type == "cuda" and exact.perm.device.type == "cuda"
+    assert (auc.energy >= exact.energy - 1e-4).all()
+    assert (auc.energy <= exact.energy + auc.gap_bound + 1e-4).all()
+    r = torch.randn(16, 9, device="cuda", dtype=torch.float64)
+    torch.testing.assert_close(permutation_argmin(r).perm.cpu(), permutation_argmin(r.cpu()).perm)
+    u = torch.randn(8, 6, device="cuda", dtype=torch.float64)
+    U = torch.randn(8, 6, 6, device="cuda", dtype=torch.float64)
+    res = set_argmin(u, U)
+    torch.testing.assert_close(res.energy, set_energy(res.y, u, U))
