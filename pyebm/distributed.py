@@ -31,6 +31,7 @@ from typing import Any, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
+from pyebm import _dispatch
 from pyebm import descent as _descent
 from pyebm.config import NONFINITE, Descent
 
@@ -180,6 +181,7 @@ def minimize(energy: Any, context: Any, candidates: int = 1, config: Optional[De
     rank 0 draws a seed from the default generator and every rank uses it. Returns a ``ShardedResult``:
     the selected candidates (the same on every rank) and this rank's own candidates.
     """
+    _dispatch.check_not_traced("pyebm.distributed.minimize")
     group, rank, world, backend_name = _group_of(group)
     cfg = _descent._DEFAULT_CONFIG if config is None else config
     error: Optional[BaseException] = None
