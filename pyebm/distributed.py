@@ -13,10 +13,11 @@ same fast paths as one process) and the ranks then all-gather only, per context,
 
 Candidates are the ones a single-process call draws: every rank draws all K initial states from the
 generator (or takes the caller's ``init`` tensor) and keeps its slice, so a seed gives the same candidates
-whatever the number of ranks. For a descent without noise and a deterministic selection ("min", "max",
-"max_gap") the result equals ``pyebm.minimize`` in one process with the same candidates (ties go to the
-lowest global index, as ``argmax`` does). Noise during the descent comes from a stream per rank derived
-from the generator (reproducible for a given seed and world size, but not the single-process stream).
+whatever the number of ranks. Without noise during the descent, the result equals ``pyebm.minimize`` in one
+process with the same candidates: for the deterministic selections ("min", "max", "max_gap"; ties go to the
+lowest global index, as ``argmax`` does) and for "sample" (the ranks all-gather the K energies, not the
+states, and draw once from the common generator). Noise during the descent comes from a stream per rank
+derived from the generator (reproducible for a given seed and world size, but not the single-process stream).
 Options that couple the candidates of a context are refused: DFO (resamples among all K), ``normalize=
 "rms_all"`` and ``tol_scope="all"`` (one value over the whole batch).
 
@@ -94,13 +95,12 @@ def _group_of(group):
 
 
 def _collective_device(backend: str, like: torch.device) -> torch.device:
-    """Where the group's collectives take tensors: CUDA for NCCL, CPU for gloo, the candidates' device for a
-    group with one backend per device type ("cpu:gloo,cuda:nccl") or any other backend."""
-    if ":" in backend:
-        return like
-    if backend == "nccl":
+    """Where the group's collectives take tensors, decided by the backend alone so that every rank agrees
+    (even one whose arguments failed): CUDA when the group has NCCL (also "cpu:gloo,cuda:nccl"; the
+    candidates' CUDA device if they are on one), the CPU for gloo, else the candidates' device."""
+    if "nccl" in backend:
         return like if like.type == "cuda" else torch.device("cuda", torch.cuda.current_device())
-    if backend == "gloo":
+    if "gloo" in backend:
         return torch.device("cpu")
     return like
 
@@ -183,7 +183,6 @@ def minimize(energy: Any, context: Any, candidates: int = 1, config: Optional[De
     """
     _dispatch.check_not_traced("pyebm.distributed.minimize")
     group, rank, world, backend_name = _group_of(group)
-    cfg = _descent._DEFAULT_CONFIG if config is None else config
     error: Optional[BaseException] = None
     call = None
     values = [0] * len(_AGREED)
@@ -202,10 +201,6 @@ def minimize(energy: Any, context: Any, candidates: int = 1, config: Optional[De
             seed = int(torch.randint(0, 2 ** 62, (), dtype=torch.int64))
     except Exception as exc:  # every rank learns of it in the agreement below instead of waiting there
         error = exc
-    # The agreement runs on the collective device of the candidates' device; a rank whose arguments failed
-    # uses the device the other ranks most likely use (it raises right after).
-    if call is None and backend_name == "nccl":
-        device = torch.device("cuda", torch.cuda.current_device())
     coll = _collective_device(backend_name, device)
     seed = _agree(group, rank, world, coll, values, seed, error)
 
@@ -235,7 +230,7 @@ def minimize(energy: Any, context: Any, candidates: int = 1, config: Optional[De
         error = None
     except Exception as exc:  # every rank learns of it in the gather below instead of waiting there
         error = exc
-    return _gather(call, cfg, local, start, stop, rank, world, group, coll, gen, error)
+    return _gather(call, cfg, local, start, stop, world, group, coll, gen, error)
 
 
 def _check_shardable(cfg: Descent) -> None:
@@ -268,7 +263,7 @@ def _empty_local(call, n: int):
                                   trajectory_y=traj_y)
 
 
-def _gather(call, cfg, local, start, stop, rank, world, group, coll, gen, error) -> ShardedResult:
+def _gather(call, cfg, local, start, stop, world, group, coll, gen, error) -> ShardedResult:
     """Each rank's best per context (score, energy, global index, state) all-gathered; the winner: the best
     score, ties to the lowest global index. For ``selection="sample"`` the energies (not the states) are
     all-gathered and the draw is made from the common generator, the same on every rank."""
@@ -328,14 +323,13 @@ def _gather(call, cfg, local, start, stop, rank, world, group, coll, gen, error)
         all_ints = _all_gather(ints, group, world, coll)  # [world, 1 + B]
         got = _all_gather(packed, group, world, coll)  # [world, B, 2 + D]
         _raise_if_failed(all_ints[:, 0], error)
-        scores = got[:, :, 0]  # [world, B]
-        # the first rank holding the best score has the lowest global index among the ties (shards are
-        # contiguous and in rank order; a rank with no candidates scores -inf behind rank 0)
-        first = (scores == scores.max(dim=0, keepdim=True).values).to(torch.int8).argmax(dim=0)
-        ar = torch.arange(B, device=device)
-        win = got[first, ar]
+        scores, indices = got[:, :, 0], all_ints[:, 1:]  # [world, B]
+        # among the ranks holding the best score, the lowest global index (the global indices differ: a rank
+        # with no candidates has K and scores -inf, never below rank 0's index when all score -inf)
+        tied = scores == scores.max(dim=0, keepdim=True).values
+        best_index, first = torch.where(tied, indices, K + 1).min(dim=0)
+        win = got[first, torch.arange(B, device=device)]
         best_E, best = win[:, 1], win[:, 2:].reshape((B,) + event)
-        best_index = all_ints[:, 1:][first, ar]
     return ShardedResult(best=best, best_energy=best_E, best_index=best_index, start=start, stop=stop, y=local.y,
                          energy=local.energy, initial_energy=local.initial_energy, steps=local.steps,
                          status=local.status, trajectory=local.trajectory, trajectory_y=local.trajectory_y)
