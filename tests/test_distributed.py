@@ -15,6 +15,9 @@ import torch
 import pyebm
 from pyebm.distributed import shard_range
 
+pytestmark = pytest.mark.skipif(not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
+                                reason="torch.distributed with gloo is not available")
+
 HERE = Path(__file__).resolve().parent
 WORLD = 2
 
@@ -31,6 +34,8 @@ def ranks(tmp_path_factory):
     out.mkdir()
     env = dict(os.environ, PYTHONPATH=str(HERE.parent) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                OMP_NUM_THREADS="1")
+    if sys.platform.startswith("linux"):
+        env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback only, whatever the host name resolves to
     procs = [subprocess.Popen([sys.executable, str(HERE / "distributed_worker.py"), str(r), str(WORLD),
                                str(tmp / "store"), str(out)], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for r in range(WORLD)]
