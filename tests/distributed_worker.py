@@ -148,7 +148,18 @@ def main(rank: int, world: int, store: str, out: str) -> None:
             energy, x, kw = case(name)
             if name == "no_generator":  # different default generators: rank 0's seed must be used by all
                 torch.manual_seed(100 + rank)
-            res = pyebm.distributed.minimize(energy, x, **kw)
+            real, shapes = dist.all_gather, []
+
+            def spy(parts, t, group=None, async_op=False):  # what this rank sends in each all-gather
+                shapes.append(tuple(t.shape))
+                return real(parts, t, group=group, async_op=async_op)
+
+            dist.all_gather = spy
+            try:
+                res = pyebm.distributed.minimize(energy, x, **kw)
+            finally:
+                dist.all_gather = real
+            torch.save(shapes, os.path.join(out, f"{name}_sent.{rank}.pt"))
             if name == "langevin":  # the same call again: reproducible
                 again = pyebm.distributed.minimize(energy, x, **kw)
                 torch.save(_fields(again), os.path.join(out, f"{name}_again.{rank}.pt"))

@@ -108,6 +108,19 @@ def test_equals_single_process(ranks, name):
             torch.equal(results[0][key].isnan(), results[1][key].isnan())
 
 
+@pytest.mark.parametrize("name", ["mlp_min", "sample"])
+def test_sends_best_pairs_and_winners_only(ranks, name):
+    """Each rank sends: the agreement (6 checks, an error flag, a seed), then per context its best (score,
+    energy, state) and (flag, global index); "sample" sends its scores (padded to the largest shard) and the
+    drawn candidate's state instead. Never the K candidates' states."""
+    ref = _reference(name)
+    B, K, D = ref.y.shape
+    width = -(-K // WORLD)
+    expected = [(8,), (1 + B,), (B, 2 + D)] if name == "mlp_min" else [(8,), (2,), (B, width), (B, 1 + D)]
+    for r in range(WORLD):
+        assert ranks(f"{name}_sent", r) == expected
+
+
 def test_ties_go_to_the_lowest_global_index(ranks):
     for r in range(WORLD):
         assert ranks("ties", r)["best_index"].tolist() == [2, 4, 0]
