@@ -6,6 +6,8 @@
     pyebm.explain(energy, x, config=..., K)  which path a call takes, and why not a faster one
     pyebm.models.EBT, pyebm.models.EBTPolicy transformer energies with cached context
     pyebm.policies.EnergyPolicy              act() for energy policies (EBT-Policy, IBC)
+    pyebm.adapter.PolicyAdapter              select_action() / reset() with an action queue and normalisation
+    model.save_pretrained(dir)               weights (safetensors) + configuration (JSON); Class.from_pretrained(dir)
     torch.ops.pyebm.*                        the fused ops
 """
 from pyebm._version import __version__
@@ -20,7 +22,7 @@ from pyebm.config import Descent
 from pyebm.descent import DescentResult, minimize
 from pyebm.explain import Explanation, explain
 from pyebm._state import repack
-from pyebm import models, policies, protocol
+from pyebm import models, policies, protocol, pretrained, adapter
 
 __all__ = ["__version__", "backends", "ops", "reference", "MLPEnergy", "Descent", "DescentResult", "minimize",
-           "explain", "Explanation", "repack", "models", "policies", "protocol"]
+           "explain", "Explanation", "repack", "models", "policies", "protocol", "pretrained", "adapter"]
