@@ -327,8 +327,8 @@ def from_pretrained(directory: "str | os.PathLike", *, device=None, expect: Opti
     config = _read_config(directory)
     name = config.get("architecture")
     if expect is not None and name in _ARCHITECTURES and _architecture(name) is not expect:
-        raise ValueError(f"from_pretrained: {directory!r} holds the architecture {name}, not {expect.__name__}; load it with "
-                         f"{name}.from_pretrained or pyebm.pretrained.from_pretrained")
+        raise ValueError(f"from_pretrained: {directory!r} holds the architecture {name}, not {expect.__name__}; "
+                         f"load it with {name}.from_pretrained or pyebm.pretrained.from_pretrained")
     obj = _build(config, CONFIG_NAME)
     module = _weights_module(obj)
     _load_weights(module, os.path.join(directory, WEIGHTS_NAME), config.get("tied", {}))

@@ -7,7 +7,6 @@ that say what is wrong.
 """
 from __future__ import annotations
 
-import inspect
 import json
 import math
 import os
@@ -403,3 +402,22 @@ def test_what_save_refuses(tmp_path):
     with pytest.raises(TypeError, match="directory must be a path"):
         MLPEnergy(4, 3).save_pretrained(3)
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()  # nothing written
+
+
+# -- devices ------------------------------------------------------------------------------------------
+
+def test_device_argument_moves_the_weights(saved):
+    loaded = MLPEnergy.from_pretrained(saved, device="cpu")
+    assert loaded.device == torch.device("cpu")
+
+
+@pytest.mark.gpu
+def test_save_from_cuda_and_load_onto_cuda(tmp_path):
+    torch.manual_seed(0)
+    m = MLPEnergy(4, 3, hidden=(8, 8), device="cuda")
+    x, y = torch.randn(2, 4, device="cuda"), torch.randn(2, 5, 3, device="cuda")
+    want = m.energy_and_grad(m.prepare(x), y)
+    m.save_pretrained(tmp_path)
+    loaded = MLPEnergy.from_pretrained(tmp_path, device="cuda")
+    assert loaded.device.type == "cuda"
+    assert_equal(list(loaded.energy_and_grad(loaded.prepare(x), y)), list(want))
