@@ -9,8 +9,8 @@ from torch import Tensor, nn
 
 from pyebm import _backend, _dispatch, _state, ops
 from pyebm.config import rule_options, schedules
-from pyebm.pretrained import Pretrained
 from pyebm.ops import mlp_descent as _mlp_descent
+from pyebm.pretrained import Pretrained
 from pyebm.protocol import WholeLoopSpec
 from pyebm.reference import mlp_energy as ref
 
