@@ -9,6 +9,8 @@
     pyebm.policies.EnergyPolicy              act() for energy policies (EBT-Policy, IBC)
     pyebm.discrete                           exact and local argmins over sets and permutations, Sinkhorn
     pyebm.distributed.minimize(...)          the K candidates split across torch.distributed ranks
+    pyebm.adapter.PolicyAdapter              select_action() / reset() with an action queue and normalisation
+    model.save_pretrained(dir)               weights (safetensors) + configuration (JSON); Class.from_pretrained(dir)
     torch.ops.pyebm.*                        the fused ops
 """
 from pyebm._version import __version__
@@ -24,8 +26,8 @@ from pyebm.descent import DescentResult, minimize
 from pyebm.rerank import RerankResult, rerank
 from pyebm.explain import Explanation, explain
 from pyebm._state import repack
-from pyebm import discrete, distributed, models, policies, protocol
+from pyebm import adapter, discrete, distributed, models, policies, pretrained, protocol
 
 __all__ = ["__version__", "backends", "ops", "reference", "MLPEnergy", "Descent", "DescentResult", "minimize",
            "rerank", "RerankResult", "explain", "Explanation", "repack", "models", "policies", "protocol",
-           "discrete", "distributed"]
+           "discrete", "distributed", "pretrained", "adapter"]

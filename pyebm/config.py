@@ -8,10 +8,11 @@
 """
 from __future__ import annotations
 
+import json
 import math
 import numbers
-from dataclasses import dataclass, replace
-from typing import Dict, Optional, Tuple, Union
+from dataclasses import dataclass, fields, replace
+from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -319,6 +320,41 @@ class Descent:
     def replace(self, **changes) -> "Descent":
         return replace(self, **changes)
 
+    # -- JSON ---------------------------------------------------------------------------------
+    def to_dict(self) -> Dict[str, Any]:
+        """Every option as plain JSON values (tuples as lists, an infinite bound as the string "inf" or
+        "-inf", which standard JSON has no number for). ``Descent.from_dict(cfg.to_dict()) == cfg``."""
+        return {f.name: _to_json_value(getattr(self, f.name)) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, options: Mapping[str, Any]) -> "Descent":
+        """The config of ``to_dict``'s output (options left out take their defaults; an unknown name is an
+        error). Validated as the constructor validates."""
+        if not isinstance(options, Mapping):
+            raise TypeError(f"Descent.from_dict: options must be a mapping of option names to values; got "
+                            f"{type(options).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(str(k) for k in options if k not in known)
+        if unknown:
+            raise ValueError(f"Descent.from_dict: unknown options {unknown}; known: {sorted(known)}")
+        kwargs = {k: (_from_json_value(v) if k in _JSON_NUMERIC_TUPLES else v) for k, v in options.items()}
+        return cls(**kwargs)
+
+    def to_json(self, **dumps_kwargs) -> str:
+        """``to_dict()`` as a JSON string (standard JSON: no NaN or Infinity literals)."""
+        return json.dumps(self.to_dict(), allow_nan=False, **dumps_kwargs)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Descent":
+        """The config of ``to_json``'s output."""
+        if not isinstance(text, (str, bytes, bytearray)):
+            raise TypeError(f"Descent.from_json: text must be a JSON string; got {type(text).__name__}")
+        try:
+            options = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"Descent.from_json: not valid JSON: {e}") from None
+        return cls.from_dict(options)
+
     # -- presets (the peers' rules; see PEERS.md) ---------------------------------------------
     @classmethod
     def gd(cls, steps: int = 10, step_size: float = 0.1, **overrides) -> "Descent":
@@ -415,6 +451,27 @@ class Descent:
 
 
 DEFAULT = Descent()  # minimize's config=None (frozen: shared safely)
+
+# -- JSON values of the options ---------------------------------------------------------------------
+
+_JSON_NUMERIC_TUPLES = ("noise_ramp", "step_clip", "lower", "upper")  # lists in JSON, tuples here
+_JSON_INF = {"inf": math.inf, "-inf": -math.inf}
+
+
+def _to_json_value(value):
+    if isinstance(value, (tuple, list)):
+        return [_to_json_value(v) for v in value]
+    if isinstance(value, float) and math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    return value
+
+
+def _from_json_value(value):
+    if isinstance(value, list):
+        return tuple(_from_json_value(v) for v in value)
+    if isinstance(value, str) and value in _JSON_INF:
+        return _JSON_INF[value]
+    return value
 
 
 # -- the config's values as tensors -------------------------------------------------------------------

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from pyebm import _backend, _dispatch, _state, ops
 from pyebm.config import rule_options, schedules
 from pyebm.ops import mlp_descent as _mlp_descent
+from pyebm.pretrained import Pretrained
 from pyebm.protocol import WholeLoopSpec
 from pyebm.reference import mlp_energy as ref
 
@@ -55,7 +56,7 @@ def _check_dtype_arg(dtype) -> None:
                         f"got {dtype!r}")
 
 
-class MLPEnergy(_state.PackedModule):
+class MLPEnergy(_state.PackedModule, Pretrained):
     """E(x, y) = w_out . h_L + b_out with h_1 = act(W_x x + W_y y + b_1), h_{l+1} = act(W_l h_l + b_l).
 
     With ``residual=True`` a layer whose input and output widths match adds its input
@@ -118,6 +119,11 @@ class MLPEnergy(_state.PackedModule):
     def device(self) -> torch.device:
         w = self._w_in()
         return _CPU if w.is_cpu else w.device
+
+    def _pretrained_args(self) -> dict:
+        """The constructor arguments (``save_pretrained``)."""
+        return dict(context_dim=self.context_dim, candidate_dim=self.candidate_dim, hidden=list(self.hidden),
+                    activation=self.activation, residual=self.residual, bias=self.bias, backend=self.backend)
 
     def extra_repr(self) -> str:
         return (f"context_dim={self.context_dim}, candidate_dim={self.candidate_dim}, hidden={self.hidden}, "

@@ -21,8 +21,10 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
+from pyebm.config import _from_json_value, _to_json_value
 from pyebm.descent import NONFINITE, Descent, DescentResult, as_generator, minimize
 from pyebm.energy import MLPEnergy
+from pyebm.pretrained import Pretrained
 
 BoundValue = Union[float, Sequence[float], Tensor]
 
@@ -84,7 +86,7 @@ def _int_arg(name: str, value, lo: int) -> int:
     return int(value)
 
 
-class EnergyPolicy:
+class EnergyPolicy(Pretrained):
     """Receding-horizon policy over an energy of action chunks.
 
     Args:
@@ -192,6 +194,31 @@ class EnergyPolicy:
         self._device_bounds: dict = {}
         self.last_result: Optional[PolicyResult] = None
         self._previous: Optional[Tensor] = None
+
+    # -- save_pretrained / from_pretrained (pyebm.pretrained) -----------------------------------
+    _PRETRAINED_PARTS = ("energy",)
+
+    def _pretrained_args(self) -> dict:
+        """Everything but the energy as JSON values: the descent, the chunk shape, the bounds, the options."""
+        bounds = None if self.lower is None else [_to_json_value(self.lower.tolist()),
+                                                  _to_json_value(self.upper.tolist())]
+        return dict(descent=self.descent.to_dict(), candidates=self.candidates, horizon=self.horizon,
+                    action_dim=self.action_dim, n_obs_steps=self.n_obs_steps, n_action_steps=self.n_action_steps,
+                    window_start=self.window_start, bounds=bounds, warm_start=self.warm_start,
+                    recovery_threshold=_to_json_value(self.recovery_threshold), max_retries=self.max_retries,
+                    check_every=self.check_every, final_energy=self.final_energy, cuda_graph=self.cuda_graph)
+
+    @classmethod
+    def _from_pretrained_args(cls, args: dict, parts: dict) -> "EnergyPolicy":
+        descent = Descent.from_dict(args.pop("descent", {}))
+        bounds = args.pop("bounds", None)
+        if bounds is not None:
+            if not isinstance(bounds, list) or len(bounds) != 2:
+                raise ValueError(f"bounds must be a pair [low, high]; got {bounds!r}")
+            bounds = tuple(torch.tensor(_from_json_value(b), dtype=torch.float64) for b in bounds)
+        if "recovery_threshold" in args:
+            args["recovery_threshold"] = _from_json_value(args["recovery_threshold"])
+        return cls(parts["energy"], descent=descent, bounds=bounds, **args)
 
     # -- presets --------------------------------------------------------------------------------
     @classmethod

@@ -16,6 +16,7 @@ Inference differs from the original only in how the numbers are computed:
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
@@ -27,6 +28,7 @@ from torch import nn
 from pyebm import _dispatch, _state
 from pyebm.descent import as_generator
 from pyebm.ops import ebt_attention as _ebt_attention_ops, ebt_norm_swiglu as _ebt_norm_ops  # noqa: F401  (register the ops)
+from pyebm.pretrained import Pretrained
 from pyebm.reference import ebt as ref
 
 # The original's named sizes (model_utils.model_sizes).
@@ -286,7 +288,7 @@ class _Packed:
         return c3, s3, -s3
 
 
-class EBT(_state.PackedModule):
+class EBT(_state.PackedModule, Pretrained):
     """Autoregressive language Energy-Based Transformer (``default`` or ``time_embed``).
 
     Hyperparameters keep the original training configuration's names; ``EBT(**config)`` accepts the
@@ -377,6 +379,18 @@ class EBT(_state.PackedModule):
             return dict(REFERENCE_SIZES[name])
         except KeyError:
             raise ValueError(f"unknown size {name!r}; known sizes: {sorted(REFERENCE_SIZES)}") from None
+
+    def _pretrained_args(self) -> dict:
+        """The constructor arguments (``save_pretrained``; alpha and the noise are parameters, saved with the
+        weights as well)."""
+        args = dataclasses.asdict(self.config)
+        args.update(mcmc_step_size=float(self.alpha), langevin_dynamics_noise=float(self.langevin_dynamics_noise_std),
+                    denoising_initial_condition=self.denoising_initial_condition,
+                    gaussian_random_noise_scaling=self.gaussian_random_noise_scaling,
+                    clamp_futures_grad=self.clamp_futures_grad,
+                    clamp_futures_grad_max_change=self.clamp_futures_grad_max_change,
+                    backward=self.backward_mode, backend=self.backend)
+        return args
 
     def extra_repr(self) -> str:
         c = self.config

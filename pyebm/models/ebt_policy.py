@@ -19,6 +19,7 @@ from pyebm import _dispatch, _state
 from pyebm.config import rule_options, schedules
 from pyebm.ops import ebt_policy as _op
 from pyebm.ops import ebt_policy_triton as _tri
+from pyebm.pretrained import Pretrained
 from pyebm.protocol import WholeLoopSpec
 from pyebm.reference import ebt_policy as ref
 
@@ -124,7 +125,7 @@ def _softmax_backward(dp: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     return p * (dp - (dp * p).sum(-1, keepdim=True))
 
 
-class EBTPolicy(_state.PackedModule):
+class EBTPolicy(_state.PackedModule, Pretrained):
     """Energy E(obs tokens, action chunk) of EBT-Policy; lower is better.
 
     Args:
@@ -195,6 +196,13 @@ class EBTPolicy(_state.PackedModule):
     @property
     def device(self) -> torch.device:
         return self._weight().device
+
+    def _pretrained_args(self) -> dict:
+        """The constructor arguments (``save_pretrained``)."""
+        return dict(action_dim=self.action_dim, horizon=self.horizon, cond_dim=self.cond_dim,
+                    embed_dim=self.embed_dim, layers=self.num_layers, heads=self.heads,
+                    n_obs_steps=self.n_obs_steps, output_dim=self.output_dim, grad_mode=self.grad_mode,
+                    backend=self.backend)
 
     def extra_repr(self) -> str:
         return (f"action_dim={self.action_dim}, horizon={self.horizon}, cond_dim={self.cond_dim}, "

@@ -1,0 +1,337 @@
+"""Save and load models and policies as a directory: weights as safetensors, everything else as JSON.
+
+    model.save_pretrained("my_model")                 # config.json + model.safetensors
+    model = pyebm.MLPEnergy.from_pretrained("my_model")
+    obj = pyebm.pretrained.from_pretrained("my_model")  # whatever the directory holds
+
+``config.json`` holds the format and its version, the architecture (the class and its constructor
+arguments), the weights' dtype and, for policies, the inference configuration (the ``pyebm.Descent``,
+candidates, horizon, bounds, normalisation statistics, ...), nested: an ``EnergyPolicy`` holds its energy's
+entry under ``"energy"``, a ``PolicyAdapter`` its policy's under ``"policy"``. ``model.safetensors`` holds
+the state dict of the one module that has weights (the energy), written with ``safetensors``.
+
+Tensors that share storage (tied weights) are written once; ``config.json`` lists the names that alias
+another (``"tied"``), and loading ties them again (the same Parameter under both names). Tensors that
+overlap only partly are written as separate copies and load as independent tensors. Every tensor keeps
+its dtype. A module with parametrizations is refused (remove them first: its state dict holds the
+parametrization's inputs, which the constructor does not rebuild).
+
+Loading refuses, with a ``ValueError`` or ``FileNotFoundError`` that says what is wrong: a missing
+directory or file, a format version this pyebm does not read, an unknown architecture, a class other than
+the one asked for, constructor arguments the class refuses, missing or unexpected tensors and tensors of
+another shape than the architecture has.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import tempfile
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+from torch import nn
+
+FORMAT = "pyebm"
+FORMAT_VERSION = 1
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+# architecture name -> (module, class); resolved when needed, so that this module imports none of them
+_ARCHITECTURES: Dict[str, Tuple[str, str]] = {
+    "MLPEnergy": ("pyebm.energy", "MLPEnergy"),
+    "EBT": ("pyebm.models.ebt", "EBT"),
+    "EBTPolicy": ("pyebm.models.ebt_policy", "EBTPolicy"),
+    "EnergyPolicy": ("pyebm.policies", "EnergyPolicy"),
+    "PolicyAdapter": ("pyebm.adapter", "PolicyAdapter"),
+}
+
+
+def _safetensors():
+    """The ``safetensors.torch`` module (the optional dependency ``pip install 'pyebm[save]'``)."""
+    try:
+        import safetensors.torch
+    except ImportError:
+        raise ImportError("save_pretrained / from_pretrained write and read weights with the safetensors package: "
+                          "pip install safetensors (or pip install 'pyebm[save]')") from None
+    return safetensors.torch
+
+
+def _architecture(name: str) -> type:
+    mod, cls = _ARCHITECTURES[name]
+    return getattr(importlib.import_module(mod), cls)
+
+
+def _name_of(obj) -> str:
+    for name in _ARCHITECTURES:
+        if type(obj) is _architecture(name):
+            return name
+    raise TypeError(f"save_pretrained: {type(obj).__name__} is not one of pyebm's architectures "
+                    f"({', '.join(_ARCHITECTURES)}); a subclass or another energy cannot be rebuilt from its "
+                    "constructor arguments")
+
+
+class Pretrained:
+    """``save_pretrained`` / ``from_pretrained`` for pyebm's models and policies (see ``pyebm.pretrained``).
+
+    A class provides ``_pretrained_args()`` (its constructor arguments as JSON values); a class that holds
+    other saved objects names them in ``_PRETRAINED_PARTS`` and rebuilds itself in
+    ``_from_pretrained_args(args, parts)``. An ``nn.Module`` is rebuilt as ``cls(**args, dtype=...)``.
+    """
+
+    _PRETRAINED_PARTS: Tuple[str, ...] = ()
+
+    def _pretrained_args(self) -> Dict[str, Any]:
+        raise NotImplementedError
+
+    @classmethod
+    def _from_pretrained_args(cls, args: Dict[str, Any], parts: Dict[str, Any]):
+        return cls(**parts, **args)
+
+    def save_pretrained(self, directory: "str | os.PathLike") -> None:
+        """Write ``config.json`` and ``model.safetensors`` into ``directory`` (created if needed; files of
+        an earlier save are replaced)."""
+        save_pretrained(self, directory)
+
+    @classmethod
+    def from_pretrained(cls, directory: "str | os.PathLike", *, device=None):
+        """The object ``save_pretrained`` wrote to ``directory``, its weights on ``device`` (default: CPU).
+        The directory must hold this class (``pyebm.pretrained.from_pretrained`` loads any)."""
+        return from_pretrained(directory, device=device, expect=cls)
+
+
+# -- saving -------------------------------------------------------------------------------------------
+
+def _dtype_name(module: nn.Module) -> str:
+    for t in list(module.parameters()) + list(module.buffers()):
+        if t.is_floating_point():
+            return str(t.dtype).replace("torch.", "")
+    return str(torch.get_default_dtype()).replace("torch.", "")
+
+
+def _spec(obj) -> Dict[str, Any]:
+    name = _name_of(obj)
+    spec: Dict[str, Any] = {"architecture": name, "config": obj._pretrained_args()}
+    if isinstance(obj, nn.Module):
+        spec["dtype"] = _dtype_name(obj)
+    for part in type(obj)._PRETRAINED_PARTS:
+        spec[part] = _spec(getattr(obj, part))
+    return spec
+
+
+def _weights_module(obj) -> nn.Module:
+    while not isinstance(obj, nn.Module):
+        parts = type(obj)._PRETRAINED_PARTS
+        if len(parts) != 1:
+            raise TypeError(f"{type(obj).__name__}: expected exactly one part holding the weights; got {parts}")
+        obj = getattr(obj, parts[0])
+    return obj
+
+
+def _storage_key(t: torch.Tensor):
+    return t.untyped_storage().data_ptr(), t.device
+
+
+def _view_key(t: torch.Tensor):
+    return t.data_ptr(), t.dtype, tuple(t.shape), t.stride()
+
+
+def _tensors_to_write(state: Dict[str, torch.Tensor]) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
+    """(name -> contiguous tensor, alias -> kept name). Tensors that are the same view of the same storage
+    are tied (written once under the first name in sorted order); tensors that overlap otherwise are
+    written as separate copies."""
+    groups: Dict[tuple, list] = {}
+    for name, t in state.items():
+        if t.numel() > 0:
+            groups.setdefault(_storage_key(t), []).append(name)
+    out: Dict[str, torch.Tensor] = {}
+    tied: Dict[str, str] = {}
+    shared_storage = set()
+    for names in groups.values():
+        if len(names) < 2:
+            continue
+        by_view: Dict[tuple, list] = {}
+        for n in sorted(names):
+            by_view.setdefault(_view_key(state[n]), []).append(n)
+        for same in by_view.values():
+            for alias in same[1:]:
+                tied[alias] = same[0]
+        if len(by_view) > 1:  # partly overlapping views: each written on its own
+            shared_storage.update(same[0] for same in by_view.values())
+    for name, t in state.items():
+        if name in tied:
+            continue
+        t = t.detach()
+        out[name] = t.clone(memory_format=torch.contiguous_format) if name in shared_storage else t.contiguous()
+    return out, tied
+
+
+def _write_atomic(path: str, write) -> None:
+    directory = os.path.dirname(path)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def save_pretrained(obj, directory: "str | os.PathLike") -> None:
+    """Write ``obj`` (an MLPEnergy, EBT, EBTPolicy, EnergyPolicy or PolicyAdapter) to ``directory``."""
+    from pyebm import __version__
+
+    st = _safetensors()
+    if not isinstance(directory, (str, os.PathLike)):
+        raise TypeError(f"save_pretrained: directory must be a path; got {type(directory).__name__}")
+    spec = _spec(obj)
+    module = _weights_module(obj)
+    from torch.nn.utils import parametrize
+
+    for name, m in module.named_modules():
+        if parametrize.is_parametrized(m):
+            raise ValueError(f"save_pretrained: the module {name or type(module).__name__} has parametrizations; "
+                             "remove them first (torch.nn.utils.parametrize.remove_parametrizations), so that "
+                             "the weights are plain tensors")
+    tensors, tied = _tensors_to_write(module.state_dict())
+    config = {"format": FORMAT, "format_version": FORMAT_VERSION, "pyebm_version": __version__, **spec,
+              "tied": tied}
+    text = json.dumps(config, indent=2, allow_nan=False)  # fails here, before any file is written
+    directory = os.fspath(directory)
+    os.makedirs(directory, exist_ok=True)
+    _write_atomic(os.path.join(directory, WEIGHTS_NAME),
+                  lambda p: st.save_file(tensors, p, metadata={"format": "pt"}))
+
+    def write_config(p):
+        with open(p, "w") as f:
+            f.write(text + "\n")
+
+    _write_atomic(os.path.join(directory, CONFIG_NAME), write_config)
+
+
+# -- loading ------------------------------------------------------------------------------------------
+
+def _read_config(directory: str) -> Dict[str, Any]:
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"from_pretrained: {directory!r} is not a directory")
+    path = os.path.join(directory, CONFIG_NAME)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"from_pretrained: {directory!r} has no {CONFIG_NAME} (not written by "
+                                "save_pretrained)")
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"from_pretrained: {path} is not valid JSON: {e}") from None
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        raise ValueError(f"from_pretrained: {path} is not a pyebm configuration (no \"format\": \"{FORMAT}\")")
+    version = config.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ValueError(f"from_pretrained: {path} has format_version {version!r}; this pyebm reads "
+                         f"format_version {FORMAT_VERSION}")
+    return config
+
+
+def _dtype(name, where: str) -> torch.dtype:
+    dtype = getattr(torch, name, None) if isinstance(name, str) else None
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"from_pretrained: {where} has an unknown dtype {name!r}")
+    return dtype
+
+
+def _build(spec, where: str):
+    if not isinstance(spec, dict) or not isinstance(spec.get("config"), dict):
+        raise ValueError(f"from_pretrained: {where} must be an object with \"architecture\" and \"config\"")
+    name = spec.get("architecture")
+    if name not in _ARCHITECTURES:
+        raise ValueError(f"from_pretrained: {where} has an unknown architecture {name!r}; known: "
+                         f"{', '.join(_ARCHITECTURES)}")
+    cls = _architecture(name)
+    parts = {}
+    for part in cls._PRETRAINED_PARTS:
+        if part not in spec:
+            raise ValueError(f"from_pretrained: {where} ({name}) has no \"{part}\" entry")
+        parts[part] = _build(spec[part], f"{where}.{part}")
+    try:
+        if issubclass(cls, nn.Module):
+            return cls(**spec["config"], dtype=_dtype(spec.get("dtype"), where))
+        return cls._from_pretrained_args(dict(spec["config"]), parts)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"from_pretrained: the saved {name} configuration ({where}) is not valid: {e}") from e
+
+
+def _owner(module: nn.Module, name: str) -> Tuple[nn.Module, str, str]:
+    """(the submodule holding ``name``, the leaf name, "_parameters" or "_buffers")."""
+    *path, leaf = name.split(".")
+    owner = module.get_submodule(".".join(path)) if path else module
+    for store in ("_parameters", "_buffers"):
+        if getattr(owner, store).get(leaf) is not None:
+            return owner, leaf, store
+    raise ValueError(f"from_pretrained: {name} is neither a parameter nor a buffer")
+
+
+def _get_tensor(module: nn.Module, name: str) -> torch.Tensor:
+    owner, leaf, store = _owner(module, name)
+    return getattr(owner, store)[leaf]
+
+
+def _set_tensor(module: nn.Module, name: str, value: torch.Tensor) -> None:
+    owner, leaf, store = _owner(module, name)
+    getattr(owner, store)[leaf] = value
+
+
+def _load_weights(module: nn.Module, path: str, tied: Dict[str, str]) -> None:
+    st = _safetensors()
+    from safetensors import SafetensorError
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"from_pretrained: {path} is missing")
+    try:
+        tensors = st.load_file(path)
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"from_pretrained: {path} is not a readable safetensors file: {e}") from None
+    if not isinstance(tied, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in tied.items()):
+        raise ValueError("from_pretrained: \"tied\" must map names to names")
+    expected = module.state_dict()
+    bad_ties = sorted(f"{a} -> {k}" for a, k in tied.items() if a not in expected or k not in tensors)
+    if bad_ties:
+        raise ValueError(f"from_pretrained: tied names that the architecture or the file lacks: {bad_ties}")
+    names = set(tensors) | set(tied)
+    missing, unexpected = sorted(set(expected) - names), sorted(names - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"from_pretrained: {path} does not match the architecture {type(module).__name__}.\n"
+                         f"  missing tensors: {missing}\n  unexpected tensors: {unexpected}")
+    wrong = [f"{n}: the architecture has {list(expected[n].shape)}, the file {list(tensors[n].shape)}"
+             for n in sorted(tensors) if tuple(tensors[n].shape) != tuple(expected[n].shape)]
+    if wrong:
+        raise ValueError(f"from_pretrained: {path} holds tensors of other shapes than the architecture "
+                         f"{type(module).__name__}:\n  " + "\n  ".join(wrong))
+    with torch.no_grad():
+        for name, t in tensors.items():  # keep each tensor's dtype (a module may mix them)
+            if expected[name].dtype != t.dtype:
+                current = _get_tensor(module, name)
+                current.data = current.data.to(t.dtype)
+        for alias, kept in tied.items():
+            _set_tensor(module, alias, _get_tensor(module, kept))
+        module.load_state_dict({**tensors, **{a: tensors[k] for a, k in tied.items()}}, strict=True)
+
+
+def from_pretrained(directory: "str | os.PathLike", *, device=None, expect: Optional[type] = None):
+    """The object ``save_pretrained`` wrote to ``directory`` (an MLPEnergy, EBT, EBTPolicy, EnergyPolicy or
+    PolicyAdapter), its weights moved to ``device`` when given. ``expect``: the class it must be."""
+    if not isinstance(directory, (str, os.PathLike)):
+        raise TypeError(f"from_pretrained: directory must be a path; got {type(directory).__name__}")
+    directory = os.fspath(directory)
+    config = _read_config(directory)
+    name = config.get("architecture")
+    if expect is not None and name in _ARCHITECTURES and _architecture(name) is not expect:
+        raise ValueError(f"from_pretrained: {directory!r} holds the architecture {name}, not {expect.__name__}; "
+                         f"load it with {name}.from_pretrained or pyebm.pretrained.from_pretrained")
+    obj = _build(config, CONFIG_NAME)
+    module = _weights_module(obj)
+    _load_weights(module, os.path.join(directory, WEIGHTS_NAME), config.get("tied", {}))
+    if device is not None:
+        module.to(device)
+    return obj
