@@ -6,6 +6,8 @@
     pyebm.explain(energy, x, config=..., K)  which path a call takes, and why not a faster one
     pyebm.models.EBT, pyebm.models.EBTPolicy transformer energies with cached context
     pyebm.policies.EnergyPolicy              act() for energy policies (EBT-Policy, IBC)
+    pyebm.discrete.gibbs_with_gradients, dmala  samplers on binary / one-hot states
+    pyebm.losses.joint_partition_loss        train an energy with its log-partition (no MCMC)
     torch.ops.pyebm.*                        the fused ops
 """
 from pyebm._version import __version__
@@ -21,6 +23,8 @@ from pyebm.descent import DescentResult, minimize
 from pyebm.explain import Explanation, explain
 from pyebm._state import repack
 from pyebm import models, policies, protocol
+from pyebm import discrete, losses
 
 __all__ = ["__version__", "backends", "ops", "reference", "MLPEnergy", "Descent", "DescentResult", "minimize",
-           "explain", "Explanation", "repack", "models", "policies", "protocol"]
+           "explain", "Explanation", "repack", "models", "policies", "protocol",
+           "discrete", "losses"]
