@@ -410,3 +410,31 @@ def test_bad_inputs():
     mlp = pyebm.MLPEnergy(4, 4, hidden=(8,), dtype=D64)
     with pytest.raises(ValueError, match="event_shape"):
         gibbs_with_gradients(mlp, x, torch.zeros(2, 3, 5, dtype=D64), 1)
+
+
+# -- the benchmark's eager baseline is the same sampler ------------------------------------------------------
+
+@pytest.mark.parametrize("method,categorical", [("gwg", False), ("gwg", True), ("dmala", False), ("dmala", True),
+                                                ("dula", False)])
+def test_eager_benchmark_baseline_is_the_same_sampler(method, categorical):
+    """bench_samplers times pyebm.discrete against pyebm.bench.sampler_loops: same draws, same chains."""
+    from pyebm.bench.sampler_loops import eager_dmala, eager_gwg
+
+    torch.manual_seed(22)
+    L, C = 4, 3
+    D = L * C if categorical else L
+    model = pyebm.MLPEnergy(3, D, hidden=(8,), dtype=D64)
+    x = torch.randn(2, 3, dtype=D64)
+    y0 = (torch.nn.functional.one_hot(torch.randint(C, (2, 5, L)), C) if categorical
+          else torch.randint(2, (2, 5, L))).to(D64)
+    fn = (lambda xx, yy: model(xx, yy.flatten(2))) if categorical else model
+    kw = {"temperature": 0.7, "categorical": categorical}
+    if method == "gwg":
+        a = gibbs_with_gradients(model, x, y0, 6, generator=3, **kw).y
+        b = eager_gwg(fn, x, y0, 6, generator=torch.Generator().manual_seed(3), **kw)
+    else:
+        mh = method == "dmala"
+        a = dmala(model, x, y0, 6, step_size=0.4, mh=mh, generator=3, **kw).y
+        b = eager_dmala(fn, x, y0, 6, 0.4, generator=torch.Generator().manual_seed(3), mh=mh, **kw)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, y0)
