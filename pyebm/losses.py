@@ -30,9 +30,8 @@ probabilities and log-partition on an enumerable problem (exact expectations, an
 """
 from __future__ import annotations
 
-from torch import Tensor
-
 import torch
+from torch import Tensor
 
 __all__ = ["joint_partition_loss"]
 

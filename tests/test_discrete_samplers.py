@@ -16,7 +16,6 @@ bound used is that mean bound plus t for a failure probability of 1e-4 (the seed
 deterministic; the margin says how unlikely a pass by luck of a wrong sampler is). Every stationarity
 test also checks that the same samples are far from a wrong target (another temperature), so it can fail.
 """
-import itertools
 import math
 
 import pytest
@@ -438,3 +437,11 @@ def test_eager_benchmark_baseline_is_the_same_sampler(method, categorical):
         b = eager_dmala(fn, x, y0, 6, 0.4, generator=torch.Generator().manual_seed(3), mh=mh, **kw)
     assert torch.equal(a, b)
     assert not torch.equal(a, y0)
+
+
+def test_init_takes_the_energy_dtype():
+    model = pyebm.MLPEnergy(2, 3, hidden=(4,), dtype=D64)
+    x = torch.randn(1, 2, dtype=D64)
+    y0 = torch.ones(1, 2, 3, dtype=torch.float32)
+    res = gibbs_with_gradients(model, x, y0, 2, generator=0)
+    assert res.y.dtype == D64 and y0.dtype == torch.float32 and torch.all(y0 == 1)

@@ -66,7 +66,8 @@ __all__ = ["SampleResult", "gibbs_with_gradients", "dmala"]
 class SampleResult:
     """The result of a discrete sampler run.
 
-    y           [B, K, *event] the final states (floating point, entries 0 or 1).
+    y           [B, K, *event] the final states (floating point, entries 0 or 1: the energy's dtype when it
+                declares one, else init's dtype, or the default dtype for bool / int init).
     energy      [B, K] E(x, y) at the final states.
     acceptance  [B, K] the mean Metropolis-Hastings acceptance probability min(1, ratio) over the steps
                 (1 for DULA; NaN when steps == 0).
@@ -240,11 +241,13 @@ def _setup(where: str, energy, context, init, steps, categorical, event_shape, t
                              f"shape {list(init.shape)}")
         if init.is_complex():
             raise TypeError(f"{where}: init must be a real or bool tensor; got {init.dtype}")
-        if init.is_floating_point():
+        declared_dtype = getattr(model, "dtype", None)
+        if init.is_floating_point() and not (isinstance(declared_dtype, torch.dtype)
+                                             and declared_dtype.is_floating_point):
             y = init.detach().clone()
-        else:
+        else:                                     # bool / int states, or an energy that declares its dtype
             dtype, _ = _dtype_device_of(model, context)
-            y = init.detach().to(dtype)
+            y = init.detach().to(dtype, copy=True)
         if not bool(((y == 0) | (y == 1)).all()):
             raise ValueError(f"{where}: init must hold 0/1 values only ({kind}); found other values")
         if categorical:
