@@ -11,6 +11,8 @@
     pyebm.distributed.minimize(...)          the K candidates split across torch.distributed ranks
     pyebm.adapter.PolicyAdapter              select_action() / reset() with an action queue and normalisation
     model.save_pretrained(dir)               weights (safetensors) + configuration (JSON); Class.from_pretrained(dir)
+    pyebm.discrete.gibbs_with_gradients, dmala  samplers on binary / one-hot states
+    pyebm.losses.joint_partition_loss        train an energy with its log-partition (no MCMC)
     torch.ops.pyebm.*                        the fused ops
 """
 from pyebm._version import __version__
@@ -26,8 +28,8 @@ from pyebm.descent import DescentResult, minimize
 from pyebm.rerank import RerankResult, rerank
 from pyebm.explain import Explanation, explain
 from pyebm._state import repack
-from pyebm import adapter, discrete, distributed, models, policies, pretrained, protocol
+from pyebm import adapter, discrete, distributed, losses, models, policies, pretrained, protocol
 
 __all__ = ["__version__", "backends", "ops", "reference", "MLPEnergy", "Descent", "DescentResult", "minimize",
            "rerank", "RerankResult", "explain", "Explanation", "repack", "models", "policies", "protocol",
-           "discrete", "distributed", "pretrained", "adapter"]
+           "discrete", "distributed", "losses", "pretrained", "adapter"]
