@@ -4,6 +4,7 @@
     pyebm.MLPEnergy(...)                     MLP energy with cached context and a fused energy+gradient op
     pyebm.minimize(energy, x, K, Descent())  batched multi-candidate descent (DescentResult)
     pyebm.explain(energy, x, config=..., K)  which path a call takes, and why not a faster one
+    pyebm.DataConsistency(energy, A=, b=)    an energy plus a data-consistency term (inverse problems)
     pyebm.models.EBT, pyebm.models.EBTPolicy transformer energies with cached context
     pyebm.policies.EnergyPolicy              act() for energy policies (EBT-Policy, IBC)
     torch.ops.pyebm.*                        the fused ops
@@ -18,9 +19,11 @@ from pyebm import ops, reference
 from pyebm.energy import MLPEnergy
 from pyebm.config import Descent
 from pyebm.descent import DescentResult, minimize
+from pyebm.inverse import DataConsistency
 from pyebm.explain import Explanation, explain
 from pyebm._state import repack
 from pyebm import models, policies, protocol
 
 __all__ = ["__version__", "backends", "ops", "reference", "MLPEnergy", "Descent", "DescentResult", "minimize",
+           "DataConsistency",
            "explain", "Explanation", "repack", "models", "policies", "protocol"]
