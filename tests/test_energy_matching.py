@@ -437,3 +437,31 @@ def test_data_consistency_module_and_errors():
     with pytest.raises(ValueError, match=r"term\(y\) must return"):
         DataConsistency(m, term=lambda y: y.sum()).energy_and_grad(m.prepare(x), torch.zeros(2, 3, 3,
                                                                                               dtype=torch.float64))
+
+
+# ------------------------------------------------------------------------------------------------
+# the benchmark and the example run (tiny sizes; no timing is asserted)
+# ------------------------------------------------------------------------------------------------
+
+def _load(relpath):
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / relpath
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_bench_energy_matching_runs_and_agrees(capsys):
+    """The benchmark checks that pyebm and the public loop's form give the same samples before timing."""
+    assert _load("bench/bench_energy_matching.py").main(["--sizes", "tiny", "--steps", "3", "--repeats", "1"]) == 0
+    assert "| tiny |" in capsys.readouterr().out
+
+
+def test_inpainting_example_runs(tmp_path):
+    out = tmp_path / "inpaint.png"
+    assert _load("examples/energy_matching_inpaint.py").main(
+        ["--out", str(out), "--train-steps", "5", "--images", "2", "--steps", "12"]) == 0
+    assert out.stat().st_size > 0
