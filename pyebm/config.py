@@ -406,8 +406,9 @@ class Descent:
 
         eps(t) is the public sampler's schedule: 0 for t < tau_star; for tau_star < 1 a linear ramp
         epsilon_max (t - tau_star) / (1 - tau_star) on tau_star <= t < 1; epsilon_max from max(tau_star, 1)
-        on. For tau_star >= 1 the noise switches fully on at tau_star (no ramp). A cutoff that lies on the
-        step grid up to rounding (1e-9 of a step) counts as on it.
+        on. For tau_star >= 1 the noise switches fully on at tau_star (no ramp), as in the public CIFAR-10 /
+        ImageNet sampler (the public 2-D tutorial's temperature() turns it on at t = 1 instead). A cutoff that
+        lies on the step grid up to rounding (1e-9 of a step) counts as on it.
 
         ``integrator="heun"`` (default) is Heun's method on the Stratonovich form, as torchsde's ``heun``:
         y~ = x - dt g(x) + s_k xi, x' = x - dt (g(x) + g(y~)) / 2 + (s_k + s_{k+1}) / 2 xi with
@@ -423,13 +424,13 @@ class Descent:
             raise ValueError(f"Descent.energy_matching: epsilon_max must be >= 0; got {epsilon_max!r}")
         cfg = dict(steps=steps, step_size=dt, noise="langevin" if epsilon_max > 0 else "none",
                    noise_scale=epsilon_max, noise_schedule="ramp",
-                   noise_ramp=energy_matching_ramp(dt, tau_star, t_start),
+                   noise_ramp=_energy_matching_ramp(dt, tau_star, t_start),
                    lower=lower, upper=upper, bound_each_step=False, integrator=integrator, init="normal")
         cfg.update(overrides)
         return cls(**cfg)
 
 
-def energy_matching_ramp(dt: float, tau_star: float, t_start: float = 0.0) -> Tuple[float, float]:
+def _energy_matching_ramp(dt: float, tau_star: float, t_start: float = 0.0) -> Tuple[float, float]:
     """Energy Matching's eps(t) as ``Descent.noise_ramp`` (a, b) in steps, k counted from t_start: noise
     ramps from 0 at step a to full at step b; a == b is a step at a. tau_star < 1 ramps from tau_star to 1;
     tau_star >= 1 switches on at tau_star. Positions within 1e-9 of a whole step are rounded to it."""
