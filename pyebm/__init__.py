@@ -5,6 +5,7 @@
     pyebm.minimize(energy, x, K, Descent())  batched multi-candidate descent (DescentResult)
     pyebm.rerank(energy, x, proposals, k)    score / refine externally proposed candidates, keep the best k
     pyebm.explain(energy, x, config=..., K)  which path a call takes, and why not a faster one
+    pyebm.DataConsistency(energy, A=, b=)    an energy plus a data-consistency term (inverse problems)
     pyebm.models.EBT, pyebm.models.EBTPolicy transformer energies with cached context
     pyebm.policies.EnergyPolicy              act() for energy policies (EBT-Policy, IBC)
     pyebm.discrete                           exact and local argmins over sets and permutations, Sinkhorn
@@ -26,10 +27,11 @@ from pyebm.energy import MLPEnergy
 from pyebm.config import Descent
 from pyebm.descent import DescentResult, minimize
 from pyebm.rerank import RerankResult, rerank
+from pyebm.inverse import DataConsistency
 from pyebm.explain import Explanation, explain
 from pyebm._state import repack
 from pyebm import adapter, discrete, distributed, losses, models, policies, pretrained, protocol
 
 __all__ = ["__version__", "backends", "ops", "reference", "MLPEnergy", "Descent", "DescentResult", "minimize",
-           "rerank", "RerankResult", "explain", "Explanation", "repack", "models", "policies", "protocol",
+           "rerank", "RerankResult", "DataConsistency", "explain", "Explanation", "repack", "models", "policies", "protocol",
            "discrete", "distributed", "losses", "pretrained", "adapter"]

@@ -244,7 +244,7 @@ def _config_refusal(cfg, spec: WholeLoopSpec, mask: bool, record: bool) -> Optio
     if spec.unavailable is not None:
         return spec.unavailable
     if record:
-        return "record=True (the trajectory is kept by the per-step path)"
+        return "record=True or snapshots (the per-step path keeps states along the trajectory)"
     if cfg.method != "gd":
         return f"method {cfg.method!r}"
     if cfg.integrator != "euler":

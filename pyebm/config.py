@@ -107,7 +107,9 @@ class Descent:
                       "sample" from softmax(-E / selection_temperature) (IBC).
     init              "normal" (init_scale * N(0, I)) | "uniform" (within the bounds) | "zeros", when
                       minimize gets no init tensor.
-    integrator        "euler" | "heun" (two evaluations per step; Energy Matching's Euler-Heun sampler).
+    integrator        "euler" | "heun": Heun's method on the Stratonovich form (torchsde's "heun"): an Euler
+                      proposal, then the step from y with the mean of the two gradients and the mean of
+                      the two noise standard deviations (at k and k + 1), the same xi. Two evaluations.
     resample_temperature   DFO: resample from softmax(-E / T).
     """
 
@@ -434,20 +436,47 @@ class Descent:
     def energy_matching(cls, steps: int = 325, dt: float = 0.01, epsilon_max: float = 0.01, tau_star: float = 1.0,
                         t_start: float = 0.0, lower=-1.0, upper=1.0, integrator: str = "heun",
                         **overrides) -> "Descent":
-        """Energy Matching sampler: x <- x - dt grad V(x) + sqrt(2 eps(t) dt) xi with t = t_start + k dt,
-        eps(t) = 0 before tau_star, a linear ramp to epsilon_max at t = 1, constant after; Euler-Heun by
-        default (as the reference's torchsde "heun"), clamp to [lower, upper] once at the end."""
+        """Energy Matching sampler (Balcerak et al. 2025): dx = -grad V(x) dt + sqrt(2 eps(t)) dW from
+        t = t_start, ``steps`` steps of ``dt`` (325 x 0.01: T = 3.25), then a clamp to [lower, upper] once at
+        the end. Step k runs from t_k = t_start + k dt to t_{k+1}.
+
+        eps(t) is the public sampler's schedule: 0 for t < tau_star; for tau_star < 1 a linear ramp
+        epsilon_max (t - tau_star) / (1 - tau_star) on tau_star <= t < 1; epsilon_max from max(tau_star, 1)
+        on. For tau_star >= 1 the noise switches fully on at tau_star (no ramp), as in the public CIFAR-10 /
+        ImageNet sampler (the public 2-D tutorial's temperature() turns it on at t = 1 instead). A cutoff that
+        lies on the step grid up to rounding (1e-9 of a step) counts as on it.
+
+        ``integrator="heun"`` (default) is Heun's method on the Stratonovich form, as torchsde's ``heun``:
+        y~ = x - dt g(x) + s_k xi, x' = x - dt (g(x) + g(y~)) / 2 + (s_k + s_{k+1}) / 2 xi with
+        s_k = sqrt(2 eps(t_k) dt). "euler" is Euler-Maruyama. pyebm steps on the exact grid t_k (float64);
+        torchsde advances a float32 clock by repeated addition, which can move the step where a cutoff
+        takes effect by one and adds a final short step."""
         for name, v in (("dt", dt), ("tau_star", tau_star), ("t_start", t_start), ("epsilon_max", epsilon_max)):
             if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
                 raise TypeError(f"Descent.energy_matching: {name} must be a finite number; got {v!r}")
         if dt <= 0:
             raise ValueError(f"Descent.energy_matching: dt must be > 0; got {dt!r}")
-        ramp = ((tau_star - t_start) / dt, (1.0 - t_start) / dt)
+        if epsilon_max < 0:
+            raise ValueError(f"Descent.energy_matching: epsilon_max must be >= 0; got {epsilon_max!r}")
         cfg = dict(steps=steps, step_size=dt, noise="langevin" if epsilon_max > 0 else "none",
-                   noise_scale=epsilon_max, noise_schedule="ramp", noise_ramp=(min(ramp), max(ramp)),
+                   noise_scale=epsilon_max, noise_schedule="ramp",
+                   noise_ramp=_energy_matching_ramp(dt, tau_star, t_start),
                    lower=lower, upper=upper, bound_each_step=False, integrator=integrator, init="normal")
         cfg.update(overrides)
         return cls(**cfg)
+
+
+def _energy_matching_ramp(dt: float, tau_star: float, t_start: float = 0.0) -> Tuple[float, float]:
+    """Energy Matching's eps(t) as ``Descent.noise_ramp`` (a, b) in steps, k counted from t_start: noise
+    ramps from 0 at step a to full at step b; a == b is a step at a. tau_star < 1 ramps from tau_star to 1;
+    tau_star >= 1 switches on at tau_star. Positions within 1e-9 of a whole step are rounded to it."""
+    def steps_to(t: float) -> float:
+        a = (float(t) - float(t_start)) / float(dt)
+        r = round(a)
+        return float(r) if abs(a - r) <= 1e-9 * max(1.0, abs(a)) else a
+
+    a = steps_to(tau_star)
+    return (a, steps_to(1.0)) if tau_star < 1.0 else (a, a)
 
 
 DEFAULT = Descent()  # minimize's config=None (frozen: shared safely)

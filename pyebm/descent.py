@@ -44,6 +44,9 @@ class DescentResult:
     trajectory [steps + 1, B, K] (record=True): the energy evaluated at each step (carried forward once a
     candidate stopped), then the final energies. trajectory_y [steps + 1, B, K, *event]: the state before
     each step, then the final state.
+    snapshots [S, B, K, *event] (``minimize(..., snapshots=[s_1, ...])``): the state after s_i steps, with
+    what the end of a call applies (the final clamp when bounds apply once at the end, masked values), so for
+    s_i >= 1 it equals ``y`` of the same call run with ``steps=s_i``; s_i = 0 is the initial state.
     """
 
     best: Tensor
@@ -56,6 +59,7 @@ class DescentResult:
     status: Tensor
     trajectory: Optional[Tensor] = None
     trajectory_y: Optional[Tensor] = None
+    snapshots: Optional[Tensor] = None
 
     MAX_STEPS = MAX_STEPS
     CONVERGED = CONVERGED
@@ -167,6 +171,7 @@ class _Call:
     raw_init: Any = None
     raw_mask: Any = None
     event_shape: Any = None
+    snapshots: Optional[Tuple[int, ...]] = None   # step counts, strictly increasing, in [0, steps]
 
 
 def as_generator(generator, device, where: str) -> Optional[torch.Generator]:
@@ -247,6 +252,30 @@ def _check_options(cfg, candidates, record, cuda_graph, final_energy, whole_loop
     return K
 
 
+def _snapshot_arg(snapshots, cfg: Descent) -> Optional[Tuple[int, ...]]:
+    """minimize's ``snapshots`` as a tuple of step counts, strictly increasing, each in [0, config.steps]."""
+    if snapshots is None:
+        return None
+    if isinstance(snapshots, (str, bytes)) or not hasattr(snapshots, "__iter__"):
+        raise TypeError(f"minimize: snapshots must be a sequence of step counts (ints) or None; got "
+                        f"{type(snapshots).__name__}")
+    out = []
+    for s in snapshots:
+        if isinstance(s, Tensor) and s.dim() == 0 and not s.is_floating_point() and s.dtype != torch.bool:
+            s = int(s)
+        if isinstance(s, bool) or not isinstance(s, numbers.Integral):
+            raise TypeError(f"minimize: snapshots must hold step counts (ints); got {s!r}")
+        if not 0 <= s <= cfg.steps:
+            raise ValueError(f"minimize: every snapshot must be a step count in [0, config.steps = {cfg.steps}]; "
+                             f"got {int(s)}")
+        if out and s <= out[-1]:
+            raise ValueError(f"minimize: snapshots must be strictly increasing; got {list(snapshots)!r}")
+        out.append(int(s))
+    if not out:
+        raise ValueError("minimize: snapshots must name at least one step count (or be None)")
+    return tuple(out)
+
+
 def _init_arg(init, cfg) -> Tuple[str, Optional[Tensor]]:
     """(init kind, init tensor or None) of minimize's ``init``."""
     if init is None:
@@ -291,10 +320,11 @@ def _candidate_tensors(init_tensor, mask, B, K, event, device, dtype):
 
 
 def _plan_call(energy, context, candidates, config, init, mask, generator, record, backend, event_shape,
-               whole_loop, cuda_graph, final_energy: bool = True) -> _Call:
+               whole_loop, cuda_graph, final_energy: bool = True, snapshots=None) -> _Call:
     """Validate the arguments of ``minimize`` and route the call. Draws no random number, runs nothing."""
     cfg = _DEFAULT_CONFIG if config is None else config
     K = _check_options(cfg, candidates, record, cuda_graph, final_energy, whole_loop, backend)
+    snaps = _snapshot_arg(snapshots, cfg)
     model, generic = _as_model(energy)
     init_kind, init_tensor = _init_arg(init, cfg)
     device, dtype = _like_of(energy, context, init_tensor)
@@ -313,10 +343,11 @@ def _plan_call(energy, context, candidates, config, init, mask, generator, recor
     upper = event_option("upper", cfg.upper, event, device, dtype)
     step_clip = event_option("step_clip", cfg.step_clip, event, device, dtype)
     route = _dispatch.descent_route(model, cfg, context=context, device=device, dtype=dtype, init=init_tensor,
-                                    mask=mask_full, record=record, generator=generator, backend=backend,
+                                    mask=mask_full, record=record or snaps is not None, generator=generator,
+                                    backend=backend,
                                     whole_loop=whole_loop, cuda_graph=cuda_graph, generic=generic)
     return _Call(energy, model, context, cfg, B, K, event, device, dtype, init_kind, y0, mask_full, generator,
-                 lower, upper, step_clip, record, backend, final_energy, route, init, mask, event_shape)
+                 lower, upper, step_clip, record, backend, final_energy, route, init, mask, event_shape, snaps)
 
 
 # -- the engine -----------------------------------------------------------------------------------
@@ -326,7 +357,7 @@ def minimize(energy: Any, context: Any, candidates: int = 1, config: Optional[De
              generator: Union[None, int, torch.Generator] = None, record: bool = False,
              backend: Optional[str] = None, event_shape: Optional[Sequence[int]] = None,
              whole_loop: Optional[bool] = None, cuda_graph: bool = False,
-             final_energy: bool = True) -> DescentResult:
+             final_energy: bool = True, snapshots: Optional[Sequence[int]] = None) -> DescentResult:
     """Minimise ``energy`` over ``candidates`` (K) candidates per context, all contexts and candidates at once.
 
     energy     an energy model (``prepare(context)``, ``energy(ctx, y)``, ``energy_and_grad(ctx, y)``:
@@ -355,6 +386,9 @@ def minimize(energy: Any, context: Any, candidates: int = 1, config: Optional[De
                graph (early exit still masks each candidate).
     final_energy  False (one candidate only): skip the final energy pass where nothing is selected;
                ``energy`` and ``best_energy`` of the result are then None.
+    snapshots  step counts s_1 < s_2 < ... in [0, config.steps]: ``DescentResult.snapshots`` holds the state
+               after each (what a call with ``steps=s_i`` returns as ``y``), from one trajectory; e.g. Energy
+               Matching samples at several T = t_start + s_i dt. Runs the per-step path.
 
     Which path runs (one compiled call, a whole-loop op, or the per-step path) is ``pyebm.explain(...)``
     with the same arguments. The per-step path never synchronises with the host inside the loop, except
@@ -362,7 +396,7 @@ def minimize(energy: Any, context: Any, candidates: int = 1, config: Optional[De
     """
     _dispatch.check_not_traced("pyebm.minimize")
     call = _plan_call(energy, context, candidates, config, init, mask, generator, record, backend, event_shape,
-                      whole_loop, cuda_graph, final_energy)
+                      whole_loop, cuda_graph, final_energy, snapshots)
     if call.B == 0:
         return _empty_result(call)
     return _RUNNERS[call.route.kind](call)
@@ -383,7 +417,9 @@ def _empty_result(call: _Call) -> DescentResult:
                          initial_energy=torch.empty(0, K, device=device, dtype=dtype),
                          steps=torch.empty(0, K, dtype=torch.int32, device=device),
                          status=torch.empty(0, K, dtype=torch.int8, device=device), trajectory=traj,
-                         trajectory_y=traj_y)
+                         trajectory_y=traj_y,
+                         snapshots=None if call.snapshots is None else
+                         torch.empty((len(call.snapshots), 0, K) + event, device=device, dtype=dtype))
 
 
 def _initial_candidates(call: _Call) -> Tensor:
@@ -411,12 +447,14 @@ def initial(kind: str, cfg: Descent, shape, lower, upper, generator, device, dty
     return y.contiguous()
 
 
-def _result(call: _Call, y, E_final, E_init, steps, status, best, best_E, idx, traj=None) -> DescentResult:
+def _result(call: _Call, y, E_final, E_init, steps, status, best, best_E, idx, traj=None,
+            snaps=None) -> DescentResult:
     if not call.final_energy:
         E_final = best_E = None
     traj_E, traj_y = traj if traj is not None else (None, None)
     return DescentResult(best=best, best_energy=best_E, best_index=idx, y=y, energy=E_final,
-                         initial_energy=E_init, steps=steps, status=status, trajectory=traj_E, trajectory_y=traj_y)
+                         initial_energy=E_init, steps=steps, status=status, trajectory=traj_E, trajectory_y=traj_y,
+                         snapshots=None if snaps is None else snaps[1])
 
 
 def _run_one_call(call: _Call) -> DescentResult:
@@ -484,7 +522,8 @@ def _run_graphed(call: _Call) -> DescentResult:
         return None if not isinstance(t, Tensor) else (tuple(t.shape), t.dtype, str(t.device))
 
     key = (sig(context), call.K, call.cfg, sig(init), init if isinstance(init, str) else None, sig(mask), call.record,
-           call.backend, None if call.event_shape is None else tuple(call.event_shape), call.final_energy)
+           call.backend, None if call.event_shape is None else tuple(call.event_shape), call.final_energy,
+           call.snapshots)
     graphs = _graphs_of(energy)
     entry = graphs.get(key)
     if entry is not None and entry[0] is not None and not entry[0].unchanged(versions=False):
@@ -503,7 +542,7 @@ def _run_graphed(call: _Call) -> DescentResult:
         def run():
             return minimize(energy, static_x, candidates=call.K, config=cfg_g, init=static_init, mask=static_mask,
                             record=call.record, backend=call.backend, event_shape=call.event_shape, whole_loop=False,
-                            final_energy=call.final_energy)
+                            final_energy=call.final_energy, snapshots=call.snapshots)
 
         side = torch.cuda.Stream(device=context.device)
         side.wait_stream(torch.cuda.current_stream(context.device))
@@ -525,7 +564,7 @@ def _run_graphed(call: _Call) -> DescentResult:
     graph.replay()
     fields = {name: (getattr(out, name).clone() if isinstance(getattr(out, name), Tensor) else getattr(out, name))
               for name in ("best", "best_energy", "best_index", "y", "energy", "initial_energy", "steps", "status",
-                           "trajectory", "trajectory_y")}
+                           "trajectory", "trajectory_y", "snapshots")}
     return DescentResult(**fields)
 
 
@@ -595,7 +634,32 @@ def _select_best(cfg: Descent, y: Tensor, E_final: Tensor, E_init: Tensor, statu
     return y[ar, idx], E_final[ar, idx], idx
 
 
-def _finish(call: _Call, calls: _EnergyCalls, y, E_init, steps, status, fixed, traj) -> DescentResult:
+def _new_snapshots(call: _Call, y0: Tensor, fixed: Optional[Tensor]):
+    """(step count -> row, the snapshot tensor [S, *y0.shape]) with the initial state taken, or None."""
+    if call.snapshots is None:
+        return None
+    snaps = ({s: i for i, s in enumerate(call.snapshots)},
+             torch.empty((len(call.snapshots),) + tuple(y0.shape), device=y0.device, dtype=y0.dtype))
+    _take_snapshot(call, snaps, 0, y0, fixed, call.mask)
+    return snaps
+
+
+def _take_snapshot(call: _Call, snaps, done: int, y: Tensor, fixed, mask, through: bool = False) -> None:
+    """Store y as the snapshot after ``done`` steps (``through``: as every later one too, after an early
+    stop), with the end-of-call transforms applied to the copy."""
+    if snaps is None:
+        return
+    rows = [i for s, i in snaps[0].items() if s == done or (through and s > done)]
+    for i in rows:
+        dst = snaps[1][i]
+        dst.copy_(y)
+        if not call.cfg.bound_each_step and (call.lower is not None or call.upper is not None):
+            dst.clamp_(call.lower, call.upper)
+        if mask is not None:
+            torch.where(mask, fixed, dst, out=dst)
+
+
+def _finish(call: _Call, calls: _EnergyCalls, y, E_init, steps, status, fixed, traj, snaps=None) -> DescentResult:
     cfg, (B, K) = call.cfg, calls.bk
     lower, upper, mask = call.lower, call.upper, call.mask
     if not cfg.bound_each_step and (lower is not None or upper is not None):
@@ -605,13 +669,13 @@ def _finish(call: _Call, calls: _EnergyCalls, y, E_init, steps, status, fixed, t
     status, steps = status.view(B, K), steps.view(B, K)
     if not call.final_energy:  # one candidate, nothing to select
         return _result(call, y, None, E_init, steps, status, y[:, 0].clone(), None,
-                       torch.zeros(B, dtype=torch.long, device=y.device), traj)
+                       torch.zeros(B, dtype=torch.long, device=y.device), traj, snaps)
     E_final = calls.energy(_ops.descent_pre(y, project=cfg.project))
     best, best_E, idx = _select_best(cfg, y, E_final, E_init, status, call.generator)
     if traj is not None:
         traj[0][-1] = E_final
         traj[1][-1] = y
-    return _result(call, y, E_final, E_init, steps, status, best, best_E, idx, traj)
+    return _result(call, y, E_final, E_init, steps, status, best, best_E, idx, traj, snaps)
 
 
 def _noise_std(mode: str, eta: float, n: float) -> float:
@@ -664,6 +728,7 @@ class _GradientDescent:
             self.traj = (torch.empty((cfg.steps + 1, B, K), device=device, dtype=dtype),
                          torch.empty((cfg.steps + 1,) + tuple(self.shape), device=device, dtype=dtype))
             self.traj[1][0] = y0
+        self.snaps = _new_snapshots(call, y0, fixed)
 
     def _step_clip(self, call: _Call):
         """The step clip as the update takes it: one number when every coordinate has the same (read from the
@@ -690,13 +755,17 @@ class _GradientDescent:
                 self.traj[1][k + 1] = self.y
             E_prev = E.reshape(self.N)
             k_done = k + 1
+            _take_snapshot(self.call, self.snaps, k_done, self.y, self.fixed, self.call.mask)
             if self.check_every and k_done % self.check_every == 0 and k_done < cfg.steps \
                     and not bool(self.active.any()):
                 break
         if self.traj is not None and k_done < cfg.steps:
             self.traj[0][k_done:cfg.steps] = self.traj[0][k_done - 1]
             self.traj[1][k_done + 1:] = self.y
-        return _finish(self.call, self.calls, self.y, E_init, self.steps, self.status, self.fixed, self.traj)
+        if k_done < cfg.steps:
+            _take_snapshot(self.call, self.snaps, k_done, self.y, self.fixed, self.call.mask, through=True)
+        return _finish(self.call, self.calls, self.y, E_init, self.steps, self.status, self.fixed, self.traj,
+                       self.snaps)
 
     def step(self, k: int, E_prev: Optional[Tensor]) -> Tensor:
         """One step k; returns the energy at its evaluation point [B, K]."""
@@ -769,6 +838,7 @@ def _run_dfo(call: _Call, calls: _EnergyCalls, y0: Tensor, fixed) -> DescentResu
         traj = (torch.empty((cfg.steps + 1, B, K), device=device, dtype=dtype),
                 torch.empty((cfg.steps + 1,) + tuple(y.shape), device=device, dtype=dtype))
         traj[1][0] = y
+    snaps = _new_snapshots(call, y, fixed)
     E_init = None
     for k in range(cfg.steps):
         if k > 0 and xi is not None:
@@ -792,11 +862,12 @@ def _run_dfo(call: _Call, calls: _EnergyCalls, y0: Tensor, fixed) -> DescentResu
         if traj is not None:
             traj[0][k] = E
             traj[1][k + 1] = y
+        _take_snapshot(call, snaps, k + 1, y, fixed, mask)
     if mask is not call.mask:
         call = _replace_mask(call, mask)
     steps = torch.full((B * K,), cfg.steps, dtype=torch.int32, device=device)
     status = torch.zeros(B * K, dtype=torch.int8, device=device)
-    res = _finish(call, calls, y, E_init, steps, status, fixed, traj)
+    res = _finish(call, calls, y, E_init, steps, status, fixed, traj, snaps)
     if res.energy is not None:
         res.status.masked_fill_(~torch.isfinite(res.energy), NONFINITE)
     return res

@@ -44,7 +44,7 @@ when ``a == b``). ``n_k`` is the noise schedule's value.
 at ``y`` and ``g1`` at the Euler proposal ``y~`` (steps 5-11 with ``g0`` and noise ``s_k xi``, where
 ``s_k = sqrt(2 eta n_k)`` for langevin and ``n_k`` for additive noise), then repeats 8-11 from ``y`` with
 the mean of the clipped gradients and the noise std ``(s_k + s_{k+1}) / 2``, the same ``xi``
-(Stratonovich Euler-Heun, as torchsde's ``heun``); a non-finite ``E``/``g`` at either point stops the
+(Heun's method on the Stratonovich form, as torchsde's ``heun``); a non-finite ``E``/``g`` at either point stops the
 candidate.
 
 After the loop: bounds (if not applied every step), masked values, then a final energy pass
