@@ -33,5 +33,5 @@ from pyebm._state import repack
 from pyebm import adapter, discrete, distributed, losses, models, policies, pretrained, protocol
 
 __all__ = ["__version__", "backends", "ops", "reference", "MLPEnergy", "Descent", "DescentResult", "minimize",
-           "rerank", "RerankResult", "DataConsistency", "explain", "Explanation", "repack", "models", "policies", "protocol",
-           "discrete", "distributed", "losses", "pretrained", "adapter"]
+           "rerank", "RerankResult", "DataConsistency", "explain", "Explanation", "repack", "models", "policies",
+           "protocol", "discrete", "distributed", "losses", "pretrained", "adapter"]
