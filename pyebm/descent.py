@@ -395,11 +395,53 @@ def minimize(energy: Any, context: Any, candidates: int = 1, config: Optional[De
     the "all stopped" check every ``config.check_every`` steps when ``config.tol > 0``.
     """
     _dispatch.check_not_traced("pyebm.minimize")
+    if (mask is None and snapshots is None and event_shape is None and record is False and cuda_graph is False
+            and final_energy is True and (whole_loop is None or whole_loop is True)):
+        res = _one_call_lane(energy, context, candidates, config, init, generator, backend)
+        if res is not None:
+            return res
     call = _plan_call(energy, context, candidates, config, init, mask, generator, record, backend, event_shape,
                       whole_loop, cuda_graph, final_energy, snapshots)
     if call.B == 0:
         return _empty_result(call)
     return _RUNNERS[call.route.kind](call)
+
+
+def _one_call_lane(energy, context, candidates, config, init, generator, backend) -> Optional[DescentResult]:
+    """The "one call" route for its common arguments, without the general argument handling: a model with a
+    one-call descent, a plain [B, ...] CPU context tensor with B > 0, and an init tensor [B, K, *event] of the
+    context's dtype on the CPU, contiguous, not requiring grad, or no init with the "zeros" or "normal" init
+    kind and no bounds. The route is decided by the same predicate as every call
+    (``_dispatch.one_call_refusal``). None for anything else: ``minimize``'s general path then handles the
+    call (and routes it the same way when it qualifies)."""
+    cfg = _DEFAULT_CONFIG if config is None else config
+    if type(cfg) is not Descent or type(candidates) is not int or candidates < 1 or type(context) is not Tensor \
+            or not context.is_cpu or context.dim() < 1 or (backend is not None and type(backend) is not str):
+        return None
+    if _PROTOCOL_TYPES.get(type(energy)) is not True or not hasattr(energy, "run_one_call"):
+        return None
+    event = _event_shape_of(energy)
+    B = context.shape[0]
+    if event is None or B == 0:
+        return None
+    dtype = context.dtype
+    if init is not None:
+        if type(init) is not Tensor or init.dtype != dtype or not init.is_cpu or init.requires_grad \
+                or init.shape[:2] != (B, candidates) or init.shape[2:] != event or not init.is_contiguous():
+            return None
+    elif cfg.init not in ("zeros", "normal") or cfg.lower is not None or cfg.upper is not None:
+        return None
+    if generator is not None and type(generator) is not torch.Generator:
+        if isinstance(generator, bool) or not isinstance(generator, numbers.Integral):
+            return None
+        generator = as_generator(generator, context.device, "minimize")
+    if _dispatch.one_call_refusal(energy, cfg, context=context, init=init, mask=None, record=False,
+                                  generator=generator, backend=backend) is not None:
+        return None
+    if init is None:
+        init = initial(cfg.init, cfg, (B, candidates) + event, None, None, generator, context.device, dtype)
+    y, E, E0, steps, status, best, best_E, idx = energy.run_one_call(context, cfg, y0=init, generator=generator)
+    return DescentResult(best, best_E, idx, y, E, E0, steps, status)
 
 
 def _empty_result(call: _Call) -> DescentResult:
