@@ -20,7 +20,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from pyebm import _dispatch, _state
+from pyebm import _dispatch, _rng, _state
 from pyebm.config import (CONVERGED, INITS, INTEGRATORS, MAX_STEPS, METHODS, NOISE_MODES, NOISE_SCHEDULES,  # noqa: F401
                           NONFINITE, NORMALIZE, PROJECT, SELECTIONS, STATUS_NAMES, STEP_SCHEDULES, TOL_ON, TOL_SCOPE,
                           Descent, event_option)
@@ -60,6 +60,10 @@ class DescentResult:
     MAX_STEPS = MAX_STEPS
     CONVERGED = CONVERGED
     NONFINITE = NONFINITE
+
+
+# a pytree (its fields the children): torch.compile and torch.export return it from a traced call
+torch.export.register_dataclass(DescentResult, serialized_type_name="pyebm.DescentResult")
 
 
 # -- energies -------------------------------------------------------------------------------------
@@ -171,17 +175,8 @@ class _Call:
 
 def as_generator(generator, device, where: str) -> Optional[torch.Generator]:
     """A torch.Generator on ``device`` from a generator, an int seed or None; a generator on another kind of
-    device is an error."""
-    if generator is None:
-        return None
-    if isinstance(generator, numbers.Integral) and not isinstance(generator, bool):
-        return torch.Generator(device=device).manual_seed(int(generator))
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"{where}: generator must be a torch.Generator, an int seed or None; got "
-                        f"{type(generator).__name__}")
-    if generator is not None and torch.device(generator.device).type != torch.device(device).type:
-        raise ValueError(f"{where}: generator is on {generator.device} but the candidates are on {device}")
-    return generator
+    device is an error. While traced, an int seed is a ``pyebm._rng.TracedGenerator`` (same numbers)."""
+    return _rng.as_generator(generator, device, where)
 
 
 def _check_flag(name: str, value) -> bool:
@@ -400,10 +395,10 @@ def initial(kind: str, cfg: Descent, shape, lower, upper, generator, device, dty
     if kind == "zeros":
         y = torch.zeros(shape, device=device, dtype=dtype)
     elif kind == "uniform":
-        u = torch.rand(shape, generator=generator, device=device, dtype=dtype)
+        u = _rng.rand(shape, generator, device, dtype)
         y = lower + (upper - lower) * u
     else:
-        y = torch.randn(shape, generator=generator, device=device, dtype=dtype)
+        y = _rng.randn(shape, generator, device, dtype)
         if cfg.init_scale != 1.0:
             y.mul_(cfg.init_scale)
     if kind != "uniform" and (lower is not None or upper is not None):
@@ -581,7 +576,7 @@ def _select(cfg: Descent, E_final: Tensor, E_init: Tensor, status: Tensor, gener
         return score.argmax(dim=1)
     score = torch.where(bad.all(dim=1, keepdim=True), 0.0, score)
     probs = torch.softmax(score, dim=1)
-    u = torch.rand(E_final.shape[0], 1, generator=generator, device=E_final.device, dtype=E_final.dtype)
+    u = _rng.rand((E_final.shape[0], 1), generator, E_final.device, E_final.dtype)
     return _sample_index(probs, u)[:, 0]
 
 
@@ -702,7 +697,7 @@ class _GradientDescent:
         """One step k; returns the energy at its evaluation point [B, K]."""
         cfg = self.cfg
         if self.xi is not None:
-            self.xi.normal_(generator=self.call.generator)
+            _rng.normal_(self.xi, self.call.generator)
         n_k = cfg.noise_level_at(k)
         ys = _ops.descent_pre(self.y, normalize=cfg.normalize, normalize_eps=cfg.normalize_eps,
                               noise=self.xi if cfg.noise == "pre" else None, noise_level=n_k, project=cfg.project,
@@ -772,7 +767,7 @@ def _run_dfo(call: _Call, calls: _EnergyCalls, y0: Tensor, fixed) -> DescentResu
     E_init = None
     for k in range(cfg.steps):
         if k > 0 and xi is not None:
-            xi.normal_(generator=generator)
+            _rng.normal_(xi, generator)
             y.add_(xi, alpha=cfg.noise_level_at(k - 1))
             if lower is not None or upper is not None:
                 y.clamp_(lower, upper)
@@ -784,7 +779,7 @@ def _run_dfo(call: _Call, calls: _EnergyCalls, y0: Tensor, fixed) -> DescentResu
         finite = torch.isfinite(E)
         logits = torch.where(finite, E / -cfg.resample_temperature, float("-inf"))
         logits = torch.where(finite.any(dim=1, keepdim=True), logits, 0.0)
-        u.uniform_(generator=generator)
+        _rng.uniform_(u, generator)
         idx = _sample_index(torch.softmax(logits, dim=1), u).sort(dim=1).values
         y = y[ar, idx]
         if mask is not None:

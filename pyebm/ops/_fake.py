@@ -19,7 +19,7 @@ import torch
 from pyebm.ops import _checks as C
 from pyebm.ops import _fallback  # noqa: F401  (defines the MLP-energy ops when pyebm._C is absent)
 # The Triton custom ops must exist before their fakes are registered.
-from pyebm.ops import (descent_triton, ebt_attention, ebt_norm_swiglu, ebt_policy_triton,  # noqa: F401
+from pyebm.ops import (descent_triton, ebt_attention, ebt_norm_swiglu, ebt_policy_triton, rng_draw,  # noqa: F401
                        ebt_vocab, mlp_energy_triton)
 
 
@@ -276,3 +276,13 @@ def ebt_policy_gelu_tanh_bwd_triton(grad_out, x):
     C.triton_input(op, "x", x)
     C.same(op, "grad_out", grad_out, x, "x", x.shape)
     return x.new_empty(x.shape)
+
+
+# -- random draws from a state tensor (pyebm/ops/rng_draw.py) -----------------------------------------
+
+@_fake("rng_draw")
+def rng_draw_(state, seed, kind, shape, count, dtype, device):
+    rng_draw.check("pyebm::rng_draw", state, seed, kind, shape, count, dtype)
+    n = state.numel() if state is not None else rng_draw.state_size(device)
+    return (torch.empty((count,) + tuple(shape), dtype=dtype, device=device),
+            torch.empty(n, dtype=torch.uint8, device="cpu"))
