@@ -6,6 +6,7 @@
     pyebm.explain(energy, x, config=..., K)  which path a call takes, and why not a faster one
     pyebm.models.EBT, pyebm.models.EBTPolicy transformer energies with cached context
     pyebm.policies.EnergyPolicy              act() for energy policies (EBT-Policy, IBC)
+    pyebm.export(fn, inputs, "m.pt2")        an AOTInductor package of a whole inference call; pyebm.load runs it
     torch.ops.pyebm.*                        the fused ops
 """
 from pyebm._version import __version__
@@ -21,6 +22,7 @@ from pyebm.descent import DescentResult, minimize
 from pyebm.explain import Explanation, explain
 from pyebm._state import repack
 from pyebm import models, policies, protocol
+from pyebm._export import export, load
 
 __all__ = ["__version__", "backends", "ops", "reference", "MLPEnergy", "Descent", "DescentResult", "minimize",
-           "explain", "Explanation", "repack", "models", "policies", "protocol"]
+           "explain", "Explanation", "repack", "models", "policies", "protocol", "export", "load"]

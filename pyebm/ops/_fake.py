@@ -19,8 +19,9 @@ import torch
 from pyebm.ops import _checks as C
 from pyebm.ops import _fallback  # noqa: F401  (defines the MLP-energy ops when pyebm._C is absent)
 # The Triton custom ops must exist before their fakes are registered.
-from pyebm.ops import (descent_triton, ebt_attention, ebt_norm_swiglu, ebt_policy_triton, rng_draw,  # noqa: F401
+from pyebm.ops import (descent_triton, ebt_attention, ebt_norm_swiglu, ebt_policy_triton,  # noqa: F401
                        ebt_vocab, mlp_energy_triton)
+from pyebm.ops import packed_call, rng_draw  # noqa: E402  (Python ops of pyebm.export and pyebm._rng)
 
 
 def _has(name: str) -> bool:
@@ -286,3 +287,8 @@ def rng_draw_(state, seed, kind, shape, count, dtype, device):
     n = state.numel() if state is not None else rng_draw.state_size(device)
     return (torch.empty((count,) + tuple(shape), dtype=dtype, device=device),
             torch.empty(n, dtype=torch.uint8, device="cpu"))
+
+
+@_fake("packed_call")
+def packed_call_(target, tensors, spec):
+    return packed_call.call(target, tensors, spec)  # the target's own fake checks and shapes
