@@ -644,7 +644,8 @@ class _GradientDescent:
             self.y_propf = self.y_prop.view(N, D)
             self.v_prop = torch.empty_like(self.velocity) if self.velocity is not None else None
         self.post_mode = cfg.noise if cfg.noise in ("langevin", "step", "additive") else "none"
-        self.check_every = cfg.check_every if use_tol else 0
+        # the host-side "all stopped" check; none in a traced graph (early exit still masks each candidate)
+        self.check_every = cfg.check_every if use_tol and not _rng.tracing() else 0
         self.common = dict(backend=calls.kwargs.get("backend"), grad_scale=cfg.grad_scale, momentum=cfg.momentum,
                            energy_scaled=cfg.step_schedule == "energy", energy_temperature=cfg.energy_temperature,
                            tol=cfg.tol, tol_on=cfg.tol_on, tol_scope=cfg.tol_scope, tol_final_step=cfg.tol_final_step,

@@ -370,7 +370,7 @@ class EnergyPolicy:
 
     def _config(self, device: torch.device) -> Descent:
         cfg = self.descent
-        if cfg.tol > 0:
+        if cfg.tol > 0 and not _rng.tracing():  # a traced descent has no host-side check to set
             every = self.check_every if self.check_every is not None else (1 if device.type == "cpu" else None)
             if every is not None and every != cfg.check_every:
                 # the edited copy is kept while the descent object and check_every stay the same
