@@ -61,8 +61,6 @@ def as_generator(generator, device, where: str) -> Generator:
     if generator is None:
         return None
     if isinstance(generator, numbers.Integral) and not isinstance(generator, bool):
-        if int(generator) < 0:
-            raise ValueError(f"{where}: generator as a seed must be an int >= 0; got {generator}")
         if tracing():
             return TracedGenerator(int(generator), device)
         return torch.Generator(device=device).manual_seed(int(generator))

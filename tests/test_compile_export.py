@@ -330,3 +330,27 @@ def test_package_minimize_returns_a_descent_result(tmp_path):
             torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=1e-5, atol=1e-6)
         assert torch.equal(got.best_index, want.best_index) and torch.equal(got.steps, want.steps)
         """, tmp_path)
+
+
+def test_packed_call_is_the_op_call():
+    """pyebm::packed_call (what pyebm.export puts in place of a call with an empty Tensor[] argument) calls the
+    same op on the same values; only pyebm ops can be its target."""
+    import json
+
+    from pyebm.ops import packed_call as pc
+
+    e = _mlp()  # one hidden layer: no hidden-to-hidden weights, empty weight and bias lists
+    w_in, weights, biases, w_out, b_out = e.op_params()
+    assert weights == [] and biases == []
+    ctx, y = e.prepare(torch.randn(3, 6)), torch.randn(3, 4, 3)
+    args = (ctx, y, w_in, weights, biases, w_out, b_out, e.activation, e.residual)
+    want = torch.ops.pyebm.mlp_energy_grad.default(*args)
+    tensors = []
+    spec = json.dumps({"args": [pc.encode(a, tensors, lambda v: isinstance(v, torch.Tensor)) for a in args],
+                       "kwargs": {}})
+    got = torch.ops.pyebm.packed_call("pyebm::mlp_energy_grad.default", tensors, spec)
+    assert len(got) == 2 and torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    torch.library.opcheck(torch.ops.pyebm.packed_call.default, ("pyebm::mlp_energy_grad.default", tensors, spec),
+                          test_utils=("test_schema", "test_faketensor"))
+    with pytest.raises(ValueError, match="target must be a pyebm op"):
+        torch.ops.pyebm.packed_call("aten::add.Tensor", tensors, spec)

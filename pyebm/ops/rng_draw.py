@@ -36,8 +36,6 @@ def check(op: str, state: Optional[Tensor], seed: int, kind: str, shape: Sequenc
         raise ValueError(f"{op}: count must be >= 1; got {count}")
     if not dtype.is_floating_point:
         raise TypeError(f"{op}: dtype must be a floating dtype; got {dtype}")
-    if seed < 0:
-        raise ValueError(f"{op}: seed must be >= 0; got {seed}")
 
 
 def state_size(device: torch.device) -> int:
