@@ -288,6 +288,8 @@ def whole_loop_backend(model, cfg, *, device, dtype, mask: bool, record: bool, b
         return None, f"backend {name!r} has no whole-loop op for {dtype} candidates (have: {have})"
     if name in ("cpu", "cuda") and torch.device(device).type != name:
         return None, f"backend {name!r} with candidates on {device}"
+    if name == "triton" and _is_compiling():
+        return None, "under torch.compile / torch.export (the triton loop's seed is read on the host)"
     return name, None
 
 

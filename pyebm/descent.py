@@ -173,7 +173,7 @@ class _Call:
     event_shape: Any = None
 
 
-def as_generator(generator, device, where: str) -> Optional[torch.Generator]:
+def as_generator(generator, device, where: str) -> "_rng.Generator":
     """A torch.Generator on ``device`` from a generator, an int seed or None; a generator on another kind of
     device is an error. While traced, an int seed is a ``pyebm._rng.TracedGenerator`` (same numbers)."""
     return _rng.as_generator(generator, device, where)

@@ -354,3 +354,29 @@ def test_packed_call_is_the_op_call():
                           test_utils=("test_schema", "test_faketensor"))
     with pytest.raises(ValueError, match="target must be a pyebm op"):
         torch.ops.pyebm.packed_call("aten::add.Tensor", tensors, spec)
+
+
+@pytest.mark.triton
+def test_compile_triton_backend_takes_the_per_step_path(triton_device):
+    """The Triton whole loop reads its seed on the host, so a traced call takes the per-step path (the Triton
+    energy and update ops): the eager whole loop's result within float rounding."""
+    e = pyebm.MLPEnergy(context_dim=6, candidate_dim=3, hidden=(16,), activation="silu", backend="triton",
+                        device=triton_device)
+    cfg = pyebm.Descent(steps=2)
+    x, y0 = torch.randn(2, 6, device=triton_device), torch.randn(2, 2, 3, device=triton_device)
+    fn = lambda x, y0: pyebm.minimize(e, x, candidates=2, config=cfg, init=y0, generator=0)  # noqa: E731
+    assert "whole loop (backend triton)" in str(pyebm.explain(e, x, config=cfg, candidates=2, init=y0))
+    assert_same(torch.compile(fn, fullgraph=True, backend="aot_eager")(x, y0), fn(x, y0), exact=False)
+
+
+@pytest.mark.gpu
+def test_compile_and_export_on_cuda_draw_the_seeds_numbers():
+    """On a CUDA device the seed's generator is a CUDA generator (its state threaded through rng_draw as on
+    the CPU). Written for a GPU; not yet run on one."""
+    e = _mlp().cuda()
+    cfg = pyebm.Descent(steps=4, noise="langevin", noise_scale=0.1)
+    fn = lambda x: pyebm.minimize(e, x, candidates=3, config=cfg, generator=0)  # noqa: E731
+    x, x2 = torch.randn(4, 6, device="cuda"), torch.randn(6, 6, device="cuda")
+    assert_same(torch.compile(fn, fullgraph=True, backend="aot_eager")(x), fn(x))
+    ep = torch.export.export(_Wrap(e, fn), (x,), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    assert_same(ep.module()(x2), fn(x2))
