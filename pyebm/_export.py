@@ -1,6 +1,6 @@
 """Ahead-of-time packages of a whole inference call: ``pyebm.export`` and ``pyebm.load``.
 
-    pyebm.export(policy.act, (obs,), "policy.pt2", dynamic_shapes="batch")
+    pyebm.export(lambda obs: policy.act(obs, generator=0), (obs,), "policy.pt2", dynamic_shapes="batch")
     act = pyebm.load("policy.pt2")      # in any process that can ``import pyebm``
     actions = act(obs)
 
@@ -12,11 +12,13 @@ extension's and the Python ones) and the result types (``DescentResult``, ``Thin
 it may return, so nothing else is needed.
 
 Random draws: pass ``generator`` as an int seed inside the exported call; every run of the package then
-draws the numbers the eager call with that seed draws (``pyebm._rng``). A ``torch.Generator`` object cannot
-be exported.
+draws the numbers the eager call with that seed draws (``pyebm._rng``; tested). ``generator=None`` leaves the
+draws to the compiled graph's own random ops (not compared with eager draws by the tests). A call that has
+to draw from a ``torch.Generator`` object cannot be exported.
 """
 from __future__ import annotations
 
+import inspect
 import json
 import operator
 import os
@@ -139,6 +141,8 @@ def export(model_or_fn: Union[nn.Module, Callable], example_inputs: Any, path: U
     _pack_empty_lists(program)
     from torch._inductor import aoti_compile_and_package
 
+    if "args" in inspect.signature(aoti_compile_and_package).parameters:  # torch < 2.6 takes the inputs again
+        return aoti_compile_and_package(program, args, {}, package_path=path)
     return aoti_compile_and_package(program, package_path=path)
 
 
@@ -153,4 +157,8 @@ def load(path: Union[str, os.PathLike], device_index: int = -1) -> Callable:
         raise FileNotFoundError(f"pyebm.load: no package at {path!r}")
     from torch._inductor import aoti_load_package
 
+    if "device_index" not in inspect.signature(aoti_load_package).parameters:  # torch < 2.7
+        if device_index != -1:
+            raise ValueError("pyebm.load: device_index needs torch >= 2.7")
+        return aoti_load_package(path)
     return aoti_load_package(path, device_index=device_index)
