@@ -149,7 +149,7 @@ def test_compile_fullgraph_same_kernels_bitwise(name):
     assert_same(compiled(x2), fn(x2))  # another batch size: a recompilation, the same numbers
 
 
-@pytest.mark.parametrize("name", ["minimize-whole-loop", "act-ebt-policy", "think"])
+@pytest.mark.parametrize("name", ["minimize-whole-loop", "minimize-per-step", "act-ebt-policy", "think"])
 def test_compile_fullgraph_inductor(name):
     """Inductor fuses the float ops between pyebm's ops: equal within float rounding."""
     _, fn, x, _ = CASES[name]()
