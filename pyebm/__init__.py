@@ -14,6 +14,7 @@
     model.save_pretrained(dir)               weights (safetensors) + configuration (JSON); Class.from_pretrained(dir)
     pyebm.discrete.gibbs_with_gradients, dmala  samplers on binary / one-hot states
     pyebm.losses.joint_partition_loss        train an energy with its log-partition (no MCMC)
+    pyebm.export(fn, inputs, "m.pt2")        an AOTInductor package of a whole inference call; pyebm.load runs it
     torch.ops.pyebm.*                        the fused ops
 """
 from pyebm._version import __version__
@@ -31,7 +32,8 @@ from pyebm.inverse import DataConsistency
 from pyebm.explain import Explanation, explain
 from pyebm._state import repack
 from pyebm import adapter, discrete, distributed, losses, models, policies, pretrained, protocol
+from pyebm._export import export, load
 
 __all__ = ["__version__", "backends", "ops", "reference", "MLPEnergy", "Descent", "DescentResult", "minimize",
            "rerank", "RerankResult", "DataConsistency", "explain", "Explanation", "repack", "models", "policies",
-           "protocol", "discrete", "distributed", "losses", "pretrained", "adapter"]
+           "protocol", "discrete", "distributed", "losses", "pretrained", "adapter", "export", "load"]

@@ -228,7 +228,10 @@ _CONFIG_REFUSALS: Dict[tuple, tuple] = {}
 
 def whole_loop_config_refusal(cfg, spec: WholeLoopSpec, *, mask: bool, record: bool) -> Optional[str]:
     """None when the whole-loop op described by ``spec`` implements every option of ``cfg`` (remembered per
-    config object, which the table holds so that its id is not reused, and spec)."""
+    config object, which the table holds so that its id is not reused, and spec; not while traced: Dynamo
+    cannot take the id of every object it tracks)."""
+    if _is_compiling():
+        return _config_refusal(cfg, spec, mask, record)
     key = (id(cfg), id(spec), mask, record)
     hit = _CONFIG_REFUSALS.get(key)
     if hit is not None and hit[0] is cfg and hit[1] is spec:
@@ -285,6 +288,8 @@ def whole_loop_backend(model, cfg, *, device, dtype, mask: bool, record: bool, b
         return None, f"backend {name!r} has no whole-loop op for {dtype} candidates (have: {have})"
     if name in ("cpu", "cuda") and torch.device(device).type != name:
         return None, f"backend {name!r} with candidates on {device}"
+    if name == "triton" and _is_compiling():
+        return None, "under torch.compile / torch.export (the triton loop's seed is read on the host)"
     return name, None
 
 

@@ -127,6 +127,7 @@ def resolve(module: nn.Module, name: str):
 
 
 def _traced() -> bool:
+    """True under torch.compile, torch.export and torch.jit.trace: tensors made then are the trace's, never kept."""
     return torch.compiler.is_compiling() or torch._C._get_tracing_state() is not None
 
 

@@ -20,7 +20,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from pyebm import _dispatch, _state
+from pyebm import _dispatch, _rng, _state
 from pyebm.config import (CONVERGED, INITS, INTEGRATORS, MAX_STEPS, METHODS, NOISE_MODES, NOISE_SCHEDULES,  # noqa: F401
                           NONFINITE, NORMALIZE, PROJECT, SELECTIONS, STATUS_NAMES, STEP_SCHEDULES, TOL_ON, TOL_SCOPE,
                           Descent, event_option)
@@ -64,6 +64,10 @@ class DescentResult:
     MAX_STEPS = MAX_STEPS
     CONVERGED = CONVERGED
     NONFINITE = NONFINITE
+
+
+# a pytree (its fields the children): torch.compile and torch.export return it from a traced call
+torch.export.register_dataclass(DescentResult, serialized_type_name="pyebm.DescentResult")
 
 
 # -- energies -------------------------------------------------------------------------------------
@@ -174,19 +178,10 @@ class _Call:
     snapshots: Optional[Tuple[int, ...]] = None   # step counts, strictly increasing, in [0, steps]
 
 
-def as_generator(generator, device, where: str) -> Optional[torch.Generator]:
+def as_generator(generator, device, where: str) -> "_rng.Generator":
     """A torch.Generator on ``device`` from a generator, an int seed or None; a generator on another kind of
-    device is an error."""
-    if generator is None:
-        return None
-    if isinstance(generator, numbers.Integral) and not isinstance(generator, bool):
-        return torch.Generator(device=device).manual_seed(int(generator))
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"{where}: generator must be a torch.Generator, an int seed or None; got "
-                        f"{type(generator).__name__}")
-    if generator is not None and torch.device(generator.device).type != torch.device(device).type:
-        raise ValueError(f"{where}: generator is on {generator.device} but the candidates are on {device}")
-    return generator
+    device is an error. While traced, an int seed is a ``pyebm._rng.TracedGenerator`` (same numbers)."""
+    return _rng.as_generator(generator, device, where)
 
 
 def _check_flag(name: str, value) -> bool:
@@ -431,13 +426,16 @@ def _one_call_lane(energy, context, candidates, config, init, generator, backend
             return None
     elif cfg.init not in ("zeros", "normal") or cfg.lower is not None or cfg.upper is not None:
         return None
+    seed = None
     if generator is not None and type(generator) is not torch.Generator:
-        if isinstance(generator, bool) or not isinstance(generator, numbers.Integral):
+        if type(generator) is not int:
             return None
-        generator = as_generator(generator, context.device, "minimize")
+        seed, generator = generator, None  # a CPU generator once the route is known (none is made for others)
     if _dispatch.one_call_refusal(energy, cfg, context=context, init=init, mask=None, record=False,
                                   generator=generator, backend=backend) is not None:
         return None
+    if seed is not None:
+        generator = as_generator(seed, context.device, "minimize")
     if init is None:
         init = initial(cfg.init, cfg, (B, candidates) + event, None, None, generator, context.device, dtype)
     y, E, E0, steps, status, best, best_E, idx = energy.run_one_call(context, cfg, y0=init, generator=generator)
@@ -478,10 +476,10 @@ def initial(kind: str, cfg: Descent, shape, lower, upper, generator, device, dty
     if kind == "zeros":
         y = torch.zeros(shape, device=device, dtype=dtype)
     elif kind == "uniform":
-        u = torch.rand(shape, generator=generator, device=device, dtype=dtype)
+        u = _rng.rand(shape, generator, device, dtype)
         y = lower + (upper - lower) * u
     else:
-        y = torch.randn(shape, generator=generator, device=device, dtype=dtype)
+        y = _rng.randn(shape, generator, device, dtype)
         if cfg.init_scale != 1.0:
             y.mul_(cfg.init_scale)
     if kind != "uniform" and (lower is not None or upper is not None):
@@ -662,7 +660,7 @@ def _select(cfg: Descent, E_final: Tensor, E_init: Tensor, status: Tensor, gener
         return score.argmax(dim=1)
     score = torch.where(bad.all(dim=1, keepdim=True), 0.0, score)
     probs = torch.softmax(score, dim=1)
-    u = torch.rand(E_final.shape[0], 1, generator=generator, device=E_final.device, dtype=E_final.dtype)
+    u = _rng.rand((E_final.shape[0], 1), generator, E_final.device, E_final.dtype)
     return _sample_index(probs, u)[:, 0]
 
 
@@ -755,7 +753,8 @@ class _GradientDescent:
             self.y_propf = self.y_prop.view(N, D)
             self.v_prop = torch.empty_like(self.velocity) if self.velocity is not None else None
         self.post_mode = cfg.noise if cfg.noise in ("langevin", "step", "additive") else "none"
-        self.check_every = cfg.check_every if use_tol else 0
+        # the host-side "all stopped" check; none in a traced graph (early exit still masks each candidate)
+        self.check_every = cfg.check_every if use_tol and not _rng.tracing() else 0
         self.common = dict(backend=calls.kwargs.get("backend"), grad_scale=cfg.grad_scale, momentum=cfg.momentum,
                            energy_scaled=cfg.step_schedule == "energy", energy_temperature=cfg.energy_temperature,
                            tol=cfg.tol, tol_on=cfg.tol_on, tol_scope=cfg.tol_scope, tol_final_step=cfg.tol_final_step,
@@ -813,7 +812,7 @@ class _GradientDescent:
         """One step k; returns the energy at its evaluation point [B, K]."""
         cfg = self.cfg
         if self.xi is not None:
-            self.xi.normal_(generator=self.call.generator)
+            _rng.normal_(self.xi, self.call.generator)
         n_k = cfg.noise_level_at(k)
         ys = _ops.descent_pre(self.y, normalize=cfg.normalize, normalize_eps=cfg.normalize_eps,
                               noise=self.xi if cfg.noise == "pre" else None, noise_level=n_k, project=cfg.project,
@@ -884,7 +883,7 @@ def _run_dfo(call: _Call, calls: _EnergyCalls, y0: Tensor, fixed) -> DescentResu
     E_init = None
     for k in range(cfg.steps):
         if k > 0 and xi is not None:
-            xi.normal_(generator=generator)
+            _rng.normal_(xi, generator)
             y.add_(xi, alpha=cfg.noise_level_at(k - 1))
             if lower is not None or upper is not None:
                 y.clamp_(lower, upper)
@@ -896,7 +895,7 @@ def _run_dfo(call: _Call, calls: _EnergyCalls, y0: Tensor, fixed) -> DescentResu
         finite = torch.isfinite(E)
         logits = torch.where(finite, E / -cfg.resample_temperature, float("-inf"))
         logits = torch.where(finite.any(dim=1, keepdim=True), logits, 0.0)
-        u.uniform_(generator=generator)
+        _rng.uniform_(u, generator)
         idx = _sample_index(torch.softmax(logits, dim=1), u).sort(dim=1).values
         y = y[ar, idx]
         if mask is not None:

@@ -136,7 +136,9 @@ class MLPEnergy(_state.PackedModule, Pretrained):
         d = _state.packs(self)
         z = d.get(key)
         if z is None:
-            z = d[key] = torch.zeros(n, device=like.device, dtype=like.dtype)
+            z = torch.zeros(n, device=like.device, dtype=like.dtype)
+            if not _state._traced():  # a traced call's tensor is the graph's, never kept
+                d[key] = z
         return z
 
     def op_params(self):

@@ -21,6 +21,7 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
+from pyebm import _rng
 from pyebm.config import _from_json_value, _to_json_value
 from pyebm.descent import NONFINITE, Descent, DescentResult, as_generator, minimize
 from pyebm.energy import MLPEnergy
@@ -55,6 +56,10 @@ class PolicyResult:
     retries: Tensor
     recovered: int
     descent: DescentResult
+
+
+# a pytree (its fields the children): torch.compile and torch.export return it from a traced call
+torch.export.register_dataclass(PolicyResult, serialized_type_name="pyebm.policies.PolicyResult")
 
 
 class _Prepared:
@@ -336,7 +341,9 @@ class EnergyPolicy(Pretrained):
                 raise ValueError(f"EnergyPolicy.act: obs must be observation tokens [B, L, cond_dim={cond_dim}] with "
                                  f"L a multiple of n_obs_steps={self.n_obs_steps}; got shape {list(obs.shape)}")
         # one host read per act: a non-finite observation would poison every candidate of its row
-        if check_finite and not bool(torch.isfinite(obs).all()):
+        if check_finite and _rng.tracing():  # a traced graph checks on the device (no host read to trace)
+            torch._assert_async(torch.isfinite(obs).all(), "EnergyPolicy.act: obs contains NaN or Inf")
+        elif check_finite and not bool(torch.isfinite(obs).all()):
             bad = (~torch.isfinite(obs.reshape(obs.shape[0], -1))).any(dim=1).nonzero().flatten().tolist()
             raise ValueError(f"EnergyPolicy.act: obs contains NaN or Inf (batch rows {bad})")
         return obs
@@ -357,8 +364,9 @@ class EnergyPolicy(Pretrained):
         key = (str(device), dtype)
         hit = self._device_bounds.get(key)
         if hit is None:
-            hit = self._device_bounds[key] = (self.lower.to(device=device, dtype=dtype),
-                                              self.upper.to(device=device, dtype=dtype))
+            hit = (self.lower.to(device=device, dtype=dtype), self.upper.to(device=device, dtype=dtype))
+            if not _rng.tracing():  # a traced call's copies are the graph's values, never kept
+                self._device_bounds[key] = hit
         return hit
 
     def _fresh(self, B: int, cfg: Descent, generator, device, dtype) -> Tensor:
@@ -366,11 +374,11 @@ class EnergyPolicy(Pretrained):
         shape = (B, self.candidates, self.horizon, self.action_dim)
         lo, up = self._bounds_on(device, dtype)
         if cfg.init == "uniform":
-            y = lo + (up - lo) * torch.rand(shape, generator=generator, device=device, dtype=dtype)
+            y = lo + (up - lo) * _rng.rand(shape, generator, device, dtype)
         elif cfg.init == "zeros":
             y = torch.zeros(shape, device=device, dtype=dtype)
         else:
-            y = cfg.init_scale * torch.randn(shape, generator=generator, device=device, dtype=dtype)
+            y = cfg.init_scale * _rng.randn(shape, generator, device, dtype)
         if cfg.init != "uniform" and lo is not None:
             y = torch.maximum(torch.minimum(y, up), lo)
         return y
@@ -389,7 +397,7 @@ class EnergyPolicy(Pretrained):
 
     def _config(self, device: torch.device) -> Descent:
         cfg = self.descent
-        if cfg.tol > 0:
+        if cfg.tol > 0 and not _rng.tracing():  # a traced descent has no host-side check to set
             every = self.check_every if self.check_every is not None else (1 if device.type == "cpu" else None)
             if every is not None and every != cfg.check_every:
                 # the edited copy is kept while the descent object and check_every stay the same
@@ -421,10 +429,22 @@ class EnergyPolicy(Pretrained):
         graph on the first call for each shape and replayed afterwards (see ``EnergyPolicy``).
         """
         obs = self._context(obs)
+        if _rng.tracing():
+            self._check_traceable()
         if self.cuda_graph:
             return self._act_graphed(obs, init, generator)
         generator = as_generator(generator, obs.device, "EnergyPolicy.act")
         return self._act(obs, init, generator, self._config(obs.device))
+
+    def _check_traceable(self) -> None:
+        """What a traced act() (torch.compile, torch.export) cannot do: decide on the host between rounds
+        (recovery), or keep state between the calls of an exported program (warm start)."""
+        if self._recovers():
+            raise ValueError("EnergyPolicy.act: recovery_threshold decides on the host how many rounds run, which "
+                             "torch.compile / torch.export cannot trace; build the policy without it")
+        if self.warm_start and _rng.exporting():
+            raise ValueError("EnergyPolicy.act: warm_start keeps the chosen chunk between calls, which an exported "
+                             "program cannot hold; export a policy with warm_start=False (or pass init)")
 
     def _act(self, obs: Tensor, init: Optional[Tensor], generator, cfg: Descent) -> Tensor:
         """act() on validated observations with a given config; sets ``last_result``."""
@@ -487,11 +507,13 @@ class EnergyPolicy(Pretrained):
             best = torch.maximum(torch.minimum(best, up), lo)
         s = self.window_start
         actions = best[:, s:s + self.n_action_steps]
-        self._previous = best
         best_energy = None if energy is None else energy[torch.arange(B, device=device), best_index]
-        self.last_result = PolicyResult(actions=actions, chunk=best, y=y, energy=energy,
-                                        best_energy=best_energy, best_index=best_index, steps=steps,
-                                        status=status, retries=retries, recovered=recovered, descent=res)
+        result = PolicyResult(actions=actions, chunk=best, y=y, energy=energy, best_energy=best_energy,
+                              best_index=best_index, steps=steps, status=status, retries=retries,
+                              recovered=recovered, descent=res)
+        if not _rng.exporting():  # an exported program's tensors are never kept by the policy
+            self._previous = best
+            self.last_result = result
         return actions
 
     # -- CUDA graphs -----------------------------------------------------------------------------

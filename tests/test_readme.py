@@ -1,4 +1,6 @@
-"""README.md's Python blocks run as written, top to bottom in one namespace (as a reader would paste them)."""
+"""README.md's Python blocks run as written, top to bottom in one namespace (as a reader would paste them).
+
+A block fenced as ```python no-run is shown and not run (the README says where it is tested instead)."""
 import pathlib
 import re
 

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pyebm import _dispatch, _state
+from pyebm import _dispatch, _rng, _state
 from pyebm.descent import as_generator
 from pyebm.ops import ebt_attention as _ebt_attention_ops, ebt_norm_swiglu as _ebt_norm_ops  # noqa: F401  (register the ops)
 from pyebm.pretrained import Pretrained
@@ -75,6 +75,10 @@ class ThinkResult:
     energy: torch.Tensor
     initial_energy: torch.Tensor
     sample: torch.Tensor
+
+
+# a pytree (its fields the children): torch.compile and torch.export return it from a traced call
+torch.export.register_dataclass(ThinkResult, serialized_type_name="pyebm.models.ThinkResult")
 
 
 class EBTCache:
@@ -472,7 +476,12 @@ class EBT(_state.PackedModule, Pretrained):
         if B < 1 or S < 1:
             raise ValueError(f"{what} must have at least one prompt of at least one token; got shape {(B, S)}")
         V, C = self.config.vocab_size, self.config.context_length
-        lo, hi = int(tokens.min()), int(tokens.max())
+        if _rng.tracing():  # a traced graph checks on the device (no host read to trace)
+            torch._assert_async(((tokens >= 0) & (tokens < V)).all(),
+                                f"{what}: token ids must be in [0, vocab_size={V})")
+            lo, hi = 0, 0
+        else:
+            lo, hi = int(tokens.min()), int(tokens.max())
         if lo < 0 or hi >= V:
             raise ValueError(f"{what}: token ids must be in [0, vocab_size={V}); got ids in [{lo}, {hi}]")
         if S + extra > C:
@@ -786,16 +795,23 @@ class EBT(_state.PackedModule, Pretrained):
             raise ValueError(f"select must be one of {ref.SELECT_MODES}; got {select!r}")
         if positions not in ("last", "all"):
             raise ValueError(f"positions must be 'last' or 'all'; got {positions!r}")
+        # The learned step size and noise are read as numbers; while traced (torch.compile, torch.export) they
+        # stay float64 0-d tensors, the same values, which the graph reads from the parameters on every call.
+        traced = _rng.tracing()
         if alpha is None:
-            alpha = float(self.alpha.detach().clamp(min=1e-4))
-        alpha = float(alpha)
-        if not math.isfinite(alpha) or alpha <= 0:
-            raise ValueError(f"alpha must be a finite number > 0; got {alpha!r}")
+            alpha = self.alpha.detach().clamp(min=1e-4)
+            alpha = alpha.double() if traced else float(alpha)
+        if not (traced and isinstance(alpha, torch.Tensor)):
+            alpha = float(alpha)
+            if not math.isfinite(alpha) or alpha <= 0:
+                raise ValueError(f"alpha must be a finite number > 0; got {alpha!r}")
         if noise is None:
-            noise = float(self.langevin_dynamics_noise_std.detach())
-        noise = float(noise)
-        if not math.isfinite(noise) or noise < 0:
-            raise ValueError(f"noise must be a finite number >= 0; got {noise!r}")
+            noise = self.langevin_dynamics_noise_std.detach()
+            noise = noise.double() if traced else float(noise)
+        if not (traced and isinstance(noise, torch.Tensor)):
+            noise = float(noise)
+            if not math.isfinite(noise) or noise < 0:
+                raise ValueError(f"noise must be a finite number >= 0; got {noise!r}")
         if grad_clamp is None:
             grad_clamp = self.clamp_futures_grad_max_change if self.clamp_futures_grad else None
         elif grad_clamp is False:
@@ -814,7 +830,7 @@ class EBT(_state.PackedModule, Pretrained):
             init = "zeros" if self.denoising_initial_condition == "zeros" else "normal"
         if isinstance(init, str):
             if init == "normal":
-                y = torch.randn((B, G, P, V), generator=generator, dtype=w.dtype, device=w.device)
+                y = _rng.randn((B, G, P, V), generator, w.device, w.dtype)
                 return y * self.gaussian_random_noise_scaling
             if init == "zeros":
                 return w.new_zeros(B, G, P, V)
@@ -843,8 +859,8 @@ class EBT(_state.PackedModule, Pretrained):
         y = y.reshape(B, R, V)
         E0 = None
         for landscape in schedule:
-            if noise != 0:
-                y = y + noise * torch.randn(y.shape, generator=generator, dtype=y.dtype, device=y.device)
+            if isinstance(noise, torch.Tensor) or noise != 0:  # a traced learned noise: drawn even when 0
+                y = y + noise * _rng.randn(y.shape, generator, y.device, y.dtype)
             p, E, g = self._project_energy(pk, cache, landscape, y, rows, True, normalize)
             if E0 is None:
                 E0 = E

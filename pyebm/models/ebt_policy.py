@@ -290,7 +290,8 @@ class EBTPolicy(_state.PackedModule, Pretrained):
             with torch.inference_mode(False):  # a plain tensor even when first made under inference_mode
                 allowed = self.memory_mask(L, device=device)
                 bias = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, float("-inf"))
-            packs[key] = bias
+            if not _state._traced():  # a traced call's tensor is the graph's, never kept
+                packs[key] = bias
         return bias
 
     def prepare(self, obs_tokens: torch.Tensor) -> EBTPolicyContext:

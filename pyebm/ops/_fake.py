@@ -21,6 +21,7 @@ from pyebm.ops import _fallback  # noqa: F401  (defines the MLP-energy ops when 
 # The Triton custom ops must exist before their fakes are registered.
 from pyebm.ops import (descent_triton, ebt_attention, ebt_norm_swiglu, ebt_policy_triton,  # noqa: F401
                        ebt_vocab, mlp_energy_triton)
+from pyebm.ops import packed_call, rng_draw  # noqa: E402  (Python ops of pyebm.export and pyebm._rng)
 
 
 def _has(name: str) -> bool:
@@ -276,3 +277,18 @@ def ebt_policy_gelu_tanh_bwd_triton(grad_out, x):
     C.triton_input(op, "x", x)
     C.same(op, "grad_out", grad_out, x, "x", x.shape)
     return x.new_empty(x.shape)
+
+
+# -- random draws from a state tensor (pyebm/ops/rng_draw.py) -----------------------------------------
+
+@_fake("rng_draw")
+def rng_draw_(state, seed, kind, shape, count, dtype, device):
+    rng_draw.check("pyebm::rng_draw", state, seed, kind, shape, count, dtype)
+    n = state.numel() if state is not None else rng_draw.state_size(device)
+    return (torch.empty((count,) + tuple(shape), dtype=dtype, device=device),
+            torch.empty(n, dtype=torch.uint8, device="cpu"))
+
+
+@_fake("packed_call")
+def packed_call_(target, tensors, spec):
+    return packed_call.call(target, tensors, spec)  # the target's own fake checks and shapes

@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 
-from pyebm import _backend
+from pyebm import _backend, _rng
 from pyebm.config import rule_options, schedules_on
 
 HAS_OP = _backend.ext() is not None and hasattr(torch.ops.pyebm, "mlp_descent")
@@ -46,9 +46,8 @@ def run(model, ctx, cfg, *, y0: torch.Tensor, mask: Optional[torch.Tensor], lowe
         if backend in ("cpu", "cuda"):  # the same op; the dispatcher picks the device's kernel
             noise = None
             if cfg.noise != "none":
-                noise = torch.empty((cfg.steps,) + tuple(y0.shape), device=y0.device, dtype=y0.dtype)
-                for k in range(cfg.steps):  # one draw of y's shape per step: the per-step path's order
-                    noise[k].normal_(generator=generator)
+                # one draw of y's shape per step: the per-step path's order
+                noise = _rng.draw("normal", y0.shape, generator, y0.device, y0.dtype, count=cfg.steps)
                 noise = noise.view(cfg.steps, B, K, D)
             out = torch.ops.pyebm.mlp_descent.default(
                 ctx, y0f, w_in, weights, biases, w_out, b_out, model.activation, model.residual, eta, nlev, noise,
