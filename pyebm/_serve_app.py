@@ -1,0 +1,50 @@
+"""The Ray Serve deployment of ``pyebm.serving.build_app`` (imported only when Ray Serve is installed)."""
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import List
+
+from ray import serve
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+from pyebm.serving import Item, PolicyServer, RequestError
+
+
+@serve.deployment
+class PolicyDeployment:
+    """One replica: a ``PolicyServer``; ``POST /act`` batched by ``@serve.batch``, ``GET /info``."""
+
+    def __init__(self, model_dir: str, device: str, max_batch_size: int, batch_wait_timeout_s: float):
+        self.server = PolicyServer(model_dir, device=device)
+        self.act_batch.set_max_batch_size(max_batch_size)
+        self.act_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)  # set per application in __init__
+    async def act_batch(self, items: List[Item]):
+        # in a thread: the replica keeps collecting the next batch while this one runs (one batch at a time)
+        return await asyncio.to_thread(self.server.run, items)
+
+    async def __call__(self, request: Request):
+        path = request.url.path.rstrip("/") or "/"
+        if path.endswith("/info"):
+            if request.method != "GET":
+                return JSONResponse({"error": "/info answers GET"}, status_code=405)
+            return JSONResponse(self.server.info())
+        if not path.endswith("/act"):
+            return JSONResponse({"error": f"no route {request.url.path!r}: POST /act or GET /info"}, status_code=404)
+        if request.method != "POST":
+            return JSONResponse({"error": "/act answers POST with a JSON body"}, status_code=405)
+        try:
+            payload = json.loads(await request.body())
+        except (ValueError, UnicodeDecodeError) as e:
+            return JSONResponse({"error": f"the body is not JSON: {e}"}, status_code=400)
+        try:
+            item = self.server.parse(payload)
+        except RequestError as e:  # refused before it joins a batch
+            return JSONResponse({"error": str(e)}, status_code=e.status)
+        answer = await self.act_batch(item)
+        if isinstance(answer, RequestError):
+            return JSONResponse({"error": str(answer)}, status_code=answer.status)
+        return JSONResponse(answer)

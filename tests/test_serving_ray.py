@@ -1,0 +1,150 @@
+"""``pyebm serve`` end to end: a local Ray Serve on the loopback, 64 concurrent HTTP requests.
+
+Checks: every answer equals a direct ``act`` on the same observation and seed (a descent without further
+draws), batches larger than one are formed, and bad requests sent in the same window get HTTP 400 with the
+reason while the requests around them succeed. Ray is started once for the module and shut down at its end.
+"""
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import urllib.error
+import urllib.request
+
+import pytest
+import torch
+
+ray = pytest.importorskip("ray")
+serve = pytest.importorskip("ray.serve")
+
+import pyebm  # noqa: E402
+from pyebm import Descent, MLPEnergy  # noqa: E402
+from pyebm.adapter import PolicyAdapter  # noqa: E402
+from pyebm.policies import EnergyPolicy  # noqa: E402
+from pyebm.serving import build_app  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not pyebm.backends()["cpu"], reason="extension pyebm._C not built")
+
+N = 64
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def post(url: str, body) -> tuple:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"}, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def get(url: str) -> tuple:
+    with urllib.request.urlopen(url, timeout=60) as r:
+        return r.status, json.loads(r.read())
+
+
+def concurrently(url: str, bodies: list) -> list:
+    """Every body posted from its own thread, all released at once."""
+    out = [None] * len(bodies)
+    barrier = threading.Barrier(len(bodies))
+
+    def one(i):
+        barrier.wait()
+        out[i] = post(url, bodies[i])
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(bodies))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return out
+
+
+@pytest.fixture(scope="module")
+def policies(tmp_path_factory):
+    torch.manual_seed(0)
+    energy = MLPEnergy(2 * 3, 2 * 2, hidden=(16, 16), residual=True)
+    policy = EnergyPolicy(energy, Descent(steps=4, step_size=0.1), candidates=4, horizon=2,
+                          action_dim=2, n_obs_steps=2, bounds=(-1.0, 1.0))
+    adapter = PolicyAdapter(EnergyPolicy(energy, Descent(steps=4, step_size=0.1), candidates=4,
+                                         horizon=2, action_dim=2, n_obs_steps=2, bounds=(-1.0, 1.0)),
+                            observation_stats={"mean": torch.tensor([0.5, -0.5, 0.0]), "std": torch.tensor([2.0, 1.0, 0.5])},
+                            action_stats={"min": torch.tensor([-2.0, 0.0]), "max": torch.tensor([2.0, 1.0])})
+    dirs = {"policy": tmp_path_factory.mktemp("policy"), "adapter": tmp_path_factory.mktemp("adapter")}
+    policy.save_pretrained(dirs["policy"])
+    adapter.save_pretrained(dirs["adapter"])
+    return {"policy": (policy, dirs["policy"]), "adapter": (adapter, dirs["adapter"])}
+
+
+@pytest.fixture(scope="module")
+def server(policies):
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    port = free_port()
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        # a long wait budget so that 64 requests released together are coalesced even on a loaded machine
+        serve.run(build_app(policies["policy"][1], max_batch_size=16, batch_wait_timeout_s=0.25, name="policy"),
+                  name="policy", route_prefix="/policy")
+        serve.run(build_app(policies["adapter"][1], max_batch_size=16, batch_wait_timeout_s=0.25, name="adapter"),
+                  name="adapter", route_prefix="/adapter")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def test_info(server):
+    status, info = get(server + "/policy/info")
+    assert status == 200
+    assert info["architecture"] == "EnergyPolicy" and info["action_shape"] == [1, 2]
+    assert info["observation_shapes"][0].startswith("[2, 3]")
+
+
+@pytest.mark.parametrize("kind", ["policy", "adapter"])
+def test_concurrent_requests_are_batched_and_equal_direct_act(server, policies, kind):
+    obj, _ = policies[kind]
+    obs = torch.randn(N, 2, 3, generator=torch.Generator().manual_seed(1))
+    bodies = [{"observation": obs[i].tolist(), "seed": 1000 + i} for i in range(N)]
+    answers = concurrently(f"{server}/{kind}/act", bodies)
+    assert all(status == 200 for status, _ in answers), [a for a in answers if a[0] != 200][:3]
+    for i, (_, body) in enumerate(answers):
+        if kind == "policy":
+            direct = obj.act(obs[i:i + 1], generator=1000 + i)[0]
+        else:
+            direct = obj.predict_action_chunk(obs[i:i + 1], generator=1000 + i)[0]
+        got = torch.tensor(body["actions"], dtype=torch.float32)
+        torch.testing.assert_close(got, direct, rtol=1e-5, atol=1e-6)
+        assert body["seed"] == 1000 + i and isinstance(body["energy"], float)
+    sizes = [body["batch_size"] for _, body in answers]
+    assert max(sizes) > 1 and max(sizes) <= 16, sizes
+
+
+def test_bad_requests_fail_alone(server, policies):
+    policy, _ = policies["policy"]
+    obs = torch.randn(N, 2, 3, generator=torch.Generator().manual_seed(2))
+    bodies = [{"observation": obs[i].tolist(), "seed": i} for i in range(N)]
+    bad = {5: {"observation": [[1.0, 2.0], [3.0, 4.0]]},                # wrong shape
+           17: {"observation": [[1.0, "x", 3.0], [0.0, 0.0, 0.0]]},     # not a number
+           30: {"seed": 3},                                             # no observation
+           41: b"{not json",                                            # not JSON
+           50: {"observation": obs[50].tolist(), "seed": -1}}           # bad seed
+    for i, b in bad.items():
+        bodies[i] = b
+    answers = concurrently(f"{server}/policy/act", bodies)
+    reasons = {5: "shape [2, 2]", 17: "observation[0][1] must be a number", 30: "no \"observation\"",
+               41: "not JSON", 50: "seed must be"}
+    for i, (status, body) in enumerate(answers):
+        if i in bad:
+            assert status == 400 and reasons[i] in body["error"], (i, status, body)
+        else:
+            assert status == 200, (i, body)
+            torch.testing.assert_close(torch.tensor(body["actions"], dtype=torch.float32),
+                                       policy.act(obs[i:i + 1], generator=i)[0], rtol=1e-5, atol=1e-6)
+    assert max(body.get("batch_size", 0) for _, body in answers) > 1
