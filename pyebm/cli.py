@@ -1,4 +1,4 @@
-"""The ``pyebm`` command line: ``pyebm info``, ``pyebm demo``, ``pyebm bench``."""
+"""The ``pyebm`` command line: ``pyebm info``, ``pyebm demo``, ``pyebm bench``, ``pyebm serve``."""
 from __future__ import annotations
 
 import argparse
@@ -67,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
 _COMMANDS = [
     ("demo", "pyebm.demo", "train a small energy model and run batched multi-candidate descent on it"),
     ("bench", "pyebm.bench.cli", "latency benchmarks: pyebm against eager autograd, torch.compile, ..."),
+    ("serve", "pyebm.serving", "serve a saved policy over HTTP on Ray Serve, batching concurrent requests"),
 ]
 
 
