@@ -89,10 +89,13 @@ def server(policies):
     port = free_port()
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        # a long wait budget so that 64 requests released together are coalesced even on a loaded machine
-        serve.run(build_app(policies["policy"][1], max_batch_size=16, batch_wait_timeout_s=0.25, name="policy"),
+        # a long wait budget so that 64 requests released together are coalesced even on a loaded machine;
+        # half a logical CPU each, so that the bench test's deployment (one CPU) fits next to them
+        serve.run(build_app(policies["policy"][1], max_batch_size=16, batch_wait_timeout_s=0.25, name="policy",
+                            ray_actor_options={"num_cpus": 0.5}),
                   name="policy", route_prefix="/policy")
-        serve.run(build_app(policies["adapter"][1], max_batch_size=16, batch_wait_timeout_s=0.25, name="adapter"),
+        serve.run(build_app(policies["adapter"][1], max_batch_size=16, batch_wait_timeout_s=0.25, name="adapter",
+                            ray_actor_options={"num_cpus": 0.5}),
                   name="adapter", route_prefix="/adapter")
         yield f"http://127.0.0.1:{port}"
     finally:
@@ -148,3 +151,21 @@ def test_bad_requests_fail_alone(server, policies):
             torch.testing.assert_close(torch.tensor(body["actions"], dtype=torch.float32),
                                        policy.act(obs[i:i + 1], generator=i)[0], rtol=1e-5, atol=1e-6)
     assert max(body.get("batch_size", 0) for _, body in answers) > 1
+
+
+def test_bench_serve_reports_latency_throughput_and_batch_sizes(server, policies, tmp_path):
+    """`pyebm bench serve MODEL_DIR` in this process: it reuses the running Ray and Serve (their port), deploys
+    its own application, loads it and takes it down again."""
+    from pyebm.cli import main
+
+    out = tmp_path / "serve.json"
+    port = server.rsplit(":", 1)[1]
+    assert main(["bench", "serve", str(policies["policy"][1]), "--requests", "64", "--clients", "16",
+                 "--max-batch-size", "8", "--port", port, "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert (r["requests"], r["ok"], r["errors"], r["clients"]) == (64, 64, 0, 16)
+    assert 0 < r["p50_ms"] <= r["p99_ms"] and r["throughput_rps"] > 0
+    sizes = {int(k): v for k, v in r["batch_sizes"].items()}
+    assert sum(sizes.values()) == 64 and max(sizes) <= 8
+    assert all(v % k == 0 for k, v in sizes.items())  # a batch of k answers k requests
+    assert "pyebm-bench" not in serve.status().applications  # taken down again

@@ -1,5 +1,6 @@
 """`pyebm bench [SUITE ...] [--quick] [--json FILE] [--csv FILE] [--plot FILE] [--device DEV] [--save NAME]
-[--compare NAME|latest]` and `pyebm bench compare OLD NEW [--csv FILE]`."""
+[--compare NAME|latest]`, `pyebm bench compare OLD NEW [--csv FILE]` and `pyebm bench serve [MODEL_DIR]`
+(pyebm.bench.serve_bench)."""
 from __future__ import annotations
 
 import argparse
@@ -16,7 +17,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                      "(95% bootstrap interval) or the size's time budget is spent. "
                      "`pyebm bench compare OLD NEW` compares two runs (JSON files or saved names).")
     p.add_argument("suites", nargs="*", metavar="SUITE", help=f"suites to run (default: ops descent); "
-                                                              f"known: {', '.join(KNOWN_SUITES)}; or: compare OLD NEW")
+                                                              f"known: {', '.join(KNOWN_SUITES)}; or: compare OLD NEW; "
+                                                              "or: serve [MODEL_DIR]")
     p.add_argument("--quick", action="store_true", help="smaller budgets and no sweep (under 3 minutes on 2 cores)")
     p.add_argument("--json", metavar="FILE", help="write machine, versions, commit, statistics, warnings and every "
                                                   "sample as JSON (with compare: the comparison)")
@@ -39,6 +41,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile columns")
     p.add_argument("--no-memory", action="store_true", help="skip the allocation measurement")
+    from pyebm.bench import serve_bench
+
+    serve_bench.add_arguments(p)
 
 
 def _check_writable(path: str, what: str) -> None:
@@ -114,6 +119,10 @@ def run_compare(args: argparse.Namespace) -> int:
 def run(args: argparse.Namespace) -> int:
     if args.suites and args.suites[0] == "compare":
         return run_compare(args)
+    if args.suites and args.suites[0] == "serve":
+        from pyebm.bench import serve_bench
+
+        return serve_bench.run(args)
     import torch
 
     from pyebm.bench.core import BenchResult, machine_info
