@@ -28,7 +28,7 @@ install: venv
 	$(PIP) install -v --no-build-isolation -e .
 
 install-test: venv
-	$(PIP) install -q "triton>=3.0" "pytest>=7" "pytest-benchmark>=4" "hypothesis>=6" "rich>=13" "matplotlib>=3.6" "scipy>=1.9" "safetensors>=0.4"
+	$(PIP) install -q "triton>=3.0" "pytest>=7" "pytest-benchmark>=4" "hypothesis>=6" "rich>=13" "matplotlib>=3.6" "scipy>=1.9" "safetensors>=0.4" "ray[serve]>=2.10"
 	@echo "make: building the C++ extension pyebm._C (CMake + Ninja, a few minutes on 2 cores)"
 	$(PIP) install -v --no-build-isolation -e ".[test]"
 

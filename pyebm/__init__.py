@@ -11,6 +11,7 @@
     pyebm.discrete                           exact and local argmins over sets and permutations, Sinkhorn
     pyebm.distributed.minimize(...)          the K candidates split across torch.distributed ranks
     pyebm.adapter.PolicyAdapter              select_action() / reset() with an action queue and normalisation
+    pyebm.serving.build_app(dir)             a Ray Serve app batching HTTP requests into act() (pyebm serve DIR)
     model.save_pretrained(dir)               weights (safetensors) + configuration (JSON); Class.from_pretrained(dir)
     pyebm.discrete.gibbs_with_gradients, dmala  samplers on binary / one-hot states
     pyebm.losses.joint_partition_loss        train an energy with its log-partition (no MCMC)
@@ -31,9 +32,10 @@ from pyebm.rerank import RerankResult, rerank
 from pyebm.inverse import DataConsistency
 from pyebm.explain import Explanation, explain
 from pyebm._state import repack
-from pyebm import adapter, discrete, distributed, losses, models, policies, pretrained, protocol
+from pyebm import adapter, discrete, distributed, losses, models, policies, pretrained, protocol, serving
 from pyebm._export import export, load
 
 __all__ = ["__version__", "backends", "ops", "reference", "MLPEnergy", "Descent", "DescentResult", "minimize",
            "rerank", "RerankResult", "DataConsistency", "explain", "Explanation", "repack", "models", "policies",
-           "protocol", "discrete", "distributed", "losses", "pretrained", "adapter", "export", "load"]
+           "protocol", "discrete", "distributed", "losses", "pretrained", "adapter", "serving", "export",
+           "load"]

@@ -340,7 +340,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
 
 
+def _stop(signum, frame):
+    raise KeyboardInterrupt
+
+
 def run(args: argparse.Namespace) -> int:
+    import signal
     import time
 
     try:
@@ -353,6 +358,10 @@ def run(args: argparse.Namespace) -> int:
 
     if not ray.is_initialized():
         ray.init(include_dashboard=False)  # RAY_ADDRESS set: joins that cluster; else starts a local one
+    # Ctrl-C or SIGTERM: take the application down and stop Ray (SIGINT is set explicitly: a process started
+    # in the background by a non-interactive shell inherits it ignored)
+    signal.signal(signal.SIGINT, _stop)
+    signal.signal(signal.SIGTERM, _stop)
     try:
         serve.start(http_options={"host": args.host, "port": args.port})
         serve.run(app, name="pyebm", route_prefix="/")
@@ -363,6 +372,7 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         pass
     finally:
+        print("pyebm serve: stopping", flush=True)
         serve.shutdown()
         ray.shutdown()
     return 0
