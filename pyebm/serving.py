@@ -27,7 +27,8 @@ Response (200)::
 ``actions`` [n_action_steps, action_dim]: the executed window of the chosen chunk (for a ``PolicyAdapter``
 the first ``n_action_steps`` of the adapter, un-normalised: what ``predict_action_chunk`` returns; the
 server keeps no action queue and no warm start between requests). ``energy``: the chosen chunk's final
-energy, ``null`` when the policy skips that pass (one candidate and no ``final_energy=True``).
+energy, ``null`` when the policy skips that pass (one candidate and no ``final_energy=True``), the string
+"nan", "inf" or "-inf" when it is not finite (JSON has no such numbers).
 ``batch_size``: how many requests the ``act`` call that served this one held.
 
 A bad request (no JSON object, a missing or unknown field, a non-number, a ragged or wrongly shaped
