@@ -1,0 +1,441 @@
+"""Compiled descent for a user's own ``nn.Module`` energy ``f(x, y) -> E [B, K]`` (the "compiled" path).
+
+A plain module has no fused kernels of its own; ``pyebm.minimize`` otherwise runs it through autograd step by
+step (the "autograd" path). Here a chunk of S descent steps runs as one ``torch.compile`` region:
+
+    for each of the S steps:   ys = descent_pre(y)                   (normalize / pre noise / project / mask)
+                               G, E = torch.func.grad_and_value(sum f(x, .))(ys [+ mu v])   (no graph over
+                                                                      the weights: only y is differentiated)
+                               descent_update(y, G, E, ...)          (pyebm's fused update when it applies)
+
+compiled with Inductor (CPU and GPU; ``mode="reduce-overhead"``, i.e. CUDA graphs, on CUDA tensors). The
+loop over chunks stays on the host: T = 50 steps run as five calls of a 10-step chunk (one compile per chunk
+length), and with ``tol > 0`` the "all stopped" check happens between chunks (a step of a stopped candidate
+changes nothing, so where the check happens changes the speed, never the result). Noise is drawn on the host,
+step by step from the call's generator in the order of the eager path, and passed in. The final energy pass
+is a second compiled function. Selection runs as on the eager path.
+
+The cache. Compiled functions are kept per module in a table that holds the module weakly (never on the
+module: deep copies and pickles of it are unaffected, and a copy compiles its own), keyed by the module's
+type, training flag, the names / shapes / dtypes / devices / requires_grad of its parameters and buffers, the
+config, the candidate and context shapes, dtype and device, the mask's presence and the chunk length. Nothing
+derived from the weights is stored: the module is an argument of every compiled call, and dynamo lifts its
+parameters and buffers as graph inputs read at call time (``.data =`` swaps, ``load_state_dict``, optimizer
+steps and other in-place writes are seen by the next call), and guards on the module's other attributes
+(a changed Python attribute recompiles). Each entry compiles its own copy of the chunk function (its own
+code object), so entries never share dynamo's per-code recompile budget. Compile time is measured per entry
+(``stats(module)``, ``pyebm.explain``) and logged on the ``pyebm`` logger.
+
+Which call takes this path is ``pyebm._dispatch.compiled_refusal`` (``minimize(..., compile=...)``).
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import types
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from pyebm.ops import descent as _ops
+
+log = logging.getLogger("pyebm")
+
+MAX_CHUNK = 10        # steps per compiled region (longer unrolls cost compile time, not speed)
+AUTO_MIN_STEPS = 4    # the automatic rule: fewer steps than this never pay for a compile
+AUTO_AFTER_CALLS = 3  # the automatic rule: compile on the call after this many eager calls of one signature
+
+
+@dataclass
+class EntryStats:
+    """What one cache entry cost: compile seconds (the first call of each compiled function, minus nothing:
+    tracing, Inductor and the first run together), and how many calls it served."""
+
+    compile_seconds: float = 0.0
+    compiles: int = 0
+    calls: int = 0
+    chunks: Tuple[int, ...] = ()
+
+
+@dataclass
+class _Entry:
+    chunks: Dict[tuple, Any] = field(default_factory=dict)  # (length, k0 or None) -> compiled chunk
+    energy: Any = None                                        # compiled final energy pass
+    stats: EntryStats = field(default_factory=EntryStats)
+    checked: bool = False
+
+
+_LOCK = threading.Lock()
+_ENTRIES: "weakref.WeakKeyDictionary[nn.Module, Dict[tuple, _Entry]]" = weakref.WeakKeyDictionary()
+_SEEN: "weakref.WeakKeyDictionary[nn.Module, Dict[tuple, int]]" = weakref.WeakKeyDictionary()
+
+
+# -- what the path can run ----------------------------------------------------------------------------
+
+_COMPILER: List[Optional[str]] = []
+
+
+def compiler_refusal(device: torch.device) -> Optional[str]:
+    """None when torch.compile can build code for ``device`` here (Inductor on CPU needs a C++ compiler)."""
+    if device.type == "cpu":
+        if not _COMPILER:
+            why = None
+            try:
+                from torch._inductor import cpp_builder
+
+                cpp_builder.get_cpp_compiler()
+            except Exception as exc:  # noqa: BLE001 (any failure means: no compiler)
+                why = f"Inductor finds no C++ compiler ({exc})"
+            _COMPILER.append(why)
+        return _COMPILER[0]
+    if device.type == "cuda":
+        return None
+    return f"Inductor is not used for {device.type} tensors here"
+
+
+def _constant_schedules(cfg) -> bool:
+    step_const = cfg.step_schedule in ("constant", "energy")
+    noise_const = cfg.noise == "none" or cfg.noise_schedule == "constant"
+    return step_const and noise_const
+
+
+def config_refusal(cfg, record: bool) -> Optional[str]:
+    """None when the compiled chunk implements every option of ``cfg``; else why not."""
+    if record:
+        return "record=True (the trajectory is kept by the per-step path)"
+    if cfg.method != "gd":
+        return f"method {cfg.method!r}"
+    if cfg.integrator != "euler":
+        return f"integrator {cfg.integrator!r}"
+    if cfg.accept_if_lower:
+        return "accept_if_lower"
+    if not _constant_schedules(cfg) and cfg.steps > MAX_CHUNK:
+        return (f"a step or noise schedule over more than {MAX_CHUNK} steps (each chunk would bake in its own "
+                "values and compile again)")
+    return None
+
+
+def chunk_lengths(steps: int) -> List[int]:
+    """The chunk lengths that run ``steps`` steps: all of them at once up to MAX_CHUNK; else the largest divisor
+    of ``steps`` up to MAX_CHUNK when it is at least half of that (one compile), else MAX_CHUNK-step chunks
+    and the remainder (two compiles)."""
+    if steps <= MAX_CHUNK:
+        return [steps]
+    best = max(d for d in range(1, MAX_CHUNK + 1) if steps % d == 0)
+    if 2 * best >= MAX_CHUNK:
+        return [best] * (steps // best)
+    rest = steps % MAX_CHUNK
+    return [MAX_CHUNK] * (steps // MAX_CHUNK) + ([rest] if rest else [])
+
+
+def _tensor_sig(t) -> tuple:
+    return (tuple(t.shape), t.dtype, str(t.device), bool(t.requires_grad))
+
+
+def signature(module: nn.Module, cfg, context, B: int, K: int, event, device, dtype, mask: bool) -> tuple:
+    """The cache key of a call without the module itself (the table holds the module weakly)."""
+    params = tuple((n, _tensor_sig(p)) for n, p in module.named_parameters())
+    buffers = tuple((n, None if b is None else _tensor_sig(b)) for n, b in module.named_buffers())
+    ctx = _tensor_sig(context)[:3] if isinstance(context, Tensor) else ("int", int(context))
+    return (type(module), module.training, params, buffers, cfg, ctx, B, K, tuple(event), str(device), dtype, mask)
+
+
+def calls_seen(module: nn.Module, sig: tuple) -> int:
+    """How many calls of this signature ``minimize`` ran on the module before (the automatic rule's count)."""
+    with _LOCK:
+        table = _SEEN.get(module)
+        return 0 if table is None else table.get(sig, 0)
+
+
+def note_call(module: nn.Module, sig: tuple) -> None:
+    """Count an eager call of ``sig`` (the automatic rule compiles after AUTO_AFTER_CALLS of them)."""
+    with _LOCK:
+        table = _SEEN.get(module)
+        if table is None:
+            table = _SEEN[module] = {}
+        if len(table) >= 256:
+            table.clear()
+        table[sig] = table.get(sig, 0) + 1
+
+
+def cached(module: nn.Module, sig: tuple) -> bool:
+    """Whether this signature has compiled functions for the module (a later call reuses them)."""
+    with _LOCK:
+        table = _ENTRIES.get(module)
+        return table is not None and sig in table
+
+
+def stats(module: nn.Module) -> Dict[tuple, EntryStats]:
+    """The compiled entries of ``module`` (signature -> EntryStats): compile seconds, compiles, calls."""
+    with _LOCK:
+        table = _ENTRIES.get(module)
+        return {} if table is None else dict((k, v.stats) for k, v in table.items())
+
+
+def describe(module: nn.Module, sig: tuple) -> str:
+    """The compiled path of a call in words: the chunks, and the compile cost so far or still to come."""
+    cfg = sig[4]
+    lengths = chunk_lengths(cfg.steps)
+    chunks = " + ".join(f"{n} x {length}" for length, n in _runs(lengths))
+    with _LOCK:
+        table = _ENTRIES.get(module)
+        entry = None if table is None else table.get(sig)
+    what = f"chunks of steps as torch.compile regions ({chunks} steps)"
+    if entry is None or not entry.stats.compiles:
+        return what + "; not compiled yet: the first call compiles (seconds), later calls with these shapes reuse it"
+    st = entry.stats
+    return what + f"; cached: {st.compiles} compiled functions, {st.compile_seconds:.1f} s to compile, {st.calls} calls"
+
+
+def _runs(lengths: List[int]) -> List[Tuple[int, int]]:
+    out: List[Tuple[int, int]] = []
+    for length in lengths:
+        if out and out[-1][0] == length:
+            out[-1] = (length, out[-1][1] + 1)
+        else:
+            out.append((length, 1))
+    return out
+
+
+def clear(module: Optional[nn.Module] = None) -> None:
+    """Forget the compiled functions (and the automatic rule's counts) of ``module``, or of every module."""
+    with _LOCK:
+        if module is None:
+            _ENTRIES.clear()
+            _SEEN.clear()
+        else:
+            _ENTRIES.pop(module, None)
+            _SEEN.pop(module, None)
+
+
+# -- the compiled functions ---------------------------------------------------------------------------
+
+def _fresh(fn):
+    """A copy of ``fn`` with its own code object: dynamo keeps its compiled graphs per code object, so each
+    cache entry gets its own (no shared recompile budget, no entry evicting another)."""
+    code = fn.__code__.replace()
+    return types.FunctionType(code, fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+
+
+def _compile(fn, device: torch.device):
+    mode = "reduce-overhead" if device.type == "cuda" else None
+    return torch.compile(_fresh(fn), mode=mode, fullgraph=False, dynamic=False)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """The static part of a chunk: everything baked into its graph."""
+
+    cfg: Any
+    length: int
+    k0: int                     # the first step's index (schedules); 0 when they are constant
+    shape: Tuple[int, ...]      # [B, K, *event]
+    N: int
+    D: int
+    update: Optional[str]       # the fused update's kind ("cpu", "cuda", "triton") or None (torch ops)
+    post_mode: str
+    step_clip: Any              # float, or None; a per-coordinate clip is a tensor argument
+
+
+def _energy_fn(module, x, y):
+    return module(x, y)
+
+
+def _chunk_fn(plan: _Plan, module, x, y, velocity, active, steps, status, pending, noise, fixed, mask, lower, upper,
+              step_clip, E_prev):
+    """``plan.length`` descent steps from state y [B, K, *event] (and velocity [N, D], active / steps / status /
+    pending [N]); returns the new state and the energies at the first and the last evaluation. Functional:
+    the inputs are not written (CUDA graphs replay it with inputs that are earlier outputs)."""
+    cfg = plan.cfg
+    N, D = plan.N, plan.D
+    y = y.clone()
+    yf = y.view(N, D)
+    active, steps, status = active.clone(), steps.clone(), status.clone()
+    velocity = None if velocity is None else velocity.clone()
+    pending = None if pending is None else pending.clone()
+    fixed_f = None if fixed is None else fixed.view(N, D)
+    mask_f = None if mask is None else mask.view(N, D)
+    clip = plan.step_clip if step_clip is None else step_clip
+    E_first = None
+
+    def total(yy):
+        E = module(x, yy)
+        return E.sum(), E
+
+    grad_and_value = torch.func.grad_and_value(total, has_aux=True)
+    for s in range(plan.length):
+        k = plan.k0 + s
+        xi = None if noise is None else noise[s]
+        n_k = cfg.noise_level_at(k)
+        ys = _ops.descent_pre(y, normalize=cfg.normalize, normalize_eps=cfg.normalize_eps,
+                              noise=xi if cfg.noise == "pre" else None, noise_level=n_k, project=cfg.project,
+                              fixed=fixed, mask=mask)
+        base = None if ys is y else ys.reshape(N, D)
+        q = torch.add(ys, velocity.view(plan.shape), alpha=cfg.momentum) if cfg.nesterov else ys
+        G, (_, E) = grad_and_value(q)
+        Ef, Gf = E.reshape(N), G.reshape(N, D).contiguous()
+        eta = cfg.step_size_at(k)
+        noise_post = xi.reshape(N, D) if (xi is not None and plan.post_mode != "none") else None
+        if plan.update is not None:
+            _ops._fused_update(plan.update, yf, Gf, Ef, active, steps, status, velocity, pending, noise_post,
+                               plan.post_mode, n_k, fixed_f, mask_f, lower, upper, clip, eta, cfg.grad_scale,
+                               cfg.momentum, cfg.grad_clip, cfg.grad_clip_norm, cfg.step_schedule == "energy",
+                               cfg.energy_temperature, cfg.tol, cfg.tol_final_step, cfg.bound_each_step, base)
+        else:
+            _ops.descent_update(yf, Gf, Ef, active, steps, status, eta=eta, y_base=base, velocity=velocity,
+                                pending=pending, E_prev=E_prev, noise=noise_post, noise_mode=plan.post_mode,
+                                noise_level=n_k, fixed=fixed_f, mask=mask_f, lower=lower, upper=upper,
+                                step_clip=clip, grad_scale=cfg.grad_scale, momentum=cfg.momentum,
+                                grad_clip=cfg.grad_clip, grad_clip_norm=cfg.grad_clip_norm,
+                                energy_scaled=cfg.step_schedule == "energy",
+                                energy_temperature=cfg.energy_temperature, tol=cfg.tol, tol_on=cfg.tol_on,
+                                tol_scope=cfg.tol_scope, tol_final_step=cfg.tol_final_step,
+                                bound_each_step=cfg.bound_each_step, backend="torch")
+        if E_first is None:
+            E_first = E
+        E_prev = Ef
+    return y, velocity, active, steps, status, pending, E_first, E
+
+
+# -- running a call -----------------------------------------------------------------------------------
+
+class _FinalEnergy:
+    """What ``descent._finish`` asks of the energy calls: ``bk`` and ``energy(y)`` (the compiled final pass)."""
+
+    def __init__(self, run, bk):
+        self._run, self.bk = run, bk
+
+    def energy(self, y: Tensor) -> Tensor:
+        return self._run(y)
+
+
+def _timed_first(entry: _Entry, fn, *args):
+    t0 = time.perf_counter()
+    out = fn(*args)
+    dt = time.perf_counter() - t0
+    entry.stats.compile_seconds += dt
+    entry.stats.compiles += 1
+    return out, dt
+
+
+def run(call, module: nn.Module, sig: tuple):
+    """``pyebm.minimize`` on the compiled path (``call`` is descent's validated ``_Call``)."""
+    from pyebm import _dispatch
+    from pyebm import descent as _descent
+
+    cfg, (B, K), event = call.cfg, (call.B, call.K), call.event
+    device, dtype = call.device, call.dtype
+    shape = (B, K) + tuple(event)
+    N = B * K
+    D = 1
+    for s in event:
+        D *= int(s)
+    x = call.context
+    with _LOCK:
+        table = _ENTRIES.get(module)
+        if table is None:
+            table = _ENTRIES[module] = {}
+        entry = table.get(sig)
+        if entry is None:
+            entry = table[sig] = _Entry()
+    y0 = _descent._initial_candidates(call)
+    if not entry.checked:
+        # the eager adapter's checks, once per entry: E [B, K], differentiable in y (its messages)
+        probe = _descent._EnergyCalls(call.model, x, {}, (B, K))
+        probe.grad(y0)
+        entry.checked = True
+    fixed = y0.clone() if call.mask is not None else None
+    post_mode = cfg.noise if cfg.noise in ("langevin", "step", "additive") else "none"
+    velocity = torch.zeros(N, D, device=device, dtype=dtype) if cfg.momentum > 0 else None
+    active = torch.ones(N, dtype=torch.bool, device=device)
+    steps = torch.zeros(N, dtype=torch.int32, device=device)
+    status = torch.zeros(N, dtype=torch.int8, device=device)
+    pending = torch.zeros(N, dtype=torch.bool, device=device) if (cfg.tol > 0 and cfg.tol_final_step) else None
+    lower = None if call.lower is None else call.lower.reshape(D)
+    upper = None if call.upper is None else call.upper.reshape(D)
+    clip_value, clip_tensor = _step_clip(call, D)
+    probe_rows = torch.empty(1, 1, device=device, dtype=dtype)
+    kind, _ = _dispatch.update_route(probe_rows, probe_rows, probe_rows if (cfg.normalize or cfg.noise == "pre" or
+                                                                            cfg.project) else None,
+                                     post_mode, cfg.tol, cfg.tol_on, cfg.tol_scope, None, False, None, None, None,
+                                     call.backend)
+    constant = _constant_schedules(cfg)
+    y, E_init, E_prev = y0, None, None
+    check = cfg.tol > 0 and cfg.check_every > 0
+    k0 = 0
+    lengths = chunk_lengths(cfg.steps)
+    for i, length in enumerate(lengths):
+        noise = None
+        if cfg.noise != "none":
+            noise = torch.empty((length,) + shape, device=device, dtype=dtype)
+            for s in range(length):  # one draw per step, as the eager path draws them
+                noise[s].normal_(generator=call.generator)
+        ckey = (length, None if constant else k0)
+        fn = entry.chunks.get(ckey)
+        first = fn is None
+        if first:
+            plan = _Plan(cfg, length, 0 if constant else k0, shape, N, D, kind, post_mode, clip_value)
+            fn = _compile(_bind(plan), device)
+            entry.chunks[ckey] = fn
+            entry.stats.chunks = tuple(sorted(set(entry.stats.chunks) | {length}))
+        args = (module, x, y, velocity, active, steps, status, pending, noise, fixed, call.mask, lower, upper,
+                clip_tensor, E_prev)
+        if first:
+            out, dt = _timed_first(entry, _call_chunk, fn, args)
+            log.info("pyebm: compiled a %d-step chunk of %s in %.1f s", length, type(module).__name__, dt)
+        else:
+            out = _call_chunk(fn, args)
+        y, velocity, active, steps, status, pending, E_first, E_last = out
+        if E_init is None:
+            E_init = E_first.clone()
+        E_prev = E_last.reshape(N) if cfg.tol_on == "energy_change" else None
+        k0 += length
+        if check and i + 1 < len(lengths) and not bool(active.any()):
+            break
+    if device.type == "cuda":  # CUDA graph outputs are overwritten by the next replay: own them
+        y, steps, status = y.clone(), steps.clone(), status.clone()
+    entry.stats.calls += 1
+    if entry.energy is None and call.final_energy:
+        entry.energy = _compile(_energy_fn, device)
+        energy_run = lambda yy: _timed_first(entry, _call_energy, entry.energy, module, x, yy)[0]  # noqa: E731
+    else:
+        energy_run = lambda yy: _call_energy(entry.energy, module, x, yy)  # noqa: E731
+    calls = _FinalEnergy(lambda yy: _own(energy_run(yy), device), (B, K))
+    return _descent._finish(call, calls, y, E_init, steps, status, fixed, None)
+
+
+def _own(t: Tensor, device) -> Tensor:
+    return t.clone() if device.type == "cuda" else t
+
+
+def _bind(plan: _Plan):
+    def chunk(module, x, y, velocity, active, steps, status, pending, noise, fixed, mask, lower, upper, step_clip,
+              E_prev):
+        return _chunk_fn(plan, module, x, y, velocity, active, steps, status, pending, noise, fixed, mask, lower,
+                         upper, step_clip, E_prev)
+
+    return chunk
+
+
+def _call_chunk(fn, args):
+    with torch.no_grad():  # inference: no graph over the weights (torch.func.grad differentiates y only)
+        return fn(*args)
+
+
+def _call_energy(fn, module, x, y):
+    with torch.no_grad():
+        return fn(module, x, y)
+
+
+def _step_clip(call, D: int):
+    """(float clip, None) when every coordinate has the same clip (read from the config), else (None, [D])."""
+    if call.step_clip is None:
+        return None, None
+    values = torch.as_tensor(call.cfg.step_clip, dtype=torch.float64).flatten()
+    if bool((values == values[0]).all()):
+        return float(values[0]), None
+    return None, call.step_clip.reshape(D)
