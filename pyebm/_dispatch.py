@@ -347,9 +347,9 @@ def compiled_refusal(energy, cfg, *, compile: Optional[bool], generic: bool, con
                      device, dtype, mask: bool, record: bool) -> Tuple[Optional[str], Optional[tuple]]:
     """(None, key) when a plain nn.Module energy runs on the compiled path (``pyebm._compiled``), else (why not,
     key or None). ``compile``: True forces it (an error names what refuses), False never, None the automatic
-    rule: at least ``AUTO_MIN_STEPS`` steps, and compiled functions already cached for this call's shapes or
-    ``AUTO_AFTER_CALLS`` eager calls with these shapes before (a compile takes seconds: it pays only for shapes
-    that repeat). The key is returned where the automatic rule counts the call."""
+    rule: compiled functions already cached for this call's shapes (the cost is paid), or at least
+    ``AUTO_MIN_STEPS`` steps and ``AUTO_AFTER_CALLS`` eager calls with these shapes before (a compile takes
+    seconds: it pays only for shapes that repeat). The key is returned where the automatic rule counts the call."""
     from pyebm import _compiled
 
     if compile is False:
@@ -368,13 +368,11 @@ def compiled_refusal(energy, cfg, *, compile: Optional[bool], generic: bool, con
     if why is not None:
         return why, None
     key = _compiled.signature(energy, cfg, context, B, K, event, device, dtype, mask)
-    if compile:
+    if compile or _compiled.cached(energy, key):  # compiled before: the cost is paid
         return None, key
     if cfg.steps < _compiled.AUTO_MIN_STEPS:
         return (f"{cfg.steps} steps (the automatic rule compiles from {_compiled.AUTO_MIN_STEPS} steps; "
                 "compile=True forces it)"), None
-    if _compiled.cached(energy, key):
-        return None, key
     seen = _compiled.calls_seen(energy, key)
     if seen < _compiled.AUTO_AFTER_CALLS:
         return (f"the automatic rule compiles once shapes repeat: {seen} of {_compiled.AUTO_AFTER_CALLS} eager "
