@@ -222,8 +222,108 @@ def _fresh(fn):
 
 
 def _compile(fn, device: torch.device):
-    mode = "reduce-overhead" if device.type == "cuda" else None
-    return torch.compile(_fresh(fn), mode=mode, fullgraph=False, dynamic=False)
+    if device.type == "cuda":
+        return torch.compile(_fresh(fn), mode="reduce-overhead", fullgraph=False, dynamic=False)
+    return torch.compile(_fresh(fn), backend=_inductor_cpu, fullgraph=False, dynamic=False)
+
+
+# -- small convolutions on the CPU as im2col and one matrix product ------------------------------------------
+
+aten = torch.ops.aten
+
+
+def _conv_geometry(x, w, stride, padding, dilation, transposed, groups):
+    """(kh, kw, Ho, Wo) of a plain 2-D convolution on CPU tensors, or None (another kind: left to ATen)."""
+    if transposed or groups != 1 or x.dim() != 4 or w.dim() != 4 or x.device.type != "cpu" \
+            or len(stride) != 2 or len(padding) != 2 or len(dilation) != 2:
+        return None
+    kh, kw = w.shape[2], w.shape[3]
+    ho = (x.shape[2] + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    wo = (x.shape[3] + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    return kh, kw, ho, wo
+
+
+def _taps(kh, kw, stride, dilation, ho, wo):
+    """(row slice, column slice) into the padded input of each kernel tap (i, j), row-major."""
+    return [(slice(i * dilation[0], i * dilation[0] + stride[0] * (ho - 1) + 1, stride[0]),
+             slice(j * dilation[1], j * dilation[1] + stride[1] * (wo - 1) + 1, stride[1]))
+            for i in range(kh) for j in range(kw)]
+
+
+def _im2col_rows(x, kh, kw, stride, padding, dilation, ho, wo):
+    """[N*Ho*Wo, kh*kw*C] patches of x [N, C, H, W], tap-major (columns ordered as ``_weight_rows(w)``), built
+    from kh*kw strided slices of the padded input, each written as contiguous runs of C channels."""
+    n, c = x.shape[0], x.shape[1]
+    xp = aten.constant_pad_nd(x, [padding[1], padding[1], padding[0], padding[0]])
+    cols = torch.stack([xp[:, :, r, q].permute(0, 2, 3, 1) for r, q in _taps(kh, kw, stride, dilation, ho, wo)],
+                       dim=3)                                                           # [N, Ho, Wo, K, C]
+    return cols.reshape(n * ho * wo, kh * kw * c)
+
+
+def _weight_rows(w):
+    """w [O, C, kh, kw] as [O, kh*kw*C], tap-major like ``_im2col_rows``."""
+    return w.permute(0, 2, 3, 1).reshape(w.shape[0], -1)
+
+
+def _conv_as_mm(x, w, b, stride, padding, dilation, transposed, output_padding, groups):
+    """aten.convolution as patches and one [N*L, C*kh*kw] @ [C*kh*kw, O] product: Inductor fuses the patches,
+    the bias and the activation around one BLAS call, where oneDNN spends most of a small convolution's time
+    on set-up."""
+    geo = _conv_geometry(x, w, stride, padding, dilation, transposed, groups)
+    if geo is None:
+        return NotImplemented
+    kh, kw, ho, wo = geo
+    n, o = x.shape[0], w.shape[0]
+    rows = _im2col_rows(x, kh, kw, stride, padding, dilation, ho, wo)
+    out = torch.mm(rows, _weight_rows(w).t())                                           # [N*L, O]
+    if b is not None:
+        out = out + b
+    return out.view(n, ho, wo, o).permute(0, 3, 1, 2)
+
+
+def _conv_backward_as_mm(grad_out, x, w, bias_sizes, stride, padding, dilation, transposed, output_padding, groups,
+                         output_mask):
+    """aten.convolution_backward of ``_conv_as_mm``'s convolutions: dx by one product and the taps added back
+    into place (strided slice scatters), dw by one product, db by a sum (each only where ``output_mask``
+    asks)."""
+    geo = _conv_geometry(x, w, stride, padding, dilation, transposed, groups)
+    if geo is None:
+        return NotImplemented
+    kh, kw, ho, wo = geo
+    n, c, h, wd = x.shape
+    o = w.shape[0]
+    go = grad_out.permute(0, 2, 3, 1).reshape(n * ho * wo, o)                          # [N*L, O]
+    gx = gw = gb = None
+    if output_mask[0]:
+        dcols = torch.mm(go, _weight_rows(w)).view(n, ho, wo, kh * kw, c)              # [N, Ho, Wo, K, C]
+        hp, wp = h + 2 * padding[0], wd + 2 * padding[1]
+        gxp = None
+        for k, (r, q) in enumerate(_taps(kh, kw, stride, dilation, ho, wo)):
+            tap = dcols[:, :, :, k].permute(0, 3, 1, 2)                                 # [N, C, Ho, Wo]
+            cols_in = aten.slice_scatter(x.new_zeros(n, c, ho, wp), tap, 3, q.start, q.stop, q.step)
+            placed = aten.slice_scatter(x.new_zeros(n, c, hp, wp), cols_in, 2, r.start, r.stop, r.step)
+            gxp = placed if gxp is None else gxp + placed
+        gx = gxp[:, :, padding[0]:padding[0] + h, padding[1]:padding[1] + wd]
+    if output_mask[1]:
+        rows = _im2col_rows(x, kh, kw, stride, padding, dilation, ho, wo)
+        gw = torch.mm(go.t(), rows).view(o, kh, kw, c).permute(0, 3, 1, 2)
+    if output_mask[2]:
+        gb = go.sum(0)
+    return gx, gw, gb
+
+
+_CPU_PATCHES = {"realize_reads_threshold": 1}  # a producer read by several taps is computed once
+
+
+def _inductor_cpu(gm, example_inputs):
+    """Inductor with its own decompositions plus the two above (the CPU compiled path's backend)."""
+    from torch._inductor.compile_fx import compile_fx
+    from torch._inductor.decomposition import select_decomp_table
+
+    table = dict(select_decomp_table())
+    table[aten.convolution.default] = _conv_as_mm
+    table[aten.convolution_backward.default] = _conv_backward_as_mm
+    return compile_fx(gm, example_inputs, decompositions=table, config_patches=_CPU_PATCHES)
 
 
 @dataclass(frozen=True)

@@ -214,3 +214,33 @@ def test_bad_energy_output_is_an_error():
 
     with pytest.raises(ValueError, match=r"E \[B, K\]"):
         pyebm.minimize(Wrong(), torch.zeros(B, CDIM), K, CFG, init=torch.randn(B, K, 5), compile=True)
+
+
+@pytest.mark.parametrize("geometry", [
+    dict(c=1, o=4, h=8, w=8, k=(3, 3), stride=(1, 1), padding=(1, 1), dilation=(1, 1)),
+    dict(c=3, o=5, h=7, w=9, k=(3, 2), stride=(2, 1), padding=(1, 0), dilation=(1, 1)),
+    dict(c=2, o=3, h=9, w=6, k=(2, 3), stride=(2, 3), padding=(0, 2), dilation=(2, 1)),
+])
+def test_convolution_decompositions_match_aten(geometry):
+    """The CPU backend's convolution and convolution_backward (patches and one product) against ATen's, on
+    odd geometries, every output of the backward."""
+    g = geometry
+    torch.manual_seed(3)
+    x = torch.randn(2, g["c"], g["h"], g["w"], dtype=torch.float64)
+    w = torch.randn(g["o"], g["c"], *g["k"], dtype=torch.float64)
+    b = torch.randn(g["o"], dtype=torch.float64)
+    args = (list(g["stride"]), list(g["padding"]), list(g["dilation"]), False, [0, 0], 1)
+    want = torch.ops.aten.convolution(x, w, b, *args)
+    got = _compiled._conv_as_mm(x, w, b, *args)
+    torch.testing.assert_close(got, want)
+    go = torch.randn_like(want)
+    want_grads = torch.ops.aten.convolution_backward(go, x, w, [g["o"]], *args, [True, True, True])
+    got_grads = _compiled._conv_backward_as_mm(go, x, w, [g["o"]], *args, [True, True, True])
+    for a, e in zip(got_grads, want_grads):
+        torch.testing.assert_close(a, e)
+    assert _compiled._conv_backward_as_mm(go, x, w, [g["o"]], *args, [True, False, False])[1:] == (None, None)
+    # other convolutions (transposed, grouped, not 2-D) are left to ATen
+    transposed = (list(g["stride"]), list(g["padding"]), list(g["dilation"]), True, [0, 0], 1)
+    assert _compiled._conv_as_mm(x, w, b, *transposed) is NotImplemented
+    assert _compiled._conv_as_mm(x, w, b, *args[:-1], 2) is NotImplemented
+    assert _compiled._conv_as_mm(x[0], w, b, *args) is NotImplemented
