@@ -8,7 +8,10 @@ step (the "autograd" path). Here a chunk of S descent steps runs as one ``torch.
                                                                       the weights: only y is differentiated)
                                descent_update(y, G, E, ...)          (pyebm's fused update when it applies)
 
-compiled with Inductor (CPU and GPU; ``mode="reduce-overhead"``, i.e. CUDA graphs, on CUDA tensors). The
+compiled with Inductor (CPU and GPU; ``mode="reduce-overhead"``, i.e. CUDA graphs, on CUDA tensors; the CUDA
+form has not run on a GPU yet). On the CPU, plain 2-D convolutions and their gradients are decomposed into
+patches (strided slices of the padded input) and one BLAS product each, which Inductor fuses with their
+neighbours: oneDNN's per-call set-up dominates the small convolutions energies use (``_inductor_cpu``). The
 loop over chunks stays on the host: T = 50 steps run as five calls of a 10-step chunk (one compile per chunk
 length), and with ``tol > 0`` the "all stopped" check happens between chunks (a step of a stopped candidate
 changes nothing, so where the check happens changes the speed, never the result). Noise is drawn on the host,
@@ -250,35 +253,58 @@ def _taps(kh, kw, stride, dilation, ho, wo):
             for i in range(kh) for j in range(kw)]
 
 
-def _im2col_rows(x, kh, kw, stride, padding, dilation, ho, wo):
-    """[N*Ho*Wo, kh*kw*C] patches of x [N, C, H, W], tap-major (columns ordered as ``_weight_rows(w)``), built
-    from kh*kw strided slices of the padded input, each written as contiguous runs of C channels."""
+def _patches(x, kh, kw, stride, padding, dilation, ho, wo):
+    """[kh*kw*C, N*Ho*Wo] patches of x [N, C, H, W], tap-major rows (ordered as ``_weight_rows(w)``'s
+    columns), built from kh*kw strided slices of the padded input: each row a run of output positions, so
+    that the product has the positions as its long, contiguous dimension."""
     n, c = x.shape[0], x.shape[1]
     xp = aten.constant_pad_nd(x, [padding[1], padding[1], padding[0], padding[0]])
-    cols = torch.stack([xp[:, :, r, q].permute(0, 2, 3, 1) for r, q in _taps(kh, kw, stride, dilation, ho, wo)],
-                       dim=3)                                                           # [N, Ho, Wo, K, C]
-    return cols.reshape(n * ho * wo, kh * kw * c)
+    cols = torch.stack([xp[:, :, r, q].permute(1, 0, 2, 3) for r, q in _taps(kh, kw, stride, dilation, ho, wo)],
+                       dim=0)                                                           # [K, C, N, Ho, Wo]
+    return cols.reshape(kh * kw * c, n * ho * wo)
 
 
 def _weight_rows(w):
-    """w [O, C, kh, kw] as [O, kh*kw*C], tap-major like ``_im2col_rows``."""
+    """w [O, C, kh, kw] as [O, kh*kw*C], tap-major like ``_patches``."""
     return w.permute(0, 2, 3, 1).reshape(w.shape[0], -1)
 
 
+def _add_taps(dcols, kh, kw, stride, dilation, ho, wo, hp, wp):
+    """The padded input's gradient [C, N, Hp, Wp] from the patches' gradient dcols [K, C, N, Ho, Wo]: each
+    tap added back where it was read. A stride s splits the padded grid into s x s phases (positions
+    a + s*y of a tap at offset a fall in phase a % s, shifted by a // s): per phase the taps are shifted
+    (padded) and added at the reduced resolution, and the phases interleaved once, so no strided scatter."""
+    s0, s1 = stride
+    hq, wq = -(-hp // s0), -(-wp // s1)
+    phases = {}
+    for k, (i, j) in enumerate((i, j) for i in range(kh) for j in range(kw)):
+        a, b = i * dilation[0], j * dilation[1]
+        (qa, pa), (qb, pb) = divmod(a, s0), divmod(b, s1)
+        t = aten.constant_pad_nd(dcols[k], [qb, wq - wo - qb, qa, hq - ho - qa])     # [C, N, Hq, Wq]
+        phases[(pa, pb)] = t if (pa, pb) not in phases else phases[(pa, pb)] + t
+    if s0 == 1 and s1 == 1:
+        grid = phases[(0, 0)]
+    else:
+        zero = dcols.new_zeros(dcols.shape[1], dcols.shape[2], hq, wq)
+        rows = [torch.stack([phases.get((pa, pb), zero) for pb in range(s1)], dim=-1) for pa in range(s0)]
+        grid = torch.stack(rows, dim=-3).reshape(dcols.shape[1], dcols.shape[2], hq * s0, wq * s1)
+    return grid[:, :, :hp, :wp]
+
+
 def _conv_as_mm(x, w, b, stride, padding, dilation, transposed, output_padding, groups):
-    """aten.convolution as patches and one [N*L, C*kh*kw] @ [C*kh*kw, O] product: Inductor fuses the patches,
+    """aten.convolution as patches and one [O, kh*kw*C] @ [kh*kw*C, N*L] product: Inductor fuses the patches,
     the bias and the activation around one BLAS call, where oneDNN spends most of a small convolution's time
-    on set-up."""
+    on set-up. (The output positions are the product's long dimension: several times faster than the
+    transposed orientation for the few output channels of small energies.)"""
     geo = _conv_geometry(x, w, stride, padding, dilation, transposed, groups)
     if geo is None:
         return NotImplemented
     kh, kw, ho, wo = geo
     n, o = x.shape[0], w.shape[0]
-    rows = _im2col_rows(x, kh, kw, stride, padding, dilation, ho, wo)
-    out = torch.mm(rows, _weight_rows(w).t())                                           # [N*L, O]
+    out = torch.mm(_weight_rows(w), _patches(x, kh, kw, stride, padding, dilation, ho, wo))   # [O, N*L]
     if b is not None:
-        out = out + b
-    return out.view(n, ho, wo, o).permute(0, 3, 1, 2)
+        out = out + b[:, None]
+    return out.view(o, n, ho, wo).permute(1, 0, 2, 3)
 
 
 def _conv_backward_as_mm(grad_out, x, w, bias_sizes, stride, padding, dilation, transposed, output_padding, groups,
@@ -292,23 +318,17 @@ def _conv_backward_as_mm(grad_out, x, w, bias_sizes, stride, padding, dilation, 
     kh, kw, ho, wo = geo
     n, c, h, wd = x.shape
     o = w.shape[0]
-    go = grad_out.permute(0, 2, 3, 1).reshape(n * ho * wo, o)                          # [N*L, O]
+    go = grad_out.permute(1, 0, 2, 3).reshape(o, n * ho * wo)                          # [O, N*L]
     gx = gw = gb = None
     if output_mask[0]:
-        dcols = torch.mm(go, _weight_rows(w)).view(n, ho, wo, kh * kw, c)              # [N, Ho, Wo, K, C]
-        hp, wp = h + 2 * padding[0], wd + 2 * padding[1]
-        gxp = None
-        for k, (r, q) in enumerate(_taps(kh, kw, stride, dilation, ho, wo)):
-            tap = dcols[:, :, :, k].permute(0, 3, 1, 2)                                 # [N, C, Ho, Wo]
-            cols_in = aten.slice_scatter(x.new_zeros(n, c, ho, wp), tap, 3, q.start, q.stop, q.step)
-            placed = aten.slice_scatter(x.new_zeros(n, c, hp, wp), cols_in, 2, r.start, r.stop, r.step)
-            gxp = placed if gxp is None else gxp + placed
-        gx = gxp[:, :, padding[0]:padding[0] + h, padding[1]:padding[1] + wd]
+        dcols = torch.mm(_weight_rows(w).t(), go).view(kh * kw, c, n, ho, wo)          # [K, C, N, Ho, Wo]
+        gxp = _add_taps(dcols, kh, kw, stride, dilation, ho, wo, h + 2 * padding[0], wd + 2 * padding[1])
+        gx = gxp[:, :, padding[0]:padding[0] + h, padding[1]:padding[1] + wd].permute(1, 0, 2, 3)
     if output_mask[1]:
-        rows = _im2col_rows(x, kh, kw, stride, padding, dilation, ho, wo)
-        gw = torch.mm(go.t(), rows).view(o, kh, kw, c).permute(0, 3, 1, 2)
+        cols = _patches(x, kh, kw, stride, padding, dilation, ho, wo)
+        gw = torch.mm(go, cols.t()).view(o, kh, kw, c).permute(0, 3, 1, 2)
     if output_mask[2]:
-        gb = go.sum(0)
+        gb = go.sum(1)
     return gx, gw, gb
 
 
