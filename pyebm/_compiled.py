@@ -18,202 +18,37 @@ changes nothing, so where the check happens changes the speed, never the result)
 step by step from the call's generator in the order of the eager path, and passed in. The final energy pass
 is a second compiled function. Selection runs as on the eager path.
 
-The cache. Compiled functions are kept per module in a table that holds the module weakly (never on the
-module: deep copies and pickles of it are unaffected, and a copy compiles its own), keyed by the module's
-type, training flag, the names / shapes / dtypes / devices / requires_grad of its parameters and buffers, the
-config, the candidate and context shapes, dtype and device, the mask's presence and the chunk length. Nothing
-derived from the weights is stored: the module is an argument of every compiled call, and dynamo lifts its
-parameters and buffers as graph inputs read at call time (``.data =`` swaps, ``load_state_dict``, optimizer
-steps and other in-place writes are seen by the next call), and guards on the module's other attributes
-(a changed Python attribute recompiles). Each entry compiles its own copy of the chunk function (its own
-code object), so entries never share dynamo's per-code recompile budget. Compile time is measured per entry
-(``stats(module)``, ``pyebm.explain``) and logged on the ``pyebm`` logger.
+The cache (``pyebm._compiled_cache``). Compiled functions are kept per module in a table that holds the module
+weakly (never on the module: deep copies and pickles of it are unaffected, and a copy compiles its own), keyed
+by the module's type, training flag, the names / shapes / dtypes / devices / requires_grad of its parameters
+and buffers, the config, the candidate and context shapes, dtype and device, the mask's presence and the chunk
+length. Nothing derived from the weights is stored: the module is an argument of every compiled call, and
+dynamo lifts its parameters and buffers as graph inputs read at call time (``.data =`` swaps,
+``load_state_dict``, optimizer steps and other in-place writes are seen by the next call), and guards on the
+module's other attributes (a changed Python attribute recompiles). Each entry compiles its own copy of the
+chunk function (its own code object), so entries never share dynamo's per-code recompile budget. Compile time
+is measured per entry (``stats(module)``, ``pyebm.explain``) and logged on the ``pyebm`` logger.
 
 Which call takes this path is ``pyebm._dispatch.compiled_refusal`` (``minimize(..., compile=...)``).
 """
 from __future__ import annotations
 
 import logging
-import threading
 import time
 import types
-import weakref
-from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from dataclasses import dataclass
+from typing import Any, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
+# the rules and the cache, also under this module's name
+from pyebm._compiled_cache import (AUTO_AFTER_CALLS, AUTO_MIN_STEPS, MAX_CHUNK, EntryStats,  # noqa: F401
+                                   _constant_schedules, _Entry, calls_seen, cached, chunk_lengths, clear,
+                                   compiler_refusal, config_refusal, describe, entry, note_call, signature, stats)
 from pyebm.ops import descent as _ops
 
 log = logging.getLogger("pyebm")
-
-MAX_CHUNK = 10        # steps per compiled region (longer unrolls cost compile time, not speed)
-AUTO_MIN_STEPS = 4    # the automatic rule: fewer steps than this never pay for a compile
-AUTO_AFTER_CALLS = 3  # the automatic rule: compile on the call after this many eager calls of one signature
-
-
-@dataclass
-class EntryStats:
-    """What one cache entry cost: compile seconds (the first call of each compiled function, minus nothing:
-    tracing, Inductor and the first run together), and how many calls it served."""
-
-    compile_seconds: float = 0.0
-    compiles: int = 0
-    calls: int = 0
-    chunks: Tuple[int, ...] = ()
-
-
-@dataclass
-class _Entry:
-    chunks: Dict[tuple, Any] = field(default_factory=dict)  # (length, k0 or None) -> compiled chunk
-    energy: Any = None                                        # compiled final energy pass
-    stats: EntryStats = field(default_factory=EntryStats)
-    checked: bool = False
-
-
-_LOCK = threading.Lock()
-_ENTRIES: "weakref.WeakKeyDictionary[nn.Module, Dict[tuple, _Entry]]" = weakref.WeakKeyDictionary()
-_SEEN: "weakref.WeakKeyDictionary[nn.Module, Dict[tuple, int]]" = weakref.WeakKeyDictionary()
-
-
-# -- what the path can run ----------------------------------------------------------------------------
-
-_COMPILER: List[Optional[str]] = []
-
-
-def compiler_refusal(device: torch.device) -> Optional[str]:
-    """None when torch.compile can build code for ``device`` here (Inductor on CPU needs a C++ compiler)."""
-    if device.type == "cpu":
-        if not _COMPILER:
-            why = None
-            try:
-                from torch._inductor import cpp_builder
-
-                cpp_builder.get_cpp_compiler()
-            except Exception as exc:  # noqa: BLE001 (any failure means: no compiler)
-                why = f"Inductor finds no C++ compiler ({exc})"
-            _COMPILER.append(why)
-        return _COMPILER[0]
-    if device.type == "cuda":
-        return None
-    return f"Inductor is not used for {device.type} tensors here"
-
-
-def _constant_schedules(cfg) -> bool:
-    step_const = cfg.step_schedule in ("constant", "energy")
-    noise_const = cfg.noise == "none" or cfg.noise_schedule == "constant"
-    return step_const and noise_const
-
-
-def config_refusal(cfg, record: bool) -> Optional[str]:
-    """None when the compiled chunk implements every option of ``cfg``; else why not."""
-    if record:
-        return "record=True (the trajectory is kept by the per-step path)"
-    if cfg.method != "gd":
-        return f"method {cfg.method!r}"
-    if cfg.integrator != "euler":
-        return f"integrator {cfg.integrator!r}"
-    if cfg.accept_if_lower:
-        return "accept_if_lower"
-    if not _constant_schedules(cfg) and cfg.steps > MAX_CHUNK:
-        return (f"a step or noise schedule over more than {MAX_CHUNK} steps (each chunk would bake in its own "
-                "values and compile again)")
-    return None
-
-
-def chunk_lengths(steps: int) -> List[int]:
-    """The chunk lengths that run ``steps`` steps: all of them at once up to MAX_CHUNK; else the largest divisor
-    of ``steps`` up to MAX_CHUNK when it is at least half of that (one compile), else MAX_CHUNK-step chunks
-    and the remainder (two compiles)."""
-    if steps <= MAX_CHUNK:
-        return [steps]
-    best = max(d for d in range(1, MAX_CHUNK + 1) if steps % d == 0)
-    if 2 * best >= MAX_CHUNK:
-        return [best] * (steps // best)
-    rest = steps % MAX_CHUNK
-    return [MAX_CHUNK] * (steps // MAX_CHUNK) + ([rest] if rest else [])
-
-
-def _tensor_sig(t) -> tuple:
-    return (tuple(t.shape), t.dtype, str(t.device), bool(t.requires_grad))
-
-
-def signature(module: nn.Module, cfg, context, B: int, K: int, event, device, dtype, mask: bool) -> tuple:
-    """The cache key of a call without the module itself (the table holds the module weakly)."""
-    params = tuple((n, _tensor_sig(p)) for n, p in module.named_parameters())
-    buffers = tuple((n, None if b is None else _tensor_sig(b)) for n, b in module.named_buffers())
-    ctx = _tensor_sig(context)[:3] if isinstance(context, Tensor) else ("int", int(context))
-    return (type(module), module.training, params, buffers, cfg, ctx, B, K, tuple(event), str(device), dtype, mask)
-
-
-def calls_seen(module: nn.Module, sig: tuple) -> int:
-    """How many calls of this signature ``minimize`` ran on the module before (the automatic rule's count)."""
-    with _LOCK:
-        table = _SEEN.get(module)
-        return 0 if table is None else table.get(sig, 0)
-
-
-def note_call(module: nn.Module, sig: tuple) -> None:
-    """Count an eager call of ``sig`` (the automatic rule compiles after AUTO_AFTER_CALLS of them)."""
-    with _LOCK:
-        table = _SEEN.get(module)
-        if table is None:
-            table = _SEEN[module] = {}
-        if len(table) >= 256:
-            table.clear()
-        table[sig] = table.get(sig, 0) + 1
-
-
-def cached(module: nn.Module, sig: tuple) -> bool:
-    """Whether this signature has compiled functions for the module (a later call reuses them)."""
-    with _LOCK:
-        table = _ENTRIES.get(module)
-        return table is not None and sig in table
-
-
-def stats(module: nn.Module) -> Dict[tuple, EntryStats]:
-    """The compiled entries of ``module`` (signature -> EntryStats): compile seconds, compiles, calls."""
-    with _LOCK:
-        table = _ENTRIES.get(module)
-        return {} if table is None else dict((k, v.stats) for k, v in table.items())
-
-
-def describe(module: nn.Module, sig: tuple) -> str:
-    """The compiled path of a call in words: the chunks, and the compile cost so far or still to come."""
-    cfg = sig[4]
-    lengths = chunk_lengths(cfg.steps)
-    chunks = " + ".join(f"{n} x {length}" for length, n in _runs(lengths))
-    with _LOCK:
-        table = _ENTRIES.get(module)
-        entry = None if table is None else table.get(sig)
-    what = f"chunks of steps as torch.compile regions ({chunks} steps)"
-    if entry is None or not entry.stats.compiles:
-        return what + "; not compiled yet: the first call compiles (seconds), later calls with these shapes reuse it"
-    st = entry.stats
-    return what + f"; cached: {st.compiles} compiled functions, {st.compile_seconds:.1f} s to compile, {st.calls} calls"
-
-
-def _runs(lengths: List[int]) -> List[Tuple[int, int]]:
-    out: List[Tuple[int, int]] = []
-    for length in lengths:
-        if out and out[-1][0] == length:
-            out[-1] = (length, out[-1][1] + 1)
-        else:
-            out.append((length, 1))
-    return out
-
-
-def clear(module: Optional[nn.Module] = None) -> None:
-    """Forget the compiled functions (and the automatic rule's counts) of ``module``, or of every module."""
-    with _LOCK:
-        if module is None:
-            _ENTRIES.clear()
-            _SEEN.clear()
-        else:
-            _ENTRIES.pop(module, None)
-            _SEEN.pop(module, None)
-
 
 # -- the compiled functions ---------------------------------------------------------------------------
 
@@ -442,11 +277,10 @@ def _timed_first(entry: _Entry, fn, *args):
     return out, dt
 
 
-def run(call, module: nn.Module, sig: tuple):
-    """``pyebm.minimize`` on the compiled path (``call`` is descent's validated ``_Call``)."""
-    from pyebm import _dispatch
-    from pyebm import descent as _descent
-
+def run(call, module: nn.Module, sig: tuple, *, y0: Tensor, update: Optional[str], finish):
+    """``pyebm.minimize`` on the compiled path. ``call`` is the engine's validated call, ``y0`` the initial
+    candidates (not written), ``update`` the fused update's kind or None (torch ops), ``finish(calls, y,
+    E_init, steps, status, fixed)`` the engine's final clamp, energy pass and selection."""
     cfg, (B, K), event = call.cfg, (call.B, call.K), call.event
     device, dtype = call.device, call.dtype
     shape = (B, K) + tuple(event)
@@ -455,19 +289,7 @@ def run(call, module: nn.Module, sig: tuple):
     for s in event:
         D *= int(s)
     x = call.context
-    with _LOCK:
-        table = _ENTRIES.get(module)
-        if table is None:
-            table = _ENTRIES[module] = {}
-        entry = table.get(sig)
-        if entry is None:
-            entry = table[sig] = _Entry()
-    y0 = _descent._initial_candidates(call)
-    if not entry.checked:
-        # the eager adapter's checks, once per entry: E [B, K], differentiable in y (its messages)
-        probe = _descent._EnergyCalls(call.model, x, {}, (B, K))
-        probe.grad(y0)
-        entry.checked = True
+    ent = entry(module, sig)
     fixed = y0.clone() if call.mask is not None else None
     post_mode = cfg.noise if cfg.noise in ("langevin", "step", "additive") else "none"
     velocity = torch.zeros(N, D, device=device, dtype=dtype) if cfg.momentum > 0 else None
@@ -478,11 +300,6 @@ def run(call, module: nn.Module, sig: tuple):
     lower = None if call.lower is None else call.lower.reshape(D)
     upper = None if call.upper is None else call.upper.reshape(D)
     clip_value, clip_tensor = _step_clip(call, D)
-    probe_rows = torch.empty(1, 1, device=device, dtype=dtype)
-    kind, _ = _dispatch.update_route(probe_rows, probe_rows, probe_rows if (cfg.normalize or cfg.noise == "pre" or
-                                                                            cfg.project) else None,
-                                     post_mode, cfg.tol, cfg.tol_on, cfg.tol_scope, None, False, None, None, None,
-                                     call.backend)
     constant = _constant_schedules(cfg)
     y, E_init, E_prev = y0, None, None
     check = cfg.tol > 0 and cfg.check_every > 0
@@ -495,17 +312,17 @@ def run(call, module: nn.Module, sig: tuple):
             for s in range(length):  # one draw per step, as the eager path draws them
                 noise[s].normal_(generator=call.generator)
         ckey = (length, None if constant else k0)
-        fn = entry.chunks.get(ckey)
+        fn = ent.chunks.get(ckey)
         first = fn is None
         if first:
-            plan = _Plan(cfg, length, 0 if constant else k0, shape, N, D, kind, post_mode, clip_value)
+            plan = _Plan(cfg, length, 0 if constant else k0, shape, N, D, update, post_mode, clip_value)
             fn = _compile(_bind(plan), device)
-            entry.chunks[ckey] = fn
-            entry.stats.chunks = tuple(sorted(set(entry.stats.chunks) | {length}))
+            ent.chunks[ckey] = fn
+            ent.stats.chunks = tuple(sorted(set(ent.stats.chunks) | {length}))
         args = (module, x, y, velocity, active, steps, status, pending, noise, fixed, call.mask, lower, upper,
                 clip_tensor, E_prev)
         if first:
-            out, dt = _timed_first(entry, _call_chunk, fn, args)
+            out, dt = _timed_first(ent, _call_chunk, fn, args)
             log.info("pyebm: compiled a %d-step chunk of %s in %.1f s", length, type(module).__name__, dt)
         else:
             out = _call_chunk(fn, args)
@@ -518,14 +335,14 @@ def run(call, module: nn.Module, sig: tuple):
             break
     if device.type == "cuda":  # CUDA graph outputs are overwritten by the next replay: own them
         y, steps, status = y.clone(), steps.clone(), status.clone()
-    entry.stats.calls += 1
-    if entry.energy is None and call.final_energy:
-        entry.energy = _compile(_energy_fn, device)
-        energy_run = lambda yy: _timed_first(entry, _call_energy, entry.energy, module, x, yy)[0]  # noqa: E731
+    ent.stats.calls += 1
+    if ent.energy is None and call.final_energy:
+        ent.energy = _compile(_energy_fn, device)
+        energy_run = lambda yy: _timed_first(ent, _call_energy, ent.energy, module, x, yy)[0]  # noqa: E731
     else:
-        energy_run = lambda yy: _call_energy(entry.energy, module, x, yy)  # noqa: E731
+        energy_run = lambda yy: _call_energy(ent.energy, module, x, yy)  # noqa: E731
     calls = _FinalEnergy(lambda yy: _own(energy_run(yy), device), (B, K))
-    return _descent._finish(call, calls, y, E_init, steps, status, fixed, None)
+    return finish(calls, y, E_init, steps, status, fixed)
 
 
 def _own(t: Tensor, device) -> Tensor:

@@ -350,7 +350,7 @@ def compiled_refusal(energy, cfg, *, compile: Optional[bool], generic: bool, con
     rule: compiled functions already cached for this call's shapes (the cost is paid), or at least
     ``AUTO_MIN_STEPS`` steps and ``AUTO_AFTER_CALLS`` eager calls with these shapes before (a compile takes
     seconds: it pays only for shapes that repeat). The key is returned where the automatic rule counts the call."""
-    from pyebm import _compiled
+    from pyebm import _compiled_cache as _compiled
 
     if compile is False:
         return "compile=False", None

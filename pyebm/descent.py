@@ -820,18 +820,34 @@ def _replace_mask(call: _Call, mask: Tensor) -> _Call:
 
 
 def _run_compiled(call: _Call) -> DescentResult:
-    """A plain nn.Module energy on the compiled path (``pyebm._compiled``)."""
-    from pyebm import _compiled
+    """A plain nn.Module energy on the compiled path (``pyebm._compiled``): chunks of steps compiled, then
+    the engine's own final pass and selection."""
+    from pyebm import _compiled, _compiled_cache
 
-    return _compiled.run(call, call.energy, call.route.key)
+    y0 = _initial_candidates(call)
+    entry = _compiled_cache.entry(call.energy, call.route.key)
+    if not entry.checked:  # the autograd adapter's checks (E [B, K], differentiable in y), once per entry
+        _EnergyCalls(call.model, call.context, {}, (call.B, call.K)).grad(y0)
+        entry.checked = True
+    cfg = call.cfg
+    probe = torch.empty(1, 1, device=call.device, dtype=call.dtype)
+    moved = cfg.normalize is not None or cfg.noise == "pre" or cfg.project is not None
+    update, _ = _dispatch.update_route(probe, probe, probe if moved else None,
+                                       cfg.noise if cfg.noise in ("langevin", "step", "additive") else "none",
+                                       cfg.tol, cfg.tol_on, cfg.tol_scope, None, False, None, None, None, call.backend)
+
+    def finish(calls, y, E_init, steps, status, fixed):
+        return _finish(call, calls, y, E_init, steps, status, fixed, None)
+
+    return _compiled.run(call, call.energy, call.route.key, y0=y0, update=update, finish=finish)
 
 
 def _run_autograd(call: _Call) -> DescentResult:
     """A plain energy through autograd per step; counted for the compiled path's automatic rule."""
     if call.route.key is not None:
-        from pyebm import _compiled
+        from pyebm import _compiled_cache
 
-        _compiled.note_call(call.energy, call.route.key)
+        _compiled_cache.note_call(call.energy, call.route.key)
     return _run_per_step(call)
 
 

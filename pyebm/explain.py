@@ -62,9 +62,9 @@ def explain(energy, context, config=None, candidates: int = 1, *, y: Optional[Te
     route, cfg = call.route, call.cfg
     parts: Dict[str, str] = {}
     if route.kind == "compiled":
-        from pyebm import _compiled
+        from pyebm import _compiled_cache
 
-        parts["compiled"] = _compiled.describe(energy, route.key)
+        parts["compiled"] = _compiled_cache.describe(energy, route.key)
     if route.kind in ("per step", "autograd", "compiled"):
         if route.kind == "autograd":
             parts["energy"] = "autograd on y of the plain energy f(x, y)"

@@ -29,13 +29,14 @@ class ConvEnergy(nn.Module):
         self.c2 = nn.Conv2d(c, c, 3, padding=1, stride=2)
         self.ctx = nn.Linear(CDIM, c)
         self.head = nn.Linear(c * 4, 1)
+        self.prior = 0.5  # a plain Python attribute the forward reads
 
     def forward(self, x, y):
         b, k = y.shape[:2]
         h = torch.nn.functional.silu(self.c1(y.reshape(b * k, *y.shape[2:])))
         h = h + self.ctx(x).repeat_interleave(k, 0)[:, :, None, None]
         h = torch.nn.functional.silu(self.c2(h))
-        return self.head(h.flatten(1)).view(b, k) + 0.5 * y.flatten(2).square().sum(-1)
+        return self.head(h.flatten(1)).view(b, k) + self.prior * y.flatten(2).square().sum(-1)
 
 
 class ResMLP(nn.Module):
@@ -148,6 +149,9 @@ def test_weight_changes_are_seen(conv):
     got, want = run_both(f, x, y0, CFG)
     assert_same(got, want)
     assert len(_compiled.stats(f)) == 1  # one entry served every call: nothing recompiled per weight change
+    f.prior = 0.8  # a Python attribute: dynamo's guards recompile the entry's chunk
+    got, want = run_both(f, x, y0, CFG)
+    assert_same(got, want)
 
 
 def test_copies_pickles_and_frees_the_module(conv):
