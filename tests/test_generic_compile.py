@@ -248,3 +248,14 @@ def test_convolution_decompositions_match_aten(geometry):
     assert _compiled._conv_as_mm(x, w, b, *transposed) is NotImplemented
     assert _compiled._conv_as_mm(x, w, b, *args[:-1], 2) is NotImplemented
     assert _compiled._conv_as_mm(x[0], w, b, *args) is NotImplemented
+
+
+def test_generic_bench_suite_runs():
+    """bench/bench_generic.py's suite (`pyebm bench descent --energy ...`), without the compile column."""
+    from pyebm.bench.generic_suite import generic_cases, make_energy
+
+    cases = list(generic_cases(quick=True, compile=False, sizes=["resmlp T=10"],
+                               sampling={"min_samples": 1, "max_samples": 1, "budget_s": 0.0}))
+    assert [c.column for c in cases] == ["hand loop", "pyebm autograd"] and cases[0].baseline
+    with pytest.raises(ValueError, match="energy must be"):
+        make_energy("unet")
