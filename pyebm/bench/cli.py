@@ -39,6 +39,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile columns")
     p.add_argument("--no-memory", action="store_true", help="skip the allocation measurement")
+    p.add_argument("--energy", choices=("mlp", "conv", "resmlp"), default="mlp",
+                   help="descent suite: MLPEnergy (default), or a plain nn.Module energy (a small conv net, a "
+                        "residual MLP with LayerNorm) through autograd and pyebm's compiled path")
 
 
 def _check_writable(path: str, what: str) -> None:
@@ -144,6 +147,13 @@ def run(args: argparse.Namespace) -> int:
         if not _NAME_OK.match(args.save):
             raise SystemExit(f"pyebm bench: --save NAME: use letters, digits, '.', '_' and '-'; got {args.save!r}")
     fns = [(n, _suite_fn(n)) for n in names]
+    if getattr(args, "energy", "mlp") != "mlp":
+        import functools
+
+        from pyebm.bench.generic_suite import generic_cases
+
+        fns = [(n, functools.partial(generic_cases, energies=(args.energy,)) if n == "descent" else fn)
+               for n, fn in fns]
 
     cases = []
     kwargs = dict(quick=args.quick, device=args.device, compile=not args.no_compile, memory=not args.no_memory,
