@@ -94,6 +94,16 @@ def _positive_ints(name: str, values, where: str) -> List[int]:
     return out
 
 
+def assign_grid(quick: bool = False, ks: Optional[Sequence[int]] = None,
+                Bs: Optional[Sequence[int]] = None) -> List[Tuple[int, int]]:
+    """The (k, B) pairs assign_cases measures: ``ks`` x ``Bs`` (defaults ASSIGN_K x ASSIGN_B less
+    ASSIGN_SKIP; quick ASSIGN_QUICK_K x ASSIGN_QUICK_B); a grid given explicitly is run whole."""
+    explicit = ks is not None or Bs is not None
+    ks = _positive_ints("ks", ks if ks is not None else (ASSIGN_QUICK_K if quick else ASSIGN_K), "assign_cases")
+    Bs = _positive_ints("Bs", Bs if Bs is not None else (ASSIGN_QUICK_B if quick else ASSIGN_B), "assign_cases")
+    return [(k, B) for k in ks for B in Bs if explicit or (k, B) not in ASSIGN_SKIP]
+
+
 def rerank_cases(quick: bool = False, device: str = "cpu", compile: bool = True, memory: bool = True,
                  Ns: Optional[Sequence[int]] = None, B: Optional[int] = None, sweep: bool = True,
                  progress: Optional[Callable[[str], None]] = None,
@@ -145,8 +155,7 @@ def assign_cases(quick: bool = False, device: str = "cpu", compile: bool = True,
                  sampling: Optional[Dict[str, object]] = None) -> Iterator[Case]:
     """``permutation_argmin`` (scipy, auction) against a loop of scipy's solver (module docstring).
 
-    ``ks`` problem sizes and ``Bs`` batch sizes (defaults ASSIGN_K x ASSIGN_B less ASSIGN_SKIP; quick
-    ASSIGN_QUICK_K x ASSIGN_QUICK_B); a grid given explicitly is run whole. ``compile`` and ``sweep`` are
+    ``ks`` problem sizes and ``Bs`` batch sizes: the grid of ``assign_grid``. ``compile`` and ``sweep`` are
     accepted for the CLI and unused (the grid is the sweep)."""
     try:
         import scipy.optimize  # noqa: F401
@@ -154,34 +163,29 @@ def assign_cases(quick: bool = False, device: str = "cpu", compile: bool = True,
         raise SystemExit("pyebm bench assign: needs scipy (pip install 'pyebm[discrete]')") from None
     from pyebm.discrete import permutation_argmin
 
-    explicit = ks is not None or Bs is not None
-    ks = _positive_ints("ks", ks if ks is not None else (ASSIGN_QUICK_K if quick else ASSIGN_K), "assign_cases")
-    Bs = _positive_ints("Bs", Bs if Bs is not None else (ASSIGN_QUICK_B if quick else ASSIGN_B), "assign_cases")
+    grid = assign_grid(quick, ks, Bs)
     kw = _timing_kw(quick, sampling)
-    plot_k = ASSIGN_PLOT_K if ASSIGN_PLOT_K in ks else ks[0]
-    for k in ks:
-        for B in Bs:
-            if not explicit and (k, B) in ASSIGN_SKIP:
-                continue
-            torch.manual_seed(0)
-            theta = torch.rand(B, k, k, device=device)
-            params = {"B": B, "k": k}
-            if k == plot_k:
-                params["batch"] = B
-            cols = [Column("scipy loop", (lambda theta=theta: scipy_assign_loop(theta)), baseline=True, alloc=False,
-                           note=_calls(B, "solver call")),
-                    Column("permutation_argmin scipy", (lambda theta=theta: permutation_argmin(theta, method="scipy")))]
-            if device.startswith("cuda") or B * k * k <= AUCTION_CPU_MAX:
-                exact = permutation_argmin(theta, method="scipy").energy
-                gap = (permutation_argmin(theta, method="auction").energy - exact).max().item()
-                cols.append(Column("permutation_argmin auction",
-                                   (lambda theta=theta: permutation_argmin(theta, method="auction")),
-                                   note=f"energy gap to scipy {gap:.1e}"))
-            else:
-                print(f"assign k={k} B={B}: auction column left out on the CPU (B*k*k = {B * k * k} > "
-                      f"{AUCTION_CPU_MAX}: seconds per call)", file=sys.stderr)
-            yield from measure_cases("assign", f"k={k} B={B}", cols, params, device=device, timing=kw, memory=memory,
-                                     progress=progress)
+    plot_k = ASSIGN_PLOT_K if any(k == ASSIGN_PLOT_K for k, _ in grid) else grid[0][0]
+    for k, B in grid:
+        torch.manual_seed(0)
+        theta = torch.rand(B, k, k, device=device)
+        params = {"B": B, "k": k}
+        if k == plot_k:
+            params["batch"] = B
+        cols = [Column("scipy loop", (lambda theta=theta: scipy_assign_loop(theta)), baseline=True, alloc=False,
+                       note=_calls(B, "solver call")),
+                Column("permutation_argmin scipy", (lambda theta=theta: permutation_argmin(theta, method="scipy")))]
+        if device.startswith("cuda") or B * k * k <= AUCTION_CPU_MAX:
+            exact = permutation_argmin(theta, method="scipy").energy
+            gap = (permutation_argmin(theta, method="auction").energy - exact).max().item()
+            cols.append(Column("permutation_argmin auction",
+                               (lambda theta=theta: permutation_argmin(theta, method="auction")),
+                               note=f"energy gap to scipy {gap:.1e}"))
+        else:
+            print(f"assign k={k} B={B}: auction column left out on the CPU (B*k*k = {B * k * k} > "
+                  f"{AUCTION_CPU_MAX}: seconds per call)", file=sys.stderr)
+        yield from measure_cases("assign", f"k={k} B={B}", cols, params, device=device, timing=kw, memory=memory,
+                                 progress=progress)
 
 
 register_suite("rerank", rerank_cases)
