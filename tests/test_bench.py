@@ -558,7 +558,7 @@ def test_cli_runs_rerank_assign_samplers(tmp_path, monkeypatch):
 
     monkeypatch.setattr(rerank_suite, "RERANK_QUICK_N", (6,))
     monkeypatch.setattr(rerank_suite, "RERANK_B", 2)
-    monkeypatch.setattr(rerank_suite, "RERANK_SWEEP", (1, 2))
+    monkeypatch.setattr(rerank_suite, "RERANK_QUICK_SWEEP", (1, 2))
     monkeypatch.setattr(rerank_suite, "RERANK_SWEEP_N", 4)
     monkeypatch.setattr(rerank_suite, "ASSIGN_QUICK_K", (3, 4))
     monkeypatch.setattr(rerank_suite, "ASSIGN_QUICK_B", (1, 2))

@@ -2,7 +2,8 @@
 
 rerank: an MLPEnergy (context 32, candidate D=16, hidden 256x256, silu) scores N proposals for each of B
 contexts and keeps the top k=4 (lowest energy). Sizes N = 64, 256, 1024, 4096 at B = 4 (--quick: N = 64,
-256), plus a batch sweep B = 1, 4, 16, 64 at N = 256 for --plot (in --quick only with --plot). Columns:
+256), plus a batch sweep B = 1, 4, 16, 64 at N = 256 for --plot (--quick: B = 1, 4, 16, and only with
+--plot). Columns:
   eager loop        one forward per context and candidate under no_grad, as users write it (the baseline);
                     its top-k indices are checked against pyebm.rerank's at set-up (the note says so)
   batched forward   one plain forward of the module on all B x N candidates, then top-k
@@ -22,8 +23,9 @@ B=1024 takes about 0.8 s). Columns:
                               copies and the energy
   permutation_argmin auction  method="auction", batched on theta's device in float64; the note gives the
                               largest energy gap to scipy's optimum found at set-up. On the CPU it is left
-                              out where B * k * k > 2**17 (one call takes seconds there: 15 s at k=128,
-                              B=64 on a 2-core EPYC); a line on stderr says so
+                              out where B * k * k > 2**15 (one call takes from about a second up there:
+                              0.5-3 s at k=32, B=64 and 15 s at k=128, B=64 on a 2-core EPYC); a line on
+                              stderr says so
 The rows at k=32 carry the batch size for --plot (latency against B at k = 32).
 The columns of a size are sampled together, round-robin (pyebm.bench.timing.measure_interleaved).
 """
@@ -43,6 +45,7 @@ RERANK_QUICK_N = (64, 256)
 RERANK_B = 4
 RERANK_TOP_K = 4
 RERANK_SWEEP = (1, 4, 16, 64)  # batch sizes of the plot sweep, at N = RERANK_SWEEP_N
+RERANK_QUICK_SWEEP = (1, 4, 16)
 RERANK_SWEEP_N = 256
 # The energy: (context_dim, D, hidden)
 RERANK_MODEL = (32, 16, (256, 256))
@@ -53,7 +56,7 @@ ASSIGN_QUICK_K = (8, 32)
 ASSIGN_QUICK_B = (1, 64)
 ASSIGN_SKIP = ((256, 1024),)  # (k, B): one scipy loop call would take well over 2 s
 ASSIGN_PLOT_K = 32  # rows at this k carry "batch" (the --plot axis)
-AUCTION_CPU_MAX = 1 << 17  # B * k * k above which the CPU auction column is left out
+AUCTION_CPU_MAX = 1 << 15  # B * k * k above which the CPU auction column is left out
 
 
 def eager_rerank(energy, x: torch.Tensor, y: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -111,8 +114,8 @@ def rerank_cases(quick: bool = False, device: str = "cpu", compile: bool = True,
     """``pyebm.rerank`` of N proposals against the eager loop and a batched forward (module docstring).
 
     ``Ns`` proposals per context (default RERANK_N; quick RERANK_QUICK_N), ``B`` contexts (default 4),
-    ``sweep`` adds the batch sweep at N = 256. ``compile`` is accepted for the CLI and unused (no
-    torch.compile column)."""
+    ``sweep`` adds the batch sweep at N = 256 (RERANK_SWEEP; quick RERANK_QUICK_SWEEP). ``compile`` is
+    accepted for the CLI and unused (no torch.compile column)."""
     import pyebm
 
     Ns = _positive_ints("Ns", Ns if Ns is not None else (RERANK_QUICK_N if quick else RERANK_N), "rerank_cases")
@@ -121,7 +124,7 @@ def rerank_cases(quick: bool = False, device: str = "cpu", compile: bool = True,
     cdim, D, hidden = RERANK_MODEL
     plan = [(f"N={N}", B, N, None) for N in Ns]
     if sweep:
-        plan += [(f"sweep B={b}", b, RERANK_SWEEP_N, b) for b in RERANK_SWEEP]
+        plan += [(f"sweep B={b}", b, RERANK_SWEEP_N, b) for b in (RERANK_QUICK_SWEEP if quick else RERANK_SWEEP)]
     torch.manual_seed(0)
     energy = pyebm.MLPEnergy(cdim, D, hidden=hidden, activation="silu").to(device)
     for name, B_, N, batch in plan:
