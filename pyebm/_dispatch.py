@@ -11,6 +11,8 @@ minimize (``descent_route``)
     one call        prepare + every step + selection in one compiled call (a model's ``run_one_call``;
                     MLPEnergy on the cpu backend in eager mode)
     whole loop      every step in one compiled op (a model's ``run_whole_loop``; see ``WholeLoopSpec``)
+    compiled        a plain nn.Module f(x, y): chunks of steps (energy, input gradient, fused update) as one
+                    torch.compile region each (``pyebm._compiled``; ``compiled_refusal``)
     per step        the model's fused ``energy_and_grad`` and the fused update op per step
     autograd        a plain ``f(x, y)`` energy: autograd on y per step, the fused update op
 energy calls (``mlp_call``, ``ebt_policy_call``)
@@ -341,11 +343,53 @@ class Route:
     kind: str
     backend: Optional[str] = None
     refused: Dict[str, str] = field(default_factory=dict)
+    key: Optional[tuple] = None  # "compiled" (and an "autograd" call the automatic rule counts): the cache key
+
+
+# -- the compiled path of plain modules ------------------------------------------------------------------
+
+def compiled_refusal(energy, cfg, *, compile: Optional[bool], generic: bool, context, B: int, K: int, event,
+                     device, dtype, mask: bool, record: bool) -> Tuple[Optional[str], Optional[tuple]]:
+    """(None, key) when a plain nn.Module energy runs on the compiled path (``pyebm._compiled``), else (why not,
+    key or None). ``compile``: True forces it (an error names what refuses), False never, None the automatic
+    rule: compiled functions already cached for this call's shapes (the cost is paid), or at least
+    ``AUTO_MIN_STEPS`` steps and ``AUTO_AFTER_CALLS`` eager calls with these shapes before (a compile takes
+    seconds: it pays only for shapes that repeat). The key is returned where the automatic rule counts the call."""
+    from pyebm import _compiled_cache as _compiled
+
+    if compile is False:
+        return "compile=False", None
+    if not generic:
+        return f"{type(energy).__name__} has its own energy_and_grad (its fused paths run)", None
+    if not isinstance(energy, torch.nn.Module):
+        return "the energy is not an nn.Module (a plain function runs through autograd)", None
+    if not (isinstance(context, Tensor) or isinstance(context, int)):
+        return f"the context is a {type(context).__name__}, not a tensor or an int", None
+    why = eager_refusal(context) if isinstance(context, Tensor) else eager_refusal()
+    if why is None:
+        why = _compiled.config_refusal(cfg, record)
+    if why is None:
+        why = _compiled.compiler_refusal(torch.device(device))
+    if why is not None:
+        return why, None
+    key = _compiled.signature(energy, cfg, context, B, K, event, device, dtype, mask)
+    if compile or _compiled.cached(energy, key):  # compiled before: the cost is paid
+        return None, key
+    if cfg.steps < _compiled.AUTO_MIN_STEPS:
+        return (f"{cfg.steps} steps (the automatic rule compiles from {_compiled.AUTO_MIN_STEPS} steps; "
+                "compile=True forces it)"), None
+    seen = _compiled.calls_seen(energy, key)
+    if seen < _compiled.AUTO_AFTER_CALLS:
+        return (f"the automatic rule compiles once shapes repeat: {seen} of {_compiled.AUTO_AFTER_CALLS} eager "
+                "calls with these shapes and options so far (compile=True forces it)"), key
+    return None, key
 
 
 def descent_route(model, cfg, *, context, device, dtype, init, mask, record, generator, backend, whole_loop,
-                  cuda_graph, generic: bool) -> Route:
-    """The route of a ``minimize`` call. ``generic``: the energy is a plain ``f(x, y)`` (autograd)."""
+                  cuda_graph, generic: bool, energy=None, compile: Optional[bool] = None, B: int = 0, K: int = 1,
+                  event=()) -> Route:
+    """The route of a ``minimize`` call. ``generic``: the energy is a plain ``f(x, y)`` (autograd); ``energy``
+    is then the user's object (the compiled path's module)."""
     refused: Dict[str, str] = {}
     if cuda_graph:
         if whole_loop:
@@ -368,4 +412,12 @@ def descent_route(model, cfg, *, context, device, dtype, init, mask, record, gen
         refused["whole loop"] = why
         if whole_loop:
             raise ValueError(f"minimize: whole_loop=True but no whole-loop op runs this call: {why}")
-    return Route("autograd" if generic else "per step", None, refused)
+    why, key = compiled_refusal(energy if generic else model, cfg, compile=compile, generic=generic,
+                                context=context, B=B, K=K, event=event, device=device, dtype=dtype,
+                                mask=mask is not None, record=record)
+    if why is None:
+        return Route("compiled", torch.device(device).type, refused, key)
+    if compile:
+        raise ValueError(f"minimize: compile=True but the compiled path cannot run this call: {why}")
+    refused["compiled"] = why
+    return Route("autograd" if generic else "per step", None, refused, key)

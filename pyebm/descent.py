@@ -81,11 +81,11 @@ class _ModuleEnergy:
     def prepare(self, context):
         return context
 
-    def energy(self, ctx, y):
+    def energy(self, ctx, y, backend=None):
         with torch.no_grad():
             return self.fn(ctx, y)
 
-    def energy_and_grad(self, ctx, y):
+    def energy_and_grad(self, ctx, y, backend=None):  # backend: the update's (the energy is the user's code)
         with torch.enable_grad():
             yy = y.detach().requires_grad_(True)
             E = self.fn(ctx, yy)
@@ -315,11 +315,16 @@ def _candidate_tensors(init_tensor, mask, B, K, event, device, dtype):
 
 
 def _plan_call(energy, context, candidates, config, init, mask, generator, record, backend, event_shape,
-               whole_loop, cuda_graph, final_energy: bool = True, snapshots=None) -> _Call:
+               whole_loop, cuda_graph, final_energy: bool = True, snapshots=None,
+               compile: Optional[bool] = None) -> _Call:
     """Validate the arguments of ``minimize`` and route the call. Draws no random number, runs nothing."""
     cfg = _DEFAULT_CONFIG if config is None else config
     K = _check_options(cfg, candidates, record, cuda_graph, final_energy, whole_loop, backend)
     snaps = _snapshot_arg(snapshots, cfg)
+    if compile is not None and compile is not True and compile is not False:
+        raise TypeError(f"minimize: compile must be None, True or False; got {compile!r}")
+    if compile and cuda_graph:
+        raise ValueError("minimize: compile=True and cuda_graph=True are two ways to capture the loop; pick one")
     model, generic = _as_model(energy)
     init_kind, init_tensor = _init_arg(init, cfg)
     device, dtype = _like_of(energy, context, init_tensor)
@@ -339,8 +344,8 @@ def _plan_call(energy, context, candidates, config, init, mask, generator, recor
     step_clip = event_option("step_clip", cfg.step_clip, event, device, dtype)
     route = _dispatch.descent_route(model, cfg, context=context, device=device, dtype=dtype, init=init_tensor,
                                     mask=mask_full, record=record or snaps is not None, generator=generator,
-                                    backend=backend,
-                                    whole_loop=whole_loop, cuda_graph=cuda_graph, generic=generic)
+                                    backend=backend, whole_loop=whole_loop, cuda_graph=cuda_graph, generic=generic,
+                                    energy=energy, compile=compile, B=B, K=K, event=event)
     return _Call(energy, model, context, cfg, B, K, event, device, dtype, init_kind, y0, mask_full, generator,
                  lower, upper, step_clip, record, backend, final_energy, route, init, mask, event_shape, snaps)
 
@@ -352,7 +357,8 @@ def minimize(energy: Any, context: Any, candidates: int = 1, config: Optional[De
              generator: Union[None, int, torch.Generator] = None, record: bool = False,
              backend: Optional[str] = None, event_shape: Optional[Sequence[int]] = None,
              whole_loop: Optional[bool] = None, cuda_graph: bool = False,
-             final_energy: bool = True, snapshots: Optional[Sequence[int]] = None) -> DescentResult:
+             final_energy: bool = True, snapshots: Optional[Sequence[int]] = None,
+             compile: Optional[bool] = None) -> DescentResult:
     """Minimise ``energy`` over ``candidates`` (K) candidates per context, all contexts and candidates at once.
 
     energy     an energy model (``prepare(context)``, ``energy(ctx, y)``, ``energy_and_grad(ctx, y)``:
@@ -384,6 +390,12 @@ def minimize(energy: Any, context: Any, candidates: int = 1, config: Optional[De
     snapshots  step counts s_1 < s_2 < ... in [0, config.steps]: ``DescentResult.snapshots`` holds the state
                after each (what a call with ``steps=s_i`` returns as ``y``), from one trajectory; e.g. Energy
                Matching samples at several T = t_start + s_i dt. Runs the per-step path.
+    compile    plain nn.Module energies f(x, y) only (``pyebm._compiled``): chunks of up to 10 steps (energy,
+               input gradient by ``torch.func.grad_and_value``, the fused update) each compiled as one
+               ``torch.compile`` region (Inductor; CUDA graphs on CUDA), cached per module and shapes (held
+               weakly; parameters read at every call). None: automatic, for calls of at least 4 steps whose
+               shapes and options already ran 3 times eagerly on this module (a compile takes seconds);
+               True: compile now (an error when the config or the call is not supported); False: never.
 
     Which path runs (one compiled call, a whole-loop op, or the per-step path) is ``pyebm.explain(...)``
     with the same arguments. The per-step path never synchronises with the host inside the loop, except
@@ -391,12 +403,13 @@ def minimize(energy: Any, context: Any, candidates: int = 1, config: Optional[De
     """
     _dispatch.check_not_traced("pyebm.minimize")
     if (mask is None and snapshots is None and event_shape is None and record is False and cuda_graph is False
-            and final_energy is True and (whole_loop is None or whole_loop is True)):
+            and final_energy is True and (whole_loop is None or whole_loop is True)
+            and (compile is None or compile is False)):
         res = _one_call_lane(energy, context, candidates, config, init, generator, backend)
         if res is not None:
             return res
     call = _plan_call(energy, context, candidates, config, init, mask, generator, record, backend, event_shape,
-                      whole_loop, cuda_graph, final_energy, snapshots)
+                      whole_loop, cuda_graph, final_energy, snapshots, compile)
     if call.B == 0:
         return _empty_result(call)
     return _RUNNERS[call.route.kind](call)
@@ -582,7 +595,7 @@ def _run_graphed(call: _Call) -> DescentResult:
         def run():
             return minimize(energy, static_x, candidates=call.K, config=cfg_g, init=static_init, mask=static_mask,
                             record=call.record, backend=call.backend, event_shape=call.event_shape, whole_loop=False,
-                            final_energy=call.final_energy, snapshots=call.snapshots)
+                            final_energy=call.final_energy, snapshots=call.snapshots, compile=False)
 
         side = torch.cuda.Stream(device=context.device)
         side.wait_stream(torch.cuda.current_stream(context.device))
@@ -920,5 +933,37 @@ def _replace_mask(call: _Call, mask: Tensor) -> _Call:
     return replace(call, mask=mask)
 
 
+def _run_compiled(call: _Call) -> DescentResult:
+    """A plain nn.Module energy on the compiled path (``pyebm._compiled``): chunks of steps compiled, then
+    the engine's own final pass and selection."""
+    from pyebm import _compiled, _compiled_cache
+
+    y0 = _initial_candidates(call)
+    entry = _compiled_cache.entry(call.energy, call.route.key)
+    if not entry.checked:  # the autograd adapter's checks (E [B, K], differentiable in y), once per entry
+        _EnergyCalls(call.model, call.context, {}, (call.B, call.K)).grad(y0)
+        entry.checked = True
+    cfg = call.cfg
+    probe = torch.empty(1, 1, device=call.device, dtype=call.dtype)
+    moved = cfg.normalize is not None or cfg.noise == "pre" or cfg.project is not None
+    update, _ = _dispatch.update_route(probe, probe, probe if moved else None,
+                                       cfg.noise if cfg.noise in ("langevin", "step", "additive") else "none",
+                                       cfg.tol, cfg.tol_on, cfg.tol_scope, None, False, None, None, None, call.backend)
+
+    def finish(calls, y, E_init, steps, status, fixed):
+        return _finish(call, calls, y, E_init, steps, status, fixed, None)
+
+    return _compiled.run(call, call.energy, call.route.key, y0=y0, update=update, finish=finish)
+
+
+def _run_autograd(call: _Call) -> DescentResult:
+    """A plain energy through autograd per step; counted for the compiled path's automatic rule."""
+    if call.route.key is not None:
+        from pyebm import _compiled_cache
+
+        _compiled_cache.note_call(call.energy, call.route.key)
+    return _run_per_step(call)
+
+
 _RUNNERS = {"cuda graph": _run_graphed, "one call": _run_one_call, "whole loop": _run_whole_loop,
-            "per step": _run_per_step, "autograd": _run_per_step}
+            "compiled": _run_compiled, "per step": _run_per_step, "autograd": _run_autograd}

@@ -47,7 +47,7 @@ def _energy_path(model, ctx, y, backend) -> str:
 def explain(energy, context, config=None, candidates: int = 1, *, y: Optional[Tensor] = None, init=None,
             mask=None, record: bool = False, backend: Optional[str] = None, whole_loop=None,
             cuda_graph: bool = False, generator=None, event_shape=None, final_energy: bool = True,
-            snapshots=None) -> Explanation:
+            snapshots=None, compile: Optional[bool] = None) -> Explanation:
     """The path a call would take, and why each faster one was refused. Runs nothing but ``prepare``.
 
     With ``y`` [B, K, *event]: the path of ``energy.energy_and_grad(energy.prepare(context), y)``.
@@ -58,12 +58,18 @@ def explain(energy, context, config=None, candidates: int = 1, *, y: Optional[Te
         ctx = energy.prepare(context)
         return Explanation("energy_and_grad", _energy_path(energy, ctx, y, backend))
     call = _plan_call(energy, context, candidates, config, init, mask, generator, record, backend, event_shape,
-                      whole_loop, cuda_graph, final_energy, snapshots)
+                      whole_loop, cuda_graph, final_energy, snapshots, compile)
     route, cfg = call.route, call.cfg
     parts: Dict[str, str] = {}
-    if route.kind in ("per step", "autograd"):
+    if route.kind == "compiled":
+        from pyebm import _compiled_cache
+
+        parts["compiled"] = _compiled_cache.describe(energy, route.key)
+    if route.kind in ("per step", "autograd", "compiled"):
         if route.kind == "autograd":
             parts["energy"] = "autograd on y of the plain energy f(x, y)"
+        elif route.kind == "compiled":
+            parts["energy"] = "torch.func.grad_and_value in y of the plain energy f(x, y), compiled"
         elif call.B > 0:
             probe = torch.zeros((call.B, call.K) + call.event, device=call.device, dtype=call.dtype)
             parts["energy"] = _energy_path(call.model, call.model.prepare(context), probe, backend)

@@ -441,3 +441,151 @@ def test_pyebm_without_arguments_prints_help(capsys):
     assert cli_main([]) == 0
     out = capsys.readouterr().out
     assert out.startswith("usage: pyebm") and "info" in out and "bench" in out
+
+
+# -- rerank, assign, samplers ------------------------------------------------------------------------------
+
+def test_rerank_assign_samplers_are_registered_suites():
+    from pyebm.bench import suites
+    from pyebm.bench.cli import KNOWN_SUITES, _suite_fn
+    from pyebm.bench.rerank_suite import assign_cases, rerank_cases
+    from pyebm.bench.samplers_suite import samplers_cases
+
+    for name, fn in (("rerank", rerank_cases), ("assign", assign_cases), ("samplers", samplers_cases)):
+        assert name in KNOWN_SUITES and _suite_fn(name) is fn and suites.SUITES[name] is fn
+
+
+def _shape_tail():
+    th = torch.get_num_threads()
+    return f", float32, {th} thread{'s' if th != 1 else ''}, cpu"
+
+
+def test_rerank_suite_tiny():
+    from pyebm.bench.rerank_suite import rerank_cases
+
+    cases = list(rerank_cases(quick=True, memory=False, Ns=[8], B=2, sweep=False, sampling=TINY))
+    assert [c.column for c in cases] == ["eager loop", "batched forward", "pyebm.rerank", GEMM_COLUMN]
+    assert all(c.suite == "rerank" and c.size == "N=8" and c.timing.n == 3 and c.timing.interleaved for c in cases)
+    assert cases[0].baseline and cases[0].note == "16 forward calls"
+    assert cases[2].note == "same top-k as the eager loop"
+    rows = BenchResult(cases).rows()
+    assert {r["shape"] for r in rows} == {"B=2 N=8 k=4 D=16 hidden=256x256 ctx=32" + _shape_tail()}
+    assert rows[-1]["pct_gemm"] == pytest.approx(100.0)
+    with pytest.raises(ValueError, match="Ns must be a non-empty sequence of ints >= 1"):
+        next(rerank_cases(Ns=[0]))
+
+
+def test_rerank_baselines_pick_the_same_candidates_as_rerank():
+    from pyebm.bench.rerank_suite import batched_rerank, eager_rerank
+
+    torch.manual_seed(3)
+    m = pyebm.MLPEnergy(5, 3, hidden=(16, 16))
+    x, y = torch.randn(3, 5), torch.randn(3, 9, 3)
+    res = pyebm.rerank(m, x, y, k=4)
+    for fn in (eager_rerank, batched_rerank):
+        E, index = fn(m, x, y, 4)
+        assert torch.equal(index, res.index)
+        torch.testing.assert_close(E, res.energy, rtol=1e-5, atol=1e-5)
+    # the brute force: every candidate scored on its own, sorted
+    E_all = torch.stack([torch.stack([m(x[b:b + 1], y[b:b + 1, n]).reshape(()) for n in range(9)]) for b in range(3)])
+    assert torch.equal(E_all.detach().argsort(dim=1)[:, :4], res.index)
+
+
+def test_assign_suite_tiny_and_the_auction_rule(monkeypatch, capsys):
+    from pyebm.bench import rerank_suite
+
+    monkeypatch.setattr(rerank_suite, "AUCTION_CPU_MAX", 20)  # B*k*k: 16 at B=1 (kept), 48 at B=3 (left out)
+    cases = list(rerank_suite.assign_cases(quick=True, memory=False, ks=[4], Bs=[1, 3], sampling=TINY))
+    by_size = {}
+    for c in cases:
+        by_size.setdefault(c.size, []).append(c.column)
+    assert by_size == {"k=4 B=1": ["scipy loop", "permutation_argmin scipy", "permutation_argmin auction"],
+                       "k=4 B=3": ["scipy loop", "permutation_argmin scipy"]}
+    assert "assign k=4 B=3: auction column left out" in capsys.readouterr().err
+    auction = cases[2]
+    assert auction.note == "energy gap to scipy 0.0e+00"  # k=4: the auction's result is optimal
+    rows = BenchResult(cases).rows()
+    assert [r["shape"] for r in rows] == ["B=1 k=4" + _shape_tail()] * 3 + ["B=3 k=4" + _shape_tail()] * 2
+    assert all(c.params["batch"] == c.params["B"] for c in cases)  # the only k carries the plot axis
+
+
+def test_assign_grid_leaves_out_the_largest_scipy_loop():
+    from pyebm.bench.rerank_suite import assign_grid
+
+    full = assign_grid()
+    assert len(full) == 11 and (256, 1024) not in full and (128, 1024) in full and (256, 64) in full
+    assert assign_grid(quick=True) == [(8, 1), (8, 64), (32, 1), (32, 64)]
+    assert assign_grid(ks=[256], Bs=[1024]) == [(256, 1024)]  # an explicit grid is run whole
+    with pytest.raises(ValueError, match="Bs must be"):
+        assign_grid(Bs=[])
+
+
+def test_scipy_assign_loop_agrees_with_permutation_argmin():
+    from pyebm.bench.rerank_suite import scipy_assign_loop
+    from pyebm.discrete import permutation_argmin
+
+    torch.manual_seed(4)
+    theta = torch.rand(5, 6, 6)
+    res = permutation_argmin(theta, method="scipy")
+    for b, (rows, cols) in enumerate(scipy_assign_loop(theta)):
+        assert list(rows) == list(range(6)) and list(cols) == res.perm[b].tolist()
+    # brute force over all 720 permutations of the first problem: the maximum weight
+    import itertools
+
+    best = max(sum(theta[0, i, p[i]].item() for i in range(6)) for p in itertools.permutations(range(6)))
+    assert -res.energy[0].item() == pytest.approx(best, rel=1e-6)
+
+
+def test_samplers_suite_tiny():
+    from pyebm.bench.samplers_suite import samplers_cases
+
+    cases = list(samplers_cases(quick=True, memory=False, sizes=["small-categorical"], sampling=TINY))
+    backends = [f"pyebm {b}" for b in ("cpu", "torch") if pyebm.backends()[b]]
+    for method in ("gwg", "dmala"):
+        group = [c for c in cases if c.size == f"{method} small-categorical"]
+        assert [c.column for c in group] == ["eager autograd", "pyebm, autograd energy"] + backends
+        assert group[0].baseline and all(c.timing.n == 3 for c in group)
+    shapes = {r["size"]: r["shape"] for r in BenchResult(cases).rows()}
+    assert shapes == {"gwg small-categorical": "B=1 K=64 L=8 C=4 hidden=64x64 ctx=32 steps=10" + _shape_tail(),
+                      "dmala small-categorical": "B=1 K=64 L=8 C=4 hidden=64x64 ctx=32 steps=10 step_size=0.2"
+                                                 + _shape_tail()}
+    with pytest.raises(ValueError, match="unknown size 'huge'"):
+        next(samplers_cases(sizes=["huge"]))
+
+
+def test_cli_runs_rerank_assign_samplers(tmp_path, monkeypatch):
+    from pyebm.bench import rerank_suite, samplers_suite
+
+    monkeypatch.setattr(rerank_suite, "RERANK_QUICK_N", (6,))
+    monkeypatch.setattr(rerank_suite, "RERANK_B", 2)
+    monkeypatch.setattr(rerank_suite, "RERANK_QUICK_SWEEP", (1, 2))
+    monkeypatch.setattr(rerank_suite, "RERANK_SWEEP_N", 4)
+    monkeypatch.setattr(rerank_suite, "ASSIGN_QUICK_K", (3, 4))
+    monkeypatch.setattr(rerank_suite, "ASSIGN_QUICK_B", (1, 2))
+    monkeypatch.setattr(samplers_suite, "SAMPLER_SIZES", {"tiny": (1, 4, 3, None, (8,), 5)})
+    monkeypatch.setattr(samplers_suite, "SAMPLER_QUICK", ("tiny",))
+    out_json, out_csv, out_png = tmp_path / "run.json", tmp_path / "run.csv", tmp_path / "run.png"
+    assert cli_main(["bench", "rerank", "assign", "samplers", "--quick", "--no-memory", "--min-samples", "2",
+                     "--max-samples", "2", "--budget", "0", "--json", str(out_json), "--csv", str(out_csv),
+                     "--plot", str(out_png)]) == 0
+    data = json.loads(out_json.read_text())
+    tail = _shape_tail()
+    sizes = {}
+    for r in data["rows"]:
+        assert r["n"] == 2 and r["interleaved"]
+        sizes.setdefault((r["suite"], r["size"]), set()).add(r["shape"])
+    assert sizes == {
+        ("rerank", "N=6"): {"B=2 N=6 k=4 D=16 hidden=256x256 ctx=32" + tail},
+        ("rerank", "sweep B=1"): {"B=1 N=4 k=4 D=16 hidden=256x256 ctx=32" + tail},
+        ("rerank", "sweep B=2"): {"B=2 N=4 k=4 D=16 hidden=256x256 ctx=32" + tail},
+        **{("assign", f"k={k} B={b}"): {f"B={b} k={k}" + tail} for k in (3, 4) for b in (1, 2)},
+        ("samplers", "gwg tiny"): {"B=1 K=4 L=3 hidden=8 ctx=5 steps=10" + tail},
+        ("samplers", "dmala tiny"): {"B=1 K=4 L=3 hidden=8 ctx=5 steps=10 step_size=0.2" + tail},
+    }
+    assert data["meta"]["command"] == "pyebm bench rerank assign samplers --quick"
+    with open(out_csv) as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == len(data["rows"]) and rows[0]["column"] == "eager loop"
+    assert [r["column"] for r in rows if r["suite"] == "assign"][:3] == \
+        ["scipy loop", "permutation_argmin scipy", "permutation_argmin auction"]
+    assert out_png.stat().st_size > 1000  # rerank's sweep and assign's batch sizes at its first k

@@ -190,7 +190,8 @@ def test_plan_is_not_used_under_torch_compile():
 
 @pytest.fixture
 def fast_calls(monkeypatch):
-    """Records the route of every minimize call: True where the one-call path (the plan) ran it."""
+    """Records the route of every minimize call: True where the one-call path (the plan) ran it, through the
+    general path or through minimize's short lane."""
     taken = []
     real = descent_mod._RUNNERS["one call"]
 
@@ -199,6 +200,15 @@ def fast_calls(monkeypatch):
         return real(call)
 
     monkeypatch.setitem(descent_mod._RUNNERS, "one call", spy)
+    lane = descent_mod._one_call_lane
+
+    def lane_spy(*args):  # minimize's short lane for the one-call route's common arguments
+        out = lane(*args)
+        if out is not None:
+            taken.append(True)
+        return out
+
+    monkeypatch.setattr(descent_mod, "_one_call_lane", lane_spy)
     for kind in ("whole loop", "per step"):
         def other(call, _real=descent_mod._RUNNERS[kind]):
             taken.append(False)

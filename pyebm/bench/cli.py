@@ -8,14 +8,18 @@ import os
 import sys
 from typing import Dict, List
 
-KNOWN_SUITES = ("ops", "descent", "ebt", "policy")
+KNOWN_SUITES = ("ops", "descent", "ebt", "policy", "rerank", "assign", "samplers")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.description = ("Latency of pyebm against eager autograd, torch.func and torch.compile, side by side. The "
                      "columns of each size are sampled round-robin until every ratio to eager is known to +-5% "
                      "(95% bootstrap interval) or the size's time budget is spent. "
-                     "`pyebm bench compare OLD NEW` compares two runs (JSON files or saved names).")
+                     "`pyebm bench compare OLD NEW` compares two runs (JSON files or saved names). Suites: ops "
+                     "(energy + input gradient per call), descent (whole minimize), ebt (EBT generation), policy "
+                     "(act() at batch 1), rerank (pyebm.rerank of N proposals against an eager scoring loop), "
+                     "assign (permutation_argmin against a loop of scipy's linear_sum_assignment), samplers "
+                     "(Gibbs with gradients and DMALA against eager autograd).")
     p.add_argument("suites", nargs="*", metavar="SUITE", help=f"suites to run (default: ops descent); "
                                                               f"known: {', '.join(KNOWN_SUITES)}; or: compare OLD NEW; "
                                                               "or: serve [MODEL_DIR]")
@@ -24,7 +28,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                                   "sample as JSON (with compare: the comparison)")
     p.add_argument("--csv", metavar="FILE", help="write the table (or the comparison) as CSV")
     p.add_argument("--plot", metavar="FILE", help="write a PNG: latency against batch size per column (IQR bars) "
-                                                  "and the speed-up over eager (95%% CI)")
+                                                  "and the speed-up over eager (95%% CI); suites with a batch "
+                                                  "sweep: ops, descent, rerank, assign")
     p.add_argument("--save", metavar="NAME", help="also save the run as NNNN_NAME.json in the history folder "
                                                   "(.benchmarks/pyebm/, or $PYEBM_BENCH_STORAGE)")
     p.add_argument("--compare", metavar="NAME", help="after the run, compare it with a saved run: its NAME, its "
@@ -41,6 +46,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile columns")
     p.add_argument("--no-memory", action="store_true", help="skip the allocation measurement")
+    p.add_argument("--energy", choices=("mlp", "conv", "resmlp"), default="mlp",
+                   help="descent suite: MLPEnergy (default), or a plain nn.Module energy (a small conv net, a "
+                        "residual MLP with LayerNorm) through autograd and pyebm's compiled path")
     from pyebm.bench import serve_bench
 
     serve_bench.add_arguments(p)
@@ -61,7 +69,8 @@ def _suite_fn(name: str):
         return suites.SUITES[name]
     # Suites that live with their models register themselves on import.
     module = {"descent": "pyebm.bench.descent_suite", "ebt": "pyebm.bench.ebt_suite",
-              "policy": "pyebm.bench.policy_suite"}.get(name)
+              "policy": "pyebm.bench.policy_suite", "rerank": "pyebm.bench.rerank_suite",
+              "assign": "pyebm.bench.rerank_suite", "samplers": "pyebm.bench.samplers_suite"}.get(name)
     if module:
         import importlib
 
@@ -153,6 +162,13 @@ def run(args: argparse.Namespace) -> int:
         if not _NAME_OK.match(args.save):
             raise SystemExit(f"pyebm bench: --save NAME: use letters, digits, '.', '_' and '-'; got {args.save!r}")
     fns = [(n, _suite_fn(n)) for n in names]
+    if getattr(args, "energy", "mlp") != "mlp":
+        import functools
+
+        from pyebm.bench.generic_suite import generic_cases
+
+        fns = [(n, functools.partial(generic_cases, energies=(args.energy,)) if n == "descent" else fn)
+               for n, fn in fns]
 
     cases = []
     kwargs = dict(quick=args.quick, device=args.device, compile=not args.no_compile, memory=not args.no_memory,

@@ -436,9 +436,12 @@ class BenchResult:
             ax, ax2 = axes[0][j], axes[1][j]
             cols: Dict[str, List] = {}
             fixed: Optional[Dict[str, object]] = None
+            baselines = set()
             for r, c in zip(rows, self.cases):
                 if c.suite != suite or "batch" not in c.params:
                     continue
+                if c.baseline:
+                    baselines.add(c.column)
                 cols.setdefault(c.column, []).append((c.params["batch"], r))
                 p = {k: v for k, v in c.params.items() if k not in ("batch", "B")}
                 fixed = p if fixed is None else {k: v for k, v in fixed.items() if p.get(k) == v}
@@ -448,7 +451,7 @@ class BenchResult:
                 med = [p[1]["median_us"] for p in pts]
                 err = [[m - p[1]["q25_us"] for m, p in zip(med, pts)], [p[1]["q75_us"] - m for m, p in zip(med, pts)]]
                 line = ax.errorbar(xs, med, yerr=err, marker="o", capsize=3, label=col)
-                if col.startswith("eager") or col == GEMM_COLUMN:
+                if col.startswith("eager") or col == GEMM_COLUMN or col in baselines:
                     continue
                 rx, ry, rerr = [], [], [[], []]
                 for x, p in zip(xs, [p[1] for p in pts]):

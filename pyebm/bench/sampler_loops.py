@@ -1,4 +1,4 @@
-"""The discrete samplers as users write them today (eager autograd), the baselines of ``bench_samplers``.
+"""The discrete samplers as users write them today (eager autograd), the baselines of `pyebm bench samplers`.
 
 Each step differentiates ``energy(x, y)`` by autograd at the current AND the proposed state (two
 forward + backward passes, context recomputed every call), the pattern of public implementations of Gibbs

@@ -1,0 +1,378 @@
+"""Compiled descent for a user's own ``nn.Module`` energy ``f(x, y) -> E [B, K]`` (the "compiled" path).
+
+A plain module has no fused kernels of its own; ``pyebm.minimize`` otherwise runs it through autograd step by
+step (the "autograd" path). Here a chunk of S descent steps runs as one ``torch.compile`` region:
+
+    for each of the S steps:   ys = descent_pre(y)                   (normalize / pre noise / project / mask)
+                               G, E = torch.func.grad_and_value(sum f(x, .))(ys [+ mu v])   (no graph over
+                                                                      the weights: only y is differentiated)
+                               descent_update(y, G, E, ...)          (pyebm's fused update when it applies)
+
+compiled with Inductor (CPU and GPU; ``mode="reduce-overhead"``, i.e. CUDA graphs, on CUDA tensors; the CUDA
+form has not run on a GPU yet). On the CPU, plain 2-D convolutions and their gradients are decomposed into
+patches (strided slices of the padded input) and one BLAS product each, which Inductor fuses with their
+neighbours: oneDNN's per-call set-up dominates the small convolutions energies use (``_inductor_cpu``). The
+loop over chunks stays on the host: T = 50 steps run as five calls of a 10-step chunk (one compile per chunk
+length), and with ``tol > 0`` the "all stopped" check happens between chunks (a step of a stopped candidate
+changes nothing, so where the check happens changes the speed, never the result). Noise is drawn on the host,
+step by step from the call's generator in the order of the eager path, and passed in. The final energy pass
+is a second compiled function. Selection runs as on the eager path.
+
+The cache (``pyebm._compiled_cache``). Compiled functions are kept per module in a table that holds the module
+weakly (never on the module: deep copies and pickles of it are unaffected, and a copy compiles its own), keyed
+by the module's type, training flag, the names / shapes / dtypes / devices / requires_grad of its parameters
+and buffers, the config, the candidate and context shapes, dtype and device, the mask's presence and the chunk
+length. Nothing derived from the weights is stored: the module is an argument of every compiled call, and
+dynamo lifts its parameters and buffers as graph inputs read at call time (``.data =`` swaps,
+``load_state_dict``, optimizer steps and other in-place writes are seen by the next call), and guards on the
+module's other attributes (a changed Python attribute recompiles). Each entry compiles its own copy of the
+chunk function (its own code object), so entries never share dynamo's per-code recompile budget. Compile time
+is measured per entry (``stats(module)``, ``pyebm.explain``) and logged on the ``pyebm`` logger.
+
+Which call takes this path is ``pyebm._dispatch.compiled_refusal`` (``minimize(..., compile=...)``).
+"""
+from __future__ import annotations
+
+import logging
+import time
+import types
+from dataclasses import dataclass
+from typing import Any, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+# the rules and the cache, also under this module's name
+from pyebm._compiled_cache import (AUTO_AFTER_CALLS, AUTO_MIN_STEPS, MAX_CHUNK, EntryStats,  # noqa: F401
+                                   _constant_schedules, _Entry, calls_seen, cached, chunk_lengths, clear,
+                                   compiler_refusal, config_refusal, describe, entry, note_call, signature, stats)
+from pyebm.ops import descent as _ops
+
+log = logging.getLogger("pyebm")
+
+# -- the compiled functions ---------------------------------------------------------------------------
+
+def _fresh(fn):
+    """A copy of ``fn`` with its own code object: dynamo keeps its compiled graphs per code object, so each
+    cache entry gets its own (no shared recompile budget, no entry evicting another)."""
+    code = fn.__code__.replace()
+    return types.FunctionType(code, fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+
+
+def _compile(fn, device: torch.device):
+    if device.type == "cuda":
+        return torch.compile(_fresh(fn), mode="reduce-overhead", fullgraph=False, dynamic=False)
+    return torch.compile(_fresh(fn), backend=_inductor_cpu, fullgraph=False, dynamic=False)
+
+
+# -- small convolutions on the CPU as im2col and one matrix product ------------------------------------------
+
+aten = torch.ops.aten
+
+
+def _conv_geometry(x, w, stride, padding, dilation, transposed, groups):
+    """(kh, kw, Ho, Wo) of a plain 2-D convolution on CPU tensors, or None (another kind: left to ATen)."""
+    if transposed or groups != 1 or x.dim() != 4 or w.dim() != 4 or x.device.type != "cpu" \
+            or len(stride) != 2 or len(padding) != 2 or len(dilation) != 2:
+        return None
+    kh, kw = w.shape[2], w.shape[3]
+    ho = (x.shape[2] + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    wo = (x.shape[3] + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    return kh, kw, ho, wo
+
+
+def _taps(kh, kw, stride, dilation, ho, wo):
+    """(row slice, column slice) into the padded input of each kernel tap (i, j), row-major."""
+    return [(slice(i * dilation[0], i * dilation[0] + stride[0] * (ho - 1) + 1, stride[0]),
+             slice(j * dilation[1], j * dilation[1] + stride[1] * (wo - 1) + 1, stride[1]))
+            for i in range(kh) for j in range(kw)]
+
+
+def _patches(x, kh, kw, stride, padding, dilation, ho, wo):
+    """[kh*kw*C, N*Ho*Wo] patches of x [N, C, H, W], tap-major rows (ordered as ``_weight_rows(w)``'s
+    columns), built from kh*kw strided slices of the padded input: each row a run of output positions, so
+    that the product has the positions as its long, contiguous dimension."""
+    n, c = x.shape[0], x.shape[1]
+    xp = aten.constant_pad_nd(x, [padding[1], padding[1], padding[0], padding[0]])
+    cols = torch.stack([xp[:, :, r, q].permute(1, 0, 2, 3) for r, q in _taps(kh, kw, stride, dilation, ho, wo)],
+                       dim=0)                                                           # [K, C, N, Ho, Wo]
+    return cols.reshape(kh * kw * c, n * ho * wo)
+
+
+def _weight_rows(w):
+    """w [O, C, kh, kw] as [O, kh*kw*C], tap-major like ``_patches``."""
+    return w.permute(0, 2, 3, 1).reshape(w.shape[0], -1)
+
+
+def _add_taps(dcols, kh, kw, stride, dilation, ho, wo, hp, wp):
+    """The padded input's gradient [C, N, Hp, Wp] from the patches' gradient dcols [K, C, N, Ho, Wo]: each
+    tap added back where it was read. A stride s splits the padded grid into s x s phases (positions
+    a + s*y of a tap at offset a fall in phase a % s, shifted by a // s): per phase the taps are shifted
+    (padded) and added at the reduced resolution, and the phases interleaved once, so no strided scatter."""
+    s0, s1 = stride
+    hq, wq = -(-hp // s0), -(-wp // s1)
+    phases = {}
+    for k, (i, j) in enumerate((i, j) for i in range(kh) for j in range(kw)):
+        a, b = i * dilation[0], j * dilation[1]
+        (qa, pa), (qb, pb) = divmod(a, s0), divmod(b, s1)
+        t = aten.constant_pad_nd(dcols[k], [qb, wq - wo - qb, qa, hq - ho - qa])     # [C, N, Hq, Wq]
+        phases[(pa, pb)] = t if (pa, pb) not in phases else phases[(pa, pb)] + t
+    if s0 == 1 and s1 == 1:
+        grid = phases[(0, 0)]
+    else:
+        zero = dcols.new_zeros(dcols.shape[1], dcols.shape[2], hq, wq)
+        rows = [torch.stack([phases.get((pa, pb), zero) for pb in range(s1)], dim=-1) for pa in range(s0)]
+        grid = torch.stack(rows, dim=-3).reshape(dcols.shape[1], dcols.shape[2], hq * s0, wq * s1)
+    return grid[:, :, :hp, :wp]
+
+
+def _conv_as_mm(x, w, b, stride, padding, dilation, transposed, output_padding, groups):
+    """aten.convolution as patches and one [O, kh*kw*C] @ [kh*kw*C, N*L] product: Inductor fuses the patches,
+    the bias and the activation around one BLAS call, where oneDNN spends most of a small convolution's time
+    on set-up. (The output positions are the product's long dimension: several times faster than the
+    transposed orientation for the few output channels of small energies.)"""
+    geo = _conv_geometry(x, w, stride, padding, dilation, transposed, groups)
+    if geo is None:
+        return NotImplemented
+    kh, kw, ho, wo = geo
+    n, o = x.shape[0], w.shape[0]
+    out = torch.mm(_weight_rows(w), _patches(x, kh, kw, stride, padding, dilation, ho, wo))   # [O, N*L]
+    if b is not None:
+        out = out + b[:, None]
+    return out.view(o, n, ho, wo).permute(1, 0, 2, 3)
+
+
+def _conv_backward_as_mm(grad_out, x, w, bias_sizes, stride, padding, dilation, transposed, output_padding, groups,
+                         output_mask):
+    """aten.convolution_backward of ``_conv_as_mm``'s convolutions: dx by one product and the taps added back
+    into place (strided slice scatters), dw by one product, db by a sum (each only where ``output_mask``
+    asks)."""
+    geo = _conv_geometry(x, w, stride, padding, dilation, transposed, groups)
+    if geo is None:
+        return NotImplemented
+    kh, kw, ho, wo = geo
+    n, c, h, wd = x.shape
+    o = w.shape[0]
+    go = grad_out.permute(1, 0, 2, 3).reshape(o, n * ho * wo)                          # [O, N*L]
+    gx = gw = gb = None
+    if output_mask[0]:
+        dcols = torch.mm(_weight_rows(w).t(), go).view(kh * kw, c, n, ho, wo)          # [K, C, N, Ho, Wo]
+        gxp = _add_taps(dcols, kh, kw, stride, dilation, ho, wo, h + 2 * padding[0], wd + 2 * padding[1])
+        gx = gxp[:, :, padding[0]:padding[0] + h, padding[1]:padding[1] + wd].permute(1, 0, 2, 3)
+    if output_mask[1]:
+        cols = _patches(x, kh, kw, stride, padding, dilation, ho, wo)
+        gw = torch.mm(go, cols.t()).view(o, kh, kw, c).permute(0, 3, 1, 2)
+    if output_mask[2]:
+        gb = go.sum(1)
+    return gx, gw, gb
+
+
+_CPU_PATCHES = {"realize_reads_threshold": 1}  # a producer read by several taps is computed once
+
+
+def _inductor_cpu(gm, example_inputs):
+    """Inductor with its own decompositions plus the two above (the CPU compiled path's backend)."""
+    from torch._inductor.compile_fx import compile_fx
+    from torch._inductor.decomposition import select_decomp_table
+
+    table = dict(select_decomp_table())
+    table[aten.convolution.default] = _conv_as_mm
+    table[aten.convolution_backward.default] = _conv_backward_as_mm
+    return compile_fx(gm, example_inputs, decompositions=table, config_patches=_CPU_PATCHES)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """The static part of a chunk: everything baked into its graph."""
+
+    cfg: Any
+    length: int
+    k0: int                     # the first step's index (schedules); 0 when they are constant
+    shape: Tuple[int, ...]      # [B, K, *event]
+    N: int
+    D: int
+    update: Optional[str]       # the fused update's kind ("cpu", "cuda", "triton") or None (torch ops)
+    post_mode: str
+    step_clip: Any              # float, or None; a per-coordinate clip is a tensor argument
+
+
+def _energy_fn(module, x, y):
+    return module(x, y)
+
+
+def _chunk_fn(plan: _Plan, module, x, y, velocity, active, steps, status, pending, noise, fixed, mask, lower, upper,
+              step_clip, E_prev):
+    """``plan.length`` descent steps from state y [B, K, *event] (and velocity [N, D], active / steps / status /
+    pending [N]); returns the new state and the energies at the first and the last evaluation. Functional:
+    the inputs are not written (CUDA graphs replay it with inputs that are earlier outputs)."""
+    cfg = plan.cfg
+    N, D = plan.N, plan.D
+    y = y.clone()
+    yf = y.view(N, D)
+    active, steps, status = active.clone(), steps.clone(), status.clone()
+    velocity = None if velocity is None else velocity.clone()
+    pending = None if pending is None else pending.clone()
+    fixed_f = None if fixed is None else fixed.view(N, D)
+    mask_f = None if mask is None else mask.view(N, D)
+    clip = plan.step_clip if step_clip is None else step_clip
+    E_first = None
+
+    def total(yy):
+        E = module(x, yy)
+        return E.sum(), E
+
+    grad_and_value = torch.func.grad_and_value(total, has_aux=True)
+    for s in range(plan.length):
+        k = plan.k0 + s
+        xi = None if noise is None else noise[s]
+        n_k = cfg.noise_level_at(k)
+        ys = _ops.descent_pre(y, normalize=cfg.normalize, normalize_eps=cfg.normalize_eps,
+                              noise=xi if cfg.noise == "pre" else None, noise_level=n_k, project=cfg.project,
+                              fixed=fixed, mask=mask)
+        base = None if ys is y else ys.reshape(N, D)
+        q = torch.add(ys, velocity.view(plan.shape), alpha=cfg.momentum) if cfg.nesterov else ys
+        G, (_, E) = grad_and_value(q)
+        Ef, Gf = E.reshape(N), G.reshape(N, D).contiguous()
+        eta = cfg.step_size_at(k)
+        noise_post = xi.reshape(N, D) if (xi is not None and plan.post_mode != "none") else None
+        if plan.update is not None:
+            _ops._fused_update(plan.update, yf, Gf, Ef, active, steps, status, velocity, pending, noise_post,
+                               plan.post_mode, n_k, fixed_f, mask_f, lower, upper, clip, eta, cfg.grad_scale,
+                               cfg.momentum, cfg.grad_clip, cfg.grad_clip_norm, cfg.step_schedule == "energy",
+                               cfg.energy_temperature, cfg.tol, cfg.tol_final_step, cfg.bound_each_step, base)
+        else:
+            _ops.descent_update(yf, Gf, Ef, active, steps, status, eta=eta, y_base=base, velocity=velocity,
+                                pending=pending, E_prev=E_prev, noise=noise_post, noise_mode=plan.post_mode,
+                                noise_level=n_k, fixed=fixed_f, mask=mask_f, lower=lower, upper=upper,
+                                step_clip=clip, grad_scale=cfg.grad_scale, momentum=cfg.momentum,
+                                grad_clip=cfg.grad_clip, grad_clip_norm=cfg.grad_clip_norm,
+                                energy_scaled=cfg.step_schedule == "energy",
+                                energy_temperature=cfg.energy_temperature, tol=cfg.tol, tol_on=cfg.tol_on,
+                                tol_scope=cfg.tol_scope, tol_final_step=cfg.tol_final_step,
+                                bound_each_step=cfg.bound_each_step, backend="torch")
+        if E_first is None:
+            E_first = E
+        E_prev = Ef
+    return y, velocity, active, steps, status, pending, E_first, E
+
+
+# -- running a call -----------------------------------------------------------------------------------
+
+class _FinalEnergy:
+    """What ``descent._finish`` asks of the energy calls: ``bk`` and ``energy(y)`` (the compiled final pass)."""
+
+    def __init__(self, run, bk):
+        self._run, self.bk = run, bk
+
+    def energy(self, y: Tensor) -> Tensor:
+        return self._run(y)
+
+
+def _timed_first(entry: _Entry, fn, *args):
+    t0 = time.perf_counter()
+    out = fn(*args)
+    dt = time.perf_counter() - t0
+    entry.stats.compile_seconds += dt
+    entry.stats.compiles += 1
+    return out, dt
+
+
+def run(call, module: nn.Module, sig: tuple, *, y0: Tensor, update: Optional[str], finish):
+    """``pyebm.minimize`` on the compiled path. ``call`` is the engine's validated call, ``y0`` the initial
+    candidates (not written), ``update`` the fused update's kind or None (torch ops), ``finish(calls, y,
+    E_init, steps, status, fixed)`` the engine's final clamp, energy pass and selection."""
+    cfg, (B, K), event = call.cfg, (call.B, call.K), call.event
+    device, dtype = call.device, call.dtype
+    shape = (B, K) + tuple(event)
+    N = B * K
+    D = 1
+    for s in event:
+        D *= int(s)
+    x = call.context
+    ent = entry(module, sig)
+    fixed = y0.clone() if call.mask is not None else None
+    post_mode = cfg.noise if cfg.noise in ("langevin", "step", "additive") else "none"
+    velocity = torch.zeros(N, D, device=device, dtype=dtype) if cfg.momentum > 0 else None
+    active = torch.ones(N, dtype=torch.bool, device=device)
+    steps = torch.zeros(N, dtype=torch.int32, device=device)
+    status = torch.zeros(N, dtype=torch.int8, device=device)
+    pending = torch.zeros(N, dtype=torch.bool, device=device) if (cfg.tol > 0 and cfg.tol_final_step) else None
+    lower = None if call.lower is None else call.lower.reshape(D)
+    upper = None if call.upper is None else call.upper.reshape(D)
+    clip_value, clip_tensor = _step_clip(call, D)
+    constant = _constant_schedules(cfg)
+    y, E_init, E_prev = y0, None, None
+    check = cfg.tol > 0 and cfg.check_every > 0
+    k0 = 0
+    lengths = chunk_lengths(cfg.steps)
+    for i, length in enumerate(lengths):
+        noise = None
+        if cfg.noise != "none":
+            noise = torch.empty((length,) + shape, device=device, dtype=dtype)
+            for s in range(length):  # one draw per step, as the eager path draws them
+                noise[s].normal_(generator=call.generator)
+        ckey = (length, None if constant else k0)
+        fn = ent.chunks.get(ckey)
+        first = fn is None
+        if first:
+            plan = _Plan(cfg, length, 0 if constant else k0, shape, N, D, update, post_mode, clip_value)
+            fn = _compile(_bind(plan), device)
+            ent.chunks[ckey] = fn
+            ent.stats.chunks = tuple(sorted(set(ent.stats.chunks) | {length}))
+        args = (module, x, y, velocity, active, steps, status, pending, noise, fixed, call.mask, lower, upper,
+                clip_tensor, E_prev)
+        if first:
+            out, dt = _timed_first(ent, _call_chunk, fn, args)
+            log.info("pyebm: compiled a %d-step chunk of %s in %.1f s", length, type(module).__name__, dt)
+        else:
+            out = _call_chunk(fn, args)
+        y, velocity, active, steps, status, pending, E_first, E_last = out
+        if E_init is None:
+            E_init = E_first.clone()
+        E_prev = E_last.reshape(N) if cfg.tol_on == "energy_change" else None
+        k0 += length
+        if check and i + 1 < len(lengths) and not bool(active.any()):
+            break
+    if device.type == "cuda":  # CUDA graph outputs are overwritten by the next replay: own them
+        y, steps, status = y.clone(), steps.clone(), status.clone()
+    ent.stats.calls += 1
+    if ent.energy is None and call.final_energy:
+        ent.energy = _compile(_energy_fn, device)
+        energy_run = lambda yy: _timed_first(ent, _call_energy, ent.energy, module, x, yy)[0]  # noqa: E731
+    else:
+        energy_run = lambda yy: _call_energy(ent.energy, module, x, yy)  # noqa: E731
+    calls = _FinalEnergy(lambda yy: _own(energy_run(yy), device), (B, K))
+    return finish(calls, y, E_init, steps, status, fixed)
+
+
+def _own(t: Tensor, device) -> Tensor:
+    return t.clone() if device.type == "cuda" else t
+
+
+def _bind(plan: _Plan):
+    def chunk(module, x, y, velocity, active, steps, status, pending, noise, fixed, mask, lower, upper, step_clip,
+              E_prev):
+        return _chunk_fn(plan, module, x, y, velocity, active, steps, status, pending, noise, fixed, mask, lower,
+                         upper, step_clip, E_prev)
+
+    return chunk
+
+
+def _call_chunk(fn, args):
+    with torch.no_grad():  # inference: no graph over the weights (torch.func.grad differentiates y only)
+        return fn(*args)
+
+
+def _call_energy(fn, module, x, y):
+    with torch.no_grad():
+        return fn(module, x, y)
+
+
+def _step_clip(call, D: int):
+    """(float clip, None) when every coordinate has the same clip (read from the config), else (None, [D])."""
+    if call.step_clip is None:
+        return None, None
+    values = torch.as_tensor(call.cfg.step_clip, dtype=torch.float64).flatten()
+    if bool((values == values[0]).all()):
+        return float(values[0]), None
+    return None, call.step_clip.reshape(D)

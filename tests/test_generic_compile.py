@@ -1,0 +1,261 @@
+"""The compiled path for plain nn.Module energies (pyebm._compiled): results equal the eager autograd path
+(backend="torch": the update as plain torch ops) within fp32 tolerance; weight changes after a compile are
+seen; the module still copies, pickles and is freed; explain reports the path; compile=False / the automatic
+rule choose the eager path. Each compile costs seconds on CPU: shapes are tiny and tests share entries."""
+import copy
+import gc
+import pickle
+import weakref
+
+import pytest
+import torch
+from torch import nn
+
+import pyebm
+from pyebm import _compiled
+
+if _compiled.compiler_refusal(torch.device("cpu")) is not None:  # pragma: no cover
+    pytest.skip(_compiled.compiler_refusal(torch.device("cpu")), allow_module_level=True)
+
+B, K, CDIM = 2, 3, 3
+
+
+class ConvEnergy(nn.Module):
+    """A small conv energy on [1, 4, 4] images with a context embedding."""
+
+    def __init__(self, c=4):
+        super().__init__()
+        self.c1 = nn.Conv2d(1, c, 3, padding=1)
+        self.c2 = nn.Conv2d(c, c, 3, padding=1, stride=2)
+        self.ctx = nn.Linear(CDIM, c)
+        self.head = nn.Linear(c * 4, 1)
+        self.prior = 0.5  # a plain Python attribute the forward reads
+
+    def forward(self, x, y):
+        b, k = y.shape[:2]
+        h = torch.nn.functional.silu(self.c1(y.reshape(b * k, *y.shape[2:])))
+        h = h + self.ctx(x).repeat_interleave(k, 0)[:, :, None, None]
+        h = torch.nn.functional.silu(self.c2(h))
+        return self.head(h.flatten(1)).view(b, k) + self.prior * y.flatten(2).square().sum(-1)
+
+
+class ResMLP(nn.Module):
+    """Residual blocks with LayerNorm (not an MLPEnergy)."""
+
+    def __init__(self, d=5, width=8, blocks=2):
+        super().__init__()
+        self.inp = nn.Linear(d + CDIM, width)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.LayerNorm(width), nn.Linear(width, width), nn.GELU(),
+                                                  nn.Linear(width, width)) for _ in range(blocks))
+        self.out = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, 1))
+
+    def forward(self, x, y):
+        b, k = y.shape[:2]
+        h = self.inp(torch.cat([x[:, None].expand(b, k, -1), y], -1))
+        for block in self.blocks:
+            h = h + block(h)
+        return self.out(h).squeeze(-1) + 0.5 * y.square().sum(-1)
+
+
+FIELDS = ("y", "energy", "initial_energy", "best", "best_energy", "best_index", "steps", "status")
+
+
+def assert_same(got, want, atol=1e-5):
+    for name in FIELDS:
+        a, b = getattr(got, name), getattr(want, name)
+        assert a.shape == b.shape and a.dtype == b.dtype, name
+        if a.dtype.is_floating_point:
+            torch.testing.assert_close(a, b, atol=atol, rtol=1e-5, msg=name)
+        else:
+            assert torch.equal(a, b), name
+
+
+def run_both(f, x, y0, cfg, **kw):
+    got = pyebm.minimize(f, x, K, cfg, init=y0, compile=True, **kw)
+    want = pyebm.minimize(f, x, K, cfg, init=y0, compile=False, backend="torch", **kw)
+    return got, want
+
+
+@pytest.fixture(scope="module")
+def conv():
+    torch.manual_seed(0)
+    return ConvEnergy(), torch.randn(B, CDIM), torch.randn(B, K, 1, 4, 4)
+
+
+@pytest.fixture(scope="module")
+def mlp():
+    torch.manual_seed(1)
+    return ResMLP(), torch.randn(B, CDIM), torch.randn(B, K, 5)
+
+
+CFG = pyebm.Descent(steps=3, step_size=0.05)
+
+
+def test_conv_energy_matches_eager(conv):
+    f, x, y0 = conv
+    got, want = run_both(f, x, y0, CFG)
+    assert_same(got, want)
+    assert not torch.equal(got.y, y0)  # it moved
+    assert pyebm.explain(f, x, CFG, K, init=y0).path == "compiled"  # cached now: the automatic rule reuses it
+
+
+def test_resmlp_matches_eager_with_options(mlp):
+    f, x, y0 = mlp
+    cfg = pyebm.Descent(steps=3, step_size=0.1, momentum=0.5, grad_clip=2.0, lower=-1.5, upper=1.5,
+                        tol=0.5, check_every=1, selection="max_gap")
+    got, want = run_both(f, x, y0, cfg)
+    assert_same(got, want)
+
+
+def test_noise_from_the_generator_matches_eager(mlp):
+    """Noise drawn step by step from the generator, as the eager path draws it."""
+    f, x, y0 = mlp
+    cfg = pyebm.Descent(steps=2, step_size=0.05, noise="langevin", noise_scale=0.1)
+    got = pyebm.minimize(f, x, K, cfg, init=y0, compile=True, generator=7)
+    want = pyebm.minimize(f, x, K, cfg, init=y0, compile=False, backend="torch", generator=7)
+    assert_same(got, want)
+
+
+def test_chunks_of_a_longer_loop(conv):
+    """More steps than one chunk: 12 = 2 x 6 (one compile), the host loop over chunks."""
+    f, x, y0 = conv
+    assert _compiled.chunk_lengths(12) == [6, 6]
+    assert _compiled.chunk_lengths(23) == [10, 10, 3]
+    assert _compiled.chunk_lengths(50) == [10] * 5
+    cfg = CFG.replace(steps=12)
+    got, want = run_both(f, x, y0, cfg)
+    assert_same(got, want)
+
+
+def test_weight_changes_are_seen(conv):
+    f, x, y0 = conv
+    f = copy.deepcopy(f)  # its own entry; the fixture's module stays as it was
+    first = pyebm.minimize(f, x, K, CFG, init=y0, compile=True)
+    with torch.no_grad():
+        f.c1.weight.mul_(1.5)  # in place (what an optimizer step does)
+    got, want = run_both(f, x, y0, CFG)
+    assert_same(got, want)
+    assert not torch.allclose(got.y, first.y)
+    f.c2.weight.data = torch.randn_like(f.c2.weight)  # .data swap: new storage, same Parameter
+    got, want = run_both(f, x, y0, CFG)
+    assert_same(got, want)
+    other = ConvEnergy()
+    f.load_state_dict(other.state_dict())
+    got, want = run_both(f, x, y0, CFG)
+    assert_same(got, want)
+    opt = torch.optim.SGD(f.parameters(), lr=0.5)
+    f(x, y0).sum().backward()
+    opt.step()
+    got, want = run_both(f, x, y0, CFG)
+    assert_same(got, want)
+    assert len(_compiled.stats(f)) == 1  # one entry served every call: nothing recompiled per weight change
+    f.prior = 0.8  # a Python attribute: dynamo's guards recompile the entry's chunk
+    got, want = run_both(f, x, y0, CFG)
+    assert_same(got, want)
+
+
+def test_copies_pickles_and_frees_the_module(conv):
+    f, x, y0 = conv
+    g = copy.deepcopy(f)
+    pyebm.minimize(g, x, K, CFG, init=y0, compile=True)
+    h = copy.deepcopy(g)
+    clone = pickle.loads(pickle.dumps(g))
+    assert not any("compiled" in str(k).lower() for k in vars(g))  # nothing stored on the module
+    for m in (h, clone):
+        for p, q in zip(m.parameters(), f.parameters()):
+            assert torch.equal(p, q)
+    got = pyebm.minimize(clone, x, K, CFG, init=y0, compile=False, backend="torch")
+    assert_same(pyebm.minimize(g, x, K, CFG, init=y0, compile=True), got)
+    ref = weakref.ref(g)
+    del g
+    gc.collect()
+    assert ref() is None  # the cache holds the module weakly
+
+
+def test_explain_and_the_switch(mlp):
+    f, x, y0 = mlp
+    f = copy.deepcopy(f)  # no entry yet
+    cfg = pyebm.Descent(steps=4, step_size=0.05)
+    e = pyebm.explain(f, x, cfg, K, init=y0, compile=True)
+    assert e.path == "compiled" and "not compiled yet" in e.parts["compiled"]
+    e = pyebm.explain(f, x, cfg, K, init=y0, compile=False)
+    assert e.path == "autograd" and e.refused["compiled"] == "compile=False"
+    # the automatic rule: eager until the same shapes ran AUTO_AFTER_CALLS times, then compiled
+    for i in range(_compiled.AUTO_AFTER_CALLS):
+        e = pyebm.explain(f, x, cfg, K, init=y0)
+        assert e.path == "autograd" and f"{i} of {_compiled.AUTO_AFTER_CALLS}" in e.refused["compiled"]
+        pyebm.minimize(f, x, K, cfg, init=y0)
+    assert pyebm.explain(f, x, cfg, K, init=y0).path == "compiled"
+    # compile=False still forces the eager path, and short loops are not compiled automatically
+    assert pyebm.explain(f, x, cfg, K, init=y0, compile=False).path == "autograd"
+    short = pyebm.explain(f, x, pyebm.Descent(steps=2), K, init=y0)
+    assert short.path == "autograd" and "steps" in short.refused["compiled"]
+
+
+def test_refusals_and_errors(mlp):
+    f, x, y0 = mlp
+    e = pyebm.explain(f, x, pyebm.Descent(steps=4, accept_if_lower=True), K, init=y0)
+    assert e.refused["compiled"] == "accept_if_lower"
+    e = pyebm.explain(lambda x, y: y.square().sum(-1), x, pyebm.Descent(steps=4), K, init=y0)
+    assert "not an nn.Module" in e.refused["compiled"]
+    e = pyebm.explain(pyebm.MLPEnergy(CDIM, 5, hidden=(8,)), x, pyebm.Descent(steps=4), K, init=y0,
+                      whole_loop=False)
+    assert "own energy_and_grad" in e.refused["compiled"]
+    with pytest.raises(ValueError, match="compile=True but"):
+        pyebm.minimize(f, x, K, pyebm.Descent(steps=3, integrator="heun"), init=y0, compile=True)
+    with pytest.raises(TypeError, match="compile must be"):
+        pyebm.minimize(f, x, K, CFG, init=y0, compile="yes")
+
+
+def test_bad_energy_output_is_an_error():
+    class Wrong(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.ones(5))
+
+        def forward(self, x, y):
+            return (y * self.w).sum()  # a scalar, not [B, K]
+
+    with pytest.raises(ValueError, match=r"E \[B, K\]"):
+        pyebm.minimize(Wrong(), torch.zeros(B, CDIM), K, CFG, init=torch.randn(B, K, 5), compile=True)
+
+
+@pytest.mark.parametrize("geometry", [
+    dict(c=1, o=4, h=8, w=8, k=(3, 3), stride=(1, 1), padding=(1, 1), dilation=(1, 1)),
+    dict(c=3, o=5, h=7, w=9, k=(3, 2), stride=(2, 1), padding=(1, 0), dilation=(1, 1)),
+    dict(c=2, o=3, h=9, w=6, k=(2, 3), stride=(2, 3), padding=(0, 2), dilation=(2, 1)),
+])
+def test_convolution_decompositions_match_aten(geometry):
+    """The CPU backend's convolution and convolution_backward (patches and one product) against ATen's, on
+    odd geometries, every output of the backward."""
+    g = geometry
+    torch.manual_seed(3)
+    x = torch.randn(2, g["c"], g["h"], g["w"], dtype=torch.float64)
+    w = torch.randn(g["o"], g["c"], *g["k"], dtype=torch.float64)
+    b = torch.randn(g["o"], dtype=torch.float64)
+    args = (list(g["stride"]), list(g["padding"]), list(g["dilation"]), False, [0, 0], 1)
+    want = torch.ops.aten.convolution(x, w, b, *args)
+    got = _compiled._conv_as_mm(x, w, b, *args)
+    torch.testing.assert_close(got, want)
+    go = torch.randn_like(want)
+    want_grads = torch.ops.aten.convolution_backward(go, x, w, [g["o"]], *args, [True, True, True])
+    got_grads = _compiled._conv_backward_as_mm(go, x, w, [g["o"]], *args, [True, True, True])
+    for a, e in zip(got_grads, want_grads):
+        torch.testing.assert_close(a, e)
+    assert _compiled._conv_backward_as_mm(go, x, w, [g["o"]], *args, [True, False, False])[1:] == (None, None)
+    # other convolutions (transposed, grouped, not 2-D) are left to ATen
+    transposed = (list(g["stride"]), list(g["padding"]), list(g["dilation"]), True, [0, 0], 1)
+    assert _compiled._conv_as_mm(x, w, b, *transposed) is NotImplemented
+    assert _compiled._conv_as_mm(x, w, b, *args[:-1], 2) is NotImplemented
+    assert _compiled._conv_as_mm(x[0], w, b, *args) is NotImplemented
+
+
+def test_generic_bench_suite_runs():
+    """bench/bench_generic.py's suite (`pyebm bench descent --energy ...`), without the compile column."""
+    from pyebm.bench.generic_suite import generic_cases, make_energy
+
+    cases = list(generic_cases(quick=True, compile=False, sizes=["resmlp T=10"],
+                               sampling={"min_samples": 1, "max_samples": 1, "budget_s": 0.0}))
+    assert [c.column for c in cases] == ["hand loop", "pyebm autograd"] and cases[0].baseline
+    with pytest.raises(ValueError, match="energy must be"):
+        make_energy("unet")
