@@ -9,7 +9,7 @@ from ray import serve
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from pyebm.serving import Item, PolicyServer, RequestError
+from pyebm._serve_core import Item, PolicyServer, RequestError
 
 
 @serve.deployment
