@@ -16,7 +16,7 @@ import torch
 
 from pyebm.bench.core import BenchResult, machine_info
 from pyebm.bench.rerank_suite import assign_cases, rerank_cases
-from pyebm.bench.script import add_sampling_arguments, print_result, sampling_options
+from pyebm.bench.script import add_sampling_arguments, report, sampling_options
 
 
 def _ints(ap: argparse.ArgumentParser, flag: str, text):
@@ -60,15 +60,7 @@ def main(argv=None) -> int:
                                    **common))
     if args.only in (None, "assign"):
         cases += list(assign_cases(ks=ks, Bs=Bs, **common))
-    result = BenchResult(cases, machine_info(args.device))
-    print_result("bench_rerank", result)
-    if args.json:
-        result.to_json(args.json)
-    if args.csv:
-        result.to_csv(args.csv)
-    if args.plot:
-        result.plot(args.plot)
-    return 0
+    return report("bench_rerank", BenchResult(cases, machine_info(args.device)), args)
 
 
 if __name__ == "__main__":

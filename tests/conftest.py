@@ -30,6 +30,18 @@ def _seed():
     torch.manual_seed(1234)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny-tensor tests (threads only add synchronisation there, and stall
+    on a busy machine); the previous count afterwards. Use with ``pytestmark = pytest.mark.usefixtures(...)``."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(params=[pytest.param("cpu", id="interp", marks=pytest.mark.triton),
                         pytest.param("cuda", id="cuda", marks=[pytest.mark.triton, pytest.mark.gpu])])
 def triton_device(request):

@@ -27,13 +27,7 @@ from pyebm.discrete import dmala, gibbs_with_gradients
 D64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tensors here are tiny: intra-op threads only add synchronisation (and stall on a busy machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one intra-op thread
 
 
 # -- models ----------------------------------------------------------------------------------------------

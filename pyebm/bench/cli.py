@@ -135,6 +135,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from pyebm.bench.core import BenchResult, machine_info
+    from pyebm.bench.script import write_files
     from pyebm.bench.suites import dispatch_floor_case
 
     sampling = _sampling(args)
@@ -201,12 +202,7 @@ def run(args: argparse.Namespace) -> int:
     meta["command"] = " ".join(["pyebm bench"] + names + (["--quick"] if args.quick else [])
                                + ([f"--device {args.device}"] if args.device != "cpu" else []))
     result = BenchResult(cases, meta)
-    if args.json:
-        result.to_json(args.json)
-    if args.csv:
-        result.to_csv(args.csv)
-    if args.plot:
-        result.plot(args.plot)
+    write_files(result, args)
     result.print_rich()
     if args.save:
         from pyebm.bench import compare

@@ -33,15 +33,24 @@ def run_suite_script(name: str, description: str, cases_fn: Callable[..., Iterab
     cases = list(cases_fn(quick=args.quick, device=args.device, compile=not args.no_compile, sizes=chosen,
                           sweep=args.sweep or bool(args.plot), sampling=sampling_options(ap, args),
                           progress=lambda m: print(f"measuring {m}", file=sys.stderr)))
-    result = BenchResult(cases, machine_info(args.device))
+    return report(name, BenchResult(cases, machine_info(args.device)), args)
+
+
+def report(name: str, result: BenchResult, args) -> int:
+    """Print the result, then write the files asked for by ``args.json`` / ``args.csv`` / ``args.plot``."""
     print_result(name, result)
+    write_files(result, args)
+    return 0
+
+
+def write_files(result: BenchResult, args) -> None:
+    """The JSON, CSV and PNG files named by ``args.json`` / ``args.csv`` / ``args.plot`` (None: not written)."""
     if args.json:
         result.to_json(args.json)
     if args.csv:
         result.to_csv(args.csv)
     if args.plot:
         result.plot(args.plot)
-    return 0
 
 
 def add_sampling_arguments(ap: argparse.ArgumentParser) -> None:
