@@ -8,6 +8,7 @@ import torch
 from pyebm.discrete import permutation_argmin, permutation_energy, set_argmin, set_energy, sinkhorn
 
 scipy = pytest.importorskip("scipy")
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one intra-op thread
 
 
 def all_sets(L, dtype=torch.float64):
@@ -106,6 +107,225 @@ def test_pairwise_local_search_from_init():
     assert torch.equal(res.y[unchanged], init[unchanged].double())
 
 
+# -- pairwise sets with a cardinality constraint -----------------------------------------------------
+
+def feasible(Y, k, at_most):
+    n = Y.sum(-1)
+    return (n <= k) if at_most else (n == k)
+
+
+def brute_energy_of(y, u, U):
+    """E of given sets y [..., B, L] written out with einsum (no shared code with pyebm)."""
+    return -(u * y).sum(-1) - 0.5 * torch.einsum("...bl,blm,...bm->...b", y, U, y)
+
+
+def neighbours(y, k, at_most):
+    """Every feasible set one move away from each y [B, L], enumerated label by label: [M, B, L] and whether
+    each is a real move of that problem [M, B]. Exactly k: swaps (one label in, one out); at most k: also
+    single additions (below k labels) and single removals."""
+    B, L = y.shape
+    out, valid = [], []
+    for i in range(L):
+        for j in range(L):
+            z = y.clone()
+            z[:, i], z[:, j] = 1.0, 0.0
+            out.append(z)
+            valid.append((y[:, i] == 0) & (y[:, j] == 1))
+    if at_most:
+        for i in range(L):
+            z = y.clone()
+            z[:, i] = 1.0
+            out.append(z)
+            valid.append((y[:, i] == 0) & (y.sum(1) < k))
+            z = y.clone()
+            z[:, i] = 0.0
+            out.append(z)
+            valid.append(y[:, i] == 1)
+    return torch.stack(out), torch.stack(valid)
+
+
+def check_move_optimal(res, u, U, k, at_most, slack=1e-10):
+    Y, valid = neighbours(res.y, k, at_most)
+    assert feasible(Y, k, at_most)[valid].all()
+    E = brute_energy_of(Y.to(u.dtype), u, U)                                # [M, B]
+    lower = valid & (E < res.energy.to(u.dtype) - slack)
+    assert not lower.any(), f"a feasible move lowers E in problems {lower.any(0).nonzero().flatten().tolist()}"
+
+
+@pytest.mark.parametrize("at_most", [False, True])
+@pytest.mark.parametrize("L", [1, 5, 9])
+def test_pairwise_cardinality_is_feasible_move_optimal_and_no_better_than_brute_force(L, at_most):
+    torch.manual_seed(10 + L)
+    B = 24
+    u = torch.randn(B, L, dtype=torch.float64)
+    U = torch.randn(B, L, L, dtype=torch.float64)
+    E, Y = brute_set_energies(u, U)
+    found = []
+    for k in range(L + 1):
+        res = set_argmin(u, U, k=k, at_most=at_most, max_rounds=1000)   # a cap: a cycling search fails here
+        assert (res.flips < 1000).all()
+        assert not res.exact and res.flips.dtype == torch.int64 and (res.flips >= 0).all()
+        assert ((res.y == 0) | (res.y == 1)).all()
+        assert feasible(res.y, k, at_most).all()
+        torch.testing.assert_close(res.energy, brute_energy_of(res.y, u, U))
+        torch.testing.assert_close(res.energy, set_energy(res.y, u, U))
+        best = E.masked_fill(~feasible(Y, k, at_most), float("inf")).min(1).values
+        assert (res.energy >= best - 1e-12).all()
+        check_move_optimal(res, u, U, k, at_most)
+        found.append(torch.isclose(res.energy, best))
+    # a local method: it finds the constrained global minimum on most of these small random problems
+    rate = torch.cat(found).double().mean()
+    assert rate >= 0.85, float(rate)
+
+
+@pytest.mark.parametrize("at_most", [False, True])
+def test_pairwise_cardinality_easy_problems_are_solved_exactly(at_most):
+    """Linear energies (U = 0, or a diagonal U: y_i^2 = y_i makes it unary) have no swap-optimal set
+    (with additions and removals for at most k) other than the global minima: the search must find them."""
+    torch.manual_seed(3)
+    B, L = 16, 8
+    u = torch.randn(B, L, dtype=torch.float64)
+    E0, Y = brute_set_energies(u)
+    d = torch.randn(L, dtype=torch.float64)
+    Ed, _ = brute_set_energies(u, torch.diag(d).expand(B, L, L))
+    for k in range(L + 1):
+        allowed = feasible(Y, k, at_most)
+        zero = set_argmin(u, torch.zeros(L, L, dtype=torch.float64), k=k, at_most=at_most)
+        torch.testing.assert_close(zero.energy, E0.masked_fill(~allowed, float("inf")).min(1).values)
+        torch.testing.assert_close(zero.energy, set_argmin(u, k=k, at_most=at_most).energy)
+        # with U = 0 the relaxation is linear: it ends at the top-k vertex, and the rounding (top k; at most
+        # k: the best prefix, here the positive scores among the top k) is already the exact answer
+        rounded = set_argmin(u, torch.zeros(L, L, dtype=torch.float64), k=k, at_most=at_most, max_rounds=0)
+        assert torch.equal(rounded.y, set_argmin(u, k=k, at_most=at_most).y)
+        diag = set_argmin(u, torch.diag(d), k=k, at_most=at_most)
+        torch.testing.assert_close(diag.energy, Ed.masked_fill(~allowed, float("inf")).min(1).values)
+    # not guaranteed, but it holds here: a weak coupling next to a dominant diagonal
+    U = torch.diag(4 * torch.randn(L, dtype=torch.float64)) + 0.01 * torch.randn(L, L, dtype=torch.float64)
+    E, _ = brute_set_energies(u, U.expand(B, L, L))
+    for k in range(L + 1):
+        res = set_argmin(u, U, k=k, at_most=at_most)
+        torch.testing.assert_close(res.energy, E.masked_fill(~feasible(Y, k, at_most), float("inf")).min(1).values)
+
+
+@pytest.mark.parametrize("at_most", [False, True])
+def test_pairwise_cardinality_unbatched_and_shared_coupling(at_most):
+    torch.manual_seed(4)
+    B, L, k = 6, 7, 3
+    u = torch.randn(B, L, dtype=torch.float64)
+    U = torch.randn(L, L, dtype=torch.float64)
+    shared = set_argmin(u, U, k=k, at_most=at_most)
+    per = set_argmin(u, U.expand(B, L, L).clone(), k=k, at_most=at_most)
+    # the same symmetrised couplings, the same batched arithmetic: the same sets
+    assert torch.equal(shared.y, per.y) and torch.equal(shared.flips, per.flips)
+    check_move_optimal(shared, u, U.expand(B, L, L), k, at_most)
+    for b in range(B):
+        one = set_argmin(u[b], U, k=k, at_most=at_most)
+        assert one.y.shape == (L,) and one.energy.dim() == 0 and one.flips.dim() == 0
+        torch.testing.assert_close(one.energy, set_energy(one.y, u[b], U))
+        assert int(one.y.sum()) <= k if at_most else int(one.y.sum()) == k
+        torch.testing.assert_close(one.energy, shared.energy[b])
+
+
+def test_pairwise_cardinality_float32():
+    torch.manual_seed(5)
+    B, L, k = 12, 9, 4
+    u = torch.randn(B, L)
+    U = torch.randn(B, L, L)
+    for at_most in (False, True):
+        res = set_argmin(u, U, k=k, at_most=at_most)
+        assert res.y.dtype == torch.float32 and feasible(res.y, k, at_most).all()
+        check_move_optimal(res, u.double(), U.double(), k, at_most, slack=1e-4)
+
+
+@pytest.mark.parametrize("at_most", [False, True])
+def test_pairwise_cardinality_from_init(at_most):
+    torch.manual_seed(6)
+    B, L, k = 8, 7, 3
+    u = torch.randn(B, L, dtype=torch.float64)
+    U = torch.randn(L, L, dtype=torch.float64)
+    sizes = torch.randint(0, k + 1, (B,)) if at_most else torch.full((B,), k)
+    init = (torch.rand(B, L).argsort(1).argsort(1) < sizes.unsqueeze(1)).to(torch.int64)   # random sets
+    res = set_argmin(u, U, k=k, at_most=at_most, init=init)
+    assert feasible(res.y, k, at_most).all()
+    assert (res.energy <= set_energy(init, u, U) + 1e-12).all()
+    check_move_optimal(res, u, U.expand(B, L, L), k, at_most)
+    unchanged = res.flips == 0
+    assert torch.equal(res.y[unchanged], init[unchanged].double())
+    # a local optimum is a fixed point of the search
+    again = set_argmin(u, U, k=k, at_most=at_most, init=res.y)
+    assert torch.equal(again.y, res.y) and (again.flips == 0).all()
+
+
+def test_pairwise_cardinality_relaxation_steps():
+    """steps=0 skips the relaxation (the search starts from the rounding of the uniform start); any number
+    of steps and a given step size still end in a feasible, move-optimal set."""
+    torch.manual_seed(7)
+    B, L, k = 10, 8, 5
+    u = torch.randn(B, L, dtype=torch.float64)
+    U = torch.randn(B, L, L, dtype=torch.float64)
+    for at_most in (False, True):
+        for steps, step_size in ((0, None), (1, None), (300, None), (50, 0.01)):
+            res = set_argmin(u, U, k=k, at_most=at_most, steps=steps, step_size=step_size)
+            assert feasible(res.y, k, at_most).all()
+            check_move_optimal(res, u, U, k, at_most)
+
+
+@pytest.mark.parametrize("k", [None, 4])
+def test_pairwise_search_max_rounds(k):
+    """max_rounds caps the rounds; a problem that moved fewer times than the cap stopped at a local optimum,
+    and the capped search is the first rounds of the full one."""
+    torch.manual_seed(9)
+    B, L = 16, 9
+    u = torch.randn(B, L, dtype=torch.float64)
+    U = torch.randn(B, L, L, dtype=torch.float64)
+    init = torch.zeros(B, L)
+    init[:, :4] = 1                                                        # far from optimal in most problems
+    full = set_argmin(u, U, k=k, init=init)
+    assert full.flips.max() >= 2
+    for cap in (0, 1, 2):
+        res = set_argmin(u, U, k=k, init=init, max_rounds=cap)
+        assert (res.flips <= cap).all() and torch.equal(res.flips, full.flips.clamp(max=cap))
+        done = res.flips < cap
+        assert torch.equal(res.y[done], full.y[done])
+        if k is not None:
+            assert feasible(res.y, k, False).all()
+    assert torch.equal(set_argmin(u, U, k=k, init=init, max_rounds=int(full.flips.max())).y, full.y)
+    with pytest.raises(ValueError, match="max_rounds must be an int"):
+        set_argmin(u, U, k=k, max_rounds=-1)
+
+
+def project_by_bisection(v, k, at_most):
+    """The Euclidean projection onto {z in [0,1]^L : sum z = k} (<= k with at_most) by bisection on the
+    shift of clamp(v - tau, 0, 1), independently of pyebm's breakpoint search."""
+    lo = torch.zeros_like(v[:, :1]) if at_most else v.min(1, keepdim=True).values - 1
+    hi = v.max(1, keepdim=True).values.clamp(min=0)
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        over = (v - mid).clamp(0, 1).sum(1, keepdim=True) > k
+        lo, hi = torch.where(over, mid, lo), torch.where(over, hi, mid)
+    return (v - hi).clamp(0, 1)
+
+
+@pytest.mark.parametrize("at_most", [False, True])
+@pytest.mark.parametrize("L", [1, 2, 7, 33])
+def test_capped_simplex_projection_matches_bisection(L, at_most):
+    from pyebm.discrete.sets import _project_k
+
+    torch.manual_seed(8 + L)
+    v = 2 * torch.randn(9, L, dtype=torch.float64)
+    v[0] = 0.3                                                           # all equal
+    v[1, : L // 2] = v[1, 0]                                             # ties
+    for k in range(L + 1):
+        z = _project_k(v, k, at_most)
+        assert ((z >= 0) & (z <= 1)).all()
+        s = z.sum(1)
+        assert ((s <= k + 1e-9) if at_most else (s - k).abs() < 1e-9).all()
+        torch.testing.assert_close(z, project_by_bisection(v, k, at_most), atol=1e-9, rtol=0)
+        # the projection is the nearest feasible point: closer to v than any random feasible point
+        w = project_by_bisection(torch.randn(64, L, dtype=torch.float64) * 3, k, at_most)
+        assert (((v.unsqueeze(1) - z.unsqueeze(1)) ** 2).sum(-1) <= ((v.unsqueeze(1) - w) ** 2).sum(-1) + 1e-9).all()
+
+
 def test_set_bad_input():
     u = torch.randn(2, 4)
     with pytest.raises(ValueError, match="y must be binary"):
@@ -122,8 +342,24 @@ def test_set_bad_input():
         set_argmin(u, k=5)
     with pytest.raises(ValueError, match="at_most=True needs k"):
         set_argmin(u, at_most=True)
-    with pytest.raises(ValueError, match="unary energies only"):
-        set_argmin(u, torch.zeros(4, 4), k=2)
+    U = torch.zeros(4, 4)
+    for bad in (5, -1, 2.5, 2.0, True, "2", [2]):
+        with pytest.raises(ValueError, match=r"k must be an int in \[0, 4\]"):
+            set_argmin(u, U, k=bad)
+    with pytest.raises(ValueError, match="at_most=True needs k"):
+        set_argmin(u, U, at_most=True)
+    with pytest.raises(TypeError, match="at_most must be True or False"):
+        set_argmin(u, U, k=2, at_most=1)
+    with pytest.raises(ValueError, match=r"init must be a feasible set \(exactly k = 2 labels\); problem 1 has 3"):
+        set_argmin(u, U, k=2, init=torch.tensor([[1, 1, 0, 0], [1, 1, 1, 0]]))
+    with pytest.raises(ValueError, match=r"init must be a feasible set \(at most k = 1 labels\); problem 0 has 2"):
+        set_argmin(u, U, k=1, at_most=True, init=torch.tensor([[1, 1, 0, 0], [0, 0, 0, 0]]))
+    with pytest.raises(ValueError, match="init must be binary"):
+        set_argmin(u, U, k=2, init=torch.full((2, 4), 0.5))
+    with pytest.raises(ValueError, match="steps must be an int"):
+        set_argmin(u, U, k=2, steps=-1)
+    with pytest.raises(ValueError, match="step_size must be a number > 0"):
+        set_argmin(u, U, k=2, step_size=0.0)
     with pytest.raises(ValueError, match="NaN or Inf"):
         set_argmin(torch.tensor([[1.0, float("nan")]]))
     with pytest.raises(TypeError, match="real floating"):
@@ -276,3 +512,10 @@ def test_cuda_auction_and_sort_match_scipy():
     U = torch.randn(8, 6, 6, device="cuda", dtype=torch.float64)
     res = set_argmin(u, U)
     torch.testing.assert_close(res.energy, set_energy(res.y, u, U))
+    for at_most in (False, True):
+        res = set_argmin(u, U, k=3, at_most=at_most)
+        assert res.y.device.type == "cuda"
+        torch.testing.assert_close(res.energy, set_energy(res.y, u, U))
+        cpu = set_argmin(u.cpu(), U.cpu(), k=3, at_most=at_most)
+        torch.testing.assert_close(res.energy, cpu.energy)   # both move optimal; equal on these problems
+        check_move_optimal(res, u, U, 3, at_most)
