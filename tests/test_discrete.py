@@ -514,8 +514,7 @@ def test_cuda_auction_and_sort_match_scipy():
     torch.testing.assert_close(res.energy, set_energy(res.y, u, U))
     for at_most in (False, True):
         res = set_argmin(u, U, k=3, at_most=at_most)
-        assert res.y.device.type == "cuda"
+        assert res.y.device.type == "cuda" and res.flips.device.type == "cuda"
+        assert feasible(res.y, 3, at_most).all()
         torch.testing.assert_close(res.energy, set_energy(res.y, u, U))
-        cpu = set_argmin(u.cpu(), U.cpu(), k=3, at_most=at_most)
-        torch.testing.assert_close(res.energy, cpu.energy)   # both move optimal; equal on these problems
         check_move_optimal(res, u, U, 3, at_most)
