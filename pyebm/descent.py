@@ -72,6 +72,26 @@ torch.export.register_dataclass(DescentResult, serialized_type_name="pyebm.Desce
 
 # -- energies -------------------------------------------------------------------------------------
 
+# The autograd engine's entry point, the call torch.autograd.grad makes after its Python argument handling
+# (tuples, overrides, the shape checks of grad_outputs), which costs tens of microseconds a call after an energy's
+# forward pass: as much as the update step. None where this torch has no such entry point.
+_RUN_BACKWARD = getattr(getattr(torch.autograd.Variable, "_execution_engine", None), "run_backward", None)
+_has_torch_function = torch.overrides.has_torch_function
+
+
+def _input_grad(E: Tensor, y: Tensor) -> Optional[Tensor]:
+    """d(sum E)/dy: the vector-Jacobian product of E with ones shaped like E (the gradient of ``E.sum()``
+    without the sum and its backward), y the only input (the weights' gradients are neither computed nor
+    accumulated), the graph freed. None when E does not depend on y. Plain tensors go to the autograd engine
+    directly (the call torch.autograd.grad makes, same engine and numbers); tensor subclasses and torch
+    function modes through torch.autograd.grad itself."""
+    seed = torch.ones_like(E)
+    if _RUN_BACKWARD is not None and not _has_torch_function((E, y)):
+        # (outputs, grad_outputs, keep_graph, create_graph, inputs, allow_unreachable, accumulate_grad)
+        return _RUN_BACKWARD((E,), (seed,), False, False, (y,), True, False)[0]
+    return torch.autograd.grad(E, y, seed, allow_unused=True)[0]
+
+
 class _ModuleEnergy:
     """Adapter for a plain ``f(x, y) -> E [B, K]``: prepare is the identity, gradients by autograd on y."""
 
@@ -86,12 +106,18 @@ class _ModuleEnergy:
             return self.fn(ctx, y)
 
     def energy_and_grad(self, ctx, y, backend=None):  # backend: the update's (the energy is the user's code)
-        with torch.enable_grad():
-            yy = y.detach().requires_grad_(True)
-            E = self.fn(ctx, yy)
-            if not isinstance(E, Tensor) or not E.requires_grad:
-                raise ValueError("minimize: energy(x, y) must return a tensor that depends on y (differentiably)")
-            (G,) = torch.autograd.grad(E.sum(), yy)
+        """E and dE/dy by ``_input_grad`` (autograd in y alone), with grad mode on for the call."""
+        if not torch.is_grad_enabled():
+            with torch.enable_grad():
+                return self.energy_and_grad(ctx, y, backend)
+        yy = y.detach().requires_grad_(True)
+        E = self.fn(ctx, yy)
+        if not isinstance(E, Tensor) or not E.requires_grad:
+            raise ValueError("minimize: energy(x, y) must return a tensor that depends on y (differentiably)")
+        G = _input_grad(E, yy)
+        if G is None:
+            raise ValueError("minimize: energy(x, y) must return a tensor that depends on y (differentiably); "
+                             "it requires grad through other tensors only")
         return E.detach(), G
 
 
@@ -783,6 +809,29 @@ class _GradientDescent:
                          torch.empty((cfg.steps + 1,) + tuple(self.shape), device=device, dtype=dtype))
             self.traj[1][0] = y0
         self.snaps = _new_snapshots(call, y0, fixed)
+        self.moves_before = cfg.normalize is not None or cfg.noise == "pre" or cfg.project is not None
+        self.update = self._bound_update()
+
+    def _bound_update(self) -> Optional[_ops.FusedUpdate]:
+        """The fused update op bound to this descent's state when ``_dispatch.update_route`` gives the plain
+        step to it (asked once per call: the state, its layout and the options are fixed for the call; the
+        gradient is handed over contiguous, the base is a fresh tensor), else None (``descent_update`` runs)."""
+        cfg, common = self.cfg, self.common
+        if cfg.integrator == "heun" or cfg.accept_if_lower:
+            return None
+        kind, _ = _dispatch.update_route(self.yf, self.yf, self.yf if self.moves_before else None, self.post_mode,
+                                         cfg.tol, cfg.tol_on, cfg.tol_scope, None, False, None, self.velocity,
+                                         common["mask"], common["backend"])
+        if kind is None:
+            return None
+        return _ops.FusedUpdate(kind, self.yf, self.active, self.steps, self.status, velocity=self.velocity,
+                                pending=self.pending, noise=self.xif if self.post_mode != "none" else None,
+                                noise_mode=self.post_mode, fixed=common["fixed"], mask=common["mask"],
+                                lower=common["lower"], upper=common["upper"], step_clip=common["step_clip"],
+                                grad_scale=cfg.grad_scale, momentum=cfg.momentum, grad_clip=cfg.grad_clip,
+                                grad_clip_norm=cfg.grad_clip_norm, energy_scaled=common["energy_scaled"],
+                                energy_temperature=cfg.energy_temperature, tol=cfg.tol,
+                                tol_final_step=cfg.tol_final_step, bound_each_step=cfg.bound_each_step)
 
     def _step_clip(self, call: _Call):
         """The step clip as the update takes it: one number when every coordinate has the same (read from the
@@ -809,7 +858,8 @@ class _GradientDescent:
                 self.traj[1][k + 1] = self.y
             E_prev = E.reshape(self.N)
             k_done = k + 1
-            _take_snapshot(self.call, self.snaps, k_done, self.y, self.fixed, self.call.mask)
+            if self.snaps is not None:
+                _take_snapshot(self.call, self.snaps, k_done, self.y, self.fixed, self.call.mask)
             if self.check_every and k_done % self.check_every == 0 and k_done < cfg.steps \
                     and not bool(self.active.any()):
                 break
@@ -827,15 +877,19 @@ class _GradientDescent:
         if self.xi is not None:
             _rng.normal_(self.xi, self.call.generator)
         n_k = cfg.noise_level_at(k)
-        ys = _ops.descent_pre(self.y, normalize=cfg.normalize, normalize_eps=cfg.normalize_eps,
-                              noise=self.xi if cfg.noise == "pre" else None, noise_level=n_k, project=cfg.project,
-                              fixed=self.fixed, mask=self.call.mask)
-        base = None if ys is self.y else ys.reshape(self.N, self.D)
+        ys, base = self.y, None
+        if self.moves_before:
+            ys = _ops.descent_pre(self.y, normalize=cfg.normalize, normalize_eps=cfg.normalize_eps,
+                                  noise=self.xi if cfg.noise == "pre" else None, noise_level=n_k,
+                                  project=cfg.project, fixed=self.fixed, mask=self.call.mask)
+            base = ys.reshape(self.N, self.D)
         q = torch.add(ys, self.velocity.view(self.shape), alpha=cfg.momentum) if cfg.nesterov else ys
         E, G = self.calls.grad(q)
         Ef, Gf = E.reshape(self.N), G.reshape(self.N, self.D)
         eta = cfg.step_size_at(k)
-        if cfg.integrator == "heun":
+        if self.update is not None:
+            self.update(Gf, Ef, eta, n_k, base)
+        elif cfg.integrator == "heun":
             self._heun(k, Ef, Gf, base, eta, n_k)
         elif cfg.accept_if_lower:
             self._accept_if_lower(Ef, Gf, base, eta, n_k, E_prev)

@@ -687,6 +687,71 @@ def test_plain_module_energy_matches_protocol_path():
         minimize(User(m), x, 4, cfg)
 
 
+class CatEnergy(torch.nn.Module):
+    """y enters through a concatenation with the context: autograd hands back a strided dE/dy (a slice)."""
+
+    def __init__(self, D_=3, C=2):
+        super().__init__()
+        g = torch.Generator().manual_seed(5)
+        self.w1 = torch.nn.Parameter(torch.randn(D_ + C, 16, dtype=torch.float64, generator=g) / 2)
+        self.w2 = torch.nn.Parameter(torch.randn(16, dtype=torch.float64, generator=g) / 4)
+
+    def forward(self, x, y):
+        h = torch.cat([x[:, None].expand(-1, y.shape[1], -1), y], -1)
+        return torch.tanh(h @ self.w1) @ self.w2
+
+
+def test_module_energy_gradient_is_autograd_of_the_sum():
+    """The adapter's dE/dy (the engine called with a ones seed, y its only input) against torch.autograd.grad of
+    E.sum(); tensor subclasses go through torch.autograd.grad itself; the weights get no .grad."""
+    from pyebm.descent import _ModuleEnergy
+
+    m, x = CatEnergy(), torch.randn(4, 2, dtype=torch.float64)
+    y = torch.randn(4, 5, 3, dtype=torch.float64)
+    E, G = _ModuleEnergy(m).energy_and_grad(x, y)
+    E_ref, G_ref = auto_grad(lambda yy: m(x, yy), y)
+    torch.testing.assert_close(G, G_ref, rtol=1e-13, atol=1e-13)
+    assert torch.equal(E, E_ref) and not E.requires_grad and not G.requires_grad
+    assert m.w1.grad is None and m.w2.grad is None
+    with torch.no_grad():  # grad mode is switched on for the call
+        E2, G2 = _ModuleEnergy(m).energy_and_grad(x, y)
+    assert torch.equal(G2, G)
+
+    class Tagged(torch.Tensor):
+        pass
+
+    E3, G3 = _ModuleEnergy(m).energy_and_grad(x, y.as_subclass(Tagged))
+    torch.testing.assert_close(G3.as_subclass(torch.Tensor), G_ref, rtol=1e-13, atol=1e-13)
+    w = torch.nn.Parameter(torch.ones(1, dtype=torch.float64))
+    with pytest.raises(ValueError, match="depends on y"):
+        minimize(lambda x, y: (w * x.sum(-1, keepdim=True)).expand(-1, 5), x, 5, Descent(steps=2), init=y)
+    with pytest.raises(ValueError, match="depends on y"):
+        minimize(lambda x, y: torch.zeros(4, 5, dtype=torch.float64), x, 5, Descent(steps=2), init=y)
+
+
+def test_strided_gradient_takes_the_fused_update(monkeypatch):
+    """A plain energy whose dE/dy is strided (y concatenated with the context) runs the fused update op (the
+    gradient copied contiguous), and still follows the reference rule."""
+    from pyebm.ops import descent as dops
+
+    calls = []
+    real = dops.FusedUpdate.__call__
+
+    def spy(self, g, *args):
+        calls.append(g.is_contiguous())
+        return real(self, g, *args)
+
+    monkeypatch.setattr(dops.FusedUpdate, "__call__", spy)
+    m, x = CatEnergy(), torch.randn(3, 2, dtype=torch.float64)
+    y0 = torch.randn(3, 4, 3, dtype=torch.float64)
+    cfg = Descent(steps=5, step_size=0.2, momentum=0.5, grad_clip=0.4)
+    res = minimize(m, x, 4, cfg, init=y0, compile=False)
+    assert calls == [False] * 5
+    ref = minimize_reference(lambda y: auto_grad(lambda yy: m(x, yy), y), y0, cfg)
+    torch.testing.assert_close(res.y, ref.y, rtol=0, atol=1e-13)
+    assert torch.equal(res.steps, ref.steps) and torch.equal(res.status, ref.status)
+
+
 def test_record_and_early_exit():
     m, x, y0 = _setup()
     cfg = Descent(steps=40, step_size=0.3, tol=0.15, check_every=1)

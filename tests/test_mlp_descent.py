@@ -204,6 +204,80 @@ def test_fused_update_matches_torch_update(opts, dtype):
         assert st2[2] == 2 and s2[4] == 0  # the inf row stopped, the inactive row did not move
 
 
+@pytest.mark.parametrize("opts", [
+    dict(),
+    dict(momentum=0.7, grad_clip=0.5, grad_clip_norm=0.8),
+    dict(tol=1.5, tol_final_step=True),
+    dict(noise_mode="langevin", lower=torch.tensor([-0.5, -0.1, -1.0]), upper=0.6),
+    dict(noise_mode="step", energy_scaled=True, energy_temperature=2.0, step_clip=0.05),
+    dict(noise_mode="additive", mask=True, y_base=True),
+])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_bound_fused_update_is_descent_update(opts, dtype):
+    """FusedUpdate (the op bound to a descent's state once per call) takes three steps exactly as three
+    descent_update calls do: the same op on the same values, so bitwise (here with strided gradients and
+    energies, which it copies, and noise refilled in place between the steps)."""
+    opts = dict(opts)
+    N, D = 6, 3
+    gen = torch.Generator().manual_seed(11)
+    steps_in = [(torch.randn(N, 2 * D, dtype=dtype, generator=gen)[:, ::2], torch.randn(N, 2, dtype=dtype,
+                 generator=gen)[:, 0], torch.randn(N, D, dtype=dtype, generator=gen), 0.1 * (k + 1))
+                for k in range(3)]                                     # (g strided, E strided, xi, eta)
+    steps_in[1][1][3] = float("nan")                                  # a row stops at the second step
+    runs = []
+    for bound in (False, True):
+        y, _, _, active, steps, status = op_args(N, D, dtype)
+        kw = dict(grad_scale=0.9)
+        state = {}
+        if opts.get("momentum"):
+            state["velocity"] = torch.randn(N, D, dtype=dtype, generator=torch.Generator().manual_seed(2))
+        if opts.get("tol_final_step"):
+            state["pending"] = torch.tensor([True, False, True, True, False, False])
+        noise = torch.empty(N, D, dtype=dtype) if "noise_mode" in opts else None
+        if opts.get("mask"):
+            state["mask"] = torch.rand(N, D, generator=torch.Generator().manual_seed(4)) < 0.3
+            state["fixed"] = torch.randn(N, D, dtype=dtype, generator=torch.Generator().manual_seed(5))
+        base = torch.randn(N, D, dtype=dtype, generator=torch.Generator().manual_seed(6)) if opts.get("y_base") \
+            else None
+        for k, v in opts.items():
+            if k not in ("mask", "y_base", "momentum", "tol_final_step"):
+                kw[k] = v.to(dtype) if isinstance(v, torch.Tensor) else v
+        if opts.get("momentum"):
+            kw["momentum"] = opts["momentum"]
+        if opts.get("tol_final_step"):
+            kw["tol_final_step"] = True
+        noise_mode = kw.pop("noise_mode", "none")
+        update = dops.FusedUpdate("cpu", y, active, steps, status, noise=noise, noise_mode=noise_mode, **state,
+                                  **kw) if bound else None
+        for g, E, xi, eta in steps_in:
+            g = g.clone()  # scratch: both runs get the same strided values
+            if noise is not None:
+                noise.copy_(xi)
+            if bound:
+                update(g, E, eta, 0.3, base)
+            else:
+                dops.descent_update(y, g.contiguous(), E, active, steps, status, eta=eta, y_base=base, noise=noise,
+                                    noise_mode=noise_mode, noise_level=0.3, backend="cpu", **state, **kw)
+        runs.append((y, active, steps, status, state.get("velocity"), state.get("pending")))
+    for a, b in zip(*runs):
+        assert (a is None and b is None) or torch.equal(a, b)
+    if "tol" not in opts:
+        assert runs[1][3][3] == 2 and runs[1][2][3] == 1   # the NaN row stopped after one step
+
+
+def test_bound_fused_update_checks_its_state():
+    y, g, E, active, steps, status = op_args()
+    with pytest.raises(ValueError, match="kind must be 'cpu', 'cuda' or 'triton'"):
+        dops.FusedUpdate("torch", y, active, steps, status)
+    with pytest.raises(ValueError, match="y must be contiguous"):
+        dops.FusedUpdate("cpu", torch.randn(3, 6, dtype=y.dtype).t(), active, steps, status)
+    with pytest.raises(ValueError, match="noise must be contiguous"):
+        dops.FusedUpdate("cpu", y, active, steps, status, noise=torch.randn(3, 6).t(), noise_mode="langevin")
+    update = dops.FusedUpdate("cpu", y, active, steps, status)
+    with pytest.raises(ValueError, match="g must have shape"):  # the op still checks every tensor at every call
+        update(g[:3], E, 0.1, 0.0)
+
+
 def test_opcheck_whole_loop_and_update():
     m, x, y0 = setup(torch.float32, B=2, K=3)
     w_in, ws, bs, w_out, b_out = [t.detach() if isinstance(t, torch.Tensor) else [u.detach() for u in t]

@@ -72,29 +72,89 @@ def clip_grad_(g: Tensor, grad_clip: Optional[float], grad_clip_norm: Optional[f
     return g
 
 
+def _vec(v, y: Tensor):
+    """A bound or step clip as the fused op takes it: None, a tensor as given, or a number as [D]."""
+    if v is None or isinstance(v, Tensor):
+        return v
+    return torch.full((y.shape[1],), float(v), dtype=y.dtype, device=y.device)
+
+
+def _fused_state(y, active, steps, status, velocity, pending, noise, noise_mode, fixed, mask, lower, upper,
+                 step_clip, momentum, tol_final_step) -> tuple:
+    """The fused op's arguments from ``active`` to ``step_clip`` (the state it reads and writes)."""
+    return (active, steps, status, velocity if momentum > 0 else None, pending if tol_final_step else None,
+            noise if noise_mode != "none" else None, mask, fixed if mask is not None else None, _vec(lower, y),
+            _vec(upper, y), _vec(step_clip, y))
+
+
+def _fused_options(noise_mode, grad_scale, momentum, grad_clip, grad_clip_norm, energy_scaled, energy_temperature,
+                   tol, tol_final_step, bound_each_step) -> tuple:
+    """The fused op's arguments from ``noise_mode`` to ``bound_each_step`` (the rule's options)."""
+    return (noise_mode, float(grad_scale), float(momentum), None if grad_clip is None else float(grad_clip),
+            None if grad_clip_norm is None else float(grad_clip_norm), bool(energy_scaled), float(energy_temperature),
+            float(tol), bool(tol_final_step), bool(bound_each_step))
+
+
+def _fused_op(kind: str):
+    return torch.ops.pyebm.descent_update_triton.default if kind == "triton" else torch.ops.pyebm.descent_update.default
+
+
 def _fused_update(kind, y, g, E, active, steps, status, velocity, pending, noise, noise_mode, noise_level, fixed,
                   mask, lower, upper, step_clip, eta, grad_scale, momentum, grad_clip, grad_clip_norm, energy_scaled,
                   energy_temperature, tol, tol_final_step, bound_each_step, y_base) -> Tensor:
-    def vec(v):
-        if v is None or isinstance(v, Tensor):
-            return v
-        return torch.full((y.shape[1],), float(v), dtype=y.dtype, device=y.device)
-
     moved_before = steps.clone()
     E = E if E.is_contiguous() else E.contiguous()
     if noise is not None and not noise.is_contiguous():
         noise = noise.contiguous()
-    args = (y, g, E, active, steps, status, velocity if momentum > 0 else None, pending if tol_final_step else None,
-            noise if noise_mode != "none" else None, mask, fixed if mask is not None else None, vec(lower),
-            vec(upper), vec(step_clip), float(eta), float(noise_level), noise_mode, float(grad_scale),
-            float(momentum), None if grad_clip is None else float(grad_clip),
-            None if grad_clip_norm is None else float(grad_clip_norm), bool(energy_scaled),
-            float(energy_temperature), float(tol), bool(tol_final_step), bool(bound_each_step))
-    if kind == "triton":
-        torch.ops.pyebm.descent_update_triton.default(*args, y_base)
-    else:
-        torch.ops.pyebm.descent_update.default(*args, y_base)
+    state = _fused_state(y, active, steps, status, velocity, pending, noise, noise_mode, fixed, mask, lower, upper,
+                         step_clip, momentum, tol_final_step)
+    options = _fused_options(noise_mode, grad_scale, momentum, grad_clip, grad_clip_norm, energy_scaled,
+                             energy_temperature, tol, tol_final_step, bound_each_step)
+    _fused_op(kind)(y, g, E, *state, float(eta), float(noise_level), *options, y_base)
     return steps != moved_before
+
+
+class FusedUpdate:
+    """The fused update op bound to the state of one descent: ``descent_update``'s common form (the step that
+    ``pyebm._dispatch.update_route`` gives to a fused op, its answer ``kind``) for a loop that calls it every
+    step. What ``descent_update`` does on every call is done once here: the route, the bounds and step clip as
+    [D] tensors, the options as the op's argument types, the check that the state is contiguous. A call
+    ``update(g, E, eta, noise_level, y_base=None)`` is then one op call on this step's gradient g [N, D]
+    (scratch; a strided one is copied), energy E [N], step size, noise level and base [N, D]; the op itself
+    checks every tensor against the others at every call, as always. ``noise`` is a buffer the caller refills
+    before each call. Returns nothing (``descent_update`` returns the rows that moved)."""
+
+    __slots__ = ("_op", "_y", "_state", "_options")
+
+    def __init__(self, kind: str, y: Tensor, active: Tensor, steps: Tensor, status: Tensor, *,
+                 velocity: Optional[Tensor] = None, pending: Optional[Tensor] = None,
+                 noise: Optional[Tensor] = None, noise_mode: str = "none", fixed: Optional[Tensor] = None,
+                 mask: Optional[Tensor] = None, lower: Optional[Scalar] = None, upper: Optional[Scalar] = None,
+                 step_clip: Optional[Scalar] = None, grad_scale: float = 1.0, momentum: float = 0.0,
+                 grad_clip: Optional[float] = None, grad_clip_norm: Optional[float] = None,
+                 energy_scaled: bool = False, energy_temperature: float = 1.0, tol: float = 0.0,
+                 tol_final_step: bool = False, bound_each_step: bool = True):
+        if kind not in ("cpu", "cuda", "triton"):
+            raise ValueError(f"FusedUpdate: kind must be 'cpu', 'cuda' or 'triton' (update_route's answer); "
+                             f"got {kind!r}")
+        for name, t in (("y", y), ("velocity", velocity), ("noise", noise), ("fixed", fixed), ("mask", mask)):
+            if t is not None and not t.is_contiguous():
+                raise ValueError(f"FusedUpdate: {name} must be contiguous (the op reads it in place at every call)")
+        self._op = _fused_op(kind)
+        self._y = y
+        self._state = _fused_state(y, active, steps, status, velocity, pending, noise, noise_mode, fixed, mask, lower,
+                                   upper, step_clip, momentum, tol_final_step)
+        self._options = _fused_options(noise_mode, grad_scale, momentum, grad_clip, grad_clip_norm, energy_scaled,
+                                       energy_temperature, tol, tol_final_step, bound_each_step)
+
+    def __call__(self, g: Tensor, E: Tensor, eta: float, noise_level: float, y_base: Optional[Tensor] = None) -> None:
+        if not g.is_contiguous():
+            g = g.contiguous()
+        if not E.is_contiguous():
+            E = E.contiguous()
+        if y_base is not None and not y_base.is_contiguous():
+            y_base = y_base.contiguous()
+        self._op(self._y, g, E, *self._state, float(eta), float(noise_level), *self._options, y_base)
 
 
 def descent_pre(y: Tensor, *, normalize: Optional[str] = None, normalize_eps: Optional[float] = None,
