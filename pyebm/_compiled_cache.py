@@ -105,7 +105,7 @@ def chunk_lengths(steps: int) -> List[int]:
 
 
 def _tensor_sig(t) -> tuple:
-    return (tuple(t.shape), t.dtype, str(t.device), bool(t.requires_grad))
+    return (t.shape, t.dtype, t.device, t.requires_grad)  # torch.Size hashes and compares as the tuple
 
 
 def signature(module: nn.Module, cfg, context, B: int, K: int, event, device, dtype, mask: bool) -> tuple:
