@@ -10,8 +10,9 @@ step (the "autograd" path). Here a chunk of S descent steps runs as one ``torch.
 
 compiled with Inductor (CPU and GPU; ``mode="reduce-overhead"``, i.e. CUDA graphs, on CUDA tensors; the CUDA
 form has not run on a GPU yet). On the CPU, plain 2-D convolutions and their gradients are decomposed into
-patches (strided slices of the padded input) and one BLAS product each, which Inductor fuses with their
-neighbours: oneDNN's per-call set-up dominates the small convolutions energies use (``_inductor_cpu``). The
+patches (shifted windows of the input, position-major from two input channels) and one BLAS product each,
+which Inductor fuses with their neighbours: oneDNN's per-call set-up dominates the small convolutions energies
+use; the kernels are called from a C++ wrapper (``_inductor_cpu``). The
 loop over chunks stays on the host: T = 50 steps run as five calls of a 10-step chunk (one compile per chunk
 length), and with ``tol > 0`` the "all stopped" check happens between chunks (a step of a stopped candidate
 changes nothing, so where the check happens changes the speed, never the result). Noise is drawn on the host,
@@ -65,9 +66,14 @@ def _compile(fn, device: torch.device):
     return torch.compile(_fresh(fn), backend=_inductor_cpu, fullgraph=False, dynamic=False)
 
 
-# -- small convolutions on the CPU as im2col and one matrix product ------------------------------------------
+# -- small convolutions on the CPU as patches and one matrix product ----------------------------------------
 
 aten = torch.ops.aten
+
+# From this many input channels the patches are position-major ([N*L, kh*kw*C]: a row holds a position's taps,
+# each a run of C channels) and the input gradient is gathered channel-innermost; below it (one channel: a row
+# of kh*kw single values) they stay channel-major ([kh*kw*C, N*L]).
+POSITION_MAJOR_MIN_CHANNELS = 2
 
 
 def _conv_geometry(x, w, stride, padding, dilation, transposed, groups):
@@ -81,62 +87,85 @@ def _conv_geometry(x, w, stride, padding, dilation, transposed, groups):
     return kh, kw, ho, wo
 
 
-def _taps(kh, kw, stride, dilation, ho, wo):
-    """(row slice, column slice) into the padded input of each kernel tap (i, j), row-major."""
-    return [(slice(i * dilation[0], i * dilation[0] + stride[0] * (ho - 1) + 1, stride[0]),
-             slice(j * dilation[1], j * dilation[1] + stride[1] * (wo - 1) + 1, stride[1]))
-            for i in range(kh) for j in range(kw)]
+def _shifted_taps(x, kh, kw, stride, padding, dilation, ho, wo):
+    """The kh*kw taps of x [..., H, W] (tap-major, row-major over the kernel): tap (i, j) [..., Ho, Wo] holds
+    x[..., s0*h + i*d0 - p0, s1*w + j*d1 - p1], zero outside x. Each is one constant pad of x with pads of
+    either sign (a negative pad crops) and a strided slice: a shifted window read straight from x, so no padded
+    copy of x is made and x itself is computed once for all taps."""
+    h, w = x.shape[-2], x.shape[-1]
+    hh, ww = stride[0] * (ho - 1) + 1, stride[1] * (wo - 1) + 1
+    taps = []
+    for i in range(kh):
+        for j in range(kw):
+            a, b = i * dilation[0] - padding[0], j * dilation[1] - padding[1]
+            t = aten.constant_pad_nd(x, [-b, b + ww - w, -a, a + hh - h])
+            taps.append(t[..., ::stride[0], ::stride[1]])
+    return taps
 
 
 def _patches(x, kh, kw, stride, padding, dilation, ho, wo):
-    """[kh*kw*C, N*Ho*Wo] patches of x [N, C, H, W], tap-major rows (ordered as ``_weight_rows(w)``'s
-    columns), built from kh*kw strided slices of the padded input: each row a run of output positions, so
-    that the product has the positions as its long, contiguous dimension."""
+    """Channel-major patches [kh*kw*C, N*Ho*Wo] of x [N, C, H, W], rows ordered as ``_weight_rows(w)``'s
+    columns: each row a run of output positions (the product's long dimension)."""
     n, c = x.shape[0], x.shape[1]
-    xp = aten.constant_pad_nd(x, [padding[1], padding[1], padding[0], padding[0]])
-    cols = torch.stack([xp[:, :, r, q].permute(1, 0, 2, 3) for r, q in _taps(kh, kw, stride, dilation, ho, wo)],
-                       dim=0)                                                           # [K, C, N, Ho, Wo]
-    return cols.reshape(kh * kw * c, n * ho * wo)
+    taps = _shifted_taps(x.permute(1, 0, 2, 3), kh, kw, stride, padding, dilation, ho, wo)    # [C, N, Ho, Wo]
+    return torch.stack(taps, dim=0).reshape(kh * kw * c, n * ho * wo)
+
+
+def _patch_rows(x, kh, kw, stride, padding, dilation, ho, wo):
+    """Position-major patches [N*Ho*Wo, kh*kw*C] of x [N, C, H, W]: a row holds one output position's taps,
+    each a run of the C channels (columns ordered as ``_weight_rows(w)``'s)."""
+    n, c = x.shape[0], x.shape[1]
+    taps = _shifted_taps(x, kh, kw, stride, padding, dilation, ho, wo)                           # [N, C, Ho, Wo]
+    return torch.stack([t.permute(0, 2, 3, 1) for t in taps], dim=3).reshape(n * ho * wo, kh * kw * c)
 
 
 def _weight_rows(w):
-    """w [O, C, kh, kw] as [O, kh*kw*C], tap-major like ``_patches``."""
+    """w [O, C, kh, kw] as [O, kh*kw*C], tap-major like ``_patches`` and ``_patch_rows``."""
     return w.permute(0, 2, 3, 1).reshape(w.shape[0], -1)
 
 
-def _add_taps(dcols, kh, kw, stride, dilation, ho, wo, hp, wp):
-    """The padded input's gradient [C, N, Hp, Wp] from the patches' gradient dcols [K, C, N, Ho, Wo]: each
-    tap added back where it was read. A stride s splits the padded grid into s x s phases (positions
-    a + s*y of a tap at offset a fall in phase a % s, shifted by a // s): per phase the taps are shifted
-    (padded) and added at the reduced resolution, and the phases interleaved once, so no strided scatter."""
+def _add_taps(d, kh, kw, stride, dilation, ho, wo, hp, wp):
+    """The padded input's gradient [.., Hp, Wp, C] from the patches' gradient d [.., Ho, Wo, K, C] (the
+    positions, then the kh*kw taps, then the channels): each tap added back where it was read. A stride s
+    splits the padded grid into s x s phases (positions a + s*y of a tap at offset a fall in phase a % s,
+    shifted by a // s): per phase the taps are shifted (padded) and added at the reduced resolution, and the
+    phases interleaved once, so no strided scatter. Computed channel-innermost: each tap's read is a run of
+    C values."""
     s0, s1 = stride
     hq, wq = -(-hp // s0), -(-wp // s1)
+    lead, c = d.shape[:-4], d.shape[-1]
     phases = {}
     for k, (i, j) in enumerate((i, j) for i in range(kh) for j in range(kw)):
         a, b = i * dilation[0], j * dilation[1]
         (qa, pa), (qb, pb) = divmod(a, s0), divmod(b, s1)
-        t = aten.constant_pad_nd(dcols[k], [qb, wq - wo - qb, qa, hq - ho - qa])     # [C, N, Hq, Wq]
+        t = aten.constant_pad_nd(d[..., k, :], [0, 0, qb, wq - wo - qb, qa, hq - ho - qa])      # [.., Hq, Wq, C]
         phases[(pa, pb)] = t if (pa, pb) not in phases else phases[(pa, pb)] + t
     if s0 == 1 and s1 == 1:
         grid = phases[(0, 0)]
     else:
-        zero = dcols.new_zeros(dcols.shape[1], dcols.shape[2], hq, wq)
-        rows = [torch.stack([phases.get((pa, pb), zero) for pb in range(s1)], dim=-1) for pa in range(s0)]
-        grid = torch.stack(rows, dim=-3).reshape(dcols.shape[1], dcols.shape[2], hq * s0, wq * s1)
-    return grid[:, :, :hp, :wp]
+        zero = d.new_zeros(*lead, hq, wq, c)
+        rows = [torch.stack([phases.get((pa, pb), zero) for pb in range(s1)], dim=-2) for pa in range(s0)]
+        grid = torch.stack(rows, dim=-4).reshape(*lead, hq * s0, wq * s1, c)                 # [.., Hq, s0, Wq, s1, C]
+    return grid[..., :hp, :wp, :]
 
 
 def _conv_as_mm(x, w, b, stride, padding, dilation, transposed, output_padding, groups):
     """aten.convolution as patches and one [O, kh*kw*C] @ [kh*kw*C, N*L] product: Inductor fuses the patches,
     the bias and the activation around one BLAS call, where oneDNN spends most of a small convolution's time
-    on set-up. (The output positions are the product's long dimension: several times faster than the
-    transposed orientation for the few output channels of small energies.)"""
+    on set-up. The output positions are the product's long dimension (several times faster than the
+    transposed orientation for the few output channels of small energies); with several input channels the
+    patches are stored position-major and read transposed by the product (a row's taps are runs of C
+    channels, so the patch gather moves whole runs)."""
     geo = _conv_geometry(x, w, stride, padding, dilation, transposed, groups)
     if geo is None:
         return NotImplemented
     kh, kw, ho, wo = geo
-    n, o = x.shape[0], w.shape[0]
-    out = torch.mm(_weight_rows(w), _patches(x, kh, kw, stride, padding, dilation, ho, wo))   # [O, N*L]
+    n, c, o = x.shape[0], x.shape[1], w.shape[0]
+    if c >= POSITION_MAJOR_MIN_CHANNELS:
+        cols = _patch_rows(x, kh, kw, stride, padding, dilation, ho, wo).t()
+    else:
+        cols = _patches(x, kh, kw, stride, padding, dilation, ho, wo)
+    out = torch.mm(_weight_rows(w), cols)                                              # [O, N*L]
     if b is not None:
         out = out + b[:, None]
     return out.view(o, n, ho, wo).permute(1, 0, 2, 3)
@@ -144,30 +173,42 @@ def _conv_as_mm(x, w, b, stride, padding, dilation, transposed, output_padding, 
 
 def _conv_backward_as_mm(grad_out, x, w, bias_sizes, stride, padding, dilation, transposed, output_padding, groups,
                          output_mask):
-    """aten.convolution_backward of ``_conv_as_mm``'s convolutions: dx by one product and the taps added back
-    into place (strided slice scatters), dw by one product, db by a sum (each only where ``output_mask``
-    asks)."""
+    """aten.convolution_backward of ``_conv_as_mm``'s convolutions: dx by one product (the patches' gradient,
+    position-major from several input channels) and the taps added back into place (``_add_taps``), dw by
+    one product, db by a sum (each only where ``output_mask`` asks)."""
     geo = _conv_geometry(x, w, stride, padding, dilation, transposed, groups)
     if geo is None:
         return NotImplemented
     kh, kw, ho, wo = geo
     n, c, h, wd = x.shape
     o = w.shape[0]
+    rows_major = c >= POSITION_MAJOR_MIN_CHANNELS
     go = grad_out.permute(1, 0, 2, 3).reshape(o, n * ho * wo)                          # [O, N*L]
     gx = gw = gb = None
     if output_mask[0]:
-        dcols = torch.mm(_weight_rows(w).t(), go).view(kh * kw, c, n, ho, wo)          # [K, C, N, Ho, Wo]
-        gxp = _add_taps(dcols, kh, kw, stride, dilation, ho, wo, h + 2 * padding[0], wd + 2 * padding[1])
-        gx = gxp[:, :, padding[0]:padding[0] + h, padding[1]:padding[1] + wd].permute(1, 0, 2, 3)
+        hp, wp = h + 2 * padding[0], wd + 2 * padding[1]
+        if rows_major:
+            d = torch.mm(go.t(), _weight_rows(w)).view(n, ho, wo, kh * kw, c)              # [N, Ho, Wo, K, C]
+            gxp = _add_taps(d, kh, kw, stride, dilation, ho, wo, hp, wp)                  # [N, Hp, Wp, C]
+            gx = gxp[:, padding[0]:padding[0] + h, padding[1]:padding[1] + wd, :].permute(0, 3, 1, 2)
+        else:
+            d = torch.mm(_weight_rows(w).t(), go).view(kh * kw, c, n, ho, wo).permute(1, 2, 3, 4, 0)
+            gxp = _add_taps(d.unsqueeze(-1), kh, kw, stride, dilation, ho, wo, hp, wp)[..., 0]  # [C, N, Hp, Wp]
+            gx = gxp[:, :, padding[0]:padding[0] + h, padding[1]:padding[1] + wd].permute(1, 0, 2, 3)
     if output_mask[1]:
-        cols = _patches(x, kh, kw, stride, padding, dilation, ho, wo)
-        gw = torch.mm(go, cols.t()).view(o, kh, kw, c).permute(0, 3, 1, 2)
+        if rows_major:
+            gw = torch.mm(go, _patch_rows(x, kh, kw, stride, padding, dilation, ho, wo))
+        else:
+            gw = torch.mm(go, _patches(x, kh, kw, stride, padding, dilation, ho, wo).t())
+        gw = gw.view(o, kh, kw, c).permute(0, 3, 1, 2)
     if output_mask[2]:
         gb = go.sum(1)
     return gx, gw, gb
 
 
-_CPU_PATCHES = {"realize_reads_threshold": 1}  # a producer read by several taps is computed once
+# a producer read by several taps is computed once; the wrapper that calls a chunk's kernels is C++ (a 10-step
+# chunk of a small conv energy makes hundreds of kernel and BLAS calls, each a few microseconds from Python)
+_CPU_PATCHES = {"realize_reads_threshold": 1, "cpp_wrapper": True}
 
 
 def _inductor_cpu(gm, example_inputs):

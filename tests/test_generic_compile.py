@@ -224,10 +224,15 @@ def test_bad_energy_output_is_an_error():
     dict(c=1, o=4, h=8, w=8, k=(3, 3), stride=(1, 1), padding=(1, 1), dilation=(1, 1)),
     dict(c=3, o=5, h=7, w=9, k=(3, 2), stride=(2, 1), padding=(1, 0), dilation=(1, 1)),
     dict(c=2, o=3, h=9, w=6, k=(2, 3), stride=(2, 3), padding=(0, 2), dilation=(2, 1)),
+    dict(c=8, o=8, h=8, w=8, k=(3, 3), stride=(2, 2), padding=(1, 1), dilation=(1, 1)),
+    dict(c=1, o=2, h=9, w=7, k=(2, 3), stride=(2, 3), padding=(0, 2), dilation=(2, 1)),
+    dict(c=4, o=3, h=5, w=6, k=(1, 1), stride=(1, 1), padding=(0, 0), dilation=(1, 1)),
+    dict(c=2, o=3, h=4, w=5, k=(3, 3), stride=(1, 1), padding=(2, 2), dilation=(1, 1)),
 ])
 def test_convolution_decompositions_match_aten(geometry):
-    """The CPU backend's convolution and convolution_backward (patches and one product) against ATen's, on
-    odd geometries, every output of the backward."""
+    """The CPU backend's convolution and convolution_backward (patches and one product; channel-major patches
+    for one input channel, position-major from two) against ATen's, on odd geometries (strides, dilations,
+    1x1 kernels, padding wider than the kernel), every output of the backward."""
     g = geometry
     torch.manual_seed(3)
     x = torch.randn(2, g["c"], g["h"], g["w"], dtype=torch.float64)
