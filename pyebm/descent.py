@@ -774,7 +774,7 @@ class _GradientDescent:
         self.call, self.calls, self.fixed = call, calls, fixed
         B, K = calls.bk
         self.shape = y0.shape
-        N, D = B * K, y0[0, 0].numel()
+        N, D = B * K, math.prod(y0.shape[2:])
         self.N, self.D = N, D
         device, dtype = y0.device, y0.dtype
         self.y = y0

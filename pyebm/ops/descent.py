@@ -116,9 +116,9 @@ def _fused_update(kind, y, g, E, active, steps, status, velocity, pending, noise
 
 class FusedUpdate:
     """The fused update op bound to the state of one descent: ``descent_update``'s common form (the step that
-    ``pyebm._dispatch.update_route`` gives to a fused op, its answer ``kind``) for a loop that calls it every
-    step. What ``descent_update`` does on every call is done once here: the route, the bounds and step clip as
-    [D] tensors, the options as the op's argument types, the check that the state is contiguous. A call
+    ``pyebm._dispatch.update_route`` gives to a fused op; ``kind`` is its answer, asked once by the caller) for a
+    loop that calls it every step. What ``descent_update`` does on every call is done once here: the bounds and
+    step clip as [D] tensors, the options as the op's argument types, the check that the state is contiguous. A call
     ``update(g, E, eta, noise_level, y_base=None)`` is then one op call on this step's gradient g [N, D]
     (scratch; a strided one is copied), energy E [N], step size, noise level and base [N, D]; the op itself
     checks every tensor against the others at every call, as always. ``noise`` is a buffer the caller refills
