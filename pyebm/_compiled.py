@@ -206,9 +206,11 @@ def _conv_backward_as_mm(grad_out, x, w, bias_sizes, stride, padding, dilation, 
     return gx, gw, gb
 
 
-# a producer read by several taps is computed once; the wrapper that calls a chunk's kernels is C++ (a 10-step
-# chunk of a small conv energy makes hundreds of kernel and BLAS calls, each a few microseconds from Python)
-_CPU_PATCHES = {"realize_reads_threshold": 1, "cpp_wrapper": True}
+# A producer read by several taps is computed once; the nine taps of a 3x3 kernel are concatenated by one
+# pointwise kernel (one output buffer, no aliases of its parts); the wrapper that calls a chunk's kernels is C++
+# (a 10-step chunk of a small conv energy makes hundreds of kernel and BLAS calls, each a few microseconds from
+# Python).
+_CPU_PATCHES = {"realize_reads_threshold": 1, "max_pointwise_cat_inputs": 9, "cpp_wrapper": True}
 
 
 def _inductor_cpu(gm, example_inputs):
