@@ -1,9 +1,10 @@
 """One rank of the ``pyebm.distributed`` tests: ``python distributed_worker.py RANK WORLD STORE OUT``.
 
 Joins a gloo process group through a file store, runs every case of ``CASES`` and every error case of
-``ERRORS`` with ``pyebm.distributed.minimize`` and saves what each returned or raised to OUT/<case>.<rank>.pt.
+``ERRORS`` with ``pyebm.distributed.minimize``, and the cases of ``MINIMIZE_CASES`` and ``MINIMIZE_ERRORS``
+with ``pyebm.minimize(..., process_group=)``, and saves what each returned or raised to OUT/<case>.<rank>.pt.
 ``tests/test_distributed.py`` starts the ranks and compares their results with single-process
-``pyebm.minimize`` computed in the test process from the same ``CASES``.
+``pyebm.minimize`` computed in the test process from the same cases.
 """
 from __future__ import annotations
 
@@ -124,6 +125,60 @@ ERRORS = ("config_differs", "candidates_differ", "zero_candidates", "zero_candid
           "generator_differs", "descent_fails_rank1", "bad_group")
 
 
+# -- pyebm.minimize(..., process_group=) -----------------------------------------------------------------
+
+MINIMIZE_CASES = ("mlp_min", "mlp_max_gap", "autograd_init_mask", "sample", "record")
+
+
+def minimize_error_case(name, rank):
+    """(energy, context, kwargs of pyebm.minimize without process_group) of a call that must raise on every
+    rank."""
+    energy, x, kw = case("mlp_min")
+    if name == "pg_cuda_graph":
+        kw["cuda_graph"] = True
+    elif name == "pg_snapshots":
+        kw["snapshots"] = [1, 2]
+    elif name == "pg_snapshots_rank1":  # only rank 1 asks for what cannot be sharded: rank 0 must not wait
+        kw["snapshots"] = [1] if rank == 1 else None
+    elif name == "pg_final_energy":
+        kw.update(candidates=1, final_energy=False)
+    elif name == "pg_dfo":
+        kw["config"] = pyebm.Descent.ibc_dfo()
+    elif name == "pg_tol_all":
+        kw["config"] = pyebm.Descent.gd(tol=1e-3, tol_scope="all")
+    else:
+        raise KeyError(name)
+    return energy, x, kw
+
+
+MINIMIZE_ERRORS = ("pg_cuda_graph", "pg_snapshots", "pg_snapshots_rank1", "pg_final_energy", "pg_dfo", "pg_tol_all")
+
+
+def _run_and_spy(fn):
+    """(fn(), the shapes of the tensors this rank sent in each all-gather)."""
+    import torch.distributed as dist
+
+    real, shapes = dist.all_gather, []
+
+    def spy(parts, t, group=None, async_op=False):
+        shapes.append(tuple(t.shape))
+        return real(parts, t, group=group, async_op=async_op)
+
+    dist.all_gather = spy
+    try:
+        return fn(), shapes
+    finally:
+        dist.all_gather = real
+
+
+def _error_of(fn):
+    try:
+        fn()
+        return {"error": None}
+    except Exception as exc:
+        return {"error": type(exc).__name__, "message": str(exc)}
+
+
 def _fields(res):
     return {k: getattr(res, k) for k in ("best", "best_energy", "best_index", "start", "stop", "y", "energy",
                                          "initial_energy", "steps", "status", "trajectory", "trajectory_y")}
@@ -164,6 +219,19 @@ def main(rank: int, world: int, store: str, out: str) -> None:
                 again = pyebm.distributed.minimize(energy, x, **kw)
                 torch.save(_fields(again), os.path.join(out, f"{name}_again.{rank}.pt"))
             torch.save(_fields(res), os.path.join(out, f"{name}.{rank}.pt"))
+        world_group = dist.group.WORLD
+        for name in MINIMIZE_ERRORS:
+            energy, x, kw = minimize_error_case(name, rank)
+            got = _error_of(lambda: pyebm.minimize(energy, x, **kw, process_group=world_group))
+            torch.save(got, os.path.join(out, f"{name}.{rank}.pt"))
+        energy, x, kw = case("mlp_min")
+        torch.save(_error_of(lambda: pyebm.minimize(energy, x, **kw, process_group="world")),
+                   os.path.join(out, f"pg_bad_group.{rank}.pt"))
+        for name in MINIMIZE_CASES:
+            energy, x, kw = case(name)
+            res, shapes = _run_and_spy(lambda: pyebm.minimize(energy, x, **kw, process_group=world_group))
+            torch.save(shapes, os.path.join(out, f"pg_{name}_sent.{rank}.pt"))
+            torch.save(_fields(res), os.path.join(out, f"pg_{name}.{rank}.pt"))
         dist.barrier()
     finally:
         dist.destroy_process_group()

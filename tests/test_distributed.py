@@ -1,4 +1,5 @@
-"""``pyebm.distributed.minimize`` on two gloo ranks (CPU processes) against single-process ``pyebm.minimize``.
+"""``pyebm.distributed.minimize`` and ``pyebm.minimize(..., process_group=)`` on two gloo ranks (CPU
+processes) against single-process ``pyebm.minimize``.
 
 The ranks run ``tests/distributed_worker.py`` once per module (every case and error case in one process
 group); each test compares what they saved with a single-process call made here from the same case.
@@ -205,3 +206,57 @@ def test_errors_reach_every_rank(ranks, name):
         got = ranks(name, r)
         assert got["error"] == kind, got
         assert re.search(pattern, got["message"]), got["message"]
+
+
+# -- pyebm.minimize(..., process_group=) ------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["mlp_min", "mlp_max_gap", "autograd_init_mask", "sample", "record"])
+def test_minimize_with_process_group_equals_single_process(ranks, name):
+    """pyebm.minimize delegates to the sharded descent: the same result as pyebm.distributed.minimize (bit for
+    bit: the same code) and as one process, and the same all-gathers."""
+    ref = _reference(name)
+    K = ref.y.shape[1]
+    for r in range(WORLD):
+        got, direct = ranks(f"pg_{name}", r), ranks(name, r)
+        for key, value in got.items():
+            if isinstance(value, torch.Tensor):
+                assert torch.equal(value, direct[key]) or torch.equal(value.isnan(), direct[key].isnan()) and \
+                    torch.equal(value.nan_to_num(), direct[key].nan_to_num()), key
+            else:
+                assert value == direct[key], key
+        start, stop = shard_range(K, r, WORLD)
+        assert torch.equal(got["best_index"], ref.best_index)
+        _close(got["best"], ref.best)
+        _close(got["best_energy"], ref.best_energy)
+        _close(got["y"], ref.y[:, start:stop])
+        assert ranks(f"pg_{name}_sent", r) == ranks(f"{name}_sent", r)
+
+
+MINIMIZE_ERRORS = {
+    "pg_cuda_graph": [("ValueError", r"minimize\(process_group=...\): cuda_graph=True")] * 2,
+    "pg_snapshots": [("ValueError", r"minimize\(process_group=...\): snapshots are not collected")] * 2,
+    "pg_snapshots_rank1": [("ValueError", r"minimize\(process_group=...\): the arguments were invalid on "
+                                          r"rank\(s\) \[1\]"),
+                           ("ValueError", r"snapshots are not collected")],
+    "pg_final_energy": [("ValueError", r"final_energy=False skips the final energies")] * 2,
+    "pg_dfo": [("ValueError", r"minimize\(process_group=...\): config.method 'dfo'")] * 2,
+    "pg_tol_all": [("ValueError", r"config.tol_scope 'all'")] * 2,
+    "pg_bad_group": [("TypeError", r"minimize\(process_group=...\): process_group must be a "
+                                   r"torch.distributed.ProcessGroup")] * 2,
+}
+
+
+@pytest.mark.parametrize("name", sorted(MINIMIZE_ERRORS))
+def test_minimize_with_process_group_refuses_on_every_rank(ranks, name):
+    import re
+
+    assert set(MINIMIZE_ERRORS) == set(worker.MINIMIZE_ERRORS) | {"pg_bad_group"}
+    for r, (kind, pattern) in enumerate(MINIMIZE_ERRORS[name]):
+        got = ranks(name, r)
+        assert got["error"] == kind, got
+        assert re.search(pattern, got["message"]), got["message"]
+
+
+def test_minimize_without_process_group_needs_no_group():
+    energy, x, kw = worker.case("mlp_min")
+    assert isinstance(pyebm.minimize(energy, x, **kw, process_group=None), pyebm.DescentResult)
