@@ -374,7 +374,9 @@ def minimize(energy: Any, context: Any, candidates: int = 1, config: Optional[De
                "uniform" / "zeros" (default ``config.init``).
     mask       bool, True where a coordinate is clamped to its init value (inpainting); [B, K, *event],
                [B, *event] or [*event]. Needs an init tensor.
-    generator  torch.Generator or int seed: all noise comes from it (same seed, same result).
+    generator  torch.Generator or int seed: all noise comes from it (same seed, same result). In a call traced
+               by torch.compile / torch.export also a generator's state tensor (``g.get_state()``): the
+               numbers of ``g``, the state advanced in place (``pyebm._rng``).
     record     keep the trajectory of energies and states (``DescentResult.trajectory``/``trajectory_y``).
     backend    backend for the energy's fused ops ("torch", "cpu", "triton", "cuda"; default: the model's).
     event_shape  the candidate shape, for energies that do not declare it (``event_shape`` or

@@ -423,7 +423,8 @@ class EnergyPolicy(Pretrained):
         obs: observation tokens [B, L, cond_dim] (EBTPolicy) or the observation history [B, n_obs_steps,
         obs_dim] / [B, context_dim] (MLPEnergy). init: candidates [B, K, horizon, A] or [B, horizon, A]
         (shared by the K candidates); default: drawn by the descent's init (plus the warm start).
-        generator: a torch.Generator or an int seed for every random draw.
+        generator: a torch.Generator or an int seed for every random draw (in a traced call also a generator's
+        state tensor, advanced in place: see ``pyebm._rng``).
         process_group: a ``torch.distributed.ProcessGroup``: the K candidates of each observation are split
         across its ranks (``pyebm.distributed``'s sharded descent; a collective call: every rank passes the
         same policy weights, observations and arguments). Every rank draws all K initial candidates from the
