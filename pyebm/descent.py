@@ -15,7 +15,7 @@ import math
 import numbers
 import weakref
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -27,6 +27,9 @@ from pyebm.config import (CONVERGED, INITS, INTEGRATORS, MAX_STEPS, METHODS, NOI
 from pyebm.config import DEFAULT as _DEFAULT_CONFIG
 from pyebm.ops import descent as _ops
 from pyebm.protocol import is_energy_model
+
+if TYPE_CHECKING:
+    from pyebm.distributed import ShardedResult
 
 
 @dataclass
@@ -358,7 +361,7 @@ def minimize(energy: Any, context: Any, candidates: int = 1, config: Optional[De
              backend: Optional[str] = None, event_shape: Optional[Sequence[int]] = None,
              whole_loop: Optional[bool] = None, cuda_graph: bool = False,
              final_energy: bool = True, snapshots: Optional[Sequence[int]] = None,
-             compile: Optional[bool] = None) -> DescentResult:
+             compile: Optional[bool] = None, process_group=None) -> DescentResult | ShardedResult:
     """Minimise ``energy`` over ``candidates`` (K) candidates per context, all contexts and candidates at once.
 
     energy     an energy model (``prepare(context)``, ``energy(ctx, y)``, ``energy_and_grad(ctx, y)``:
@@ -371,7 +374,9 @@ def minimize(energy: Any, context: Any, candidates: int = 1, config: Optional[De
                "uniform" / "zeros" (default ``config.init``).
     mask       bool, True where a coordinate is clamped to its init value (inpainting); [B, K, *event],
                [B, *event] or [*event]. Needs an init tensor.
-    generator  torch.Generator or int seed: all noise comes from it (same seed, same result).
+    generator  torch.Generator or int seed: all noise comes from it (same seed, same result). In a call traced
+               by torch.compile / torch.export also a generator's state tensor (``g.get_state()``): the
+               numbers of ``g``, the state advanced in place (``pyebm._rng``).
     record     keep the trajectory of energies and states (``DescentResult.trajectory``/``trajectory_y``).
     backend    backend for the energy's fused ops ("torch", "cpu", "triton", "cuda"; default: the model's).
     event_shape  the candidate shape, for energies that do not declare it (``event_shape`` or
@@ -396,12 +401,24 @@ def minimize(energy: Any, context: Any, candidates: int = 1, config: Optional[De
                weakly; parameters read at every call). None: automatic, for calls of at least 4 steps whose
                shapes and options already ran 3 times eagerly on this module (a compile takes seconds);
                True: compile now (an error when the config or the call is not supported); False: never.
+    process_group  a ``torch.distributed.ProcessGroup`` (``torch.distributed.group.WORLD`` for all ranks):
+               split the K candidates of each context across its ranks; a collective call, every rank passes
+               the same arguments. Runs ``pyebm.distributed.minimize`` (see there: what is checked across
+               ranks, which draws equal the one-process call) and returns its ``ShardedResult`` (best,
+               best_energy, best_index as here, the same on every rank; y, energy, steps, status of this
+               rank's candidates ``start:stop`` only). Refused, on every rank: ``cuda_graph=True``,
+               ``snapshots``, ``final_energy=False`` (the ranks select by final energy), and configs that couple
+               the K candidates (DFO, ``normalize="rms_all"``, ``tol_scope="all"``). None (default): this
+               process alone.
 
     Which path runs (one compiled call, a whole-loop op, or the per-step path) is ``pyebm.explain(...)``
     with the same arguments. The per-step path never synchronises with the host inside the loop, except
     the "all stopped" check every ``config.check_every`` steps when ``config.tol > 0``.
     """
     _dispatch.check_not_traced("pyebm.minimize")
+    if process_group is not None:
+        return _sharded(energy, context, candidates, config, init, mask, generator, record, backend, event_shape,
+                        whole_loop, cuda_graph, final_energy, snapshots, compile, process_group)
     if (mask is None and snapshots is None and event_shape is None and record is False and cuda_graph is False
             and final_energy is True and (whole_loop is None or whole_loop is True)
             and (compile is None or compile is False)):
@@ -413,6 +430,28 @@ def minimize(energy: Any, context: Any, candidates: int = 1, config: Optional[De
     if call.B == 0:
         return _empty_result(call)
     return _RUNNERS[call.route.kind](call)
+
+
+def _sharded(energy, context, candidates, config, init, mask, generator, record, backend, event_shape, whole_loop,
+             cuda_graph, final_energy, snapshots, compile, process_group):
+    """``minimize(..., process_group=)``: ``pyebm.distributed``'s sharded descent, with the options it cannot
+    take refused on every rank (through its agreement, so that no rank is left waiting)."""
+    from pyebm import distributed
+
+    where = "minimize(process_group=...)"
+    refusal = None
+    if cuda_graph is not False:
+        refusal = ValueError(f"{where}: cuda_graph=True captures one process's loop; the sharded descent runs "
+                             "collectives between its steps (pass cuda_graph=False)")
+    elif snapshots is not None:
+        refusal = ValueError(f"{where}: snapshots are not collected across ranks (pass snapshots=None, or run "
+                             "without process_group)")
+    elif final_energy is not True:
+        refusal = ValueError(f"{where}: final_energy=False skips the final energies, which the ranks compare to "
+                             "select the best candidate (pass final_energy=True)")
+    return distributed._minimize(energy, context, candidates, config, init, mask, generator, record, backend,
+                                 event_shape, whole_loop, process_group, compile=compile, where=where,
+                                 group_arg="process_group", refusal=refusal)
 
 
 def _one_call_lane(energy, context, candidates, config, init, generator, backend) -> Optional[DescentResult]:

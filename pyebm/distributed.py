@@ -22,6 +22,10 @@ Options that couple the candidates of a context are refused: DFO (resamples amon
 "rms_all"`` and ``tol_scope="all"`` (one value over the whole batch).
 
 Collectives run on the group's device: CUDA tensors for NCCL, CPU tensors for gloo.
+
+The same sharded descent runs behind ``pyebm.minimize(..., process_group=group)`` (which returns this
+``ShardedResult``) and ``EnergyPolicy.act(..., process_group=group)`` (the K candidate chunks of each
+observation); their errors name the call and its ``process_group`` argument.
 """
 from __future__ import annotations
 
@@ -32,7 +36,7 @@ from typing import Any, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-from pyebm import _dispatch
+from pyebm import _dispatch, _rng
 from pyebm import descent as _descent
 from pyebm.config import NONFINITE, Descent
 
@@ -74,23 +78,23 @@ def shard_range(K: int, rank: int, world_size: int) -> Tuple[int, int]:
 
 # -- the group ------------------------------------------------------------------------------------
 
-def _group_of(group):
+def _group_of(group, where: str = "pyebm.distributed.minimize", arg: str = "group"):
     """(group, rank, world size, backend name), with the errors a caller can act on."""
     import torch.distributed as dist
 
     if not dist.is_available():
         raise RuntimeError("pyebm.distributed: this build of torch has no torch.distributed")
     if not dist.is_initialized():
-        raise RuntimeError("pyebm.distributed.minimize: the default process group is not initialised; call "
+        raise RuntimeError(f"{where}: the default process group is not initialised; call "
                            "torch.distributed.init_process_group(...) in every process first")
     if group is None:
         group = dist.group.WORLD
     elif not isinstance(group, dist.ProcessGroup):
-        raise TypeError(f"pyebm.distributed.minimize: group must be a torch.distributed.ProcessGroup or None; "
+        raise TypeError(f"{where}: {arg} must be a torch.distributed.ProcessGroup or None; "
                         f"got {type(group).__name__}")
     rank = dist.get_rank(group)
     if rank < 0:
-        raise ValueError("pyebm.distributed.minimize: this process is not a member of group")
+        raise ValueError(f"{where}: this process is not a member of {arg}")
     return group, rank, dist.get_world_size(group), str(dist.get_backend(group))
 
 
@@ -125,7 +129,8 @@ _AGREED = ("config", "candidates", "batch size", "candidate shape", "dtype, init
            "generator state")
 
 
-def _agree(group, rank, world, device, values: Sequence[int], seed: int, error: Optional[BaseException]) -> int:
+def _agree(group, rank, world, device, values: Sequence[int], seed: int, error: Optional[BaseException],
+           where: str = "pyebm.distributed.minimize") -> int:
     """One all-gather of what this rank was asked (``values``), whether its arguments were valid, and a seed:
     every rank raises when any rank's arguments were invalid or differ from rank 0's (so no rank is left
     waiting in a later collective). Returns rank 0's seed."""
@@ -135,14 +140,14 @@ def _agree(group, rank, world, device, values: Sequence[int], seed: int, error: 
         raise error
     failed = [r for r in range(world) if table[r, -2] != 0]
     if failed:
-        raise ValueError(f"pyebm.distributed.minimize: the arguments were invalid on rank(s) {failed} "
+        raise ValueError(f"{where}: the arguments were invalid on rank(s) {failed} "
                          "(their error names the argument)")
     for i, name in enumerate(_AGREED):
         column = table[:, i]
         differ = [r for r in range(world) if column[r] != column[0]]
         if differ:
             shown = f" (got {column.tolist()} on ranks 0..{world - 1})" if name in ("candidates", "batch size") else ""
-            raise ValueError(f"pyebm.distributed.minimize: every rank must pass the same {name}; rank(s) {differ} "
+            raise ValueError(f"{where}: every rank must pass the same {name}; rank(s) {differ} "
                              f"differ from rank 0{shown}")
     return int(table[0, -1])
 
@@ -181,28 +186,44 @@ def minimize(energy: Any, context: Any, candidates: int = 1, config: Optional[De
     rank 0 draws a seed from the default generator and every rank uses it. Returns a ``ShardedResult``:
     the selected candidates (the same on every rank) and this rank's own candidates.
     """
-    _dispatch.check_not_traced("pyebm.distributed.minimize")
-    group, rank, world, backend_name = _group_of(group)
+    return _minimize(energy, context, candidates, config, init, mask, generator, record, backend, event_shape,
+                     whole_loop, group)
+
+
+def _minimize(energy, context, candidates, config, init, mask, generator, record, backend, event_shape, whole_loop,
+              group, compile: Optional[bool] = None, where: str = "pyebm.distributed.minimize",
+              group_arg: str = "group", refusal: Optional[BaseException] = None) -> ShardedResult:
+    """``minimize`` for ``pyebm.minimize(..., process_group=)`` and ``EnergyPolicy.act(..., process_group=)``
+    as well: errors name ``where`` and ``group_arg``; ``compile`` goes to each rank's descent; ``refusal``, an
+    error of the caller's own checks on this rank, is raised on every rank (through the agreement) instead of
+    leaving the others waiting in a collective."""
+    _dispatch.check_not_traced(where)
+    if _rng.tracing():
+        raise RuntimeError(f"{where}: a sharded descent runs collectives between host-side steps, which torch.compile "
+                           "/ torch.export cannot trace; trace the single-process call")
+    group, rank, world, backend_name = _group_of(group, where, group_arg)
     error: Optional[BaseException] = None
     call = None
     values = [0] * len(_AGREED)
     seed = 0
     device = torch.device("cpu")
     try:
+        if refusal is not None:
+            raise refusal
         call = _descent._plan_call(energy, context, candidates, config, init, mask, generator, record, backend,
-                                   event_shape, whole_loop, False)
+                                   event_shape, whole_loop, False, compile=compile)
         device = call.device
-        _check_shardable(call.cfg)
+        _check_shardable(call.cfg, where)
         values = [_fingerprint(call.cfg), call.K, call.B, _fingerprint(call.event),
                   _fingerprint((str(call.dtype), call.init_kind, call.init is not None, call.mask is not None,
-                                record, backend, whole_loop)),
+                                record, backend, whole_loop, compile)),
                   _fingerprint(None if call.generator is None else bytes(call.generator.get_state().numpy()))]
         if call.generator is None:
             seed = int(torch.randint(0, 2 ** 62, (), dtype=torch.int64))
     except Exception as exc:  # every rank learns of it in the agreement below instead of waiting there
         error = exc
     coll = _collective_device(backend_name, device)
-    seed = _agree(group, rank, world, coll, values, seed, error)
+    seed = _agree(group, rank, world, coll, values, seed, error, where)
 
     B, K, cfg = call.B, call.K, call.cfg
     start, stop = shard_range(K, rank, world)
@@ -226,22 +247,22 @@ def minimize(energy: Any, context: Any, candidates: int = 1, config: Optional[De
             local = _descent.minimize(energy, context, stop - start, local_cfg, init=y0[:, start:stop],
                                       mask=None if call.mask is None else call.mask[:, start:stop],
                                       generator=local_gen, record=record, backend=backend,
-                                      event_shape=call.event, whole_loop=whole_loop)
+                                      event_shape=call.event, whole_loop=whole_loop, compile=compile)
         error = None
     except Exception as exc:  # every rank learns of it in the gather below instead of waiting there
         error = exc
-    return _gather(call, cfg, local, start, stop, world, group, coll, gen, error)
+    return _gather(call, cfg, local, start, stop, world, group, coll, gen, error, where)
 
 
-def _check_shardable(cfg: Descent) -> None:
+def _check_shardable(cfg: Descent, where: str = "pyebm.distributed.minimize") -> None:
     if cfg.method == "dfo":
-        raise ValueError("pyebm.distributed.minimize: config.method 'dfo' resamples among all K candidates of a "
+        raise ValueError(f"{where}: config.method 'dfo' resamples among all K candidates of a "
                          "context and cannot be split across ranks; use method 'gd'")
     if cfg.normalize == "rms_all":
-        raise ValueError("pyebm.distributed.minimize: config.normalize 'rms_all' takes one RMS over the whole "
+        raise ValueError(f"{where}: config.normalize 'rms_all' takes one RMS over the whole "
                          "batch and cannot be split across ranks; use 'rms'")
     if cfg.tol > 0 and cfg.tol_scope == "all":
-        raise ValueError("pyebm.distributed.minimize: config.tol_scope 'all' takes one norm over the whole batch "
+        raise ValueError(f"{where}: config.tol_scope 'all' takes one norm over the whole batch "
                          "and cannot be split across ranks; use 'candidate'")
 
 
@@ -263,7 +284,8 @@ def _empty_local(call, n: int):
                                   trajectory_y=traj_y)
 
 
-def _gather(call, cfg, local, start, stop, world, group, coll, gen, error) -> ShardedResult:
+def _gather(call, cfg, local, start, stop, world, group, coll, gen, error,
+            where: str = "pyebm.distributed.minimize") -> ShardedResult:
     """Each rank's best per context (score, energy, global index, state) all-gathered; the winner: the best
     score, ties to the lowest global index. For ``selection="sample"`` the energies (not the states) are
     all-gathered and the draw is made from the common generator, the same on every rank."""
@@ -287,7 +309,7 @@ def _gather(call, cfg, local, start, stop, world, group, coll, gen, error) -> Sh
         pad[:, :n] = score
         flags = torch.cat([ok, torch.tensor([n], dtype=torch.int64, device=device)])
         all_flags = _all_gather(flags, group, world, coll)
-        _raise_if_failed(all_flags[:, 0], error)
+        _raise_if_failed(all_flags[:, 0], error, where)
         rows = _all_gather(pad, group, world, coll)  # [world, B, width]
         full = torch.cat([rows[r, :, :int(all_flags[r, 1])] for r in range(world)], dim=1)  # [B, K]
         full = torch.where(torch.isinf(full).all(dim=1, keepdim=True), 0.0, full)
@@ -322,7 +344,7 @@ def _gather(call, cfg, local, start, stop, world, group, coll, gen, error) -> Sh
         ints = torch.cat([ok, gi.to(torch.long)])
         all_ints = _all_gather(ints, group, world, coll)  # [world, 1 + B]
         got = _all_gather(packed, group, world, coll)  # [world, B, 2 + D]
-        _raise_if_failed(all_ints[:, 0], error)
+        _raise_if_failed(all_ints[:, 0], error, where)
         scores, indices = got[:, :, 0], all_ints[:, 1:]  # [world, B]
         # among the ranks holding the best score, the lowest global index (the global indices differ: a rank
         # with no candidates has K and scores -inf, never below rank 0's index when all score -inf)
@@ -335,10 +357,10 @@ def _gather(call, cfg, local, start, stop, world, group, coll, gen, error) -> Sh
                          status=local.status, trajectory=local.trajectory, trajectory_y=local.trajectory_y)
 
 
-def _raise_if_failed(ok: Tensor, error: Optional[BaseException]) -> None:
+def _raise_if_failed(ok: Tensor, error: Optional[BaseException], where: str = "pyebm.distributed.minimize") -> None:
     if error is not None:
         raise error
     failed: List[int] = [r for r, v in enumerate(ok.tolist()) if v == 0]
     if failed:
-        raise RuntimeError(f"pyebm.distributed.minimize: the descent failed on rank(s) {failed} (their error says "
+        raise RuntimeError(f"{where}: the descent failed on rank(s) {failed} (their error says "
                            "why)")
