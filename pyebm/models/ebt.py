@@ -317,7 +317,7 @@ class _ThinkGraph:
     ``EBT._rows(masked=True)`` computes on the device from the positions. It reads nothing from the host
     and copies nothing to the device. ``pack`` is the packed weights the graph reads and ``scalars``
     (alpha, noise, grad_clamp, gaussian_random_noise_scaling) the numbers baked into its kernels: the
-    model captures again when either changed (``EBT._think_graph``).
+    model captures again when either changed (``EBT._static_step``).
     """
 
     def __init__(self, model: "EBT", pk: _Packed, scalars: tuple, B: int, cap: int, G: int, P: int,
@@ -432,8 +432,10 @@ class EBT(_state.PackedModule, Pretrained):
     context token per generated token) and the greedy / top-p choice run eagerly between replays.
     The graph reads the packed weights (``pyebm._state``) it was captured with: when the model packs
     again (an optimizer step, ``load_state_dict``, ``.data =``, ``pyebm._state.repack``) every graph of the
-    model is dropped and the next call captures again; so does a changed ``alpha``, noise, ``grad_clamp``
-    or ``gaussian_random_noise_scaling`` (given or learned). Random draws (``init="normal"``, noise) come
+    model is dropped and the next call captures again (weights made under ``torch.inference_mode`` have no
+    version counter: every call then packs and captures again). A step whose ``alpha``, noise,
+    ``grad_clamp`` or ``gaussian_random_noise_scaling`` (given or learned, baked into its kernels) changed
+    is captured again as well. Random draws (``init="normal"``, noise) come
     from the default CUDA generator (``generator`` must be None); the capture's two warm-up runs draw
     from it too. Results are copies, values of the call. Graphs are never pickled or copied; concurrent
     calls on one model from several threads share the static buffers and are not supported.
