@@ -20,6 +20,10 @@ energy calls (``mlp_call``, ``ebt_policy_call``)
     op              the registered ``torch.ops.pyebm.*`` op of the resolved backend (the path under
                     torch.compile, torch.jit.trace, torch.func transforms, dispatch modes and subclasses)
     torch           the plain PyTorch reference
+EBT.think / EBT.generate (``ebt_attention``, ``ebt_think_graph_refusal``)
+    cuda graph      one think step (descent + selection) captured per shape and replayed (``EBT(...,
+                    cuda_graph=True)``; CUDA weights, the default CUDA generator)
+    triton | torch  the prediction rows with the Triton kernels, or ATen ops
 update step (``update_route``)
     fused           ``torch.ops.pyebm.descent_update`` (cpu / cuda) or ``descent_update_triton``
     torch           the same rule as separate torch ops
@@ -168,6 +172,26 @@ def ebt_attention(model, device) -> str:
     the cpu backend) for EBT's cached prediction rows."""
     name = resolve(device, model.backend, ("torch", "cpu", "triton"))
     return "triton" if name == "triton" else "torch"
+
+
+def ebt_think_graph_refusal(device, generator, capture: bool = True) -> Optional[str]:
+    """None when an ``EBT(..., cuda_graph=True)`` think step can be captured in a CUDA graph and replayed for
+    a model on ``device`` with this call's ``generator``; else why not (the call then raises, naming it).
+    ``capture=False``: the captured step's code run eagerly without a graph (tests on any device), which
+    draws as the graph does: only the generator is checked."""
+    if capture and torch.device(device).type != "cuda":
+        return f"cuda_graph=True needs the model on a CUDA device; it is on {device}"
+    if generator is not None:
+        return ("generator: cuda_graph=True draws from the default CUDA generator (as minimize(..., "
+                "cuda_graph=True) does); pass generator=None")
+    if not capture:
+        return None
+    if _is_compiling():
+        return ("cuda_graph=True cannot run under torch.compile / torch.export (compile with "
+                "mode='reduce-overhead' for CUDA graphs there)")
+    if torch.cuda.is_current_stream_capturing():
+        return "cuda_graph=True cannot run inside another CUDA graph capture"
+    return None
 
 
 # -- the per-step update ------------------------------------------------------------------------------
