@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import numbers
 import weakref
+from types import SimpleNamespace
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Dict, Optional, Sequence, Tuple, Union
 
@@ -21,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from pyebm import _dispatch, _rng, _state
+from pyebm._sharded import _minimize as _sharded_minimize
 from pyebm.config import (CONVERGED, INITS, INTEGRATORS, MAX_STEPS, METHODS, NOISE_MODES, NOISE_SCHEDULES,  # noqa: F401
                           NONFINITE, NORMALIZE, PROJECT, SELECTIONS, STATUS_NAMES, STEP_SCHEDULES, TOL_ON, TOL_SCOPE,
                           Descent, event_option)
@@ -29,7 +31,7 @@ from pyebm.ops import descent as _ops
 from pyebm.protocol import is_energy_model
 
 if TYPE_CHECKING:
-    from pyebm.distributed import ShardedResult
+    from pyebm._sharded import ShardedResult
 
 
 @dataclass
@@ -436,8 +438,6 @@ def _sharded(energy, context, candidates, config, init, mask, generator, record,
              cuda_graph, final_energy, snapshots, compile, process_group):
     """``minimize(..., process_group=)``: ``pyebm.distributed``'s sharded descent, with the options it cannot
     take refused on every rank (through its agreement, so that no rank is left waiting)."""
-    from pyebm import distributed
-
     where = "minimize(process_group=...)"
     refusal = None
     if cuda_graph is not False:
@@ -449,9 +449,9 @@ def _sharded(energy, context, candidates, config, init, mask, generator, record,
     elif final_energy is not True:
         refusal = ValueError(f"{where}: final_energy=False skips the final energies, which the ranks compare to "
                              "select the best candidate (pass final_energy=True)")
-    return distributed._minimize(energy, context, candidates, config, init, mask, generator, record, backend,
-                                 event_shape, whole_loop, process_group, compile=compile, where=where,
-                                 group_arg="process_group", refusal=refusal)
+    return _sharded_minimize(energy, context, candidates, config, init, mask, generator, record, backend,
+                             event_shape, whole_loop, process_group, compile=compile, where=where,
+                             group_arg="process_group", refusal=refusal, engine=SHARD_ENGINE)
 
 
 def _one_call_lane(energy, context, candidates, config, init, generator, backend) -> Optional[DescentResult]:
@@ -600,7 +600,8 @@ def _run_graphed(call: _Call) -> DescentResult:
 
     The graph lives with the energy (its packed state, or a weak table for plain functions), together with
     a snapshot of the module's parameters and buffers: a parameter given new storage (``.data =``, a moved
-    module, a replaced tensor) makes a new capture, since the graph reads every tensor at its address."""
+    module, a replaced tensor) makes a new capture, since the graph reads every tensor at its address; so
+    does an in-place write to a weight the energy reads through a pack (``pyebm._state.packs_current``)."""
     context, init, mask, energy = call.context, call.raw_init, call.raw_mask, call.energy
     if not isinstance(context, Tensor) or context.device.type != "cuda":
         where = context.device if isinstance(context, Tensor) else type(context).__name__
@@ -618,8 +619,9 @@ def _run_graphed(call: _Call) -> DescentResult:
            call.snapshots)
     graphs = _graphs_of(energy)
     entry = graphs.get(key)
-    if entry is not None and entry[0] is not None and not entry[0].unchanged(versions=False):
-        entry = None  # a tensor the graph reads has new storage: capture again
+    if entry is not None and entry[0] is not None and (not entry[0].unchanged(versions=False)
+                                                      or not _state.packs_current(energy)):
+        entry = None  # a tensor the graph reads has new storage, or a pack it reads is stale: capture again
     if entry is None:
         snap = None
         if isinstance(energy, nn.Module):
@@ -1006,3 +1008,8 @@ def _run_autograd(call: _Call) -> DescentResult:
 
 _RUNNERS = {"cuda graph": _run_graphed, "one call": _run_one_call, "whole loop": _run_whole_loop,
             "compiled": _run_compiled, "per step": _run_per_step, "autograd": _run_autograd}
+
+
+# What the sharded descent (``pyebm._sharded``) runs on each rank: passed to it, not imported by it.
+SHARD_ENGINE = SimpleNamespace(plan_call=_plan_call, initial=initial, minimize=minimize, DescentResult=DescentResult,
+                               sample_index=_sample_index)

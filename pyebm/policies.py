@@ -21,9 +21,10 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-from pyebm import _rng
+from pyebm import _rng, _state
+from pyebm._sharded import _minimize as _sharded_minimize
 from pyebm.config import _from_json_value, _to_json_value
-from pyebm.descent import NONFINITE, Descent, DescentResult, as_generator, minimize
+from pyebm.descent import NONFINITE, SHARD_ENGINE, Descent, DescentResult, as_generator, minimize
 from pyebm.energy import MLPEnergy
 from pyebm.pretrained import Pretrained
 
@@ -503,17 +504,15 @@ class EnergyPolicy(Pretrained):
                              process_group, refusal: Optional[BaseException]) -> Tensor:
         """The sharded act's descent (``pyebm.distributed``); an error of this rank's preparation (``refusal``,
         or one raised preparing here) is raised on every rank by the descent's agreement."""
-        from pyebm import distributed
-
         y0 = target = context = None
         if refusal is None:
             try:
                 y0, target, context = self._prepare(obs, init, generator, cfg)
             except Exception as exc:  # noqa: BLE001
                 refusal = exc
-        res = distributed._minimize(target, context, self.candidates, cfg, None if y0 is None else self._event(y0),
-                                    None, generator, False, None, None, None, process_group,
-                                    where="EnergyPolicy.act", group_arg="process_group", refusal=refusal)
+        res = _sharded_minimize(target, context, self.candidates, cfg, None if y0 is None else self._event(y0),
+                                None, generator, False, None, None, None, process_group, where="EnergyPolicy.act",
+                                group_arg="process_group", refusal=refusal, engine=SHARD_ENGINE)
         best = self._chunks(res.best)
         if self.lower is not None:
             lo, up = self._bounds_on(obs.device, obs.dtype)
@@ -584,8 +583,9 @@ class EnergyPolicy(Pretrained):
     def _act_graphed(self, obs: Tensor, init: Optional[Tensor], generator) -> Tensor:
         """act() captured in a CUDA graph per (observation shape, dtype, device, init shape), then replayed
         with the new inputs copied into the graph's own. The graph reads the energy's parameters at their
-        addresses: in-place weight updates are read as they are, and a parameter given new storage makes a
-        new capture. Outputs (actions and ``last_result``) are copies, values of this call."""
+        addresses: in-place weight updates are read as they are, a parameter given new storage makes a
+        new capture, and so does an in-place update of a weight the energy reads through a pack (a derived
+        copy, ``pyebm._state``). Outputs (actions and ``last_result``) are copies, values of this call."""
         if obs.device.type != "cuda":
             raise ValueError(f"EnergyPolicy.act: cuda_graph=True needs CUDA observations; got them on {obs.device}")
         if generator is not None:
@@ -599,8 +599,9 @@ class EnergyPolicy(Pretrained):
 
         key = (sig(obs), sig(init))
         entry = self._graphs.get(key)
-        if entry is not None and entry[0] is not None and not entry[0].unchanged(versions=False):
-            entry = None  # a tensor the graph reads has new storage: capture again
+        if entry is not None and entry[0] is not None and (not entry[0].unchanged(versions=False)
+                                                          or not _state.packs_current(self.energy)):
+            entry = None  # a tensor the graph reads has new storage, or a pack it reads is stale: capture again
         if entry is None:
             entry = self._capture(obs, init)
             self._graphs[key] = entry
@@ -614,8 +615,6 @@ class EnergyPolicy(Pretrained):
         return result.actions
 
     def _capture(self, obs: Tensor, init: Optional[Tensor]):
-        from pyebm import _state
-
         snap = None
         if isinstance(self.energy, torch.nn.Module):
             names = [n for n, _ in self.energy.named_parameters()] + [n for n, _ in self.energy.named_buffers()]
