@@ -40,6 +40,7 @@ import torch
 from torch import Tensor
 
 from pyebm import _backend
+from pyebm._state import ATTR as _PACKS_ATTR
 from pyebm.protocol import WholeLoopSpec, has_whole_loop
 
 ALL_BACKENDS = ("torch", "cpu", "triton", "cuda")
@@ -73,6 +74,29 @@ def eager_refusal(*tensors) -> Optional[str]:
         if type(t) is not Tensor:
             return f"an input is a {type(t).__name__}, not a plain torch.Tensor"
     return None
+
+
+def in_functorch_transform() -> bool:
+    """True inside a torch.func transform (grad, vmap, jacrev, ...) run eagerly. Under torch.compile it is
+    False: Dynamo does not model the interpreter stack (it reads as not empty), and the registered ops run."""
+    return not _is_compiling() and _functorch_level() is not None
+
+
+def functorch_call(energy_of, y: Tensor, need_grad: bool):
+    """An energy call inside a torch.func transform: ``energy_of(y)`` (a model's differentiable reference, plain
+    torch ops that every transform goes through) and, with ``need_grad``, its input gradient by
+    ``torch.func.grad``, so that an outer transform (a gradient of the energy or of the gradient, vmap)
+    differentiates the call instead of seeing the constant output of an inference op (the C++ autograd
+    formulas of the ops do not run under torch.func)."""
+    if not need_grad:
+        return energy_of(y)
+
+    def total(yy):
+        E = energy_of(yy)
+        return E.sum(), E
+
+    G, E = torch.func.grad(total, has_aux=True)(y)
+    return E, G
 
 
 def check_not_traced(what: str) -> None:
@@ -112,6 +136,23 @@ def plan_refusal(model, *tensors) -> Optional[str]:
         return why
     if model.dtype not in PLAN_DTYPES or model.device.type != "cpu":
         return f"the plan takes float32/float64 CPU weights; the model's are {model.dtype} on {model.device}"
+    return None
+
+
+_NO_PACKS: Dict[object, object] = {}
+
+
+def mlp_plan_lane(model, backend: Optional[str]):
+    """MLPEnergy's cpu plan when an energy call may try it first, else None: the short lane of ``mlp_call``'s
+    "plan" answer for the common call (no ``backend`` argument, not under torch.compile, the model's backend
+    resolving to cpu, the plan already made). The plan then checks the rest of the predicate itself, in C++
+    (plain tensors, no torch.jit.trace, torch.func transform or dispatch mode: ``eager_refusal``; CPU inputs
+    of its dtype and shapes) and returns None when any of it fails; the caller then asks ``mlp_call``."""
+    if backend is not None or _is_compiling():
+        return None
+    plan = model.__dict__.get(_PACKS_ATTR, _NO_PACKS).get("cpu_plan")
+    if plan is not None and _backend.resolves_to_cpu(model.backend):
+        return plan
     return None
 
 
