@@ -401,6 +401,14 @@ class _ThinkGraph:
         return self.out
 
 
+def _refuse_functorch(where: str) -> None:
+    """EBT's energy calls are inference calls over the cached prompt (no graph); inside a torch.func transform
+    their output would be a constant, so a gradient of it would be zero without a word. Refuse instead."""
+    if _dispatch.in_functorch_transform():
+        raise RuntimeError(f"{where} is an inference call (no autograd graph) and cannot run inside a torch.func "
+                           "transform; differentiate EBT.forward(tokens, predictions) instead")
+
+
 class EBT(_state.PackedModule, Pretrained):
     """Autoregressive language Energy-Based Transformer (``default`` or ``time_embed``).
 
@@ -905,6 +913,7 @@ class EBT(_state.PackedModule, Pretrained):
     def energy(self, ctx: EBTCache, y: torch.Tensor) -> torch.Tensor:
         """E [B, K] of candidates y [B, K, V] for the token after the cached prompts."""
         self._check_candidates(ctx, y)
+        _refuse_functorch("EBT.energy")
         pk = self._packed()
         last = torch.tensor([ctx.tokens.shape[1] - 1], device=y.device)
         with torch.no_grad():
@@ -913,6 +922,7 @@ class EBT(_state.PackedModule, Pretrained):
     def energy_and_grad(self, ctx: EBTCache, y: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """(E [B, K], dE/dy [B, K, V]) of candidates y [B, K, V] for the token after the cached prompts."""
         self._check_candidates(ctx, y)
+        _refuse_functorch("EBT.energy_and_grad")
         pk = self._packed()
         last = torch.tensor([ctx.tokens.shape[1] - 1], device=y.device)
         with torch.no_grad():
