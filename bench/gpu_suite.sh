@@ -184,6 +184,7 @@ if want tests; then
 fi
 
 # ---- 3. GPU benchmarks (each script that takes --device; tables and logs to bench.txt) ---------------
+# bench_ebt: EBT generation per token and one think, eager against EBT(..., cuda_graph=True).
 if want bench; then
   : >"$OUT_DIR/bench.txt"
   for script in bench/bench_mlp_energy.py bench/bench_descent.py bench/bench_policy.py bench/bench_ebt.py; do
@@ -196,7 +197,9 @@ if want bench; then
     if [ "$DRY" = 1 ]; then note "$(printf '%-18s loads   (dry run: not timed)' "$name")"; continue; fi
     [ "$(left)" -gt 25 ] || { note "$(printf '%-18s skipped (suite time budget spent)' "$name")"; continue; }
     args=(--device cuda --quick)
-    grep -q -- "--json" <<<"$help" && args+=(--json "$OUT_DIR/$name.json")
+    # a --json that takes a file (bench_ebt's --json prints to stdout: its tables go to bench.txt only, and
+    # the output folder keeps to 8 files)
+    grep -qE -- "--json [A-Z]" <<<"$help" && args+=(--json "$OUT_DIR/$name.json")
     [ "$name" = bench_mlp_energy ] && grep -q -- "--plot" <<<"$help" && args+=(--plot "$OUT_DIR/$name.png")
     echo "==== $name ${args[*]} ====" >>"$OUT_DIR/bench.txt"
     stage "$name" "$OUT_DIR/bench.txt" 110 env PYTHONUNBUFFERED=1 "$PY" "$script" "${args[@]}"

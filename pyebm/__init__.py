@@ -11,7 +11,7 @@
     pyebm.discrete                           exact and local argmins over sets and permutations, Sinkhorn
     pyebm.distributed.minimize(...)          the K candidates split across torch.distributed ranks
     pyebm.adapter.PolicyAdapter              select_action() / reset() with an action queue and normalisation
-    pyebm.serving.build_app(dir)             a Ray Serve app batching HTTP requests into act() (pyebm serve DIR)
+    pyebm.serving.build_app(dir)             a Ray Serve app batching HTTP requests into act() or minimize()
     model.save_pretrained(dir)               weights (safetensors) + configuration (JSON); Class.from_pretrained(dir)
     pyebm.discrete.gibbs_with_gradients, dmala  samplers on binary / one-hot states
     pyebm.losses.joint_partition_loss        train an energy with its log-partition (no MCMC)

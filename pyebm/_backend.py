@@ -195,7 +195,11 @@ _CPU_RESOLVED: Dict[tuple, bool] = {}
 
 def resolves_to_cpu(backend: Optional[str] = None) -> bool:
     """resolve(cpu device, backend, all backends) == "cpu", with a smaller cache key (the eager fast paths)."""
-    key = (backend, _env_pair(), _REPORT is None)
+    env = _ENV_DATA
+    if env is not None:  # _env_pair() inlined: this runs on every eager energy call
+        key = (backend, (env.get(b"PYEBM_BACKEND"), env.get(b"TRITON_INTERPRET")), _REPORT is None)
+    else:
+        key = (backend, _env_pair(), _REPORT is None)
     hit = _CPU_RESOLVED.get(key)
     if hit is None:
         hit = _CPU_RESOLVED[key] = resolve(torch.device("cpu"), backend, BACKENDS) == "cpu"

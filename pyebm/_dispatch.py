@@ -20,6 +20,10 @@ energy calls (``mlp_call``, ``ebt_policy_call``)
     op              the registered ``torch.ops.pyebm.*`` op of the resolved backend (the path under
                     torch.compile, torch.jit.trace, torch.func transforms, dispatch modes and subclasses)
     torch           the plain PyTorch reference
+EBT.think / EBT.generate (``ebt_attention``, ``ebt_think_graph_refusal``)
+    cuda graph      one think step (descent + selection) captured per shape and replayed (``EBT(...,
+                    cuda_graph=True)``; CUDA weights, the default CUDA generator)
+    triton | torch  the prediction rows with the Triton kernels, or ATen ops
 update step (``update_route``)
     fused           ``torch.ops.pyebm.descent_update`` (cpu / cuda) or ``descent_update_triton``
     torch           the same rule as separate torch ops
@@ -36,6 +40,7 @@ import torch
 from torch import Tensor
 
 from pyebm import _backend
+from pyebm._state import ATTR as _PACKS_ATTR
 from pyebm.protocol import WholeLoopSpec, has_whole_loop
 
 ALL_BACKENDS = ("torch", "cpu", "triton", "cuda")
@@ -69,6 +74,29 @@ def eager_refusal(*tensors) -> Optional[str]:
         if type(t) is not Tensor:
             return f"an input is a {type(t).__name__}, not a plain torch.Tensor"
     return None
+
+
+def in_functorch_transform() -> bool:
+    """True inside a torch.func transform (grad, vmap, jacrev, ...) run eagerly. Under torch.compile it is
+    False: Dynamo does not model the interpreter stack (it reads as not empty), and the registered ops run."""
+    return not _is_compiling() and _functorch_level() is not None
+
+
+def functorch_call(energy_of, y: Tensor, need_grad: bool):
+    """An energy call inside a torch.func transform: ``energy_of(y)`` (a model's differentiable reference, plain
+    torch ops that every transform goes through) and, with ``need_grad``, its input gradient by
+    ``torch.func.grad``, so that an outer transform (a gradient of the energy or of the gradient, vmap)
+    differentiates the call instead of seeing the constant output of an inference op (the C++ autograd
+    formulas of the ops do not run under torch.func)."""
+    if not need_grad:
+        return energy_of(y)
+
+    def total(yy):
+        E = energy_of(yy)
+        return E.sum(), E
+
+    G, E = torch.func.grad(total, has_aux=True)(y)
+    return E, G
 
 
 def check_not_traced(what: str) -> None:
@@ -108,6 +136,23 @@ def plan_refusal(model, *tensors) -> Optional[str]:
         return why
     if model.dtype not in PLAN_DTYPES or model.device.type != "cpu":
         return f"the plan takes float32/float64 CPU weights; the model's are {model.dtype} on {model.device}"
+    return None
+
+
+_NO_PACKS: Dict[object, object] = {}
+
+
+def mlp_plan_lane(model, backend: Optional[str]):
+    """MLPEnergy's cpu plan when an energy call may try it first, else None: the short lane of ``mlp_call``'s
+    "plan" answer for the common call (no ``backend`` argument, not under torch.compile, the model's backend
+    resolving to cpu, the plan already made). The plan then checks the rest of the predicate itself, in C++
+    (plain tensors, no torch.jit.trace, torch.func transform or dispatch mode: ``eager_refusal``; CPU inputs
+    of its dtype and shapes) and returns None when any of it fails; the caller then asks ``mlp_call``."""
+    if backend is not None or _is_compiling():
+        return None
+    plan = model.__dict__.get(_PACKS_ATTR, _NO_PACKS).get("cpu_plan")
+    if plan is not None and _backend.resolves_to_cpu(model.backend):
+        return plan
     return None
 
 
@@ -168,6 +213,26 @@ def ebt_attention(model, device) -> str:
     the cpu backend) for EBT's cached prediction rows."""
     name = resolve(device, model.backend, ("torch", "cpu", "triton"))
     return "triton" if name == "triton" else "torch"
+
+
+def ebt_think_graph_refusal(device, generator, capture: bool = True) -> Optional[str]:
+    """None when an ``EBT(..., cuda_graph=True)`` think step can be captured in a CUDA graph and replayed for
+    a model on ``device`` with this call's ``generator``; else why not (the call then raises, naming it).
+    ``capture=False``: the captured step's code run eagerly without a graph (tests on any device), which
+    draws as the graph does: only the generator is checked."""
+    if capture and torch.device(device).type != "cuda":
+        return f"cuda_graph=True needs the model on a CUDA device; it is on {device}"
+    if generator is not None:
+        return ("generator: cuda_graph=True draws from the default CUDA generator (as minimize(..., "
+                "cuda_graph=True) does); pass generator=None")
+    if not capture:
+        return None
+    if _is_compiling():
+        return ("cuda_graph=True cannot run under torch.compile / torch.export (compile with "
+                "mode='reduce-overhead' for CUDA graphs there)")
+    if torch.cuda.is_current_stream_capturing():
+        return "cuda_graph=True cannot run inside another CUDA graph capture"
+    return None
 
 
 # -- the per-step update ------------------------------------------------------------------------------

@@ -3,17 +3,36 @@
 Every random number pyebm draws (initial candidates, per-step noise, sampled selection) goes through the
 functions here. In eager mode they are the plain torch draws with the caller's ``torch.Generator``.
 
-``torch.compile`` and ``torch.export`` cannot trace a ``torch.Generator`` (no op that takes one can be put in a
-graph, and a generator made inside a compiled region is an opaque object the graph cannot hold). While a call
-is traced:
+While a call is traced by ``torch.compile`` or ``torch.export``, draws go through the functional op
+``torch.ops.pyebm.rng_draw``, which takes a generator's state as a tensor and returns the state after the
+draws. The ``generator`` argument may then be
 
-* an int seed (``generator=0``) becomes a :class:`TracedGenerator`: the state of ``torch.Generator().
-  manual_seed(seed)`` as a tensor, threaded through the functional op ``torch.ops.pyebm.rng_draw``. The traced
-  call draws exactly the numbers of the eager call with that seed, in the same order, every time it runs.
-* ``generator=None`` draws with torch's global generator, as eager code does (a compiled graph's draws may
-  differ from eager ones unless ``torch._inductor.config.fallback_random = True``).
-* a ``torch.Generator`` object is accepted, and used only if the call draws a random number; a draw then
-  raises a RuntimeError that says to pass an int seed instead.
+* an int seed (``generator=0``): a :class:`TracedGenerator` starting from the state of
+  ``torch.Generator().manual_seed(seed)``. The traced call draws exactly the numbers of the eager call with that
+  seed, in the same order, and the same numbers every time it runs.
+* a generator's state tensor (``state = g.get_state()``, read outside the traced region, passed as an input
+  of the compiled function or exported program): a :class:`TracedGenerator` starting from that state. The
+  call draws exactly the numbers the eager call with ``g`` draws and writes the state after its draws back
+  into the tensor, in place; so repeated calls draw fresh numbers, as repeated eager calls with ``g`` do, and
+  ``g.set_state(state)`` afterwards leaves ``g`` where the eager calls would have left it. The state is that of
+  a generator on the candidates' kind of device (5056 bytes for the CPU, 16 for CUDA). Eagerly a state tensor
+  is refused (pass ``g`` itself: the same numbers).
+* ``None``: torch's global generator, as eager code does (a compiled graph's draws may differ from eager ones
+  unless ``torch._inductor.config.fallback_random = True``).
+* a ``torch.Generator`` object: accepted, and used only if the call draws a random number; a draw then raises
+  a RuntimeError that says to pass an int seed or the generator's state instead.
+
+Why a ``torch.Generator`` object cannot drive a traced draw (torch 2.13): Dynamo (``torch.compile``, strict
+``torch.export``) wraps a generator as an opaque Python object that cannot be an argument of any op in the
+graph (``torch.randn(..., generator=g)`` fails with "Missing as_proxy()"), and every method that reads or
+sets its state (``get_state``, ``graphsafe_get_state``, ``clone_state``, ``get_offset``, ``initial_seed``,
+``set_state``, ``manual_seed``, ...) is a deliberate graph break (``torch._dynamo.trace_rules.
+_GENERATOR_METHODS_THAT_GRAPH_BREAK``: "cannot be soundly traced"), so under ``fullgraph=True`` it is an
+error. Non-strict ``torch.export`` traces without Dynamo, but lifts the generator seen at export time into the
+program as a constant: the program would draw from (and advance) that object, whatever generator is passed
+when it runs, the argument being an unused input. The graph-safe generator states that CUDA graphs register
+(``graphsafe_get_state``) exist for the device's default generators only. Reading the state outside the
+traced region and passing it in as a tensor, as above, is what remains.
 """
 from __future__ import annotations
 
@@ -38,17 +57,22 @@ def exporting() -> bool:
 
 
 class TracedGenerator:
-    """The generator of an int seed inside a traced call: its state is a tensor that each draw replaces."""
+    """The generator of a traced call: its state is a tensor that each draw replaces. It starts from the state
+    of an int seed, or from a caller's state tensor (``target``), which each draw then overwrites in place with
+    the new state."""
 
-    def __init__(self, seed: int, device: torch.device):
+    def __init__(self, seed: int, device: torch.device, target: Optional[Tensor] = None):
         self.seed = int(seed)
         self.device = torch.device(device)
-        self.state: Optional[Tensor] = None  # None: the seed's initial state (the first draw seeds)
+        self.target = target
+        self.state: Optional[Tensor] = target  # None: the seed's initial state (the first draw seeds)
 
     def draw(self, kind: str, shape: Sequence[int], count: int, dtype: torch.dtype) -> Tensor:
         """[count, *shape]: ``count`` draws of ``shape`` one after the other."""
         out, self.state = torch.ops.pyebm.rng_draw(self.state, self.seed, kind, list(shape), count, dtype,
                                                    self.device)
+        if self.target is not None:  # the caller's state advances as its generator's would
+            self.target.copy_(self.state)
         return out
 
 
@@ -56,8 +80,9 @@ Generator = Union[None, torch.Generator, TracedGenerator]
 
 
 def as_generator(generator, device, where: str) -> Generator:
-    """A generator on ``device`` from a torch.Generator, an int seed or None (a :class:`TracedGenerator` for an
-    int seed while traced); a generator on another kind of device is an error."""
+    """A generator on ``device`` from a torch.Generator, an int seed or None, or, while traced, a generator's
+    state tensor (a :class:`TracedGenerator` for an int seed or a state while traced); a generator on another
+    kind of device is an error."""
     if generator is None:
         return None
     if isinstance(generator, numbers.Integral) and not isinstance(generator, bool):
@@ -66,19 +91,36 @@ def as_generator(generator, device, where: str) -> Generator:
         return torch.Generator(device=device).manual_seed(int(generator))
     if isinstance(generator, TracedGenerator):
         return generator
+    if isinstance(generator, Tensor):
+        return _state_generator(generator, device, where)
     if not isinstance(generator, torch.Generator):
-        raise TypeError(f"{where}: generator must be a torch.Generator, an int seed or None; got "
-                        f"{type(generator).__name__}")
+        raise TypeError(f"{where}: generator must be a torch.Generator, an int seed or None (or, in a traced call, "
+                        f"a generator's state tensor); got {type(generator).__name__}")
     if torch.device(generator.device).type != torch.device(device).type:
         raise ValueError(f"{where}: generator is on {generator.device} but the candidates are on {device}")
     return generator
 
 
+def _state_generator(state: Tensor, device, where: str) -> TracedGenerator:
+    """The :class:`TracedGenerator` of a caller's state tensor (traced calls only)."""
+    if not tracing():
+        raise TypeError(f"{where}: generator is a tensor; a generator's state tensor (g.get_state()) is taken by "
+                        "calls traced by torch.compile or torch.export only; eagerly, pass the torch.Generator "
+                        "itself (the same numbers)")
+    if state.dtype != torch.uint8 or state.dim() != 1 or state.device.type != "cpu":
+        raise ValueError(f"{where}: a generator state must be a 1-d uint8 CPU tensor, as torch.Generator."
+                         f"get_state() gives it; got {list(state.shape)} {state.dtype} on {state.device}")
+    return TracedGenerator(0, device, target=state)
+
+
 def _untraceable(generator) -> None:
     if tracing() and isinstance(generator, torch.Generator):
-        raise RuntimeError("pyebm: torch.compile / torch.export cannot draw from a torch.Generator object (no "
-                           "traced op takes one); pass generator as an int seed (the same numbers as "
-                           "torch.Generator().manual_seed(seed) eagerly) or None (torch's global generator)")
+        raise RuntimeError("pyebm: torch.compile / torch.export cannot draw from a torch.Generator object (Dynamo "
+                           "cannot pass it to an op nor read its state without a graph break; see pyebm._rng); "
+                           "pass generator as an int seed (the same numbers as torch.Generator().manual_seed(seed) "
+                           "eagerly), or as the generator's state tensor read outside the traced region (state = "
+                           "g.get_state(): the eager numbers of g, the state advanced in place; g.set_state(state) "
+                           "afterwards), or None (torch's global generator)")
 
 
 def draw(kind: str, shape: Sequence[int], generator: Generator, device, dtype: torch.dtype,

@@ -3,39 +3,43 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import List
+from typing import Any, List
 
 from ray import serve
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from pyebm._serve_core import Item, PolicyServer, RequestError
+from pyebm._serve_core import RequestError, make_server
 
 
 @serve.deployment
-class PolicyDeployment:
-    """One replica: a ``PolicyServer``; ``POST /act`` batched by ``@serve.batch``, ``GET /info``."""
+class ModelDeployment:
+    """One replica: the server of the directory (``make_server``: a ``PolicyServer`` answering ``POST /act``
+    or an ``EnergyServer`` answering ``POST /minimize``), its requests batched by ``@serve.batch``;
+    ``GET /info``."""
 
     def __init__(self, model_dir: str, device: str, max_batch_size: int, batch_wait_timeout_s: float):
-        self.server = PolicyServer(model_dir, device=device)
-        self.act_batch.set_max_batch_size(max_batch_size)
-        self.act_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        self.server = make_server(model_dir, device=device)
+        self.batch.set_max_batch_size(max_batch_size)
+        self.batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)  # set per application in __init__
-    async def act_batch(self, items: List[Item]):
+    async def batch(self, items: List[Any]):
         # in a thread: the replica keeps collecting the next batch while this one runs (one batch at a time)
         return await asyncio.to_thread(self.server.run, items)
 
     async def __call__(self, request: Request):
         path = request.url.path.rstrip("/") or "/"
+        route = self.server.route
         if path.endswith("/info"):
             if request.method != "GET":
                 return JSONResponse({"error": "/info answers GET"}, status_code=405)
             return JSONResponse(self.server.info())
-        if not path.endswith("/act"):
-            return JSONResponse({"error": f"no route {request.url.path!r}: POST /act or GET /info"}, status_code=404)
+        if not path.endswith(f"/{route}"):
+            return JSONResponse({"error": f"no route {request.url.path!r}: POST /{route} or GET /info"},
+                                status_code=404)
         if request.method != "POST":
-            return JSONResponse({"error": "/act answers POST with a JSON body"}, status_code=405)
+            return JSONResponse({"error": f"/{route} answers POST with a JSON body"}, status_code=405)
         try:
             payload = json.loads(await request.body())
         except (ValueError, UnicodeDecodeError) as e:
@@ -44,7 +48,7 @@ class PolicyDeployment:
             item = self.server.parse(payload)
         except RequestError as e:  # refused before it joins a batch
             return JSONResponse({"error": str(e)}, status_code=e.status)
-        answer = await self.act_batch(item)
+        answer = await self.batch(item)
         if isinstance(answer, RequestError):
             return JSONResponse({"error": str(answer)}, status_code=answer.status)
         return JSONResponse(answer)

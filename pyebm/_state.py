@@ -156,6 +156,22 @@ def packed(module: nn.Module, key, names: Callable[[], Sequence[Optional[str]]],
     return value
 
 
+def packs_current(module: nn.Module) -> bool:
+    """True when no pack of ``module`` or its submodules made by :func:`packed` is stale (every source
+    unchanged, versions included). A captured CUDA graph that reads packs (copies derived from the weights)
+    is valid only while this holds: an in-place write to a source (an optimizer step) keeps every address,
+    but the pack the graph reads no longer matches the weights."""
+    for m in module.modules():
+        d = m.__dict__.get(ATTR)
+        if not d:
+            continue
+        for entry in list(d.values()):
+            if isinstance(entry, tuple) and len(entry) == 2 and isinstance(entry[0], (Snapshot, _PySnapshot)) \
+                    and not entry[0].unchanged():
+                return False
+    return True
+
+
 def repack(module: nn.Module) -> None:
     """Drop every pack of ``module`` and its submodules: the next call packs their current weights again.
     Needed only after writes that bypass the version counter (``param.data.copy_(...)``, numpy views)."""

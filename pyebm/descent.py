@@ -14,19 +14,24 @@ from __future__ import annotations
 import math
 import numbers
 import weakref
+from types import SimpleNamespace
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
 from pyebm import _dispatch, _rng, _state
+from pyebm._sharded import _minimize as _sharded_minimize
 from pyebm.config import (CONVERGED, INITS, INTEGRATORS, MAX_STEPS, METHODS, NOISE_MODES, NOISE_SCHEDULES,  # noqa: F401
                           NONFINITE, NORMALIZE, PROJECT, SELECTIONS, STATUS_NAMES, STEP_SCHEDULES, TOL_ON, TOL_SCOPE,
                           Descent, event_option)
 from pyebm.config import DEFAULT as _DEFAULT_CONFIG
 from pyebm.ops import descent as _ops
 from pyebm.protocol import is_energy_model
+
+if TYPE_CHECKING:
+    from pyebm._sharded import ShardedResult
 
 
 @dataclass
@@ -384,7 +389,7 @@ def minimize(energy: Any, context: Any, candidates: int = 1, config: Optional[De
              backend: Optional[str] = None, event_shape: Optional[Sequence[int]] = None,
              whole_loop: Optional[bool] = None, cuda_graph: bool = False,
              final_energy: bool = True, snapshots: Optional[Sequence[int]] = None,
-             compile: Optional[bool] = None) -> DescentResult:
+             compile: Optional[bool] = None, process_group=None) -> DescentResult | ShardedResult:
     """Minimise ``energy`` over ``candidates`` (K) candidates per context, all contexts and candidates at once.
 
     energy     an energy model (``prepare(context)``, ``energy(ctx, y)``, ``energy_and_grad(ctx, y)``:
@@ -397,7 +402,9 @@ def minimize(energy: Any, context: Any, candidates: int = 1, config: Optional[De
                "uniform" / "zeros" (default ``config.init``).
     mask       bool, True where a coordinate is clamped to its init value (inpainting); [B, K, *event],
                [B, *event] or [*event]. Needs an init tensor.
-    generator  torch.Generator or int seed: all noise comes from it (same seed, same result).
+    generator  torch.Generator or int seed: all noise comes from it (same seed, same result). In a call traced
+               by torch.compile / torch.export also a generator's state tensor (``g.get_state()``): the
+               numbers of ``g``, the state advanced in place (``pyebm._rng``).
     record     keep the trajectory of energies and states (``DescentResult.trajectory``/``trajectory_y``).
     backend    backend for the energy's fused ops ("torch", "cpu", "triton", "cuda"; default: the model's).
     event_shape  the candidate shape, for energies that do not declare it (``event_shape`` or
@@ -422,12 +429,24 @@ def minimize(energy: Any, context: Any, candidates: int = 1, config: Optional[De
                weakly; parameters read at every call). None: automatic, for calls of at least 4 steps whose
                shapes and options already ran 3 times eagerly on this module (a compile takes seconds);
                True: compile now (an error when the config or the call is not supported); False: never.
+    process_group  a ``torch.distributed.ProcessGroup`` (``torch.distributed.group.WORLD`` for all ranks):
+               split the K candidates of each context across its ranks; a collective call, every rank passes
+               the same arguments. Runs ``pyebm.distributed.minimize`` (see there: what is checked across
+               ranks, which draws equal the one-process call) and returns its ``ShardedResult`` (best,
+               best_energy, best_index as here, the same on every rank; y, energy, steps, status of this
+               rank's candidates ``start:stop`` only). Refused, on every rank: ``cuda_graph=True``,
+               ``snapshots``, ``final_energy=False`` (the ranks select by final energy), and configs that couple
+               the K candidates (DFO, ``normalize="rms_all"``, ``tol_scope="all"``). None (default): this
+               process alone.
 
     Which path runs (one compiled call, a whole-loop op, or the per-step path) is ``pyebm.explain(...)``
     with the same arguments. The per-step path never synchronises with the host inside the loop, except
     the "all stopped" check every ``config.check_every`` steps when ``config.tol > 0``.
     """
     _dispatch.check_not_traced("pyebm.minimize")
+    if process_group is not None:
+        return _sharded(energy, context, candidates, config, init, mask, generator, record, backend, event_shape,
+                        whole_loop, cuda_graph, final_energy, snapshots, compile, process_group)
     if (mask is None and snapshots is None and event_shape is None and record is False and cuda_graph is False
             and final_energy is True and (whole_loop is None or whole_loop is True)
             and (compile is None or compile is False)):
@@ -439,6 +458,26 @@ def minimize(energy: Any, context: Any, candidates: int = 1, config: Optional[De
     if call.B == 0:
         return _empty_result(call)
     return _RUNNERS[call.route.kind](call)
+
+
+def _sharded(energy, context, candidates, config, init, mask, generator, record, backend, event_shape, whole_loop,
+             cuda_graph, final_energy, snapshots, compile, process_group):
+    """``minimize(..., process_group=)``: ``pyebm.distributed``'s sharded descent, with the options it cannot
+    take refused on every rank (through its agreement, so that no rank is left waiting)."""
+    where = "minimize(process_group=...)"
+    refusal = None
+    if cuda_graph is not False:
+        refusal = ValueError(f"{where}: cuda_graph=True captures one process's loop; the sharded descent runs "
+                             "collectives between its steps (pass cuda_graph=False)")
+    elif snapshots is not None:
+        refusal = ValueError(f"{where}: snapshots are not collected across ranks (pass snapshots=None, or run "
+                             "without process_group)")
+    elif final_energy is not True:
+        refusal = ValueError(f"{where}: final_energy=False skips the final energies, which the ranks compare to "
+                             "select the best candidate (pass final_energy=True)")
+    return _sharded_minimize(energy, context, candidates, config, init, mask, generator, record, backend,
+                             event_shape, whole_loop, process_group, compile=compile, where=where,
+                             group_arg="process_group", refusal=refusal, engine=SHARD_ENGINE)
 
 
 def _one_call_lane(energy, context, candidates, config, init, generator, backend) -> Optional[DescentResult]:
@@ -587,7 +626,8 @@ def _run_graphed(call: _Call) -> DescentResult:
 
     The graph lives with the energy (its packed state, or a weak table for plain functions), together with
     a snapshot of the module's parameters and buffers: a parameter given new storage (``.data =``, a moved
-    module, a replaced tensor) makes a new capture, since the graph reads every tensor at its address."""
+    module, a replaced tensor) makes a new capture, since the graph reads every tensor at its address; so
+    does an in-place write to a weight the energy reads through a pack (``pyebm._state.packs_current``)."""
     context, init, mask, energy = call.context, call.raw_init, call.raw_mask, call.energy
     if not isinstance(context, Tensor) or context.device.type != "cuda":
         where = context.device if isinstance(context, Tensor) else type(context).__name__
@@ -605,8 +645,9 @@ def _run_graphed(call: _Call) -> DescentResult:
            call.snapshots)
     graphs = _graphs_of(energy)
     entry = graphs.get(key)
-    if entry is not None and entry[0] is not None and not entry[0].unchanged(versions=False):
-        entry = None  # a tensor the graph reads has new storage: capture again
+    if entry is not None and entry[0] is not None and (not entry[0].unchanged(versions=False)
+                                                      or not _state.packs_current(energy)):
+        entry = None  # a tensor the graph reads has new storage, or a pack it reads is stale: capture again
     if entry is None:
         snap = None
         if isinstance(energy, nn.Module):
@@ -1021,3 +1062,8 @@ def _run_autograd(call: _Call) -> DescentResult:
 
 _RUNNERS = {"cuda graph": _run_graphed, "one call": _run_one_call, "whole loop": _run_whole_loop,
             "compiled": _run_compiled, "per step": _run_per_step, "autograd": _run_autograd}
+
+
+# What the sharded descent (``pyebm._sharded``) runs on each rank: passed to it, not imported by it.
+SHARD_ENGINE = SimpleNamespace(plan_call=_plan_call, initial=initial, minimize=minimize, DescentResult=DescentResult,
+                               sample_index=_sample_index)

@@ -229,15 +229,28 @@ class MLPEnergy(_state.PackedModule, Pretrained):
 
     def energy(self, ctx: Tensor, y: Tensor, backend: Optional[str] = None) -> Tensor:
         """E [B, K] for y [B, K, candidate_dim]."""
+        plan = _dispatch.mlp_plan_lane(self, backend)
+        if plan is not None:
+            out = plan.energy(ctx, y)
+            if out is not None:
+                return out
         return self._fused("energy", ops.mlp_energy, ctx, y, backend)
 
     def energy_and_grad(self, ctx: Tensor, y: Tensor, backend: Optional[str] = None) -> Tuple[Tensor, Tensor]:
         """(E [B, K], dE/dy [B, K, candidate_dim]) in one fused call."""
+        plan = _dispatch.mlp_plan_lane(self, backend)
+        if plan is not None:
+            out = plan.energy_and_grad(ctx, y)
+            if out is not None:
+                return out
         return self._fused("energy_and_grad", ops.mlp_energy_grad, ctx, y, backend)
 
     def _fused(self, method: str, op, ctx, y, backend: Optional[str]):
         """The cpu plan's ``method`` when the dispatch table gives it the call (and it takes these inputs as
-        they are), else the op ``op``; no autograd graph either way."""
+        they are), else the op ``op``; no autograd graph either way. Inside a torch.func transform the reference
+        (plain PyTorch) computes it with the transform's autograd, so ``torch.func.grad`` of an energy call is
+        its gradient, not the zero of a constant (the C++ autograd formulas of the ops do not run under
+        torch.func)."""
         path = _dispatch.mlp_call(self, ctx, y, backend)
         if path == "plan":
             plan = self.cpu_plan()
@@ -248,6 +261,10 @@ class MLPEnergy(_state.PackedModule, Pretrained):
             path = "cpu"
         self._check_y(ctx, y)
         w_in, weights, biases, w_out, b_out = self.op_params()
+        if _dispatch.in_functorch_transform():
+            return _dispatch.functorch_call(
+                lambda yy: ref.mlp_energy(ctx, yy, w_in, weights, biases, w_out, b_out, self.activation,
+                                          self.residual), y, method == "energy_and_grad")
         prev = torch.is_grad_enabled()
         torch._C._set_grad_enabled(False)  # no autograd graph; cheaper than the no_grad context manager
         try:

@@ -21,9 +21,10 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-from pyebm import _rng
+from pyebm import _rng, _state
+from pyebm._sharded import _minimize as _sharded_minimize
 from pyebm.config import _from_json_value, _to_json_value
-from pyebm.descent import NONFINITE, Descent, DescentResult, as_generator, minimize
+from pyebm.descent import NONFINITE, SHARD_ENGINE, Descent, DescentResult, as_generator, minimize
 from pyebm.energy import MLPEnergy
 from pyebm.pretrained import Pretrained
 
@@ -417,17 +418,33 @@ class EnergyPolicy(Pretrained):
         self.last_result = None
 
     def act(self, obs: Tensor, init: Optional[Tensor] = None,
-            generator: Union[None, int, torch.Generator] = None) -> Tensor:
+            generator: Union[None, int, torch.Generator] = None, process_group=None) -> Tensor:
         """Actions [B, n_action_steps, action_dim] for observations ``obs``.
 
         obs: observation tokens [B, L, cond_dim] (EBTPolicy) or the observation history [B, n_obs_steps,
         obs_dim] / [B, context_dim] (MLPEnergy). init: candidates [B, K, horizon, A] or [B, horizon, A]
         (shared by the K candidates); default: drawn by the descent's init (plus the warm start).
-        generator: a torch.Generator or an int seed for every random draw.
+        generator: a torch.Generator or an int seed for every random draw (in a traced call also a generator's
+        state tensor, advanced in place: see ``pyebm._rng``).
+        process_group: a ``torch.distributed.ProcessGroup``: the K candidates of each observation are split
+        across its ranks (``pyebm.distributed``'s sharded descent; a collective call: every rank passes the
+        same policy weights, observations and arguments). Every rank draws all K initial candidates from the
+        generator (or takes ``init``), descends its shard, and the ranks all-gather each shard's best (score,
+        energy, index) and its chunk per observation; the returned actions (the same on every rank) equal the
+        one-process ``act`` with the same candidates and seed when the descent draws no noise (with noise, each
+        rank has its own stream derived from the seed). Pass a seed: with ``generator=None`` the candidates the
+        descent draws come from rank 0's seed, but a warm start's fresh ones from each rank's default generator.
+        ``last_result.y``, ``energy``, ``steps``, ``status``, ``retries`` then hold this rank's candidates
+        ``start:stop`` only (``last_result.descent`` is the ``pyebm.distributed.ShardedResult``);
+        ``best_energy``, ``best_index`` and ``chunk`` are the whole selection. Refused on every rank:
+        ``recovery_threshold`` (each rank would decide its own rounds), ``cuda_graph=True``, and descents that
+        couple the K candidates (DFO, ``normalize="rms_all"``, ``tol_scope="all"``).
 
         With ``cuda_graph=True`` the whole act (observation side, descent, selection) is captured in a CUDA
         graph on the first call for each shape and replayed afterwards (see ``EnergyPolicy``).
         """
+        if process_group is not None:
+            return self._act_sharded(obs, init, generator, process_group)
         obs = self._context(obs)
         if _rng.tracing():
             self._check_traceable()
@@ -435,6 +452,24 @@ class EnergyPolicy(Pretrained):
             return self._act_graphed(obs, init, generator)
         generator = as_generator(generator, obs.device, "EnergyPolicy.act")
         return self._act(obs, init, generator, self._config(obs.device))
+
+    def _act_sharded(self, obs, init, generator, process_group) -> Tensor:
+        """act(..., process_group=): this rank's checks; an error in them reaches every rank (``_act``)."""
+        refusal = cfg = None
+        try:
+            obs = self._context(obs)
+            if self.cuda_graph:
+                raise ValueError("EnergyPolicy.act: process_group cannot be combined with cuda_graph=True (the "
+                                 "sharded descent runs collectives between its steps)")
+            if self._recovers():
+                raise ValueError("EnergyPolicy.act: process_group cannot be combined with recovery_threshold (each "
+                                 "rank would decide on its own host how many rounds to run); build the policy "
+                                 "without it")
+            generator = as_generator(generator, obs.device, "EnergyPolicy.act")
+            cfg = self._config(obs.device)
+        except Exception as exc:  # noqa: BLE001 -- raised on every rank by the sharded descent's agreement
+            refusal = exc
+        return self._act_sharded_descent(obs, init, generator, cfg, process_group, refusal)
 
     def _check_traceable(self) -> None:
         """What a traced act() (torch.compile, torch.export) cannot do: decide on the host between rounds
@@ -446,12 +481,11 @@ class EnergyPolicy(Pretrained):
             raise ValueError("EnergyPolicy.act: warm_start keeps the chosen chunk between calls, which an exported "
                              "program cannot hold; export a policy with warm_start=False (or pass init)")
 
-    def _act(self, obs: Tensor, init: Optional[Tensor], generator, cfg: Descent) -> Tensor:
-        """act() on validated observations with a given config; sets ``last_result``."""
-        B, device = obs.shape[0], obs.device
-        dtype = obs.dtype
-        T, A, K = self.horizon, self.action_dim, self.candidates
-
+    def _prepare(self, obs: Tensor, init: Optional[Tensor], generator, cfg: Descent):
+        """(y0 or None, the energy minimize runs, its context) of an act on validated observations."""
+        B, device, dtype = obs.shape[0], obs.device, obs.dtype
+        T, A = self.horizon, self.action_dim
+        y0 = None
         if init is not None:
             y0 = self._init_tensor(init, B, device, dtype)
         elif self.warm_start and self._previous is not None and self._previous.shape[0] == B \
@@ -460,15 +494,44 @@ class EnergyPolicy(Pretrained):
             prev, n = self._previous, self.n_action_steps
             shifted = torch.cat([prev[:, n:], prev[:, -1:].expand(B, min(n, T), A)], dim=1)[:, :T]
             y0[:, 0] = shifted
-        else:
-            y0 = None
 
         # the observation side is computed once and reused by every descent round
         if self.flat:
-            target, context = self.energy, obs
-        else:
-            target, context = _Prepared(self.energy, self.energy.prepare(obs)), obs
+            return y0, self.energy, obs
+        return y0, _Prepared(self.energy, self.energy.prepare(obs)), obs
 
+    def _act_sharded_descent(self, obs: Tensor, init: Optional[Tensor], generator, cfg: Optional[Descent],
+                             process_group, refusal: Optional[BaseException]) -> Tensor:
+        """The sharded act's descent (``pyebm.distributed``); an error of this rank's preparation (``refusal``,
+        or one raised preparing here) is raised on every rank by the descent's agreement."""
+        y0 = target = context = None
+        if refusal is None:
+            try:
+                y0, target, context = self._prepare(obs, init, generator, cfg)
+            except Exception as exc:  # noqa: BLE001
+                refusal = exc
+        res = _sharded_minimize(target, context, self.candidates, cfg, None if y0 is None else self._event(y0),
+                                None, generator, False, None, None, None, process_group, where="EnergyPolicy.act",
+                                group_arg="process_group", refusal=refusal, engine=SHARD_ENGINE)
+        best = self._chunks(res.best)
+        if self.lower is not None:
+            lo, up = self._bounds_on(obs.device, obs.dtype)
+            best = torch.maximum(torch.minimum(best, up), lo)
+        s = self.window_start
+        actions = best[:, s:s + self.n_action_steps]
+        self.last_result = PolicyResult(actions=actions, chunk=best, y=self._chunks(res.y), energy=res.energy,
+                                        best_energy=res.best_energy, best_index=res.best_index, steps=res.steps,
+                                        status=res.status, retries=torch.zeros_like(res.steps), recovered=0,
+                                        descent=res)
+        self._previous = best
+        return actions
+
+    def _act(self, obs: Tensor, init: Optional[Tensor], generator, cfg: Descent) -> Tensor:
+        """act() on validated observations with a given config; sets ``last_result``."""
+        B, device = obs.shape[0], obs.device
+        dtype = obs.dtype
+        K = self.candidates
+        y0, target, context = self._prepare(obs, init, generator, cfg)
         need_energy = K > 1 or self._recovers() or self.final_energy is True
         res = minimize(target, context, candidates=K, config=cfg,
                        init=None if y0 is None else self._event(y0), generator=generator, final_energy=need_energy)
@@ -520,8 +583,9 @@ class EnergyPolicy(Pretrained):
     def _act_graphed(self, obs: Tensor, init: Optional[Tensor], generator) -> Tensor:
         """act() captured in a CUDA graph per (observation shape, dtype, device, init shape), then replayed
         with the new inputs copied into the graph's own. The graph reads the energy's parameters at their
-        addresses: in-place weight updates are read as they are, and a parameter given new storage makes a
-        new capture. Outputs (actions and ``last_result``) are copies, values of this call."""
+        addresses: in-place weight updates are read as they are, a parameter given new storage makes a
+        new capture, and so does an in-place update of a weight the energy reads through a pack (a derived
+        copy, ``pyebm._state``). Outputs (actions and ``last_result``) are copies, values of this call."""
         if obs.device.type != "cuda":
             raise ValueError(f"EnergyPolicy.act: cuda_graph=True needs CUDA observations; got them on {obs.device}")
         if generator is not None:
@@ -535,8 +599,9 @@ class EnergyPolicy(Pretrained):
 
         key = (sig(obs), sig(init))
         entry = self._graphs.get(key)
-        if entry is not None and entry[0] is not None and not entry[0].unchanged(versions=False):
-            entry = None  # a tensor the graph reads has new storage: capture again
+        if entry is not None and entry[0] is not None and (not entry[0].unchanged(versions=False)
+                                                          or not _state.packs_current(self.energy)):
+            entry = None  # a tensor the graph reads has new storage, or a pack it reads is stale: capture again
         if entry is None:
             entry = self._capture(obs, init)
             self._graphs[key] = entry
@@ -550,8 +615,6 @@ class EnergyPolicy(Pretrained):
         return result.actions
 
     def _capture(self, obs: Tensor, init: Optional[Tensor]):
-        from pyebm import _state
-
         snap = None
         if isinstance(self.energy, torch.nn.Module):
             names = [n for n, _ in self.energy.named_parameters()] + [n for n, _ in self.energy.named_buffers()]

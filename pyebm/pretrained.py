@@ -3,12 +3,17 @@
     model.save_pretrained("my_model")                 # config.json + model.safetensors
     model = pyebm.MLPEnergy.from_pretrained("my_model")
     obj = pyebm.pretrained.from_pretrained("my_model")  # whatever the directory holds
+    model.save_pretrained("my_model", descent=cfg, candidates=64)   # an energy with how to minimise it
+    cfg, K = pyebm.pretrained.inference_config("my_model")          # (pyebm serve runs minimize with them)
 
 ``config.json`` holds the format and its version, the architecture (the class and its constructor
 arguments), the weights' dtype and, for policies, the inference configuration (the ``pyebm.Descent``,
 candidates, horizon, bounds, normalisation statistics, ...), nested: an ``EnergyPolicy`` holds its energy's
-entry under ``"energy"``, a ``PolicyAdapter`` its policy's under ``"policy"``. ``model.safetensors`` holds
-the state dict of the one module that has weights (the energy), written with ``safetensors``.
+entry under ``"energy"``, a ``PolicyAdapter`` its policy's under ``"policy"``. A bare energy (``MLPEnergy``,
+``EBT``, ``EBTPolicy``) saved with ``descent=`` and/or ``candidates=`` also holds an ``"inference"`` entry
+``{"descent": {...}, "candidates": K}``: how ``pyebm.minimize`` is to be run on it (``inference_config``
+reads it; ``pyebm serve`` serves such a directory). ``model.safetensors`` holds the state dict of the one
+module that has weights (the energy), written with ``safetensors``.
 
 Tensors that share storage (tied weights) are written once; ``config.json`` lists the names that alias
 another (``"tied"``), and loading ties them again (the same Parameter under both names). Tensors that
@@ -88,10 +93,12 @@ class Pretrained:
     def _from_pretrained_args(cls, args: Dict[str, Any], parts: Dict[str, Any]):
         return cls(**parts, **args)
 
-    def save_pretrained(self, directory: "str | os.PathLike") -> None:
+    def save_pretrained(self, directory: "str | os.PathLike", *, descent=None,
+                        candidates: Optional[int] = None) -> None:
         """Write ``config.json`` and ``model.safetensors`` into ``directory`` (created if needed; files of
-        an earlier save are replaced)."""
-        save_pretrained(self, directory)
+        an earlier save are replaced). ``descent`` (a ``pyebm.Descent``) and ``candidates`` (K): for a bare
+        energy, the inference configuration saved with it (see ``save_pretrained``)."""
+        save_pretrained(self, directory, descent=descent, candidates=candidates)
 
     @classmethod
     def from_pretrained(cls, directory: "str | os.PathLike", *, device=None):
@@ -179,14 +186,41 @@ def _write_atomic(path: str, write) -> None:
         raise
 
 
-def save_pretrained(obj, directory: "str | os.PathLike") -> None:
-    """Write ``obj`` (an MLPEnergy, EBT, EBTPolicy, EnergyPolicy or PolicyAdapter) to ``directory``."""
+def _inference_entry(obj, descent, candidates) -> Optional[Dict[str, Any]]:
+    """The ``"inference"`` entry of a bare energy saved with ``descent`` / ``candidates`` (None without)."""
+    if descent is None and candidates is None:
+        return None
+    from pyebm.config import Descent
+
+    if type(obj)._PRETRAINED_PARTS:
+        raise ValueError(f"save_pretrained: a {type(obj).__name__} saves its own Descent and candidates; descent= "
+                         "and candidates= are for a bare energy (MLPEnergy, EBT, EBTPolicy)")
+    if descent is None:
+        descent = Descent()
+    if not isinstance(descent, Descent):
+        raise TypeError(f"save_pretrained: descent must be a pyebm.Descent or None; got {type(descent).__name__}")
+    if candidates is None:
+        candidates = 1
+    if isinstance(candidates, bool) or not isinstance(candidates, int) or candidates < 1:
+        raise ValueError(f"save_pretrained: candidates must be an int >= 1 or None; got {candidates!r}")
+    return {"descent": descent.to_dict(), "candidates": int(candidates)}
+
+
+def save_pretrained(obj, directory: "str | os.PathLike", *, descent=None, candidates: Optional[int] = None) -> None:
+    """Write ``obj`` (an MLPEnergy, EBT, EBTPolicy, EnergyPolicy or PolicyAdapter) to ``directory``.
+
+    ``descent`` (a ``pyebm.Descent``, default ``Descent()``) and ``candidates`` (K, default 1), given for a
+    bare energy, are saved with it as its inference configuration (``inference_config`` reads them back;
+    ``pyebm serve`` runs ``pyebm.minimize`` with them). A policy or adapter refuses them: it holds its own."""
     from pyebm import __version__
 
     st = _safetensors()
     if not isinstance(directory, (str, os.PathLike)):
         raise TypeError(f"save_pretrained: directory must be a path; got {type(directory).__name__}")
     spec = _spec(obj)
+    inference = _inference_entry(obj, descent, candidates)
+    if inference is not None:
+        spec["inference"] = inference
     module = _weights_module(obj)
     from torch.nn.utils import parametrize
 
@@ -335,3 +369,28 @@ def from_pretrained(directory: "str | os.PathLike", *, device=None, expect: Opti
     if device is not None:
         module.to(device)
     return obj
+
+
+def inference_config(directory: "str | os.PathLike"):
+    """``(descent, candidates)``: the inference configuration a bare energy was saved with
+    (``save_pretrained(dir, descent=..., candidates=...)``), or None when the directory holds none (a bare
+    energy saved without it; a policy or adapter, whose configuration is part of the object)."""
+    from pyebm.config import Descent
+
+    if not isinstance(directory, (str, os.PathLike)):
+        raise TypeError(f"inference_config: directory must be a path; got {type(directory).__name__}")
+    config = _read_config(os.fspath(directory))
+    entry = config.get("inference")
+    if entry is None:
+        return None
+    where = f"{os.path.join(os.fspath(directory), CONFIG_NAME)} (\"inference\")"
+    if not isinstance(entry, dict) or set(entry) - {"descent", "candidates"}:
+        raise ValueError(f"from_pretrained: {where} must be an object with \"descent\" and \"candidates\"")
+    K = entry.get("candidates", 1)
+    if isinstance(K, bool) or not isinstance(K, int) or K < 1:
+        raise ValueError(f"from_pretrained: {where} has candidates {K!r}; expected an int >= 1")
+    try:
+        descent = Descent.from_dict(entry.get("descent", {}))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"from_pretrained: {where} holds an invalid descent: {e}") from e
+    return descent, K

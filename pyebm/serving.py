@@ -1,4 +1,4 @@
-"""An HTTP inference server for saved policies, on Ray Serve: ``pyebm serve MODEL_DIR``.
+"""An HTTP inference server for saved policies and energies, on Ray Serve: ``pyebm serve MODEL_DIR``.
 
     pyebm serve my_policy --port 8000 --max-batch-size 32 --batch-wait-timeout-s 0.01
     curl -s localhost:8000/act -d '{"observation": [[0.1, 0.2, 0.3], [0.0, 0.1, 0.2]], "seed": 7}'
@@ -6,10 +6,15 @@
     app = pyebm.serving.build_app("my_policy", max_batch_size=32)   # the same, from Python
     ray.serve.run(app)
 
-``MODEL_DIR`` is a directory written by ``save_pretrained`` of an ``EnergyPolicy`` or a
-``pyebm.adapter.PolicyAdapter`` (the directory holds the energy's weights and the inference configuration:
-the ``Descent``, candidates, chunk shape, bounds, normalisation). A bare energy (``MLPEnergy``, ``EBT``,
-``EBTPolicy``) is refused: its directory has no ``Descent``; wrap it in an ``EnergyPolicy`` and save that.
+``MODEL_DIR`` is a directory written by ``save_pretrained`` of
+
+* an ``EnergyPolicy`` or a ``pyebm.adapter.PolicyAdapter`` (the directory holds the energy's weights and the
+  inference configuration: the ``Descent``, candidates, chunk shape, bounds, normalisation): the server
+  answers ``POST /act`` with ``act()`` (below);
+* a bare energy (``MLPEnergy``, ``EBT``, ``EBTPolicy``) saved with its inference configuration,
+  ``energy.save_pretrained(dir, descent=cfg, candidates=K)``: the server answers ``POST /minimize`` with
+  ``pyebm.minimize(energy, contexts, K, cfg)`` (see "Energies" below). A bare energy saved without them is
+  refused (the server would not know how to minimise it).
 
 Requests (JSON, ``POST /act``)::
 
@@ -55,10 +60,35 @@ Seeds under batching (what holds exactly):
   rounding (a batched matrix product may round differently from a one-row one), except with a descent
   that couples the batch (``Descent.ebt_policy(coupled=True)`` normalises over the whole batch).
 
+Energies (JSON, ``POST /minimize``)::
+
+    {"context": [...], "init": [...], "seed": 7}
+    -> {"y": [...], "energy": -1.25, "index": 3, "batch_size": 12, "seed": 7}
+
+``context``: one context without a batch dimension: [context_dim] for an ``MLPEnergy``, observation tokens
+[L, cond_dim] (L a multiple of n_obs_steps) for an ``EBTPolicy``, token ids [S] (ints in [0, vocab_size),
+1 <= S <= context_length) for an ``EBT``. ``init`` (optional): the initial candidates, [*event] (shared by
+the K candidates) or [K, *event]; without it they are drawn by the descent's ``init`` from the seed.
+``seed`` (optional) as for policies. The answer: ``y`` [*event], the selected candidate (``DescentResult.best``
+of its row), its final ``energy`` and ``index`` among the K candidates. Requests with contexts of one shape
+are served by one ``minimize`` on the stacked contexts, with every request's initial candidates passed as
+``init``: a request's candidates are the ones ``minimize(energy, context[None], K, cfg, generator=seed)``
+draws (or its ``init``), whatever shares its batch, and the further draws (noise, "sample" selection, DFO
+resampling) come from the generator of the batch's first seeded request, after its initial draw. The same
+exactness as for policies follows: served alone, a request reproduces
+``minimize(energy, context[None], K, cfg, init=init, generator=seed)`` draw for draw; in a batch, a descent
+without further draws (and without options that couple the batch: ``normalize="rms_all"``, ``tol_scope=
+"all"``) gives each row the answer of its own call within float rounding. Bad requests (a missing or
+unknown field, a non-number, a wrong shape, NaN or Inf in the context or init, a token id out of range, a
+bad seed) are answered 400 with the reason before they join a batch. ``EBT.think`` / ``generate`` are not
+served (an ``EBT`` directory is served through ``minimize`` with the saved ``Descent``, e.g.
+``Descent.ebt()``).
+
 Tested in ``tests/test_serving.py`` (the request checks, batching by shape, seeds and the split of a failing
-batch, without Ray) and ``tests/test_serving_ray.py`` (a local Ray Serve on the loopback: 64 concurrent
-requests, answers equal to direct ``act`` calls, batches larger than one, bad requests answered 400 while
-the requests around them succeed). Not tested here: GPUs (``--device cuda``), several machines.
+batch, for policies and energies, without Ray) and ``tests/test_serving_ray.py`` (a local Ray Serve on the
+loopback: 64 concurrent requests to a policy, an adapter and an MLPEnergy, answers equal to direct ``act`` /
+``minimize`` calls, batches larger than one, bad requests answered 400 while the requests around them
+succeed). Not tested here: GPUs (``--device cuda``), several machines.
 """
 from __future__ import annotations
 
@@ -70,9 +100,11 @@ from typing import Any, Dict, Optional
 
 import torch
 
-from pyebm._serve_core import Item, PolicyServer, RequestError, _check_model_dir
+from pyebm._serve_core import (EnergyItem, EnergyServer, Item, PolicyServer, RequestError, _check_model_dir,
+                               make_server)
 
-__all__ = ["build_app", "PolicyServer", "RequestError", "Item", "add_arguments", "run"]
+__all__ = ["build_app", "make_server", "PolicyServer", "EnergyServer", "RequestError", "Item", "EnergyItem",
+           "add_arguments", "run"]
 
 
 def _ray_serve():
@@ -105,11 +137,12 @@ def build_app(model_dir: "str | os.PathLike", *, max_batch_size: int = 32, batch
     """The Ray Serve application that serves ``model_dir`` (run it with ``ray.serve.run(app)``).
 
     Args:
-        model_dir: a directory of a saved EnergyPolicy or PolicyAdapter (checked here; each replica loads it).
-        max_batch_size: requests per batched ``act`` at most.
+        model_dir: a directory of a saved EnergyPolicy or PolicyAdapter, or of a bare energy saved with its
+            inference configuration (checked here; each replica loads it).
+        max_batch_size: requests per batched ``act`` / ``minimize`` at most.
         batch_wait_timeout_s: how long a replica waits for more requests after the first of a batch.
         replicas: copies of the deployment (``num_replicas``).
-        device: where each replica runs ``act``; "cuda" asks Ray for one GPU per replica.
+        device: where each replica runs ``act`` / ``minimize``; "cuda" asks Ray for one GPU per replica.
         ray_actor_options: each replica's Ray actor options (default ``{"num_cpus": 1}``, plus ``num_gpus: 1``
             for a CUDA device).
         name: the deployment's name.
@@ -117,13 +150,13 @@ def build_app(model_dir: "str | os.PathLike", *, max_batch_size: int = 32, batch
     _ray_serve()
     _check_options(max_batch_size, batch_wait_timeout_s, replicas, device)
     _check_model_dir(model_dir)
-    from pyebm._serve_app import PolicyDeployment
+    from pyebm._serve_app import ModelDeployment
 
     options = {"num_cpus": 1}
     if torch.device(device).type == "cuda":
         options["num_gpus"] = 1
     options.update(ray_actor_options or {})
-    deployment = PolicyDeployment.options(name=name, num_replicas=int(replicas), ray_actor_options=options,
+    deployment = ModelDeployment.options(name=name, num_replicas=int(replicas), ray_actor_options=options,
                                           max_ongoing_requests=max(2 * int(max_batch_size), 8))
     return deployment.bind(os.path.abspath(os.fspath(model_dir)), str(device), int(max_batch_size),
                            float(batch_wait_timeout_s))
@@ -134,11 +167,14 @@ def build_app(model_dir: "str | os.PathLike", *, max_batch_size: int = 32, batch
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.description = ("Serve a saved EnergyPolicy or PolicyAdapter over HTTP on Ray Serve: POST /act with "
                      "{\"observation\": [...], \"seed\": int}; concurrent requests are batched into one act(). "
+                     "A bare energy saved with descent= and candidates=: POST /minimize with {\"context\": [...], "
+                     "\"init\": [...], \"seed\": int}, batched into one pyebm.minimize(). "
                      "GET /info tells the accepted shapes. Needs pip install 'pyebm[serve]'.")
     p.add_argument("model_dir", metavar="MODEL_DIR", help="a directory written by save_pretrained")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    p.add_argument("--max-batch-size", type=int, default=32, metavar="N", help="requests per act() at most (32)")
+    p.add_argument("--max-batch-size", type=int, default=32, metavar="N",
+                   help="requests per act() / minimize() at most (32)")
     p.add_argument("--batch-wait-timeout-s", type=float, default=0.01, metavar="S",
                    help="seconds a replica waits to fill a batch (0.01)")
     p.add_argument("--replicas", type=int, default=1, metavar="N", help="copies of the deployment (1)")
@@ -170,7 +206,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         serve.start(http_options={"host": args.host, "port": args.port})
         serve.run(app, name="pyebm", route_prefix="/")
-        print(f"pyebm serve: {args.model_dir} at http://{args.host}:{args.port}/act (POST), /info (GET); "
+        route = "act" if _check_model_dir(args.model_dir) == "policy" else "minimize"
+        print(f"pyebm serve: {args.model_dir} at http://{args.host}:{args.port}/{route} (POST), /info (GET); "
               "Ctrl-C stops", flush=True)
         while True:
             time.sleep(3600)

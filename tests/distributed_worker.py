@@ -1,9 +1,11 @@
 """One rank of the ``pyebm.distributed`` tests: ``python distributed_worker.py RANK WORLD STORE OUT``.
 
 Joins a gloo process group through a file store, runs every case of ``CASES`` and every error case of
-``ERRORS`` with ``pyebm.distributed.minimize`` and saves what each returned or raised to OUT/<case>.<rank>.pt.
+``ERRORS`` with ``pyebm.distributed.minimize``, the cases of ``MINIMIZE_CASES`` and ``MINIMIZE_ERRORS`` with
+``pyebm.minimize(..., process_group=)`` and those of ``ACT_CASES`` and ``ACT_ERRORS`` with
+``EnergyPolicy.act(..., process_group=)``, and saves what each returned or raised to OUT/<case>.<rank>.pt.
 ``tests/test_distributed.py`` starts the ranks and compares their results with single-process
-``pyebm.minimize`` computed in the test process from the same ``CASES``.
+``pyebm.minimize`` / ``act`` computed in the test process from the same cases.
 """
 from __future__ import annotations
 
@@ -124,6 +126,110 @@ ERRORS = ("config_differs", "candidates_differ", "zero_candidates", "zero_candid
           "generator_differs", "descent_fails_rank1", "bad_group")
 
 
+# -- pyebm.minimize(..., process_group=) -----------------------------------------------------------------
+
+MINIMIZE_CASES = ("mlp_min", "mlp_max_gap", "autograd_init_mask", "sample", "record")
+
+
+def minimize_error_case(name, rank):
+    """(energy, context, kwargs of pyebm.minimize without process_group) of a call that must raise on every
+    rank."""
+    energy, x, kw = case("mlp_min")
+    if name == "pg_cuda_graph":
+        kw["cuda_graph"] = True
+    elif name == "pg_snapshots":
+        kw["snapshots"] = [1, 2]
+    elif name == "pg_snapshots_rank1":  # only rank 1 asks for what cannot be sharded: rank 0 must not wait
+        kw["snapshots"] = [1] if rank == 1 else None
+    elif name == "pg_final_energy":
+        kw.update(candidates=1, final_energy=False)
+    elif name == "pg_dfo":
+        kw["config"] = pyebm.Descent.ibc_dfo()
+    elif name == "pg_tol_all":
+        kw["config"] = pyebm.Descent.gd(tol=1e-3, tol_scope="all")
+    else:
+        raise KeyError(name)
+    return energy, x, kw
+
+
+MINIMIZE_ERRORS = ("pg_cuda_graph", "pg_snapshots", "pg_snapshots_rank1", "pg_final_energy", "pg_dfo", "pg_tol_all")
+
+
+# -- EnergyPolicy.act(..., process_group=) --------------------------------------------------------------
+
+def act_case(name, rank=0):
+    """(policy, observations, kwargs of act without process_group): built the same way in every process."""
+    from pyebm.policies import EnergyPolicy
+
+    g = torch.Generator().manual_seed(20)
+    if name in ("act_mlp", "act_warm", "act_recovery", "act_recovery_rank1", "act_nan_rank1"):
+        energy = _mlp(context_dim=2 * 3, candidate_dim=3 * 2, hidden=(16, 16), seed=8, residual=True)
+        recovery = name == "act_recovery" or (name == "act_recovery_rank1" and rank == 1)
+        policy = EnergyPolicy(energy, pyebm.Descent.gd(steps=4, step_size=0.2, momentum=0.5), candidates=7,
+                              horizon=3, action_dim=2, n_obs_steps=2, bounds=(-1.0, 1.0), warm_start=name == "act_warm",
+                              recovery_threshold=0.0 if recovery else None)
+        obs = torch.randn(3, 2, 3, generator=g, dtype=torch.float64)
+        if name == "act_nan_rank1" and rank == 1:
+            obs[1, 0, 2] = float("nan")
+        return policy, obs, dict(generator=5)
+    if name == "act_init":  # the caller's candidates: K = 5 of 4 observations, shards of 3 and 2
+        energy = _mlp(context_dim=3, candidate_dim=2 * 2, hidden=(16,), seed=9)
+        policy = EnergyPolicy(energy, pyebm.Descent.gd(steps=3, step_size=0.1, selection="max_gap"), candidates=5,
+                              horizon=2, action_dim=2, n_obs_steps=1)
+        obs = torch.randn(4, 3, generator=g, dtype=torch.float64)
+        return policy, obs, dict(init=torch.randn(4, 5, 2, 2, generator=g, dtype=torch.float64))
+    if name == "act_ebt":  # an EBTPolicy: the observation side prepared once, K = 4 chunks of [4, 2]
+        from pyebm.models import EBTPolicy
+
+        torch.manual_seed(10)
+        model = EBTPolicy(action_dim=2, horizon=4, cond_dim=6, embed_dim=8, layers=1, heads=2,
+                          n_obs_steps=2).double()
+        policy = EnergyPolicy.ebt_policy(model, candidates=4, max_steps=3)
+        obs = torch.randn(2, 2, 6, generator=g, dtype=torch.float64)
+        return policy, obs, dict(generator=3)
+    if name == "act_dfo":
+        policy = EnergyPolicy.ibc(action_dim=2, obs_dim=3, horizon=2, n_obs_steps=2, hidden=(8,), method="dfo",
+                                  candidates=8, steps=2)
+        return policy, torch.randn(2, 2, 3, generator=g), dict(generator=0)
+    raise KeyError(name)
+
+
+ACT_CASES = ("act_mlp", "act_warm", "act_init", "act_ebt")
+ACT_ERRORS = ("act_recovery", "act_recovery_rank1", "act_nan_rank1", "act_dfo")
+
+
+def _act_fields(policy, actions):
+    r = policy.last_result
+    return {"actions": actions, "chunk": r.chunk, "y": r.y, "energy": r.energy, "best_energy": r.best_energy,
+            "best_index": r.best_index, "steps": r.steps, "status": r.status, "start": r.descent.start,
+            "stop": r.descent.stop}
+
+
+def _run_and_spy(fn):
+    """(fn(), the shapes of the tensors this rank sent in each all-gather)."""
+    import torch.distributed as dist
+
+    real, shapes = dist.all_gather, []
+
+    def spy(parts, t, group=None, async_op=False):
+        shapes.append(tuple(t.shape))
+        return real(parts, t, group=group, async_op=async_op)
+
+    dist.all_gather = spy
+    try:
+        return fn(), shapes
+    finally:
+        dist.all_gather = real
+
+
+def _error_of(fn):
+    try:
+        fn()
+        return {"error": None}
+    except Exception as exc:
+        return {"error": type(exc).__name__, "message": str(exc)}
+
+
 def _fields(res):
     return {k: getattr(res, k) for k in ("best", "best_energy", "best_index", "start", "stop", "y", "energy",
                                          "initial_energy", "steps", "status", "trajectory", "trajectory_y")}
@@ -164,6 +270,31 @@ def main(rank: int, world: int, store: str, out: str) -> None:
                 again = pyebm.distributed.minimize(energy, x, **kw)
                 torch.save(_fields(again), os.path.join(out, f"{name}_again.{rank}.pt"))
             torch.save(_fields(res), os.path.join(out, f"{name}.{rank}.pt"))
+        world_group = dist.group.WORLD
+        for name in MINIMIZE_ERRORS:
+            energy, x, kw = minimize_error_case(name, rank)
+            got = _error_of(lambda: pyebm.minimize(energy, x, **kw, process_group=world_group))
+            torch.save(got, os.path.join(out, f"{name}.{rank}.pt"))
+        energy, x, kw = case("mlp_min")
+        torch.save(_error_of(lambda: pyebm.minimize(energy, x, **kw, process_group="world")),
+                   os.path.join(out, f"pg_bad_group.{rank}.pt"))
+        for name in MINIMIZE_CASES:
+            energy, x, kw = case(name)
+            res, shapes = _run_and_spy(lambda: pyebm.minimize(energy, x, **kw, process_group=world_group))
+            torch.save(shapes, os.path.join(out, f"pg_{name}_sent.{rank}.pt"))
+            torch.save(_fields(res), os.path.join(out, f"pg_{name}.{rank}.pt"))
+        for name in ACT_ERRORS:
+            policy, obs, kw = act_case(name, rank)
+            got = _error_of(lambda: policy.act(obs, **kw, process_group=world_group))
+            torch.save(got, os.path.join(out, f"{name}.{rank}.pt"))
+        for name in ACT_CASES:
+            policy, obs, kw = act_case(name, rank)
+            actions, shapes = _run_and_spy(lambda: policy.act(obs, **kw, process_group=world_group))
+            torch.save(shapes, os.path.join(out, f"{name}_sent.{rank}.pt"))
+            torch.save(_act_fields(policy, actions), os.path.join(out, f"{name}.{rank}.pt"))
+            if name == "act_warm":  # a second act: candidate 0 starts from the first act's chunk
+                actions = policy.act(obs.flip(0), generator=6, process_group=world_group)
+                torch.save(_act_fields(policy, actions), os.path.join(out, f"{name}_second.{rank}.pt"))
         dist.barrier()
     finally:
         dist.destroy_process_group()

@@ -124,6 +124,8 @@ def test_rng_draw_is_the_generators_sequence():
     assert torch.equal(tg.state, g.get_state())
     torch.library.opcheck(torch.ops.pyebm.rng_draw.default, (None, 3, "normal", [2, 17], 2, torch.float32,
                                                               torch.device("cpu")))
+    torch.library.opcheck(torch.ops.pyebm.rng_draw.default, (torch.Generator().manual_seed(1).get_state(), 0,
+                                                              "uniform", [3], 1, torch.float64, torch.device("cpu")))
 
 
 def test_rng_draw_checks_its_arguments():
@@ -136,6 +138,8 @@ def test_rng_draw_checks_its_arguments():
         torch.ops.pyebm.rng_draw(None, 0, "normal", [2], 1, torch.int32, cpu)
     with pytest.raises(ValueError, match="count must be >= 1"):
         torch.ops.pyebm.rng_draw(None, 0, "normal", [2], 0, torch.float32, cpu)
+    with pytest.raises(ValueError, match="state has 16 bytes, but a generator on cpu has a state of 5056 bytes"):
+        torch.ops.pyebm.rng_draw(torch.zeros(16, dtype=torch.uint8), 0, "normal", [2], 1, torch.float32, cpu)
 
 
 # -- torch.compile(fullgraph=True) --------------------------------------------------------------------
@@ -200,6 +204,109 @@ def test_compile_generator_object_that_must_draw_says_what_to_do():
                        backend="aot_eager")
     with pytest.raises(Exception, match="pass generator as an int seed"):
         fn(torch.randn(3, 6), g)
+
+
+# -- a generator's state tensor: the eager numbers of that generator, the state advanced in place ---------------
+
+STATE_CASES = {
+    "minimize-whole-loop": lambda: (lambda e, cfg: (e, lambda x, g: pyebm.minimize(e, x, candidates=3, config=cfg,
+                                                                                   generator=g)))(
+        _mlp(), pyebm.Descent(steps=5, noise="langevin", noise_scale=0.1, lower=-2.0, upper=2.0)),
+    "minimize-per-step": lambda: (lambda e, cfg: (e, lambda x, g: pyebm.minimize(e, x, candidates=3, config=cfg,
+                                                                                 generator=g)))(
+        _mlp(hidden=(8, 8)), pyebm.Descent(steps=4, step_size=0.05, normalize="rms", noise="pre",
+                                           noise_scale=0.05, selection="sample")),
+    "act-ibc": lambda: (lambda pol: (pol.energy, lambda o, g: pol.act(o, generator=g)))(
+        EnergyPolicy.ibc(action_dim=2, obs_dim=3, horizon=2, hidden=(16,), candidates=5, steps=4)),
+    "think": lambda: (lambda m: (m, lambda t, g: m.think(t, samples=2, noise=0.3, generator=g)))(
+        EBT(vocab_size=11, embedding_dim=8, num_transformer_blocks=1, multiheaded_attention_heads=2,
+            context_length=8)),
+}
+STATE_INPUTS = {"minimize-whole-loop": (torch.randn(4, 6), torch.randn(7, 6)),
+                "minimize-per-step": (torch.randn(3, 6), torch.randn(5, 6)),
+                "act-ibc": (torch.randn(3, 2, 3), torch.randn(6, 2, 3)),
+                "think": (torch.randint(0, 11, (3, 5)), torch.randint(0, 11, (2, 5)))}
+
+
+class _WrapState(torch.nn.Module):
+    def __init__(self, model, fn):
+        super().__init__()
+        self.model, self.fn = model, fn
+
+    def forward(self, x, state):
+        return self.fn(x, state)
+
+
+def _check_state_calls(run, fn, inputs, seed):
+    """Calls of ``run(x, state)`` one after the other: each draws what ``fn(x, g)`` draws eagerly with the
+    generator g that the state came from, and leaves the state where g is after the eager call."""
+    g = torch.Generator().manual_seed(seed)
+    eager = torch.Generator().manual_seed(seed)
+    state = g.get_state()
+    outs = []
+    for x in inputs:
+        got = run(x, state)
+        assert_same(got, fn(x, eager))
+        assert torch.equal(state, eager.get_state())  # advanced in place, as the eager generator
+        outs.append(got)
+    g.set_state(state)  # the caller's generator: where the eager calls left theirs
+    assert torch.equal(g.get_state(), eager.get_state())
+    return outs
+
+
+@pytest.mark.parametrize("name", list(STATE_CASES))
+def test_compile_fullgraph_generator_state_draws_the_generators_numbers(name):
+    """A generator made outside the compiled region drives the draws through its state tensor: the eager numbers
+    of that generator (aot_eager: bit for bit), fresh numbers on every call, the state advanced as eagerly."""
+    _, fn = STATE_CASES[name]()
+    x, x2 = STATE_INPUTS[name]
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    first, second, _ = _check_state_calls(compiled, fn, (x, x, x2), seed=11)
+    assert not torch.equal(_leaves(first)[0], _leaves(second)[0])  # the same input, fresh draws
+
+
+def test_compile_inductor_generator_state():
+    """Inductor: the same draws (the op is called as traced), float ops between them within rounding."""
+    _, fn = STATE_CASES["minimize-per-step"]()
+    x, _ = STATE_INPUTS["minimize-per-step"]
+    g, eager = torch.Generator().manual_seed(2), torch.Generator().manual_seed(2)
+    state = g.get_state()
+    compiled = torch.compile(fn, fullgraph=True)
+    for _ in range(2):
+        assert_same(compiled(x, state), fn(x, eager), exact=False)
+        assert torch.equal(state, eager.get_state())
+
+
+@pytest.mark.parametrize("strict", [False, True], ids=["nonstrict", "strict"])
+@pytest.mark.parametrize("name", list(STATE_CASES))
+def test_export_generator_state_is_an_input_advanced_in_place(name, strict):
+    """The state is an input of the exported program (a dynamic batch): every run draws the eager numbers of the
+    generator it came from and advances the state, whatever state is passed (not the export-time one)."""
+    model, fn = STATE_CASES[name]()
+    x, x2 = STATE_INPUTS[name]
+    example = torch.Generator().manual_seed(99).get_state()
+    ep = torch.export.export(_WrapState(model, fn), (x, example), strict=strict,
+                             dynamic_shapes=({0: torch.export.Dim("batch")}, None))
+    assert not any(_fakes_in(v) for v in ep.constants.values())
+    _check_state_calls(ep.module(), fn, (x, x2, x), seed=4)
+
+
+def test_generator_state_errors():
+    e = _mlp()
+    cfg = pyebm.Descent(steps=3, noise="langevin")
+    x = torch.randn(3, 6)
+    with pytest.raises(TypeError, match=r"minimize: generator is a tensor; .* traced by torch.compile or "
+                                        r"torch.export only; eagerly, pass the torch.Generator itself"):
+        pyebm.minimize(e, x, candidates=2, config=cfg, generator=torch.Generator().get_state())
+    for state, message in [(torch.zeros(5056), "a generator state must be a 1-d uint8 CPU tensor"),
+                           # a CUDA generator's state for CPU candidates
+                           (torch.zeros(16, dtype=torch.uint8), "state has 16 bytes, but a generator on cpu has a "
+                                                                "state of 5056 bytes")]:
+        torch._dynamo.reset()  # a fresh compile: the state's size is not made dynamic by the call before
+        fn = torch.compile(lambda x, s: pyebm.minimize(e, x, candidates=2, config=cfg, generator=s),
+                           fullgraph=True, backend="aot_eager")
+        with pytest.raises(Exception, match=message):
+            fn(x, state)
 
 
 def test_compile_global_generator_same_draws():
@@ -380,3 +487,20 @@ def test_compile_and_export_on_cuda_draw_the_seeds_numbers():
     assert_same(torch.compile(fn, fullgraph=True, backend="aot_eager")(x), fn(x))
     ep = torch.export.export(_Wrap(e, fn), (x,), dynamic_shapes=({0: torch.export.Dim("batch")},))
     assert_same(ep.module()(x2), fn(x2))
+
+
+@pytest.mark.gpu
+def test_compile_and_export_on_cuda_draw_a_cuda_generators_numbers_from_its_state():
+    """A CUDA generator's state (16 bytes: seed and offset) drives the traced draws as on the CPU. Written for a
+    GPU; not yet run on one."""
+    e = _mlp().cuda()
+    cfg = pyebm.Descent(steps=4, noise="langevin", noise_scale=0.1)
+    fn = lambda x, g: pyebm.minimize(e, x, candidates=3, config=cfg, generator=g)  # noqa: E731
+    x = torch.randn(4, 6, device="cuda")
+    g, eager = torch.Generator("cuda").manual_seed(3), torch.Generator("cuda").manual_seed(3)
+    state = g.get_state()
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    ep = torch.export.export(_WrapState(e, fn), (x, state.clone()))
+    for run in (compiled, ep.module()):
+        assert_same(run(x, state), fn(x, eager))
+        assert torch.equal(state, eager.get_state())

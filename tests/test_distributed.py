@@ -1,4 +1,5 @@
-"""``pyebm.distributed.minimize`` on two gloo ranks (CPU processes) against single-process ``pyebm.minimize``.
+"""``pyebm.distributed.minimize``, ``pyebm.minimize(..., process_group=)`` and ``EnergyPolicy.act(...,
+process_group=)`` on two gloo ranks (CPU processes) against single-process ``pyebm.minimize`` / ``act``.
 
 The ranks run ``tests/distributed_worker.py`` once per module (every case and error case in one process
 group); each test compares what they saved with a single-process call made here from the same case.
@@ -202,6 +203,126 @@ def test_errors_reach_every_rank(ranks, name):
 
     assert set(ERRORS) == set(worker.ERRORS)
     for r, (kind, pattern) in enumerate(ERRORS[name]):
+        got = ranks(name, r)
+        assert got["error"] == kind, got
+        assert re.search(pattern, got["message"]), got["message"]
+
+
+# -- pyebm.minimize(..., process_group=) ------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["mlp_min", "mlp_max_gap", "autograd_init_mask", "sample", "record"])
+def test_minimize_with_process_group_equals_single_process(ranks, name):
+    """pyebm.minimize delegates to the sharded descent: the same result as pyebm.distributed.minimize (bit for
+    bit: the same code) and as one process, and the same all-gathers."""
+    ref = _reference(name)
+    K = ref.y.shape[1]
+    for r in range(WORLD):
+        got, direct = ranks(f"pg_{name}", r), ranks(name, r)
+        for key, value in got.items():
+            if isinstance(value, torch.Tensor):
+                assert torch.equal(value, direct[key]) or torch.equal(value.isnan(), direct[key].isnan()) and \
+                    torch.equal(value.nan_to_num(), direct[key].nan_to_num()), key
+            else:
+                assert value == direct[key], key
+        start, stop = shard_range(K, r, WORLD)
+        assert torch.equal(got["best_index"], ref.best_index)
+        _close(got["best"], ref.best)
+        _close(got["best_energy"], ref.best_energy)
+        _close(got["y"], ref.y[:, start:stop])
+        assert ranks(f"pg_{name}_sent", r) == ranks(f"{name}_sent", r)
+
+
+MINIMIZE_ERRORS = {
+    "pg_cuda_graph": [("ValueError", r"minimize\(process_group=...\): cuda_graph=True")] * 2,
+    "pg_snapshots": [("ValueError", r"minimize\(process_group=...\): snapshots are not collected")] * 2,
+    "pg_snapshots_rank1": [("ValueError", r"minimize\(process_group=...\): the arguments were invalid on "
+                                          r"rank\(s\) \[1\]"),
+                           ("ValueError", r"snapshots are not collected")],
+    "pg_final_energy": [("ValueError", r"final_energy=False skips the final energies")] * 2,
+    "pg_dfo": [("ValueError", r"minimize\(process_group=...\): config.method 'dfo'")] * 2,
+    "pg_tol_all": [("ValueError", r"config.tol_scope 'all'")] * 2,
+    "pg_bad_group": [("TypeError", r"minimize\(process_group=...\): process_group must be a "
+                                   r"torch.distributed.ProcessGroup")] * 2,
+}
+
+
+@pytest.mark.parametrize("name", sorted(MINIMIZE_ERRORS))
+def test_minimize_with_process_group_refuses_on_every_rank(ranks, name):
+    import re
+
+    assert set(MINIMIZE_ERRORS) == set(worker.MINIMIZE_ERRORS) | {"pg_bad_group"}
+    for r, (kind, pattern) in enumerate(MINIMIZE_ERRORS[name]):
+        got = ranks(name, r)
+        assert got["error"] == kind, got
+        assert re.search(pattern, got["message"]), got["message"]
+
+
+def test_minimize_without_process_group_needs_no_group():
+    energy, x, kw = worker.case("mlp_min")
+    assert isinstance(pyebm.minimize(energy, x, **kw, process_group=None), pyebm.DescentResult)
+
+
+# -- EnergyPolicy.act(..., process_group=) ----------------------------------------------------------------
+
+def _act_reference(name):
+    policy, obs, kw = worker.act_case(name)
+    actions = policy.act(obs, **kw)
+    return policy, obs, actions
+
+
+@pytest.mark.parametrize("name", ["act_mlp", "act_init", "act_ebt", "act_warm"])
+def test_act_with_process_group_equals_single_process(ranks, name):
+    policy, obs, actions = _act_reference(name)
+    ref = policy.last_result
+    K = policy.candidates
+    for r in range(WORLD):
+        got = ranks(name, r)
+        start, stop = shard_range(K, r, WORLD)
+        assert (got["start"], got["stop"]) == (start, stop)
+        assert torch.equal(got["best_index"], ref.best_index)
+        _close(got["actions"], actions)
+        _close(got["chunk"], ref.chunk)
+        _close(got["best_energy"], ref.best_energy)
+        # this rank's candidates: the single-process candidates start:stop
+        _close(got["y"], ref.y[:, start:stop])
+        _close(got["energy"], ref.energy[:, start:stop])
+        assert torch.equal(got["steps"], ref.steps[:, start:stop])
+        assert torch.equal(got["status"], ref.status[:, start:stop])
+    for key in ("actions", "best_index"):
+        assert torch.equal(ranks(name, 0)[key], ranks(name, 1)[key])
+    if name == "act_warm":  # the second act starts candidate 0 from the first's chunk, on every rank alike
+        second = policy.act(obs.flip(0), generator=6)
+        for r in range(WORLD):
+            got = ranks("act_warm_second", r)
+            _close(got["actions"], second)
+            assert torch.equal(got["best_index"], policy.last_result.best_index)
+
+
+def test_act_with_process_group_sends_best_pairs_and_winners_only(ranks):
+    """Per observation each rank sends its best (score, energy, chunk) and (flag, global index), never its
+    candidates' chunks."""
+    policy, obs, _ = worker.act_case("act_mlp")
+    B, D = obs.shape[0], policy.horizon * policy.action_dim
+    for r in range(WORLD):
+        assert ranks("act_mlp_sent", r) == [(8,), (1 + B,), (B, 2 + D)]
+
+
+ACT_ERRORS = {
+    "act_recovery": [("ValueError", r"EnergyPolicy.act: process_group cannot be combined with recovery_threshold")] * 2,
+    "act_recovery_rank1": [("ValueError", r"EnergyPolicy.act: the arguments were invalid on rank\(s\) \[1\]"),
+                           ("ValueError", r"cannot be combined with recovery_threshold")],
+    "act_nan_rank1": [("ValueError", r"invalid on rank\(s\) \[1\]"),
+                      ("ValueError", r"obs contains NaN or Inf \(batch rows \[1\]\)")],
+    "act_dfo": [("ValueError", r"EnergyPolicy.act: config.method 'dfo'")] * 2,
+}
+
+
+@pytest.mark.parametrize("name", sorted(ACT_ERRORS))
+def test_act_with_process_group_refuses_on_every_rank(ranks, name):
+    import re
+
+    assert set(ACT_ERRORS) == set(worker.ACT_ERRORS)
+    for r, (kind, pattern) in enumerate(ACT_ERRORS[name]):
         got = ranks(name, r)
         assert got["error"] == kind, got
         assert re.search(pattern, got["message"]), got["message"]

@@ -427,3 +427,14 @@ def test_bad_input():
         EBT(vocab_size=V, embedding_dim=30, multiheaded_attention_heads=4)
     with pytest.raises(ValueError, match="ebt_type must be one of"):
         EBT(vocab_size=V, embedding_dim=32, multiheaded_attention_heads=4, ebt_type="adaln")
+
+
+def test_energy_calls_refuse_torch_func_transforms():
+    """An inference call's output is a constant to torch.func: a gradient of it would be a silent zero."""
+    model = make_model()
+    ctx = model.prepare(rand_tokens(2, 6))
+    y = torch.softmax(torch.randn(2, 4, V, dtype=torch.float64), -1)
+    for call in (model.energy, lambda c, v: model.energy_and_grad(c, v)[0]):
+        with pytest.raises(RuntimeError, match="torch.func"):
+            torch.func.grad(lambda v: call(ctx, v).sum())(y)
+    assert model.energy(ctx, y).shape == (2, 4)  # eager calls are unaffected

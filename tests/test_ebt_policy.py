@@ -668,3 +668,18 @@ def test_whole_loop_op_bad_arguments():
         call(eta=eta[:0])
     with pytest.raises(ValueError, match="tol_scope 'all' is not combined with gradient clipping"):
         call(tol=1e-3, tol_scope="all", grad_clip=1.0)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_energy_calls_are_differentiable_under_torch_func(backend):
+    """Inside torch.func transforms the inference calls go through the training forward: torch.func.grad of
+    the energy is the input gradient (not the zero of a constant), vmap gives the batched values."""
+    m = make_model(backend=backend)
+    obs = torch.randn(2, m.n_obs_steps, m.cond_dim, dtype=torch.float64)
+    ctx = m.prepare(obs)
+    y = torch.randn(2, 4, m.horizon, m.action_dim, dtype=torch.float64)
+    E, G = m.energy_and_grad(ctx, y)
+    assert torch.allclose(torch.func.grad(lambda v: m.energy(ctx, v).sum())(y), G)
+    assert torch.allclose(torch.func.grad(lambda v: m.energy_and_grad(ctx, v)[0].sum())(y), G)
+    E2, G2 = torch.func.vmap(lambda v: m.energy_and_grad(ctx, v), in_dims=1, out_dims=1)(y.unsqueeze(2))
+    assert torch.allclose(E2[:, :, 0], E) and torch.allclose(G2[:, :, 0], G)

@@ -186,6 +186,54 @@ def test_plan_is_not_used_under_torch_compile():
     assert_bitwise(f(ctx, y), m.energy_and_grad(ctx, y))
 
 
+
+def test_plan_refuses_what_the_op_path_must_see():
+    """The plan's own eager checks (C++): a dispatch mode records the op, a tensor subclass and a Parameter go
+    to the op path, a torch.func transform differentiates the call (torch.jit.trace: test_api_errors)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    torch.manual_seed(4)
+    m = pyebm.MLPEnergy(3, 4, hidden=(16,)).double()
+    x, y = torch.randn(2, 3, dtype=torch.float64), torch.randn(2, 5, 4, dtype=torch.float64)
+    ctx = m.prepare(x)
+    want = m.energy_and_grad(ctx, y)
+    plan = m.cpu_plan()
+    assert plan.energy_and_grad(ctx, y) is not None  # the plan takes the plain eager call
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with Record() as rec:
+        assert plan.energy_and_grad(ctx, y) is None
+        got = m.energy_and_grad(ctx, y)
+    assert "pyebm.mlp_energy_grad.default" in rec.ops
+    assert_bitwise(got, want)
+
+    class Sub(torch.Tensor):
+        pass
+
+    for yy in (y.as_subclass(Sub), nn.Parameter(y.clone())):
+        assert plan.energy_and_grad(ctx, yy) is None and plan.energy(ctx, yy) is None
+        assert torch.allclose(m.energy_and_grad(ctx, yy)[1].as_subclass(torch.Tensor), want[1])
+
+    # torch.func: the gradient of the energy call is its input gradient (not the zero of a constant), and the
+    # gradient of energy_and_grad's gradient is the Hessian-vector product of the training forward
+    g = torch.func.grad(lambda v: m.energy(ctx, v).sum())(y)
+    assert torch.allclose(g, want[1])
+    hv = torch.func.grad(lambda v: m.energy_and_grad(ctx, v)[1].sum())(y)
+    yy = y.clone().requires_grad_()
+    (g1,) = torch.autograd.grad(m(x, yy).sum(), yy, create_graph=True)
+    assert torch.allclose(hv, torch.autograd.grad(g1.sum(), yy)[0])
+    E2, G2 = torch.func.vmap(lambda v: m.energy_and_grad(ctx, v), in_dims=1, out_dims=1)(y.unsqueeze(2))
+    assert torch.allclose(E2[:, :, 0], want[0]) and torch.allclose(G2[:, :, 0], want[1])
+
+
 # -- minimize's one-call path -------------------------------------------------------------------------
 
 @pytest.fixture

@@ -404,6 +404,55 @@ def test_what_save_refuses(tmp_path):
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()  # nothing written
 
 
+# -- an energy's inference configuration -----------------------------------------------------------------
+
+def test_energy_saved_with_its_inference_configuration(tmp_path):
+    from pyebm.pretrained import inference_config
+
+    torch.manual_seed(0)
+    m = MLPEnergy(4, 3, hidden=(8, 8))
+    cfg = Descent.ibc_langevin(lower=[-1.0, -2.0, -0.5], upper=1.0, steps=3)
+    m.save_pretrained(tmp_path / "a", descent=cfg, candidates=7)
+    got_cfg, K = inference_config(tmp_path / "a")
+    assert got_cfg == cfg and K == 7
+    x = torch.randn(2, 4)
+    loaded = MLPEnergy.from_pretrained(tmp_path / "a")  # the entry does not change what loads
+    assert torch.equal(minimize(loaded, x, K, got_cfg, generator=0).best, minimize(m, x, K, cfg, generator=0).best)
+    m.save_pretrained(tmp_path / "b", candidates=3)  # the default Descent
+    assert inference_config(tmp_path / "b") == (Descent(), 3)
+    m.save_pretrained(tmp_path / "c", descent=cfg)  # one candidate
+    assert inference_config(tmp_path / "c") == (cfg, 1)
+    m.save_pretrained(tmp_path / "d")
+    assert inference_config(tmp_path / "d") is None
+    policy = EnergyPolicy(m, cfg, candidates=2, horizon=3, action_dim=1)
+    policy.save_pretrained(tmp_path / "e")
+    assert inference_config(tmp_path / "e") is None  # a policy's configuration is part of the policy
+
+
+def test_inference_configuration_errors(tmp_path):
+    from pyebm.pretrained import inference_config
+
+    m = MLPEnergy(4, 3, hidden=(8,))
+    with pytest.raises(ValueError, match="candidates must be an int >= 1 or None; got 0"):
+        m.save_pretrained(tmp_path / "x", candidates=0)
+    with pytest.raises(TypeError, match="descent must be a pyebm.Descent or None; got dict"):
+        m.save_pretrained(tmp_path / "x", descent={"steps": 3})
+    policy = EnergyPolicy(m, Descent(), candidates=2, horizon=3, action_dim=1)
+    with pytest.raises(ValueError, match="EnergyPolicy saves its own Descent and candidates"):
+        policy.save_pretrained(tmp_path / "x", candidates=4)
+    assert not (tmp_path / "x").exists()
+    m.save_pretrained(tmp_path, descent=Descent.gd(steps=2), candidates=2)
+    edit_config(tmp_path, lambda c: c["inference"].update(candidates=True))
+    with pytest.raises(ValueError, match="has candidates True; expected an int >= 1"):
+        inference_config(tmp_path)
+    edit_config(tmp_path, lambda c: c["inference"].update(candidates=2, descent={"steps": -1}))
+    with pytest.raises(ValueError, match="holds an invalid descent"):
+        inference_config(tmp_path)
+    edit_config(tmp_path, lambda c: c.update(inference=[1, 2]))
+    with pytest.raises(ValueError, match="must be an object with \"descent\" and \"candidates\""):
+        inference_config(tmp_path)
+
+
 # -- devices ------------------------------------------------------------------------------------------
 
 def test_device_argument_moves_the_weights(saved):

@@ -1,6 +1,7 @@
 """``pyebm serve`` end to end: a local Ray Serve on the loopback, 64 concurrent HTTP requests.
 
-Checks: every answer equals a direct ``act`` on the same observation and seed (a descent without further
+Checks: every answer equals a direct ``act`` (a policy, an adapter) or ``minimize`` (a bare MLPEnergy saved
+with its inference configuration) on the same observation or context and seed (a descent without further
 draws), batches larger than one are formed, and bad requests sent in the same window get HTTP 400 with the
 reason while the requests around them succeed. Ray is started once for the module and shut down at its end.
 """
@@ -77,15 +78,23 @@ def policies(tmp_path_factory):
                                          horizon=2, action_dim=2, n_obs_steps=2, bounds=(-1.0, 1.0)),
                             observation_stats={"mean": torch.tensor([0.5, -0.5, 0.0]), "std": torch.tensor([2.0, 1.0, 0.5])},
                             action_stats={"min": torch.tensor([-2.0, 0.0]), "max": torch.tensor([2.0, 1.0])})
-    dirs = {"policy": tmp_path_factory.mktemp("policy"), "adapter": tmp_path_factory.mktemp("adapter")}
+    dirs = {"policy": tmp_path_factory.mktemp("policy"), "adapter": tmp_path_factory.mktemp("adapter"),
+            "energy": tmp_path_factory.mktemp("energy")}
     policy.save_pretrained(dirs["policy"])
     adapter.save_pretrained(dirs["adapter"])
-    return {"policy": (policy, dirs["policy"]), "adapter": (adapter, dirs["adapter"])}
+    bare = MLPEnergy(5, 3, hidden=(16, 16))
+    bare.save_pretrained(dirs["energy"], descent=ENERGY_DESCENT, candidates=6)
+    return {"policy": (policy, dirs["policy"]), "adapter": (adapter, dirs["adapter"]),
+            "energy": (bare, dirs["energy"])}
+
+
+ENERGY_DESCENT = Descent.gd(steps=4, step_size=0.1, lower=-1.0, upper=1.0, init="uniform")
 
 
 @pytest.fixture(scope="module")
 def server(policies):
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # logical CPUs for Ray's bookkeeping (three deployments of half a CPU and the bench test's of one)
+    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)
     port = free_port()
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -97,6 +106,9 @@ def server(policies):
         serve.run(build_app(policies["adapter"][1], max_batch_size=16, batch_wait_timeout_s=0.25, name="adapter",
                             ray_actor_options={"num_cpus": 0.5}),
                   name="adapter", route_prefix="/adapter")
+        serve.run(build_app(policies["energy"][1], max_batch_size=16, batch_wait_timeout_s=0.25, name="energy",
+                            ray_actor_options={"num_cpus": 0.5}),
+                  name="energy", route_prefix="/energy")
         yield f"http://127.0.0.1:{port}"
     finally:
         serve.shutdown()
@@ -153,6 +165,39 @@ def test_bad_requests_fail_alone(server, policies):
     assert max(body.get("batch_size", 0) for _, body in answers) > 1
 
 
+def test_energy_requests_are_batched_into_minimize_and_bad_ones_fail_alone(server, policies):
+    energy, _ = policies["energy"]
+    status, info = get(server + "/energy/info")
+    assert status == 200 and info["route"] == "/minimize" and info["candidates"] == 6
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(N, 5, generator=g)
+    inits = {i: (torch.rand(6, 3, generator=g) - 0.5) for i in range(0, N, 8)}
+    bodies = [{"context": x[i].tolist(), "seed": 500 + i, **({"init": inits[i].tolist()} if i in inits else {})}
+              for i in range(N)]
+    bad = {3: {"context": [1.0, 2.0]},                                        # wrong shape
+           20: {"context": [1.0, 2.0, float("nan"), 0.0, 0.0], "seed": 1},    # NaN (Python's JSON writes NaN)
+           33: {"context": x[33].tolist(), "init": [[0.0, 0.0, 0.0]] * 2},    # init of the wrong shape
+           47: {"observation": x[47].tolist()}}                               # the policy's field
+    for i, b in bad.items():
+        bodies[i] = b
+    answers = concurrently(f"{server}/energy/minimize", bodies)
+    reasons = {3: "context has shape [2]", 20: "NaN", 33: "init has shape [2, 3]", 47: "unknown fields"}
+    for i, (status, body) in enumerate(answers):
+        if i in bad:
+            assert status == 400 and reasons[i] in body["error"], (i, status, body)
+            continue
+        assert status == 200, (i, body)
+        direct = pyebm.minimize(energy, x[i:i + 1], 6, ENERGY_DESCENT,
+                                init=inits[i][None] if i in inits else None, generator=500 + i)
+        torch.testing.assert_close(torch.tensor(body["y"], dtype=torch.float32), direct.best[0], rtol=1e-5, atol=1e-6)
+        assert body["index"] == int(direct.best_index[0]) and body["seed"] == 500 + i
+        assert body["energy"] == pytest.approx(float(direct.best_energy[0]), rel=1e-5, abs=1e-6)
+    sizes = [body["batch_size"] for status, body in answers if status == 200]
+    assert max(sizes) > 1 and max(sizes) <= 16, sizes
+    status, body = post(f"{server}/energy/act", {"context": x[0].tolist()})
+    assert status == 404 and "POST /minimize" in body["error"]
+
+
 def test_bench_serve_reports_latency_throughput_and_batch_sizes(server, policies, tmp_path):
     """`pyebm bench serve MODEL_DIR` in this process: it reuses the running Ray and Serve (their port), deploys
     its own application, loads it and takes it down again."""
@@ -169,3 +214,15 @@ def test_bench_serve_reports_latency_throughput_and_batch_sizes(server, policies
     assert sum(sizes.values()) == 64 and max(sizes) <= 8
     assert all(v % k == 0 for k, v in sizes.items())  # a batch of k answers k requests
     assert "pyebm-bench" not in serve.status().applications  # taken down again
+
+
+def test_bench_serve_takes_an_energy_directory(server, policies, tmp_path):
+    from pyebm.cli import main
+
+    out = tmp_path / "serve.json"
+    port = server.rsplit(":", 1)[1]
+    assert main(["bench", "serve", str(policies["energy"][1]), "--requests", "16", "--clients", "8",
+                 "--max-batch-size", "8", "--port", port, "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert (r["requests"], r["ok"], r["errors"]) == (16, 16, 0)
+    assert "pyebm-bench" not in serve.status().applications

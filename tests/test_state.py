@@ -122,3 +122,25 @@ def test_packed_state_is_rebuilt_on_change_and_never_copied():
     _state.packed(m, "k", lambda: ["a.weight"], build)
     pyebm.repack(m)
     assert m._pyebm_packed == {}
+
+
+def test_packs_current_sees_in_place_writes_that_keep_every_address():
+    """What a captured CUDA graph reading packs checks before a replay (minimize / EnergyPolicy cuda_graph)."""
+    outer = torch.nn.Sequential(Net())  # packs on a submodule count
+    inner = outer[0]
+    assert _state.packs_current(outer)  # no packs yet
+    _state.packed(inner, "k", lambda: ["a.weight"], lambda ts: ts[0] * 2)
+    snap = _state.Snapshot(outer, [n for n, _ in outer.named_parameters()])
+    assert _state.packs_current(outer)
+    with torch.no_grad():
+        inner.a.weight.add_(1)  # an optimizer step: same storage, new version
+    assert snap.unchanged(versions=False)  # the addresses a graph reads are the same...
+    assert not _state.packs_current(outer)  # ...but the pack it reads is stale
+    _state.packed(inner, "k", lambda: ["a.weight"], lambda ts: ts[0] * 2)
+    assert _state.packs_current(outer)
+    py = _state._PySnapshot(inner, ["a.weight"])
+    inner.__dict__[_state.ATTR]["py"] = (py, None)  # the pure-Python snapshot counts too
+    assert _state.packs_current(outer)
+    with torch.no_grad():
+        inner.a.weight.mul_(2)
+    assert not _state.packs_current(outer)

@@ -15,8 +15,11 @@
 // None; the caller then runs the op path, which raises the documented error or converts.
 #include <torch/python.h>  // at::Tensor <-> torch.Tensor for pybind11
 
+#include <c10/core/impl/LocalDispatchKeySet.h>
+#include <c10/core/impl/TorchDispatchModeTLS.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
+#include <torch/csrc/jit/frontend/tracer.h>
 
 #include <memory>
 #include <string>
@@ -122,10 +125,17 @@ class MlpPlan {
     state_ = build(Snapshot(module, sources));
   }
 
-  // (E [B, K], dE/dy [B, K, D]), or None when the plan does not take these inputs as they are.
-  py::object energy_and_grad(const at::Tensor& ctx, const at::Tensor& y) { return evaluate(ctx, y, true); }
+  // (E [B, K], dE/dy [B, K, D]), or None when the plan does not take these inputs as they are, or the call is
+  // not an eager call on plain tensors (eager_plain).
+  py::object energy_and_grad(const py::handle& ctx, const py::handle& y) {
+    if (!eager_plain(ctx, y)) return py::none();
+    return evaluate(THPVariable_Unpack(ctx.ptr()), THPVariable_Unpack(y.ptr()), true);
+  }
   // E [B, K], or None.
-  py::object energy(const at::Tensor& ctx, const at::Tensor& y) { return evaluate(ctx, y, false); }
+  py::object energy(const py::handle& ctx, const py::handle& y) {
+    if (!eager_plain(ctx, y)) return py::none();
+    return evaluate(THPVariable_Unpack(ctx.ptr()), THPVariable_Unpack(y.ptr()), false);
+  }
 
   // The context term W_x x + b_1 [B, H1] for x [B, context_dim] (None when x does not fit), computed as
   // MLPEnergy.prepare computes it.
@@ -314,6 +324,18 @@ class MlpPlan {
   static const MlpDesc<T>& desc(const PlanState& st) {
     if constexpr (std::is_same<T, float>::value) return st.df;
     else return st.dd;
+  }
+
+  // pyebm._dispatch.eager_refusal(a, b) is None, in C++: both are exactly torch.Tensor (no subclass, no
+  // Parameter) and no torch.jit.trace, torch.func transform (it includes its front-mode dispatch key while it
+  // runs) or dispatch mode (user or infra: FakeTensorMode, make_fx, non-strict export) is active, so a call
+  // that bypasses the dispatcher computes what the ops would. torch.compile's Dynamo never gets here: it does
+  // not run pybind11 calls, and the Python layer asks torch.compiler.is_compiling() first.
+  static bool eager_plain(const py::handle& a, const py::handle& b) {
+    PyTypeObject* tensor = reinterpret_cast<PyTypeObject*>(THPVariableClass);
+    return Py_TYPE(a.ptr()) == tensor && Py_TYPE(b.ptr()) == tensor && !torch::jit::tracer::isTracing() &&
+           !c10::impl::tls_is_dispatch_key_included(c10::DispatchKey::FuncTorchDynamicLayerFrontMode) &&
+           !c10::impl::TorchDispatchModeTLS::any_modes_set();
   }
 
   static bool context_fits(const PlanState& st, const at::Tensor& x) {

@@ -26,6 +26,8 @@
 
 #include <pybind11/pybind11.h>
 
+#include <c10/util/SmallVector.h>
+
 #include <string>
 #include <utility>
 #include <vector>
@@ -47,15 +49,20 @@ class Snapshot {
       Slot s;
       if (!item.is_none()) {
         const std::string name = py::cast<std::string>(item);
+        // Every dotted prefix ("layers", "layers.0") is one node, shared by the sources under it, so a check
+        // resolves each submodule once however many sources it holds.
+        int parent = -1;
         size_t begin = 0;
         while (true) {
           const size_t dot = name.find('.', begin);
-          s.path.push_back(py::reinterpret_steal<py::object>(
-              PyUnicode_InternFromString(name.substr(begin, dot == std::string::npos ? std::string::npos : dot - begin)
-                                             .c_str())));
-          if (dot == std::string::npos) break;
+          if (dot == std::string::npos) {
+            s.key = intern(name.substr(begin));
+            break;
+          }
+          parent = node(parent, name.substr(0, dot), name.substr(begin, dot - begin));
           begin = dot + 1;
         }
+        s.parent = parent;
         s.name = name;
       }
       slots_.push_back(std::move(s));
@@ -74,9 +81,13 @@ class Snapshot {
   // written into them (what a captured CUDA graph, which reads every tensor at its address, needs).
   bool unchanged(bool versions = true) const {
     if (volatile_ && versions) return false;
+    const py::object root = this->root();
+    c10::SmallVector<py::object, 8> at(nodes_.size());  // nodes are in creation order: parents first
+    for (size_t i = 0; i < nodes_.size(); ++i)
+      at[i] = submodule(nodes_[i].parent < 0 ? root : at[nodes_[i].parent], nodes_[i].key.ptr());
     for (const Slot& s : slots_) {
-      if (s.path.empty()) continue;
-      const py::object now = resolve(s);
+      if (!s.key) continue;
+      const py::object now = leaf(s.parent < 0 ? root : at[s.parent], s.key.ptr());
       if (now.ptr() != s.seen.ptr() || (!now.is_none() && !same_tensor(s, versions))) return false;
     }
     return true;
@@ -88,7 +99,8 @@ class Snapshot {
 
  private:
   struct Slot {
-    std::vector<py::object> path;  // interned name parts
+    int parent = -1;  // the node of the module holding the source (-1: the root)
+    py::object key;   // interned last name part; empty for an absent source
     std::string name;
     py::object seen;  // what the source held when read
     const void* ptr = nullptr;
@@ -97,6 +109,22 @@ class Snapshot {
     at::ScalarType dtype = at::kFloat;
     at::Device device = at::kCPU;
   };
+  struct Node {
+    int parent;      // -1: a child of the root
+    std::string path;
+    py::object key;  // interned name part
+  };
+
+  static py::object intern(const std::string& s) {
+    return py::reinterpret_steal<py::object>(PyUnicode_InternFromString(s.c_str()));
+  }
+  // The node for the submodule at `path` (whose last part is `part`) under node `parent`, created once.
+  int node(int parent, const std::string& path, const std::string& part) {
+    for (size_t i = 0; i < nodes_.size(); ++i)
+      if (nodes_[i].path == path) return static_cast<int>(i);
+    nodes_.push_back(Node{parent, path, intern(part)});
+    return static_cast<int>(nodes_.size()) - 1;
+  }
 
   // Interned names of nn.Module's attribute dicts (created once, kept for the process's lifetime).
   static PyObject* interned(const char* s) { return PyUnicode_InternFromString(s); }
@@ -130,27 +158,40 @@ class Snapshot {
     return py::reinterpret_steal<py::object>(v);
   }
 
-  // The source's current value, resolved from the root.
-  py::object resolve(const Slot& s) const {
-    py::object obj = root_();
-    if (obj.is_none()) throw py::value_error("pyebm: the module of this snapshot no longer exists");
-    const size_t n = s.path.size();
-    for (size_t i = 0; i + 1 < n; ++i) {
-      PyObject* sub = member(obj.ptr(), modules_key(), s.path[i].ptr());
-      obj = sub != nullptr ? py::reinterpret_borrow<py::object>(sub) : getattr(obj.ptr(), s.path[i].ptr());
-    }
-    PyObject* key = s.path[n - 1].ptr();
+  py::object root() const {
+    PyObject* obj = PyWeakref_GetObject(root_.ptr());  // borrowed; Py_None once the module is gone
+    if (obj == nullptr) throw py::error_already_set();
+    if (obj == Py_None) throw py::value_error("pyebm: the module of this snapshot no longer exists");
+    return py::reinterpret_borrow<py::object>(obj);
+  }
+  // obj's submodule `key`: through _modules, else attribute access.
+  static py::object submodule(const py::object& obj, PyObject* key) {
+    PyObject* sub = member(obj.ptr(), modules_key(), key);
+    return sub != nullptr ? py::reinterpret_borrow<py::object>(sub) : getattr(obj.ptr(), key);
+  }
+  // obj's tensor `key`: _parameters, then _buffers, then attribute access.
+  static py::object leaf(const py::object& obj, PyObject* key) {
     for (PyObject* d : {parameters_key(), buffers_key()}) {
       PyObject* v = member(obj.ptr(), d, key);
       if (v != nullptr) return py::reinterpret_borrow<py::object>(v);
     }
     return getattr(obj.ptr(), key);
   }
+  // The source's current value, resolved from the root.
+  py::object resolve(const Slot& s) const {
+    if (s.parent < 0) return leaf(root(), s.key.ptr());
+    // the chain of nodes from the root down to the source's module
+    c10::SmallVector<int, 8> chain;
+    for (int n = s.parent; n >= 0; n = nodes_[n].parent) chain.push_back(n);
+    py::object obj = root();
+    for (auto it = chain.rbegin(); it != chain.rend(); ++it) obj = submodule(obj, nodes_[*it].key.ptr());
+    return leaf(obj, s.key.ptr());
+  }
 
   static bool same_tensor(const Slot& s, bool versions) {
     const at::Tensor& t = THPVariable_Unpack(s.seen.ptr());
-    return t.data_ptr() == s.ptr && (!versions || t._version() == s.version) && t.storage_offset() == s.offset &&
-           t.sizes().equals(s.sizes) && t.strides().equals(s.strides) && t.scalar_type() == s.dtype &&
+    return t.const_data_ptr() == s.ptr && (!versions || t._version() == s.version) &&
+           t.storage_offset() == s.offset && t.sizes().equals(s.sizes) && t.strides().equals(s.strides) && t.scalar_type() == s.dtype &&
            t.device() == s.device;
   }
 
@@ -159,7 +200,7 @@ class Snapshot {
     aliases_.reserve(slots_.size());
     volatile_ = false;
     for (Slot& s : slots_) {
-      if (s.path.empty()) {
+      if (!s.key) {
         aliases_.emplace_back();
         continue;
       }
@@ -173,7 +214,7 @@ class Snapshot {
       const at::Tensor& t = THPVariable_Unpack(v);
       TORCH_CHECK(t.layout() == at::kStrided && t.has_storage(), "pyebm: ", s.name,
                   " must be a dense (strided) tensor; got layout ", t.layout());
-      s.ptr = t.data_ptr();
+      s.ptr = t.const_data_ptr();
       if (t.is_inference()) {
         volatile_ = true;  // no version counter: never unchanged
         s.version = 0;
@@ -190,6 +231,7 @@ class Snapshot {
   }
 
   py::weakref root_;
+  std::vector<Node> nodes_;
   std::vector<Slot> slots_;
   std::vector<at::Tensor> aliases_;
   bool volatile_ = false;  // holds an inference tensor: never unchanged

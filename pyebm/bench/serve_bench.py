@@ -5,9 +5,11 @@ its Serve too, then ``--port`` must be its port), fires ``--requests`` requests 
 threads (each sends its next request as soon as its previous one is answered), and reports the latency
 percentiles p50 / p99 (milliseconds, per request, from sending to the whole answer read), the throughput
 (requests answered per second of wall time) and the batch sizes the server formed (from each answer's
-``batch_size``). Without MODEL_DIR a small IBC policy (MLPEnergy, 2 x 64 hidden, 16 candidates, 10
-Langevin steps) is built and saved in a temporary folder. ``--clients`` warm-up requests run first and are
-not counted.
+``batch_size``). MODEL_DIR is anything ``pyebm serve`` serves (a saved policy or adapter: ``POST /act``; a
+bare energy saved with its inference configuration: ``POST /minimize``); the requests are random
+observations or contexts of an accepted shape. Without MODEL_DIR a small IBC policy (MLPEnergy, 2 x 64
+hidden, 16 candidates, 10 Langevin steps) is built and saved in a temporary folder. ``--clients`` warm-up
+requests run first and are not counted.
 """
 from __future__ import annotations
 
@@ -29,7 +31,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("pyebm bench serve [MODEL_DIR]", "load test of pyebm serve (see pyebm.bench.serve_bench)")
     g.add_argument("--requests", type=int, default=512, metavar="N", help="requests counted (512)")
     g.add_argument("--clients", type=int, default=64, metavar="M", help="concurrent client threads (64)")
-    g.add_argument("--max-batch-size", type=int, default=32, metavar="N", help="server: requests per act() (32)")
+    g.add_argument("--max-batch-size", type=int, default=32, metavar="N",
+                   help="server: requests per act() / minimize() (32)")
     g.add_argument("--batch-wait-timeout-s", type=float, default=0.01, metavar="S",
                    help="server: seconds to wait to fill a batch (0.01)")
     g.add_argument("--replicas", type=int, default=1, metavar="N", help="server: replicas (1)")
@@ -117,22 +120,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _observation_shape(model_dir: str) -> tuple:
-    from pyebm.serving import PolicyServer
-
-    p = PolicyServer(model_dir).policy
-    if p.flat:
-        return (p.n_obs_steps, p.energy.context_dim // p.n_obs_steps)
-    return (p.n_obs_steps, getattr(p.energy, "cond_dim", 1))
-
-
 def bench(model_dir: str, *, requests: int = 512, clients: int = 64, max_batch_size: int = 32,
           batch_wait_timeout_s: float = 0.01, replicas: int = 1, device: str = "cpu", port: int = 0) -> Dict[str, Any]:
     """Deploy ``model_dir`` on a local Ray Serve, run ``load_test``, take the deployment down again."""
     import ray
     import torch
 
-    from pyebm.serving import _ray_serve, build_app
+    from pyebm.serving import _ray_serve, build_app, make_server
 
     serve = _ray_serve()
     for name, v in (("requests", requests), ("clients", clients)):
@@ -140,7 +134,7 @@ def bench(model_dir: str, *, requests: int = 512, clients: int = 64, max_batch_s
             raise ValueError(f"pyebm bench serve: --{name} must be >= 1; got {v}")
     app = build_app(model_dir, max_batch_size=max_batch_size, batch_wait_timeout_s=batch_wait_timeout_s,
                     replicas=replicas, device=device, name="pyebm-bench")
-    shape = _observation_shape(model_dir)
+    server = make_server(model_dir)  # the requests it takes: random ones of the accepted shape
     started_ray = not ray.is_initialized()
     if started_ray:
         ray.init(num_cpus=max(2, replicas), include_dashboard=False, log_to_driver=False)
@@ -148,10 +142,9 @@ def bench(model_dir: str, *, requests: int = 512, clients: int = 64, max_batch_s
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(app, name="pyebm-bench", route_prefix="/pyebm-bench")
-        url = f"http://127.0.0.1:{port}/pyebm-bench/act"
+        url = f"http://127.0.0.1:{port}/pyebm-bench/{server.route}"
         g = torch.Generator().manual_seed(0)
-        bodies = [{"observation": torch.randn(shape, generator=g).tolist(), "seed": i}
-                  for i in range(requests + clients)]
+        bodies = [dict(server.example_request(g), seed=i) for i in range(requests + clients)]
         load_test(url, bodies[:clients], clients)  # warm-up
         result = load_test(url, bodies[clients:], clients)
     finally:

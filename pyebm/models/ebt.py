@@ -292,6 +292,123 @@ class _Packed:
         return c3, s3, -s3
 
 
+# -- CUDA graphs of a think step ----------------------------------------------------------------------
+
+_GRAPHS = "think_graphs"  # the key of a model's captured think steps in its packed state (pyebm._state)
+
+
+def _capacity_bucket(need: int, most: int) -> int:
+    """The static cache capacity of a captured think step that must hold ``need`` context entries: the next
+    power of two from 16, at most ``most`` (one graph then serves every cache length of its bucket)."""
+    cap = 16
+    while cap < need:
+        cap *= 2
+    return max(need, min(cap, most))
+
+
+class _ThinkGraph:
+    """One think step of ``EBT(..., cuda_graph=True)`` for fixed shapes and options, and its CUDA graph.
+
+    Static inputs: the context keys / values in buffers of a fixed capacity per layer, [L * B, H, capacity,
+    head_dim] (zeros when made; entries past a cache's length are never attended to), the token positions
+    [P] (``last``: the one entry is set per call) and, for an init tensor, the initial vectors [B, G, P, V].
+    :meth:`step` is what is captured: the initial draw (``normal`` / ``zeros``), every descent step, the
+    final energy pass and the selection, attending over the whole capacity under the mask that
+    ``EBT._rows(masked=True)`` computes on the device from the positions. It reads nothing from the host
+    and copies nothing to the device. ``pack`` is the packed weights the graph reads and ``scalars``
+    (alpha, noise, grad_clamp, gaussian_random_noise_scaling) the numbers baked into its kernels: the
+    model captures again when either changed (``EBT._static_step``).
+    """
+
+    def __init__(self, model: "EBT", pk: _Packed, scalars: tuple, B: int, cap: int, G: int, P: int,
+                 positions: str, schedule, select: str, accept_lower: bool, init_kind: str, need_energy: bool):
+        cfg = model.config
+        w = pk.emb
+        L = cfg.num_landscapes
+        H, hd = cfg.multiheaded_attention_heads, cfg.head_dim
+        self.pack, self.scalars = pk, scalars
+        self.keys = [w.new_zeros(L * B, H, cap, hd) for _ in pk.layers]
+        self.values = [w.new_zeros(L * B, H, cap, hd) for _ in pk.layers]
+        # a cache over the whole capacity: what lies past each row's position is masked, not sliced off
+        self.view = EBTCache(torch.empty(B, 0, dtype=torch.long, device=w.device), self.keys, self.values, cap,
+                             L, L - 1)
+        self.positions = positions
+        self.pos = (torch.arange(P, device=w.device) if positions == "all"
+                    else torch.zeros(1, dtype=torch.long, device=w.device))
+        self.init = w.new_zeros(B, G, P, cfg.vocab_size) if init_kind == "tensor" else None
+        self.B, self.G, self.P = B, G, P
+        self.schedule, self.select, self.accept_lower = list(schedule), select, accept_lower
+        self.init_kind, self.need_energy = init_kind, need_energy
+        self.graph: Optional["torch.cuda.CUDAGraph"] = None
+        self.out: Optional[tuple] = None
+
+    @property
+    def capacity(self) -> int:
+        return self.keys[0].shape[2]
+
+    def load(self, cache: EBTCache) -> None:
+        """Copy the filled entries of ``cache`` (from the model's ``prepare``) into the static buffers."""
+        n = cache.length
+        for src, dst in ((cache.keys, self.keys), (cache.values, self.values)):
+            for s, d in zip(src, dst):
+                if s is not d:
+                    d[:, :, :n].copy_(s[:, :, :n])
+
+    def adopt(self, cache: EBTCache) -> EBTCache:
+        """``cache`` copied into the static buffers, as a cache over them: ``extend`` then writes its new
+        entries where the graph reads them (the capacity is the bucket's: it never grows)."""
+        self.load(cache)
+        return EBTCache(cache.tokens, list(self.keys), list(self.values), cache.length, cache.landscapes,
+                        cache.landscape)
+
+    def set_inputs(self, S: int, y: Optional[torch.Tensor]) -> None:
+        """The prompt length S (``last``: the position S - 1) and the initial vectors of an init tensor."""
+        if self.positions == "last":
+            self.pos.fill_(S - 1)  # a fill kernel with the number as its argument: no host-to-device copy
+        if self.init is not None:
+            self.init.copy_(y)
+
+    def step(self, model: "EBT") -> tuple:
+        """(logits, E, E0, idx) of the inputs in the static buffers (what the graph captures)."""
+        alpha, noise, grad_clamp, _ = self.scalars
+        y = self.init if self.init is not None else model._initial(self.init_kind, self.B, self.G, self.P, None)
+        rows = model._rows(self.pack, self.view, self.pos, self.G, masked=True)
+        return model._think_cached(self.view, self.pos, y, self.schedule, alpha, noise, self.select,
+                                   self.accept_lower, grad_clamp, None, self.need_energy, pk=self.pack, rows=rows)
+
+    def capture(self, model: "EBT") -> None:
+        dev = self.keys[0].device
+        side = torch.cuda.Stream(device=dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side):
+            for _ in range(2):  # warm-up: Triton compilation and lazy initialisation stay out of the graph
+                self.step(model)
+        torch.cuda.current_stream(dev).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = self.step(model)
+        self.graph, self.out = graph, out
+
+    def run(self, model: "EBT", capture: bool = True) -> tuple:
+        """The step's outputs for the inputs loaded: the graph replayed (captured on the first run; its
+        outputs are the graph's buffers, overwritten by the next replay), or with ``capture=False`` the same
+        step run eagerly on the static buffers (any device: how the CPU tests check the captured code)."""
+        if not capture:
+            return self.step(model)
+        if self.graph is None:
+            self.capture(model)
+        self.graph.replay()
+        return self.out
+
+
+def _refuse_functorch(where: str) -> None:
+    """EBT's energy calls are inference calls over the cached prompt (no graph); inside a torch.func transform
+    their output would be a constant, so a gradient of it would be zero without a word. Refuse instead."""
+    if _dispatch.in_functorch_transform():
+        raise RuntimeError(f"{where} is an inference call (no autograd graph) and cannot run inside a torch.func "
+                           "transform; differentiate EBT.forward(tokens, predictions) instead")
+
+
 class EBT(_state.PackedModule, Pretrained):
     """Autoregressive language Energy-Based Transformer (``default`` or ``time_embed``).
 
@@ -310,6 +427,26 @@ class EBT(_state.PackedModule, Pretrained):
     ``normalize_initial_condition``), and the gradient is taken with respect to it, as EBT's update does
     (``pyebm.Descent.ebt`` projects logits with a softmax first). For ``time_embed`` the protocol scores
     against one landscape, chosen at ``prepare`` (default: the last); :meth:`think` visits them all.
+
+    CUDA graphs (``cuda_graph=True``, a model on a CUDA device): every :meth:`think` call and every token of
+    :meth:`generate` replays one captured think step (every descent step over the vocabulary vectors of
+    the predicted position(s), the final energy pass and the selection among the G samples), captured on
+    first use for each batch size, cache capacity bucket, G, positions, step schedule and option set.
+    The KV cache is not captured as it grows: the graph reads a static cache of fixed capacity (the next
+    power of two >= 16 of the entries needed, at most ``context_length`` plus the time token), into which
+    the prompt's keys and values are copied (:meth:`generate`: once per call, and each new token's entries
+    are written there by :meth:`extend`), and attends to it under a mask computed on the device from the
+    positions, so one graph serves every cache length of its bucket. The cache extension itself (one
+    context token per generated token) and the greedy / top-p choice run eagerly between replays.
+    The graph reads the packed weights (``pyebm._state``) it was captured with: when the model packs
+    again (an optimizer step, ``load_state_dict``, ``.data =``, ``pyebm._state.repack``) every graph of the
+    model is dropped and the next call captures again (weights made under ``torch.inference_mode`` have no
+    version counter: every call then packs and captures again). A step whose ``alpha``, noise,
+    ``grad_clamp`` or ``gaussian_random_noise_scaling`` (given or learned, baked into its kernels) changed
+    is captured again as well. Random draws (``init="normal"``, noise) come
+    from the default CUDA generator (``generator`` must be None); the capture's two warm-up runs draw
+    from it too. Results are copies, values of the call. Graphs are never pickled or copied; concurrent
+    calls on one model from several threads share the static buffers and are not supported.
     """
 
     def __init__(self, vocab_size: int, embedding_dim: int = 384, num_transformer_blocks: int = 6,
@@ -320,8 +457,10 @@ class EBT(_state.PackedModule, Pretrained):
                  denoising_initial_condition: str = "random_noise", gaussian_random_noise_scaling: float = 1.0,
                  clamp_futures_grad: bool = False, clamp_futures_grad_max_change: float = 9.0,
                  ebt_act_func: str = "silu", norm_eps: float = 1e-5, backward: str = "manual",
-                 backend: Optional[str] = None, device=None, dtype=None):
+                 backend: Optional[str] = None, cuda_graph: bool = False, device=None, dtype=None):
         super().__init__()
+        if not isinstance(cuda_graph, bool):
+            raise TypeError(f"cuda_graph must be True or False; got {cuda_graph!r}")
         for name, val in (("vocab_size", vocab_size), ("embedding_dim", embedding_dim),
                           ("num_transformer_blocks", num_transformer_blocks),
                           ("multiheaded_attention_heads", multiheaded_attention_heads),
@@ -358,6 +497,7 @@ class EBT(_state.PackedModule, Pretrained):
         self.clamp_futures_grad_max_change = float(clamp_futures_grad_max_change)
         self.backward_mode = backward
         self.backend = backend
+        self.cuda_graph = cuda_graph
         kw = {"device": device, "dtype": dtype}
         self.alpha = nn.Parameter(torch.tensor(float(mcmc_step_size), **kw), requires_grad=False)
         self.langevin_dynamics_noise_std = nn.Parameter(torch.tensor(float(langevin_dynamics_noise), **kw),
@@ -393,7 +533,7 @@ class EBT(_state.PackedModule, Pretrained):
                     gaussian_random_noise_scaling=self.gaussian_random_noise_scaling,
                     clamp_futures_grad=self.clamp_futures_grad,
                     clamp_futures_grad_max_change=self.clamp_futures_grad_max_change,
-                    backward=self.backward_mode, backend=self.backend)
+                    backward=self.backward_mode, backend=self.backend, cuda_graph=self.cuda_graph)
         return args
 
     def extra_repr(self) -> str:
@@ -557,13 +697,21 @@ class EBT(_state.PackedModule, Pretrained):
 
     def extend(self, cache: EBTCache, new_tokens: torch.Tensor) -> EBTCache:
         """Append new_tokens [B, n] to the cached prompts (in place; returns the cache)."""
+        return self._extend(cache, new_tokens, check_ids=True)
+
+    def _extend(self, cache: EBTCache, new_tokens: torch.Tensor, check_ids: bool) -> EBTCache:
+        """:meth:`extend`; without ``check_ids`` the token ids are not read on the host (two device reads per
+        call): :meth:`generate` appends ids it chose itself, which lie in [0, vocab_size) by construction."""
         cfg = self.config
         if not isinstance(new_tokens, torch.Tensor) or new_tokens.dim() != 2 or new_tokens.shape[0] != cache.batch:
             shape = tuple(new_tokens.shape) if isinstance(new_tokens, torch.Tensor) else type(new_tokens).__name__
             raise ValueError(f"new_tokens must be [B={cache.batch}, n]; got {shape}")
         S_old = cache.tokens.shape[1]
         tokens = torch.cat((cache.tokens, new_tokens.to(cache.tokens.device, torch.long)), dim=1)
-        tokens = self._check_tokens(tokens, what="tokens")  # range and context_length checks
+        if check_ids:
+            tokens = self._check_tokens(tokens, what="tokens")  # range and context_length checks
+        elif tokens.shape[1] > cfg.context_length:
+            raise ValueError(f"tokens: length {tokens.shape[1]} exceeds context_length={cfg.context_length}")
         n = new_tokens.shape[1]
         if n == 0:
             return cache
@@ -590,16 +738,18 @@ class EBT(_state.PackedModule, Pretrained):
         also for ``cpu``)."""
         return _dispatch.ebt_attention(self, device)
 
-    def _rows(self, pk: _Packed, cache: EBTCache, positions: torch.Tensor, samples: int):
+    def _rows(self, pk: _Packed, cache: EBTCache, positions: torch.Tensor, samples: int, masked: bool = False):
         """RoPE tables, the hidden-context mask [R, T] and the visible-context counts [R] (both None
         when everything is visible), and the attention backend, for the R = samples * P prediction
-        rows of token positions ``positions`` [P] (sample-major)."""
+        rows of token positions ``positions`` [P] (sample-major). ``masked``: always the mask and the
+        counts, computed on the device from ``positions`` without reading them on the host (a captured
+        step, whose cache holds more entries than a row may see)."""
         off = self.config.offset
         pos = positions.repeat(samples)
         c3, s3, s3_t = pk.rope_rows(pos + 1 + off)
         T = cache.length
         triton_attn = self._attention_backend(pos.device) == "triton"
-        if int(positions.min()) + off + 1 >= T:
+        if not masked and int(positions.min()) + off + 1 >= T:
             return c3, s3, s3_t, None, None, triton_attn
         hidden = torch.arange(T, device=pos.device)[None, :] > (pos[:, None] + off)
         return c3, s3, s3_t, hidden, pos + off + 1, triton_attn
@@ -763,6 +913,7 @@ class EBT(_state.PackedModule, Pretrained):
     def energy(self, ctx: EBTCache, y: torch.Tensor) -> torch.Tensor:
         """E [B, K] of candidates y [B, K, V] for the token after the cached prompts."""
         self._check_candidates(ctx, y)
+        _refuse_functorch("EBT.energy")
         pk = self._packed()
         last = torch.tensor([ctx.tokens.shape[1] - 1], device=y.device)
         with torch.no_grad():
@@ -771,6 +922,7 @@ class EBT(_state.PackedModule, Pretrained):
     def energy_and_grad(self, ctx: EBTCache, y: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """(E [B, K], dE/dy [B, K, V]) of candidates y [B, K, V] for the token after the cached prompts."""
         self._check_candidates(ctx, y)
+        _refuse_functorch("EBT.energy_and_grad")
         pk = self._packed()
         last = torch.tensor([ctx.tokens.shape[1] - 1], device=y.device)
         with torch.no_grad():
@@ -823,20 +975,28 @@ class EBT(_state.PackedModule, Pretrained):
             schedule = [0] * len(schedule)  # one landscape; the step index does not enter the energy
         return schedule, alpha, noise, select, bool(accept_lower), grad_clamp
 
-    def _initial(self, init, B: int, G: int, P: int, generator) -> torch.Tensor:
-        V = self.config.vocab_size
-        w = self._param
-        if init is None:  # the model's training-time initial condition
-            init = "zeros" if self.denoising_initial_condition == "zeros" else "normal"
+    def _init_kind(self, init) -> str:
+        """``normal``, ``zeros`` or ``tensor``: what ``init`` of think / generate asks for (None: the model's
+        training-time initial condition)."""
+        if init is None:
+            return "zeros" if self.denoising_initial_condition == "zeros" else "normal"
         if isinstance(init, str):
-            if init == "normal":
-                y = _rng.randn((B, G, P, V), generator, w.device, w.dtype)
-                return y * self.gaussian_random_noise_scaling
-            if init == "zeros":
-                return w.new_zeros(B, G, P, V)
+            if init in ("normal", "zeros"):
+                return init
             raise ValueError(f"init must be 'normal', 'zeros' or a tensor; got {init!r}")
         if not isinstance(init, torch.Tensor):
             raise TypeError(f"init must be 'normal', 'zeros' or a tensor; got {type(init).__name__}")
+        return "tensor"
+
+    def _initial(self, init, B: int, G: int, P: int, generator) -> torch.Tensor:
+        V = self.config.vocab_size
+        w = self._param
+        kind = self._init_kind(init)
+        if kind == "normal":
+            y = _rng.randn((B, G, P, V), generator, w.device, w.dtype)
+            return y * self.gaussian_random_noise_scaling
+        if kind == "zeros":
+            return w.new_zeros(B, G, P, V)
         if init.dim() == 3 and tuple(init.shape) == (B, P, V):
             init = init.unsqueeze(1).expand(B, G, P, V)
         if tuple(init.shape) != (B, G, P, V):
@@ -845,16 +1005,20 @@ class EBT(_state.PackedModule, Pretrained):
         return init.to(device=w.device, dtype=w.dtype)
 
     def _think_cached(self, cache: EBTCache, positions: torch.Tensor, y: torch.Tensor, schedule, alpha, noise,
-                      select, accept_lower, grad_clamp, generator, need_energy: bool = True):
+                      select, accept_lower, grad_clamp, generator, need_energy: bool = True,
+                      pk: Optional[_Packed] = None, rows=None):
         """Run the update on y [B, G, P, V] for token positions [P]; returns (logits, E, E0, idx) [B, P(, V)].
 
         Without ``need_energy`` and with one sample, the final energy pass (only used for the selection
-        and the reported energy) is skipped and E is None."""
+        and the reported energy) is skipped and E is None. ``pk`` and ``rows`` (default: the current pack
+        and ``_rows`` of the positions) are given by a captured step."""
         cfg = self.config
-        pk = self._packed()
+        if pk is None:
+            pk = self._packed()
         B, G, P, V = y.shape
         R = G * P
-        rows = self._rows(pk, cache, positions, G)
+        if rows is None:
+            rows = self._rows(pk, cache, positions, G)
         normalize = cfg.normalize_initial_condition
         y = y.reshape(B, R, V)
         E0 = None
@@ -907,21 +1071,96 @@ class EBT(_state.PackedModule, Pretrained):
                       ``denoising_initial_condition`` (``random_noise`` -> ``normal``).
         grad_clamp    clamp the gradient to +-grad_clamp/alpha (None: the model's ``clamp_futures_grad``
                       setting; False: off).
+
+        With ``cuda_graph=True`` the step is replayed from a CUDA graph (see the class); ``generator`` must
+        then be None.
         """
+        return self._think(tokens, steps, alpha, noise, samples, select, accept_lower, positions, init, generator,
+                           grad_clamp, self._graph_mode())
+
+    def _graph_mode(self) -> Optional[str]:
+        """``graph`` when think and generate replay captured steps (``cuda_graph=True``), else None."""
+        flag = self.cuda_graph
+        if not isinstance(flag, bool):
+            raise TypeError(f"EBT: cuda_graph must be True or False; got {flag!r}")
+        return "graph" if flag else None
+
+    def _check_static(self, where: str, static: str, generator) -> None:
+        """The captured step's conditions (``pyebm._dispatch.ebt_think_graph_refusal``); ``static="eager"``
+        (the same step run without a graph) checks the generator only."""
+        why = _dispatch.ebt_think_graph_refusal(self._param.device, generator, capture=static == "graph")
+        if why is not None:
+            raise ValueError(f"{where}: {why}")
+
+    def _check_cache(self, cache: EBTCache) -> None:
+        """A cache of this model's layout (from its :meth:`prepare`), before a captured step copies it."""
+        cfg, w = self.config, self._param
+        k = cache.keys[0] if cache.keys else None
+        want = (cfg.num_landscapes * cache.batch, cfg.multiheaded_attention_heads, cfg.head_dim)
+        if (len(cache.keys) != cfg.num_transformer_blocks or cache.landscapes != cfg.num_landscapes
+                or (k.shape[0], k.shape[1], k.shape[3]) != want or k.dtype != w.dtype or k.device != w.device):
+            got = "no layers" if k is None else f"{len(cache.keys)} layers of {tuple(k.shape)} {k.dtype} on {k.device}"
+            raise ValueError(f"tokens: the cache must come from this model's prepare ({cfg.num_transformer_blocks} "
+                             f"layers of [{want[0]}, {want[1]}, capacity, {want[2]}] {w.dtype} on {w.device}); "
+                             f"got {got}")
+
+    def _static_step(self, B: int, cap: int, G: int, P: int, positions: str, schedule, alpha, noise, select: str,
+                     accept_lower: bool, grad_clamp, init_kind: str, need_energy: bool) -> _ThinkGraph:
+        """The captured think step of these shapes and options, for the current weights.
+
+        Kept in the model's packed state (``pyebm._state.packs``: never pickled, copied or moved with the
+        module). A step captured with another pack of the weights (the model packed again: an optimizer step,
+        ``load_state_dict``, ``.data =``, ``repack``) can never replay: every such step is dropped, and this
+        one is made again; so is a step whose scalars (alpha, noise, grad_clamp, initial noise scale) differ."""
+        pk = self._packed()
+        dev = pk.emb.device
+        key = (B, cap, G, P, positions, tuple(schedule), select, accept_lower, init_kind, need_energy,
+               self._attention_backend(dev), self.backward_mode, pk.emb.dtype, str(dev))
+        scalars = (alpha, noise, grad_clamp, self.gaussian_random_noise_scaling)
+        graphs = _state.packs(self).setdefault(_GRAPHS, {})
+        entry = graphs.get(key)
+        if entry is not None and entry.pack is pk and entry.scalars == scalars:
+            return entry
+        for k in [k for k, e in graphs.items() if e.pack is not pk]:
+            del graphs[k]
+        entry = graphs[key] = _ThinkGraph(self, pk, scalars, B, cap, G, P, positions, schedule, select,
+                                          accept_lower, init_kind, need_energy)
+        return entry
+
+    def _think(self, tokens, steps, alpha, noise, samples, select, accept_lower, positions, init, generator,
+               grad_clamp, static: Optional[str]) -> ThinkResult:
+        """:meth:`think`; ``static``: None (eager), ``graph`` (the captured step replayed) or ``eager`` (the
+        captured step's code run without a graph, on any device)."""
         _dispatch.check_not_traced("EBT.think")
         generator = as_generator(generator, self._param.device, "EBT.think")
         schedule, alpha, noise, select, accept_lower, grad_clamp = self._resolve_options(
             steps, alpha, noise, samples, select, accept_lower, positions, grad_clamp)
+        if static is not None:
+            self._check_static("EBT.think", static, generator)
         if isinstance(tokens, EBTCache):
             cache = tokens
         else:
             cache = self.prepare(self._check_tokens(tokens))
         B, S = cache.tokens.shape
         dev = self._param.device
-        pos = torch.tensor([S - 1], device=dev) if positions == "last" else torch.arange(S, device=dev)
-        y = self._initial(init, B, samples, pos.numel(), generator)
-        logits, E, E0, idx = self._think_cached(cache, pos, y, schedule, alpha, noise, select, accept_lower,
-                                                grad_clamp, generator)
+        if static is None:
+            pos = torch.tensor([S - 1], device=dev) if positions == "last" else torch.arange(S, device=dev)
+            y = self._initial(init, B, samples, pos.numel(), generator)
+            logits, E, E0, idx = self._think_cached(cache, pos, y, schedule, alpha, noise, select, accept_lower,
+                                                    grad_clamp, generator)
+        else:
+            self._check_cache(cache)
+            cfg = self.config
+            P = 1 if positions == "last" else S
+            kind = self._init_kind(init)
+            y = self._initial(init, B, samples, P, None) if kind == "tensor" else None
+            entry = self._static_step(B, _capacity_bucket(cache.length, cfg.context_length + cfg.offset), samples,
+                                      P, positions, schedule, alpha, noise, select, accept_lower, grad_clamp, kind,
+                                      True)
+            entry.load(cache)
+            entry.set_inputs(S, y)
+            # copies: a replay overwrites the graph's outputs
+            logits, E, E0, idx = (t.clone() for t in entry.run(self, capture=static == "graph"))
         if positions == "last":
             return ThinkResult(logits[:, 0], E[:, 0], E0[:, 0], idx[:, 0])
         return ThinkResult(logits, E, E0, idx)
@@ -939,7 +1178,16 @@ class EBT(_state.PackedModule, Pretrained):
         (``temperature=0``) or top-p sampling of softmax(logits / temperature). ``init`` may also be a
         tensor [B, G, max_new_tokens, V]: the starting vector of each new token's prediction. Generation
         stops early once every prompt has produced ``eos_token_id`` (when given).
+
+        With ``cuda_graph=True`` each token's think step is replayed from a CUDA graph (see the class);
+        ``generator`` must then be None (top-p sampling draws from the default CUDA generator).
         """
+        return self._generate(tokens, max_new_tokens, steps, alpha, noise, samples, select, accept_lower, init,
+                              grad_clamp, temperature, top_p, eos_token_id, generator, self._graph_mode())
+
+    def _generate(self, tokens, max_new_tokens, steps, alpha, noise, samples, select, accept_lower, init, grad_clamp,
+                  temperature, top_p, eos_token_id, generator, static: Optional[str]) -> torch.Tensor:
+        """:meth:`generate`; ``static`` as for :meth:`_think`."""
         _dispatch.check_not_traced("EBT.generate")
         generator = as_generator(generator, self._param.device, "EBT.generate")
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
@@ -951,24 +1199,42 @@ class EBT(_state.PackedModule, Pretrained):
             raise ValueError(f"top_p must be in (0, 1]; got {top_p!r}")
         schedule, alpha, noise, select, accept_lower, grad_clamp = self._resolve_options(
             steps, alpha, noise, samples, select, accept_lower, "last", grad_clamp)
+        if static is not None:
+            self._check_static("EBT.generate", static, generator)
         tokens = self._check_tokens(tokens, extra=max(max_new_tokens - 1, 0))
         if max_new_tokens == 0:
             return tokens
         B, S = tokens.shape
-        V = self.config.vocab_size
-        if isinstance(init, torch.Tensor) and tuple(init.shape) != (B, samples, max_new_tokens, V):
-            raise ValueError(f"init must be [B={B}, samples={samples}, max_new_tokens={max_new_tokens}, V={V}]; "
-                             f"got shape {tuple(init.shape)}")
-        cache = self.prepare(tokens, capacity=S + max_new_tokens - 1)
+        cfg = self.config
+        V = cfg.vocab_size
+        kind = self._init_kind(init)
+        if kind == "tensor":
+            if tuple(init.shape) != (B, samples, max_new_tokens, V):
+                raise ValueError(f"init must be [B={B}, samples={samples}, max_new_tokens={max_new_tokens}, "
+                                 f"V={V}]; got shape {tuple(init.shape)}")
+            init = init.to(device=self._param.device, dtype=self._param.dtype)  # once, not per token
+        if static is None:
+            entry = None
+            cache = self.prepare(tokens, capacity=S + max_new_tokens - 1)
+        else:
+            cap = _capacity_bucket(S + max_new_tokens - 1 + cfg.offset, cfg.context_length + cfg.offset)
+            entry = self._static_step(B, cap, samples, 1, "last", schedule, alpha, noise, select, accept_lower,
+                                      grad_clamp, kind, False)
+            cache = entry.adopt(self.prepare(tokens))  # extend() then writes into the graph's cache buffers
         out = [tokens]
         done = torch.zeros(B, dtype=torch.bool, device=tokens.device)
         for t in range(max_new_tokens):
             n = cache.tokens.shape[1]
-            pos = torch.tensor([n - 1], device=tokens.device)
-            y = self._initial(init[:, :, t:t + 1] if isinstance(init, torch.Tensor) else init, B, samples, 1,
-                              generator)
-            logits = self._think_cached(cache, pos, y, schedule, alpha, noise, select, accept_lower, grad_clamp,
-                                        generator, need_energy=False)[0][:, 0]
+            init_t = init[:, :, t:t + 1] if kind == "tensor" else init
+            if entry is None:
+                pos = torch.tensor([n - 1], device=tokens.device)
+                y = self._initial(init_t, B, samples, 1, generator)
+                logits = self._think_cached(cache, pos, y, schedule, alpha, noise, select, accept_lower, grad_clamp,
+                                            generator, need_energy=False)[0][:, 0]
+            else:
+                entry.set_inputs(n, init_t if kind == "tensor" else None)
+                # the graph's output buffer, read (argmax / softmax) before the next replay writes it
+                logits = entry.run(self, capture=static == "graph")[0][:, 0]
             if temperature > 0:
                 nxt = ref.sample_top_p(torch.softmax(logits / temperature, dim=-1), float(top_p), generator)
             else:
@@ -979,7 +1245,7 @@ class EBT(_state.PackedModule, Pretrained):
                 if bool(done.all()):
                     break
             if t < max_new_tokens - 1:
-                self.extend(cache, nxt[:, None])
+                self._extend(cache, nxt[:, None], check_ids=False)  # ids chosen here: in range by construction
         return torch.cat(out, dim=1)
 
 

@@ -517,6 +517,8 @@ class EBTPolicy(_state.PackedModule, Pretrained):
     def energy(self, ctx: EBTPolicyContext, y: torch.Tensor, backend: Optional[str] = None) -> torch.Tensor:
         """E [B, K] for candidates y [B, K, horizon, action_dim]."""
         self._check_y(ctx, y)
+        if _dispatch.in_functorch_transform():  # differentiable under torch.func, not an inference op's constant
+            return _dispatch.functorch_call(lambda yy: self(ctx, yy), y, False)
         path = _dispatch.ebt_policy_call(self, y, backend, False)
         if path == "cpu":
             return self._fused(ctx, y, False)[0]
@@ -525,8 +527,11 @@ class EBTPolicy(_state.PackedModule, Pretrained):
 
     def energy_and_grad(self, ctx: EBTPolicyContext, y: torch.Tensor,
                         backend: Optional[str] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(E [B, K], dE/dy [B, K, horizon, action_dim]) without a graph over the weights."""
+        """(E [B, K], dE/dy [B, K, horizon, action_dim]) without a graph over the weights (inside a torch.func
+        transform: differentiable, through the training forward)."""
         self._check_y(ctx, y)
+        if _dispatch.in_functorch_transform():
+            return _dispatch.functorch_call(lambda yy: self(ctx, yy), y, True)
         path = _dispatch.ebt_policy_call(self, y, backend, True)
         if path == "autograd":
             return self._energy_and_grad_autograd(ctx, y)

@@ -3,13 +3,14 @@
 ``torch.ops.pyebm.rng_draw(state, seed, kind, shape, count, dtype, device) -> (out, new_state)``
     out [count, *shape]: ``count`` draws, one after the other, each as ``torch.empty(shape).normal_()``
     (kind "normal") or ``.uniform_()`` (kind "uniform") with a ``torch.Generator`` on ``device`` whose state
-    is ``state`` (a uint8 tensor as ``Generator.get_state()`` gives it) or, when ``state`` is None, seeded
-    with ``seed``. new_state: that generator's state after the draws.
+    is ``state`` (a uint8 tensor as ``Generator.get_state()`` gives it, of a generator on ``device``'s kind of
+    device) or, when ``state`` is None, seeded with ``seed``. new_state: that generator's state after the draws.
 
 The op is functional: the generator's state goes in and out as a tensor. Under ``torch.compile`` and
 ``torch.export`` (which cannot trace a ``torch.Generator``) pyebm draws with it, so a traced call seeded with
 an int draws the same numbers as the eager call with ``torch.Generator().manual_seed(seed)``, in the same
-order (``pyebm._rng``). Not differentiable (random draws have no gradient).
+order, and a traced call given a generator's state tensor draws the numbers of the eager call with that
+generator (``pyebm._rng``). Not differentiable (random draws have no gradient).
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ KINDS = ("normal", "uniform")
 
 
 def check(op: str, state: Optional[Tensor], seed: int, kind: str, shape: Sequence[int], count: int,
-          dtype: torch.dtype) -> None:
+          dtype: torch.dtype, device: Optional[torch.device] = None) -> None:
     """The op's argument checks (its fake runs them too)."""
     if state is not None:
         if not isinstance(state, Tensor) or state.dtype != torch.uint8 or state.dim() != 1 \
@@ -30,6 +31,10 @@ def check(op: str, state: Optional[Tensor], seed: int, kind: str, shape: Sequenc
             got = f"{list(state.shape)} {state.dtype} on {state.device}" if isinstance(state, Tensor) \
                 else type(state).__name__
             raise ValueError(f"{op}: state must be a 1-d uint8 CPU tensor (Generator.get_state()); got {got}")
+        if device is not None and state.numel() != state_size(torch.device(device)):
+            raise ValueError(f"{op}: state has {state.numel()} bytes, but a generator on {torch.device(device).type} "
+                             f"has a state of {state_size(torch.device(device))} bytes (the state of a generator "
+                             "on another kind of device?)")
     if kind not in KINDS:
         raise ValueError(f"{op}: kind must be one of {', '.join(map(repr, KINDS))}; got {kind!r}")
     if count < 1:
@@ -50,7 +55,7 @@ def state_size(device: torch.device) -> int:
 def rng_draw(state: Optional[Tensor], seed: int, kind: str, shape: Sequence[int], count: int, dtype: torch.dtype,
              device: torch.device) -> Tuple[Tensor, Tensor]:
     """(out [count, *shape], new_state): ``count`` draws with the generator of ``state`` (or ``seed``)."""
-    check("pyebm::rng_draw", state, seed, kind, shape, count, dtype)
+    check("pyebm::rng_draw", state, seed, kind, shape, count, dtype, device)
     g = torch.Generator(device=device)
     if state is None:
         g.manual_seed(seed)
