@@ -58,8 +58,14 @@ def graphs_of(model):
     return _state.packs(model).get(_GRAPHS, {})
 
 
-def assert_same_think(got, want, rtol=1e-10, atol=1e-10):
-    assert torch.equal(got.sample, want.sample)
+def assert_same_think(got, want, rtol=1e-10, atol=1e-10, ties=0):
+    """ties=G: the G samples start equal (init="zeros", no noise), so they reach the same state up to the last bit
+    of each path's summation order and either path may pick any of them; the chosen state must still agree."""
+    if ties:
+        assert got.sample.shape == want.sample.shape
+        assert bool(((got.sample >= 0) & (got.sample < ties)).all()), got.sample
+    else:
+        assert torch.equal(got.sample, want.sample)
     for name in ("logits", "energy", "initial_energy"):
         torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=rtol, atol=atol,
                                    msg=lambda m, name=name: f"{name}: {m}")
@@ -162,7 +168,7 @@ def test_static_step_equals_eager_think(ebt_type, B, S, G, select, accept_lower)
         assert_same_think(static_think(model, cache, init=init[:, 0], **one),
                           model.think(cache, init=init[:, 0], **one))
     zeros = dict(steps=2, alpha=0.3, samples=G, init="zeros")
-    assert_same_think(static_think(model, tok, **zeros), model.think(tok, **zeros))
+    assert_same_think(static_think(model, tok, **zeros), model.think(tok, **zeros), ties=G)
 
 
 def test_static_step_reuses_the_bucket_and_leaves_the_cache_alone():
