@@ -13,7 +13,9 @@
 #include <string>
 #include <vector>
 
+#include "cpu/cpu_cache.h"
 #include "cpu/cpu_isa.h"
+#include "cpu/mlp_energy_cpu.h"
 
 #ifndef PYEBM_VERSION
 #define PYEBM_VERSION "unknown"
@@ -114,6 +116,27 @@ PYBIND11_MODULE(_C, m) {
     return d;
   }, "The instruction set of the CPU kernels: {'active', 'supported' (widest first), 'requested' "
      "(PYEBM_CPU_ISA or None)}.");
+  m.def("cpu_tuning", []() {
+    const pyebm::cpu::CpuCaches& c = pyebm::cpu::cpu_caches();
+    py::dict d;
+    d["l1d_bytes"] = c.l1d;
+    d["l2_bytes"] = c.l2;
+    d["l2_shared_by"] = c.l2_sharing;
+    d["l3_bytes"] = c.l3;
+    d["l3_shared_by"] = c.l3_sharing;
+    d["cache_source"] = std::string(c.source);
+    d["default_block_bytes"] = pyebm::cpu::default_block_bytes(c);
+    d["block_bytes"] = pyebm::cpu::block_bytes();
+    d["split_flops"] = pyebm::cpu::split_flops();
+    d["threads"] = static_cast<int64_t>(at::get_num_threads());
+    return d;
+  }, "What the CPU kernels size their row blocks from: this CPU's caches (and where they were read), the "
+     "row-block working set in use (PYEBM_CPU_BLOCK_BYTES or three quarters of the L2 share), split_flops and "
+     "the thread count.");
+  m.def("cpu_block_rows", &pyebm::cpu::block_rows_for, py::arg("rows"), py::arg("row_bytes"),
+        py::arg("flops_per_row"), py::arg("threads"), py::arg("block_bytes"), py::arg("split_flops"),
+        "Rows per block the CPU kernels use for `rows` rows of `row_bytes` working set each (the rule of "
+        "block_rows, every input explicit).");
   m.def("build_info", []() {
     py::dict d;
     d["version"] = PYEBM_VERSION;

@@ -83,6 +83,9 @@ def ext_info() -> Dict[str, object]:
         return {"built": False, "why": _ext_error}
     info = dict(_ext.build_info())
     info["built"] = True
+    tuning = getattr(_ext, "cpu_tuning", None)
+    if tuning is not None:
+        info["cpu_tuning"] = dict(tuning())
     return info
 
 

@@ -33,6 +33,13 @@ def _cmd_info(args: argparse.Namespace) -> int:
     ext = info["extension"]
     if ext.get("built"):
         print(f"extension pyebm._C: built, cuda={ext['cuda']}, openmp={ext['openmp']}, blas: {ext['blas']}")
+        t = ext.get("cpu_tuning")
+        if t:
+            kib = lambda n: f"{n // 1024} KiB" if n < 1 << 20 else f"{n / (1 << 20):g} MiB"  # noqa: E731
+            l3 = f", L3 {kib(t['l3_bytes'])} shared by {t['l3_shared_by']}" if t["l3_bytes"] else ""
+            print(f"cpu kernels: isa {ext.get('cpu_isa')}, caches (from {t['cache_source']}) L1d "
+                  f"{kib(t['l1d_bytes'])}, L2 {kib(t['l2_bytes'])} shared by {t['l2_shared_by']}{l3}; "
+                  f"row block {kib(t['block_bytes'])}, split at {t['split_flops']} FLOP")
     else:
         print(f"extension pyebm._C: not built ({ext.get('why')})")
     print("backends:")

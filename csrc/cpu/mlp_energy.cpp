@@ -6,6 +6,7 @@
 #include <cstdlib>
 #include <string>
 
+#include "cpu_cache.h"
 #include "mlp_block.h"
 #include "mlp_energy_cpu.h"
 #include "op_checks.h"
@@ -81,8 +82,8 @@ MlpShapes check_mlp_args(const at::Tensor& ctx, const at::Tensor& y, const at::T
 int64_t block_bytes() {
   static const int64_t bytes = [] {
     const char* env = std::getenv("PYEBM_CPU_BLOCK_BYTES");
-    int64_t v = env ? std::atoll(env) : 0;
-    return v > 0 ? v : int64_t(768) * 1024;
+    const int64_t v = env ? std::atoll(env) : 0;
+    return v > 0 ? v : default_block_bytes(cpu_caches());
   }();
   return bytes;
 }
@@ -90,8 +91,8 @@ int64_t block_bytes() {
 int64_t split_flops() {
   static const int64_t v = [] {
     const char* env = std::getenv("PYEBM_CPU_SPLIT_FLOPS");
-    int64_t x = env ? std::atoll(env) : 0;
-    return x > 0 ? x : int64_t(300000);
+    const int64_t x = env ? std::atoll(env) : 0;
+    return x > 0 ? x : kDefaultSplitFlops;
   }();
   return v;
 }
@@ -131,12 +132,25 @@ MlpTensors prepare_mlp(const at::Tensor& ctx, at::ScalarType y_dtype, const at::
   return m;
 }
 
+int64_t block_rows_for(int64_t N, int64_t row_bytes, int64_t flops_per_row, int64_t threads, int64_t bytes,
+                       int64_t split) {
+  if (N <= 0) return 1;
+  // Rows whose working set fits the budget, 16 to 512 (fewer rows starve the products, more gain nothing).
+  const int64_t fit = std::max<int64_t>(16, std::min<int64_t>(512, bytes / std::max<int64_t>(1, row_bytes)));
+  const int64_t fit_blocks = (N + fit - 1) / fit;
+  // A block that would only be there to use another thread must carry enough work to pay for the fork.
+  const int64_t min_rows = std::max<int64_t>(8, split / std::max<int64_t>(1, flops_per_row));
+  const int64_t fork_blocks = std::max<int64_t>(1, N / min_rows);
+  const int64_t want = std::max(fit_blocks, std::min(std::max<int64_t>(1, threads), fork_blocks));
+  // A whole number of blocks per thread, so that no thread waits for another's extra block (3 blocks on 2
+  // threads take as long as 4 smaller ones).
+  const int64_t t = std::max<int64_t>(1, std::min(threads, want));
+  const int64_t nblocks = std::min(N, (want + t - 1) / t * t);
+  return (N + nblocks - 1) / nblocks;
+}
+
 int64_t block_rows(int64_t N, int64_t row_bytes, int64_t flops_per_row) {
-  int64_t M = std::max<int64_t>(16, std::min<int64_t>(512, block_bytes() / std::max<int64_t>(1, row_bytes)));
-  const int64_t threads = at::get_num_threads();
-  const int64_t min_rows = std::max<int64_t>(8, split_flops() / std::max<int64_t>(1, flops_per_row));
-  if ((N + M - 1) / M < threads && N >= 2 * min_rows) M = std::max(min_rows, (N + threads - 1) / threads);
-  return std::max<int64_t>(1, M);
+  return block_rows_for(N, row_bytes, flops_per_row, at::get_num_threads(), block_bytes(), split_flops());
 }
 
 namespace {

@@ -8,6 +8,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu_cache.h"
 #include "mlp_block.h"
 #include "pyebm/activations.h"
 
@@ -69,9 +70,24 @@ MlpDesc<T> make_desc(const MlpShapes& s, const MlpTensors& m, bool residual) {
   return p;
 }
 
-// Rows per block for N rows whose working set is row_bytes each: a block stays within a share of this
-// core's L2, and rows are split over threads only once a thread's share outweighs the fork cost.
+// Rows per block for N rows whose working set is row_bytes each: a block stays within block_bytes() (a share
+// of this core's L2), the blocks come in a whole number per thread, and a block added only to use another
+// thread carries at least split_flops() of work. block_rows_for is the rule with every input explicit.
 int64_t block_rows(int64_t N, int64_t row_bytes, int64_t flops_per_row);
+int64_t block_rows_for(int64_t N, int64_t row_bytes, int64_t flops_per_row, int64_t threads, int64_t bytes,
+                       int64_t split);
+// The row-block working set: PYEBM_CPU_BLOCK_BYTES, else default_block_bytes(cpu_caches()). Read once.
+int64_t block_bytes();
+// Work per block before rows are split over threads: PYEBM_CPU_SPLIT_FLOPS, else kDefaultSplitFlops. Read once.
+int64_t split_flops();
+// Three quarters of this CPU's share of its L2 (the block's activations stay there while each weight
+// panel streams through the rest), clamped to [128 KiB, 4 MiB]: 768 KiB on a 1 MiB L2.
+inline int64_t default_block_bytes(const CpuCaches& c) {
+  return std::max<int64_t>(128 * 1024, std::min<int64_t>(4 * 1024 * 1024, c.l2_per_cpu() / 4 * 3));
+}
+// About 10 us of one core's work at the kernels' rate: the cost of waking the other threads, a latency,
+// not a cache size, so a constant.
+constexpr int64_t kDefaultSplitFlops = 300000;
 
 // body(block_begin, block_end) over ceil(N / M) blocks: inline for one block, else at::parallel_for.
 template <typename F>

@@ -217,8 +217,18 @@ def machine_info(device: str = "cpu") -> Dict[str, object]:
         "torch": torch.__version__,
         "device": device,
     }
-    if os.environ.get("PYEBM_CPU_SMALL_GEMM"):
-        info["PYEBM_CPU_SMALL_GEMM"] = os.environ["PYEBM_CPU_SMALL_GEMM"]
+    for var in ("PYEBM_CPU_SMALL_GEMM", "PYEBM_CPU_BLOCK_BYTES", "PYEBM_CPU_SPLIT_FLOPS"):
+        if os.environ.get(var):
+            info[var] = os.environ[var]
+    try:
+        from pyebm import _backend
+
+        tuning = _backend.ext_info().get("cpu_tuning")
+        if tuning:
+            info["cpu_block_bytes"] = tuning["block_bytes"]
+            info["cpu_l2_bytes"] = tuning["l2_bytes"]
+    except Exception:  # pragma: no cover - no extension
+        pass
     try:
         import triton
 
