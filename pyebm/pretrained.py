@@ -196,9 +196,9 @@ def _write_atomic(path: str, write) -> None:
 def _ebt_entry(obj, inference) -> Optional[Dict[str, Any]]:
     """The ``"ebt"`` part of the ``"inference"`` entry: an EBT's think / generate defaults (``inference``, else
     ``obj.inference`` unless it is the default), or None."""
-    from pyebm.models.ebt import EBT, EBTInference
+    from pyebm.models.ebt_inference import EBTInference
 
-    if not isinstance(obj, EBT):
+    if _name_of(obj) != "EBT":
         if inference is not None:
             raise ValueError(f"save_pretrained: inference= (think / generate defaults) is for an EBT; got a "
                              f"{type(obj).__name__}")
@@ -222,7 +222,7 @@ def _read_ebt_entry(config: Dict[str, Any], where: str):
     entry = config.get("inference")
     if not isinstance(entry, dict) or "ebt" not in entry:
         return None
-    from pyebm.models.ebt import EBTInference
+    from pyebm.models.ebt_inference import EBTInference
 
     try:
         return EBTInference.from_dict(entry["ebt"])
