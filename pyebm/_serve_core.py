@@ -99,7 +99,7 @@ class _Server:
         """``parse`` of a request to ``route`` (one of ``routes``)."""
         if route not in self.routes:
             raise RequestError(f"no route /{route}; " + " or ".join(f"POST /{r}" for r in self.routes), 404)
-        return self.parse(payload) if len(self.routes) == 1 else self.parse(payload, route)
+        return self.parse(payload, route)
 
     def _key(self, item) -> tuple:
         raise NotImplementedError
