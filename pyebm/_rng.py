@@ -76,7 +76,33 @@ class TracedGenerator:
         return out
 
 
-Generator = Union[None, torch.Generator, TracedGenerator]
+class RowGenerators:
+    """One generator per row of the leading (batch) dimension: row b of a draw of shape [B, ...] is the draw of
+    shape [1, ...] from ``generators[b]`` (None: torch's global generator), so that every row draws exactly
+    the numbers a call on that row alone with its generator draws, whatever the other rows are. Eager calls
+    only (``row_generators`` refuses them while traced)."""
+
+    def __init__(self, generators: Sequence[Optional[torch.Generator]]):
+        self.generators = tuple(generators)
+
+    def __len__(self) -> int:
+        return len(self.generators)
+
+
+Generator = Union[None, torch.Generator, TracedGenerator, RowGenerators]
+
+
+def row_generators(generators: Sequence, batch: int, device, where: str) -> RowGenerators:
+    """A :class:`RowGenerators` of ``batch`` generators from a list or tuple of torch.Generators, int seeds or
+    None (one per row); a ValueError for another number of them."""
+    if tracing():
+        raise RuntimeError(f"{where}: a list of generators (one per row) is taken by eager calls only; while "
+                           "traced, pass one int seed or generator state")
+    if not isinstance(generators, (list, tuple)):
+        raise TypeError(f"{where}: generator must be a list or tuple of generators; got {type(generators).__name__}")
+    if len(generators) != batch:
+        raise ValueError(f"{where}: generator is a list of {len(generators)} generators; one per prompt needs {batch}")
+    return RowGenerators([as_generator(g, device, f"{where}: generator[{i}]") for i, g in enumerate(generators)])
 
 
 def as_generator(generator, device, where: str) -> Generator:
@@ -128,6 +154,11 @@ def draw(kind: str, shape: Sequence[int], generator: Generator, device, dtype: t
     """``torch.randn(shape)`` (kind "normal") or ``torch.rand(shape)`` ("uniform") with ``generator``; with
     ``count``, a tensor [count, *shape] of ``count`` such draws one after the other."""
     shape = tuple(shape)
+    if isinstance(generator, RowGenerators):
+        if count is not None or not shape or shape[0] != len(generator):
+            raise ValueError(f"pyebm: a draw of shape {list(shape)} with {len(generator)} row generators (the "
+                             "leading dimension must be the number of rows)")
+        return torch.cat([draw(kind, (1,) + shape[1:], g, device, dtype) for g in generator.generators])
     if isinstance(generator, TracedGenerator):
         out = generator.draw(kind, shape, 1 if count is None else count, dtype)
         return out[0] if count is None else out
@@ -156,6 +187,8 @@ def rand(shape: Sequence[int], generator: Generator, device, dtype: torch.dtype)
 
 def normal_(t: Tensor, generator: Generator) -> Tensor:
     """``t.normal_(generator=generator)`` (t contiguous, as every buffer pyebm draws into)."""
+    if isinstance(generator, RowGenerators):
+        return t.copy_(draw("normal", t.shape, generator, t.device, t.dtype))
     if isinstance(generator, TracedGenerator):
         return t.copy_(generator.draw("normal", t.shape, 1, t.dtype)[0])
     _untraceable(generator)
@@ -164,6 +197,8 @@ def normal_(t: Tensor, generator: Generator) -> Tensor:
 
 def uniform_(t: Tensor, generator: Generator) -> Tensor:
     """``t.uniform_(generator=generator)``."""
+    if isinstance(generator, RowGenerators):
+        return t.copy_(draw("uniform", t.shape, generator, t.device, t.dtype))
     if isinstance(generator, TracedGenerator):
         return t.copy_(generator.draw("uniform", t.shape, 1, t.dtype)[0])
     _untraceable(generator)

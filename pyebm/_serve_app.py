@@ -14,9 +14,10 @@ from pyebm._serve_core import RequestError, make_server
 
 @serve.deployment
 class ModelDeployment:
-    """One replica: the server of the directory (``make_server``: a ``PolicyServer`` answering ``POST /act``
-    or an ``EnergyServer`` answering ``POST /minimize``), its requests batched by ``@serve.batch``;
-    ``GET /info``."""
+    """One replica: the server of the directory (``make_server``: a ``PolicyServer`` answering ``POST /act``,
+    an ``EnergyServer`` answering ``POST /minimize`` or an ``EBTServer`` answering ``POST /generate``, ``/think``
+    and, saved with a descent, ``/minimize``), its requests batched by ``@serve.batch`` (requests to different
+    routes of one batch are served by separate calls); ``GET /info``."""
 
     def __init__(self, model_dir: str, device: str, max_batch_size: int, batch_wait_timeout_s: float):
         self.server = make_server(model_dir, device=device)
@@ -30,14 +31,15 @@ class ModelDeployment:
 
     async def __call__(self, request: Request):
         path = request.url.path.rstrip("/") or "/"
-        route = self.server.route
+        routes = self.server.routes
         if path.endswith("/info"):
             if request.method != "GET":
                 return JSONResponse({"error": "/info answers GET"}, status_code=405)
             return JSONResponse(self.server.info())
-        if not path.endswith(f"/{route}"):
-            return JSONResponse({"error": f"no route {request.url.path!r}: POST /{route} or GET /info"},
-                                status_code=404)
+        route = next((r for r in routes if path.endswith(f"/{r}")), None)
+        if route is None:
+            allowed = " or ".join([f"POST /{r}" for r in routes] + ["GET /info"])
+            return JSONResponse({"error": f"no route {request.url.path!r}: {allowed}"}, status_code=404)
         if request.method != "POST":
             return JSONResponse({"error": f"/{route} answers POST with a JSON body"}, status_code=405)
         try:
@@ -45,7 +47,7 @@ class ModelDeployment:
         except (ValueError, UnicodeDecodeError) as e:
             return JSONResponse({"error": f"the body is not JSON: {e}"}, status_code=400)
         try:
-            item = self.server.parse(payload)
+            item = self.server.parse_route(route, payload)
         except RequestError as e:  # refused before it joins a batch
             return JSONResponse({"error": str(e)}, status_code=e.status)
         answer = await self.batch(item)

@@ -1,7 +1,8 @@
 """Request handling of ``pyebm serve`` without Ray: parsing and checking requests, and running a batch of
-them as one ``act()`` (``PolicyServer``, for a saved policy) or one ``pyebm.minimize`` (``EnergyServer``, for
-a bare energy saved with its inference configuration). ``pyebm.serving`` builds the Ray Serve application
-around them (``make_server`` picks the one a directory needs)."""
+them as one ``act()`` (``PolicyServer``, for a saved policy), one ``pyebm.minimize`` (``EnergyServer``, for
+a bare energy saved with its inference configuration) or one ``EBT.generate`` / ``EBT.think`` (``EBTServer``,
+for a saved EBT). ``pyebm.serving`` builds the Ray Serve application around them (``make_server`` picks the
+one a directory needs)."""
 from __future__ import annotations
 
 import math
@@ -81,10 +82,24 @@ def _floats(value, shape: Tuple[int, ...], name: str, dtype: torch.dtype) -> Ten
 
 
 class _Server:
-    """What both servers share: a batch of checked requests served one group (one key) at a time; a group
+    """What the servers share: a batch of checked requests served one group (one key) at a time; a group
     whose call fails is served again one request at a time, so that only the failing request gets the error."""
 
     route = ""
+
+    @property
+    def routes(self) -> Tuple[str, ...]:
+        """The POST routes the server answers (the first is ``route``)."""
+        return (self.route,)
+
+    def parse(self, payload: Any, route: Optional[str] = None):
+        raise NotImplementedError
+
+    def parse_route(self, route: str, payload: Any):
+        """``parse`` of a request to ``route`` (one of ``routes``)."""
+        if route not in self.routes:
+            raise RequestError(f"no route /{route}; " + " or ".join(f"POST /{r}" for r in self.routes), 404)
+        return self.parse(payload, route)
 
     def _key(self, item) -> tuple:
         raise NotImplementedError
@@ -188,7 +203,7 @@ class PolicyServer(_Server):
         return {"observation": torch.randn(shape, generator=generator, dtype=torch.float64).tolist()}
 
     # -- one request ---------------------------------------------------------------------------------
-    def parse(self, payload: Any) -> Item:
+    def parse(self, payload: Any, route: Optional[str] = None) -> Item:
         """The checked request; ``RequestError`` (HTTP 400) with the reason for a bad one."""
         if not isinstance(payload, dict):
             raise RequestError(f"the request must be a JSON object {{\"observation\": [...], \"seed\": int}}; got "
@@ -255,8 +270,8 @@ def _as_error(e: BaseException) -> RequestError:
 
 
 def _check_model_dir(model_dir) -> str:
-    """"policy" or "energy": what ``model_dir`` holds; FileNotFoundError / ValueError unless it holds a saved
-    EnergyPolicy or PolicyAdapter, or a bare energy saved with its inference configuration."""
+    """"policy", "ebt" or "energy": what ``model_dir`` holds; FileNotFoundError / ValueError unless it holds a
+    saved EnergyPolicy or PolicyAdapter, an EBT, or another bare energy saved with its inference configuration."""
     from pyebm.pretrained import _read_config, inference_config
 
     if not isinstance(model_dir, (str, os.PathLike)):
@@ -265,6 +280,9 @@ def _check_model_dir(model_dir) -> str:
     name = _read_config(path).get("architecture")
     if name in _POLICIES:
         return "policy"
+    if name == "EBT":
+        inference_config(path)  # checks the "inference" entry (its "ebt" defaults included)
+        return "ebt"
     if name in _ENERGIES:
         if inference_config(path) is None:
             raise ValueError(f"pyebm serve: {path!r} holds a {name} saved without an inference configuration; save "
@@ -275,11 +293,27 @@ def _check_model_dir(model_dir) -> str:
                      f"a bare energy ({', '.join(_ENERGIES)}) saved with descent= and candidates=")
 
 
+def model_routes(model_dir: "str | os.PathLike") -> List[str]:
+    """The POST routes ``pyebm serve`` answers for ``model_dir`` (without loading its weights)."""
+    from pyebm.pretrained import inference_config
+
+    kind = _check_model_dir(model_dir)
+    if kind == "policy":
+        return ["act"]
+    if kind == "energy":
+        return ["minimize"]
+    return ["generate", "think"] + (["minimize"] if inference_config(model_dir) is not None else [])
+
+
 def make_server(model_dir: "str | os.PathLike", device: Union[str, torch.device] = "cpu") -> "_Server":
     """The server for what ``model_dir`` holds: a ``PolicyServer`` for a saved policy or adapter, an
-    ``EnergyServer`` for a bare energy saved with its inference configuration."""
-    if _check_model_dir(model_dir) == "policy":
+    ``EBTServer`` for an EBT, an ``EnergyServer`` for another bare energy saved with its inference
+    configuration."""
+    kind = _check_model_dir(model_dir)
+    if kind == "policy":
         return PolicyServer(model_dir, device=device)
+    if kind == "ebt":
+        return EBTServer(model_dir, device=device)
     return EnergyServer(model_dir, device=device)
 
 
@@ -300,12 +334,18 @@ class EnergyServer(_Server):
         from pyebm.descent import _event_shape_of
         from pyebm.pretrained import from_pretrained, inference_config
 
-        if _check_model_dir(model_dir) != "energy":
+        kind = _check_model_dir(model_dir)
+        if kind == "policy":
             raise ValueError(f"EnergyServer: {os.fspath(model_dir)!r} holds a policy; PolicyServer serves it "
                              "(pyebm.serving.make_server picks the server a directory needs)")
+        saved = inference_config(model_dir)
+        if saved is None:  # an EBT saved without descent= and candidates= (EBTServer serves its generate / think)
+            raise ValueError(f"EnergyServer: {os.fspath(model_dir)!r} holds an EBT saved without an inference "
+                             "configuration for minimize (descent= and candidates=); EBTServer serves its "
+                             "/generate and /think")
         self.device = torch.device(device)
         self.energy = from_pretrained(model_dir, device=self.device)
-        self.descent, self.candidates = inference_config(model_dir)
+        self.descent, self.candidates = saved
         self.model_dir = os.fspath(model_dir)
         self.architecture = type(self.energy).__name__
         self.event = tuple(_event_shape_of(self.energy))
@@ -372,7 +412,7 @@ class EnergyServer(_Server):
                                f"{self.context_shapes()[0]}")
         return _floats(value, shape, "context", self.dtype).to(self.device)
 
-    def parse(self, payload: Any) -> EnergyItem:
+    def parse(self, payload: Any, route: Optional[str] = None) -> EnergyItem:
         """The checked request; ``RequestError`` (HTTP 400) with the reason for a bad one."""
         if not isinstance(payload, dict):
             raise RequestError(f"the request must be a JSON object {{\"context\": [...], \"init\": [...], "
@@ -428,3 +468,269 @@ class EnergyServer(_Server):
         index = res.best_index.tolist()
         return [{"y": best[i], "energy": _json_number(energy[i]), "index": index[i], "batch_size": len(items),
                  "seed": it.seed} for i, it in enumerate(items)]
+
+
+# -- EBT: POST /generate, POST /think ---------------------------------------------------------------------
+
+_GENERATE_FIELDS = ("prompt", "max_new_tokens", "seed", "temperature", "top_p", "eos_token_id", "steps", "alpha",
+                    "noise", "samples", "select", "accept_lower")
+_THINK_FIELDS = ("context", "seed", "steps", "alpha", "noise", "samples", "select", "accept_lower", "top_k",
+                 "full_logits")
+_THINK_OPTIONS = ("steps", "alpha", "noise", "samples", "select", "accept_lower")
+_GENERATE_OPTIONS = _THINK_OPTIONS + ("temperature", "top_p", "eos_token_id")
+
+
+@dataclass
+class GenerateItem:
+    """One checked ``POST /generate`` request: its prompt ([S] token ids on the model's device), how many tokens
+    to generate, its options (the directory's ``EBTInference`` with the request's values) and its seed."""
+
+    prompt: Tensor
+    max_new_tokens: int
+    options: Any
+    seed: Optional[int]
+
+
+@dataclass
+class ThinkItem:
+    """One checked ``POST /think`` request: its context ([S] token ids), options, how many of the most probable
+    tokens to report (``top_k``), whether to report every logit, and its seed."""
+
+    context: Tensor
+    options: Any
+    top_k: int
+    full_logits: bool
+    seed: Optional[int]
+
+
+class EBTServer(_Server):
+    """The request handling of ``pyebm serve`` for a saved ``EBT``: ``POST /generate`` runs ``EBT.generate``,
+    ``POST /think`` runs ``EBT.think`` on the next position, and, when the directory was saved with
+    ``descent=`` and ``candidates=``, ``POST /minimize`` runs ``pyebm.minimize`` as ``EnergyServer`` does.
+
+    The options a request leaves out are the directory's (``model.inference``, an ``EBTInference`` saved with
+    ``save_pretrained(dir, inference=...)``; the built-in defaults for a directory without one). Requests of
+    one route, prompt length, ``max_new_tokens`` (generate) and options are served by one call on the stacked
+    prompts, with one generator per prompt (``generator=[seed, ...]``): each prompt draws exactly what a call on
+    it alone with its seed draws.
+
+    Args:
+        model_dir: a directory written by ``EBT.save_pretrained``.
+        device: where the weights live and the calls run.
+        max_steps, max_samples: the largest ``steps`` and ``samples`` a request may ask for (raised to the
+            directory's own defaults when those are larger).
+        max_new_tokens: the most tokens one request may generate (default: ``context_length``; a prompt of S
+            tokens can get at most ``context_length - S + 1``).
+    """
+
+    route = "generate"
+
+    def __init__(self, model_dir: "str | os.PathLike", device: Union[str, torch.device] = "cpu", *,
+                 max_steps: int = 64, max_samples: int = 64, max_new_tokens: Optional[int] = None):
+        from pyebm.models.ebt import EBT
+        from pyebm.pretrained import from_pretrained, inference_config
+
+        if _check_model_dir(model_dir) != "ebt":
+            raise ValueError(f"EBTServer: {os.fspath(model_dir)!r} does not hold an EBT (pyebm.serving.make_server "
+                             "picks the server a directory needs)")
+        for name, v in (("max_steps", max_steps), ("max_samples", max_samples), ("max_new_tokens", max_new_tokens)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"EBTServer: {name} must be an int >= 1; got {v!r}")
+        self.device = torch.device(device)
+        self.model_dir = os.fspath(model_dir)
+        if inference_config(model_dir) is not None:  # /minimize too, on the same model
+            self.minimizer: Optional[EnergyServer] = EnergyServer(model_dir, device=self.device)
+            self.model = self.minimizer.energy
+        else:
+            self.minimizer = None
+            self.model = from_pretrained(model_dir, device=self.device)
+        if not isinstance(self.model, EBT):  # _check_model_dir refused the others already
+            raise ValueError(f"EBTServer: {type(self.model).__name__} is not an EBT")
+        self.architecture = "EBT"
+        self.defaults = self.model.inference
+        self.dtype = self.model._param.dtype
+        cfg = self.model.config
+        self.vocab_size, self.context_length = cfg.vocab_size, cfg.context_length
+        self.max_steps = max(max_steps, self.defaults.steps or 0)
+        self.max_samples = max(max_samples, self.defaults.samples)
+        self.max_new_tokens = self.context_length if max_new_tokens is None else max_new_tokens
+
+    @property
+    def routes(self) -> Tuple[str, ...]:
+        return ("generate", "think") + (("minimize",) if self.minimizer is not None else ())
+
+    # -- what the server accepts --------------------------------------------------------------------
+    def info(self) -> Dict[str, Any]:
+        """What ``GET /info`` answers: the model, the routes, their fields, the defaults and the limits."""
+        cfg = self.model.config
+        out = {"model_dir": self.model_dir, "architecture": self.architecture, "route": "/generate",
+               "routes": [f"/{r}" for r in self.routes], "vocab_size": cfg.vocab_size,
+               "context_length": cfg.context_length, "ebt_type": cfg.ebt_type,
+               "generate_fields": list(_GENERATE_FIELDS), "think_fields": list(_THINK_FIELDS),
+               "inference": self.defaults.to_dict(),
+               "limits": {"max_new_tokens": self.max_new_tokens, "max_steps": self.max_steps,
+                          "max_samples": self.max_samples, "max_top_k": cfg.vocab_size},
+               "dtype": str(self.dtype).replace("torch.", ""), "device": str(self.device)}
+        if self.minimizer is not None:
+            m = self.minimizer
+            out["minimize"] = {"context_shapes": m.context_shapes(), "candidates": m.candidates,
+                               "descent": m.descent.to_dict()}
+        return out
+
+    def example_request(self, generator: torch.Generator) -> Dict[str, Any]:
+        """A valid ``POST /generate`` request with a random prompt (``pyebm bench serve``)."""
+        S = min(8, self.context_length)
+        n = max(1, min(8, self.context_length - S + 1, self.max_new_tokens))
+        return {"prompt": torch.randint(0, self.vocab_size, (S,), generator=generator).tolist(), "max_new_tokens": n}
+
+    # -- one request ---------------------------------------------------------------------------------
+    def _tokens(self, value, name: str) -> Tensor:
+        V, C = self.vocab_size, self.context_length
+        if not isinstance(value, list) or not value:
+            raise RequestError(f"{name} must be a non-empty list of token ids (ints in [0, {V})); got "
+                               + ("an empty list" if isinstance(value, list) else f"{type(value).__name__} "
+                                  f"{value!r:.40}"))
+        for i, t in enumerate(value):
+            if isinstance(t, bool) or not isinstance(t, numbers.Integral):
+                raise RequestError(f"{name}[{i}] must be a token id (an int); got {t!r:.40}")
+            if not 0 <= t < V:
+                raise RequestError(f"{name}[{i}] = {t} is not a token id: ids are in [0, vocab_size={V})")
+        if len(value) > C:
+            raise RequestError(f"{name} has {len(value)} tokens; this model's context_length is {C}")
+        return torch.tensor(value, dtype=torch.long, device=self.device)
+
+    def _options(self, payload: Dict[str, Any], names: Sequence[str]):
+        """The directory's defaults with the request's values of ``names`` (null: the default)."""
+        import dataclasses
+
+        given = {k: payload[k] for k in names if payload.get(k) is not None}
+        if "accept_lower" in given and not isinstance(given["accept_lower"], bool):
+            raise RequestError(f"accept_lower must be true or false; got {given['accept_lower']!r:.40}")
+        try:
+            options = dataclasses.replace(self.defaults, **given)
+        except (TypeError, ValueError) as e:
+            raise RequestError(str(e).replace("EBTInference: ", "")) from None
+        if "steps" in given and options.steps > self.max_steps:
+            raise RequestError(f"steps must be at most {self.max_steps} on this server; got {options.steps}")
+        if "samples" in given and options.samples > self.max_samples:
+            raise RequestError(f"samples must be at most {self.max_samples} on this server; got {options.samples}")
+        eos = options.eos_token_id
+        if "eos_token_id" in given and eos >= self.vocab_size:
+            raise RequestError(f"eos_token_id = {eos} is not a token id: ids are in [0, vocab_size={self.vocab_size})")
+        return options
+
+    def _check_fields(self, payload, fields: Sequence[str], required: Sequence[str], route: str) -> None:
+        if not isinstance(payload, dict):
+            raise RequestError(f"the request must be a JSON object with {', '.join(repr(f) for f in required)}; "
+                               f"got {type(payload).__name__}")
+        unknown = sorted(set(payload) - set(fields))
+        if unknown:
+            raise RequestError(f"unknown fields {unknown}; POST /{route} takes {list(fields)}")
+        for f in required:
+            if f not in payload:
+                raise RequestError(f"the request has no \"{f}\" field")
+        if payload.get("seed") is not None and self.model.cuda_graph:
+            raise RequestError("seed: this model replays CUDA graphs (cuda_graph=True), which draw from the default "
+                               "CUDA generator; send requests without a seed")
+
+    def parse(self, payload: Any, route: Optional[str] = None):
+        """The checked request to ``route`` ("generate" by default, "think", or "minimize" when the directory
+        has a descent); ``RequestError`` (HTTP 400) with the reason for a bad one."""
+        route = self.route if route is None else route
+        if route == "minimize":
+            if self.minimizer is None:
+                raise RequestError("no route /minimize: this EBT was saved without descent= and candidates=", 404)
+            return self.minimizer.parse(payload)
+        if route == "think":
+            return self._parse_think(payload)
+        if route != "generate":
+            raise RequestError(f"no route /{route}; " + " or ".join(f"POST /{r}" for r in self.routes), 404)
+        self._check_fields(payload, _GENERATE_FIELDS, ("prompt", "max_new_tokens"), "generate")
+        seed = _seed_of(payload)
+        prompt = self._tokens(payload["prompt"], "prompt")
+        n = payload["max_new_tokens"]
+        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
+            raise RequestError(f"max_new_tokens must be an int >= 1; got {n!r:.40}")
+        S, C = prompt.numel(), self.context_length
+        if n > self.max_new_tokens:
+            raise RequestError(f"max_new_tokens must be at most {self.max_new_tokens} on this server; got {n}")
+        if S + n - 1 > C:
+            raise RequestError(f"max_new_tokens = {n} after a prompt of {S} tokens exceeds context_length={C} (at "
+                               f"most {C - S + 1} for this prompt)")
+        options = self._options(payload, _GENERATE_OPTIONS)
+        return GenerateItem(prompt=prompt, max_new_tokens=int(n), options=options, seed=seed)
+
+    def _parse_think(self, payload: Any) -> ThinkItem:
+        self._check_fields(payload, _THINK_FIELDS, ("context",), "think")
+        seed = _seed_of(payload)
+        context = self._tokens(payload["context"], "context")
+        top_k = payload.get("top_k")
+        top_k = min(5, self.vocab_size) if top_k is None else top_k
+        if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or not 1 <= top_k <= self.vocab_size:
+            raise RequestError(f"top_k must be an int in [1, vocab_size={self.vocab_size}]; got {top_k!r:.40}")
+        full = payload.get("full_logits", False)
+        if not isinstance(full, bool):
+            raise RequestError(f"full_logits must be true or false; got {full!r:.40}")
+        options = self._options(payload, _THINK_OPTIONS)
+        return ThinkItem(context=context, options=options, top_k=int(top_k), full_logits=full, seed=seed)
+
+    # -- a batch of checked requests -----------------------------------------------------------------
+    def _key(self, item) -> tuple:
+        if isinstance(item, GenerateItem):
+            o = item.options.generate_kwargs()
+            if o["temperature"] == 0:
+                o["top_p"] = None  # greedy: top_p is not used
+            return ("generate", item.prompt.numel(), item.max_new_tokens) + tuple(sorted(o.items()))
+        if isinstance(item, ThinkItem):
+            return ("think", item.context.numel()) + tuple(sorted(item.options.think_kwargs().items()))
+        return ("minimize",) + self.minimizer._key(item)
+
+    def _generators(self, items) -> Optional[list]:
+        """One seed (or None: torch's global generator) per row; None when no request has a seed."""
+        seeds = [it.seed for it in items]
+        return None if self.model.cuda_graph or all(s is None for s in seeds) else seeds
+
+    def _serve(self, items: Sequence[Any]) -> List[Dict[str, Any]]:
+        first = items[0]
+        if isinstance(first, GenerateItem):
+            return self._generate(items)
+        if isinstance(first, ThinkItem):
+            return self._think(items)
+        return self.minimizer._serve(items)
+
+    def _generate(self, items: Sequence[GenerateItem]) -> List[Dict[str, Any]]:
+        first = items[0]
+        tokens = torch.stack([it.prompt for it in items])
+        S, n, options = tokens.shape[1], first.max_new_tokens, first.options
+        out = self.model.generate(tokens, n, generator=self._generators(items), **options.generate_kwargs())
+        new = out[:, S:].tolist()
+        eos = options.eos_token_id
+        answers = []
+        for it, row in zip(items, new):
+            stop = "length"
+            if eos is not None and eos in row:  # the row's own stop: a call on it alone ends there
+                row, stop = row[:row.index(eos) + 1], "eos"
+            answers.append({"tokens": row, "stop": stop, "batch_size": len(items), "seed": it.seed})
+        return answers
+
+    def _think(self, items: Sequence[ThinkItem]) -> List[Dict[str, Any]]:
+        tokens = torch.stack([it.context for it in items])
+        res = self.model.think(tokens, generator=self._generators(items), **items[0].options.think_kwargs())
+        logits = res.logits.detach().to("cpu", torch.float64)
+        probs = torch.softmax(logits, dim=-1)
+        k = max(it.top_k for it in items)
+        top_p, top_i = torch.topk(probs, k, dim=-1)
+        energy = res.energy.detach().to("cpu", torch.float64).tolist()
+        energy0 = res.initial_energy.detach().to("cpu", torch.float64).tolist()
+        sample = res.sample.tolist()
+        answers = []
+        for b, it in enumerate(items):
+            ids = top_i[b, :it.top_k]
+            a = {"top_tokens": ids.tolist(), "top_probs": [_json_number(x) for x in top_p[b, :it.top_k].tolist()],
+                 "top_logits": [_json_number(x) for x in logits[b, ids].tolist()], "energy": _json_number(energy[b]),
+                 "initial_energy": _json_number(energy0[b]), "sample": sample[b], "batch_size": len(items),
+                 "seed": it.seed}
+            if it.full_logits:
+                a["logits"] = [_json_number(x) for x in logits[b].tolist()]
+            answers.append(a)
+        return answers

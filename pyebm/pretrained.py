@@ -12,8 +12,14 @@ candidates, horizon, bounds, normalisation statistics, ...), nested: an ``Energy
 entry under ``"energy"``, a ``PolicyAdapter`` its policy's under ``"policy"``. A bare energy (``MLPEnergy``,
 ``EBT``, ``EBTPolicy``) saved with ``descent=`` and/or ``candidates=`` also holds an ``"inference"`` entry
 ``{"descent": {...}, "candidates": K}``: how ``pyebm.minimize`` is to be run on it (``inference_config``
-reads it; ``pyebm serve`` serves such a directory). ``model.safetensors`` holds the state dict of the one
-module that has weights (the energy), written with ``safetensors``.
+reads it; ``pyebm serve`` serves such a directory). An ``EBT`` whose ``think`` / ``generate`` defaults
+(``model.inference``, a ``pyebm.models.EBTInference``) differ from the built-in ones, or saved with
+``inference=``, holds them under ``"inference"`` -> ``"ebt"`` (``{"version": 1, "steps": ..., "samples":
+..., ...}``, alone or next to ``"descent"`` and ``"candidates"``); ``from_pretrained`` sets them on the
+loaded model, and a directory without them (an older one) loads with the defaults. The entry has its own
+``"version"`` (a later one is refused with a clear error); ``format_version`` stays 1, so that an older pyebm
+still loads the model itself. ``model.safetensors`` holds the state dict of the one module that has weights
+(the energy), written with ``safetensors``.
 
 Tensors that share storage (tied weights) are written once; ``config.json`` lists the names that alias
 another (``"tied"``), and loading ties them again (the same Parameter under both names). Tensors that
@@ -94,11 +100,12 @@ class Pretrained:
         return cls(**parts, **args)
 
     def save_pretrained(self, directory: "str | os.PathLike", *, descent=None,
-                        candidates: Optional[int] = None) -> None:
+                        candidates: Optional[int] = None, inference=None) -> None:
         """Write ``config.json`` and ``model.safetensors`` into ``directory`` (created if needed; files of
         an earlier save are replaced). ``descent`` (a ``pyebm.Descent``) and ``candidates`` (K): for a bare
-        energy, the inference configuration saved with it (see ``save_pretrained``)."""
-        save_pretrained(self, directory, descent=descent, candidates=candidates)
+        energy, the inference configuration saved with it; ``inference`` (an ``EBTInference``): an EBT's
+        think / generate defaults (see ``save_pretrained``)."""
+        save_pretrained(self, directory, descent=descent, candidates=candidates, inference=inference)
 
     @classmethod
     def from_pretrained(cls, directory: "str | os.PathLike", *, device=None):
@@ -186,6 +193,43 @@ def _write_atomic(path: str, write) -> None:
         raise
 
 
+def _ebt_entry(obj, inference) -> Optional[Dict[str, Any]]:
+    """The ``"ebt"`` part of the ``"inference"`` entry: an EBT's think / generate defaults (``inference``, else
+    ``obj.inference`` unless it is the default), or None."""
+    from pyebm.models.ebt_inference import EBTInference
+
+    if _name_of(obj) != "EBT":
+        if inference is not None:
+            raise ValueError(f"save_pretrained: inference= (think / generate defaults) is for an EBT; got a "
+                             f"{type(obj).__name__}")
+        return None
+    if inference is None:
+        inference = getattr(obj, "inference", None)
+        if inference is None or inference == EBTInference():
+            return None
+    if not isinstance(inference, EBTInference):
+        raise TypeError(f"save_pretrained: inference must be a pyebm.models.EBTInference or None; got "
+                        f"{type(inference).__name__}")
+    V = obj.config.vocab_size
+    if inference.eos_token_id is not None and inference.eos_token_id >= V:
+        raise ValueError(f"save_pretrained: inference.eos_token_id={inference.eos_token_id} is not a token id of "
+                         f"this model (vocab_size={V})")
+    return inference.to_dict()
+
+
+def _read_ebt_entry(config: Dict[str, Any], where: str):
+    """The ``EBTInference`` of a configuration's ``"inference"`` -> ``"ebt"`` entry, or None without one."""
+    entry = config.get("inference")
+    if not isinstance(entry, dict) or "ebt" not in entry:
+        return None
+    from pyebm.models.ebt_inference import EBTInference
+
+    try:
+        return EBTInference.from_dict(entry["ebt"])
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"from_pretrained: {where} (\"inference\" -> \"ebt\") is not valid: {e}") from e
+
+
 def _inference_entry(obj, descent, candidates) -> Optional[Dict[str, Any]]:
     """The ``"inference"`` entry of a bare energy saved with ``descent`` / ``candidates`` (None without)."""
     if descent is None and candidates is None:
@@ -206,21 +250,27 @@ def _inference_entry(obj, descent, candidates) -> Optional[Dict[str, Any]]:
     return {"descent": descent.to_dict(), "candidates": int(candidates)}
 
 
-def save_pretrained(obj, directory: "str | os.PathLike", *, descent=None, candidates: Optional[int] = None) -> None:
+def save_pretrained(obj, directory: "str | os.PathLike", *, descent=None, candidates: Optional[int] = None,
+                    inference=None) -> None:
     """Write ``obj`` (an MLPEnergy, EBT, EBTPolicy, EnergyPolicy or PolicyAdapter) to ``directory``.
 
     ``descent`` (a ``pyebm.Descent``, default ``Descent()``) and ``candidates`` (K, default 1), given for a
     bare energy, are saved with it as its inference configuration (``inference_config`` reads them back;
-    ``pyebm serve`` runs ``pyebm.minimize`` with them). A policy or adapter refuses them: it holds its own."""
+    ``pyebm serve`` runs ``pyebm.minimize`` with them). A policy or adapter refuses them: it holds its own.
+    ``inference`` (a ``pyebm.models.EBTInference``; default: ``obj.inference`` when it is not the default),
+    for an EBT only: the defaults of its ``think`` / ``generate``, set again by ``from_pretrained``."""
     from pyebm import __version__
 
     st = _safetensors()
     if not isinstance(directory, (str, os.PathLike)):
         raise TypeError(f"save_pretrained: directory must be a path; got {type(directory).__name__}")
     spec = _spec(obj)
-    inference = _inference_entry(obj, descent, candidates)
-    if inference is not None:
-        spec["inference"] = inference
+    entry = _inference_entry(obj, descent, candidates)
+    ebt = _ebt_entry(obj, inference)
+    if ebt is not None:
+        entry = dict(entry or {}, ebt=ebt)
+    if entry is not None:
+        spec["inference"] = entry
     module = _weights_module(obj)
     from torch.nn.utils import parametrize
 
@@ -364,6 +414,12 @@ def from_pretrained(directory: "str | os.PathLike", *, device=None, expect: Opti
         raise ValueError(f"from_pretrained: {directory!r} holds the architecture {name}, not {expect.__name__}; "
                          f"load it with {name}.from_pretrained or pyebm.pretrained.from_pretrained")
     obj = _build(config, CONFIG_NAME)
+    ebt = _read_ebt_entry(config, os.path.join(directory, CONFIG_NAME))
+    if ebt is not None:
+        if name != "EBT":
+            raise ValueError(f"from_pretrained: {directory!r} holds think / generate defaults (\"inference\" -> "
+                             f"\"ebt\") for a {name}; only an EBT has them")
+        obj.inference = ebt
     module = _weights_module(obj)
     _load_weights(module, os.path.join(directory, WEIGHTS_NAME), config.get("tied", {}))
     if device is not None:
@@ -374,7 +430,9 @@ def from_pretrained(directory: "str | os.PathLike", *, device=None, expect: Opti
 def inference_config(directory: "str | os.PathLike"):
     """``(descent, candidates)``: the inference configuration a bare energy was saved with
     (``save_pretrained(dir, descent=..., candidates=...)``), or None when the directory holds none (a bare
-    energy saved without it; a policy or adapter, whose configuration is part of the object)."""
+    energy saved without it, or an EBT saved with its think / generate defaults only; a policy or adapter,
+    whose configuration is part of the object). An EBT's think / generate defaults (``"ebt"``) are checked
+    here too and set on the model by ``from_pretrained`` (``model.inference``)."""
     from pyebm.config import Descent
 
     if not isinstance(directory, (str, os.PathLike)):
@@ -384,8 +442,12 @@ def inference_config(directory: "str | os.PathLike"):
     if entry is None:
         return None
     where = f"{os.path.join(os.fspath(directory), CONFIG_NAME)} (\"inference\")"
-    if not isinstance(entry, dict) or set(entry) - {"descent", "candidates"}:
-        raise ValueError(f"from_pretrained: {where} must be an object with \"descent\" and \"candidates\"")
+    if not isinstance(entry, dict) or set(entry) - {"descent", "candidates", "ebt"}:
+        raise ValueError(f"from_pretrained: {where} must be an object with \"descent\" and \"candidates\" (and, "
+                         "for an EBT, \"ebt\")")
+    _read_ebt_entry(config, os.path.join(os.fspath(directory), CONFIG_NAME))
+    if "descent" not in entry and "candidates" not in entry:  # an EBT's think / generate defaults only
+        return None
     K = entry.get("candidates", 1)
     if isinstance(K, bool) or not isinstance(K, int) or K < 1:
         raise ValueError(f"from_pretrained: {where} has candidates {K!r}; expected an int >= 1")

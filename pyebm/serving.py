@@ -11,10 +11,14 @@
 * an ``EnergyPolicy`` or a ``pyebm.adapter.PolicyAdapter`` (the directory holds the energy's weights and the
   inference configuration: the ``Descent``, candidates, chunk shape, bounds, normalisation): the server
   answers ``POST /act`` with ``act()`` (below);
+* an ``EBT`` (any directory of one): the server answers ``POST /generate`` with ``EBT.generate`` and ``POST
+  /think`` with ``EBT.think`` (see "EBT" below), with the think / generate defaults saved in the directory
+  (``save_pretrained(dir, inference=EBTInference(...))``); saved also with ``descent=`` and ``candidates=``, it
+  answers ``POST /minimize`` as well;
 * a bare energy (``MLPEnergy``, ``EBT``, ``EBTPolicy``) saved with its inference configuration,
   ``energy.save_pretrained(dir, descent=cfg, candidates=K)``: the server answers ``POST /minimize`` with
-  ``pyebm.minimize(energy, contexts, K, cfg)`` (see "Energies" below). A bare energy saved without them is
-  refused (the server would not know how to minimise it).
+  ``pyebm.minimize(energy, contexts, K, cfg)`` (see "Energies" below). An ``MLPEnergy`` or ``EBTPolicy`` saved
+  without them is refused (the server would not know how to minimise it).
 
 Requests (JSON, ``POST /act``)::
 
@@ -80,15 +84,40 @@ exactness as for policies follows: served alone, a request reproduces
 without further draws (and without options that couple the batch: ``normalize="rms_all"``, ``tol_scope=
 "all"``) gives each row the answer of its own call within float rounding. Bad requests (a missing or
 unknown field, a non-number, a wrong shape, NaN or Inf in the context or init, a token id out of range, a
-bad seed) are answered 400 with the reason before they join a batch. ``EBT.think`` / ``generate`` are not
-served (an ``EBT`` directory is served through ``minimize`` with the saved ``Descent``, e.g.
-``Descent.ebt()``).
+bad seed) are answered 400 with the reason before they join a batch.
+
+EBT (JSON, ``POST /generate`` and ``POST /think``)::
+
+    {"prompt": [5, 17, 3], "max_new_tokens": 8, "seed": 7, "temperature": 0.8, "top_p": 0.95}
+    -> {"tokens": [41, 9, 2], "stop": "eos", "batch_size": 4, "seed": 7}
+    {"context": [5, 17, 3], "top_k": 3, "seed": 7}
+    -> {"top_tokens": [41, 8, 2], "top_probs": [0.61, 0.2, 0.05], "top_logits": [...], "energy": -3.1,
+        "initial_energy": -1.2, "sample": 0, "batch_size": 2, "seed": 7}
+
+``prompt`` / ``context``: token ids (ints in [0, vocab_size)), 1 <= S <= context_length. ``max_new_tokens``
+(required): an int >= 1 with S + max_new_tokens - 1 <= context_length (and at most the server's limit).
+Optional, per request (absent or null: the directory's default, ``model.inference``): ``steps``, ``alpha``,
+``noise``, ``samples``, ``select``, ``accept_lower`` (both routes); ``temperature``, ``top_p``, ``eos_token_id``
+(generate); ``top_k`` (think: how many of the most probable next tokens to report, default 5) and
+``full_logits`` (think: true adds ``"logits"``, all V of them). ``steps`` and ``samples`` are bounded (64 each,
+or the saved default when larger; ``GET /info`` says). ``tokens`` are the new tokens only, cut after the first
+``eos_token_id`` (``stop`` "eos"; else "length"). ``/think`` optimises the next token after the context:
+``top_probs`` = softmax of the optimised logits, ``energy`` / ``initial_energy`` of the chosen sample
+(``ThinkResult``). Requests with the same route, length S, ``max_new_tokens`` and options are served by one
+``EBT.generate`` / ``EBT.think`` call on the stacked prompts [B, S]; different options are never mixed in one
+call. Seeds: the call gets one generator per prompt (``generator=[seed_1, ..., seed_B]``, None for a request
+without a seed: torch's global generator), and each prompt then draws exactly what a call on it alone with its
+seed draws (initial vectors, noise, top-p draws), whatever shares its batch. The numbers of the forward
+passes agree with a one-prompt call within float rounding (a batched matrix product may round differently
+from a one-row one), so greedy and seeded sampled tokens equal those of
+``model.generate(prompt[None], n, generator=seed, **options)`` unless two candidates tie within rounding.
+A model with ``cuda_graph=True`` refuses seeds (its graphs draw from the default CUDA generator).
 
 Tested in ``tests/test_serving.py`` (the request checks, batching by shape, seeds and the split of a failing
-batch, for policies and energies, without Ray) and ``tests/test_serving_ray.py`` (a local Ray Serve on the
-loopback: 64 concurrent requests to a policy, an adapter and an MLPEnergy, answers equal to direct ``act`` /
-``minimize`` calls, batches larger than one, bad requests answered 400 while the requests around them
-succeed). Not tested here: GPUs (``--device cuda``), several machines.
+batch, for policies, energies and EBTs, without Ray) and ``tests/test_serving_ray.py`` (a local Ray Serve on the
+loopback: 64 concurrent requests to a policy, an adapter, an MLPEnergy and an EBT, answers equal to direct
+``act`` / ``minimize`` / ``generate`` / ``think`` calls, batches larger than one, bad requests answered 400
+while the requests around them succeed). Not tested here: GPUs (``--device cuda``), several machines.
 """
 from __future__ import annotations
 
@@ -100,11 +129,11 @@ from typing import Any, Dict, Optional
 
 import torch
 
-from pyebm._serve_core import (EnergyItem, EnergyServer, Item, PolicyServer, RequestError, _check_model_dir,
-                               make_server)
+from pyebm._serve_core import (EBTServer, EnergyItem, EnergyServer, GenerateItem, Item, PolicyServer, RequestError,
+                               ThinkItem, _check_model_dir, make_server, model_routes)
 
-__all__ = ["build_app", "make_server", "PolicyServer", "EnergyServer", "RequestError", "Item", "EnergyItem",
-           "add_arguments", "run"]
+__all__ = ["build_app", "make_server", "model_routes", "PolicyServer", "EnergyServer", "EBTServer", "RequestError",
+           "Item", "EnergyItem", "GenerateItem", "ThinkItem", "add_arguments", "run"]
 
 
 def _ray_serve():
@@ -137,9 +166,9 @@ def build_app(model_dir: "str | os.PathLike", *, max_batch_size: int = 32, batch
     """The Ray Serve application that serves ``model_dir`` (run it with ``ray.serve.run(app)``).
 
     Args:
-        model_dir: a directory of a saved EnergyPolicy or PolicyAdapter, or of a bare energy saved with its
+        model_dir: a directory of a saved EnergyPolicy, PolicyAdapter or EBT, or of a bare energy saved with its
             inference configuration (checked here; each replica loads it).
-        max_batch_size: requests per batched ``act`` / ``minimize`` at most.
+        max_batch_size: requests per batched ``act`` / ``minimize`` / ``generate`` / ``think`` at most.
         batch_wait_timeout_s: how long a replica waits for more requests after the first of a batch.
         replicas: copies of the deployment (``num_replicas``).
         device: where each replica runs ``act`` / ``minimize``; "cuda" asks Ray for one GPU per replica.
@@ -169,12 +198,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                      "{\"observation\": [...], \"seed\": int}; concurrent requests are batched into one act(). "
                      "A bare energy saved with descent= and candidates=: POST /minimize with {\"context\": [...], "
                      "\"init\": [...], \"seed\": int}, batched into one pyebm.minimize(). "
+                     "An EBT: POST /generate with {\"prompt\": [token ids], \"max_new_tokens\": n, \"seed\": int, ...} "
+                     "and POST /think with {\"context\": [token ids], \"top_k\": k, ...}, batched into one "
+                     "EBT.generate() / EBT.think() per prompt length and options. "
                      "GET /info tells the accepted shapes. Needs pip install 'pyebm[serve]'.")
     p.add_argument("model_dir", metavar="MODEL_DIR", help="a directory written by save_pretrained")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--max-batch-size", type=int, default=32, metavar="N",
-                   help="requests per act() / minimize() at most (32)")
+                   help="requests per batched act() / minimize() / generate() / think() at most (32)")
     p.add_argument("--batch-wait-timeout-s", type=float, default=0.01, metavar="S",
                    help="seconds a replica waits to fill a batch (0.01)")
     p.add_argument("--replicas", type=int, default=1, metavar="N", help="copies of the deployment (1)")
@@ -206,8 +238,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         serve.start(http_options={"host": args.host, "port": args.port})
         serve.run(app, name="pyebm", route_prefix="/")
-        route = "act" if _check_model_dir(args.model_dir) == "policy" else "minimize"
-        print(f"pyebm serve: {args.model_dir} at http://{args.host}:{args.port}/{route} (POST), /info (GET); "
+        routes = ", ".join(f"/{r}" for r in model_routes(args.model_dir))
+        print(f"pyebm serve: {args.model_dir} at http://{args.host}:{args.port}: {routes} (POST), /info (GET); "
               "Ctrl-C stops", flush=True)
         while True:
             time.sleep(3600)

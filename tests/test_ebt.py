@@ -305,6 +305,112 @@ def test_generation_sampling_and_eos():
     assert torch.equal(model.generate(tok, 0), tok)
 
 
+@pytest.mark.parametrize("ebt_type", VARIANTS)
+def test_one_generator_per_prompt_draws_what_each_prompt_draws_alone(ebt_type):
+    """generator=[g_0, ..., g_B-1]: prompt b's initial vectors, noise and top-p draws are those of a call on
+    prompt b alone with g_b. The forward passes of a batch may round differently from a one-row call (a
+    batched matrix product), so logits agree within fp64 rounding and tokens exactly (no ties at 1e-12)."""
+    model = make_model(ebt_type, mcmc_step_size=2.0, langevin_dynamics_noise=0.3)
+    B, S = 4, 5
+    tok = rand_tokens(B, S, torch.Generator().manual_seed(5))
+    seeds = [11, 12, None, 14]  # None: torch's global generator for that row
+    opts = dict(samples=3, select="max_gap", steps=2)
+    res = model.think(tok, generator=seeds, **opts)
+    for b in (0, 1, 3):
+        alone = model.think(tok[b:b + 1], generator=seeds[b], **opts)
+        torch.testing.assert_close(res.logits[b:b + 1], alone.logits, rtol=1e-9, atol=1e-9)
+        assert torch.equal(res.sample[b:b + 1], alone.sample)
+    # a different seed for one row changes that row only
+    other = model.think(tok, generator=[11, 99, None, 14], **opts)
+    assert not torch.allclose(other.logits[1], res.logits[1])
+    torch.testing.assert_close(other.logits[[0, 3]], res.logits[[0, 3]], rtol=1e-9, atol=1e-9)
+    gen_opts = dict(temperature=1.5, top_p=0.95, samples=2)
+    out = model.generate(tok, 6, generator=[torch.Generator().manual_seed(s) for s in (1, 2, 3, 4)], **gen_opts)
+    for b in range(B):
+        assert torch.equal(out[b:b + 1], model.generate(tok[b:b + 1], 6, generator=b + 1, **gen_opts))
+    assert len({tuple(r) for r in model.generate(tok[:1].expand(4, S), 6, generator=[1, 2, 3, 4],
+                                                  **gen_opts)[:, S:].tolist()}) > 1  # the seeds do differ
+    with pytest.raises(ValueError, match="generator is a list of 2 generators; one per prompt needs 4"):
+        model.generate(tok, 2, generator=[1, 2])
+    with pytest.raises(TypeError, match=r"generator\[1\]: generator must be a torch.Generator"):
+        model.think(tok, generator=[1, "x", 3, 4])
+    with pytest.raises(ValueError, match="pass generator=None"):  # the captured step draws from the device's
+        model._think(tok, None, None, None, 1, "min", False, "last", None, [1, 2, 3, 4], None, "eager")
+    with pytest.raises(TypeError, match="generator must be a torch.Generator"):  # minimize takes one
+        import pyebm
+        pyebm.minimize(model, tok, 2, pyebm.Descent.ebt(steps=1), generator=[1, 2, 3, 4])
+
+
+def test_inference_defaults_fill_the_options_a_call_leaves_out():
+    from pyebm.models import EBTInference
+
+    model = make_model("default", mcmc_step_size=3.0, langevin_dynamics_noise=0.2)
+    tok = rand_tokens(2, 4)
+    assert model.inference == EBTInference()
+    base = model.generate(tok, 3, generator=0)
+    assert torch.equal(base, model.generate(tok, 3, generator=0, samples=1, select="min", temperature=0.0))
+    cfg = EBTInference(steps=3, alpha=1.5, noise=0.1, samples=2, select="max", accept_lower=True, init="zeros",
+                       grad_clamp=4.0, temperature=0.9, top_p=0.8)
+    model.inference = cfg
+    assert torch.equal(model.generate(tok, 3, generator=0),
+                       make_model("default", mcmc_step_size=3.0, langevin_dynamics_noise=0.2).generate(
+                           tok, 3, generator=0, **cfg.generate_kwargs()))
+    a, b = model.think(tok, generator=1), model.think(tok, generator=1, **cfg.think_kwargs())
+    assert torch.equal(a.logits, b.logits) and torch.equal(a.sample, b.sample)
+    # a call's own value wins over the default
+    assert torch.equal(model.think(tok, generator=1, samples=1, noise=0.0, init="normal").logits,
+                       model.think(tok, generator=1, **dict(cfg.think_kwargs(), samples=1, noise=0.0,
+                                                           init="normal")).logits)
+    model.inference = EBTInference()
+    eos = int(model.generate(tok[:1], 1, generator=0)[0, -1])
+    model.inference = EBTInference(eos_token_id=eos)
+    assert model.generate(tok[:1], 5, generator=0).shape == (1, 5)  # stopped at the saved eos
+    model.inference = {"samples": 2}
+    with pytest.raises(TypeError, match="EBT.inference must be a pyebm.models.EBTInference"):
+        model.think(tok)
+
+
+@pytest.mark.parametrize("kwargs, reason", [
+    ({"steps": 0}, "steps must be an int >= 1 or None"),
+    ({"steps": 2.0}, "steps must be an int"),
+    ({"samples": None}, "samples must be an int >= 1"),
+    ({"alpha": 0.0}, "alpha must be a finite number > 0"),
+    ({"alpha": True}, "alpha must be a finite number"),
+    ({"noise": -1.0}, "noise must be a finite number >= 0"),
+    ({"noise": float("nan")}, "noise must be a finite number"),
+    ({"select": "median"}, "select must be one of"),
+    ({"accept_lower": 1}, "accept_lower must be True or False"),
+    ({"init": "uniform"}, "init must be 'normal', 'zeros' or None"),
+    ({"grad_clamp": 0}, "grad_clamp must be a finite number > 0"),
+    ({"temperature": -0.1}, "temperature must be a finite number >= 0"),
+    ({"top_p": 1.5}, r"top_p must be a number in \(0, 1\]"),
+    ({"top_p": 0}, r"top_p must be a number in \(0, 1\]"),
+    ({"eos_token_id": -1}, "eos_token_id must be a token id"),
+    ({"eos_token_id": 2.0}, "eos_token_id must be a token id"),
+])
+def test_inference_options_are_checked(kwargs, reason):
+    from pyebm.models import EBTInference
+
+    with pytest.raises(ValueError, match=reason):
+        EBTInference(**kwargs)
+
+
+def test_inference_dict_round_trip_and_versions():
+    from pyebm.models import EBTInference
+
+    cfg = EBTInference(steps=2, alpha=3, samples=4, grad_clamp=False, eos_token_id=7)
+    d = cfg.to_dict()
+    assert d["version"] == EBTInference.VERSION == 1 and d["alpha"] == 3.0 and isinstance(d["alpha"], float)
+    assert EBTInference.from_dict(d) == cfg
+    assert EBTInference.from_dict({"samples": 2}) == EBTInference(samples=2)  # no version: 1, the rest defaults
+    with pytest.raises(ValueError, match="version 2 was written by a newer pyebm"):
+        EBTInference.from_dict(dict(d, version=2))
+    with pytest.raises(ValueError, match=r"unknown options \['beam'\]"):
+        EBTInference.from_dict(dict(d, beam=3))
+    with pytest.raises(ValueError, match="version must be an int >= 1"):
+        EBTInference.from_dict(dict(d, version="1"))
+
+
 # -- loading the original's state dicts --------------------------------------------------------------
 
 def original_state_dict(ebt_type="default", vocab=V, dim=D, layers=LAYERS, hidden=None, landscapes=2,

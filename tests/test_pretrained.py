@@ -453,6 +453,71 @@ def test_inference_configuration_errors(tmp_path):
         inference_config(tmp_path)
 
 
+# -- an EBT's think / generate defaults -------------------------------------------------------------------
+
+def tiny_ebt():
+    torch.manual_seed(0)
+    return EBT(vocab_size=17, embedding_dim=8, num_transformer_blocks=1, multiheaded_attention_heads=2,
+               context_length=8, mcmc_step_size=2.0, dtype=torch.float64)
+
+
+def test_ebt_saved_with_its_think_and_generate_defaults(tmp_path):
+    from pyebm.models import EBTInference
+    from pyebm.pretrained import inference_config
+
+    m = tiny_ebt()
+    m.save_pretrained(tmp_path / "plain")  # the default: no entry, the directory of an older pyebm
+    assert "inference" not in json.loads((tmp_path / "plain" / CONFIG_NAME).read_text())
+    assert EBT.from_pretrained(tmp_path / "plain").inference == EBTInference()
+    cfg = EBTInference(steps=3, alpha=1.5, noise=0.1, samples=2, select="max_gap", accept_lower=True, init="zeros",
+                       grad_clamp=4.0, temperature=0.7, top_p=0.8, eos_token_id=5)
+    m.save_pretrained(tmp_path / "a", inference=cfg)
+    entry = json.loads((tmp_path / "a" / CONFIG_NAME).read_text())["inference"]
+    assert list(entry) == ["ebt"] and entry["ebt"]["version"] == 1 and entry["ebt"]["samples"] == 2
+    loaded = from_pretrained(tmp_path / "a")
+    assert loaded.inference == cfg and m.inference == EBTInference()  # saving does not change the model
+    assert inference_config(tmp_path / "a") is None  # nothing for minimize
+    tok = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    # the same weights through the same path: bit for bit
+    assert torch.equal(loaded.generate(tok, 4, generator=0), m.generate(tok, 4, generator=0, **cfg.generate_kwargs()))
+    # a model's own defaults are saved without inference=, next to a descent
+    loaded.save_pretrained(tmp_path / "b", descent=Descent.ebt(steps=2), candidates=3)
+    assert EBT.from_pretrained(tmp_path / "b").inference == cfg
+    assert inference_config(tmp_path / "b") == (Descent.ebt(steps=2), 3)
+    # an entry of an earlier version lacks options: they take their defaults
+    edit_config(tmp_path / "b", lambda c: c["inference"].update(ebt={"version": 1, "samples": 4}))
+    assert EBT.from_pretrained(tmp_path / "b").inference == EBTInference(samples=4)
+
+
+def test_ebt_think_and_generate_defaults_errors(tmp_path):
+    from pyebm.models import EBTInference
+    from pyebm.pretrained import inference_config
+
+    m = tiny_ebt()
+    with pytest.raises(ValueError, match=r"eos_token_id=17 is not a token id of this model \(vocab_size=17\)"):
+        m.save_pretrained(tmp_path / "x", inference=EBTInference(eos_token_id=17))
+    with pytest.raises(TypeError, match="inference must be a pyebm.models.EBTInference or None; got dict"):
+        m.save_pretrained(tmp_path / "x", inference={"samples": 2})
+    with pytest.raises(ValueError, match="inference= .* is for an EBT; got a MLPEnergy"):
+        MLPEnergy(4, 3).save_pretrained(tmp_path / "x", inference=EBTInference())
+    assert not (tmp_path / "x").exists()
+    m.save_pretrained(tmp_path, inference=EBTInference(samples=2))
+    edit_config(tmp_path, lambda c: c["inference"]["ebt"].update(version=2))
+    for read in (from_pretrained, inference_config):
+        with pytest.raises(ValueError, match="version 2 was written by a newer pyebm; this one reads versions up to 1"):
+            read(tmp_path)
+    edit_config(tmp_path, lambda c: c["inference"].update(ebt={"version": 1, "samples": 0}))
+    with pytest.raises(ValueError, match="\"ebt\"\\) is not valid: EBTInference: samples must be an int >= 1"):
+        from_pretrained(tmp_path)
+    edit_config(tmp_path, lambda c: c["inference"].update(ebt={"beams": 2}))
+    with pytest.raises(ValueError, match=r"unknown options \['beams'\]"):
+        EBT.from_pretrained(tmp_path)
+    MLPEnergy(4, 3).save_pretrained(tmp_path / "mlp", candidates=2)
+    edit_config(tmp_path / "mlp", lambda c: c["inference"].update(ebt={"samples": 2}))
+    with pytest.raises(ValueError, match="holds think / generate defaults .* for a MLPEnergy; only an EBT"):
+        from_pretrained(tmp_path / "mlp")
+
+
 # -- devices ------------------------------------------------------------------------------------------
 
 def test_device_argument_moves_the_weights(saved):

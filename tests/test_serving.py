@@ -1,8 +1,9 @@
 """pyebm.serving without Ray: the request checks, batching by shape, seeds and the split of a failing batch.
 
-``PolicyServer`` / ``EnergyServer`` is what each Ray Serve replica runs (``tests/test_serving_ray.py`` runs
-them behind HTTP). Every answer is compared with a direct ``act`` / ``predict_action_chunk`` / ``minimize``
-call on the same observation or context.
+``PolicyServer`` / ``EnergyServer`` / ``EBTServer`` is what each Ray Serve replica runs
+(``tests/test_serving_ray.py`` runs them behind HTTP). Every answer is compared with a direct ``act`` /
+``predict_action_chunk`` / ``minimize`` / ``EBT.generate`` / ``EBT.think`` call on the same observation,
+context or prompt.
 """
 from __future__ import annotations
 
@@ -17,7 +18,9 @@ from pyebm.adapter import PolicyAdapter
 from pyebm.cli import build_parser
 from pyebm.models import EBT, EBTPolicy
 from pyebm.policies import EnergyPolicy
-from pyebm.serving import EnergyItem, EnergyServer, Item, PolicyServer, RequestError, make_server
+from pyebm.models import EBTInference
+from pyebm.serving import (EBTServer, EnergyItem, EnergyServer, GenerateItem, Item, PolicyServer,
+                           RequestError, make_server)
 
 pytestmark = pytest.mark.skipif(not pyebm.backends()["cpu"], reason="extension pyebm._C not built")
 
@@ -275,9 +278,10 @@ def test_ebt_energy_takes_token_ids(tmp_path):
                 context_length=6, dtype=torch.float64)  # float64: a softmax step of size 5 magnifies rounding
     cfg = Descent.ebt(steps=2, step_size=5.0)
     model.save_pretrained(tmp_path, descent=cfg, candidates=2)
-    server = make_server(tmp_path)
+    server = make_server(tmp_path)  # an EBTServer: /minimize next to /generate and /think
+    assert type(server) is EBTServer and server.routes == ("generate", "think", "minimize")
     prompts = [[1, 2, 3], [4, 5, 6], [7, 8]]
-    out = server.run([server.parse({"context": p, "seed": i}) for i, p in enumerate(prompts)])
+    out = server.run([server.parse({"context": p, "seed": i}, "minimize") for i, p in enumerate(prompts)])
     assert [a["batch_size"] for a in out] == [2, 2, 1]
     for i, (p, a) in enumerate(zip(prompts, out)):
         direct = pyebm.minimize(model, torch.tensor([p]), 2, cfg, generator=i)
@@ -289,7 +293,8 @@ def test_ebt_energy_takes_token_ids(tmp_path):
                             ({"context": [1] * 7}, "exceeds context_length=6"),
                             ({"context": [[1, 2]]}, "shape [1, 2]")]:
         with pytest.raises(RequestError, match=re.escape(reason)):
-            server.parse(payload)
+            server.parse_route("minimize", payload)
+    assert type(EnergyServer(tmp_path)) is EnergyServer  # the minimize server alone, as before
 
 
 @pytest.mark.parametrize("payload, reason", [
@@ -334,3 +339,200 @@ def test_example_requests_are_accepted(tmp_path):
     assert server.run([server.parse(server.example_request(g))])[0]["batch_size"] == 1
     policy = served(mlp_policy(), tmp_path / "policy")
     assert policy.run([policy.parse(policy.example_request(g))])[0]["batch_size"] == 1
+
+
+# -- EBT: POST /generate and POST /think ---------------------------------------------------------------------
+
+def ebt_dir(tmp_path, inference=None, name="ebt", **kwargs):
+    """A tiny float64 EBT (float64: a batched call rounds differently from a one-prompt call, and in float64
+    that difference, about 1e-12, cannot flip a token between two candidates unless they tie)."""
+    torch.manual_seed(0)
+    model = EBT(vocab_size=23, embedding_dim=16, num_transformer_blocks=1, multiheaded_attention_heads=2,
+                context_length=12, mcmc_step_size=2.0, dtype=torch.float64, **kwargs)
+    model.save_pretrained(tmp_path / name, inference=inference)
+    return EBT.from_pretrained(tmp_path / name), make_server(tmp_path / name)
+
+
+def test_ebt_generate_batch_equals_direct_calls_greedy_and_seeded(tmp_path):
+    saved = EBTInference(samples=2, temperature=1.5, top_p=0.95)  # sampled by default
+    model, server = ebt_dir(tmp_path, saved, langevin_dynamics_noise=0.2)  # noise: draws every step as well
+    assert type(server) is EBTServer and server.routes == ("generate", "think")
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 23, (4,), generator=g).tolist() for _ in range(6)]
+    payloads = [{"prompt": p, "max_new_tokens": 5, "seed": 100 + i} for i, p in enumerate(prompts)]
+    payloads[2]["seed"] = None  # no seed: its draws from torch's global generator, the others' untouched
+    payloads += [{"prompt": p, "max_new_tokens": 5, "seed": 200 + i, "temperature": 0}  # greedy
+                 for i, p in enumerate(prompts[:3])]
+    out = server.run([server.parse(p) for p in payloads])
+    assert [a["batch_size"] for a in out] == [6] * 6 + [3] * 3
+    for i, (p, a) in enumerate(zip(payloads, out)):
+        assert a["seed"] == p["seed"] and a["stop"] == "length" and len(a["tokens"]) == 5
+        if p["seed"] is None:
+            continue
+        opts = {"temperature": 0.0} if i >= 6 else {}
+        direct = model.generate(torch.tensor([p["prompt"]]), 5, generator=p["seed"], **opts)
+        assert a["tokens"] == direct[0, 4:].tolist(), i
+    # the sampled answers depend on their seeds (the comparison above can fail)
+    assert len({tuple(a["tokens"]) for a in out[:6]}) > 1
+    again = server.run([server.parse(dict(payloads[0], seed=7))])[0]
+    assert again["batch_size"] == 1
+    assert again["tokens"] == model.generate(torch.tensor([prompts[0]]), 5, generator=7)[0, 4:].tolist()
+
+
+def test_ebt_requests_are_grouped_by_length_max_new_tokens_and_options(tmp_path):
+    model, server = ebt_dir(tmp_path)
+    items = [server.parse(p) for p in [
+        {"prompt": [1, 2, 3], "max_new_tokens": 2, "seed": 0},
+        {"prompt": [4, 5, 6], "max_new_tokens": 2, "seed": 1},
+        {"prompt": [4, 5], "max_new_tokens": 2, "seed": 2},                             # another length
+        {"prompt": [1, 2, 3], "max_new_tokens": 3, "seed": 3},                          # another max_new_tokens
+        {"prompt": [1, 2, 3], "max_new_tokens": 2, "seed": 4, "samples": 3},            # other options
+        {"prompt": [7, 8, 9], "max_new_tokens": 2, "seed": 5, "samples": 3},
+        {"prompt": [7, 8, 9], "max_new_tokens": 2, "seed": 6, "top_p": 0.5},            # top_p unused when greedy
+        {"prompt": [7, 8, 9], "max_new_tokens": 2, "seed": 7, "temperature": 0.5, "top_p": 0.5},
+        {"prompt": [7, 8, 9], "max_new_tokens": 2, "seed": 8, "alpha": 1.0, "steps": 3, "select": "max",
+         "noise": 0.0, "accept_lower": True},
+        {"prompt": [1, 2, 3], "max_new_tokens": 2, "seed": 9, "samples": None},         # null: the default
+    ]]
+    out = server.run(items)
+    assert [a["batch_size"] for a in out] == [4, 4, 1, 1, 2, 2, 4, 1, 1, 4]
+    for it, a in zip(items, out):
+        direct = model.generate(it.prompt[None], it.max_new_tokens, generator=it.seed,
+                                **it.options.generate_kwargs())
+        assert a["tokens"] == direct[0, it.prompt.numel():].tolist()
+    assert items[8].options == EBTInference(alpha=1.0, steps=3, select="max", noise=0.0, accept_lower=True)
+
+
+def test_ebt_eos_ends_each_answer_at_its_own_eos(tmp_path):
+    model, server = ebt_dir(tmp_path, EBTInference(temperature=2.0))
+    prompts = [[1, 2, 3], [3, 2, 1], [5, 5, 5], [9, 1, 4]]
+    full = [model.generate(torch.tensor([p]), 6, generator=i)[0, 3:].tolist() for i, p in enumerate(prompts)]
+    eos = full[0][2]  # the first prompt stops after 3 tokens (or earlier, if it drew eos before)
+    out = server.run([server.parse({"prompt": p, "max_new_tokens": 6, "seed": i, "eos_token_id": eos})
+                      for i, p in enumerate(prompts)])
+    for i, (p, a) in enumerate(zip(prompts, out)):
+        direct = model.generate(torch.tensor([p]), 6, generator=i, eos_token_id=eos)[0, 3:].tolist()
+        assert a["tokens"] == direct and a["batch_size"] == 4
+        assert a["stop"] == ("eos" if eos in full[i] else "length")
+        assert direct == (full[i][:full[i].index(eos) + 1] if eos in full[i] else full[i])
+    assert out[0]["stop"] == "eos" and len(out[0]["tokens"]) <= 3
+
+
+def test_ebt_think_answers_the_next_token_distribution(tmp_path):
+    model, server = ebt_dir(tmp_path, EBTInference(samples=3, select="max_gap"), langevin_dynamics_noise=0.3)
+    contexts = [[1, 2, 3, 4], [5, 6, 7, 8], [2, 2, 2, 2]]
+    payloads = [{"context": c, "seed": 10 + i, "top_k": 1 + i} for i, c in enumerate(contexts)]
+    payloads[1]["full_logits"] = True
+    out = server.run([server.parse(p, "think") for p in payloads])
+    for i, (p, a) in enumerate(zip(payloads, out)):
+        direct = model.think(torch.tensor([p["context"]]), generator=p["seed"])
+        logits = direct.logits[0]
+        probs = torch.softmax(logits, -1)
+        top = torch.topk(probs, p["top_k"])
+        assert a["top_tokens"] == top.indices.tolist() and a["batch_size"] == 3 and a["seed"] == 10 + i
+        torch.testing.assert_close(torch.tensor(a["top_probs"], dtype=torch.float64), top.values, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(torch.tensor(a["top_logits"], dtype=torch.float64), logits[top.indices],
+                                   rtol=1e-9, atol=1e-9)
+        assert a["energy"] == pytest.approx(float(direct.energy[0]), rel=1e-9, abs=1e-12)
+        assert a["initial_energy"] == pytest.approx(float(direct.initial_energy[0]), rel=1e-9, abs=1e-12)
+        assert a["sample"] == int(direct.sample[0])
+        assert ("logits" in a) == (i == 1)
+    torch.testing.assert_close(torch.tensor(out[1]["logits"], dtype=torch.float64),
+                               model.think(torch.tensor([contexts[1]]), generator=11).logits[0], rtol=1e-9, atol=1e-9)
+    assert len(out[0]["top_tokens"]) == 1 and len(out[2]["top_tokens"]) == 3
+    # think and generate requests of one batch are separate calls; options split think requests too
+    items = [server.parse({"context": [1, 2, 3]}, "think"), server.parse({"prompt": [1, 2, 3], "max_new_tokens": 1}),
+             server.parse({"context": [1, 2, 3], "samples": 1}, "think"), server.parse({"context": [3, 2, 1]}, "think")]
+    assert [a["batch_size"] for a in server.run(items)] == [2, 1, 1, 2]
+    assert server.parse({"context": [1]}, "think").top_k == 5
+
+
+@pytest.mark.parametrize("route, payload, reason", [
+    ("generate", [1, 2], "must be a JSON object"),
+    ("generate", {"prompt": [1, 2]}, "no \"max_new_tokens\""),
+    ("generate", {"max_new_tokens": 2}, "no \"prompt\""),
+    ("generate", {"prompt": [1], "max_new_tokens": 2, "top_k": 3}, "unknown fields ['top_k']; POST /generate takes"),
+    ("generate", {"prompt": [1, 2.0], "max_new_tokens": 2}, "prompt[1] must be a token id (an int); got 2.0"),
+    ("generate", {"prompt": [1, "2"], "max_new_tokens": 2}, "prompt[1] must be a token id (an int); got '2'"),
+    ("generate", {"prompt": [1, True], "max_new_tokens": 2}, "prompt[1] must be a token id (an int); got True"),
+    ("generate", {"prompt": [[1, 2]], "max_new_tokens": 2}, "prompt[0] must be a token id"),
+    ("generate", {"prompt": [1, 23], "max_new_tokens": 2}, "prompt[1] = 23 is not a token id: ids are in "
+                                                           "[0, vocab_size=23)"),
+    ("generate", {"prompt": [-1], "max_new_tokens": 2}, "prompt[0] = -1 is not a token id"),
+    ("generate", {"prompt": [], "max_new_tokens": 2}, "prompt must be a non-empty list of token ids"),
+    ("generate", {"prompt": "hello", "max_new_tokens": 2}, "prompt must be a non-empty list of token ids"),
+    ("generate", {"prompt": [1] * 13, "max_new_tokens": 1}, "prompt has 13 tokens; this model's context_length is 12"),
+    ("generate", {"prompt": [1] * 10, "max_new_tokens": 4}, "max_new_tokens = 4 after a prompt of 10 tokens exceeds "
+                                                            "context_length=12 (at most 3 for this prompt)"),
+    ("generate", {"prompt": [1], "max_new_tokens": 0}, "max_new_tokens must be an int >= 1; got 0"),
+    ("generate", {"prompt": [1], "max_new_tokens": 2.5}, "max_new_tokens must be an int >= 1; got 2.5"),
+    ("generate", {"prompt": [1], "max_new_tokens": "3"}, "max_new_tokens must be an int >= 1"),
+    ("generate", {"prompt": [1], "max_new_tokens": 2, "seed": -1}, "seed must be an int in [0, 2**63)"),
+    ("generate", {"prompt": [1], "max_new_tokens": 2, "temperature": -1}, "temperature must be a finite number >= 0"),
+    ("generate", {"prompt": [1], "max_new_tokens": 2, "temperature": "hot"}, "temperature must be a finite number"),
+    ("generate", {"prompt": [1], "max_new_tokens": 2, "top_p": 1.5}, "top_p must be a number in (0, 1]"),
+    ("generate", {"prompt": [1], "max_new_tokens": 2, "eos_token_id": 23}, "eos_token_id = 23 is not a token id"),
+    ("generate", {"prompt": [1], "max_new_tokens": 2, "eos_token_id": 1.0}, "eos_token_id must be a token id"),
+    ("generate", {"prompt": [1], "max_new_tokens": 2, "samples": 65}, "samples must be at most 64 on this server"),
+    ("generate", {"prompt": [1], "max_new_tokens": 2, "samples": 0}, "samples must be an int >= 1"),
+    ("generate", {"prompt": [1], "max_new_tokens": 2, "steps": 65}, "steps must be at most 64 on this server"),
+    ("generate", {"prompt": [1], "max_new_tokens": 2, "steps": True}, "steps must be an int >= 1"),
+    ("generate", {"prompt": [1], "max_new_tokens": 2, "select": "best"}, "select must be one of"),
+    ("generate", {"prompt": [1], "max_new_tokens": 2, "alpha": 0}, "alpha must be a finite number > 0"),
+    ("generate", {"prompt": [1], "max_new_tokens": 2, "noise": -0.5}, "noise must be a finite number >= 0"),
+    ("generate", {"prompt": [1], "max_new_tokens": 2, "accept_lower": 1}, "accept_lower must be true or false"),
+    ("think", {"prompt": [1]}, "unknown fields ['prompt']; POST /think takes"),
+    ("think", {"context": [1], "max_new_tokens": 2}, "unknown fields ['max_new_tokens']"),
+    ("think", {"seed": 1}, "no \"context\""),
+    ("think", {"context": [1, 99]}, "context[1] = 99 is not a token id"),
+    ("think", {"context": [1], "top_k": 0}, "top_k must be an int in [1, vocab_size=23]"),
+    ("think", {"context": [1], "top_k": 24}, "top_k must be an int in [1, vocab_size=23]"),
+    ("think", {"context": [1], "full_logits": 1}, "full_logits must be true or false"),
+    ("think", {"context": [1], "temperature": 1.0}, "unknown fields ['temperature']"),
+])
+def test_bad_ebt_requests_are_refused_with_the_reason(tmp_path, route, payload, reason):
+    server = ebt_dir(tmp_path)[1]
+    with pytest.raises(RequestError) as e:
+        server.parse_route(route, payload)
+    assert e.value.status == 400 and reason in str(e.value)
+
+
+def test_ebt_routes_info_and_limits(tmp_path):
+    model, server = ebt_dir(tmp_path, EBTInference(samples=80, steps=3))
+    info = server.info()
+    assert info["routes"] == ["/generate", "/think"] and info["route"] == "/generate" and "minimize" not in info
+    assert (info["vocab_size"], info["context_length"]) == (23, 12)
+    assert EBTInference.from_dict(info["inference"]) == EBTInference(samples=80, steps=3)
+    assert info["limits"] == {"max_new_tokens": 12, "max_steps": 64, "max_samples": 80, "max_top_k": 23}
+    server.parse({"prompt": [1], "max_new_tokens": 2, "samples": 80})  # the saved default raises the limit
+    for route, status in (("minimize", 404), ("act", 404)):
+        with pytest.raises(RequestError, match=f"no route /{route}") as e:
+            server.parse_route(route, {"context": [1]})
+        assert e.value.status == status
+    limited = EBTServer(tmp_path / "ebt", max_new_tokens=2, max_steps=4, max_samples=2)
+    assert limited.info()["limits"] == {"max_new_tokens": 2, "max_steps": 4, "max_samples": 80, "max_top_k": 23}
+    with pytest.raises(RequestError, match="max_new_tokens must be at most 2 on this server; got 3"):
+        limited.parse({"prompt": [1], "max_new_tokens": 3})
+    with pytest.raises(ValueError, match="max_steps must be an int >= 1"):
+        EBTServer(tmp_path / "ebt", max_steps=0)
+    mlp_policy().save_pretrained(tmp_path / "policy")
+    with pytest.raises(ValueError, match="does not hold an EBT"):
+        EBTServer(tmp_path / "policy")
+    with pytest.raises(ValueError, match="EBT saved without an inference configuration for minimize"):
+        EnergyServer(tmp_path / "ebt")
+    from pyebm.serving import model_routes
+    assert model_routes(tmp_path / "ebt") == ["generate", "think"] and model_routes(tmp_path / "policy") == ["act"]
+
+
+def test_a_failing_ebt_batch_is_split_so_only_the_bad_item_fails(tmp_path):
+    model, server = ebt_dir(tmp_path)
+    prompts = [[1, 2, 3], [4, 5, 6], [7, 8, 9]]
+    items = [server.parse({"prompt": p, "max_new_tokens": 3, "seed": i}) for i, p in enumerate(prompts)]
+    # an item that skipped parse (a token id out of range, which generate itself refuses): split, run alone
+    items[1] = GenerateItem(prompt=torch.tensor([4, 5, 99]), max_new_tokens=3, options=items[0].options, seed=1)
+    out = server.run(items)
+    assert isinstance(out[1], RequestError) and out[1].status == 400 and "vocab_size=23" in str(out[1])
+    for i in (0, 2):
+        assert out[i]["batch_size"] == 1
+        assert out[i]["tokens"] == model.generate(torch.tensor([prompts[i]]), 3, generator=i)[0, 3:].tolist()
+    assert server.run([server.parse(server.example_request(torch.Generator().manual_seed(0)))])[0]["batch_size"] == 1

@@ -1,9 +1,11 @@
 """``pyebm serve`` end to end: a local Ray Serve on the loopback, 64 concurrent HTTP requests.
 
-Checks: every answer equals a direct ``act`` (a policy, an adapter) or ``minimize`` (a bare MLPEnergy saved
-with its inference configuration) on the same observation or context and seed (a descent without further
-draws), batches larger than one are formed, and bad requests sent in the same window get HTTP 400 with the
-reason while the requests around them succeed. Ray is started once for the module and shut down at its end.
+Checks: every answer equals a direct ``act`` (a policy, an adapter), ``minimize`` (a bare MLPEnergy saved
+with its inference configuration) or ``EBT.generate`` / ``EBT.think`` (a tiny EBT with its saved defaults) on
+the same observation, context or prompt and seed (a descent without further draws; for the EBT, seeded
+sampling and noise too), batches larger than one are formed, and bad requests sent in the same window get
+HTTP 400 with the reason while the requests around them succeed. Ray is started once for the module and shut
+down at its end.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ serve = pytest.importorskip("ray.serve")
 import pyebm  # noqa: E402
 from pyebm import Descent, MLPEnergy  # noqa: E402
 from pyebm.adapter import PolicyAdapter  # noqa: E402
+from pyebm.models import EBT, EBTInference  # noqa: E402
 from pyebm.policies import EnergyPolicy  # noqa: E402
 from pyebm.serving import build_app  # noqa: E402
 
@@ -79,13 +82,17 @@ def policies(tmp_path_factory):
                             observation_stats={"mean": torch.tensor([0.5, -0.5, 0.0]), "std": torch.tensor([2.0, 1.0, 0.5])},
                             action_stats={"min": torch.tensor([-2.0, 0.0]), "max": torch.tensor([2.0, 1.0])})
     dirs = {"policy": tmp_path_factory.mktemp("policy"), "adapter": tmp_path_factory.mktemp("adapter"),
-            "energy": tmp_path_factory.mktemp("energy")}
+            "energy": tmp_path_factory.mktemp("energy"), "ebt": tmp_path_factory.mktemp("ebt")}
     policy.save_pretrained(dirs["policy"])
     adapter.save_pretrained(dirs["adapter"])
     bare = MLPEnergy(5, 3, hidden=(16, 16))
     bare.save_pretrained(dirs["energy"], descent=ENERGY_DESCENT, candidates=6)
+    # float64: a batch rounds differently from a one-prompt call, by about 1e-12 here: no token can flip
+    ebt = EBT(vocab_size=29, embedding_dim=16, num_transformer_blocks=1, multiheaded_attention_heads=2,
+              context_length=16, mcmc_step_size=2.0, langevin_dynamics_noise=0.1, dtype=torch.float64)
+    ebt.save_pretrained(dirs["ebt"], inference=EBTInference(samples=2, temperature=1.5, top_p=0.9))
     return {"policy": (policy, dirs["policy"]), "adapter": (adapter, dirs["adapter"]),
-            "energy": (bare, dirs["energy"])}
+            "energy": (bare, dirs["energy"]), "ebt": (EBT.from_pretrained(dirs["ebt"]), dirs["ebt"])}
 
 
 ENERGY_DESCENT = Descent.gd(steps=4, step_size=0.1, lower=-1.0, upper=1.0, init="uniform")
@@ -93,7 +100,7 @@ ENERGY_DESCENT = Descent.gd(steps=4, step_size=0.1, lower=-1.0, upper=1.0, init=
 
 @pytest.fixture(scope="module")
 def server(policies):
-    # logical CPUs for Ray's bookkeeping (three deployments of half a CPU and the bench test's of one)
+    # logical CPUs for Ray's bookkeeping (four deployments of half a CPU and the bench test's of one)
     ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)
     port = free_port()
     try:
@@ -109,6 +116,9 @@ def server(policies):
         serve.run(build_app(policies["energy"][1], max_batch_size=16, batch_wait_timeout_s=0.25, name="energy",
                             ray_actor_options={"num_cpus": 0.5}),
                   name="energy", route_prefix="/energy")
+        serve.run(build_app(policies["ebt"][1], max_batch_size=16, batch_wait_timeout_s=0.25, name="ebt",
+                            ray_actor_options={"num_cpus": 0.5}),
+                  name="ebt", route_prefix="/ebt")
         yield f"http://127.0.0.1:{port}"
     finally:
         serve.shutdown()
@@ -198,6 +208,62 @@ def test_energy_requests_are_batched_into_minimize_and_bad_ones_fail_alone(serve
     assert status == 404 and "POST /minimize" in body["error"]
 
 
+def test_ebt_generate_and_think_requests_are_batched_and_bad_ones_fail_alone(server, policies):
+    model, _ = policies["ebt"]
+    status, info = get(server + "/ebt/info")
+    assert status == 200 and info["routes"] == ["/generate", "/think"] and info["vocab_size"] == 29
+    assert EBTInference.from_dict(info["inference"]) == EBTInference(samples=2, temperature=1.5, top_p=0.9)
+    g = torch.Generator().manual_seed(4)
+    prompts = torch.randint(0, 29, (N, 5), generator=g).tolist()
+    urls, bodies = [], []
+    for i in range(N):  # seeded sampling (the saved default), a few greedy ones, a few /think
+        if i % 8 == 7:
+            urls.append(f"{server}/ebt/think")
+            bodies.append({"context": prompts[i], "seed": 300 + i, "top_k": 3})
+        else:
+            urls.append(f"{server}/ebt/generate")
+            bodies.append({"prompt": prompts[i], "max_new_tokens": 4, "seed": 300 + i,
+                           **({"temperature": 0} if i % 8 == 3 else {})})
+    bad = {2: {"prompt": prompts[2] + [29], "max_new_tokens": 4},              # out of the vocabulary
+           12: {"prompt": [1, 2.5], "max_new_tokens": 4},                      # not a token id
+           21: {"prompt": [1] * 14, "max_new_tokens": 4},                      # past context_length
+           34: {"prompt": prompts[34], "max_new_tokens": 4, "beam": 2},        # unknown field
+           45: {"prompt": prompts[45], "max_new_tokens": 0}}                   # no token to generate
+    for i, b in bad.items():
+        bodies[i] = b
+    out = [None] * N
+    barrier = threading.Barrier(N)
+
+    def one(i):
+        barrier.wait()
+        out[i] = post(urls[i], bodies[i])
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(N)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    reasons = {2: "prompt[5] = 29 is not a token id", 12: "prompt[1] must be a token id", 21: "context_length=16",
+               34: "unknown fields ['beam']", 45: "max_new_tokens must be an int >= 1"}
+    for i, (status, body) in enumerate(out):
+        if i in bad:
+            assert status == 400 and reasons[i] in body["error"], (i, status, body)
+            continue
+        assert status == 200, (i, body)
+        x = torch.tensor([prompts[i]])
+        if i % 8 == 7:
+            direct = model.think(x, generator=300 + i)
+            assert body["top_tokens"] == torch.topk(direct.logits[0], 3).indices.tolist()
+            assert body["energy"] == pytest.approx(float(direct.energy[0]), rel=1e-9, abs=1e-12)
+        else:
+            opts = {"temperature": 0.0} if i % 8 == 3 else {}
+            assert body["tokens"] == model.generate(x, 4, generator=300 + i, **opts)[0, 5:].tolist(), i
+    sizes = [body["batch_size"] for status, body in out if status == 200 and "tokens" in body]
+    assert max(sizes) > 1 and max(sizes) <= 16, sizes
+    status, body = post(f"{server}/ebt/minimize", {"context": prompts[0]})
+    assert status == 404 and "POST /generate or POST /think or GET /info" in body["error"]
+
+
 def test_bench_serve_reports_latency_throughput_and_batch_sizes(server, policies, tmp_path):
     """`pyebm bench serve MODEL_DIR` in this process: it reuses the running Ray and Serve (their port), deploys
     its own application, loads it and takes it down again."""
@@ -216,13 +282,15 @@ def test_bench_serve_reports_latency_throughput_and_batch_sizes(server, policies
     assert "pyebm-bench" not in serve.status().applications  # taken down again
 
 
-def test_bench_serve_takes_an_energy_directory(server, policies, tmp_path):
+@pytest.mark.parametrize("kind", ["energy", "ebt"])
+def test_bench_serve_takes_an_energy_or_ebt_directory(server, policies, tmp_path, kind):
     from pyebm.cli import main
 
     out = tmp_path / "serve.json"
     port = server.rsplit(":", 1)[1]
-    assert main(["bench", "serve", str(policies["energy"][1]), "--requests", "16", "--clients", "8",
+    assert main(["bench", "serve", str(policies[kind][1]), "--requests", "16", "--clients", "8",
                  "--max-batch-size", "8", "--port", port, "--json", str(out)]) == 0
     r = json.loads(out.read_text())
-    assert (r["requests"], r["ok"], r["errors"]) == (16, 16, 0)
+    assert (r["requests"], r["ok"], r["errors"]) == (16, 16, 0), r["first_error"]
+    assert r["route"] == ("/minimize" if kind == "energy" else "/generate")
     assert "pyebm-bench" not in serve.status().applications

@@ -6,8 +6,10 @@ threads (each sends its next request as soon as its previous one is answered), a
 percentiles p50 / p99 (milliseconds, per request, from sending to the whole answer read), the throughput
 (requests answered per second of wall time) and the batch sizes the server formed (from each answer's
 ``batch_size``). MODEL_DIR is anything ``pyebm serve`` serves (a saved policy or adapter: ``POST /act``; a
-bare energy saved with its inference configuration: ``POST /minimize``); the requests are random
-observations or contexts of an accepted shape. Without MODEL_DIR a small IBC policy (MLPEnergy, 2 x 64
+bare energy saved with its inference configuration: ``POST /minimize``; an EBT: ``POST /generate``, random
+prompts of 8 tokens (fewer if the context is shorter), 8 new tokens each, with the directory's think /
+generate defaults); the requests are random observations, contexts or prompts of an accepted shape, each with
+its own seed. Without MODEL_DIR a small IBC policy (MLPEnergy, 2 x 64
 hidden, 16 candidates, 10 Langevin steps) is built and saved in a temporary folder. ``--clients`` warm-up
 requests run first and are not counted.
 """
@@ -32,7 +34,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--requests", type=int, default=512, metavar="N", help="requests counted (512)")
     g.add_argument("--clients", type=int, default=64, metavar="M", help="concurrent client threads (64)")
     g.add_argument("--max-batch-size", type=int, default=32, metavar="N",
-                   help="server: requests per act() / minimize() (32)")
+                   help="server: requests per act() / minimize() / generate() (32)")
     g.add_argument("--batch-wait-timeout-s", type=float, default=0.01, metavar="S",
                    help="server: seconds to wait to fill a batch (0.01)")
     g.add_argument("--replicas", type=int, default=1, metavar="N", help="server: replicas (1)")
@@ -153,13 +155,13 @@ def bench(model_dir: str, *, requests: int = 512, clients: int = 64, max_batch_s
             ray.shutdown()
         else:
             serve.delete("pyebm-bench")
-    result.update(model_dir=model_dir, max_batch_size=max_batch_size, batch_wait_timeout_s=batch_wait_timeout_s,
-                  replicas=replicas, device=device)
+    result.update(model_dir=model_dir, route=f"/{server.route}", max_batch_size=max_batch_size,
+                  batch_wait_timeout_s=batch_wait_timeout_s, replicas=replicas, device=device)
     return result
 
 
 def print_result(r: Dict[str, Any]) -> None:
-    head = (f"pyebm serve: {r['model_dir']} (max batch {r['max_batch_size']}, wait {r['batch_wait_timeout_s']} s, "
+    head = (f"pyebm serve: {r['model_dir']} {r.get('route', '')} (max batch {r['max_batch_size']}, wait {r['batch_wait_timeout_s']} s, "
             f"{r['replicas']} replica(s), {r['device']}); {r['requests']} requests from {r['clients']} clients")
     rows = [("answered", f"{r['ok']} ({r['errors']} errors)"), ("p50 latency", f"{r['p50_ms']:.2f} ms"),
             ("p99 latency", f"{r['p99_ms']:.2f} ms"), ("mean latency", f"{r['mean_ms']:.2f} ms"),

@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +28,7 @@ from torch import nn
 from pyebm import _dispatch, _rng, _state
 from pyebm.descent import as_generator
 from pyebm.ops import ebt_attention as _ebt_attention_ops, ebt_norm_swiglu as _ebt_norm_ops  # noqa: F401  (register the ops)
+from pyebm.models.ebt_inference import EBTInference
 from pyebm.pretrained import Pretrained
 from pyebm.reference import ebt as ref
 
@@ -498,6 +499,7 @@ class EBT(_state.PackedModule, Pretrained):
         self.backward_mode = backward
         self.backend = backend
         self.cuda_graph = cuda_graph
+        self.inference = EBTInference()  # the defaults of think / generate (saved by save_pretrained)
         kw = {"device": device, "dtype": dtype}
         self.alpha = nn.Parameter(torch.tensor(float(mcmc_step_size), **kw), requires_grad=False)
         self.langevin_dynamics_noise_std = nn.Parameter(torch.tensor(float(langevin_dynamics_noise), **kw),
@@ -1050,11 +1052,15 @@ class EBT(_state.PackedModule, Pretrained):
 
     @torch.no_grad()
     def think(self, tokens: Union[torch.Tensor, EBTCache], steps: Optional[int] = None,
-              alpha: Optional[float] = None, noise: Optional[float] = None, samples: int = 1, select: str = "min",
-              accept_lower: bool = False, positions: str = "last", init: Union[str, torch.Tensor, None] = None,
-              generator: Union[None, int, torch.Generator] = None, grad_clamp: Union[float, bool, None] = None
-              ) -> ThinkResult:
+              alpha: Optional[float] = None, noise: Optional[float] = None, samples: Optional[int] = None,
+              select: Optional[str] = None, accept_lower: Optional[bool] = None, positions: str = "last",
+              init: Union[str, torch.Tensor, None] = None,
+              generator: Union[None, int, torch.Generator, Sequence] = None,
+              grad_clamp: Union[float, bool, None] = None) -> ThinkResult:
         """Optimise the next-token prediction(s) of ``tokens`` [B, S] (or of a cache from :meth:`prepare`).
+
+        An option left None is read from ``self.inference`` (:class:`EBTInference`; its defaults are the ones
+        written below: samples 1, select ``min``, accept_lower False, None for the others).
 
         steps         ``default``: the total number of steps (None: ``mcmc_num_steps``); ``time_embed``:
                       steps on each of the ``mcmc_num_steps`` landscapes, visited in order (None: 1, the
@@ -1071,12 +1077,32 @@ class EBT(_state.PackedModule, Pretrained):
                       ``denoising_initial_condition`` (``random_noise`` -> ``normal``).
         grad_clamp    clamp the gradient to +-grad_clamp/alpha (None: the model's ``clamp_futures_grad``
                       setting; False: off).
+        generator     a torch.Generator, an int seed or None (torch's global generator); or a list of B of
+                      them, one per prompt: prompt b then draws exactly the numbers a call on prompt b alone
+                      with ``generator[b]`` draws (its initial vectors and noise), whatever the other prompts.
 
         With ``cuda_graph=True`` the step is replayed from a CUDA graph (see the class); ``generator`` must
         then be None.
         """
-        return self._think(tokens, steps, alpha, noise, samples, select, accept_lower, positions, init, generator,
-                           grad_clamp, self._graph_mode())
+        o = self._options(steps=steps, alpha=alpha, noise=noise, samples=samples, select=select,
+                          accept_lower=accept_lower, init=init, grad_clamp=grad_clamp)
+        return self._think(tokens, o["steps"], o["alpha"], o["noise"], o["samples"], o["select"], o["accept_lower"],
+                           positions, o["init"], generator, o["grad_clamp"], self._graph_mode())
+
+    def _options(self, **given) -> Dict[str, Any]:
+        """``given`` with every None replaced by ``self.inference``'s value of that option."""
+        defaults = getattr(self, "inference", None)  # an EBT pickled before it existed has none
+        if defaults is None:
+            defaults = EBTInference()
+        elif not isinstance(defaults, EBTInference):
+            raise TypeError(f"EBT.inference must be a pyebm.models.EBTInference; got {type(defaults).__name__}")
+        return {k: getattr(defaults, k) if v is None else v for k, v in given.items()}
+
+    def _row_generators(self, generator, B: int, where: str):
+        """A list / tuple of generators (one per prompt) as ``pyebm._rng.RowGenerators``; others unchanged."""
+        if isinstance(generator, (list, tuple)):
+            return _rng.row_generators(generator, B, self._param.device, where)
+        return generator
 
     def _graph_mode(self) -> Optional[str]:
         """``graph`` when think and generate replay captured steps (``cuda_graph=True``), else None."""
@@ -1132,7 +1158,8 @@ class EBT(_state.PackedModule, Pretrained):
         """:meth:`think`; ``static``: None (eager), ``graph`` (the captured step replayed) or ``eager`` (the
         captured step's code run without a graph, on any device)."""
         _dispatch.check_not_traced("EBT.think")
-        generator = as_generator(generator, self._param.device, "EBT.think")
+        if not isinstance(generator, (list, tuple)):  # one per prompt: made once the batch size is known
+            generator = as_generator(generator, self._param.device, "EBT.think")
         schedule, alpha, noise, select, accept_lower, grad_clamp = self._resolve_options(
             steps, alpha, noise, samples, select, accept_lower, positions, grad_clamp)
         if static is not None:
@@ -1143,6 +1170,7 @@ class EBT(_state.PackedModule, Pretrained):
             cache = self.prepare(self._check_tokens(tokens))
         B, S = cache.tokens.shape
         dev = self._param.device
+        generator = self._row_generators(generator, B, "EBT.think")
         if static is None:
             pos = torch.tensor([S - 1], device=dev) if positions == "last" else torch.arange(S, device=dev)
             y = self._initial(init, B, samples, pos.numel(), generator)
@@ -1167,29 +1195,38 @@ class EBT(_state.PackedModule, Pretrained):
 
     @torch.no_grad()
     def generate(self, tokens: torch.Tensor, max_new_tokens: int, steps: Optional[int] = None,
-                 alpha: Optional[float] = None, noise: Optional[float] = None, samples: int = 1,
-                 select: str = "min", accept_lower: bool = False, init: Union[str, torch.Tensor, None] = None,
-                 grad_clamp: Union[float, bool, None] = None, temperature: float = 0.0, top_p: float = 0.9,
-                 eos_token_id: Optional[int] = None, generator: Union[None, int, torch.Generator] = None
-                 ) -> torch.Tensor:
+                 alpha: Optional[float] = None, noise: Optional[float] = None, samples: Optional[int] = None,
+                 select: Optional[str] = None, accept_lower: Optional[bool] = None,
+                 init: Union[str, torch.Tensor, None] = None, grad_clamp: Union[float, bool, None] = None,
+                 temperature: Optional[float] = None, top_p: Optional[float] = None,
+                 eos_token_id: Optional[int] = None,
+                 generator: Union[None, int, torch.Generator, Sequence] = None) -> torch.Tensor:
         """Append up to ``max_new_tokens`` tokens to prompts ``tokens`` [B, S]; returns [B, S + n].
 
         Each token is one :meth:`think` on the last position (options as there), then greedy argmax
         (``temperature=0``) or top-p sampling of softmax(logits / temperature). ``init`` may also be a
         tensor [B, G, max_new_tokens, V]: the starting vector of each new token's prediction. Generation
-        stops early once every prompt has produced ``eos_token_id`` (when given).
+        stops early once every prompt has produced ``eos_token_id`` (when given). An option left None is read
+        from ``self.inference`` (:class:`EBTInference`: temperature 0, top_p 0.9, no eos_token_id, and the
+        think defaults). ``generator`` as for :meth:`think`; with a list (one per prompt), prompt b's initial
+        vectors, noise and top-p draws are exactly those of a call on prompt b alone with ``generator[b]``.
 
         With ``cuda_graph=True`` each token's think step is replayed from a CUDA graph (see the class);
         ``generator`` must then be None (top-p sampling draws from the default CUDA generator).
         """
-        return self._generate(tokens, max_new_tokens, steps, alpha, noise, samples, select, accept_lower, init,
-                              grad_clamp, temperature, top_p, eos_token_id, generator, self._graph_mode())
+        o = self._options(steps=steps, alpha=alpha, noise=noise, samples=samples, select=select,
+                          accept_lower=accept_lower, init=init, grad_clamp=grad_clamp, temperature=temperature,
+                          top_p=top_p, eos_token_id=eos_token_id)
+        return self._generate(tokens, max_new_tokens, o["steps"], o["alpha"], o["noise"], o["samples"], o["select"],
+                              o["accept_lower"], o["init"], o["grad_clamp"], o["temperature"], o["top_p"],
+                              o["eos_token_id"], generator, self._graph_mode())
 
     def _generate(self, tokens, max_new_tokens, steps, alpha, noise, samples, select, accept_lower, init, grad_clamp,
                   temperature, top_p, eos_token_id, generator, static: Optional[str]) -> torch.Tensor:
         """:meth:`generate`; ``static`` as for :meth:`_think`."""
         _dispatch.check_not_traced("EBT.generate")
-        generator = as_generator(generator, self._param.device, "EBT.generate")
+        if not isinstance(generator, (list, tuple)):  # one per prompt: made once the batch size is known
+            generator = as_generator(generator, self._param.device, "EBT.generate")
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be an int >= 0; got {max_new_tokens!r}")
         temperature = float(temperature)
@@ -1202,9 +1239,10 @@ class EBT(_state.PackedModule, Pretrained):
         if static is not None:
             self._check_static("EBT.generate", static, generator)
         tokens = self._check_tokens(tokens, extra=max(max_new_tokens - 1, 0))
+        B, S = tokens.shape
+        generator = self._row_generators(generator, B, "EBT.generate")
         if max_new_tokens == 0:
             return tokens
-        B, S = tokens.shape
         cfg = self.config
         V = cfg.vocab_size
         kind = self._init_kind(init)
@@ -1236,7 +1274,12 @@ class EBT(_state.PackedModule, Pretrained):
                 # the graph's output buffer, read (argmax / softmax) before the next replay writes it
                 logits = entry.run(self, capture=static == "graph")[0][:, 0]
             if temperature > 0:
-                nxt = ref.sample_top_p(torch.softmax(logits / temperature, dim=-1), float(top_p), generator)
+                probs = torch.softmax(logits / temperature, dim=-1)
+                if isinstance(generator, _rng.RowGenerators):  # each prompt's draw from its own generator
+                    nxt = torch.cat([ref.sample_top_p(probs[b:b + 1], float(top_p), g)
+                                     for b, g in enumerate(generator.generators)])
+                else:
+                    nxt = ref.sample_top_p(probs, float(top_p), generator)
             else:
                 nxt = logits.argmax(dim=-1)
             out.append(nxt[:, None])
