@@ -27,6 +27,7 @@ import numbers
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -55,8 +56,9 @@ class PermutationResult:
         return torch.nn.functional.one_hot(self.perm, k).to(dtype or torch.get_default_dtype())
 
 
-def _check_theta(theta, where: str) -> Tuple[Tensor, bool, str]:
-    """theta batched ([B, k] or [B, k, k]), whether it was unbatched, and the polytope."""
+def _check_theta(theta, where: str, finite: bool = True) -> Tuple[Tensor, bool, str]:
+    """theta batched ([B, k] or [B, k, k]), whether it was unbatched, and the polytope. ``finite=False``
+    leaves the NaN / Inf check to the caller (``_check_finite``, or the scipy path on its host copy)."""
     if not isinstance(theta, Tensor):
         raise TypeError(f"{where}: theta must be a floating tensor [B, k] (permutahedron) or [B, k, k] "
                         f"(Birkhoff); got {type(theta).__name__}")
@@ -74,9 +76,14 @@ def _check_theta(theta, where: str) -> Tuple[Tensor, bool, str]:
         raise ValueError(f"{where}: theta has k = 0 items (shape {list(theta.shape)}); need k >= 1")
     if polytope == "birkhoff" and theta.shape[1] != theta.shape[2]:
         raise ValueError(f"{where}: a Birkhoff theta must be square [B, k, k]; got shape {list(theta.shape)}")
+    if finite:
+        _check_finite(theta, where)
+    return theta, unbatched, polytope
+
+
+def _check_finite(theta: Tensor, where: str) -> None:
     if not bool(torch.isfinite(theta).all()):
         raise ValueError(f"{where}: theta contains NaN or Inf")
-    return theta, unbatched, polytope
 
 
 def _check_w(w, theta: Tensor, where: str) -> Tensor:
@@ -148,7 +155,12 @@ def permutation_argmin(theta: Tensor, w: Optional[Tensor] = None, *, method: str
     bidding at once) reads one bool from the device per bidding round, never per problem.
     """
     where = "permutation_argmin"
-    theta2, unbatched, polytope = _check_theta(theta, where)
+    theta2, unbatched, polytope = _check_theta(theta, where, finite=False)
+    # The scipy path checks finiteness on its float64 host copy (one pass over memory it reads anyway, no
+    # device op); every other path, and every error raised below before that path, checks here first, so
+    # the errors keep their order.
+    if not (polytope == "birkhoff" and method in ("auto", "scipy") and w is None and theta2.shape[0] > 0):
+        _check_finite(theta2, where)
     if method not in METHODS:
         raise ValueError(f"{where}: method must be one of {', '.join(map(repr, METHODS))}; got {method!r}")
     if method == "auto":
@@ -172,7 +184,7 @@ def permutation_argmin(theta: Tensor, w: Optional[Tensor] = None, *, method: str
             perm = torch.empty(0, theta2.shape[1], dtype=torch.int64, device=theta2.device)
             res = PermutationResult(perm, theta2.new_empty(0), method == "scipy")
         elif method == "scipy":
-            perm = _scipy_assignment(theta2)
+            perm = _scipy_assignment(theta2, where)
             res = PermutationResult(perm, _energy(perm, theta2, polytope, None), True)
         else:
             perm, bound = _auction(theta2, eps, max_rounds, where)
@@ -182,24 +194,53 @@ def permutation_argmin(theta: Tensor, w: Optional[Tensor] = None, *, method: str
     return res
 
 
+_LSA = []  # scipy's linear_sum_assignment once imported (a function, not state)
+
+
 def _linear_sum_assignment():
-    try:
-        from scipy.optimize import linear_sum_assignment
-    except ImportError as exc:  # pragma: no cover - scipy is in the test and discrete extras
-        raise ImportError("permutation_argmin(method='scipy') needs scipy: pip install 'pyebm[discrete]' "
-                          "(or pip install scipy), or use method='auction'") from exc
-    return linear_sum_assignment
+    if not _LSA:
+        try:
+            from scipy.optimize import linear_sum_assignment
+        except ImportError as exc:  # pragma: no cover - scipy is in the test and discrete extras
+            raise ImportError("permutation_argmin(method='scipy') needs scipy: pip install 'pyebm[discrete]' "
+                              "(or pip install scipy), or use method='auction'") from exc
+        _LSA.append(linear_sum_assignment)
+    return _LSA[0]
 
 
-def _scipy_assignment(theta: Tensor) -> Tensor:
-    """Maximum-weight assignment of every problem by scipy (exact), on the CPU."""
+def _host_costs(theta: Tensor) -> np.ndarray:
+    """-theta as a fresh C-contiguous float64 numpy array [B, k, k], in one pass over theta's memory.
+
+    scipy's ``maximize=True`` negates a copy of every matrix before minimising, so minimising -theta gives
+    the same assignment (negation is exact) without the per-problem copy. A CPU float32 / float64 / float16
+    theta is read through a numpy view of its own storage (any strides); other dtypes and devices are
+    copied to the host in float64 first."""
+    if theta.device.type == "cpu" and theta.dtype in (torch.float32, torch.float64, torch.float16):
+        try:
+            src = (theta.detach() if theta.requires_grad else theta).numpy()
+        except (RuntimeError, TypeError):  # a view numpy cannot share (e.g. a negative-bit view)
+            src = None
+        if src is not None:
+            host = np.empty(src.shape, dtype=np.float64)
+            np.negative(src, out=host)
+            return host
+    # theta on another device (negated there, one copy to the host), or of a dtype numpy lacks
+    return theta.detach().neg().to("cpu", torch.float64, memory_format=torch.contiguous_format).numpy()
+
+
+def _scipy_assignment(theta: Tensor, where: str) -> Tensor:
+    """Maximum-weight assignment of every problem by scipy (exact), on the CPU; perm [B, k] int64 on theta's
+    device. Raises the NaN / Inf error of ``_check_finite`` (checked here, on the host copy)."""
+    B, k = theta.shape[:2]
+    cost = _host_costs(theta)
+    # Finite iff the float64 sum is finite, unless finite float64 entries overflow the sum: then check each.
+    if not math.isfinite(np.add.reduce(cost.reshape(-1))) and not bool(np.isfinite(cost).all()):
+        raise ValueError(f"{where}: theta contains NaN or Inf")
     lsa = _linear_sum_assignment()
-    host = theta.detach().to("cpu", torch.float64).numpy()
-    perm = torch.empty(theta.shape[:2], dtype=torch.int64)
-    for b in range(host.shape[0]):
-        rows, cols = lsa(host[b], maximize=True)
-        perm[b, torch.from_numpy(rows)] = torch.from_numpy(cols).to(torch.int64)
-    return perm.to(theta.device)
+    # A square problem's row indices are 0..k-1 in order (scipy's documented contract): its column indices
+    # are the permutation. One concatenation for the batch, no per-problem tensor op.
+    perm = torch.from_numpy(np.concatenate([cols for _, cols in map(lsa, cost)]).reshape(B, k))
+    return perm if theta.device.type == "cpu" else perm.to(theta.device)
 
 
 def _auction(theta: Tensor, eps: Optional[float], max_rounds: int, where: str) -> Tuple[Tensor, Tensor]:
