@@ -56,9 +56,8 @@ class PermutationResult:
         return torch.nn.functional.one_hot(self.perm, k).to(dtype or torch.get_default_dtype())
 
 
-def _check_theta(theta, where: str, finite: bool = True) -> Tuple[Tensor, bool, str]:
-    """theta batched ([B, k] or [B, k, k]), whether it was unbatched, and the polytope. ``finite=False``
-    leaves the NaN / Inf check to the caller (``_check_finite``, or the scipy path on its host copy)."""
+def _check_theta(theta, where: str) -> Tuple[Tensor, bool, str]:
+    """theta batched ([B, k] or [B, k, k]), whether it was unbatched, and the polytope."""
     if not isinstance(theta, Tensor):
         raise TypeError(f"{where}: theta must be a floating tensor [B, k] (permutahedron) or [B, k, k] "
                         f"(Birkhoff); got {type(theta).__name__}")
@@ -76,12 +75,16 @@ def _check_theta(theta, where: str, finite: bool = True) -> Tuple[Tensor, bool, 
         raise ValueError(f"{where}: theta has k = 0 items (shape {list(theta.shape)}); need k >= 1")
     if polytope == "birkhoff" and theta.shape[1] != theta.shape[2]:
         raise ValueError(f"{where}: a Birkhoff theta must be square [B, k, k]; got shape {list(theta.shape)}")
-    if finite:
-        _check_finite(theta, where)
+    _check_finite(theta, where)
     return theta, unbatched, polytope
 
 
 def _check_finite(theta: Tensor, where: str) -> None:
+    # A finite sum means finite entries (a NaN or an infinity makes the sum NaN or infinite): one vectorised
+    # pass and one host read. Only a sum that is not finite, which finite entries can also give by overflowing,
+    # needs the check of every entry.
+    if math.isfinite(theta.detach().sum()):
+        return
     if not bool(torch.isfinite(theta).all()):
         raise ValueError(f"{where}: theta contains NaN or Inf")
 
@@ -155,12 +158,7 @@ def permutation_argmin(theta: Tensor, w: Optional[Tensor] = None, *, method: str
     bidding at once) reads one bool from the device per bidding round, never per problem.
     """
     where = "permutation_argmin"
-    theta2, unbatched, polytope = _check_theta(theta, where, finite=False)
-    # The scipy path checks finiteness on its float64 host copy (one pass over memory it reads anyway, no
-    # device op); every other path, and every error raised below before that path, checks here first, so
-    # the errors keep their order.
-    if not (polytope == "birkhoff" and method in ("auto", "scipy") and w is None and theta2.shape[0] > 0):
-        _check_finite(theta2, where)
+    theta2, unbatched, polytope = _check_theta(theta, where)
     if method not in METHODS:
         raise ValueError(f"{where}: method must be one of {', '.join(map(repr, METHODS))}; got {method!r}")
     if method == "auto":
@@ -184,7 +182,7 @@ def permutation_argmin(theta: Tensor, w: Optional[Tensor] = None, *, method: str
             perm = torch.empty(0, theta2.shape[1], dtype=torch.int64, device=theta2.device)
             res = PermutationResult(perm, theta2.new_empty(0), method == "scipy")
         elif method == "scipy":
-            perm = _scipy_assignment(theta2, where)
+            perm = _scipy_assignment(theta2)
             res = PermutationResult(perm, _energy(perm, theta2, polytope, None), True)
         else:
             perm, bound = _auction(theta2, eps, max_rounds, where)
@@ -209,7 +207,7 @@ def _linear_sum_assignment():
 
 
 def _host_costs(theta: Tensor) -> np.ndarray:
-    """-theta as a fresh C-contiguous float64 numpy array [B, k, k], in one pass over theta's memory.
+    """-theta as a fresh C-contiguous float64 numpy array [B, k, k] (a cast copy, negated in place).
 
     scipy's ``maximize=True`` negates a copy of every matrix before minimising, so minimising -theta gives
     the same assignment (negation is exact) without the per-problem copy. A CPU float32 / float64 / float16
@@ -221,21 +219,18 @@ def _host_costs(theta: Tensor) -> np.ndarray:
         except (RuntimeError, TypeError):  # a view numpy cannot share (e.g. a negative-bit view)
             src = None
         if src is not None:
-            host = np.empty(src.shape, dtype=np.float64)
-            np.negative(src, out=host)
+            host = src.astype(np.float64, order="C")  # a copy, also of a float64 theta (astype copies)
+            np.negative(host, out=host)
             return host
     # theta on another device (negated there, one copy to the host), or of a dtype numpy lacks
     return theta.detach().neg().to("cpu", torch.float64, memory_format=torch.contiguous_format).numpy()
 
 
-def _scipy_assignment(theta: Tensor, where: str) -> Tensor:
+def _scipy_assignment(theta: Tensor) -> Tensor:
     """Maximum-weight assignment of every problem by scipy (exact), on the CPU; perm [B, k] int64 on theta's
-    device. Raises the NaN / Inf error of ``_check_finite`` (checked here, on the host copy)."""
+    device."""
     B, k = theta.shape[:2]
     cost = _host_costs(theta)
-    # Finite iff the float64 sum is finite, unless finite float64 entries overflow the sum: then check each.
-    if not math.isfinite(np.add.reduce(cost.reshape(-1))) and not bool(np.isfinite(cost).all()):
-        raise ValueError(f"{where}: theta contains NaN or Inf")
     lsa = _linear_sum_assignment()
     # A square problem's row indices are 0..k-1 in order (scipy's documented contract): its column indices
     # are the permutation. One concatenation for the batch, no per-problem tensor op.
