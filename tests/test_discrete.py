@@ -463,6 +463,7 @@ def assignment_inputs():
     yield "strided slice", torch.randn(7, 12, 20, generator=g, dtype=torch.float64)[::2, 1:10, 3:21:2]
     yield "expanded", torch.randn(1, 6, 6, generator=g).expand(4, 6, 6)
     yield "huge fp64 (sum overflows)", torch.randn(3, 5, 5, generator=g, dtype=torch.float64) * 1e307
+    yield "large fp16 (sum overflows)", (torch.rand(3, 6, 6, generator=g) * 6e4).half()
 
 
 @pytest.mark.parametrize("name,theta", list(assignment_inputs()), ids=[n for n, _ in assignment_inputs()])
