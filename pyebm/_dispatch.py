@@ -147,7 +147,9 @@ def mlp_plan_lane(model, backend: Optional[str]):
     "plan" answer for the common call (no ``backend`` argument, not under torch.compile, the model's backend
     resolving to cpu, the plan already made). The plan then checks the rest of the predicate itself, in C++
     (plain tensors, no torch.jit.trace, torch.func transform or dispatch mode: ``eager_refusal``; CPU inputs
-    of its dtype and shapes) and returns None when any of it fails; the caller then asks ``mlp_call``."""
+    of its dtype and shapes) and returns None when any of it fails; the caller then asks ``mlp_call``.
+    ``prepare`` asks it too for the context term, and asks ``eager_refusal`` itself (the plan's ``context``
+    checks only that x fits)."""
     if backend is not None or _is_compiling():
         return None
     plan = model.__dict__.get(_PACKS_ATTR, _NO_PACKS).get("cpu_plan")

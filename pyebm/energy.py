@@ -206,6 +206,13 @@ class MLPEnergy(_state.PackedModule, Pretrained):
                 raise ValueError(f"prepare: the batch size must be >= 0; got {B}")
             with torch.no_grad():
                 return ref.mlp_context(None, None, self._b_in(), B, self.hidden[0], w)
+        plan = _dispatch.mlp_plan_lane(self, None)
+        if plan is not None and _dispatch.eager_refusal(x) is None:
+            # the plan's context term: the same addmm on the module's current weights, called without the Python
+            # layers; None unless x fits the plan as it is (the checks below then raise or compute)
+            c = plan.context(x)
+            if c is not None:
+                return c
         if not isinstance(x, Tensor):
             raise TypeError(f"prepare: x must be a tensor [B, context_dim={self.context_dim}]; got "
                             f"{type(x).__name__}")
@@ -213,8 +220,12 @@ class MLPEnergy(_state.PackedModule, Pretrained):
             raise ValueError(f"prepare: x must be [B, context_dim={self.context_dim}]; got {tuple(x.shape)}")
         if x.device != w.device or x.dtype != w.dtype:
             raise ValueError(f"prepare: x is {x.dtype} on {x.device} but the model is {w.dtype} on {w.device}")
-        with torch.no_grad():
+        prev = torch.is_grad_enabled()
+        torch._C._set_grad_enabled(False)  # no autograd graph; cheaper than the no_grad context manager
+        try:
             return ref.mlp_context(x, self._w_x(), self._b_in(), x.shape[0], self.hidden[0], w)
+        finally:
+            torch._C._set_grad_enabled(prev)
 
     def _check_y(self, ctx, y) -> None:
         if not isinstance(y, Tensor):

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence, Tuple, Union
 
@@ -71,9 +72,8 @@ class RerankResult:
 
 def _policy_parts(policy) -> Optional[Tuple[Any, Any, Any]]:
     """(energy, context -> energy context, (to event, to chunks)) of an ``EnergyPolicy``, else None."""
-    from pyebm.policies import EnergyPolicy
-
-    if not isinstance(policy, EnergyPolicy):
+    policies = sys.modules.get("pyebm.policies")  # not imported yet: no EnergyPolicy exists
+    if policies is None or not isinstance(policy, policies.EnergyPolicy):
         return None
     return policy.energy, policy._context, (policy._event, policy._chunks)
 
@@ -109,6 +109,8 @@ def _stack_list(candidates: Sequence[Tensor]) -> Tuple[Tensor, Tensor, int]:
 
 
 def _positive_int(name: str, value) -> int:
+    if type(value) is int and value >= 1:  # the common case, without the ABC check
+        return value
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"rerank: {name} must be an int >= 1; got {value!r}")
     return int(value)
@@ -137,27 +139,41 @@ def _check_context_batch(context, B: int) -> None:
             raise ValueError(f"rerank: context as a batch size is {context} but the candidates have B = {B}")
 
 
-def _select(E: Tensor, mask: Tensor, k: int) -> Tensor:
-    """index [B, k]: a stable ascending sort of the energies. Non-finite energies rank after every finite
-    one, masked entries after those; equal energies keep the proposals' order."""
-    finite = torch.isfinite(E)
-    key = torch.where(finite & mask, E, torch.full_like(E, math.inf))
-    # Sort by energy, then stably by class (finite valid, non-finite valid, masked): within a class the
-    # energy order stays, and equal energies keep the proposals' order.
-    order = torch.sort(key, dim=1, stable=True).indices
-    cls = torch.where(mask, torch.where(finite, 0, 1), 2).to(torch.int8)
+def _rank_key(E: Tensor) -> Tensor:
+    """E with every non-finite energy (NaN, +-inf) replaced by +inf: the key candidates are ranked by."""
+    return torch.nan_to_num(E, nan=math.inf, posinf=math.inf, neginf=math.inf)
+
+
+def _select(key: Tensor, mask: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    """(order [B, N], the sorted key [B, N] of valid entries, +inf for masked ones): a stable ascending sort
+    of the energies. Non-finite energies rank after every finite one, masked entries after those; equal
+    energies keep the proposals' order. ``mask`` None: every entry is valid.
+
+    Every entry valid: one stable sort of the key, which already puts the non-finite energies (+inf) after
+    every finite one in the proposals' order. With masked entries: the key with +inf at masked entries,
+    then stably by class (finite valid, non-finite valid, masked): within a class the energy order stays."""
+    if mask is None:
+        values, order = torch.sort(key, dim=1, stable=True)
+        return order, values
+    key = torch.where(mask, key, math.inf)
+    values, order = torch.sort(key, dim=1, stable=True)
+    cls = torch.where(mask, torch.where(torch.isfinite(key), 0, 1), 2).to(torch.int8)
     cls_sorted = torch.gather(cls, 1, order)
-    order = torch.gather(order, 1, torch.sort(cls_sorted, dim=1, stable=True).indices)
-    return order[:, :k]
+    return torch.gather(order, 1, torch.sort(cls_sorted, dim=1, stable=True).indices), values
 
 
-def _distribution(E: Tensor, mask: Tensor, temperature: float) -> Tensor:
-    finite = torch.isfinite(E) & mask
-    logits = torch.where(finite, -E / temperature, torch.full_like(E, -math.inf))
-    none_finite = ~finite.any(dim=1, keepdim=True)
-    fallback = torch.where(mask, torch.zeros_like(E), torch.full_like(E, -math.inf))
-    logits = torch.where(none_finite, fallback, logits)
-    return torch.softmax(logits, dim=1)
+def _distribution(key: Tensor, sorted_key: Tensor, mask: Optional[Tensor], temperature: float) -> Tensor:
+    """softmax(-E / T) over each row's valid candidates with a finite energy; masked entries and non-finite
+    energies get 0; a row without a finite valid energy gets the uniform distribution over its valid
+    candidates. ``key`` is ``_rank_key(E)``, ``sorted_key`` a row-wise ascending sort of it with masked entries
+    at +inf (its first column is +inf exactly in the rows without a finite valid energy)."""
+    # key / (-T) is -E / T bit for bit where E is finite (the sign of a quotient is exact), -inf elsewhere
+    logits = torch.div(key, -temperature)
+    none_finite = torch.isposinf(sorted_key.narrow(1, 0, 1))  # [B, 1]
+    if mask is not None:
+        logits.masked_fill_(~mask, -math.inf)
+        none_finite = none_finite & mask
+    return torch.softmax(logits.masked_fill_(none_finite, 0.0), 1)  # (dim given positionally: cheaper to parse)
 
 
 def rerank(energy: Any, context: Any, candidates: Union[Tensor, Sequence[Tensor]], k: int = 1,
@@ -195,7 +211,7 @@ def rerank(energy: Any, context: Any, candidates: Union[Tensor, Sequence[Tensor]
         if refine.method == "dfo":
             raise ValueError("rerank: refine with method='dfo' resamples candidates, so a refined state would not "
                              "descend from its proposal; use a gradient method")
-    if temperature is not None:
+    if temperature is not None and not (type(temperature) is float and 0 < temperature < math.inf):
         if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) \
                 or not math.isfinite(float(temperature)) or temperature <= 0:
             raise ValueError(f"rerank: temperature must be a finite number > 0 or None; got {temperature!r}")
@@ -239,9 +255,11 @@ def rerank(energy: Any, context: Any, candidates: Union[Tensor, Sequence[Tensor]
         mask_full = mask.to(y.device)
         if B > 0:  # one host read for the whole batch: every row needs k valid proposals
             min_valid = int(mask_full.sum(dim=1).min())
+    all_valid = min_valid == N  # known on the host: no mask, a list of equal lengths, or a mask without a False
     if mask_full is None:
         mask_full = torch.ones(B, N, dtype=torch.bool, device=y.device)
         min_valid = N
+        all_valid = True
     if B > 0 and min_valid is not None and k > min_valid:
         what = "valid (unmasked) proposals" if mask is not None else "proposals"
         raise ValueError(f"rerank: k = {k} but a context has only {min_valid} {what}")
@@ -258,9 +276,9 @@ def rerank(energy: Any, context: Any, candidates: Union[Tensor, Sequence[Tensor]
     device, dtype = _target_like(model, energy, y)
     if y.dtype != dtype or y.device != device:
         y = y.to(device=device, dtype=dtype)
+        mask_full = mask_full.to(device)  # the mask is on the candidates' device
     if y.requires_grad:
         y = y.detach()
-    mask_full = mask_full.to(device)
 
     if B == 0:
         return _empty(B, k, event, device, dtype, mask_full, temperature, to_chunks)
@@ -279,13 +297,20 @@ def rerank(energy: Any, context: Any, candidates: Union[Tensor, Sequence[Tensor]
                              f"{list(E.shape) if isinstance(E, Tensor) else type(E).__name__}")
         if E.requires_grad:
             E = E.detach()
-    E = E.to(mask_full.device)
+    if E.device != device:
+        E = E.to(device)
 
-    index = _select(E, mask_full, k)
-    states = torch.gather(y, 1, index.view((B, k) + (1,) * len(event)).expand((B, k) + event))
+    # valid None: every entry is valid (no mask given, or one without a False), and the masked variants of the
+    # selection and the distribution are skipped
+    valid = None if all_valid else mask_full
+    key = _rank_key(E)
+    order, sorted_key = _select(key, valid)
+    index = order.narrow(1, 0, k)
+    states = torch.gather(y, 1, index.view(B, k, *((1,) * len(event))).expand(B, k, *event))
     chosen_E = torch.gather(E, 1, index)
-    all_energy = torch.where(mask_full, E, torch.full_like(E, math.inf))
-    probs = None if temperature is None else _distribution(E, mask_full, temperature)
+    # a value of its own (not the energy's output tensor, which a model or the refining descent may hold)
+    all_energy = E.clone() if valid is None else torch.where(valid, E, math.inf)
+    probs = None if temperature is None else _distribution(key, sorted_key, valid, temperature)
     if to_chunks is not None:
         states = to_chunks(states)
     return RerankResult(index=index, states=states, energy=chosen_E, all_energy=all_energy, probs=probs,

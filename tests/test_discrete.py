@@ -434,6 +434,95 @@ def test_assignment_empty_batch():
     assert res.perm.shape == (0, 4) and res.energy.shape == (0,)
 
 
+def scipy_loop_perm(theta):
+    """The permutations of a plain loop of scipy's solver (maximize=True) on theta's float64 host copy."""
+    from scipy.optimize import linear_sum_assignment
+
+    host = theta.detach().cpu().double().numpy()
+    out = []
+    for m in host:
+        rows, cols = linear_sum_assignment(m, maximize=True)
+        assert rows.tolist() == list(range(m.shape[0]))
+        out.append(cols.tolist())
+    return torch.tensor(out, dtype=torch.int64).reshape(host.shape[0], host.shape[1])
+
+
+def assignment_inputs():
+    """(name, theta) pairs: random odd sizes, k = 1, dtypes, ties, strided and expanded views."""
+    g = torch.Generator().manual_seed(7)
+    yield "k=1", torch.randn(5, 1, 1, generator=g)
+    yield "B=1 k=1 fp64", torch.randn(1, 1, 1, generator=g, dtype=torch.float64)
+    for B, k in ((1, 2), (3, 3), (17, 5), (4, 17), (2, 40)):
+        yield f"B={B} k={k} fp32", torch.randn(B, k, k, generator=g)
+        yield f"B={B} k={k} fp64", torch.randn(B, k, k, generator=g, dtype=torch.float64)
+    yield "fp16", torch.randn(6, 7, 7, generator=g).half()
+    yield "bf16", torch.randn(6, 7, 7, generator=g).bfloat16()
+    yield "ties", torch.randint(0, 3, (40, 6, 6), generator=g).float()
+    yield "all equal", torch.full((3, 4, 4), 2.5)
+    yield "transposed", torch.randn(5, 9, 9, generator=g).transpose(1, 2)
+    yield "strided slice", torch.randn(7, 12, 20, generator=g, dtype=torch.float64)[::2, 1:10, 3:21:2]
+    yield "expanded", torch.randn(1, 6, 6, generator=g).expand(4, 6, 6)
+    yield "huge fp64 (sum overflows)", torch.randn(3, 5, 5, generator=g, dtype=torch.float64) * 1e307
+    yield "large fp16 (sum overflows)", (torch.rand(3, 6, 6, generator=g) * 6e4).half()
+
+
+@pytest.mark.parametrize("name,theta", list(assignment_inputs()), ids=[n for n, _ in assignment_inputs()])
+def test_scipy_assignment_is_the_scipy_loop(name, theta):
+    """method='scipy' (and 'auto') returns exactly the permutations of a loop of scipy's solver with
+    maximize=True: it minimises the negated float64 copy, and scipy's maximize negates (exactly) the same
+    copy, so the solver sees the same matrices bit for bit."""
+    expected = scipy_loop_perm(theta)
+    before = theta.clone()
+    for method in ("scipy", "auto"):
+        res = permutation_argmin(theta, method=method)
+        assert res.exact and res.gap_bound is None
+        assert res.perm.dtype == torch.int64 and res.perm.is_contiguous()
+        assert torch.equal(res.perm, expected)
+        # the energy is permutation_energy's own computation on the same perm and theta: equal bit for bit
+        assert res.energy.dtype == theta.dtype and res.energy.shape == (theta.shape[0],)
+        assert torch.equal(res.energy, permutation_energy(res.perm, theta))
+    assert torch.equal(theta, before)  # the caller's theta is read, never negated in place
+
+
+@pytest.mark.parametrize("k", [1, 2, 4, 6])
+def test_scipy_assignment_fp32_and_views_against_brute_force(k):
+    P = all_perms(k)
+    base = torch.randn(8, k, k + 3)
+    for theta in (base[..., 1:k + 1], base[..., :k].transpose(1, 2), base[..., :k].contiguous()):
+        res = permutation_argmin(theta, method="scipy")
+        E_all = -theta.double()[:, torch.arange(k).expand(P.shape[0], k), P].sum(-1)  # [B, k!] in float64
+        torch.testing.assert_close(res.energy.double(), E_all.min(1).values, rtol=1e-6, atol=1e-6)
+
+
+def test_scipy_assignment_keeps_the_energy_differentiable():
+    theta = torch.randn(4, 5, 5, dtype=torch.float64, requires_grad=True)
+    res = permutation_argmin(theta, method="scipy")
+    assert res.energy.requires_grad and not res.perm.requires_grad
+    res.energy.sum().backward()
+    assert torch.equal(theta.grad, -res.matrix(torch.float64))
+    with torch.no_grad():
+        assert not permutation_argmin(theta, method="scipy").energy.requires_grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_assignment_non_finite_and_empty(dtype):
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        theta = torch.rand(3, 4, 4, dtype=dtype)
+        theta[1, 2, 3] = bad
+        for method in ("auto", "scipy", "auction"):
+            with pytest.raises(ValueError, match="theta contains NaN or Inf"):
+                permutation_argmin(theta, method=method)
+        # the NaN / Inf error still comes before the argument errors checked after it
+        with pytest.raises(ValueError, match="theta contains NaN or Inf"):
+            permutation_argmin(theta, method="hungarian")
+        with pytest.raises(ValueError, match="theta contains NaN or Inf"):
+            permutation_argmin(theta, w=torch.ones(4))
+    for method in ("scipy", "auto"):
+        res = permutation_argmin(torch.randn(0, 3, 3, dtype=dtype), method=method)
+        assert res.perm.shape == (0, 3) and res.perm.dtype == torch.int64
+        assert res.energy.shape == (0,) and res.energy.dtype == dtype and res.exact
+
+
 def test_sinkhorn_against_plain_scaling_and_the_assignment():
     torch.manual_seed(4)
     theta = torch.randn(3, 5, 5, dtype=torch.float64)

@@ -66,11 +66,44 @@ def test_plan_transposes_every_forward_weight_once():
 
 
 def test_plan_context_is_prepare():
+    """prepare takes the plan's context term once the plan exists, and the Python term before it, for inputs
+    the plan does not take, and under a dispatch mode or a torch.func transform: the same addmm on the same
+    weights, so the same values bit for bit."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(func)
+            return func(*args, **(kwargs or {}))
+
     torch.manual_seed(0)
     for bias in (True, False):
-        m = pyebm.MLPEnergy(6, 3, hidden=(8, 8), bias=bias)
-        x = torch.randn(4, 6)
-        assert torch.equal(m.cpu_plan().context(x), m.prepare(x))
+        for dtype in (torch.float32, torch.float64):
+            m = pyebm.MLPEnergy(6, 3, hidden=(8, 8), bias=bias, dtype=dtype)
+            x = torch.randn(4, 6, dtype=dtype)
+            W = m.x_proj.weight.detach().clone()
+            want = torch.addmm(m.y_proj.bias.detach(), x, W.t()) if bias else x @ W.t()
+            before = m.prepare(x)  # no plan yet
+            assert torch.equal(before, want)
+            assert torch.equal(m.cpu_plan().context(x), want)
+            assert torch.equal(m.prepare(x), want)  # through the plan now
+            assert torch.equal(m.prepare(x[::2]), want[::2])  # a strided view
+            with Count() as mode:
+                assert torch.equal(m.prepare(x), want)
+            assert any("mm" in str(op) for op in mode.ops)  # the mode saw the product
+            assert torch.equal(torch.func.vmap(lambda r: m.prepare(r.unsqueeze(0))[0])(x), want)
+            with pytest.raises(ValueError, match="prepare: x is"):
+                m.prepare(x.to(torch.float64 if dtype == torch.float32 else torch.float32))
+            with pytest.raises(ValueError, match="prepare: x must be"):
+                m.prepare(torch.randn(4, 5, dtype=dtype))
+            with torch.no_grad():
+                m.x_proj.weight.mul_(2.0)  # the plan computes with the current weights
+            assert torch.equal(m.prepare(x), torch.addmm(m.y_proj.bias.detach(), x, W.t() * 2.0) if bias
+                               else x @ (W.t() * 2.0))
 
 
 def test_plan_sees_in_place_updates_and_replacements():

@@ -231,6 +231,81 @@ def test_temperature_distribution_matches_softmax():
         torch.testing.assert_close(res.probs, torch.softmax(-m.energy(m.prepare(x), y) / T, dim=1))
 
 
+def reference_select_and_probs(E, mask, k, T):
+    """The selection and distribution written out plainly: a stable sort of the energies with non-finite ones
+    (and then masked ones) last by class, and softmax(-E / T) over the finite valid entries (uniform over the
+    valid ones in a row without any)."""
+    finite = torch.isfinite(E)
+    key = torch.where(finite & mask, E, torch.full_like(E, math.inf))
+    order = torch.sort(key, dim=1, stable=True).indices
+    cls = torch.where(mask, torch.where(finite, 0, 1), 2).to(torch.int8)
+    order = torch.gather(order, 1, torch.sort(torch.gather(cls, 1, order), dim=1, stable=True).indices)
+    ok = finite & mask
+    logits = torch.where(ok, -E / T, torch.full_like(E, -math.inf))
+    fallback = torch.where(mask, torch.zeros_like(E), torch.full_like(E, -math.inf))
+    logits = torch.where(~ok.any(dim=1, keepdim=True), fallback, logits)
+    return order[:, :k], torch.softmax(logits, dim=1)
+
+
+def awkward_energies(B, N, dtype, g):
+    """Random energies with ties, NaN, +-inf, rows without a finite entry, and a mask."""
+    E = torch.randint(-3, 4, (B, N), generator=g).to(dtype) * 0.5      # many ties
+    E = torch.where(torch.rand(B, N, generator=g) < 0.5, torch.randn(B, N, generator=g, dtype=dtype), E)
+    bad = torch.tensor([math.nan, math.inf, -math.inf], dtype=dtype)
+    E = torch.where(torch.rand(B, N, generator=g) < 0.15, bad[torch.randint(0, 3, (B, N), generator=g)], E)
+    if B > 2:
+        E[1] = bad[torch.randint(0, 3, (N,), generator=g)]                 # no finite energy in row 1
+    mask = torch.rand(B, N, generator=g) < 0.8
+    mask[:, 0] = True
+    return E, mask
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("B,N", [(1, 1), (1, 7), (3, 1), (4, 5), (5, 64), (2, 257)])
+def test_selection_and_distribution_match_the_plain_reference(dtype, B, N):
+    """Every entry valid (one stable sort, no mask ops) and with a mask, against the reference above: the
+    same indices, states and energies, and the same probabilities bit for bit (-E / T and E / (-T) are the
+    same number: IEEE division is sign-symmetric; softmax then sees the same logits)."""
+    g = torch.Generator().manual_seed(B * 1000 + N)
+    E, mask = awkward_energies(B, N, dtype, g)
+    y = torch.randn(B, N, 3, generator=g, dtype=dtype)
+    f = lambda x, yy: E.clone()  # noqa: E731  (the energies above, whatever the candidates)
+    for T in (None, 0.3, 1.0, 7.0):
+        for m in (None, mask, torch.ones(B, N, dtype=torch.bool)):
+            k = N if m is None else int(m.sum(1).min())
+            for kk in sorted({1, k}):
+                res = pyebm.rerank(f, None, y, k=kk, temperature=T, mask=m)
+                full = torch.ones(B, N, dtype=torch.bool) if m is None else m
+                idx, probs = reference_select_and_probs(E, full, kk, 1.0 if T is None else T)
+                assert torch.equal(res.index, idx)
+                assert torch.equal(res.states, torch.gather(y, 1, idx.unsqueeze(-1).expand(B, kk, 3)))
+                torch.testing.assert_close(res.energy, torch.gather(E, 1, idx), equal_nan=True, rtol=0, atol=0)
+                torch.testing.assert_close(res.all_energy, torch.where(full, E, math.inf), equal_nan=True,
+                                           rtol=0, atol=0)
+                assert torch.equal(res.mask, full) and res.all_energy.data_ptr() != E.data_ptr()
+                if T is None:
+                    assert res.probs is None
+                else:
+                    torch.testing.assert_close(res.probs, probs, rtol=0, atol=0, equal_nan=True)
+
+
+def test_list_of_equal_lengths_and_results_of_their_own():
+    """A list whose contexts all have N proposals takes the unmasked path; the fields are values of their own
+    (the energy's output is not shared with a user function's tensor or the refining descent's result)."""
+    torch.manual_seed(3)
+    m = pyebm.MLPEnergy(3, 2, hidden=(8,), dtype=torch.float64)
+    x, y = torch.randn(3, 3, dtype=torch.float64), torch.randn(3, 5, 2, dtype=torch.float64)
+    a = pyebm.rerank(m, x, list(y), k=2, temperature=0.5)
+    b = pyebm.rerank(m, x, y, k=2, temperature=0.5)
+    for f in ("index", "states", "energy", "all_energy", "probs", "mask"):
+        assert torch.equal(getattr(a, f), getattr(b, f)), f
+    stored = torch.randn(3, 5, dtype=torch.float64)
+    res = pyebm.rerank(lambda xx, yy: stored, None, y, k=1)
+    assert torch.equal(res.all_energy, stored) and res.all_energy.data_ptr() != stored.data_ptr()
+    r = pyebm.rerank(m, x, y, k=1, refine=pyebm.Descent(steps=2, step_size=0.01))
+    assert torch.equal(r.all_energy, r.refined.energy) and r.all_energy.data_ptr() != r.refined.energy.data_ptr()
+
+
 # -- refine ------------------------------------------------------------------------------------------
 
 def test_refine_descends_from_the_proposals():

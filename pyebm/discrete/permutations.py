@@ -27,6 +27,7 @@ import numbers
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -74,9 +75,18 @@ def _check_theta(theta, where: str) -> Tuple[Tensor, bool, str]:
         raise ValueError(f"{where}: theta has k = 0 items (shape {list(theta.shape)}); need k >= 1")
     if polytope == "birkhoff" and theta.shape[1] != theta.shape[2]:
         raise ValueError(f"{where}: a Birkhoff theta must be square [B, k, k]; got shape {list(theta.shape)}")
+    _check_finite(theta, where)
+    return theta, unbatched, polytope
+
+
+def _check_finite(theta: Tensor, where: str) -> None:
+    # A finite sum means finite entries (a NaN or an infinity makes the sum NaN or infinite): one vectorised
+    # pass and one host read. Only a sum that is not finite, which finite entries can also give by overflowing,
+    # needs the check of every entry.
+    if math.isfinite(theta.detach().sum()):
+        return
     if not bool(torch.isfinite(theta).all()):
         raise ValueError(f"{where}: theta contains NaN or Inf")
-    return theta, unbatched, polytope
 
 
 def _check_w(w, theta: Tensor, where: str) -> Tensor:
@@ -182,24 +192,50 @@ def permutation_argmin(theta: Tensor, w: Optional[Tensor] = None, *, method: str
     return res
 
 
+_LSA = []  # scipy's linear_sum_assignment once imported (a function, not state)
+
+
 def _linear_sum_assignment():
-    try:
-        from scipy.optimize import linear_sum_assignment
-    except ImportError as exc:  # pragma: no cover - scipy is in the test and discrete extras
-        raise ImportError("permutation_argmin(method='scipy') needs scipy: pip install 'pyebm[discrete]' "
-                          "(or pip install scipy), or use method='auction'") from exc
-    return linear_sum_assignment
+    if not _LSA:
+        try:
+            from scipy.optimize import linear_sum_assignment
+        except ImportError as exc:  # pragma: no cover - scipy is in the test and discrete extras
+            raise ImportError("permutation_argmin(method='scipy') needs scipy: pip install 'pyebm[discrete]' "
+                              "(or pip install scipy), or use method='auction'") from exc
+        _LSA.append(linear_sum_assignment)
+    return _LSA[0]
+
+
+def _host_costs(theta: Tensor) -> np.ndarray:
+    """-theta as a fresh C-contiguous float64 numpy array [B, k, k] (a cast copy, negated in place).
+
+    scipy's ``maximize=True`` negates a copy of every matrix before minimising, so minimising -theta gives
+    the same assignment (negation is exact) without the per-problem copy. A CPU float32 / float64 / float16
+    theta is read through a numpy view of its own storage (any strides); other dtypes and devices are
+    copied to the host in float64 first."""
+    if theta.device.type == "cpu" and theta.dtype in (torch.float32, torch.float64, torch.float16):
+        try:
+            src = (theta.detach() if theta.requires_grad else theta).numpy()
+        except (RuntimeError, TypeError):  # a view numpy cannot share (e.g. a negative-bit view)
+            src = None
+        if src is not None:
+            host = src.astype(np.float64, order="C")  # a copy, also of a float64 theta (astype copies)
+            np.negative(host, out=host)
+            return host
+    # theta on another device (negated there, one copy to the host), or of a dtype numpy lacks
+    return theta.detach().neg().to("cpu", torch.float64, memory_format=torch.contiguous_format).numpy()
 
 
 def _scipy_assignment(theta: Tensor) -> Tensor:
-    """Maximum-weight assignment of every problem by scipy (exact), on the CPU."""
+    """Maximum-weight assignment of every problem by scipy (exact), on the CPU; perm [B, k] int64 on theta's
+    device."""
+    B, k = theta.shape[:2]
+    cost = _host_costs(theta)
     lsa = _linear_sum_assignment()
-    host = theta.detach().to("cpu", torch.float64).numpy()
-    perm = torch.empty(theta.shape[:2], dtype=torch.int64)
-    for b in range(host.shape[0]):
-        rows, cols = lsa(host[b], maximize=True)
-        perm[b, torch.from_numpy(rows)] = torch.from_numpy(cols).to(torch.int64)
-    return perm.to(theta.device)
+    # A square problem's row indices are 0..k-1 in order (scipy's documented contract): its column indices
+    # are the permutation. One concatenation for the batch, no per-problem tensor op.
+    perm = torch.from_numpy(np.concatenate([cols for _, cols in map(lsa, cost)]).reshape(B, k))
+    return perm if theta.device.type == "cpu" else perm.to(theta.device)
 
 
 def _auction(theta: Tensor, eps: Optional[float], max_rounds: int, where: str) -> Tuple[Tensor, Tensor]:

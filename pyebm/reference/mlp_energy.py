@@ -35,7 +35,8 @@ def mlp_context(x: Optional[torch.Tensor], w_x: Optional[torch.Tensor], b_in: Op
                 batch: int, width: int, like: torch.Tensor) -> torch.Tensor:
     """c = x @ W_x^T + b_1 -> [B, H1]. ``w_x`` None means no context (context_dim 0)."""
     if w_x is not None and w_x.shape[1] > 0:
-        return torch.addmm(b_in, x, w_x.t()) if b_in is not None else x @ w_x.t()
+        # one call: ATen's linear of a 2-D input is addmm(b_1, x, W_x^T) (mm without a bias), autograd included
+        return torch.nn.functional.linear(x, w_x, b_in)
     if b_in is not None:
         return b_in.expand(batch, width).clone()
     return like.new_zeros(batch, width)
