@@ -682,7 +682,7 @@ class EBT(_state.PackedModule, Pretrained):
         # one extended token per prompt and landscape: rows_linear on a rows pack; a prompt: ATen's BLAS. The
         # choice reads the token count only (a Python int: no guard on a traced batch size), never while traced.
         few = not _rng.tracing() and n == 1 and N <= _ROWS_MAX
-        lin = _linear if few else (lambda _, a, w, add=None: a @ w.t() if add is None else torch.addmm(add, a, w.t()))
+        lin = _linear if few else (lambda _, a, w, add=None: a @ w.t() if add is None else add + a @ w.t())
         for li, (wqkv, wo, w13, w2) in enumerate(pk.layers):
             xn = x * torch.rsqrt((x * x).mean(-1, keepdim=True) + eps)
             qkv = _rope(lin(pk, xn.reshape(N * n, D), wqkv).view(N, n, 3, H, hd), c3, s3)
