@@ -34,10 +34,11 @@ namespace rows_detail {
 #define PYEBM_RL_AVX512 __attribute__((target("avx512f,avx512dq,avx2,fma")))
 #define PYEBM_RL_AVX2 __attribute__((target("avx2,fma")))
 
-// How far ahead (floats) a tile prefetches each weight row it streams: the same offset in the next tile's
-// rows (one tile ahead: a few KiB, about what covers the memory latency at full bandwidth) when the rows are
-// short, else a fixed 1 KiB further along the same row. A prefetch never faults, even past the weight's end.
-inline int64_t prefetch_distance(int64_t K, int64_t next_tile) { return K <= 1024 ? next_tile : 256; }
+// How far ahead (floats) a tile prefetches each weight row it streams: the same offset two tiles further
+// (the weight's rows are adjacent: 9-12 KiB ahead for rows of 384, which covers the memory latency at full
+// bandwidth; one tile ahead was about 5% slower end to end on an AMD EPYC) when the rows are short, else a
+// fixed 1 KiB further along the same row. A prefetch never faults, even past the weight's end.
+inline int64_t prefetch_distance(int64_t K, int64_t next_tile) { return K <= 1024 ? 2 * next_tile : 256; }
 
 PYEBM_RL_AVX2 inline float hsum_avx2(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
