@@ -88,6 +88,11 @@ TORCH_LIBRARY(pyebm, m) {
   // k_norm [layers, hd], the keys after their RMSNorm times hd^-0.5, transposed, ks [layers, B, H, hd, L],
   // and the values vs [layers, B, H, L, hd].
   m.def("ebt_policy_context(Tensor obs, Tensor w, Tensor b, Tensor k_norm, int heads, float rms_eps) -> (Tensor, Tensor)");
+
+  // ---- EBT (pyebm/models/ebt.py) ----------------------------------------------------------------------
+  // y [M, N] = x [M, K] @ w [N, K]^T (+ add [M, N]) for a few rows against a weight read in its row layout:
+  // the products of EBT's prediction rows and extended context tokens (rows_linear.cpp). Inference op.
+  m.def("rows_linear(Tensor x, Tensor w, Tensor? add=None) -> Tensor");
 }
 
 namespace py = pybind11;

@@ -20,10 +20,12 @@ energy calls (``mlp_call``, ``ebt_policy_call``)
     op              the registered ``torch.ops.pyebm.*`` op of the resolved backend (the path under
                     torch.compile, torch.jit.trace, torch.func transforms, dispatch modes and subclasses)
     torch           the plain PyTorch reference
-EBT.think / EBT.generate (``ebt_attention``, ``ebt_think_graph_refusal``)
+EBT.think / EBT.generate (``ebt_attention``, ``ebt_rows_refusal``, ``ebt_think_graph_refusal``)
     cuda graph      one think step (descent + selection) captured per shape and replayed (``EBT(...,
                     cuda_graph=True)``; CUDA weights, the default CUDA generator)
     triton | torch  the prediction rows with the Triton kernels, or ATen ops
+    rows_linear     on the cpu backend, float32: the products of a few rows by ``torch.ops.pyebm.rows_linear``
+                    (``ebt_rows_refusal``), the rest ATen ops
 update step (``update_route``)
     fused           ``torch.ops.pyebm.descent_update`` (cpu / cuda) or ``descent_update_triton``
     torch           the same rule as separate torch ops
@@ -215,6 +217,23 @@ def ebt_attention(model, device) -> str:
     the cpu backend) for EBT's cached prediction rows."""
     name = resolve(device, model.backend, ("torch", "cpu", "triton"))
     return "triton" if name == "triton" else "torch"
+
+
+def ebt_rows_refusal(model, device, dtype) -> Optional[str]:
+    """None when EBT's products of a few rows (the prediction rows of a descent step, an extended context
+    token) run ``torch.ops.pyebm.rows_linear`` against packed weights and transposed copies of them (the
+    input-gradient products); else why not (they then run as ATen matmuls)."""
+    if torch.device(device).type != "cpu":
+        return f"rows_linear is a CPU kernel; the model is on {device}"
+    if dtype != torch.float32:
+        return f"rows_linear streams float32 weights; the model is {dtype} (ATen's BLAS runs the products)"
+    if not _has_op("rows_linear"):
+        return f"the compiled extension is not available ({_backend.ext_info().get('why')})"
+    if model.backward_mode != "manual":
+        return "backward='autograd' (rows_linear has no autograd formula)"
+    if resolve(device, model.backend, ("torch", "cpu", "triton")) != "cpu":
+        return f"backend {model.backend!r} resolves to ATen ops"
+    return None
 
 
 def ebt_think_graph_refusal(device, generator, capture: bool = True) -> Optional[str]:

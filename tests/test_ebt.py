@@ -86,6 +86,49 @@ def test_energy_and_grad_protocol_fp32(ebt_type):
 
 
 @pytest.mark.parametrize("ebt_type", VARIANTS)
+@pytest.mark.parametrize("options", [{}, {"vocab_to_embed_uses_prob_dist": True}])
+def test_rows_linear_path_fp32(ebt_type, options):
+    """float32 on the cpu backend: the products of the prediction rows and of an extended token run
+    torch.ops.pyebm.rows_linear (the pack holds transposed copies); energies, gradients, extended caches and
+    think outputs stay within the fp32 reference's own error of the fp64 reference, as the ATen path does."""
+    from pyebm import _dispatch
+
+    if not hasattr(torch.ops.pyebm, "rows_linear"):
+        pytest.skip("built without rows_linear")
+    model64 = make_model(ebt_type, **options)
+    model32 = make_model(ebt_type, **options).float()
+    aten = make_model(ebt_type, backend="torch", **options).float()
+    cpu = torch.device("cpu")
+    assert _dispatch.ebt_rows_refusal(model32, cpu, torch.float32) is None
+    assert model32._packed().rows and not aten._packed().rows and not model64._packed().rows
+    assert "float32" in _dispatch.ebt_rows_refusal(model64, cpu, torch.float64)
+    assert "ATen" in _dispatch.ebt_rows_refusal(aten, cpu, torch.float32)
+    assert "rows" in model32.explain_energy(None, None) and "ATen" in aten.explain_energy(None, None)
+    B, K = 3, 4
+    tok = rand_tokens(B, 9)
+    y = torch.softmax(2 * torch.randn(B, K, V, dtype=torch.float64), -1)
+    outs = {}
+    for name, m in (("64", model64), ("rows", model32), ("aten", aten)):
+        c = m.prepare(tok[:, :6], capacity=7)
+        m.extend(c, tok[:, 6:7])   # B * landscapes rows: rows_linear on the rows pack
+        m.extend(c, tok[:, 7:])    # grows the cache, 2 tokens per prompt
+        outs[name] = m.energy_and_grad(c, y.to(m._param.dtype))
+    for i in range(2):
+        want, a32 = outs["64"][i], outs["aten"][i].double()
+        tol = tolerance(a32, want, floor=1e-6)
+        torch.testing.assert_close(outs["rows"][i].double(), want, rtol=0, atol=tol)
+    init = torch.randn(B, K, 1, V)
+    r_rows = model32.think(tok, samples=K, init=init, alpha=0.2)
+    r_aten = aten.think(tok, samples=K, init=init, alpha=0.2)
+    torch.testing.assert_close(r_rows.energy, r_aten.energy, rtol=1e-4, atol=1e-5)
+    model32.backward_mode = "autograd"  # no autograd formula for rows_linear: the ATen pack again
+    assert "autograd" in _dispatch.ebt_rows_refusal(model32, cpu, torch.float32)
+    assert not model32._packed().rows
+    E, g = model32.energy_and_grad(model32.prepare(tok), y.float())
+    torch.testing.assert_close(g.double(), outs["64"][1], rtol=0, atol=tolerance(outs["aten"][1].double(), outs["64"][1]))
+
+
+@pytest.mark.parametrize("ebt_type", VARIANTS)
 def test_autograd_backward_matches_manual(ebt_type):
     model = make_model(ebt_type)
     tok = rand_tokens(2, 6)

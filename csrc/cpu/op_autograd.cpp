@@ -8,7 +8,7 @@
 //       product (pyebm::mlp_energy_vjp, pyebm::ebt_policy_energy_vjp: the reference recomputed with autograd,
 //       pyebm/ops/_autograd.py), which is itself differentiable, so gradients of the input gradient G
 //       (double backward) work too.
-//   mlp_descent, descent_update, select_best, ebt_policy_descent, ebt_policy_context, dispatch_floor
+//   mlp_descent, descent_update, select_best, ebt_policy_descent, ebt_policy_context, rows_linear, dispatch_floor
 //       are inference ops: with grad mode on and an input that requires grad they raise, naming the input.
 //
 // When no input requires grad (or grad mode is off) every kernel here goes straight to the device kernel
@@ -94,6 +94,7 @@ constexpr char kSelectBest[] = "pyebm::select_best";
 constexpr char kEbtPolicyDescent[] = "pyebm::ebt_policy_descent";
 constexpr char kEbtPolicyContext[] = "pyebm::ebt_policy_context";
 constexpr char kDispatchFloor[] = "pyebm::dispatch_floor";
+constexpr char kRowsLinear[] = "pyebm::rows_linear";
 
 using MlpDescentSig = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor&, const at::Tensor&, const at::Tensor&, at::TensorList, at::TensorList, const at::Tensor&,
@@ -117,6 +118,7 @@ using EbtPolicyDescentSig = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::T
 using EbtPolicyContextSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
                                                                const at::Tensor&, const at::Tensor&, int64_t, double);
 using DispatchFloorSig = at::Tensor(const at::Tensor&);
+using RowsLinearSig = at::Tensor(const at::Tensor&, const at::Tensor&, const OptTensor&);
 
 void bump(const at::Tensor& t) {
   if (t.defined() && !t.is_inference()) t.unsafeGetTensorImpl()->bump_version();
@@ -344,6 +346,7 @@ TORCH_LIBRARY_IMPL(pyebm, Autograd, m) {
   m.impl("ebt_policy_descent", &Inference<kEbtPolicyDescent, EbtPolicyDescentSig>::call);
   m.impl("ebt_policy_context", &Inference<kEbtPolicyContext, EbtPolicyContextSig>::call);
   m.impl("dispatch_floor", &Inference<kDispatchFloor, DispatchFloorSig>::call);
+  m.impl("rows_linear", &Inference<kRowsLinear, RowsLinearSig>::call);
 }
 
 }  // namespace autograd_ops

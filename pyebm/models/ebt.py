@@ -237,6 +237,20 @@ def _rms_bwd(xn: torch.Tensor, r: torch.Tensor, g: torch.Tensor) -> torch.Tensor
     return r * (g - xn * (xn * g).mean(-1, keepdim=True))
 
 
+def _linear(pk: "_Packed", x: torch.Tensor, w: torch.Tensor, add: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """(add +) x [M, K] @ w[N, K]^T: ``torch.ops.pyebm.rows_linear`` on a rows pack, else ATen."""
+    if pk.rows:
+        return torch.ops.pyebm.rows_linear(x, w, add)
+    return x @ w.t() if add is None else torch.addmm(add, x, w.t())
+
+
+def _linear_t(pk: "_Packed", g: torch.Tensor, w: torch.Tensor, w_t: Optional[torch.Tensor]) -> torch.Tensor:
+    """g [M, N] @ w [N, K] (an input gradient): rows_linear on the transposed copy w_t [K, N] on a rows pack."""
+    if pk.rows:
+        return torch.ops.pyebm.rows_linear(g, w_t)
+    return g @ w
+
+
 _LAYER_SOURCES = ("attention.wq.weight", "attention.wk.weight", "attention.wv.weight", "attention.wo.weight",
                   "feed_forward.w1.weight", "feed_forward.w3.weight", "feed_forward.w2.weight",
                   "attention_norm.weight", "ffn_norm.weight")
@@ -258,9 +272,15 @@ class _Packed:
     Per layer: QKV concatenated, with the attention scale folded into W_q and the RMSNorm weight into
     the columns of the matrix that follows it (W_qkv, W_1|W_3), so a norm is x * r and its backward
     needs no extra product. The final norm weight is folded into the energy head.
+
+    With ``rows`` (the products of a few rows run ``torch.ops.pyebm.rows_linear``, which reads a weight in
+    its own row layout: ``pyebm._dispatch.ebt_rows_refusal``) the pack also holds transposed copies, the
+    operands of the input-gradient products (``layers_t``: W_qkv^T, W_o^T, W_13^T, W_2^T per layer; ``v2e_rows``
+    [V, D] for dE/dp = dE/de @ v2e) and ``v2e`` contiguous: twice the weights' memory, each product then one
+    stream over contiguous rows.
     """
 
-    def __init__(self, cfg: "ref.EBTConfig", tensors: List[Optional[torch.Tensor]]):
+    def __init__(self, cfg: "ref.EBTConfig", tensors: List[Optional[torch.Tensor]], rows: bool = False):
         n = len(_LAYER_SOURCES)
         scale = 1.0 / math.sqrt(cfg.head_dim)
         with torch.no_grad():
@@ -277,6 +297,13 @@ class _Packed:
             # e = p @ v2e_t, dE/dp = dE/de @ v2e: v2e is [D, V] (vocab_to_embed) or embeddings^T.
             self.v2e = self.emb.t() if cfg.vocab_to_embed_uses_prob_dist else v2e
             self.v2e_t = self.v2e.t()
+            self.rows = rows
+            self.layers_t = None
+            if rows:
+                self.layers_t = [tuple(w.t().contiguous() for w in layer) for layer in self.layers]
+                self.v2e = self.v2e.contiguous()
+                self.v2e_t = self.v2e.t()
+                self.v2e_rows = self.v2e_t.contiguous()                             # [V, D]
             self.time = time
             cos, sin = ref.rope_tables(cfg.head_dim, cfg.context_length + 2 + cfg.offset,
                                        self.emb.dtype, self.emb.device)
@@ -296,6 +323,9 @@ class _Packed:
 # -- CUDA graphs of a think step ----------------------------------------------------------------------
 
 _GRAPHS = "think_graphs"  # the key of a model's captured think steps in its packed state (pyebm._state)
+# The most rows the context stream sends to rows_linear (one extended token per prompt and landscape); more
+# rows, and a prompt's, go to ATen's BLAS.
+_ROWS_MAX = 16
 
 
 def _capacity_bucket(need: int, most: int) -> int:
@@ -604,6 +634,9 @@ class EBT(_state.PackedModule, Pretrained):
         """The packed weights of the module's current parameters (re-checked on every call, rebuilt when one
         was modified in place or replaced; see ``pyebm._state``)."""
         cfg = self.config
+        w = self._param
+        if _dispatch.ebt_rows_refusal(self, w.device, w.dtype) is None:
+            return _state.packed(self, "packed_rows", lambda: _packed_sources(cfg), lambda t: _Packed(cfg, t, True))
         return _state.packed(self, "packed", lambda: _packed_sources(cfg), lambda t: _Packed(cfg, t))
 
     def _check_tokens(self, tokens: torch.Tensor, extra: int = 0, what: str = "tokens") -> torch.Tensor:
@@ -648,9 +681,13 @@ class EBT(_state.PackedModule, Pretrained):
         act = ref.ACTIVATIONS[cfg.ebt_act_func]
         eps = cfg.norm_eps
         last = len(pk.layers) - 1
+        # one extended token per prompt and landscape: rows_linear on a rows pack; a prompt: ATen's BLAS. The
+        # choice reads the token count only (a Python int: no guard on a traced batch size), never while traced.
+        few = not _rng.tracing() and n == 1 and N <= _ROWS_MAX
+        lin = _linear if few else (lambda _, a, w, add=None: a @ w.t() if add is None else add + a @ w.t())
         for li, (wqkv, wo, w13, w2) in enumerate(pk.layers):
             xn = x * torch.rsqrt((x * x).mean(-1, keepdim=True) + eps)
-            qkv = _rope((xn @ wqkv.t()).view(N, n, 3, H, hd), c3, s3)
+            qkv = _rope(lin(pk, xn.reshape(N * n, D), wqkv).view(N, n, 3, H, hd), c3, s3)
             cache.keys[li][:, :, start:end] = qkv[:, :, 1].transpose(1, 2)
             cache.values[li][:, :, start:end] = qkv[:, :, 2].transpose(1, 2)
             if li == last:  # the last layer's context outputs are never read
@@ -659,10 +696,10 @@ class EBT(_state.PackedModule, Pretrained):
             # W_q carries the 1/sqrt(head_dim) factor already.
             o = F.scaled_dot_product_attention(qkv[:, :, 0].transpose(1, 2), K, Vv, attn_mask=mask, is_causal=causal,
                                                scale=1.0)
-            x = x + o.transpose(1, 2).reshape(N, n, D) @ wo.t()
+            x = lin(pk, o.transpose(1, 2).reshape(N * n, D), wo, x.reshape(N * n, D))
             xn = x * torch.rsqrt((x * x).mean(-1, keepdim=True) + eps)
-            u, z = (xn @ w13.t()).chunk(2, dim=-1)
-            x = x + (act(u) * z) @ w2.t()
+            u, z = lin(pk, xn, w13).chunk(2, dim=-1)
+            x = lin(pk, act(u) * z, w2, x).view(N, n, D)
 
     def prepare(self, context: torch.Tensor, landscape: Optional[int] = None, capacity: Optional[int] = None
                 ) -> EBTCache:
@@ -778,7 +815,7 @@ class EBT(_state.PackedModule, Pretrained):
             else:
                 r1 = torch.rsqrt((h * h).mean(-1, keepdim=True) + eps)
                 xn1 = h * r1
-            qkv = _rope((xn1 @ wqkv.t()).view(B, R, 3, H, hd), c3, s3).transpose(1, 3)  # [B, H, 3, R, hd]
+            qkv = _rope(_linear(pk, xn1, wqkv).view(B, R, 3, H, hd), c3, s3).transpose(1, 3)  # [B, H, 3, R, hd]
             q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]                        # [B, H, R, hd]
             if triton_attn:
                 o, lse = _TritonOps.attention_fwd(q, Kc, Vc, k, v, n_visible)
@@ -791,13 +828,13 @@ class EBT(_state.PackedModule, Pretrained):
                 a = torch.softmax(torch.cat((s_ctx, s_self), dim=-1), dim=-1)
                 a_ctx, a_self = a[..., :T], a[..., T:]
                 o = torch.addcmul(a_ctx @ Vc, a_self, v)
-            h2 = torch.addmm(h, o.transpose(1, 2).reshape(B * R, D), wo.t())
+            h2 = _linear(pk, o.transpose(1, 2).reshape(B * R, D), wo, h)
             if nk is not None:
                 xn2, r2 = nk.rms_norm_fwd(h2, None, eps), h2
             else:
                 r2 = torch.rsqrt((h2 * h2).mean(-1, keepdim=True) + eps)
                 xn2 = h2 * r2
-            u, z = (xn2 @ w13.t()).chunk(2, dim=-1)
+            u, z = _linear(pk, xn2, w13).chunk(2, dim=-1)
             if silu and nk is not None:
                 sg = au = None
                 m = nk.swiglu_fwd(u, z)
@@ -809,7 +846,7 @@ class EBT(_state.PackedModule, Pretrained):
                 au = act(u)
             if save:
                 saved.append((xn1, r1, q, k, v, a_ctx, a_self, xn2, r2, u, z, sg, au))
-            h = torch.addmm(h2, m if au is None else au * z, w2.t())
+            h = _linear(pk, m if au is None else au * z, w2, h2)
         if nk is not None:
             xnF, rF = nk.rms_norm_fwd(h, None, eps), h
         else:
@@ -834,19 +871,20 @@ class EBT(_state.PackedModule, Pretrained):
         dh = rms_bwd(xnF, rF, pk.head.expand_as(xnF))
         for li in range(len(pk.layers) - 1, -1, -1):
             wqkv, wo, w13, w2 = pk.layers[li]
+            wqkv_t, wo_t, w13_t, w2_t = pk.layers_t[li] if pk.rows else (None,) * 4
             xn1, r1, q, k, v, a_ctx, a_self, xn2, r2, u, z, sg, au = saved[li]
             Kc, Vc = cache.kv(li, landscape)
-            dm = dh @ w2                                                    # [BR, F]
+            dm = _linear_t(pk, dh, w2, w2_t)                                # [BR, F]
             if au is None:  # the SwiGLU kernel's forward saved nothing
-                df = torch.cat(nk.swiglu_bwd(dm, u, z), dim=-1) @ w13
+                df = _linear_t(pk, torch.cat(nk.swiglu_bwd(dm, u, z), dim=-1), w13, w13_t)
             else:
                 if sg is not None:  # silu' = s (1 + u (1 - s))
                     dau = sg * (1 + u * (1 - sg))
                 else:
                     dau = _act_and_grad(cfg.ebt_act_func, u)[1]
-                df = torch.cat((dm * z * dau, dm * au), dim=-1) @ w13
+                df = _linear_t(pk, torch.cat((dm * z * dau, dm * au), dim=-1), w13, w13_t)
             dh2 = dh + rms_bwd(xn2, r2, df)
-            do = (dh2 @ wo).view(B, R, H, hd).transpose(1, 2)               # [B, H, R, hd]
+            do = _linear_t(pk, dh2, wo, wo_t).view(B, R, H, hd).transpose(1, 2)  # [B, H, R, hd]
             if triton_attn:
                 dq, dk, dv = _TritonOps.attention_bwd(do, q, Kc, Vc, a_ctx, a_self, k, v, n_visible)
             else:
@@ -859,7 +897,7 @@ class EBT(_state.PackedModule, Pretrained):
                 dk, dv = ds_self * q, a_self * do
             dqkv = torch.stack((dq, dk, dv), dim=3)                         # [B, H, R, 3, hd]
             dqkv = _rope(dqkv.permute(0, 2, 3, 1, 4), c3, s3_t)              # [B, R, 3, H, hd]
-            da = dqkv.reshape(BR, 3 * D) @ wqkv
+            da = _linear_t(pk, dqkv.reshape(BR, 3 * D), wqkv, wqkv_t)
             dh = dh2 + rms_bwd(xn1, r1, da)
         return dh.view(B, R, D)
 
@@ -868,6 +906,8 @@ class EBT(_state.PackedModule, Pretrained):
             return self._pred_forward(pk, cache, landscape, e, rows, save=False)[0], None
         if self.backward_mode == "autograd":
             rows = rows[:-1] + (False,)  # the attention kernel has no autograd formula: ATen attention
+            if pk.rows:  # nor has rows_linear (a rows pack is not made in this mode; a caller's own pack)
+                raise ValueError("EBT: backward='autograd' needs the ATen products (a pack without rows)")
             with torch.enable_grad():
                 e = e.detach().requires_grad_(True)
                 E = self._pred_forward(pk, cache, landscape, e, rows, save=False)[0]
@@ -884,6 +924,11 @@ class EBT(_state.PackedModule, Pretrained):
             _, e = vocab_embed(p, pk.v2e, softmax=False)
             E, ge = self._embed_energy(pk, cache, landscape, e, rows, grad)
             return E, (vocab_grad(ge, pk.v2e) if grad else None)
+        if pk.rows and p.dim() == 3:
+            B, R, V = p.shape
+            e = torch.ops.pyebm.rows_linear(p.reshape(B * R, V), pk.v2e).view(B, R, -1)
+            E, ge = self._embed_energy(pk, cache, landscape, e, rows, grad)
+            return E, (torch.ops.pyebm.rows_linear(ge.reshape(B * R, -1), pk.v2e_rows).view(B, R, V) if grad else None)
         E, ge = self._embed_energy(pk, cache, landscape, p @ pk.v2e_t, rows, grad)
         return E, (ge @ pk.v2e if grad else None)
 
@@ -929,6 +974,16 @@ class EBT(_state.PackedModule, Pretrained):
         last = torch.tensor([ctx.tokens.shape[1] - 1], device=y.device)
         with torch.no_grad():
             return self._vocab_energy(pk, ctx, ctx.landscape, y, self._rows(pk, ctx, last, y.shape[1]), True)
+
+    def explain_energy(self, ctx, y, backend: Optional[str] = None) -> str:
+        """What an ``energy_and_grad`` call (and each descent step of :meth:`think`) runs (``pyebm.explain``)."""
+        w = self._param
+        attention = ("the Triton attention, RMSNorm and SwiGLU ops" if self._attention_backend(w.device) == "triton"
+                     else "ATen attention")
+        why = _dispatch.ebt_rows_refusal(self, w.device, w.dtype)
+        products = ("the rows' products by torch.ops.pyebm.rows_linear" if why is None
+                    else f"ATen products (not rows_linear: {why})")
+        return f"cached context, prediction rows only, hand-written backward; {products}; {attention}"
 
     # -- training / plain forward -------------------------------------------------------------------
     def forward(self, tokens: torch.Tensor, predictions: torch.Tensor, landscape: int = 0) -> torch.Tensor:

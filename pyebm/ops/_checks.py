@@ -627,3 +627,27 @@ def fp32_aux(op: str, name: str, t, shp: Sequence[int], ref: Tensor, from_op: st
     if tuple(t.shape) != tuple(shp) or t.dtype != torch.float32:
         raise ValueError(f"{op}: {name} must be fp32 {list(shp)} from {from_op}; got {describe(t)}")
     device(op, name, t, ref.device)
+
+
+# -- EBT ----------------------------------------------------------------------------------------------
+
+def rows_linear_args(op: str, x, w, add) -> Tuple[int, int]:
+    """(M, N) of ``rows_linear``: x [M, K] float32/float64, w [N, K] and add [M, N] (optional) like x."""
+    dense(op, "x", x)
+    dense(op, "w", w)
+    if x.dim() != 2:
+        raise ValueError(f"{op}: x must be [M, K]; got {describe(x)}")
+    if w.dim() != 2:
+        raise ValueError(f"{op}: w must be [N, K]; got {describe(w)}")
+    if x.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"{op}: x must be float32 or float64; got {describe(x)}")
+    like(op, "w", w, x, "x")
+    M, K = x.shape
+    N = w.shape[0]
+    if w.shape[1] != K:
+        raise ValueError(f"{op}: w must be [N, K] with K = {K} (x's columns); got {describe(w)}")
+    if add is not None:
+        dense(op, "add", add)
+        shape(op, "add", add, (M, N), "[M, N]")
+        like(op, "add", add, x, "x")
+    return M, N

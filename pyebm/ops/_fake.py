@@ -122,6 +122,12 @@ def ebt_policy_context(obs, w, b, k_norm, heads, rms_eps):
     return obs.new_empty(layers, B, H, hd, L), obs.new_empty(layers, B, H, L, hd)
 
 
+@_fake("rows_linear")
+def rows_linear(x, w, add=None):
+    M, N = C.rows_linear_args("pyebm::rows_linear", x, w, add)
+    return x.new_empty(M, N)
+
+
 # -- Triton: the MLP energy and descent (pyebm/ops/mlp_energy_triton.py, descent_triton.py) -----------
 
 @_fake("mlp_energy_grad_triton")
