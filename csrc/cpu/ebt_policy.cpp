@@ -476,11 +476,11 @@ class Crew {
   for (int64_t t##_n = (n), t = (crew).claim(t##_n); t < t##_n; t = (crew).claim(t##_n))
 
 // The input-gradient products read the transposed copy Wt [K, N] (the forward products' operand) with the
-// weight-broadcast kernel where it applies (float32 on AVX-512, output columns in groups of 16): G @ W is
-// G @ Wt^T, Wt's rows being W's columns. Each layer's weights are then read from one copy in both
-// directions, so a layer whose forward product just ran (the last layers at the turn from forward to
-// backward, the first ones from one step's backward pass to the next step's forward pass) can still be in
-// the core's cache. Returns whether it ran; the BLAS on W takes the rest.
+// weight-broadcast kernel where it applies (float32; AVX-512 with output columns in groups of 16, AVX2 in
+// groups of 8): G @ W is G @ Wt^T, Wt's rows being W's columns. Each layer's weights are then read from one
+// copy in both directions, so a layer whose forward product just ran (the last layers at the turn from
+// forward to backward, the first ones from one step's backward pass to the next step's forward pass) can
+// still be in the core's cache. Returns whether it ran; the BLAS on W takes the rest.
 template <typename T>
 PYEBM_INLINE bool bcast_product(int64_t M, int64_t N, int64_t P, const T* X, int64_t ldx, const T* W, int64_t ldw,
                                 T* C, int64_t ldc, bool acc) {

@@ -9,8 +9,8 @@
 // stores. Compiled for AVX2+FMA and for AVX-512 through target attributes and chosen at run time.
 // gemm_nt first packs W^T (16 x 16 AVX-512 transposes), so it takes this path only with AVX-512.
 //
-// A second kernel (AVX-512), bcast_gemm, C[M, N] (+)= X[M, P] @ W[N, P]^T for blocks of up to 16 rows
-// against a weight of any size read in its own row layout: see bcast_gemm_avx512.
+// A second kernel (AVX-512 and AVX2), bcast_gemm, C[M, N] (+)= X[M, P] @ W[N, P]^T for blocks of a few
+// dozen rows against a weight of any size read in its own row layout: see bcast_gemm_avx512 / _avx2.
 #pragma once
 
 #include <cstdint>
@@ -267,6 +267,92 @@ __attribute__((target("avx512f,avx512dq,avx2,fma"), noinline)) inline void bcast
   }
 }
 
+// The same weight-broadcast product with AVX2 (8 lanes, 16 registers): blocks of 8 rows transposed once
+// (Xt [P, 8] per block), groups of 8 output columns with 8 accumulators. Columns are the outer loop, so a
+// group's 8 weight rows are read from memory once and from L1 for the row blocks after the first. Each
+// output is one chain of fused multiply-adds over p in order, as in the AVX-512 kernel.
+__attribute__((target("avx2,fma"), always_inline)) inline void transpose8_regs(const __m256* r, __m256* out) {
+  const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+  const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+  const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+  const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+  const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+  const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+  const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+  const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+  out[0] = _mm256_permute2f128_ps(u0, u4, 0x20);
+  out[1] = _mm256_permute2f128_ps(u1, u5, 0x20);
+  out[2] = _mm256_permute2f128_ps(u2, u6, 0x20);
+  out[3] = _mm256_permute2f128_ps(u3, u7, 0x20);
+  out[4] = _mm256_permute2f128_ps(u0, u4, 0x31);
+  out[5] = _mm256_permute2f128_ps(u1, u5, 0x31);
+  out[6] = _mm256_permute2f128_ps(u2, u6, 0x31);
+  out[7] = _mm256_permute2f128_ps(u3, u7, 0x31);
+}
+
+__attribute__((target("avx2,fma"), always_inline)) inline void bcast_cols8(int64_t P, const float* __restrict Xt,
+                                                                           const float* __restrict W, int64_t ldw,
+                                                                           __m256* acc) {
+  const float* b0 = W;
+  const float* b1 = W + 4 * ldw;
+  const int64_t s1 = ldw, s2 = 2 * ldw, s3 = 3 * ldw;
+  for (int j = 0; j < 8; ++j) acc[j] = _mm256_setzero_ps();
+#define PYEBM_BC8_STEP(p)                                                        \
+  {                                                                              \
+    const __m256 x = _mm256_loadu_ps(Xt + (p) * 8);                              \
+    acc[0] = _mm256_fmadd_ps(x, _mm256_broadcast_ss(b0 + (p)), acc[0]);          \
+    acc[1] = _mm256_fmadd_ps(x, _mm256_broadcast_ss(b0 + s1 + (p)), acc[1]);     \
+    acc[2] = _mm256_fmadd_ps(x, _mm256_broadcast_ss(b0 + s2 + (p)), acc[2]);     \
+    acc[3] = _mm256_fmadd_ps(x, _mm256_broadcast_ss(b0 + s3 + (p)), acc[3]);     \
+    acc[4] = _mm256_fmadd_ps(x, _mm256_broadcast_ss(b1 + (p)), acc[4]);          \
+    acc[5] = _mm256_fmadd_ps(x, _mm256_broadcast_ss(b1 + s1 + (p)), acc[5]);     \
+    acc[6] = _mm256_fmadd_ps(x, _mm256_broadcast_ss(b1 + s2 + (p)), acc[6]);     \
+    acc[7] = _mm256_fmadd_ps(x, _mm256_broadcast_ss(b1 + s3 + (p)), acc[7]);     \
+  }
+  int64_t p = 0;
+  for (; p + 4 <= P; p += 4) {
+    PYEBM_BC8_STEP(p)
+    PYEBM_BC8_STEP(p + 1)
+    PYEBM_BC8_STEP(p + 2)
+    PYEBM_BC8_STEP(p + 3)
+  }
+  for (; p < P; ++p) PYEBM_BC8_STEP(p)
+#undef PYEBM_BC8_STEP
+}
+
+// Xt: room for ceil(M / 8) * 8 * P floats.
+__attribute__((target("avx2,fma"), noinline)) inline void bcast_gemm_avx2(int64_t M, int64_t N, int64_t P,
+                                                                          const float* X, int64_t ldx,
+                                                                          const float* W, int64_t ldw, float* C,
+                                                                          int64_t ldc, bool accumulate, float* Xt) {
+  const int64_t P8 = P & ~int64_t(7);
+  const int64_t blocks = (M + 7) / 8;
+  for (int64_t rb = 0; rb < blocks; ++rb) {  // Xt[rb][p][i] = X[8 rb + i, p], zero beyond the last row
+    const int64_t r0 = rb * 8, rows = M - r0 < 8 ? M - r0 : 8;
+    float* xt = Xt + rb * 8 * P;
+    for (int64_t p0 = 0; p0 < P8; p0 += 8) {
+      __m256 r[8], c[8];
+      for (int i = 0; i < 8; ++i) r[i] = i < rows ? _mm256_loadu_ps(X + (r0 + i) * ldx + p0) : _mm256_setzero_ps();
+      transpose8_regs(r, c);
+      for (int e = 0; e < 8; ++e) _mm256_storeu_ps(xt + (p0 + e) * 8, c[e]);
+    }
+    for (int64_t p = P8; p < P; ++p)
+      for (int i = 0; i < 8; ++i) xt[p * 8 + i] = i < rows ? X[(r0 + i) * ldx + p] : 0.f;
+  }
+  for (int64_t c0 = 0; c0 < N; c0 += 8) {
+    for (int64_t rb = 0; rb < blocks; ++rb) {
+      const int64_t r0 = rb * 8, rows = M - r0 < 8 ? M - r0 : 8;
+      __m256 acc[8], out[8];
+      bcast_cols8(P, Xt + rb * 8 * P, W + c0 * ldw, ldw, acc);
+      transpose8_regs(acc, out);  // out[i]: row r0 + i, columns c0 .. c0 + 7
+      for (int i = 0; i < rows; ++i) {
+        float* c = C + (r0 + i) * ldc + c0;
+        _mm256_storeu_ps(c, accumulate ? _mm256_add_ps(_mm256_loadu_ps(c), out[i]) : out[i]);
+      }
+    }
+  }
+}
+
 #undef PYEBM_DEFINE_SMALL_GEMM
 #undef PYEBM_SG_MASK512
 #undef PYEBM_SG_LOAD512
@@ -311,13 +397,23 @@ inline void small_gemm_pack_t(int64_t N, int64_t K, const float* W, float* Wt) {
   sgemm_detail::transpose16_avx512(N, K, W, Wt);
 }
 
-// C[M, N] (+)= X[M, P] @ W[N, P]^T, W's rows ldw apart (see bcast_gemm_avx512): the weight-broadcast
-// product. Returns false (and does nothing) without AVX-512 or when N is not a multiple of 16.
+// C[M, N] (+)= X[M, P] @ W[N, P]^T, W's rows ldw apart (see bcast_gemm_avx512 and bcast_gemm_avx2): the
+// weight-broadcast product. AVX-512 where N is a multiple of 16, else AVX2+FMA where N is a multiple of 8.
+// Returns false (and does nothing) otherwise.
 inline bool bcast_gemm(int64_t M, int64_t N, int64_t P, const float* X, int64_t ldx, const float* W, int64_t ldw,
                        float* C, int64_t ldc, bool accumulate) {
-  if (small_gemm_level() != 2 || N % 16 != 0 || M == 0 || N == 0) return false;
-  sgemm_detail::bcast_gemm_avx512(M, N, P, X, ldx, W, ldw, C, ldc, accumulate, sgemm_detail::pack_buffer(16 * P));
-  return true;
+  if (M == 0 || N == 0) return false;
+  const int level = small_gemm_level();
+  if (level == 2 && N % 16 == 0) {
+    sgemm_detail::bcast_gemm_avx512(M, N, P, X, ldx, W, ldw, C, ldc, accumulate, sgemm_detail::pack_buffer(16 * P));
+    return true;
+  }
+  if (level >= 1 && N % 8 == 0) {
+    sgemm_detail::bcast_gemm_avx2(M, N, P, X, ldx, W, ldw, C, ldc, accumulate,
+                                  sgemm_detail::pack_buffer((M + 7) / 8 * 8 * P));
+    return true;
+  }
+  return false;
 }
 
 // C[M, K] (+)= G[M, N] @ W[N, K]. Returns false (and does nothing) without AVX2+FMA or outside the
