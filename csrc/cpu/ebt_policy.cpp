@@ -491,6 +491,19 @@ PYEBM_INLINE bool bcast_product(int64_t M, int64_t N, int64_t P, const T* X, int
   return false;
 }
 
+// The forward products read the same transposed copy Wt [K, N] as A @ Wt with the register-blocked kernel
+// (float32, a block of at most 64 rows), Wt's rows read in place: the BLAS would pack Wt on every call.
+// Returns whether it ran; the BLAS takes the rest.
+template <typename T>
+PYEBM_INLINE bool rows_product(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb,
+                               T* C, int64_t ldc, bool acc) {
+#ifdef PYEBM_SMALL_GEMM
+  if constexpr (std::is_same<T, float>::value) return rows_gemm_nn(M, N, K, A, lda, B, ldb, C, ldc, acc);
+#endif
+  (void)M, (void)N, (void)K, (void)A, (void)lda, (void)B, (void)ldb, (void)C, (void)ldc, (void)acc;
+  return false;
+}
+
 // ---- products of a tile ----
 // Arrays that the tiles of a phase split by columns (a head group's q/k/v, attention outputs and their
 // gradients, an MLP tile's hidden units) are kept tile-major: the block of columns [c0, c1) of an [M, N]
@@ -505,6 +518,7 @@ PYEBM_INLINE bool bcast_product(int64_t M, int64_t N, int64_t P, const T* X, int
 template <typename T>
 inline void fwd_cols(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* W, const T* Wt, int64_t n0,
                      int64_t n1, T* C, int64_t ldc, bool acc) {
+  if (Wt != nullptr && rows_product<T>(M, n1 - n0, K, A, lda, Wt + n0, N, C, ldc, acc)) return;
   if (n0 == 0 && n1 == N && lda == K && ldc == N) return gemm_nt_pk<T>(M, N, K, A, W, Wt, C, acc);
   if (Wt != nullptr)
     gemm_ld<T>(false, M, n1 - n0, K, A, lda, Wt + n0, N, C, ldc, acc);
@@ -516,6 +530,7 @@ inline void fwd_cols(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, c
 template <typename T>
 inline void fwd_krows(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* W, const T* Wt, int64_t k0,
                       int64_t k1, T* C) {
+  if (Wt != nullptr && rows_product<T>(M, N, k1 - k0, A, lda, Wt + k0 * N, N, C, N, false)) return;
   if (k0 == 0 && k1 == K && lda == K) return gemm_nt_pk<T>(M, N, K, A, W, Wt, C, false);
   if (Wt != nullptr)
     gemm_ld<T>(false, M, N, k1 - k0, A, lda, Wt + k0 * N, N, C, N, false);

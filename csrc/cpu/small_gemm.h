@@ -416,6 +416,21 @@ inline bool bcast_gemm(int64_t M, int64_t N, int64_t P, const float* X, int64_t 
   return false;
 }
 
+// C[M, N] (+)= A[M, K] @ B[K, N] (rows lda, ldb, ldc apart) by the register-blocked kernel for a block of at
+// most 64 rows, B of any size read in its own row layout, without the BLAS's per-call packing of B: the
+// forward product of a few rows with a transposed weight copy (B = Wt [in, out]), or a column slice of it
+// (B = Wt + n0). Each output is one chain of multiply-adds over k in order, whatever the slice's width.
+// Returns false (and does nothing) without AVX2+FMA or for more rows.
+inline bool rows_gemm_nn(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb,
+                         float* C, int64_t ldc, bool accumulate) {
+  if (M == 0 || N == 0 || M > 64) return false;
+  const int level = small_gemm_level();
+  if (level == 2) sgemm_detail::gemm_rr_avx512(M, N, K, A, lda, B, ldb, C, ldc, accumulate);
+  else if (level == 1) sgemm_detail::gemm_rr_avx2(M, N, K, A, lda, B, ldb, C, ldc, accumulate);
+  else return false;
+  return true;
+}
+
 // C[M, K] (+)= G[M, N] @ W[N, K]. Returns false (and does nothing) without AVX2+FMA or outside the
 // size window.
 __attribute__((noinline)) inline bool small_gemm_nn(int64_t M, int64_t N, int64_t K, const float* G,
