@@ -268,8 +268,7 @@ __attribute__((target("avx512f,avx512dq,avx2,fma"), noinline)) inline void bcast
 }
 
 // The same weight-broadcast product with AVX2 (8 lanes, 16 registers): blocks of 8 rows transposed once
-// (Xt [P, 8] per block), groups of 8 output columns with 8 accumulators. Columns are the outer loop, so a
-// group's 8 weight rows are read from memory once and from L1 for the row blocks after the first. Each
+// (Xt [P, 8] per block), 16 rows at a time against groups of 6 output columns (bcast_tile_avx2). Each
 // output is one chain of fused multiply-adds over p in order, as in the AVX-512 kernel.
 __attribute__((target("avx2,fma"), always_inline)) inline void transpose8_regs(const __m256* r, __m256* out) {
   const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
@@ -290,37 +289,60 @@ __attribute__((target("avx2,fma"), always_inline)) inline void transpose8_regs(c
   out[7] = _mm256_permute2f128_ps(u3, u7, 0x31);
 }
 
-__attribute__((target("avx2,fma"), always_inline)) inline void bcast_cols8(int64_t P, const float* __restrict Xt,
-                                                                           const float* __restrict W, int64_t ldw,
-                                                                           __m256* acc) {
-  const float* b0 = W;
-  const float* b1 = W + 4 * ldw;
-  const int64_t s1 = ldw, s2 = 2 * ldw, s3 = 3 * ldw;
-  for (int j = 0; j < 8; ++j) acc[j] = _mm256_setzero_ps();
-#define PYEBM_BC8_STEP(p)                                                        \
-  {                                                                              \
-    const __m256 x = _mm256_loadu_ps(Xt + (p) * 8);                              \
-    acc[0] = _mm256_fmadd_ps(x, _mm256_broadcast_ss(b0 + (p)), acc[0]);          \
-    acc[1] = _mm256_fmadd_ps(x, _mm256_broadcast_ss(b0 + s1 + (p)), acc[1]);     \
-    acc[2] = _mm256_fmadd_ps(x, _mm256_broadcast_ss(b0 + s2 + (p)), acc[2]);     \
-    acc[3] = _mm256_fmadd_ps(x, _mm256_broadcast_ss(b0 + s3 + (p)), acc[3]);     \
-    acc[4] = _mm256_fmadd_ps(x, _mm256_broadcast_ss(b1 + (p)), acc[4]);          \
-    acc[5] = _mm256_fmadd_ps(x, _mm256_broadcast_ss(b1 + s1 + (p)), acc[5]);     \
-    acc[6] = _mm256_fmadd_ps(x, _mm256_broadcast_ss(b1 + s2 + (p)), acc[6]);     \
-    acc[7] = _mm256_fmadd_ps(x, _mm256_broadcast_ss(b1 + s3 + (p)), acc[7]);     \
+// NB blocks of 8 rows (Xt0, Xt0 + P * 8, ...) against NC weight rows (ldw apart): acc[j * NB + b] holds
+// column j for the rows of block b. Two blocks and 6 columns keep 12 accumulators, 2 row vectors and one
+// broadcast weight in the 16 registers: per p, 2 loads and 6 broadcasts feed 12 multiply-adds.
+template <int NB, int NC>
+__attribute__((target("avx2,fma"), always_inline)) inline void bcast_tile_avx2(int64_t P, const float* __restrict Xt0,
+                                                                               const float* __restrict W, int64_t ldw,
+                                                                               __m256* acc) {
+  for (int i = 0; i < NB * NC; ++i) acc[i] = _mm256_setzero_ps();
+  const float* w[NC];
+  for (int j = 0; j < NC; ++j) w[j] = W + j * ldw;
+  _Pragma("GCC unroll 4") for (int64_t p = 0; p < P; ++p) {
+    __m256 x[NB];
+    for (int b = 0; b < NB; ++b) x[b] = _mm256_loadu_ps(Xt0 + b * 8 * P + p * 8);
+    for (int j = 0; j < NC; ++j) {
+      const __m256 wv = _mm256_broadcast_ss(w[j] + p);
+      for (int b = 0; b < NB; ++b) acc[j * NB + b] = _mm256_fmadd_ps(x[b], wv, acc[j * NB + b]);
+    }
   }
-  int64_t p = 0;
-  for (; p + 4 <= P; p += 4) {
-    PYEBM_BC8_STEP(p)
-    PYEBM_BC8_STEP(p + 1)
-    PYEBM_BC8_STEP(p + 2)
-    PYEBM_BC8_STEP(p + 3)
-  }
-  for (; p < P; ++p) PYEBM_BC8_STEP(p)
-#undef PYEBM_BC8_STEP
 }
 
-// Xt: room for ceil(M / 8) * 8 * P floats.
+// Columns c0 .. c0 + NC - 1 of the rows of NB blocks starting at row r0 (rows of them valid).
+template <int NB, int NC>
+__attribute__((target("avx2,fma"), always_inline)) inline void bcast_group_avx2(int64_t P, const float* Xt0,
+                                                                                const float* W, int64_t ldw, float* C,
+                                                                                int64_t ldc, int64_t rows,
+                                                                                bool accumulate) {
+  __m256 acc[NB * NC];
+  bcast_tile_avx2<NB, NC>(P, Xt0, W, ldw, acc);
+  alignas(32) float out[NC][NB * 8];
+  for (int j = 0; j < NC; ++j)
+    for (int b = 0; b < NB; ++b) _mm256_store_ps(out[j] + b * 8, acc[j * NB + b]);
+  for (int64_t i = 0; i < rows; ++i) {
+    float* c = C + i * ldc;
+    for (int j = 0; j < NC; ++j) c[j] = accumulate ? c[j] + out[j][i] : out[j][i];
+  }
+}
+
+// Columns c0 .. c0 + NC - 1 for every row: pairs of blocks (16 rows), an odd last block alone. The group's
+// weight rows come from memory for the first pair and from L1 for the rest.
+template <int NC>
+__attribute__((target("avx2,fma"), always_inline)) inline void bcast_cols_avx2(int64_t M, int64_t P, const float* Xt,
+                                                                               const float* W, int64_t ldw, float* C,
+                                                                               int64_t ldc, bool accumulate) {
+  const int64_t blocks = (M + 7) / 8;
+  int64_t rb = 0;
+  for (; rb + 2 <= blocks; rb += 2) {
+    const int64_t r0 = rb * 8, rows = M - r0 < 16 ? M - r0 : 16;
+    bcast_group_avx2<2, NC>(P, Xt + rb * 8 * P, W, ldw, C + r0 * ldc, ldc, rows, accumulate);
+  }
+  if (rb < blocks) bcast_group_avx2<1, NC>(P, Xt + rb * 8 * P, W, ldw, C + rb * 8 * ldc, ldc, M - rb * 8, accumulate);
+}
+
+// Xt: room for ceil(M / 8) * 8 * P floats. Blocks of 8 rows transposed once (Xt [P, 8] per block), then the
+// columns in groups of 6, each against every row. N % 8 == 0.
 __attribute__((target("avx2,fma"), noinline)) inline void bcast_gemm_avx2(int64_t M, int64_t N, int64_t P,
                                                                           const float* X, int64_t ldx,
                                                                           const float* W, int64_t ldw, float* C,
@@ -339,18 +361,10 @@ __attribute__((target("avx2,fma"), noinline)) inline void bcast_gemm_avx2(int64_
     for (int64_t p = P8; p < P; ++p)
       for (int i = 0; i < 8; ++i) xt[p * 8 + i] = i < rows ? X[(r0 + i) * ldx + p] : 0.f;
   }
-  for (int64_t c0 = 0; c0 < N; c0 += 8) {
-    for (int64_t rb = 0; rb < blocks; ++rb) {
-      const int64_t r0 = rb * 8, rows = M - r0 < 8 ? M - r0 : 8;
-      __m256 acc[8], out[8];
-      bcast_cols8(P, Xt + rb * 8 * P, W + c0 * ldw, ldw, acc);
-      transpose8_regs(acc, out);  // out[i]: row r0 + i, columns c0 .. c0 + 7
-      for (int i = 0; i < rows; ++i) {
-        float* c = C + (r0 + i) * ldc + c0;
-        _mm256_storeu_ps(c, accumulate ? _mm256_add_ps(_mm256_loadu_ps(c), out[i]) : out[i]);
-      }
-    }
-  }
+  int64_t c0 = 0;  // groups of 6 columns, the last of 2 or 4 (N % 8 == 0)
+  for (; c0 + 6 <= N; c0 += 6) bcast_cols_avx2<6>(M, P, Xt, W + c0 * ldw, ldw, C + c0, ldc, accumulate);
+  if (N - c0 == 4) bcast_cols_avx2<4>(M, P, Xt, W + c0 * ldw, ldw, C + c0, ldc, accumulate);
+  else if (N - c0 == 2) bcast_cols_avx2<2>(M, P, Xt, W + c0 * ldw, ldw, C + c0, ldc, accumulate);
 }
 
 #undef PYEBM_DEFINE_SMALL_GEMM
