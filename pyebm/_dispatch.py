@@ -25,7 +25,7 @@ EBT.think / EBT.generate (``ebt_attention``, ``ebt_rows_refusal``, ``ebt_think_g
                     cuda_graph=True)``; CUDA weights, the default CUDA generator)
     triton | torch  the prediction rows with the Triton kernels, or ATen ops
     rows_linear     on the cpu backend, float32: the products of a few rows by ``torch.ops.pyebm.rows_linear``
-                    (``ebt_rows_refusal``), the rest ATen ops
+                    (``ebt_rows_refusal``; an extended context token's: ``ebt_context_rows``), the rest ATen ops
 update step (``update_route``)
     fused           ``torch.ops.pyebm.descent_update`` (cpu / cuda) or ``descent_update_triton``
     torch           the same rule as separate torch ops
@@ -234,6 +234,18 @@ def ebt_rows_refusal(model, device, dtype) -> Optional[str]:
     if resolve(device, model.backend, ("torch", "cpu", "triton")) != "cpu":
         return f"backend {model.backend!r} resolves to ATen ops"
     return None
+
+
+# The most rows of EBT's context stream that go to rows_linear (one extended token per prompt and landscape).
+EBT_CONTEXT_ROWS_MAX = 16
+
+
+def ebt_context_rows(tokens: int, rows: int) -> bool:
+    """Whether the products of EBT's context stream, ``rows`` entries of ``tokens`` new tokens each, go to
+    rows_linear (on a pack that ``ebt_rows_refusal`` allowed): one extended token per prompt and landscape, at
+    most ``EBT_CONTEXT_ROWS_MAX`` rows, never while traced (the check reads Python ints only, so it puts no
+    guard on a traced batch size). A prompt's products go to ATen's BLAS."""
+    return not _is_compiling() and tokens == 1 and rows <= EBT_CONTEXT_ROWS_MAX
 
 
 def ebt_think_graph_refusal(device, generator, capture: bool = True) -> Optional[str]:

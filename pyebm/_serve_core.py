@@ -98,8 +98,12 @@ class _Server:
     def parse_route(self, route: str, payload: Any):
         """``parse`` of a request to ``route`` (one of ``routes``)."""
         if route not in self.routes:
-            raise RequestError(f"no route /{route}; " + " or ".join(f"POST /{r}" for r in self.routes), 404)
+            raise self._no_route(route)
         return self.parse(payload, route)
+
+    def _no_route(self, route: str) -> RequestError:
+        """The HTTP 404 error of a request to a route the server does not answer."""
+        return RequestError(f"no route /{route}; " + " or ".join(f"POST /{r}" for r in self.routes), 404)
 
     def _key(self, item) -> tuple:
         raise NotImplementedError
@@ -644,7 +648,7 @@ class EBTServer(_Server):
         if route == "think":
             return self._parse_think(payload)
         if route != "generate":
-            raise RequestError(f"no route /{route}; " + " or ".join(f"POST /{r}" for r in self.routes), 404)
+            raise self._no_route(route)
         self._check_fields(payload, _GENERATE_FIELDS, ("prompt", "max_new_tokens"), "generate")
         seed = _seed_of(payload)
         prompt = self._tokens(payload["prompt"], "prompt")

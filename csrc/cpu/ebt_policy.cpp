@@ -514,28 +514,34 @@ PYEBM_INLINE bool rows_product(int64_t M, int64_t N, int64_t K, const T* A, int6
 // core. The few arrays that a row phase reads next (the
 // embedding's and the head's column tiles) stay row-major (ld = N, block at arr + c0).
 
-// C [M, n1 - n0] (ld ldc) (+)= A [M, K] (ld lda) @ W[n0:n1, :]^T (W [N, K], Wt [K, N] or null)
+// C [M, n1 - n0] (ld ldc) (+)= A [M, K] (ld lda) @ W[n0:n1, :]^T (W [N, K], Wt [K, N] or null). With Wt the
+// slice is A @ Wt[:, n0:n1]: rows_product, else the BLAS "N", "N" product.
 template <typename T>
 inline void fwd_cols(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* W, const T* Wt, int64_t n0,
                      int64_t n1, T* C, int64_t ldc, bool acc) {
-  if (Wt != nullptr && rows_product<T>(M, n1 - n0, K, A, lda, Wt + n0, N, C, ldc, acc)) return;
-  if (n0 == 0 && n1 == N && lda == K && ldc == N) return gemm_nt_pk<T>(M, N, K, A, W, Wt, C, acc);
-  if (Wt != nullptr)
-    gemm_ld<T>(false, M, n1 - n0, K, A, lda, Wt + n0, N, C, ldc, acc);
-  else
+  if (Wt != nullptr) {
+    if (!rows_product<T>(M, n1 - n0, K, A, lda, Wt + n0, N, C, ldc, acc))
+      gemm_ld<T>(false, M, n1 - n0, K, A, lda, Wt + n0, N, C, ldc, acc);
+  } else if (n0 == 0 && n1 == N && lda == K && ldc == N) {
+    gemm_nt<T>(M, N, K, A, W, C, acc);
+  } else {
     gemm_ld<T>(true, M, n1 - n0, K, A, lda, W + n0 * K, K, C, ldc, acc);
+  }
 }
 
-// C [M, N] = A [M, k1 - k0] (ld lda) @ W[:, k0:k1]^T: a tile's share of a product over its input columns
+// C [M, N] = A [M, k1 - k0] (ld lda) @ W[:, k0:k1]^T: a tile's share of a product over its input columns. With
+// Wt it is A @ Wt[k0:k1, :]: rows_product, else the BLAS.
 template <typename T>
 inline void fwd_krows(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* W, const T* Wt, int64_t k0,
                       int64_t k1, T* C) {
-  if (Wt != nullptr && rows_product<T>(M, N, k1 - k0, A, lda, Wt + k0 * N, N, C, N, false)) return;
-  if (k0 == 0 && k1 == K && lda == K) return gemm_nt_pk<T>(M, N, K, A, W, Wt, C, false);
-  if (Wt != nullptr)
-    gemm_ld<T>(false, M, N, k1 - k0, A, lda, Wt + k0 * N, N, C, N, false);
-  else
+  if (Wt != nullptr) {
+    if (!rows_product<T>(M, N, k1 - k0, A, lda, Wt + k0 * N, N, C, N, false))
+      gemm_ld<T>(false, M, N, k1 - k0, A, lda, Wt + k0 * N, N, C, N, false);
+  } else if (k0 == 0 && k1 == K && lda == K) {
+    gemm_nt<T>(M, N, K, A, W, C, false);
+  } else {
     gemm_ld<T>(true, M, N, k1 - k0, A, lda, W + k0, K, C, N, false);
+  }
 }
 
 // C [M, k1 - k0] (ld ldc) (+)= G [M, N] (ld ldg) @ W[:, k0:k1]

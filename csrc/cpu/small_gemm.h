@@ -449,12 +449,7 @@ inline bool rows_gemm_nn(int64_t M, int64_t N, int64_t K, const float* A, int64_
 // size window.
 __attribute__((noinline)) inline bool small_gemm_nn(int64_t M, int64_t N, int64_t K, const float* G,
                                                     const float* W, float* C, bool accumulate) {
-  if (!small_gemm_nn_fits(M, N * K)) return false;
-  const int level = small_gemm_level();
-  if (level == 2) sgemm_detail::gemm_rr_avx512(M, K, N, G, N, W, K, C, K, accumulate);
-  else if (level == 1) sgemm_detail::gemm_rr_avx2(M, K, N, G, N, W, K, C, K, accumulate);
-  else return false;
-  return true;
+  return small_gemm_nn_fits(M, N * K) && rows_gemm_nn(M, K, N, G, N, W, K, C, K, accumulate);
 }
 
 }  // namespace cpu

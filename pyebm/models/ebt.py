@@ -323,11 +323,6 @@ class _Packed:
 # -- CUDA graphs of a think step ----------------------------------------------------------------------
 
 _GRAPHS = "think_graphs"  # the key of a model's captured think steps in its packed state (pyebm._state)
-# The most rows the context stream sends to rows_linear (one extended token per prompt and landscape); more
-# rows, and a prompt's, go to ATen's BLAS.
-_ROWS_MAX = 16
-
-
 def _capacity_bucket(need: int, most: int) -> int:
     """The static cache capacity of a captured think step that must hold ``need`` context entries: the next
     power of two from 16, at most ``most`` (one graph then serves every cache length of its bucket)."""
@@ -681,10 +676,8 @@ class EBT(_state.PackedModule, Pretrained):
         act = ref.ACTIVATIONS[cfg.ebt_act_func]
         eps = cfg.norm_eps
         last = len(pk.layers) - 1
-        # one extended token per prompt and landscape: rows_linear on a rows pack; a prompt: ATen's BLAS. The
-        # choice reads the token count only (a Python int: no guard on a traced batch size), never while traced.
-        few = not _rng.tracing() and n == 1 and N <= _ROWS_MAX
-        lin = _linear if few else (lambda _, a, w, add=None: a @ w.t() if add is None else add + a @ w.t())
+        # one extended token per prompt and landscape: rows_linear on a rows pack; a prompt: ATen's BLAS
+        lin = _linear if _dispatch.ebt_context_rows(n, N) else (lambda _, a, w, add=None: a @ w.t() if add is None else add + a @ w.t())
         for li, (wqkv, wo, w13, w2) in enumerate(pk.layers):
             xn = x * torch.rsqrt((x * x).mean(-1, keepdim=True) + eps)
             qkv = _rope(lin(pk, xn.reshape(N * n, D), wqkv).view(N, n, 3, H, hd), c3, s3)
