@@ -48,7 +48,7 @@ test: install-test
 # and MKL's own dispatch lowered to match), so an AVX-512 machine also proves the AVX2 and baseline paths.
 ISA_TESTS ?= tests/test_mlp_energy.py tests/test_mlp_descent.py tests/test_descent.py tests/test_ebt_policy.py \
 	tests/test_mlp_plan.py tests/test_op_boundary.py tests/test_cpu_isa.py tests/test_cpu_tuning.py \
-	tests/test_rows_linear.py
+	tests/test_rows_linear.py tests/test_ebt_rows.py tests/test_ebt.py
 test-isa:
 	@for isa in $$($(PY) -c "import pyebm; from pyebm import _C; print(' '.join(_C.cpu_isa()['supported'][1:]))" 2>/dev/null); do \
 	  case $$isa in avx2) aten=avx2; mkl=AVX2;; *) aten=default; mkl=SSE4_2;; esac; \

@@ -93,6 +93,18 @@ TORCH_LIBRARY(pyebm, m) {
   // y [M, N] = x [M, K] @ w [N, K]^T (+ add [M, N]) for a few rows against a weight read in its row layout:
   // the products of EBT's prediction rows and extended context tokens (rows_linear.cpp). Inference op.
   m.def("rows_linear(Tensor x, Tensor w, Tensor? add=None) -> Tensor");
+  // The steps of the prediction rows between those products (ebt_rows.cpp), float32 CPU, inference ops:
+  // attention over the cached context and the rows' own keys, RoPE applied inside (qkv [B, R, 3, H, hd] before
+  // RoPE; o [B, R, H * hd], lse [B, H, R]; the backward returns d(qkv) before RoPE), the RMSNorm without weight
+  // (xn, r = 1 / rms) and its input gradient (plus add), and the SwiGLU gate silu(u) * z of uz = [u | z].
+  m.def("ebt_rows_attention(Tensor qkv, Tensor k_ctx, Tensor v_ctx, Tensor cos, Tensor sin, Tensor? n_visible) "
+        "-> (Tensor, Tensor)");
+  m.def("ebt_rows_attention_bwd(Tensor do, Tensor qkv, Tensor k_ctx, Tensor v_ctx, Tensor o, Tensor lse, "
+        "Tensor cos, Tensor sin, Tensor? n_visible) -> Tensor");
+  m.def("ebt_rows_rms_norm(Tensor x, float eps) -> (Tensor, Tensor)");
+  m.def("ebt_rows_rms_norm_bwd(Tensor xn, Tensor r, Tensor g, Tensor? add=None) -> Tensor");
+  m.def("ebt_rows_swiglu(Tensor uz) -> Tensor");
+  m.def("ebt_rows_swiglu_bwd(Tensor dm, Tensor uz) -> Tensor");
 }
 
 namespace py = pybind11;

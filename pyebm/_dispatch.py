@@ -25,7 +25,9 @@ EBT.think / EBT.generate (``ebt_attention``, ``ebt_rows_refusal``, ``ebt_think_g
                     cuda_graph=True)``; CUDA weights, the default CUDA generator)
     triton | torch  the prediction rows with the Triton kernels, or ATen ops
     rows_linear     on the cpu backend, float32: the products of a few rows by ``torch.ops.pyebm.rows_linear``
-                    (``ebt_rows_refusal``; an extended context token's: ``ebt_context_rows``), the rest ATen ops
+                    (``ebt_rows_refusal``; an extended context token's: ``ebt_context_rows``), and the steps
+                    between those products (attention with RoPE, RMSNorm, SwiGLU) by the fused
+                    ``torch.ops.pyebm.ebt_rows_*`` ops (``ebt_rows_steps``)
 update step (``update_route``)
     fused           ``torch.ops.pyebm.descent_update`` (cpu / cuda) or ``descent_update_triton``
     torch           the same rule as separate torch ops
@@ -234,6 +236,14 @@ def ebt_rows_refusal(model, device, dtype) -> Optional[str]:
     if resolve(device, model.backend, ("torch", "cpu", "triton")) != "cpu":
         return f"backend {model.backend!r} resolves to ATen ops"
     return None
+
+
+def ebt_rows_steps(pack_rows: bool) -> bool:
+    """Whether the steps of EBT's prediction rows between their products (the attention over the cache with
+    RoPE, the RMSNorms, the SwiGLU gate, forward and backward) run the fused CPU ops
+    ``torch.ops.pyebm.ebt_rows_*``: on a rows pack (``ebt_rows_refusal`` allowed it: CPU, float32, manual
+    backward, cpu backend) of a build that has them. Otherwise they run as ATen ops."""
+    return pack_rows and _has_op("ebt_rows_attention")
 
 
 # The most rows of EBT's context stream that go to rows_linear (one extended token per prompt and landscape).

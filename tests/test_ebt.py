@@ -86,6 +86,32 @@ def test_energy_and_grad_protocol_fp32(ebt_type):
 
 
 @pytest.mark.parametrize("ebt_type", VARIANTS)
+@pytest.mark.parametrize("options", [{}, {"ffn_dim_multiplier": 1.5, "ebt_act_func": "gelu"}])
+def test_rows_steps_all_positions_fp32(ebt_type, options):
+    """float32 on the cpu backend: between the rows_linear products the fused torch.ops.pyebm.ebt_rows_* ops run
+    (the attention with RoPE inside, the norms, the SwiGLU gate; another activation's gate in ATen). Every
+    position of a prompt at once (each row sees its own prefix of the cache: n_visible), on every landscape:
+    energies and gradients within the fp32 reference's own error of the fp64 reference."""
+    if not hasattr(torch.ops.pyebm, "ebt_rows_attention"):
+        pytest.skip("built without the ebt_rows ops")
+    model64 = make_model(ebt_type, **options)
+    model32 = make_model(ebt_type, **options).float()
+    B, S = 3, 7
+    tok = rand_tokens(B, S)
+    p = torch.softmax(torch.randn(B, S, V, dtype=torch.float64), -1)
+    cache = model32.prepare(tok)
+    pk = model32._packed()
+    rows = model32._rows(pk, cache, torch.arange(S), 1)
+    assert rows.fused is not None and rows.n_visible is not None
+    for landscape in range(model32.config.num_landscapes):
+        want = ref.energy_grad(params_of(model64), model64.config, tok, p, landscape)
+        ref32 = ref.energy_grad(params_of(model64, torch.float32), model64.config, tok, p.float(), landscape)
+        got = model32._vocab_energy(pk, cache, landscape, p.float(), rows, True)
+        for x, w, r32 in zip(got, want, ref32):
+            torch.testing.assert_close(x.double(), w, rtol=0, atol=tolerance(r32, w))
+
+
+@pytest.mark.parametrize("ebt_type", VARIANTS)
 @pytest.mark.parametrize("options", [{}, {"vocab_to_embed_uses_prob_dist": True}])
 def test_rows_linear_path_fp32(ebt_type, options):
     """float32 on the cpu backend: the products of the prediction rows and of an extended token run

@@ -8,7 +8,8 @@
 //       product (pyebm::mlp_energy_vjp, pyebm::ebt_policy_energy_vjp: the reference recomputed with autograd,
 //       pyebm/ops/_autograd.py), which is itself differentiable, so gradients of the input gradient G
 //       (double backward) work too.
-//   mlp_descent, descent_update, select_best, ebt_policy_descent, ebt_policy_context, rows_linear, dispatch_floor
+//   mlp_descent, descent_update, select_best, ebt_policy_descent, ebt_policy_context, rows_linear, ebt_rows_*,
+//   dispatch_floor
 //       are inference ops: with grad mode on and an input that requires grad they raise, naming the input.
 //
 // When no input requires grad (or grad mode is off) every kernel here goes straight to the device kernel
@@ -95,6 +96,12 @@ constexpr char kEbtPolicyDescent[] = "pyebm::ebt_policy_descent";
 constexpr char kEbtPolicyContext[] = "pyebm::ebt_policy_context";
 constexpr char kDispatchFloor[] = "pyebm::dispatch_floor";
 constexpr char kRowsLinear[] = "pyebm::rows_linear";
+constexpr char kRowsAttention[] = "pyebm::ebt_rows_attention";
+constexpr char kRowsAttentionBwd[] = "pyebm::ebt_rows_attention_bwd";
+constexpr char kRowsRmsNorm[] = "pyebm::ebt_rows_rms_norm";
+constexpr char kRowsRmsNormBwd[] = "pyebm::ebt_rows_rms_norm_bwd";
+constexpr char kRowsSwiglu[] = "pyebm::ebt_rows_swiglu";
+constexpr char kRowsSwigluBwd[] = "pyebm::ebt_rows_swiglu_bwd";
 
 using MlpDescentSig = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor&, const at::Tensor&, const at::Tensor&, at::TensorList, at::TensorList, const at::Tensor&,
@@ -119,6 +126,15 @@ using EbtPolicyContextSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&
                                                                const at::Tensor&, const at::Tensor&, int64_t, double);
 using DispatchFloorSig = at::Tensor(const at::Tensor&);
 using RowsLinearSig = at::Tensor(const at::Tensor&, const at::Tensor&, const OptTensor&);
+using RowsAttentionSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                             const at::Tensor&, const at::Tensor&, const OptTensor&);
+using RowsAttentionBwdSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                       const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                       const OptTensor&);
+using RowsRmsNormSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, double);
+using RowsRmsNormBwdSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptTensor&);
+using RowsSwigluSig = at::Tensor(const at::Tensor&);
+using RowsSwigluBwdSig = at::Tensor(const at::Tensor&, const at::Tensor&);
 
 void bump(const at::Tensor& t) {
   if (t.defined() && !t.is_inference()) t.unsafeGetTensorImpl()->bump_version();
@@ -347,6 +363,12 @@ TORCH_LIBRARY_IMPL(pyebm, Autograd, m) {
   m.impl("ebt_policy_context", &Inference<kEbtPolicyContext, EbtPolicyContextSig>::call);
   m.impl("dispatch_floor", &Inference<kDispatchFloor, DispatchFloorSig>::call);
   m.impl("rows_linear", &Inference<kRowsLinear, RowsLinearSig>::call);
+  m.impl("ebt_rows_attention", &Inference<kRowsAttention, RowsAttentionSig>::call);
+  m.impl("ebt_rows_attention_bwd", &Inference<kRowsAttentionBwd, RowsAttentionBwdSig>::call);
+  m.impl("ebt_rows_rms_norm", &Inference<kRowsRmsNorm, RowsRmsNormSig>::call);
+  m.impl("ebt_rows_rms_norm_bwd", &Inference<kRowsRmsNormBwd, RowsRmsNormBwdSig>::call);
+  m.impl("ebt_rows_swiglu", &Inference<kRowsSwiglu, RowsSwigluSig>::call);
+  m.impl("ebt_rows_swiglu_bwd", &Inference<kRowsSwigluBwd, RowsSwigluBwdSig>::call);
 }
 
 }  // namespace autograd_ops

@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -264,6 +264,17 @@ def _packed_sources(cfg: "ref.EBTConfig") -> List[Optional[str]]:
               None if cfg.vocab_to_embed_uses_prob_dist else "vocab_to_embed.weight",
               "transformer.time_embeddings.weight" if cfg.ebt_type == "time_embed" else None]
     return names
+
+
+class _Rows(NamedTuple):
+    """What every energy pass over R = samples * P prediction rows of one call shares (``EBT._rows``)."""
+    c3: torch.Tensor                     # RoPE tables [R, 3, 1, hd] for a [.., R, 3, H, hd] q|k|v tensor
+    s3: torch.Tensor
+    s3_t: torch.Tensor                   # the sin table of the inverse rotation
+    hidden: Optional[torch.Tensor]       # [R, T] True where a row does not see a context entry (None: all seen)
+    n_visible: Optional[torch.Tensor]    # [R] the context entries each row sees (None: all)
+    triton: bool                         # the Triton attention, RMSNorm and SwiGLU ops
+    fused: Optional[Tuple[torch.Tensor, torch.Tensor]]  # (cos, sin) [R, hd] for the ebt_rows_* ops, or None
 
 
 class _Packed:
@@ -781,17 +792,22 @@ class EBT(_state.PackedModule, Pretrained):
         c3, s3, s3_t = pk.rope_rows(pos + 1 + off)
         T = cache.length
         triton_attn = self._attention_backend(pos.device) == "triton"
+        fused = None
+        if not triton_attn and _dispatch.ebt_rows_steps(pk.rows):
+            fused = (pk.cos[pos + 1 + off], pk.sin[pos + 1 + off])
         if not masked and int(positions.min()) + off + 1 >= T:
-            return c3, s3, s3_t, None, None, triton_attn
+            return _Rows(c3, s3, s3_t, None, None, triton_attn, fused)
         hidden = torch.arange(T, device=pos.device)[None, :] > (pos[:, None] + off)
-        return c3, s3, s3_t, hidden, pos + off + 1, triton_attn
+        return _Rows(c3, s3, s3_t, hidden, pos + off + 1, triton_attn, fused)
 
     def _pred_forward(self, pk: _Packed, cache: EBTCache, landscape: int, e: torch.Tensor, rows, save: bool):
         """Energies [B, R] of prediction embeddings e [B, R, D]; with ``save`` also what the backward needs."""
+        if rows.fused is not None:
+            return self._pred_forward_rows(pk, cache, landscape, e, rows, save)
         cfg = self.config
         B, R, D = e.shape
         H, hd = cfg.multiheaded_attention_heads, cfg.head_dim
-        c3, s3, _, hidden, n_visible, triton_attn = rows
+        c3, s3, _, hidden, n_visible, triton_attn, _ = rows
         eps = cfg.norm_eps
         T = cache.length
         silu = cfg.ebt_act_func == "silu"
@@ -850,13 +866,15 @@ class EBT(_state.PackedModule, Pretrained):
 
     def _pred_backward(self, pk: _Packed, cache: EBTCache, landscape: int, state, rows) -> torch.Tensor:
         """dE/de [B, R, D] (every row's own energy) from what _pred_forward saved."""
+        if rows.fused is not None:
+            return self._pred_backward_rows(pk, cache, landscape, state, rows)
         cfg = self.config
         saved, xnF, rF = state
         BR, D = xnF.shape
         B = cache.batch
         R = BR // B
         H, hd = cfg.multiheaded_attention_heads, cfg.head_dim
-        c3, _, s3_t, _, n_visible, triton_attn = rows
+        c3, _, s3_t, _, n_visible, triton_attn, _ = rows
         eps = cfg.norm_eps
         nk = _TritonOps if triton_attn else None
         # With the kernels, the saved "r" slots hold the norms' inputs (see _pred_forward).
@@ -894,11 +912,72 @@ class EBT(_state.PackedModule, Pretrained):
             dh = dh2 + rms_bwd(xn1, r1, da)
         return dh.view(B, R, D)
 
+    def _pred_forward_rows(self, pk: _Packed, cache: EBTCache, landscape: int, e: torch.Tensor, rows: _Rows,
+                           save: bool):
+        """_pred_forward on a rows pack: rows_linear products, and between them the ``ebt_rows_*`` ops (the
+        attention with RoPE inside, the RMSNorms, the SwiGLU gate), one call per step of a layer."""
+        cfg = self.config
+        B, R, D = e.shape
+        H, hd = cfg.multiheaded_attention_heads, cfg.head_dim
+        cos, sin = rows.fused
+        eps = cfg.norm_eps
+        ops = torch.ops.pyebm
+        silu = cfg.ebt_act_func == "silu"
+        saved = []
+        h = e.reshape(B * R, D)
+        for li, (wqkv, wo, w13, w2) in enumerate(pk.layers):
+            Kc, Vc = cache.kv(li, landscape)                                    # [B, H, T, hd]
+            xn1, r1 = ops.ebt_rows_rms_norm(h, eps)
+            qkv = ops.rows_linear(xn1, wqkv).view(B, R, 3, H, hd)
+            o, lse = ops.ebt_rows_attention(qkv, Kc, Vc, cos, sin, rows.n_visible)
+            h2 = ops.rows_linear(o.view(B * R, D), wo, h)
+            xn2, r2 = ops.ebt_rows_rms_norm(h2, eps)
+            uz = ops.rows_linear(xn2, w13)
+            if silu:
+                m = ops.ebt_rows_swiglu(uz)
+            else:
+                u, z = uz.chunk(2, dim=-1)
+                m = ref.ACTIVATIONS[cfg.ebt_act_func](u) * z
+            if save:
+                saved.append((xn1, r1, qkv, o, lse, xn2, r2, uz))
+            h = ops.rows_linear(m, w2, h2)
+        xnF, rF = ops.ebt_rows_rms_norm(h, eps)
+        E = (xnF @ pk.head).view(B, R)
+        return E, (saved, xnF, rF)
+
+    def _pred_backward_rows(self, pk: _Packed, cache: EBTCache, landscape: int, state, rows: _Rows) -> torch.Tensor:
+        """_pred_backward of _pred_forward_rows."""
+        cfg = self.config
+        saved, xnF, rF = state
+        BR, D = xnF.shape
+        B = cache.batch
+        R = BR // B
+        cos, sin = rows.fused
+        ops = torch.ops.pyebm
+        silu = cfg.ebt_act_func == "silu"
+        dh = ops.ebt_rows_rms_norm_bwd(xnF, rF, pk.head, None)
+        for li in range(len(pk.layers) - 1, -1, -1):
+            wqkv_t, wo_t, w13_t, w2_t = pk.layers_t[li]
+            xn1, r1, qkv, o, lse, xn2, r2, uz = saved[li]
+            Kc, Vc = cache.kv(li, landscape)
+            dm = ops.rows_linear(dh, w2_t)                                      # [BR, F]
+            if silu:
+                duz = ops.ebt_rows_swiglu_bwd(dm, uz)
+            else:
+                u, z = uz.chunk(2, dim=-1)
+                au, dau = _act_and_grad(cfg.ebt_act_func, u)
+                duz = torch.cat((dm * z * dau, dm * au), dim=-1)
+            dh2 = ops.ebt_rows_rms_norm_bwd(xn2, r2, ops.rows_linear(duz, w13_t), dh)
+            do = ops.rows_linear(dh2, wo_t).view(B, R, D)
+            dqkv = ops.ebt_rows_attention_bwd(do, qkv, Kc, Vc, o, lse, cos, sin, rows.n_visible)
+            dh = ops.ebt_rows_rms_norm_bwd(xn1, r1, ops.rows_linear(dqkv.view(BR, 3 * D), wqkv_t), dh2)
+        return dh.view(B, R, D)
+
     def _embed_energy(self, pk, cache, landscape, e, rows, grad: bool):
         if not grad:
             return self._pred_forward(pk, cache, landscape, e, rows, save=False)[0], None
         if self.backward_mode == "autograd":
-            rows = rows[:-1] + (False,)  # the attention kernel has no autograd formula: ATen attention
+            rows = rows._replace(triton=False, fused=None)  # the kernels have no autograd formula: ATen ops
             if pk.rows:  # nor has rows_linear (a rows pack is not made in this mode; a caller's own pack)
                 raise ValueError("EBT: backward='autograd' needs the ATen products (a pack without rows)")
             with torch.enable_grad():
@@ -911,7 +990,7 @@ class EBT(_state.PackedModule, Pretrained):
 
     def _vocab_energy(self, pk, cache, landscape, p, rows, grad: bool):
         """Energies [B, R] (and dE/dp [B, R, V]) of vocabulary-space candidates p [B, R, V]."""
-        if rows[5]:  # triton backend: the fused vocabulary-end kernels read v2e once for every row
+        if rows.triton:  # triton backend: the fused vocabulary-end kernels read v2e once for every row
             from pyebm.ops.ebt_vocab import vocab_embed, vocab_grad
 
             _, e = vocab_embed(p, pk.v2e, softmax=False)
@@ -928,7 +1007,7 @@ class EBT(_state.PackedModule, Pretrained):
     def _project_energy(self, pk, cache, landscape, y, rows, grad: bool, normalize: bool):
         """(p, E, dE/dp) with p = softmax(y) (subnormal probabilities zeroed) when ``normalize``, else p = y.
         On the triton backend the softmax and the product with v2e are one fused kernel."""
-        if rows[5] and normalize:
+        if rows.triton and normalize:
             from pyebm.ops.ebt_vocab import vocab_embed, vocab_grad
 
             p, e = vocab_embed(y, pk.v2e, softmax=True)
@@ -971,9 +1050,13 @@ class EBT(_state.PackedModule, Pretrained):
     def explain_energy(self, ctx, y, backend: Optional[str] = None) -> str:
         """What an ``energy_and_grad`` call (and each descent step of :meth:`think`) runs (``pyebm.explain``)."""
         w = self._param
-        attention = ("the Triton attention, RMSNorm and SwiGLU ops" if self._attention_backend(w.device) == "triton"
-                     else "ATen attention")
         why = _dispatch.ebt_rows_refusal(self, w.device, w.dtype)
+        if self._attention_backend(w.device) == "triton":
+            attention = "the Triton attention, RMSNorm and SwiGLU ops"
+        elif _dispatch.ebt_rows_steps(why is None):
+            attention = "the fused CPU ops torch.ops.pyebm.ebt_rows_* (attention with RoPE, RMSNorm, SwiGLU gate)"
+        else:
+            attention = "ATen attention"
         products = ("the rows' products by torch.ops.pyebm.rows_linear" if why is None
                     else f"ATen products (not rows_linear: {why})")
         return f"cached context, prediction rows only, hand-written backward; {products}; {attention}"

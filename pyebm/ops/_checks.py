@@ -651,3 +651,77 @@ def rows_linear_args(op: str, x, w, add) -> Tuple[int, int]:
         shape(op, "add", add, (M, N), "[M, N]")
         like(op, "add", add, x, "x")
     return M, N
+
+
+def _f32_cpu(op: str, name: str, t) -> None:
+    """A dense float32 tensor (the ebt_rows_* ops' CPU kernels)."""
+    dense(op, name, t)
+    if t.dtype != torch.float32:
+        raise TypeError(f"{op}: {name} must be float32 (the CPU kernel); got {describe(t)}")
+    if t.device.type not in ("cpu", "meta"):
+        raise ValueError(f"{op}: the cpu kernel needs CPU tensors; got {name} on {t.device}")
+
+
+def ebt_rows_attention_args(op: str, qkv, k_ctx, v_ctx, cos, sin, nv) -> Tuple[int, int, int, int]:
+    """(B, R, H, hd) of ``ebt_rows_attention`` / ``_bwd``: qkv [B, R, 3, H, hd] before RoPE, the cache
+    k_ctx / v_ctx [B, H, T, hd], the RoPE tables cos / sin [R, hd], n_visible [R] or [B, R] integer or None."""
+    _f32_cpu(op, "qkv", qkv)
+    if qkv.dim() != 5 or qkv.shape[2] != 3:
+        raise ValueError(f"{op}: qkv must be [B, R, 3, H, head_dim]; got {describe(qkv)}")
+    B, R, _, H, hd = qkv.shape
+    if hd % 2:
+        raise ValueError(f"{op}: head_dim must be even (RoPE rotates pairs); got {hd}")
+    for name, t in (("k_ctx", k_ctx), ("v_ctx", v_ctx)):
+        _f32_cpu(op, name, t)
+        if t.dim() != 4 or (t.shape[0], t.shape[1], t.shape[3]) != (B, H, hd) or t.shape[2] != k_ctx.shape[2]:
+            raise ValueError(f"{op}: {name} must be [B={B}, H={H}, T, head_dim={hd}] (same T for both); got "
+                             f"{describe(t)}")
+    for name, t in (("cos", cos), ("sin", sin)):
+        _f32_cpu(op, name, t)
+        shape(op, name, t, (R, hd), "[R, head_dim]")
+    if nv is not None:
+        dense(op, "n_visible", nv)
+        if nv.dtype.is_floating_point or nv.dtype == torch.bool or nv.is_complex():
+            raise TypeError(f"{op}: n_visible must be an integer tensor; got {describe(nv)}")
+        if nv.device.type not in ("cpu", "meta"):
+            raise ValueError(f"{op}: n_visible must be on the cpu; got {describe(nv)}")
+        if not ((nv.dim() == 1 and nv.shape[0] == R) or (nv.dim() == 2 and tuple(nv.shape) == (B, R))):
+            raise ValueError(f"{op}: n_visible must be [R={R}] or [B={B}, R={R}]; got {describe(nv)}")
+    return B, R, H, hd
+
+
+def ebt_rows_attention_bwd_args(op: str, do, qkv, k_ctx, v_ctx, o, lse, cos, sin, nv) -> Tuple[int, int, int, int]:
+    B, R, H, hd = ebt_rows_attention_args(op, qkv, k_ctx, v_ctx, cos, sin, nv)
+    for name, t in (("do", do), ("o", o)):
+        _f32_cpu(op, name, t)
+        shape(op, name, t, (B, R, H * hd), "[B, R, H * head_dim]")
+    _f32_cpu(op, "lse", lse)
+    shape(op, "lse", lse, (B, H, R), "[B, H, R]")
+    return B, R, H, hd
+
+
+def ebt_rows_2d(op: str, name: str, t) -> Tuple[int, int]:
+    _f32_cpu(op, name, t)
+    if t.dim() != 2:
+        raise ValueError(f"{op}: {name} must be [M, D]; got {describe(t)}")
+    return t.shape[0], t.shape[1]
+
+
+def ebt_rows_rms_norm_bwd_args(op: str, xn, r, g, add) -> Tuple[int, int]:
+    M, D = ebt_rows_2d(op, "xn", xn)
+    _f32_cpu(op, "r", r)
+    shape(op, "r", r, (M, 1), "[M, 1]")
+    _f32_cpu(op, "g", g)
+    if not ((g.dim() == 2 and tuple(g.shape) == (M, D)) or (g.dim() == 1 and g.shape[0] == D)):
+        raise ValueError(f"{op}: g must be [M={M}, D={D}] or [D]; got {describe(g)}")
+    if add is not None:
+        ebt_rows_2d(op, "add", add)
+        shape(op, "add", add, (M, D), "[M, D]")
+    return M, D
+
+
+def ebt_rows_swiglu_args(op: str, uz) -> Tuple[int, int]:
+    M, F2 = ebt_rows_2d(op, "uz", uz)
+    if F2 % 2:
+        raise ValueError(f"{op}: uz must be [M, 2F] (u then z); got {describe(uz)}")
+    return M, F2 // 2

@@ -128,6 +128,45 @@ def rows_linear(x, w, add=None):
     return x.new_empty(M, N)
 
 
+@_fake("ebt_rows_attention")
+def ebt_rows_attention(qkv, k_ctx, v_ctx, cos, sin, n_visible):
+    B, R, H, hd = C.ebt_rows_attention_args("pyebm::ebt_rows_attention", qkv, k_ctx, v_ctx, cos, sin, n_visible)
+    return qkv.new_empty(B, R, H * hd), qkv.new_empty(B, H, R)
+
+
+@_fake("ebt_rows_attention_bwd")
+def ebt_rows_attention_bwd(do, qkv, k_ctx, v_ctx, o, lse, cos, sin, n_visible):
+    C.ebt_rows_attention_bwd_args("pyebm::ebt_rows_attention_bwd", do, qkv, k_ctx, v_ctx, o, lse, cos, sin, n_visible)
+    return qkv.new_empty(qkv.shape)
+
+
+@_fake("ebt_rows_rms_norm")
+def ebt_rows_rms_norm(x, eps):
+    M, D = C.ebt_rows_2d("pyebm::ebt_rows_rms_norm", "x", x)
+    C.non_negative("pyebm::ebt_rows_rms_norm", "eps", eps)
+    return x.new_empty(M, D), x.new_empty(M, 1)
+
+
+@_fake("ebt_rows_rms_norm_bwd")
+def ebt_rows_rms_norm_bwd(xn, r, g, add=None):
+    M, D = C.ebt_rows_rms_norm_bwd_args("pyebm::ebt_rows_rms_norm_bwd", xn, r, g, add)
+    return xn.new_empty(M, D)
+
+
+@_fake("ebt_rows_swiglu")
+def ebt_rows_swiglu(uz):
+    M, F = C.ebt_rows_swiglu_args("pyebm::ebt_rows_swiglu", uz)
+    return uz.new_empty(M, F)
+
+
+@_fake("ebt_rows_swiglu_bwd")
+def ebt_rows_swiglu_bwd(dm, uz):
+    M, F = C.ebt_rows_swiglu_args("pyebm::ebt_rows_swiglu_bwd", uz)
+    C._f32_cpu("pyebm::ebt_rows_swiglu_bwd", "dm", dm)
+    C.shape("pyebm::ebt_rows_swiglu_bwd", "dm", dm, (M, F), "[M, F]")
+    return uz.new_empty(M, 2 * F)
+
+
 # -- Triton: the MLP energy and descent (pyebm/ops/mlp_energy_triton.py, descent_triton.py) -----------
 
 @_fake("mlp_energy_grad_triton")

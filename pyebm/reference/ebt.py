@@ -148,6 +148,22 @@ def prediction_attention(q: torch.Tensor, k_ctx: torch.Tensor, v_ctx: torch.Tens
     return o
 
 
+def rows_attention(qkv: torch.Tensor, k_ctx: torch.Tensor, v_ctx: torch.Tensor, cos: torch.Tensor,
+                   sin: torch.Tensor, n_visible: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """What ``pyebm::ebt_rows_attention`` computes: prediction attention of rows given as q|k|v before RoPE.
+
+    qkv [B, R, 3, H, hd] (q scaled by 1/sqrt(hd)); the RoPE tables of the rows in the interleaved layout of
+    pyebm.models.ebt, cos [R, hd] (cos of each pair's angle, twice) and sin [R, hd] (-sin, sin per pair); the
+    cache k_ctx / v_ctx [B, H, T, hd]. Returns o [B, R, H * hd].
+    """
+    B, R, _, H, hd = qkv.shape
+    c, s = cos[:, 0::2], sin[:, 1::2]                                       # [R, hd/2]
+    q, k = apply_rope(qkv[:, :, 0], c, s), apply_rope(qkv[:, :, 1], c, s)   # [B, R, H, hd]
+    o = prediction_attention(q.transpose(1, 2), k_ctx, v_ctx, k.transpose(1, 2), qkv[:, :, 2].transpose(1, 2),
+                             n_visible)
+    return o.transpose(1, 2).reshape(B, R, H * hd)
+
+
 # -- the energy ----------------------------------------------------------------------------------
 
 def embed_predictions(params: Mapping[str, torch.Tensor], cfg: EBTConfig, p: torch.Tensor) -> torch.Tensor:
