@@ -408,10 +408,11 @@ def test_op_cross_projection_folded_or_not(L, dtype):
 
 @pytest.mark.skipif(not ebt_op.context_available(), reason="pyebm._C without ebt_policy_context")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("BL", [(1, 2), (4, 4), (3, 12)])
+@pytest.mark.parametrize("BL", [(1, 2), (3, 2), (1, 6), (2, 4), (4, 4), (3, 12)])
 def test_prepare_op_matches_torch_path(BL, dtype):
-    """prepare() without autograd computes the observation side in one C++ call (the weight-broadcast
-    product for 8 to 32 tokens, else the BLAS); it equals the PyTorch path that training uses."""
+    """prepare() without autograd computes the observation side in one C++ call (float32 below 8 tokens:
+    rows_linear.h's streaming kernel; the weight-broadcast product for 8 to 32 tokens, else the BLAS); it
+    equals the PyTorch path that training uses."""
     B, L = BL
     torch.manual_seed(4)
     m = EBTPolicy(3, horizon=5, embed_dim=32, layers=3, heads=2, n_obs_steps=2, cond_dim=20, dtype=dtype)

@@ -21,6 +21,7 @@
 #include <memory>
 #include <cstdint>
 #include <cstdlib>
+#include <type_traits>
 #include <vector>
 
 #include "blas.h"
@@ -28,6 +29,7 @@
 #include "descent_update.h"
 #include "op_checks.h"
 #include "pyebm/activations.h"
+#include "rows_linear.h"
 #include "vec_act.h"
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -1680,6 +1682,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ebt_polic
 
 // One layer per task: its keys/values product over every observation token (the weight-broadcast kernel
 // for 8 to 32 tokens, else the BLAS), then the keys' RMSNorm and both layouts.
+// Observation tokens (B * L rows) below which the context's key/value products run rows_linear.h's kernel.
+constexpr int64_t kContextRowsMax = 8;
+
+// kv [M, N] = x [M, C] @ w [N, C]^T by rows_linear.h's kernel when that is the path (float32, M below
+// kContextRowsMax); false otherwise.
+template <typename T>
+bool context_rows_product(int64_t M, int64_t N, int64_t C, const T* x, const T* w, T* kv) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (M < kContextRowsMax) {
+      rows_linear_panel(M, C, x, C, w, C, kv, N, nullptr, 0, 0, N);
+      return true;
+    }
+  }
+  return false;
+}
+
 std::tuple<at::Tensor, at::Tensor> ebt_policy_context_cpu(const at::Tensor& obs_, const at::Tensor& w_,
                                                           const at::Tensor& b_, const at::Tensor& k_norm_,
                                                           int64_t heads, double rms_eps) {
@@ -1713,8 +1731,11 @@ std::tuple<at::Tensor, at::Tensor> ebt_policy_context_cpu(const at::Tensor& obs_
       for (int64_t l = l0; l < l1; ++l) {
         const T* wl = w.data_ptr<T>() + l * N * C;
         const T* bl = b.data_ptr<T>() + l * N;
-        // the broadcast kernel fills 16-row blocks: worth it from half a block up to two
-        if (M < 8 || M > 32 || !bcast_product<T>(M, N, C, x, C, wl, C, kv.data(), N, false))
+        // A few observation tokens (float32): one stream over the layer's weight rows (rows_linear.h; the
+        // BLAS streams such a product at a fraction of the bandwidth). The broadcast kernel fills 16-row
+        // blocks: worth it from half a block up to two. Else the BLAS.
+        const bool done = context_rows_product<T>(M, N, C, x, wl, kv.data());
+        if (!done && (M < 8 || M > 32 || !bcast_product<T>(M, N, C, x, C, wl, C, kv.data(), N, false)))
           gemm_ld<T>(true, M, N, C, x, C, wl, C, kv.data(), N, false);
         add_bias(kv.data(), bl, M, N);
         const T* knl = kn.data_ptr<T>() + l * hd;
