@@ -243,7 +243,20 @@ def ebt_rows_steps(pack_rows: bool) -> bool:
     RoPE, the RMSNorms, the SwiGLU gate, forward and backward) run the fused CPU ops
     ``torch.ops.pyebm.ebt_rows_*``: on a rows pack (``ebt_rows_refusal`` allowed it: CPU, float32, manual
     backward, cpu backend) of a build that has them. Otherwise they run as ATen ops."""
-    return pack_rows and _has_op("ebt_rows_attention")
+    return pack_rows and _has_cpu_kernel("ebt_rows_attention")
+
+
+_CPU_KERNELS: Dict[str, bool] = {}
+
+
+def _has_cpu_kernel(name: str) -> bool:
+    """Whether ``pyebm::name`` has a CPU kernel in this build (a schema alone is not enough: kernels compiled
+    only for some compilers register nothing elsewhere)."""
+    got = _CPU_KERNELS.get(name)
+    if got is None:
+        got = _CPU_KERNELS[name] = _has_op(name) and torch._C._dispatch_has_kernel_for_dispatch_key(
+            f"pyebm::{name}", "CPU")
+    return got
 
 
 # The most rows of EBT's context stream that go to rows_linear (one extended token per prompt and landscape).

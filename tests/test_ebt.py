@@ -92,8 +92,10 @@ def test_rows_steps_all_positions_fp32(ebt_type, options):
     (the attention with RoPE inside, the norms, the SwiGLU gate; another activation's gate in ATen). Every
     position of a prompt at once (each row sees its own prefix of the cache: n_visible), on every landscape:
     energies and gradients within the fp32 reference's own error of the fp64 reference."""
-    if not hasattr(torch.ops.pyebm, "ebt_rows_attention"):
-        pytest.skip("built without the ebt_rows ops")
+    from pyebm import _dispatch
+
+    if not _dispatch.ebt_rows_steps(True):
+        pytest.skip("built without the ebt_rows CPU kernels")
     model64 = make_model(ebt_type, **options)
     model32 = make_model(ebt_type, **options).float()
     B, S = 3, 7

@@ -15,8 +15,10 @@
 //   ebt_rows_rms_norm(x [M, D], eps) -> (xn, r [M, 1]);  ebt_rows_rms_norm_bwd(xn, r, g, add) -> add + dx
 //   ebt_rows_swiglu(uz [M, 2F]) -> silu(u) * z;  ebt_rows_swiglu_bwd(dm, uz) -> d(uz)
 //
-// The math is pyebm.reference.ebt (prediction_attention, the RMSNorm without weight, the SwiGLU gate); float32
-// only. The attention splits the (prompt, head) pairs between the intra-op threads; each pair is computed the
+// The math is pyebm.reference.ebt (prediction_attention, the RMSNorm without weight, the SwiGLU gate), except
+// that a row with a non-finite score gives NaN where the reference's nan_to_num gives 0 (as the model's ATen
+// path does); float32 only. The kernels need GCC / Clang vector extensions: elsewhere the ops have no CPU
+// kernel, and pyebm._dispatch.ebt_rows_steps (which asks the dispatcher) keeps EBT on ATen ops. The attention splits the (prompt, head) pairs between the intra-op threads; each pair is computed the
 // same way whatever the split, so every thread count gives the same numbers. Inference ops: no autograd
 // formula (op_autograd.cpp raises when an input requires grad in grad mode). Compiled for AVX-512, AVX2+FMA
 // and the baseline ISA (GCC vector extensions, as vec_act.h); cpu_vec_level() chooses at run time.
