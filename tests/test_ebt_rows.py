@@ -11,6 +11,7 @@ copies run the same tests.
 import pytest
 import torch
 
+from pyebm.ops import ebt_rows
 from pyebm.reference.ebt import rope_tables, rows_attention
 
 pytest.importorskip("pyebm._C")
@@ -129,8 +130,8 @@ def test_attention_strided_cache_of_the_model_layout():
     qkv = torch.randn(B, R, 3, H, hd)
     cos, sin = _tables(R, hd, start=T)
     do = torch.randn(B, R, H * hd)
-    o, lse = OPS.ebt_rows_attention(qkv, K, V, cos, sin, None)
-    dqkv = OPS.ebt_rows_attention_bwd(do, qkv, K, V, o, lse, cos, sin, None)
+    o, lse = ebt_rows.attention(qkv, K, V, cos, sin)           # the module's wrappers: n_visible left out
+    dqkv = ebt_rows.attention_bwd(do, qkv, K, V, o, lse, cos, sin)
     o2, lse2 = OPS.ebt_rows_attention(qkv, K.contiguous(), V.contiguous(), cos, sin, None)
     assert torch.equal(o, o2) and torch.equal(lse, lse2)
     assert torch.equal(dqkv, OPS.ebt_rows_attention_bwd(do, qkv, K.contiguous(), V.contiguous(), o, lse, cos, sin,

@@ -479,7 +479,7 @@ class Crew {
 
 // The input-gradient products read the transposed copy Wt [K, N] (the forward products' operand) with the
 // weight-broadcast kernel where it applies (float32; AVX-512 with output columns in groups of 16, AVX2 in
-// groups of 8): G @ W is G @ Wt^T, Wt's rows being W's columns. Each layer's weights are then read from one
+// groups of 6): G @ W is G @ Wt^T, Wt's rows being W's columns. Each layer's weights are then read from one
 // copy in both directions, so a layer whose forward product just ran (the last layers at the turn from
 // forward to backward, the first ones from one step's backward pass to the next step's forward pass) can
 // still be in the core's cache. Returns whether it ran; the BLAS on W takes the rest.
@@ -503,6 +503,23 @@ PYEBM_INLINE bool rows_product(int64_t M, int64_t N, int64_t K, const T* A, int6
   if constexpr (std::is_same<T, float>::value) return rows_gemm_nn(M, N, K, A, lda, B, ldb, C, ldc, acc);
 #endif
   (void)M, (void)N, (void)K, (void)A, (void)lda, (void)B, (void)ldb, (void)C, (void)ldc, (void)acc;
+  return false;
+}
+
+// C [M, N] = X [M, K] @ W [N, K]^T for fewer than kStreamRowsMax rows (float32) with rows_linear.h's kernel: one
+// stream over W's rows, which the BLAS reads at a fraction of the bandwidth for so few rows (the observation
+// tokens' key/value products). Returns whether it ran.
+constexpr int64_t kStreamRowsMax = 8;
+
+template <typename T>
+PYEBM_INLINE bool stream_product(int64_t M, int64_t N, int64_t K, const T* X, const T* W, T* C) {
+  if constexpr (std::is_same<T, float>::value) {
+    if (M < kStreamRowsMax) {
+      rows_linear_panel(M, K, X, K, W, K, C, N, nullptr, 0, 0, N);
+      return true;
+    }
+  }
+  (void)M, (void)N, (void)K, (void)X, (void)W, (void)C;
   return false;
 }
 
@@ -1680,24 +1697,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ebt_polic
 }
 
 
-// One layer per task: its keys/values product over every observation token (the weight-broadcast kernel
-// for 8 to 32 tokens, else the BLAS), then the keys' RMSNorm and both layouts.
-// Observation tokens (B * L rows) below which the context's key/value products run rows_linear.h's kernel.
-constexpr int64_t kContextRowsMax = 8;
-
-// kv [M, N] = x [M, C] @ w [N, C]^T by rows_linear.h's kernel when that is the path (float32, M below
-// kContextRowsMax); false otherwise.
-template <typename T>
-bool context_rows_product(int64_t M, int64_t N, int64_t C, const T* x, const T* w, T* kv) {
-  if constexpr (std::is_same_v<T, float>) {
-    if (M < kContextRowsMax) {
-      rows_linear_panel(M, C, x, C, w, C, kv, N, nullptr, 0, 0, N);
-      return true;
-    }
-  }
-  return false;
-}
-
+// One layer per task: its keys/values product over every observation token (fewer than 8 in float32: one
+// stream over the weight rows; 8 to 32: the weight-broadcast kernel; else the BLAS), then the keys' RMSNorm
+// and both layouts.
 std::tuple<at::Tensor, at::Tensor> ebt_policy_context_cpu(const at::Tensor& obs_, const at::Tensor& w_,
                                                           const at::Tensor& b_, const at::Tensor& k_norm_,
                                                           int64_t heads, double rms_eps) {
@@ -1731,11 +1733,9 @@ std::tuple<at::Tensor, at::Tensor> ebt_policy_context_cpu(const at::Tensor& obs_
       for (int64_t l = l0; l < l1; ++l) {
         const T* wl = w.data_ptr<T>() + l * N * C;
         const T* bl = b.data_ptr<T>() + l * N;
-        // A few observation tokens (float32): one stream over the layer's weight rows (rows_linear.h; the
-        // BLAS streams such a product at a fraction of the bandwidth). The broadcast kernel fills 16-row
-        // blocks: worth it from half a block up to two. Else the BLAS.
-        const bool done = context_rows_product<T>(M, N, C, x, wl, kv.data());
-        if (!done && (M < 8 || M > 32 || !bcast_product<T>(M, N, C, x, C, wl, C, kv.data(), N, false)))
+        // the broadcast kernel fills 16-row blocks: worth it from half a block up to two
+        if (!stream_product<T>(M, N, C, x, wl, kv.data()) &&
+            (M < 8 || M > 32 || !bcast_product<T>(M, N, C, x, C, wl, C, kv.data(), N, false)))
           gemm_ld<T>(true, M, N, C, x, C, wl, C, kv.data(), N, false);
         add_bias(kv.data(), bl, M, N);
         const T* knl = kn.data_ptr<T>() + l * hd;

@@ -268,9 +268,9 @@ def _packed_sources(cfg: "ref.EBTConfig") -> List[Optional[str]]:
 
 class _Rows(NamedTuple):
     """What every energy pass over R = samples * P prediction rows of one call shares (``EBT._rows``)."""
-    c3: torch.Tensor                     # RoPE tables [R, 3, 1, hd] for a [.., R, 3, H, hd] q|k|v tensor
-    s3: torch.Tensor
-    s3_t: torch.Tensor                   # the sin table of the inverse rotation
+    c3: Optional[torch.Tensor]           # RoPE tables [R, 3, 1, hd] for a [.., R, 3, H, hd] q|k|v tensor (None
+    s3: Optional[torch.Tensor]           # with ``fused``, whose ops take the rows' own tables)
+    s3_t: Optional[torch.Tensor]         # the sin table of the inverse rotation
     hidden: Optional[torch.Tensor]       # [R, T] True where a row does not see a context entry (None: all seen)
     n_visible: Optional[torch.Tensor]    # [R] the context entries each row sees (None: all)
     triton: bool                         # the Triton attention, RMSNorm and SwiGLU ops
@@ -789,12 +789,14 @@ class EBT(_state.PackedModule, Pretrained):
         step, whose cache holds more entries than a row may see)."""
         off = self.config.offset
         pos = positions.repeat(samples)
-        c3, s3, s3_t = pk.rope_rows(pos + 1 + off)
+        rope_pos = pos + 1 + off
         T = cache.length
         triton_attn = self._attention_backend(pos.device) == "triton"
-        fused = None
-        if not triton_attn and _dispatch.ebt_rows_steps(pk.rows):
-            fused = (pk.cos[pos + 1 + off], pk.sin[pos + 1 + off])
+        if not triton_attn and _dispatch.ebt_rows_steps(pk.rows):  # the ops take the rows' own tables
+            c3 = s3 = s3_t = None
+            fused = (pk.cos[rope_pos], pk.sin[rope_pos])
+        else:
+            (c3, s3, s3_t), fused = pk.rope_rows(rope_pos), None
         if not masked and int(positions.min()) + off + 1 >= T:
             return _Rows(c3, s3, s3_t, None, None, triton_attn, fused)
         hidden = torch.arange(T, device=pos.device)[None, :] > (pos[:, None] + off)
