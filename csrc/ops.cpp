@@ -111,7 +111,8 @@ namespace py = pybind11;
 
 namespace pyebm {
 namespace cpu {
-void bind_plan(py::module& m);  // mlp_plan.cpp
+void bind_plan(py::module& m);             // mlp_plan.cpp
+void bind_ebt_policy_plan(py::module& m);  // ebt_policy_plan.cpp
 }  // namespace cpu
 }  // namespace pyebm
 
@@ -122,6 +123,7 @@ PYBIND11_MODULE(_C, m) {
   const pyebm::cpu::CpuIsaState& isa = pyebm::cpu::cpu_isa_state();
   if (!isa.error.empty()) throw py::value_error("pyebm: " + isa.error);
   pyebm::cpu::bind_plan(m);
+  pyebm::cpu::bind_ebt_policy_plan(m);
   m.def("cpu_isa", []() {
     const pyebm::cpu::CpuIsaState& s = pyebm::cpu::cpu_isa_state();
     py::dict d;

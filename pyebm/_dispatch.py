@@ -9,7 +9,7 @@ Paths, fastest first:
 minimize (``descent_route``)
     cuda graph      the per-step loop captured once and replayed (``cuda_graph=True``; CUDA tensors)
     one call        prepare + every step + selection in one compiled call (a model's ``run_one_call``;
-                    MLPEnergy on the cpu backend in eager mode)
+                    MLPEnergy and EBTPolicy on the cpu backend in eager mode)
     whole loop      every step in one compiled op (a model's ``run_whole_loop``; see ``WholeLoopSpec``)
     compiled        a plain nn.Module f(x, y): chunks of steps (energy, input gradient, fused update) as one
                     torch.compile region each (``pyebm._compiled``; ``compiled_refusal``)

@@ -448,9 +448,9 @@ def minimize(energy: Any, context: Any, candidates: int = 1, config: Optional[De
         return _sharded(energy, context, candidates, config, init, mask, generator, record, backend, event_shape,
                         whole_loop, cuda_graph, final_energy, snapshots, compile, process_group)
     if (mask is None and snapshots is None and event_shape is None and record is False and cuda_graph is False
-            and final_energy is True and (whole_loop is None or whole_loop is True)
-            and (compile is None or compile is False)):
-        res = _one_call_lane(energy, context, candidates, config, init, generator, backend)
+            and (final_energy is True or (final_energy is False and candidates == 1))
+            and (whole_loop is None or whole_loop is True) and (compile is None or compile is False)):
+        res = _one_call_lane(energy, context, candidates, config, init, generator, backend, final_energy)
         if res is not None:
             return res
     call = _plan_call(energy, context, candidates, config, init, mask, generator, record, backend, event_shape,
@@ -480,7 +480,8 @@ def _sharded(energy, context, candidates, config, init, mask, generator, record,
                              group_arg="process_group", refusal=refusal, engine=SHARD_ENGINE)
 
 
-def _one_call_lane(energy, context, candidates, config, init, generator, backend) -> Optional[DescentResult]:
+def _one_call_lane(energy, context, candidates, config, init, generator, backend,
+                   final_energy: bool = True) -> Optional[DescentResult]:
     """The "one call" route for its common arguments, without the general argument handling: a model with a
     one-call descent, a plain [B, ...] CPU context tensor with B > 0, and an init tensor [B, K, *event] of the
     context's dtype on the CPU, contiguous, not requiring grad, or no init with the "zeros" or "normal" init
@@ -516,7 +517,8 @@ def _one_call_lane(energy, context, candidates, config, init, generator, backend
         generator = as_generator(seed, context.device, "minimize")
     if init is None:
         init = initial(cfg.init, cfg, (B, candidates) + event, None, None, generator, context.device, dtype)
-    y, E, E0, steps, status, best, best_E, idx = energy.run_one_call(context, cfg, y0=init, generator=generator)
+    y, E, E0, steps, status, best, best_E, idx = energy.run_one_call(context, cfg, y0=init, generator=generator,
+                                                                     final_energy=final_energy)
     return DescentResult(best, best_E, idx, y, E, E0, steps, status)
 
 
@@ -578,7 +580,8 @@ def _result(call: _Call, y, E_final, E_init, steps, status, best, best_E, idx, t
 def _run_one_call(call: _Call) -> DescentResult:
     """Prepare, every step and the selection in one compiled call of the model."""
     y0 = _initial_candidates(call)
-    out = call.model.run_one_call(call.context, call.cfg, y0=y0, generator=call.generator)
+    out = call.model.run_one_call(call.context, call.cfg, y0=y0, generator=call.generator,
+                                  final_energy=call.final_energy)
     return _result(call, *out)
 
 

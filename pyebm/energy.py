@@ -306,13 +306,14 @@ class MLPEnergy(_state.PackedModule, Pretrained):
         return _mlp_descent.run(self, ctx, config, y0=y0, mask=mask, lower=lower, upper=upper, step_clip=step_clip,
                                 generator=generator, backend=backend)
 
-    def run_one_call(self, context: Tensor, config, *, y0: Tensor, generator):
+    def run_one_call(self, context: Tensor, config, *, y0: Tensor, generator, final_energy: bool = True):
         """The context term, every step and the selection in one call of the cpu plan: (y, E, E_init, steps,
-        status, best, best_energy, best_index)."""
+        status, best, best_energy, best_index). The plan always runs the final energy pass: with
+        ``final_energy=False`` (one candidate) E and best_energy are None."""
         plan = self.cpu_plan()
         dtype = context.dtype
         B, K, D = y0.shape
-        rule = _plan_rule(config, dtype, D)
+        rule = plan_rule(config, dtype, (D,))
         noise = None
         if config.noise != "none":  # one draw of y's shape per step: the order of the per-step path
             noise = torch.empty((config.steps, B, K, D), dtype=dtype)
@@ -323,6 +324,9 @@ class MLPEnergy(_state.PackedModule, Pretrained):
             self.prepare(context)  # raises the error for a context that does not fit
             raise RuntimeError(f"pyebm: the cpu plan did not take the descent of candidates {tuple(y0.shape)} "
                                f"{y0.dtype} for a context {tuple(context.shape)} {dtype}")
+        if not final_energy:
+            y, _, E0, steps, status, best, _, idx = out
+            return y, None, E0, steps, status, best, None, idx
         return out
 
     # -- training -----------------------------------------------------------------------------
@@ -397,22 +401,24 @@ def _mlp_spec(dtype, weight_dtype, weights_on_cpu: bool, has_context: bool) -> W
 _RULES: dict = {}
 
 
-def _plan_rule(cfg, dtype: torch.dtype, D: int):
-    """The compiled update rule (``pyebm._C.DescentRule``) of ``cfg`` for candidates [.., D] of ``dtype``,
-    built once per config object (held, so that its id is not reused)."""
+def plan_rule(cfg, dtype: torch.dtype, event: Tuple[int, ...]):
+    """The compiled update rule (``pyebm._C.DescentRule``) of ``cfg`` for candidates [..., *event] of ``dtype``
+    (bounds and step clip flattened to the event's size), built once per config object (held, so that its id
+    is not reused)."""
     entry = _RULES.get(id(cfg))
     if entry is None or entry[0] is not cfg:
         if len(_RULES) >= 256:
             _RULES.clear()
         entry = _RULES[id(cfg)] = (cfg, {})
     rules = entry[1]
-    rule = rules.get((dtype, D))
+    rule = rules.get((dtype, event))
     if rule is None:
         from pyebm.config import event_option
 
-        opts = [event_option(name, getattr(cfg, name), (D,), "cpu", dtype) for name in ("lower", "upper", "step_clip")]
+        opts = [event_option(name, getattr(cfg, name), event, "cpu", dtype) for name in ("lower", "upper", "step_clip")]
+        opts = [None if t is None else t.reshape(-1) for t in opts]
         eta, nlev = schedules(cfg)
-        rule = rules[(dtype, D)] = _DescentRule(eta=eta.tolist(), noise_level=nlev.tolist(), **rule_options(cfg),
-                                                lower=opts[0], upper=opts[1], step_clip=opts[2],
-                                                selection=cfg.selection)
+        rule = rules[(dtype, event)] = _DescentRule(eta=eta.tolist(), noise_level=nlev.tolist(), **rule_options(cfg),
+                                                    lower=opts[0], upper=opts[1], step_clip=opts[2],
+                                                    selection=cfg.selection)
     return rule

@@ -21,7 +21,7 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-from pyebm import _rng, _state
+from pyebm import _backend, _rng, _state
 from pyebm._sharded import _minimize as _sharded_minimize
 from pyebm.config import _from_json_value, _to_json_value
 from pyebm.descent import NONFINITE, SHARD_ENGINE, Descent, DescentResult, as_generator, minimize
@@ -57,6 +57,16 @@ class PolicyResult:
     retries: Tensor
     recovered: int
     descent: DescentResult
+
+
+_ALL_FINITE = getattr(_backend.ext(), "all_finite", None)
+
+
+def _all_finite(t: Tensor) -> bool:
+    """Whether every value of ``t`` is finite: read in place by the extension for a contiguous float32/float64
+    CPU tensor in eager mode (one small C++ call), else ``torch.isfinite``."""
+    ok = None if _ALL_FINITE is None else _ALL_FINITE(t)
+    return bool(torch.isfinite(t).all()) if ok is None else ok
 
 
 # a pytree (its fields the children): torch.compile and torch.export return it from a traced call
@@ -344,7 +354,7 @@ class EnergyPolicy(Pretrained):
         # one host read per act: a non-finite observation would poison every candidate of its row
         if check_finite and _rng.tracing():  # a traced graph checks on the device (no host read to trace)
             torch._assert_async(torch.isfinite(obs).all(), "EnergyPolicy.act: obs contains NaN or Inf")
-        elif check_finite and not bool(torch.isfinite(obs).all()):
+        elif check_finite and not _all_finite(obs):
             bad = (~torch.isfinite(obs.reshape(obs.shape[0], -1))).any(dim=1).nonzero().flatten().tolist()
             raise ValueError(f"EnergyPolicy.act: obs contains NaN or Inf (batch rows {bad})")
         return obs
@@ -481,8 +491,10 @@ class EnergyPolicy(Pretrained):
             raise ValueError("EnergyPolicy.act: warm_start keeps the chosen chunk between calls, which an exported "
                              "program cannot hold; export a policy with warm_start=False (or pass init)")
 
-    def _prepare(self, obs: Tensor, init: Optional[Tensor], generator, cfg: Descent):
-        """(y0 or None, the energy minimize runs, its context) of an act on validated observations."""
+    def _prepare(self, obs: Tensor, init: Optional[Tensor], generator, cfg: Descent, share: bool = True):
+        """(y0 or None, the energy minimize runs, its context) of an act on validated observations. ``share``:
+        the observation side is computed here, once, for every descent round (recovery) to reuse; otherwise
+        the energy itself goes to minimize, which prepares it (or runs the model's one-call descent)."""
         B, device, dtype = obs.shape[0], obs.device, obs.dtype
         T, A = self.horizon, self.action_dim
         y0 = None
@@ -496,7 +508,7 @@ class EnergyPolicy(Pretrained):
             y0[:, 0] = shifted
 
         # the observation side is computed once and reused by every descent round
-        if self.flat:
+        if self.flat or not share:
             return y0, self.energy, obs
         return y0, _Prepared(self.energy, self.energy.prepare(obs)), obs
 
@@ -518,7 +530,7 @@ class EnergyPolicy(Pretrained):
             lo, up = self._bounds_on(obs.device, obs.dtype)
             best = torch.maximum(torch.minimum(best, up), lo)
         s = self.window_start
-        actions = best[:, s:s + self.n_action_steps]
+        actions = best.narrow(1, s, self.n_action_steps)
         self.last_result = PolicyResult(actions=actions, chunk=best, y=self._chunks(res.y), energy=res.energy,
                                         best_energy=res.best_energy, best_index=res.best_index, steps=res.steps,
                                         status=res.status, retries=torch.zeros_like(res.steps), recovered=0,
@@ -531,7 +543,7 @@ class EnergyPolicy(Pretrained):
         B, device = obs.shape[0], obs.device
         dtype = obs.dtype
         K = self.candidates
-        y0, target, context = self._prepare(obs, init, generator, cfg)
+        y0, target, context = self._prepare(obs, init, generator, cfg, share=self._recovers())
         need_energy = K > 1 or self._recovers() or self.final_energy is True
         res = minimize(target, context, candidates=K, config=cfg,
                        init=None if y0 is None else self._event(y0), generator=generator, final_energy=need_energy)
@@ -569,7 +581,7 @@ class EnergyPolicy(Pretrained):
             lo, up = self._bounds_on(device, dtype)
             best = torch.maximum(torch.minimum(best, up), lo)
         s = self.window_start
-        actions = best[:, s:s + self.n_action_steps]
+        actions = best.narrow(1, s, self.n_action_steps)
         best_energy = None if energy is None else energy[torch.arange(B, device=device), best_index]
         result = PolicyResult(actions=actions, chunk=best, y=y, energy=energy, best_energy=best_energy,
                               best_index=best_index, steps=steps, status=status, retries=retries,

@@ -24,10 +24,13 @@ that op implements with ``whole_loop_spec(dtype) -> WholeLoopSpec`` and runs it 
 ``pyebm._dispatch`` compares each call with the spec (the one place that decides which path runs) and
 ``pyebm.explain`` shows the answer. A spec with ``one_call`` backends also offers
 
-    model.run_one_call(context, config, *, y0, generator) -> DescentResult fields (y, E, E_init, steps,
-        status, best, best_energy, best_index)
+    model.run_one_call(context, config, *, y0, generator, final_energy) -> DescentResult fields (y, E, E_init,
+        steps, status, best, best_energy, best_index)
 
-which prepares the context, runs every step and selects the best candidate in a single compiled call.
+which prepares the context, runs every step and selects the best candidate in a single call of compiled code
+(MLPEnergy: its cpu plan; EBTPolicy: its packed weights' one-call descent), without ``minimize``'s general
+argument handling. ``final_energy=False`` (one candidate) may skip the final energy pass: E and best_energy
+are then None.
 """
 from __future__ import annotations
 

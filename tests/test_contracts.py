@@ -141,7 +141,7 @@ class EBTPolicyCase(Case):
     def assert_fast_path(self, obj):
         obs, y = self.inputs()
         assert _dispatch.ebt_policy_call(obj, y, None, True) == "cpu"
-        assert pyebm.explain(obj, obs, self.config(), 3, init=y).path == "whole loop"
+        assert pyebm.explain(obj, obs, self.config(), 3, init=y).path == "one call"
 
 
 EBT_ARGS = dict(vocab_size=32, embedding_dim=16, num_transformer_blocks=2, multiheaded_attention_heads=2,
@@ -213,7 +213,7 @@ class EBTPolicyPolicyCase(PolicyCase):
     def assert_fast_path(self, obj):
         obs = self.obs()
         assert pyebm.explain(obj.energy, obs, obj._config(obs.device), obj.candidates,
-                             event_shape=obj.energy.event_shape).path == "whole loop"
+                             event_shape=obj.energy.event_shape).path == "one call"
 
 
 class IBCCase(PolicyCase):

@@ -539,9 +539,12 @@ LOOP_CONFIGS = {
 @pytest.mark.parametrize("name", list(LOOP_CONFIGS))
 @pytest.mark.parametrize("BK", [(1, 1), (2, 3)])
 def test_whole_loop_matches_per_step_path(name, BK):
-    """minimize picks the compiled whole loop for EBTPolicy; it gives the per-step path's result (the
-    same update math, the network evaluated by the same kernel)."""
+    """minimize picks the one-call descent for EBTPolicy (pyebm._C.EbtPolicyPack: the observation side, the
+    whole loop and the selection in one C++ call), and the whole-loop op where the context comes prepared (a
+    policy's recovery rounds); both give the per-step path's result (the same update math, the network
+    evaluated by the same kernel), and the same numbers as each other bit for bit."""
     from pyebm import Descent, minimize
+    from pyebm.policies import _Prepared
 
     opts = dict(LOOP_CONFIGS[name])
     if opts.pop("preset", False):
@@ -553,13 +556,96 @@ def test_whole_loop_matches_per_step_path(name, BK):
     obs = torch.randn(B, 2, 12, dtype=torch.float64)
     init = torch.randn(B, K, 5, 3, dtype=torch.float64)
     route = pyebm.explain(m, obs, cfg, K, init=init)
+    assert (route.path, route.backend) == ("one call", "cpu"), route
+    prepared = _Prepared(m, m.prepare(obs))
+    route = pyebm.explain(prepared, obs, cfg, K, init=init)
     assert (route.path, route.backend) == ("whole loop", "cpu"), route
-    fast = minimize(m, obs, candidates=K, config=cfg, init=init, whole_loop=True)
+    assert "no one-call descent" in route.refused["one call"], route
+    one = minimize(m, obs, candidates=K, config=cfg, init=init)
+    forced = minimize(m, obs, candidates=K, config=cfg, init=init, whole_loop=True)
+    whole = minimize(prepared, obs, candidates=K, config=cfg, init=init, whole_loop=True)
     slow = minimize(m, obs, candidates=K, config=cfg, init=init, whole_loop=False)
+    fields = ("y", "energy", "initial_energy", "steps", "status", "best", "best_energy", "best_index")
+    for f in fields:
+        assert torch.equal(getattr(one, f), getattr(whole, f)), f
+        assert torch.equal(getattr(forced, f), getattr(whole, f)), f
     for f in ("y", "energy", "initial_energy", "best", "best_energy"):
-        torch.testing.assert_close(getattr(fast, f), getattr(slow, f), rtol=1e-9, atol=1e-11, msg=f)
-    assert torch.equal(fast.steps, slow.steps) and torch.equal(fast.status, slow.status)
-    assert torch.equal(fast.best_index, slow.best_index)
+        torch.testing.assert_close(getattr(one, f), getattr(slow, f), rtol=1e-9, atol=1e-11, msg=f)
+    assert torch.equal(one.steps, slow.steps) and torch.equal(one.status, slow.status)
+    assert torch.equal(one.best_index, slow.best_index)
+
+
+@needs_loop
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("L", [2, 8])
+def test_one_call_pack(dtype, L):
+    """The one-call descent (pyebm._C.EbtPolicyPack) against the two ops it replaces: the same numbers bit for
+    bit, per-coordinate bounds included; it follows in-place weight updates; under a dispatch mode it runs the
+    ops (the mode sees them); bad inputs raise the ops' errors."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from pyebm import Descent, minimize
+    from pyebm.policies import _Prepared
+
+    if not hasattr(pyebm._backend.ext(), "EbtPolicyPack"):
+        pytest.skip("pyebm._C without EbtPolicyPack")
+    m = make_model(scale=0.1, dtype=dtype, n_obs=2)
+    T, A = m.event_shape
+    lower = tuple(tuple(-0.2 - 0.05 * t - 0.01 * a for a in range(A)) for t in range(T))
+    cfg = Descent(steps=4, step_size=0.3, momentum=0.5, lower=lower, upper=0.4, step_clip=0.1)
+    obs = torch.randn(2, L, 12, dtype=dtype)
+    init = torch.randn(2, 3, T, A, dtype=dtype)
+
+    def both():
+        one = minimize(m, obs, candidates=3, config=cfg, init=init)
+        whole = minimize(_Prepared(m, m.prepare(obs)), obs, candidates=3, config=cfg, init=init)
+        for f in ("y", "energy", "initial_energy", "steps", "status", "best", "best_energy", "best_index"):
+            assert torch.equal(getattr(one, f), getattr(whole, f)), f
+        return one
+
+    first = both()
+    assert pyebm.explain(m, obs, cfg, 3, init=init).path == "one call"
+    assert bool((first.y >= torch.tensor(lower, dtype=dtype)).all()) and bool((first.y <= 0.4).all())
+    assert "one_call" in pyebm._state.packs(m)
+    with torch.no_grad():
+        m.head.fc2.weight.mul_(2.0)        # the network's pack is stale: the next call packs again
+        m.blocks[1].cross.kv.bias.add_(0.5)  # and so is the observation side's
+    second = both()
+    assert not torch.equal(first.energy, second.energy)
+
+    seen = []
+
+    class Log(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with Log():
+        logged = minimize(m, obs, candidates=3, config=cfg, init=init)
+    assert any("ebt_policy_descent" in f for f in seen) and any("ebt_policy_context" in f for f in seen)
+    assert torch.equal(logged.y, second.y) and torch.equal(logged.best, second.best)
+
+    with pytest.raises(ValueError, match=r"y must be \[B, K, horizon=5, action_dim=3\]"):
+        m.run_one_call(obs, cfg, y0=torch.randn(2, 3, T + 1, A, dtype=dtype))
+    with pytest.raises(ValueError, match="ctx was prepared for B=2 observations but y has B=1"):
+        m.run_one_call(obs, Descent(steps=2), y0=init[:1])
+    from pyebm.energy import plan_rule
+
+    rule = plan_rule(cfg, dtype, (T, A))
+    bias = m._mask_bias(L, obs.device, dtype)
+    with pytest.raises(ValueError, match=r"bias must have shape \[5, %d\]" % L):  # the kernel's own checks
+        m._one_call_pack().descent(obs, init, bias[:, :1], rule, "none", 0.0, "candidate", True)
+    with pytest.raises(ValueError, match="tol_scope must be candidate or all"):
+        m._one_call_pack().descent(obs, init, bias, rule, "none", 0.0, "every", True)
+    assert m._one_call_pack().descent(obs.float() if dtype == torch.float64 else obs.double(), init, bias, rule,
+                                      "none", 0.0, "candidate", True) is None  # not the pack's dtype: the ops
+    with pytest.raises(ValueError, match="final_energy=False needs one candidate"):
+        m.run_one_call(obs, cfg, y0=init, final_energy=False)
+    with pytest.raises(ValueError, match="obs_tokens"):
+        m.run_one_call(obs[:, :, :5], cfg, y0=init)
+    one = m.run_one_call(obs, cfg, y0=init[:, :1].contiguous(), final_energy=False)
+    assert one[1] is None and one[6] is None and one[7].tolist() == [0, 0]
+    assert torch.equal(one[5], one[0][:, 0])
 
 
 @needs_loop
@@ -631,7 +717,7 @@ def test_whole_loop_not_taken_for_options_it_lacks():
         with pytest.raises(ValueError, match="whole_loop=True but no whole-loop op"):
             minimize(m, obs, candidates=2, config=cfg, init=y0, whole_loop=True, generator=0)
     cfg = Descent(steps=3)
-    assert route(cfg).path == "whole loop"
+    assert route(cfg).path == "one call"
     assert route(cfg, record=True).path == "per step"
     assert route(cfg, backend="torch").path == "per step"
     m.grad_mode = "autograd"

@@ -193,3 +193,30 @@ def test_bad_inputs():
         EnergyPolicy.ibc(action_dim=2, obs_dim=3, method="mppi")
     with pytest.raises(TypeError, match="pyebm.Descent"):
         EnergyPolicy(m, descent="fast")
+
+
+def test_observation_finiteness_check():
+    """act()'s finiteness check of the observations: read in place by the extension for contiguous
+    float32/float64 CPU tensors in eager mode, torch.isfinite for every other tensor; the same answer."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from pyebm import policies as P
+
+    x = torch.randn(4, 5)
+    assert P._all_finite(x) and P._all_finite(torch.full((8,), 3e38)) and P._all_finite(torch.empty(0))
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        y = x.clone()
+        y[2, 3] = bad
+        for t in (y, y.double(), y.t(), y.half(), torch.nn.Parameter(y), y[:, 1:]):
+            assert not P._all_finite(t), (bad, t.dtype, t.is_contiguous())
+    if P._ALL_FINITE is not None:  # what the extension leaves to torch.isfinite
+        assert P._ALL_FINITE(x) is True
+        for t in (x.t(), x.half(), torch.nn.Parameter(x), x.to_sparse()):
+            assert P._ALL_FINITE(t) is None
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                return func(*args, **(kwargs or {}))
+
+        with Mode():
+            assert P._ALL_FINITE(x) is None and P._all_finite(x)

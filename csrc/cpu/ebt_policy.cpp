@@ -21,15 +21,18 @@
 #include <memory>
 #include <cstdint>
 #include <cstdlib>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
 #include "blas.h"
 #include "descent_args.h"
 #include "descent_update.h"
+#include "ebt_policy_cpu.h"
 #include "op_checks.h"
 #include "pyebm/activations.h"
 #include "rows_linear.h"
+#include "select_best.h"
 #include "vec_act.h"
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -1585,35 +1588,49 @@ std::tuple<at::Tensor, at::Tensor> ebt_policy_energy_grad_cpu(const at::Tensor& 
 }
 
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ebt_policy_descent_cpu(
-    const at::Tensor& y0, const at::Tensor& ck_, const at::Tensor& cv_, const at::Tensor& bias_,
-    at::TensorList params_, at::TensorList weights_t_, int64_t heads, double rms_eps, double ln_eps,
-    const at::Tensor& eta_, const c10::optional<at::Tensor>& lower_, const c10::optional<at::Tensor>& upper_,
-    const c10::optional<at::Tensor>& step_clip_, c10::string_view normalize, double normalize_eps, double grad_scale,
-    double momentum, bool nesterov, c10::optional<double> grad_clip, c10::optional<double> grad_clip_norm,
-    bool energy_scaled, double energy_temperature, double tol, c10::string_view tol_scope, bool tol_final_step,
-    bool bound_each_step, bool final_energy) {
-  const char* op = "pyebm::ebt_policy_descent";
-  const NetArgs a = check_net_args(op, "y0", y0, ck_, cv_, bias_, params_, weights_t_, heads, rms_eps, ln_eps);
+// The options of a descent on this network, checked (shared by the op and the one-call pack).
+struct PolicyDescent {
+  bool norm_rows = false, norm_all = false;
+  double normalize_eps = 0, grad_scale = 1, momentum = 0, energy_temperature = 1, tol = 0;
+  bool nesterov = false, energy_scaled = false, coupled_tol = false, tol_final_step = false, bound_each_step = true;
+  bool final_energy = true;
+  c10::optional<double> grad_clip, grad_clip_norm;
+};
+
+PolicyDescent policy_descent_options(const char* op, c10::string_view normalize, double normalize_eps,
+                                     double grad_scale, double momentum, bool nesterov, c10::optional<double> grad_clip,
+                                     c10::optional<double> grad_clip_norm, bool energy_scaled,
+                                     double energy_temperature, double tol, c10::string_view tol_scope,
+                                     bool tol_final_step, bool bound_each_step, bool final_energy) {
   TORCH_CHECK_VALUE(normalize == "none" || normalize == "rms" || normalize == "all", op,
                     ": normalize must be none, rms or all; got '", std::string(normalize), "'");
-  const bool norm_rows = normalize == "rms", norm_all = normalize == "all";
   TORCH_CHECK_VALUE(tol_scope == "candidate" || tol_scope == "all", op,
                     ": tol_scope must be candidate or all; got '", std::string(tol_scope), "'");
   checks::non_negative(op, "normalize_eps", normalize_eps);
   check_rule(momentum, grad_clip, grad_clip_norm, energy_temperature, tol);
   checks::finite(op, "grad_scale", grad_scale);
-  const bool coupled_tol = tol > 0 && tol_scope == "all";
-  TORCH_CHECK_VALUE(!coupled_tol || (!grad_clip.has_value() && !grad_clip_norm.has_value()), op,
+  PolicyDescent o;
+  o.norm_rows = normalize == "rms", o.norm_all = normalize == "all";
+  o.normalize_eps = normalize_eps, o.grad_scale = grad_scale, o.momentum = momentum, o.nesterov = nesterov;
+  o.grad_clip = grad_clip, o.grad_clip_norm = grad_clip_norm, o.energy_scaled = energy_scaled;
+  o.energy_temperature = energy_temperature, o.tol = tol, o.coupled_tol = tol > 0 && tol_scope == "all";
+  o.tol_final_step = tol_final_step, o.bound_each_step = bound_each_step, o.final_energy = final_energy;
+  TORCH_CHECK_VALUE(!o.coupled_tol || (!grad_clip.has_value() && !grad_clip_norm.has_value()), op,
                     ": tol_scope 'all' is not combined with gradient clipping here");
-  TORCH_CHECK_VALUE(eta_.dim() == 1 && eta_.numel() >= 1, op, ": eta must be [steps] with steps >= 1; got shape ",
-                    eta_.sizes());
-  const int64_t n_steps = eta_.numel();
-  const std::vector<double> eta = host_schedule(eta_, "eta", n_steps, op, y0.device());
+  return o;
+}
+
+// Every step of a descent from y0 (checked against the network by check_net_args) with step sizes eta and
+// the checked bounds / step clip: (y, E_final, E_init, steps, status).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_policy_descent(
+    const NetArgs& a, const at::Tensor& y0, const std::vector<double>& eta, const EventOptions& ev,
+    const PolicyDescent& o) {
+  const int64_t n_steps = static_cast<int64_t>(eta.size());
   const int64_t B = a.B, K = a.K, N = B * K, D = a.Tn * a.A;
   const auto dt = y0.scalar_type();
-  const EventOptions ev = event_options(lower_, upper_, step_clip_, D, dt, y0.device(), op);
   const at::Tensor &lower = ev.lower, &upper = ev.upper, &step_clip = ev.step_clip;
+  const bool norm_rows = o.norm_rows, norm_all = o.norm_all, coupled_tol = o.coupled_tol;
+  const double momentum = o.momentum;
   at::Tensor y = y0.contiguous().clone();  // the state, updated in place
   at::Tensor E_final = at::empty({B, K}, y.options());
   at::Tensor E_init = at::empty({B, K}, y.options());
@@ -1623,19 +1640,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ebt_polic
   AT_DISPATCH_FLOATING_TYPES(dt, "pyebm_ebt_policy_descent", [&] {
     using T = scalar_t;
     const Net<T> net = make_net<T>(a);
-    UpdateRule<T> u = make_rule<T>(D, grad_scale, momentum, grad_clip, grad_clip_norm, energy_scaled,
-                                   energy_temperature, tol, tol_final_step, bound_each_step, lower, upper, step_clip,
-                                   NoiseMode::kNone);
+    UpdateRule<T> u = make_rule<T>(D, o.grad_scale, momentum, o.grad_clip, o.grad_clip_norm, o.energy_scaled,
+                                   o.energy_temperature, o.tol, o.tol_final_step, o.bound_each_step, lower, upper,
+                                   step_clip, NoiseMode::kNone);
     T* yp = y.data_ptr<T>();
     T* E = E_final.data_ptr<T>();  // the step energies live here until the final pass
-    const bool look_ahead = nesterov && momentum > 0;
+    const bool look_ahead = o.nesterov && momentum > 0;
     std::vector<T> ys(norm_rows || norm_all ? N * D : 0), q(look_ahead ? N * D : 0), G(N * D),
         v(momentum > 0 ? N * D : 0, T(0));
-    std::vector<uint8_t> active(N, 1), pending(tol_final_step ? N : 0, 0);
+    std::vector<uint8_t> active(N, 1), pending(o.tol_final_step ? N : 0, 0);
     std::vector<T> scratch(2 * D);
     int32_t* sp = steps.data_ptr<int32_t>();
     int8_t* stp = status.data_ptr<int8_t>();
-    const T eps = T(normalize_eps);
+    const T eps = T(o.normalize_eps);
     for (int64_t k = 0; k < n_steps; ++k) {
       // where the step starts: y, or y over its RMS (per candidate, or over the whole batch)
       const T* base = yp;
@@ -1686,14 +1703,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ebt_polic
       }
       if (!any) break;
     }
-    if (!bound_each_step && (u.lower || u.upper))
+    if (!o.bound_each_step && (u.lower || u.upper))
       for (int64_t r = 0; r < N; ++r) bound_row_at_end<T>(u, yp + r * D, nullptr, nullptr);
-    if (final_energy)
+    if (o.final_energy)
       run_net<T>(net, yp, E, nullptr);
     else
       std::fill(E, E + N, std::numeric_limits<T>::quiet_NaN());
   });
   return {y, E_final, E_init, steps, status};
+}
+
+
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ebt_policy_descent_cpu(
+    const at::Tensor& y0, const at::Tensor& ck_, const at::Tensor& cv_, const at::Tensor& bias_,
+    at::TensorList params_, at::TensorList weights_t_, int64_t heads, double rms_eps, double ln_eps,
+    const at::Tensor& eta_, const c10::optional<at::Tensor>& lower_, const c10::optional<at::Tensor>& upper_,
+    const c10::optional<at::Tensor>& step_clip_, c10::string_view normalize, double normalize_eps, double grad_scale,
+    double momentum, bool nesterov, c10::optional<double> grad_clip, c10::optional<double> grad_clip_norm,
+    bool energy_scaled, double energy_temperature, double tol, c10::string_view tol_scope, bool tol_final_step,
+    bool bound_each_step, bool final_energy) {
+  const char* op = "pyebm::ebt_policy_descent";
+  const NetArgs a = check_net_args(op, "y0", y0, ck_, cv_, bias_, params_, weights_t_, heads, rms_eps, ln_eps);
+  const PolicyDescent o = policy_descent_options(op, normalize, normalize_eps, grad_scale, momentum, nesterov,
+                                                 grad_clip, grad_clip_norm, energy_scaled, energy_temperature, tol,
+                                                 tol_scope, tol_final_step, bound_each_step, final_energy);
+  TORCH_CHECK_VALUE(eta_.dim() == 1 && eta_.numel() >= 1, op, ": eta must be [steps] with steps >= 1; got shape ",
+                    eta_.sizes());
+  const std::vector<double> eta = host_schedule(eta_, "eta", eta_.numel(), op, y0.device());
+  const EventOptions ev = event_options(lower_, upper_, step_clip_, a.Tn * a.A, y0.scalar_type(), y0.device(), op);
+  return run_policy_descent(a, y0, eta, ev, o);
 }
 
 
@@ -1757,6 +1796,41 @@ std::tuple<at::Tensor, at::Tensor> ebt_policy_context_cpu(const at::Tensor& obs_
 }
 
 }  // namespace
+
+PolicyOneCall ebt_policy_one_call_cpu(const at::Tensor& obs, const at::Tensor& y0, const at::Tensor& kv_w,
+                                      const at::Tensor& kv_b, const at::Tensor& k_norm, double ctx_rms_eps,
+                                      const at::Tensor& bias, at::TensorList params, at::TensorList weights_t,
+                                      int64_t heads, double rms_eps, double ln_eps, const std::vector<double>& eta,
+                                      const at::Tensor& lower, const at::Tensor& upper, const at::Tensor& step_clip,
+                                      c10::string_view normalize, double normalize_eps, double grad_scale,
+                                      double momentum, bool nesterov, c10::optional<double> grad_clip,
+                                      c10::optional<double> grad_clip_norm, bool energy_scaled,
+                                      double energy_temperature, double tol, c10::string_view tol_scope,
+                                      bool tol_final_step, bool bound_each_step, bool final_energy, int selection) {
+  const char* op = "pyebm: EBTPolicy's one-call descent";
+  auto [ck, cv] = ebt_policy_context_cpu(obs, kv_w, kv_b, k_norm, heads, ctx_rms_eps);
+  const NetArgs a = check_net_args(op, "y0", y0, ck, cv, bias, params, weights_t, heads, rms_eps, ln_eps);
+  const PolicyDescent o = policy_descent_options(op, normalize, normalize_eps, grad_scale, momentum, nesterov,
+                                                 grad_clip, grad_clip_norm, energy_scaled, energy_temperature, tol,
+                                                 tol_scope, tol_final_step, bound_each_step, final_energy);
+  TORCH_CHECK_VALUE(!eta.empty(), op, ": at least one step");
+  for (size_t k = 0; k < eta.size(); ++k)
+    TORCH_CHECK_VALUE(std::isfinite(eta[k]), op, ": eta[", k, "] must be finite; got ", eta[k]);
+  TORCH_CHECK_VALUE(final_energy || a.K == 1, op, ": final_energy=False needs one candidate; got K = ", a.K);
+  auto opt = [](const at::Tensor& t) { return t.defined() ? c10::optional<at::Tensor>(t) : c10::nullopt; };
+  const EventOptions ev =
+      event_options(opt(lower), opt(upper), opt(step_clip), a.Tn * a.A, y0.scalar_type(), y0.device(), op);
+  PolicyOneCall out;
+  std::tie(out.y, out.E, out.E_init, out.steps, out.status) = run_policy_descent(a, y0, eta, ev, o);
+  if (final_energy) {
+    std::tie(out.best, out.best_E, out.best_index) = select_best_impl(out.y, out.E, out.E_init, out.status, selection);
+  } else {  // one candidate: nothing to select, no final energy
+    out.E = at::Tensor();
+    out.best = out.y.select(1, 0).clone();
+    out.best_index = at::zeros({a.B}, out.y.options().dtype(at::kLong));
+  }
+  return out;
+}
 
 TORCH_LIBRARY_IMPL(pyebm, CPU, m) {
   m.impl("ebt_policy_energy_grad", &ebt_policy_energy_grad_cpu);

@@ -15,19 +15,18 @@
 // None; the caller then runs the op path, which raises the documented error or converts.
 #include <torch/python.h>  // at::Tensor <-> torch.Tensor for pybind11
 
-#include <c10/core/impl/LocalDispatchKeySet.h>
-#include <c10/core/impl/TorchDispatchModeTLS.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
-#include <torch/csrc/jit/frontend/tracer.h>
 
 #include <memory>
 #include <string>
 #include <vector>
 
 #include "descent_args.h"
+#include "descent_rule.h"
 #include "mlp_descent_cpu.h"
 #include "mlp_energy_cpu.h"
+#include "py_eager.h"
 #include "select_best.h"
 #include "sources.h"
 
@@ -57,60 +56,7 @@ struct PlanState {
   int64_t flops_grad = 0;              // per row, energy + input gradient
 };
 
-struct RuleOptions {
-  std::vector<double> eta, noise_level;
-  double grad_scale = 1, momentum = 0, energy_temperature = 1, tol = 0;
-  c10::optional<double> grad_clip, grad_clip_norm;
-  bool nesterov = false, energy_scaled = false, tol_final_step = false, bound_each_step = true;
-  NoiseMode noise = NoiseMode::kNone;
-  at::Tensor lower, upper, step_clip;  // [D] in the plan's dtype, or undefined
-  int selection = 0;
-};
-
 }  // namespace
-
-// The update rule of a whole-loop descent, fixed once per pyebm.Descent (and dtype / candidate width).
-class DescentRule {
- public:
-  DescentRule(std::vector<double> eta, std::vector<double> noise_level, double grad_scale, double momentum,
-              bool nesterov, c10::optional<double> grad_clip, c10::optional<double> grad_clip_norm,
-              bool energy_scaled, double energy_temperature, double tol, bool tol_final_step, bool bound_each_step,
-              const std::string& noise_mode, c10::optional<at::Tensor> lower, c10::optional<at::Tensor> upper,
-              c10::optional<at::Tensor> step_clip, const std::string& selection) {
-    TORCH_CHECK(!eta.empty() && eta.size() == noise_level.size(),
-                "pyebm: DescentRule needs one step size and one noise level per step; got ", eta.size(), " and ",
-                noise_level.size());
-    check_rule(momentum, grad_clip, grad_clip_norm, energy_temperature, tol);
-    o_.eta = std::move(eta);
-    o_.noise_level = std::move(noise_level);
-    o_.grad_scale = grad_scale;
-    o_.momentum = momentum;
-    o_.nesterov = nesterov;
-    o_.grad_clip = grad_clip;
-    o_.grad_clip_norm = grad_clip_norm;
-    o_.energy_scaled = energy_scaled;
-    o_.energy_temperature = energy_temperature;
-    o_.tol = tol;
-    o_.tol_final_step = tol_final_step;
-    o_.bound_each_step = bound_each_step;
-    o_.noise = parse_noise(noise_mode);
-    o_.selection = parse_selection(selection);
-    auto take = [](const c10::optional<at::Tensor>& t, const char* name) {
-      if (!t.has_value() || !t->defined()) return at::Tensor();
-      TORCH_CHECK(t->dim() == 1 && t->device().is_cpu(), "pyebm: DescentRule ", name,
-                  " must be a 1-D CPU tensor; got ", t->sizes(), " on ", t->device());
-      return t->contiguous();
-    };
-    o_.lower = take(lower, "lower");
-    o_.upper = take(upper, "upper");
-    o_.step_clip = take(step_clip, "step_clip");
-  }
-  const RuleOptions& options() const { return o_; }
-  int64_t steps() const { return static_cast<int64_t>(o_.eta.size()); }
-
- private:
-  RuleOptions o_;
-};
 
 class MlpPlan {
  public:
@@ -326,16 +272,9 @@ class MlpPlan {
     else return st.dd;
   }
 
-  // pyebm._dispatch.eager_refusal(a, b) is None, in C++: both are exactly torch.Tensor (no subclass, no
-  // Parameter) and no torch.jit.trace, torch.func transform (it includes its front-mode dispatch key while it
-  // runs) or dispatch mode (user or infra: FakeTensorMode, make_fx, non-strict export) is active, so a call
-  // that bypasses the dispatcher computes what the ops would. torch.compile's Dynamo never gets here: it does
-  // not run pybind11 calls, and the Python layer asks torch.compiler.is_compiling() first.
+  // pyebm._dispatch.eager_refusal(a, b) is None, in C++ (py_eager.h).
   static bool eager_plain(const py::handle& a, const py::handle& b) {
-    PyTypeObject* tensor = reinterpret_cast<PyTypeObject*>(THPVariableClass);
-    return Py_TYPE(a.ptr()) == tensor && Py_TYPE(b.ptr()) == tensor && !torch::jit::tracer::isTracing() &&
-           !c10::impl::tls_is_dispatch_key_included(c10::DispatchKey::FuncTorchDynamicLayerFrontMode) &&
-           !c10::impl::TorchDispatchModeTLS::any_modes_set();
+    return plain_tensor(a) && plain_tensor(b) && eager_context();
   }
 
   static bool context_fits(const PlanState& st, const at::Tensor& x) {
@@ -390,6 +329,25 @@ class MlpPlan {
 };
 
 void bind_plan(py::module& m) {
+  m.def("all_finite", [](const py::handle& h) -> py::object {
+    // Exactly torch.Tensor (no tracer, transform or dispatch mode active), dense and contiguous on the CPU,
+    // float32 or float64: whether every value is finite, read in place without the dispatcher (a policy checks
+    // its observations on every act). None for anything else: the caller then asks torch.isfinite.
+    if (!plain_tensor(h) || !eager_context()) return py::none();
+    const at::Tensor& t = THPVariable_Unpack(h.ptr());
+    if (!t.device().is_cpu() || t.layout() != at::kStrided || !t.is_contiguous() ||
+        (t.scalar_type() != at::kFloat && t.scalar_type() != at::kDouble))
+      return py::none();
+    bool finite = true;
+    AT_DISPATCH_FLOATING_TYPES(t.scalar_type(), "pyebm_all_finite", [&] {
+      const scalar_t* p = t.const_data_ptr<scalar_t>();
+      const int64_t n = t.numel();
+      scalar_t acc = 0;  // x - x is 0 for a finite x and NaN for NaN or +-Inf
+      for (int64_t i = 0; i < n; ++i) acc += p[i] - p[i];
+      finite = acc == scalar_t(0);
+    });
+    return py::bool_(finite);
+  }, "Whether every value of a contiguous float32/float64 CPU tensor is finite; None for other tensors.");
   py::class_<DescentRule>(m, "DescentRule", "The update rule of a whole-loop descent (see pyebm.ops.mlp_descent).")
       .def(py::init<std::vector<double>, std::vector<double>, double, double, bool, c10::optional<double>,
                     c10::optional<double>, bool, double, double, bool, bool, const std::string&,

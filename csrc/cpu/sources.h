@@ -105,7 +105,7 @@ class Snapshot {
     py::object seen;  // what the source held when read
     const void* ptr = nullptr;
     int64_t version = 0, offset = 0;
-    std::vector<int64_t> sizes, strides;
+    c10::SmallVector<int64_t, 4> sizes, strides;  // inline up to 4 dims: a check reads no other memory
     at::ScalarType dtype = at::kFloat;
     at::Device device = at::kCPU;
   };
@@ -191,8 +191,8 @@ class Snapshot {
   static bool same_tensor(const Slot& s, bool versions) {
     const at::Tensor& t = THPVariable_Unpack(s.seen.ptr());
     return t.const_data_ptr() == s.ptr && (!versions || t._version() == s.version) &&
-           t.storage_offset() == s.offset && t.sizes().equals(s.sizes) && t.strides().equals(s.strides) && t.scalar_type() == s.dtype &&
-           t.device() == s.device;
+           t.storage_offset() == s.offset && t.sizes().equals(s.sizes) && t.strides().equals(s.strides) &&
+           t.scalar_type() == s.dtype && t.device() == s.device;
   }
 
   void read_all() {
@@ -222,8 +222,8 @@ class Snapshot {
         s.version = t._version();
       }
       s.offset = t.storage_offset();
-      s.sizes = t.sizes().vec();
-      s.strides = t.strides().vec();
+      s.sizes.assign(t.sizes().begin(), t.sizes().end());
+      s.strides.assign(t.strides().begin(), t.strides().end());
       s.dtype = t.scalar_type();
       s.device = t.device();
       aliases_.push_back(t.detach());

@@ -15,8 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pyebm import _dispatch, _state
-from pyebm.config import rule_options, schedules
+from pyebm import _backend, _dispatch, _state
+from pyebm.config import event_option, rule_options, schedules
+from pyebm.energy import plan_rule
 from pyebm.ops import ebt_policy as _op
 from pyebm.ops import ebt_policy_triton as _tri
 from pyebm.pretrained import Pretrained
@@ -24,7 +25,18 @@ from pyebm.protocol import WholeLoopSpec
 from pyebm.reference import ebt_policy as ref
 
 _gelu_backward = torch.ops.aten.gelu_backward.default
-_SPECS: Dict[Optional[str], WholeLoopSpec] = {}  # whole_loop_spec's answers, by reason (None: available)
+# whole_loop_spec's answers, by (why no whole-loop op, why no one-call descent) (None: available)
+_SPECS: Dict[Tuple[Optional[str], Optional[str]], WholeLoopSpec] = {}
+
+
+_EbtPolicyPack = getattr(_backend.ext(), "EbtPolicyPack", None)
+_NORMALIZE = {None: "none", "rms": "rms", "rms_all": "all"}
+
+
+def _normalize_args(cfg, dtype: torch.dtype) -> Tuple[str, float]:
+    """(normalize, normalize_eps) of ``cfg`` as ``ebt_policy_descent`` takes them."""
+    eps = cfg.normalize_eps if cfg.normalize_eps is not None else torch.finfo(dtype).eps
+    return _NORMALIZE[cfg.normalize], float(eps)
 
 
 class EBTPolicyContext(NamedTuple):
@@ -488,13 +500,72 @@ class EBTPolicy(_state.PackedModule, Pretrained):
             why = f"{dtype} candidates (the op takes float32/float64)"
         elif self.dtype != dtype:
             why = f"{dtype} candidates but {self.dtype} weights"
-        spec = _SPECS.get(why)
+        one_call_why = why
+        if why is None and not self._weight().is_cpu:
+            one_call_why = f"the weights are on {self._weight().device} (the one-call descent runs the C++ ops)"
+        spec = _SPECS.get((why, one_call_why))
         if spec is None:
-            spec = _SPECS[why] = WholeLoopSpec(
+            spec = _SPECS[(why, one_call_why)] = WholeLoopSpec(
                 backends=("cpu",), dtypes=(torch.float32, torch.float64), noise=("none",),
                 normalize=(None, "rms", "rms_all"), tol_scopes=("candidate", "all"), tol_all_with_clip=False,
-                mask=False, unavailable=why)
+                mask=False, one_call=("cpu",) if one_call_why is None else (), one_call_why=one_call_why,
+                unavailable=why)
         return spec
+
+    def _one_call_pack(self):
+        """``pyebm._C.EbtPolicyPack``: the observation side's stacked weights (``_kv_stack``) and the ops'
+        parameters and transposed weights (``_op_weights``) held together, so that a one-call descent checks
+        the module once (``pyebm._state``: one snapshot of every source) and calls C++ once. It shares the
+        tensors of those two packs. None without the compiled class."""
+        if _EbtPolicyPack is None:
+            return None
+
+        def names():
+            return [n for i in range(self.num_layers)
+                    for n in (f"blocks.{i}.cross.kv.weight", f"blocks.{i}.cross.kv.bias",
+                              f"blocks.{i}.cross.k_norm.weight")] + self._op_param_names()
+
+        def build(_):
+            w, b, k_norm = self._kv_stack()
+            params, weights_t = self._op_weights()
+            return _EbtPolicyPack(w, b, k_norm, list(params), list(weights_t), self.heads, *self._op_eps(),
+                                  ref.RMS_EPS)
+
+        return _state.packed(self, "one_call", names, build)
+
+    def run_one_call(self, context: torch.Tensor, config, *, y0: torch.Tensor, generator=None,
+                     final_energy: bool = True):
+        """``minimize``'s "one call" route (``pyebm.protocol``): the observation side, every step of
+        ``config`` and the selection in one C++ call (``pyebm._C.EbtPolicyPack``: the kernels of
+        ``ebt_policy_context`` and ``ebt_policy_descent``, without the dispatcher), else through those two ops.
+        Returns (y, E, E_init, steps, status, best, best_energy, best_index); ``final_energy=False`` (one
+        candidate) skips the final energy pass: E and best_energy are then None."""
+        if not final_energy and y0.shape[1] != 1:
+            raise ValueError(f"EBTPolicy.run_one_call: final_energy=False needs one candidate; got K={y0.shape[1]}")
+        self._check_obs(context, "EBTPolicy.run_one_call")
+        pack = self._one_call_pack() if self.num_layers else None
+        if pack is not None:
+            out = pack.descent(context, y0, self._mask_bias(context.shape[1], context.device, context.dtype),
+                               plan_rule(config, y0.dtype, self.event_shape), *_normalize_args(config, y0.dtype),
+                               config.tol_scope, bool(final_energy))
+            if out is not None:
+                return out
+        # the two ops (inputs the pack does not take as they are: the ops convert them or raise)
+        from pyebm.descent import _select_best  # the same selection as every other route
+
+        ctx = self.prepare(context)
+        event = self.event_shape
+        device, dtype = y0.device, y0.dtype
+        lower = event_option("lower", config.lower, event, device, dtype)
+        upper = event_option("upper", config.upper, event, device, dtype)
+        step_clip = event_option("step_clip", config.step_clip, event, device, dtype)
+        y, E, E0, steps, status = self.run_whole_loop(ctx, config, y0=y0, lower=lower, upper=upper,
+                                                      step_clip=step_clip, final_energy=final_energy)
+        if not final_energy:  # one candidate: nothing to select
+            return (y, None, E0, steps, status, y[:, 0].clone(), None,
+                    torch.zeros(y.shape[0], dtype=torch.long, device=device))
+        best, best_E, idx = _select_best(config, y, E, E0, status, generator)
+        return y, E, E0, steps, status, best, best_E, idx
 
     def run_whole_loop(self, ctx: EBTPolicyContext, cfg, *, backend: str = "cpu", y0: torch.Tensor, mask=None,
                        lower=None, upper=None, step_clip=None, generator=None, final_energy: bool = True):
@@ -504,14 +575,13 @@ class EBTPolicy(_state.PackedModule, Pretrained):
         params, weights_t = self._op_weights()
         eta, _ = schedules(cfg)
         flat = [None if t is None else t.reshape(-1) for t in (lower, upper, step_clip)]
-        eps = cfg.normalize_eps if cfg.normalize_eps is not None else torch.finfo(y0.dtype).eps
-        normalize = {None: "none", "rms": "rms", "rms_all": "all"}[cfg.normalize]
+        normalize, eps = _normalize_args(cfg, y0.dtype)
         rule = rule_options(cfg)
         del rule["noise_mode"]  # this loop has no noise (whole_loop_spec)
         with torch.no_grad():
             return torch.ops.pyebm.ebt_policy_descent.default(
                 y0, ctx.k, ctx.v, ctx.bias, params, weights_t, self.heads, *self._op_eps(), eta, *flat,
-                normalize=normalize, normalize_eps=float(eps), tol_scope=cfg.tol_scope,
+                normalize=normalize, normalize_eps=eps, tol_scope=cfg.tol_scope,
                 final_energy=bool(final_energy), **rule)
 
     def energy(self, ctx: EBTPolicyContext, y: torch.Tensor, backend: Optional[str] = None) -> torch.Tensor:
