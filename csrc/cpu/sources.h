@@ -85,11 +85,20 @@ class Snapshot {
     c10::SmallVector<py::object, 8> at(nodes_.size());  // nodes are in creation order: parents first
     for (size_t i = 0; i < nodes_.size(); ++i)
       at[i] = submodule(nodes_[i].parent < 0 ? root : at[nodes_[i].parent], nodes_[i].key.ptr());
+    // Three passes over the sources, so that the cache misses of a check that runs cold (right after a kernel
+    // streamed its weights through the caches) overlap instead of waiting for each other: the objects by
+    // identity (prefetching each tensor's metadata), then each tensor's storage (prefetched), then the
+    // comparisons.
     for (const Slot& s : slots_) {
       if (!s.key) continue;
       const py::object now = leaf(s.parent < 0 ? root : at[s.parent], s.key.ptr());
-      if (now.ptr() != s.seen.ptr() || (!now.is_none() && !same_tensor(s, versions))) return false;
+      if (now.ptr() != s.seen.ptr()) return false;
+      if (!now.is_none()) prefetch(THPVariable_Unpack(now.ptr()).unsafeGetTensorImpl());
     }
+    for (const Slot& s : slots_)
+      if (s.key && !s.seen.is_none()) prefetch(THPVariable_Unpack(s.seen.ptr()).storage().unsafeGetStorageImpl());
+    for (const Slot& s : slots_)
+      if (s.key && !s.seen.is_none() && !same_tensor(s, versions)) return false;
     return true;
   }
 
@@ -186,6 +195,15 @@ class Snapshot {
     py::object obj = root();
     for (auto it = chain.rbegin(); it != chain.rend(); ++it) obj = submodule(obj, nodes_[*it].key.ptr());
     return leaf(obj, s.key.ptr());
+  }
+
+  static void prefetch(const void* p) {
+#if defined(__GNUC__) || defined(__clang__)
+    __builtin_prefetch(p);
+    __builtin_prefetch(static_cast<const char*>(p) + 64);
+#else
+    (void)p;
+#endif
   }
 
   static bool same_tensor(const Slot& s, bool versions) {
