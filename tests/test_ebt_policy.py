@@ -641,6 +641,8 @@ def test_one_call_pack(dtype, L):
                                       "none", 0.0, "candidate", True) is None  # not the pack's dtype: the ops
     with pytest.raises(ValueError, match="final_energy=False needs one candidate"):
         m.run_one_call(obs, cfg, y0=init, final_energy=False)
+    with pytest.raises(ValueError, match="draws no noise"):
+        m.run_one_call(obs, Descent.ebt_policy(noise=0.1), y0=init)
     with pytest.raises(ValueError, match="obs_tokens"):
         m.run_one_call(obs[:, :, :5], cfg, y0=init)
     one = m.run_one_call(obs, cfg, y0=init[:, :1].contiguous(), final_energy=False)

@@ -542,6 +542,9 @@ class EBTPolicy(_state.PackedModule, Pretrained):
         candidate) skips the final energy pass: E and best_energy are then None."""
         if not final_energy and y0.shape[1] != 1:
             raise ValueError(f"EBTPolicy.run_one_call: final_energy=False needs one candidate; got K={y0.shape[1]}")
+        if config.noise != "none":
+            raise ValueError(f"EBTPolicy.run_one_call: the one-call descent draws no noise; got noise="
+                             f"{config.noise!r} (minimize runs such configs on the per-step path)")
         self._check_obs(context, "EBTPolicy.run_one_call")
         pack = self._one_call_pack() if self.num_layers else None
         if pack is not None:
