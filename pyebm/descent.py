@@ -587,17 +587,25 @@ def _run_one_call(call: _Call) -> DescentResult:
 
 def _run_whole_loop(call: _Call) -> DescentResult:
     """Every step in the model's whole-loop op, then the selection."""
-    y0 = _initial_candidates(call)
-    ctx = call.model.prepare(call.context)
-    skip = not call.final_energy
-    y, E_final, E_init, steps, status = call.model.run_whole_loop(
-        ctx, call.cfg, backend=call.route.backend, y0=y0, mask=call.mask, lower=call.lower, upper=call.upper,
-        step_clip=call.step_clip, generator=call.generator, final_energy=not skip)
-    if skip:  # one candidate: nothing to select
-        best, best_E, idx = y[:, 0].clone(), None, torch.zeros(call.B, dtype=torch.long, device=y.device)
-    else:
-        best, best_E, idx = _select_best(call.cfg, y, E_final, E_init, status, call.generator)
-    return _result(call, y, E_final, E_init, steps, status, best, best_E, idx)
+    out = whole_loop_and_selection(call.model, call.model.prepare(call.context), call.cfg, backend=call.route.backend,
+                                   y0=_initial_candidates(call), mask=call.mask, lower=call.lower, upper=call.upper,
+                                   step_clip=call.step_clip, generator=call.generator, final_energy=call.final_energy)
+    return _result(call, *out)
+
+
+def whole_loop_and_selection(model, ctx, cfg: Descent, *, backend: str, y0: Tensor, mask, lower, upper, step_clip,
+                             generator, final_energy: bool):
+    """A model's whole-loop op from a prepared context, then the selection: (y, E, E_init, steps, status, best,
+    best_energy, best_index); with ``final_energy=False`` (one candidate) the op skips its final energy pass and
+    E and best_energy are None."""
+    y, E_final, E_init, steps, status = model.run_whole_loop(
+        ctx, cfg, backend=backend, y0=y0, mask=mask, lower=lower, upper=upper, step_clip=step_clip,
+        generator=generator, final_energy=final_energy)
+    if not final_energy:  # one candidate: nothing to select
+        return (y, None, E_init, steps, status, y[:, 0].clone(), None,
+                torch.zeros(y.shape[0], dtype=torch.long, device=y.device))
+    best, best_E, idx = _select_best(cfg, y, E_final, E_init, status, generator)
+    return y, E_final, E_init, steps, status, best, best_E, idx
 
 
 def _run_per_step(call: _Call) -> DescentResult:

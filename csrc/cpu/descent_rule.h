@@ -38,6 +38,7 @@ class DescentRule {
                 "pyebm: DescentRule needs one step size and one noise level per step; got ", eta.size(), " and ",
                 noise_level.size());
     check_rule(momentum, grad_clip, grad_clip_norm, energy_temperature, tol);
+    for (size_t k = 0; k < eta.size(); ++k) check_step_scalars("pyebm: DescentRule", eta[k], noise_level[k], grad_scale);
     o_.eta = std::move(eta);
     o_.noise_level = std::move(noise_level);
     o_.grad_scale = grad_scale;

@@ -27,6 +27,7 @@
 
 #include "blas.h"
 #include "descent_args.h"
+#include "descent_rule.h"
 #include "descent_update.h"
 #include "ebt_policy_cpu.h"
 #include "op_checks.h"
@@ -1800,30 +1801,26 @@ std::tuple<at::Tensor, at::Tensor> ebt_policy_context_cpu(const at::Tensor& obs_
 PolicyOneCall ebt_policy_one_call_cpu(const at::Tensor& obs, const at::Tensor& y0, const at::Tensor& kv_w,
                                       const at::Tensor& kv_b, const at::Tensor& k_norm, double ctx_rms_eps,
                                       const at::Tensor& bias, at::TensorList params, at::TensorList weights_t,
-                                      int64_t heads, double rms_eps, double ln_eps, const std::vector<double>& eta,
-                                      const at::Tensor& lower, const at::Tensor& upper, const at::Tensor& step_clip,
-                                      c10::string_view normalize, double normalize_eps, double grad_scale,
-                                      double momentum, bool nesterov, c10::optional<double> grad_clip,
-                                      c10::optional<double> grad_clip_norm, bool energy_scaled,
-                                      double energy_temperature, double tol, c10::string_view tol_scope,
-                                      bool tol_final_step, bool bound_each_step, bool final_energy, int selection) {
+                                      int64_t heads, double rms_eps, double ln_eps, const RuleOptions& rule,
+                                      c10::string_view normalize, double normalize_eps, c10::string_view tol_scope,
+                                      bool final_energy) {
   const char* op = "pyebm: EBTPolicy's one-call descent";
+  TORCH_CHECK_VALUE(rule.noise == NoiseMode::kNone, op, ": this descent draws no noise");
   auto [ck, cv] = ebt_policy_context_cpu(obs, kv_w, kv_b, k_norm, heads, ctx_rms_eps);
   const NetArgs a = check_net_args(op, "y0", y0, ck, cv, bias, params, weights_t, heads, rms_eps, ln_eps);
-  const PolicyDescent o = policy_descent_options(op, normalize, normalize_eps, grad_scale, momentum, nesterov,
-                                                 grad_clip, grad_clip_norm, energy_scaled, energy_temperature, tol,
-                                                 tol_scope, tol_final_step, bound_each_step, final_energy);
-  TORCH_CHECK_VALUE(!eta.empty(), op, ": at least one step");
-  for (size_t k = 0; k < eta.size(); ++k)
-    TORCH_CHECK_VALUE(std::isfinite(eta[k]), op, ": eta[", k, "] must be finite; got ", eta[k]);
+  const PolicyDescent o = policy_descent_options(
+      op, normalize, normalize_eps, rule.grad_scale, rule.momentum, rule.nesterov, rule.grad_clip,
+      rule.grad_clip_norm, rule.energy_scaled, rule.energy_temperature, rule.tol, tol_scope, rule.tol_final_step,
+      rule.bound_each_step, final_energy);
   TORCH_CHECK_VALUE(final_energy || a.K == 1, op, ": final_energy=False needs one candidate; got K = ", a.K);
   auto opt = [](const at::Tensor& t) { return t.defined() ? c10::optional<at::Tensor>(t) : c10::nullopt; };
-  const EventOptions ev =
-      event_options(opt(lower), opt(upper), opt(step_clip), a.Tn * a.A, y0.scalar_type(), y0.device(), op);
+  const EventOptions ev = event_options(opt(rule.lower), opt(rule.upper), opt(rule.step_clip), a.Tn * a.A,
+                                        y0.scalar_type(), y0.device(), op);
   PolicyOneCall out;
-  std::tie(out.y, out.E, out.E_init, out.steps, out.status) = run_policy_descent(a, y0, eta, ev, o);
+  std::tie(out.y, out.E, out.E_init, out.steps, out.status) = run_policy_descent(a, y0, rule.eta, ev, o);
   if (final_energy) {
-    std::tie(out.best, out.best_E, out.best_index) = select_best_impl(out.y, out.E, out.E_init, out.status, selection);
+    std::tie(out.best, out.best_E, out.best_index) =
+        select_best_impl(out.y, out.E, out.E_init, out.status, rule.selection);
   } else {  // one candidate: nothing to select, no final energy
     out.E = at::Tensor();
     out.best = out.y.select(1, 0).clone();

@@ -7,6 +7,8 @@
 
 #include <vector>
 
+#include "descent_rule.h"
+
 namespace pyebm {
 namespace cpu {
 
@@ -18,18 +20,14 @@ struct PolicyOneCall {
 
 // obs [B, L, C] and the stacked cross-attention key/value weights (kv_w [layers * 2D, C], kv_b, k_norm
 // [layers, hd]) as the op ebt_policy_context takes them; y0 [B, K, T, A], bias, params and weights_t as the
-// op ebt_policy_descent takes them; the rule's options as that op's (lower / upper / step_clip [D] or
-// undefined); selection as parse_selection gives it. Errors are c10 errors naming the argument.
+// op ebt_policy_descent takes them; the update rule (no noise; lower / upper / step_clip [D] or undefined) and
+// that op's normalize / tol_scope options. Errors are c10 errors naming the argument.
 PolicyOneCall ebt_policy_one_call_cpu(const at::Tensor& obs, const at::Tensor& y0, const at::Tensor& kv_w,
                                       const at::Tensor& kv_b, const at::Tensor& k_norm, double ctx_rms_eps,
                                       const at::Tensor& bias, at::TensorList params, at::TensorList weights_t,
-                                      int64_t heads, double rms_eps, double ln_eps, const std::vector<double>& eta,
-                                      const at::Tensor& lower, const at::Tensor& upper, const at::Tensor& step_clip,
-                                      c10::string_view normalize, double normalize_eps, double grad_scale,
-                                      double momentum, bool nesterov, c10::optional<double> grad_clip,
-                                      c10::optional<double> grad_clip_norm, bool energy_scaled,
-                                      double energy_temperature, double tol, c10::string_view tol_scope,
-                                      bool tol_final_step, bool bound_each_step, bool final_energy, int selection);
+                                      int64_t heads, double rms_eps, double ln_eps, const RuleOptions& rule,
+                                      c10::string_view normalize, double normalize_eps, c10::string_view tol_scope,
+                                      bool final_energy);
 
 }  // namespace cpu
 }  // namespace pyebm

@@ -18,7 +18,6 @@
 #include <utility>
 #include <vector>
 
-#include "descent_rule.h"
 #include "ebt_policy_cpu.h"
 #include "py_eager.h"
 
@@ -50,11 +49,11 @@ class EbtPolicyPack {
     if (!plain_tensor(obs_h) || !plain_tensor(y0_h) || !eager_context()) return py::none();
     const at::Tensor& obs_ = THPVariable_Unpack(obs_h.ptr());
     const at::Tensor& y0_ = THPVariable_Unpack(y0_h.ptr());
-    const RuleOptions& o = rule.options();
     const at::ScalarType dt = params_[0].scalar_type();
-    if (o.noise != NoiseMode::kNone || !fits(obs_, dt) || !fits(y0_, dt) || !fits(bias, dt) || obs_.dim() != 3 ||
-        y0_.dim() != 4 || y0_.size(0) != obs_.size(0) || (!final_energy && y0_.size(1) != 1))
+    if (!fits(obs_, dt) || !fits(y0_, dt) || !fits(bias, dt) || obs_.dim() != 3 || y0_.dim() != 4 ||
+        y0_.size(0) != obs_.size(0))
       return py::none();
+    const RuleOptions& o = rule.options();
     const int64_t D = y0_.size(2) * y0_.size(3);
     for (const at::Tensor* t : {&o.lower, &o.upper, &o.step_clip})
       if (t->defined() && (t->scalar_type() != dt || t->numel() != D)) return py::none();
@@ -66,10 +65,7 @@ class EbtPolicyPack {
       at::NoGradGuard no_grad;  // inference: no autograd graph, whatever the inputs require
       py::gil_scoped_release nogil;
       out = ebt_policy_one_call_cpu(obs, y0, kv_w_, kv_b_, k_norm_, ctx_rms_eps_, bias, params_, weights_t_, heads_,
-                                    rms_eps_, ln_eps_, o.eta, o.lower, o.upper, o.step_clip, normalize,
-                                    normalize_eps, o.grad_scale, o.momentum, o.nesterov, o.grad_clip,
-                                    o.grad_clip_norm, o.energy_scaled, o.energy_temperature, o.tol, tol_scope,
-                                    o.tol_final_step, o.bound_each_step, final_energy, o.selection);
+                                    rms_eps_, ln_eps_, o, normalize, normalize_eps, tol_scope, final_energy);
     }
     auto maybe = [](const at::Tensor& t) { return t.defined() ? py::cast(t) : py::object(py::none()); };
     return py::make_tuple(out.y, maybe(out.E), out.E_init, out.steps, out.status, out.best, maybe(out.best_E),

@@ -501,7 +501,9 @@ class EBTPolicy(_state.PackedModule, Pretrained):
         elif self.dtype != dtype:
             why = f"{dtype} candidates but {self.dtype} weights"
         one_call_why = why
-        if why is None and not self._weight().is_cpu:
+        if why is None and _EbtPolicyPack is None:
+            one_call_why = "the compiled extension has no EbtPolicyPack"
+        elif why is None and not self._weight().is_cpu:
             one_call_why = f"the weights are on {self._weight().device} (the one-call descent runs the C++ ops)"
         spec = _SPECS.get((why, one_call_why))
         if spec is None:
@@ -546,7 +548,7 @@ class EBTPolicy(_state.PackedModule, Pretrained):
             raise ValueError(f"EBTPolicy.run_one_call: the one-call descent draws no noise; got noise="
                              f"{config.noise!r} (minimize runs such configs on the per-step path)")
         self._check_obs(context, "EBTPolicy.run_one_call")
-        pack = self._one_call_pack() if self.num_layers else None
+        pack = self._one_call_pack()
         if pack is not None:
             out = pack.descent(context, y0, self._mask_bias(context.shape[1], context.device, context.dtype),
                                plan_rule(config, y0.dtype, self.event_shape), *_normalize_args(config, y0.dtype),
@@ -554,21 +556,13 @@ class EBTPolicy(_state.PackedModule, Pretrained):
             if out is not None:
                 return out
         # the two ops (inputs the pack does not take as they are: the ops convert them or raise)
-        from pyebm.descent import _select_best  # the same selection as every other route
+        from pyebm.descent import whole_loop_and_selection
 
-        ctx = self.prepare(context)
-        event = self.event_shape
-        device, dtype = y0.device, y0.dtype
-        lower = event_option("lower", config.lower, event, device, dtype)
-        upper = event_option("upper", config.upper, event, device, dtype)
-        step_clip = event_option("step_clip", config.step_clip, event, device, dtype)
-        y, E, E0, steps, status = self.run_whole_loop(ctx, config, y0=y0, lower=lower, upper=upper,
-                                                      step_clip=step_clip, final_energy=final_energy)
-        if not final_energy:  # one candidate: nothing to select
-            return (y, None, E0, steps, status, y[:, 0].clone(), None,
-                    torch.zeros(y.shape[0], dtype=torch.long, device=device))
-        best, best_E, idx = _select_best(config, y, E, E0, status, generator)
-        return y, E, E0, steps, status, best, best_E, idx
+        event, device, dtype = self.event_shape, y0.device, y0.dtype
+        bounds = [event_option(n, getattr(config, n), event, device, dtype) for n in ("lower", "upper", "step_clip")]
+        return whole_loop_and_selection(self, self.prepare(context), config, backend="cpu", y0=y0, mask=None,
+                                        lower=bounds[0], upper=bounds[1], step_clip=bounds[2], generator=generator,
+                                        final_energy=final_energy)
 
     def run_whole_loop(self, ctx: EBTPolicyContext, cfg, *, backend: str = "cpu", y0: torch.Tensor, mask=None,
                        lower=None, upper=None, step_clip=None, generator=None, final_energy: bool = True):
