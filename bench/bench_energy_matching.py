@@ -2,24 +2,26 @@
 energy.
 
     python bench/bench_energy_matching.py [--sizes tiny,small] [--steps 20] [--repeats 5] [--threads N]
-                                          [--device cpu|cuda]
+                                          [--device cpu|cuda] [--no-compile]
 
 The energy: a tiny UNet (a conv stem, one strided conv down, a conv, a transposed conv up, a skip connection
 by concatenation, a conv out) followed by a head (global average pool, linear) to one number per image, as
 the public CIFAR-10 models put a head on a UNet; random weights (only the time matters here).
 
-Columns, both Heun's method on the Stratonovich form with the same eps(t) (``Descent.energy_matching``, noise
+Columns, all Heun's method on the Stratonovich form with the same eps(t) (``Descent.energy_matching``, noise
 on from the start: tau_star = 0), the same number of steps and the same noise draws:
 
 - ``public form``: the loop the public sampler runs through torchsde, written out: the drift is -dV/dx from
   ``torch.autograd.grad(..., create_graph=True)`` on a detached copy of x at every evaluation (two per step),
   under ``torch.no_grad`` outside it.
-- ``pyebm``: ``pyebm.minimize(energy, B, 1, Descent.energy_matching(...), final_energy=False)`` with the
-  energy as a plain ``f(x, y)`` module, i.e. what ``minimize`` does for an ``nn.Module`` energy today:
-  autograd on y only, no second-order graph.
+- ``pyebm``: ``pyebm.minimize(energy, B, 1, Descent.energy_matching(...), final_energy=False, compile=False)``
+  with the energy as a plain ``f(x, y)`` module: autograd on y only, no second-order graph.
+- ``pyebm compiled`` (unless ``--no-compile``): the same with ``compile=True``, chunks of 5 Heun steps as one
+  ``torch.compile`` region each (``pyebm._compiled``); the compile (one chunk and the final pass, a minute or
+  more on the CPU) happens before timing and its seconds are reported.
 
-Both must produce the same samples (checked before timing). Reports the median time per step (ms) over
-``--repeats`` runs and the ratio.
+Every column must produce the public form's samples (checked before timing). Columns are timed round-robin
+(one run of each per round); reports the median time per step (ms) over ``--repeats`` rounds and the ratios.
 """
 from __future__ import annotations
 
@@ -98,19 +100,16 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _times(fn: Callable[[], object], repeats: int, device: str) -> List[float]:
-    fn()  # warm-up
-    out = []
-    for _ in range(repeats):
-        _sync(device)
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        out.append(time.perf_counter() - t0)
-    return out
+def _time(fn: Callable[[], object], device: str) -> float:
+    _sync(device)
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - t0
 
 
-def run_size(name: str, steps: int, repeats: int, device: str, dt: float = 0.01, epsilon_max: float = 0.01) -> dict:
+def run_size(name: str, steps: int, repeats: int, device: str, dt: float = 0.01, epsilon_max: float = 0.01,
+             compiled: bool = True) -> dict:
     p = SIZES[name]
     torch.manual_seed(0)
     model = TinyUNetEnergy(p["channels"], p["width"]).to(device)
@@ -124,19 +123,38 @@ def run_size(name: str, steps: int, repeats: int, device: str, dt: float = 0.01,
     def public():
         return public_form_sampler(model, x0, steps, dt, eps, torch.Generator(device=device).manual_seed(1))
 
-    def ours():
-        return pyebm.minimize(model, B, 1, cfg, init=x0.unsqueeze(1), generator=1, final_energy=False).y[:, 0]
+    def ours(compile: bool):
+        return pyebm.minimize(model, B, 1, cfg, init=x0.unsqueeze(1), generator=1, final_energy=False,
+                              compile=compile).y[:, 0]
 
-    a, b = public(), ours()
-    diff = float((a - b).abs().max())
-    if not torch.allclose(a, b, rtol=1e-4, atol=1e-5):
-        raise AssertionError(f"{name}: pyebm and the public form disagree (max |diff| {diff:.3g})")
-    t_pub = _times(public, repeats, device)
-    t_ours = _times(ours, repeats, device)
-    ms_pub = 1e3 * statistics.median(t_pub) / steps
-    ms_ours = 1e3 * statistics.median(t_ours) / steps
-    return dict(size=name, shape=f"B={B} {list(event)} width {p['width']}", steps=steps, public_ms=ms_pub,
-                pyebm_ms=ms_ours, ratio=ms_pub / ms_ours, max_diff=diff)
+    columns = {"public": public, "pyebm": lambda: ours(False)}
+    want = public()
+    out = dict(size=name, shape=f"B={B} {list(event)} width {p['width']}", steps=steps, compile_s=None)
+    t0 = time.perf_counter()
+    if compiled:
+        ours(True)  # the compile (and its first run)
+        out["compile_s"] = time.perf_counter() - t0
+        columns["compiled"] = lambda: ours(True)
+    for col, fn in columns.items():
+        if col == "public":
+            continue
+        got = fn()
+        diff = float((want - got).abs().max())
+        if not torch.allclose(want, got, rtol=1e-4, atol=1e-5):
+            raise AssertionError(f"{name}: pyebm ({col}) and the public form disagree (max |diff| {diff:.3g})")
+        out[f"{col}_diff"] = diff
+    samples: Dict[str, List[float]] = {col: [] for col in columns}
+    for col, fn in columns.items():  # warm-up
+        fn()
+    for _ in range(repeats):  # round-robin: load on the host slows every column of a round alike
+        for col, fn in columns.items():
+            samples[col].append(_time(fn, device))
+    for col, ts in samples.items():
+        out[f"{col}_ms"] = 1e3 * statistics.median(ts) / steps
+    out["ratio"] = out["public_ms"] / out["pyebm_ms"]
+    if compiled:
+        out["compiled_ratio"] = out["public_ms"] / out["compiled_ms"]
+    return out
 
 
 def main(argv=None) -> int:
@@ -146,6 +164,9 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=5, help="timed runs per column (median reported)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--no-compile", action="store_true",
+                    help="without the compiled column (minimize(..., compile=True): a compile of a minute or more "
+                         "per size on the CPU)")
     args = ap.parse_args(argv)
     sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
     for s in sizes:
@@ -159,15 +180,24 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     print(f"# bench_energy_matching: {cpu_model()}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, device {args.device}, Heun, dt 0.01, {args.steps} steps, "
-          f"median of {args.repeats}")
+          f"median of {args.repeats} rounds (columns round-robin)")
     print()
-    print("| size | shape | public form ms/step | pyebm ms/step | public / pyebm | max abs diff |")
-    print("|---|---|---:|---:|---:|---:|")
+    if args.no_compile:
+        print("| size | shape | public form ms/step | pyebm ms/step | public / pyebm | max abs diff |")
+        print("|---|---|---:|---:|---:|---:|")
+    else:
+        print("| size | shape | public form ms/step | pyebm ms/step | public / pyebm | pyebm compiled ms/step "
+              "| public / compiled | compile s | max abs diff |")
+        print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for s in sizes:
         print(f"measuring {s}", file=sys.stderr)
-        r = run_size(s, args.steps, args.repeats, args.device)
-        print(f"| {r['size']} | {r['shape']} | {r['public_ms']:.2f} | {r['pyebm_ms']:.2f} | {r['ratio']:.2f}x "
-              f"| {r['max_diff']:.1e} |")
+        r = run_size(s, args.steps, args.repeats, args.device, compiled=not args.no_compile)
+        row = f"| {r['size']} | {r['shape']} | {r['public_ms']:.2f} | {r['pyebm_ms']:.2f} | {r['ratio']:.2f}x "
+        diff = r["pyebm_diff"]
+        if not args.no_compile:
+            row += f"| {r['compiled_ms']:.2f} | {r['compiled_ratio']:.2f}x | {r['compile_s']:.0f} "
+            diff = max(diff, r["compiled_diff"])
+        print(row + f"| {diff:.1e} |")
     return 0
 
 

@@ -16,8 +16,11 @@ use; the kernels are called from a C++ wrapper (``_inductor_cpu``). The
 loop over chunks stays on the host: T = 50 steps run as five calls of a 10-step chunk (one compile per chunk
 length), and with ``tol > 0`` the "all stopped" check happens between chunks (a step of a stopped candidate
 changes nothing, so where the check happens changes the speed, never the result). Noise is drawn on the host,
-step by step from the call's generator in the order of the eager path, and passed in. The final energy pass
-is a second compiled function. Selection runs as on the eager path.
+step by step from the call's generator in the order of the eager path, and passed in; for Heun and for a noise
+schedule with a constant step size, each step's noise factors are passed in too (``noise_scales``), so one
+graph serves every chunk of an Energy Matching run. Heun (``integrator="heun"``) evaluates the gradient twice
+a step inside the chunk, as the eager path does. The final energy pass is a second compiled function.
+Selection runs as on the eager path.
 
 The cache (``pyebm._compiled_cache``). Compiled functions are kept per module in a table that holds the module
 weakly (never on the module: deep copies and pickles of it are unaffected, and a copy compiles its own), keyed
@@ -44,9 +47,10 @@ import torch
 from torch import Tensor, nn
 
 # the rules and the cache, also under this module's name
-from pyebm._compiled_cache import (AUTO_AFTER_CALLS, AUTO_MIN_STEPS, MAX_CHUNK, EntryStats,  # noqa: F401
-                                   _constant_schedules, _Entry, calls_seen, cached, chunk_lengths, clear,
-                                   compiler_refusal, config_refusal, describe, entry, note_call, signature, stats)
+from pyebm._compiled_cache import (AUTO_AFTER_CALLS, AUTO_MIN_STEPS, MAX_CHUNK, PAY_CALLS, EntryStats,  # noqa: F401
+                                   _constant_schedules, _Entry, calls_seen, cached, chunk_limit, chunk_lengths, clear,
+                                   compiler_refusal, config_refusal, describe, does_not_pay, entry, note_call,
+                                   note_compiled_call, scaled_noise, signature, stats)
 from pyebm.ops import descent as _ops
 
 log = logging.getLogger("pyebm")
@@ -237,6 +241,7 @@ class _Plan:
     update: Optional[str]       # the fused update's kind ("cpu", "cuda", "triton") or None (torch ops)
     post_mode: str
     step_clip: Any              # float, or None; a per-coordinate clip is a tensor argument
+    scaled: bool = False        # the noise's per-step factors are a tensor argument (``scaled_noise``)
 
 
 def _energy_fn(module, x, y):
@@ -244,10 +249,12 @@ def _energy_fn(module, x, y):
 
 
 def _chunk_fn(plan: _Plan, module, x, y, velocity, active, steps, status, pending, noise, fixed, mask, lower, upper,
-              step_clip, E_prev):
+              step_clip, E_prev, scales=None):
     """``plan.length`` descent steps from state y [B, K, *event] (and velocity [N, D], active / steps / status /
     pending [N]); returns the new state and the energies at the first and the last evaluation. Functional:
-    the inputs are not written (CUDA graphs replay it with inputs that are earlier outputs)."""
+    the inputs are not written (CUDA graphs replay it with inputs that are earlier outputs). ``scales``
+    [length, 2] (``plan.scaled``): each step's factors of its standard normal draws (column 1: Heun's
+    corrector), so that one graph serves every chunk of a noise schedule."""
     cfg = plan.cfg
     N, D = plan.N, plan.D
     y = y.clone()
@@ -269,6 +276,8 @@ def _chunk_fn(plan: _Plan, module, x, y, velocity, active, steps, status, pendin
         k = plan.k0 + s
         xi = None if noise is None else noise[s]
         n_k = cfg.noise_level_at(k)
+        if plan.scaled and xi is not None:  # the draws times this step's factor; the ops add them as they are
+            xi, n_k = xi * scales[s, 0], 1.0
         ys = _ops.descent_pre(y, normalize=cfg.normalize, normalize_eps=cfg.normalize_eps,
                               noise=xi if cfg.noise == "pre" else None, noise_level=n_k, project=cfg.project,
                               fixed=fixed, mask=mask)
@@ -278,7 +287,11 @@ def _chunk_fn(plan: _Plan, module, x, y, velocity, active, steps, status, pendin
         Ef, Gf = E.reshape(N), G.reshape(N, D).contiguous()
         eta = cfg.step_size_at(k)
         noise_post = xi.reshape(N, D) if (xi is not None and plan.post_mode != "none") else None
-        if plan.update is not None:
+        if cfg.integrator == "heun":
+            _heun_step(plan, grad_and_value, yf, Gf, Ef, active, steps, status, base, eta,
+                       None if noise is None else noise[s].reshape(N, D), scales, s, fixed_f, mask_f, lower, upper,
+                       clip)
+        elif plan.update is not None:
             _ops._fused_update(plan.update, yf, Gf, Ef, active, steps, status, velocity, pending, noise_post,
                                plan.post_mode, n_k, fixed_f, mask_f, lower, upper, clip, eta, cfg.grad_scale,
                                cfg.momentum, cfg.grad_clip, cfg.grad_clip_norm, cfg.step_schedule == "energy",
@@ -297,6 +310,43 @@ def _chunk_fn(plan: _Plan, module, x, y, velocity, active, steps, status, pendin
             E_first = E
         E_prev = Ef
     return y, velocity, active, steps, status, pending, E_first, E
+
+
+def _heun_step(plan: _Plan, grad_and_value, yf, Gf, Ef, active, steps, status, base, eta, xi, scales, s, fixed,
+               mask, lower, upper, clip) -> None:
+    """Heun's method on the Stratonovich form, as the eager path's ``_heun``: the predictor an Euler step with
+    the clipped gradient and the draws xi times the factor s0 (no bookkeeping), the corrector the mean of the
+    two clipped gradients and xi times the mean factor (``scales[s]``: s0 and (s0 + s1) / 2)."""
+    cfg = plan.cfg
+    common = dict(eta=eta, y_base=base, noise_mode="additive", noise_level=1.0, fixed=fixed, mask=mask, lower=lower,
+                  upper=upper, step_clip=clip, grad_scale=cfg.grad_scale, bound_each_step=cfg.bound_each_step,
+                  backend="torch")
+    finite0 = _ops.finite_rows(Gf)
+    _ops.clip_grad_(Gf, cfg.grad_clip, cfg.grad_clip_norm)
+    y_prop = torch.empty_like(yf)
+    _ops.descent_update(yf, Gf, Ef, active, steps, status, noise=None if xi is None else xi * scales[s, 0],
+                        out=y_prop, dry_run=True, **common)
+    G1, (_, E1) = grad_and_value(y_prop.view(plan.shape))
+    G1f = G1.reshape(plan.N, plan.D).contiguous()
+    finite1 = _ops.finite_rows(G1f, E1.reshape(plan.N)) & finite0
+    _ops.clip_grad_(G1f, cfg.grad_clip, cfg.grad_clip_norm)
+    Gf.add_(G1f).mul_(0.5)
+    _ops.descent_update(yf, Gf, Ef, active, steps, status, noise=None if xi is None else xi * scales[s, 1],
+                        finite_also=finite1, **common)
+
+
+def noise_scales(cfg, k0: int, length: int, device, dtype) -> Tensor:
+    """[length, 2] for the steps k0 ... k0 + length - 1 of ``cfg``: the factor of each step's standard normal
+    draws (noise "pre": n_k; after the gradient: ``pyebm.ops.descent.noise_std``) and, for Heun, its
+    corrector's mean factor (s_k + s_{k+1}) / 2; computed in float64 like the eager path's scalars."""
+    post = cfg.noise if cfg.noise in ("langevin", "step", "additive") else "none"
+    rows = []
+    for k in range(k0, k0 + length):
+        eta, n_k = cfg.step_size_at(k), cfg.noise_level_at(k)
+        s0 = n_k if cfg.noise == "pre" else _ops.noise_std(post, eta, n_k)
+        s1 = 0.5 * (s0 + _ops.noise_std(post, eta, cfg.noise_level_at(k + 1))) if cfg.integrator == "heun" else s0
+        rows.append((s0, s1))
+    return torch.tensor(rows, dtype=torch.float64).to(device=device, dtype=dtype)
 
 
 # -- running a call -----------------------------------------------------------------------------------
@@ -334,7 +384,9 @@ def run(call, module: nn.Module, sig: tuple, *, y0: Tensor, update: Optional[str
     x = call.context
     ent = entry(module, sig)
     fixed = y0.clone() if call.mask is not None else None
-    post_mode = cfg.noise if cfg.noise in ("langevin", "step", "additive") else "none"
+    scaled = scaled_noise(cfg)
+    post_mode = "additive" if scaled and cfg.noise != "pre" else \
+        (cfg.noise if cfg.noise in ("langevin", "step", "additive") else "none")
     velocity = torch.zeros(N, D, device=device, dtype=dtype) if cfg.momentum > 0 else None
     active = torch.ones(N, dtype=torch.bool, device=device)
     steps = torch.zeros(N, dtype=torch.int32, device=device)
@@ -347,23 +399,24 @@ def run(call, module: nn.Module, sig: tuple, *, y0: Tensor, update: Optional[str
     y, E_init, E_prev = y0, None, None
     check = cfg.tol > 0 and cfg.check_every > 0
     k0 = 0
-    lengths = chunk_lengths(cfg.steps)
+    lengths = chunk_lengths(cfg.steps, chunk_limit(cfg))
     for i, length in enumerate(lengths):
         noise = None
         if cfg.noise != "none":
             noise = torch.empty((length,) + shape, device=device, dtype=dtype)
             for s in range(length):  # one draw per step, as the eager path draws them
                 noise[s].normal_(generator=call.generator)
+        scales = noise_scales(cfg, k0, length, device, dtype) if scaled else None
         ckey = (length, None if constant else k0)
         fn = ent.chunks.get(ckey)
         first = fn is None
         if first:
-            plan = _Plan(cfg, length, 0 if constant else k0, shape, N, D, update, post_mode, clip_value)
+            plan = _Plan(cfg, length, 0 if constant else k0, shape, N, D, update, post_mode, clip_value, scaled)
             fn = _compile(_bind(plan), device)
             ent.chunks[ckey] = fn
             ent.stats.chunks = tuple(sorted(set(ent.stats.chunks) | {length}))
         args = (module, x, y, velocity, active, steps, status, pending, noise, fixed, call.mask, lower, upper,
-                clip_tensor, E_prev)
+                clip_tensor, E_prev, scales)
         if first:
             out, dt = _timed_first(ent, _call_chunk, fn, args)
             log.info("pyebm: compiled a %d-step chunk of %s in %.1f s", length, type(module).__name__, dt)
@@ -394,9 +447,9 @@ def _own(t: Tensor, device) -> Tensor:
 
 def _bind(plan: _Plan):
     def chunk(module, x, y, velocity, active, steps, status, pending, noise, fixed, mask, lower, upper, step_clip,
-              E_prev):
+              E_prev, scales):
         return _chunk_fn(plan, module, x, y, velocity, active, steps, status, pending, noise, fixed, mask, lower,
-                         upper, step_clip, E_prev)
+                         upper, step_clip, E_prev, scales)
 
     return chunk
 

@@ -473,7 +473,8 @@ def compiled_refusal(energy, cfg, *, compile: Optional[bool], generic: bool, con
                      device, dtype, mask: bool, record: bool) -> Tuple[Optional[str], Optional[tuple]]:
     """(None, key) when a plain nn.Module energy runs on the compiled path (``pyebm._compiled``), else (why not,
     key or None). ``compile``: True forces it (an error names what refuses), False never, None the automatic
-    rule: compiled functions already cached for this call's shapes (the cost is paid), or at least
+    rule: compiled functions already cached for this call's shapes (the cost is paid) unless their calls were
+    measured no faster than the eager ones (``_compiled_cache.does_not_pay``, CPU), or at least
     ``AUTO_MIN_STEPS`` steps and ``AUTO_AFTER_CALLS`` eager calls with these shapes before (a compile takes
     seconds: it pays only for shapes that repeat). The key is returned where the automatic rule counts the call."""
     from pyebm import _compiled_cache as _compiled
@@ -494,8 +495,10 @@ def compiled_refusal(energy, cfg, *, compile: Optional[bool], generic: bool, con
     if why is not None:
         return why, None
     key = _compiled.signature(energy, cfg, context, B, K, event, device, dtype, mask)
-    if compile or _compiled.cached(energy, key):  # compiled before: the cost is paid
+    if compile:
         return None, key
+    if _compiled.cached(energy, key):  # compiled before: the cost is paid, unless the calls measured no gain
+        return _compiled.does_not_pay(energy, key), key
     if cfg.steps < _compiled.AUTO_MIN_STEPS:
         return (f"{cfg.steps} steps (the automatic rule compiles from {_compiled.AUTO_MIN_STEPS} steps; "
                 "compile=True forces it)"), None

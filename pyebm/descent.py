@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import numbers
 import weakref
+import time
 from types import SimpleNamespace
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Dict, Optional, Sequence, Tuple, Union
@@ -809,15 +810,6 @@ def _finish(call: _Call, calls: _EnergyCalls, y, E_init, steps, status, fixed, t
     return _result(call, y, E_final, E_init, steps, status, best, best_E, idx, traj, snaps)
 
 
-def _noise_std(mode: str, eta: float, n: float) -> float:
-    """Standard deviation of the post-gradient noise for a scalar step size (Heun only uses these)."""
-    if mode == "langevin":
-        return math.sqrt(2.0 * eta * n)
-    if mode == "additive":
-        return n
-    return 0.0
-
-
 class _GradientDescent:
     """The per-step gradient path: the state of every row, one method per kind of step."""
 
@@ -959,7 +951,7 @@ class _GradientDescent:
         cfg = self.cfg
         finite0 = _ops.finite_rows(Gf)
         _ops.clip_grad_(Gf, cfg.grad_clip, cfg.grad_clip_norm)
-        s0 = _noise_std(self.post_mode, eta, n_k)
+        s0 = _ops.noise_std(self.post_mode, eta, n_k)
         _ops.descent_update(self.yf, Gf, Ef, self.active, self.steps, self.status, eta=eta, y_base=base,
                             noise=self.xif, noise_mode="additive", noise_level=s0, out=self.y_propf, dry_run=True,
                             **self.common)
@@ -968,7 +960,7 @@ class _GradientDescent:
         finite1 = _ops.finite_rows(G1f, E1.reshape(self.N)) & finite0
         _ops.clip_grad_(G1f, cfg.grad_clip, cfg.grad_clip_norm)
         Gf.add_(G1f).mul_(0.5)
-        s = 0.5 * (s0 + _noise_std(self.post_mode, eta, cfg.noise_level_at(k + 1)))
+        s = 0.5 * (s0 + _ops.noise_std(self.post_mode, eta, cfg.noise_level_at(k + 1)))
         _ops.descent_update(self.yf, Gf, Ef, self.active, self.steps, self.status, eta=eta, y_base=base,
                             noise=self.xif, noise_mode="additive", noise_level=s, finite_also=finite1, **self.common)
 
@@ -1052,23 +1044,34 @@ def _run_compiled(call: _Call) -> DescentResult:
     cfg = call.cfg
     probe = torch.empty(1, 1, device=call.device, dtype=call.dtype)
     moved = cfg.normalize is not None or cfg.noise == "pre" or cfg.project is not None
-    update, _ = _dispatch.update_route(probe, probe, probe if moved else None,
-                                       cfg.noise if cfg.noise in ("langevin", "step", "additive") else "none",
-                                       cfg.tol, cfg.tol_on, cfg.tol_scope, None, False, None, None, None, call.backend)
+    post = cfg.noise if cfg.noise in ("langevin", "step", "additive") else "none"
+    if post != "none" and _compiled_cache.scaled_noise(cfg):
+        post = "additive"  # the chunk scales the draws itself
+    update, _ = _dispatch.update_route(probe, probe, probe if moved else None, post, cfg.tol, cfg.tol_on,
+                                       cfg.tol_scope, None, False, None, None, None, call.backend)
 
     def finish(calls, y, E_init, steps, status, fixed):
         return _finish(call, calls, y, E_init, steps, status, fixed, None)
 
-    return _compiled.run(call, call.energy, call.route.key, y0=y0, update=update, finish=finish)
+    t0, compiles = time.perf_counter(), entry.stats.compiles
+    res = _compiled.run(call, call.energy, call.route.key, y0=y0, update=update, finish=finish)
+    if call.device.type == "cpu" and entry.stats.compiles == compiles:  # timed: whether compiling pays
+        _compiled_cache.note_compiled_call(call.energy, call.route.key, time.perf_counter() - t0)
+    return res
 
 
 def _run_autograd(call: _Call) -> DescentResult:
-    """A plain energy through autograd per step; counted for the compiled path's automatic rule."""
-    if call.route.key is not None:
-        from pyebm import _compiled_cache
+    """A plain energy through autograd per step; counted for the compiled path's automatic rule (with its wall
+    time on the CPU: the eager side of whether compiling pays; CUDA calls are asynchronous, not timed)."""
+    if call.route.key is None:
+        return _run_per_step(call)
+    from pyebm import _compiled_cache
 
-        _compiled_cache.note_call(call.energy, call.route.key)
-    return _run_per_step(call)
+    t0 = time.perf_counter()
+    res = _run_per_step(call)
+    _compiled_cache.note_call(call.energy, call.route.key,
+                              time.perf_counter() - t0 if call.device.type == "cpu" else None)
+    return res
 
 
 _RUNNERS = {"cuda graph": _run_graphed, "one call": _run_one_call, "whole loop": _run_whole_loop,

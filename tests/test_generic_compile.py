@@ -4,6 +4,7 @@ seen; the module still copies, pickles and is freed; explain reports the path; c
 rule choose the eager path. Each compile costs seconds on CPU: shapes are tiny and tests share entries."""
 import copy
 import gc
+import math
 import pickle
 import weakref
 
@@ -116,6 +117,49 @@ def test_noise_from_the_generator_matches_eager(mlp):
     assert_same(got, want)
 
 
+def test_energy_matching_heun_with_a_noise_ramp_matches_eager(mlp):
+    """Heun on the Stratonovich form with Energy Matching's eps(t) ramp over three chunks of one graph: the
+    noise factors of each step are an argument of the chunk, not baked into it."""
+    f, x, y0 = mlp
+    cfg = pyebm.Descent.energy_matching(steps=12, dt=0.05, epsilon_max=0.2, tau_star=0.3, lower=-2.0, upper=2.0)
+    assert cfg.integrator == "heun" and _compiled.scaled_noise(cfg)
+    got = pyebm.minimize(f, x, K, cfg, init=y0, compile=True, generator=3)
+    want = pyebm.minimize(f, x, K, cfg, init=y0, compile=False, backend="torch", generator=3)
+    assert_same(got, want)
+    key = _compiled.signature(f, cfg, x, B, K, (5,), torch.device("cpu"), torch.float32, False)
+    st = _compiled.stats(f)[key]
+    assert _compiled.chunk_limit(cfg) == 5 and _compiled.chunk_lengths(12, 5) == [4, 4, 4]
+    assert st.chunks == (4,) and st.compiles == 2  # one 4-step chunk for all three, and the final energy
+    assert not torch.equal(got.y, pyebm.minimize(f, x, K, cfg.replace(noise="none"), init=y0, compile=True).y)
+
+
+@pytest.mark.parametrize("noise", ["langevin", "pre", "step", "additive"])
+def test_noise_schedules_over_several_chunks_match_eager(mlp, noise):
+    """Euler with a decaying noise schedule over 12 steps (two chunks of one graph), each noise mode."""
+    f, x, y0 = mlp
+    cfg = pyebm.Descent(steps=12, step_size=0.05, noise=noise, noise_scale=0.2, noise_schedule="polynomial",
+                        noise_scale_end=0.01)
+    assert _compiled.config_refusal(cfg, False) is None
+    got = pyebm.minimize(f, x, K, cfg, init=y0, compile=True, generator=5)
+    want = pyebm.minimize(f, x, K, cfg, init=y0, compile=False, backend="torch", generator=5)
+    assert_same(got, want)
+
+
+def test_noise_scales_are_the_eager_factors():
+    cfg = pyebm.Descent.energy_matching(steps=8, dt=0.1, epsilon_max=0.5, tau_star=0.25)
+    sc = _compiled.noise_scales(cfg, 2, 4, torch.device("cpu"), torch.float64)
+    for i, k in enumerate(range(2, 6)):
+        s0 = math.sqrt(2 * 0.1 * cfg.noise_level_at(k))
+        s1 = math.sqrt(2 * 0.1 * cfg.noise_level_at(k + 1))
+        assert sc[i].tolist() == pytest.approx([s0, 0.5 * (s0 + s1)], rel=1e-15)
+    pre = pyebm.Descent(steps=4, noise="pre", noise_scale=0.3, noise_schedule="polynomial", noise_scale_end=0.1)
+    assert _compiled.noise_scales(pre, 0, 4, torch.device("cpu"), torch.float64)[:, 0].tolist() == \
+        pytest.approx([pre.noise_level_at(k) for k in range(4)], rel=1e-15)
+    step = pyebm.Descent(steps=4, step_size=0.2, noise="step", noise_scale=0.3)
+    assert _compiled.noise_scales(step, 0, 1, torch.device("cpu"), torch.float64)[0].tolist() == \
+        pytest.approx([-0.06, -0.06], rel=1e-15)
+
+
 def test_chunks_of_a_longer_loop(conv):
     """More steps than one chunk: 12 = 2 x 6 (one compile), the host loop over chunks."""
     f, x, y0 = conv
@@ -190,6 +234,58 @@ def test_explain_and_the_switch(mlp):
     assert pyebm.explain(f, x, cfg, K, init=y0, compile=False).path == "autograd"
     short = pyebm.explain(f, x, pyebm.Descent(steps=2), K, init=y0)
     assert short.path == "autograd" and "steps" in short.refused["compiled"]
+    # the compiling call, then PAY_CALLS timed ones: the verdict against the eager calls counted above
+    for _ in range(_compiled.PAY_CALLS + 1):
+        pyebm.minimize(f, x, K, cfg, init=y0)
+    (st,) = _compiled.stats(f).values()
+    assert st.pays is not None and st.calls == _compiled.PAY_CALLS + 1
+    assert st.pays == (st.seconds_per_call < st.eager_seconds_per_call)
+    e = pyebm.explain(f, x, cfg, K, init=y0)
+    assert e.path == ("compiled" if st.pays else "autograd")
+    assert ("compiling pays" if st.pays else "compiling does not pay") in (e.parts.get("compiled") or
+                                                                         e.refused["compiled"])
+
+
+@pytest.mark.parametrize("compiled_ms,pays", [(2.0, False), (0.5, True)])
+def test_the_automatic_rule_falls_back_when_compiling_does_not_pay(mlp, compiled_ms, pays):
+    """The verdict from the measured times (injected here): compiled calls no faster than the eager ones send
+    the automatic rule back to the eager path; compile=True still forces the compiled one."""
+    f, x, y0 = mlp
+    f = copy.deepcopy(f)
+    cfg = pyebm.Descent(steps=5, step_size=0.05)
+    key = _compiled.signature(f, cfg, x, B, K, (5,), torch.device("cpu"), torch.float32, False)
+    for ms in (3.0, 1.0, 1.2):  # the fastest eager call counts: 1 ms
+        _compiled.note_call(f, key, ms * 1e-3)
+    _compiled.entry(f, key).stats.compiles = 2  # compiled (as far as the rule is concerned): the cost is paid
+    assert pyebm.explain(f, x, cfg, K, init=y0).path == "compiled"  # no verdict yet
+    for i in range(_compiled.PAY_CALLS):
+        _compiled.note_compiled_call(f, key, (compiled_ms + i) * 1e-3)
+    _compiled.note_compiled_call(f, key, 1e-6)  # after the verdict: not taken into account
+    (st,) = _compiled.stats(f).values()
+    assert (st.pays, st.seconds_per_call, st.eager_seconds_per_call) == (pays, compiled_ms * 1e-3, 1e-3)
+    e = pyebm.explain(f, x, cfg, K, init=y0)
+    if pays:
+        assert e.path == "compiled" and "compiling pays" in e.parts["compiled"]
+    else:
+        assert e.path == "autograd"
+        assert e.refused["compiled"].startswith("compiling does not pay for these shapes and options: 2 ms per "
+                                                "call compiled against 1 ms eager")
+    assert pyebm.explain(f, x, cfg, K, init=y0, compile=True).path == "compiled"
+    _compiled.clear(f)
+    assert _compiled.stats(f) == {} and _compiled.calls_seen(f, key) == 0
+
+
+def test_no_verdict_without_eager_calls(mlp):
+    f, x, y0 = mlp
+    f = copy.deepcopy(f)
+    cfg = pyebm.Descent(steps=5, step_size=0.05)
+    key = _compiled.signature(f, cfg, x, B, K, (5,), torch.device("cpu"), torch.float32, False)
+    _compiled.entry(f, key)
+    for _ in range(_compiled.PAY_CALLS):
+        _compiled.note_compiled_call(f, key, 5e-3)
+    (st,) = _compiled.stats(f).values()
+    assert st.pays is None and st.seconds_per_call == 5e-3 and st.eager_seconds_per_call is None
+    assert pyebm.explain(f, x, cfg, K, init=y0).path == "compiled"
 
 
 def test_refusals_and_errors(mlp):
@@ -202,7 +298,11 @@ def test_refusals_and_errors(mlp):
                       whole_loop=False)
     assert "own energy_and_grad" in e.refused["compiled"]
     with pytest.raises(ValueError, match="compile=True but"):
-        pyebm.minimize(f, x, K, pyebm.Descent(steps=3, integrator="heun"), init=y0, compile=True)
+        pyebm.minimize(f, x, K, pyebm.Descent(steps=3, accept_if_lower=True), init=y0, compile=True)
+    # a step schedule over more than one chunk would bake its values into each chunk
+    e = pyebm.explain(f, x, pyebm.Descent(steps=12, step_schedule="cosine", step_size_end=0.01), K, init=y0,
+                      compile=None)
+    assert "step-size schedule over more than 10 steps" in e.refused["compiled"]
     with pytest.raises(TypeError, match="compile must be"):
         pyebm.minimize(f, x, K, CFG, init=y0, compile="yes")
 

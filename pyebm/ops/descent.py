@@ -349,6 +349,18 @@ def _direction(d, E, velocity, velocity_out, eta, grad_scale, momentum, energy_s
     return d, v_new, eta_r
 
 
+def noise_std(mode: str, eta: float, n: float) -> float:
+    """The factor of the standard normal draws in the post-gradient noise term of ``mode``, for a scalar step
+    size eta and noise level n (Heun's two noise terms; the compiled path's noise scaled per step)."""
+    if mode == "langevin":
+        return math.sqrt(2.0 * eta * n)
+    if mode == "additive":
+        return n
+    if mode == "step":
+        return -(eta * n)
+    return 0.0
+
+
 def _add_noise(d, noise, noise_mode, noise_level, eta, eta_r, energy_scaled) -> None:
     """The post-gradient noise of ``noise_mode``, added to d in place."""
     if noise_mode == "langevin":
