@@ -113,8 +113,8 @@ def config_refusal(cfg, record: bool) -> Optional[str]:
         return "accept_if_lower"
     limit = chunk_limit(cfg)
     if not _constant_schedules(cfg) and cfg.steps > limit:
-        return (f"a step-size schedule over more than {limit} steps (each chunk would bake in its own values and "
-                "compile again)")
+        return (f"a step-size schedule (or a noise schedule with step_schedule='energy') over more than {limit} "
+                "steps (each chunk would bake in its own values and compile again)")
     return None
 
 

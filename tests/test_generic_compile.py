@@ -302,7 +302,12 @@ def test_refusals_and_errors(mlp):
     # a step schedule over more than one chunk would bake its values into each chunk
     e = pyebm.explain(f, x, pyebm.Descent(steps=12, step_schedule="cosine", step_size_end=0.01), K, init=y0,
                       compile=None)
-    assert "step-size schedule over more than 10 steps" in e.refused["compiled"]
+    assert e.refused["compiled"].startswith("a step-size schedule") and "over more than 10 steps" in \
+        e.refused["compiled"]
+    # a noise schedule with energy-scaled steps: the noise factor depends on each row's step, not passed in
+    e = pyebm.explain(f, x, pyebm.Descent(steps=12, step_schedule="energy", noise="langevin", noise_scale=0.1,
+                                          noise_schedule="cosine", noise_scale_end=0.01), K, init=y0, compile=None)
+    assert "over more than 10 steps" in e.refused["compiled"]
     with pytest.raises(TypeError, match="compile must be"):
         pyebm.minimize(f, x, K, CFG, init=y0, compile="yes")
 
