@@ -249,6 +249,7 @@ def ebt_rows_steps(pack_rows: bool) -> bool:
 _CPU_KERNELS: Dict[str, bool] = {}
 
 
+@torch.compiler.assume_constant_result  # a fact of the build: a traced call (fullgraph too) reads it as a constant
 def _has_cpu_kernel(name: str) -> bool:
     """Whether ``pyebm::name`` has a CPU kernel in this build (a schema alone is not enough: kernels compiled
     only for some compilers register nothing elsewhere)."""
