@@ -50,7 +50,7 @@ from torch import Tensor, nn
 from pyebm._compiled_cache import (AUTO_AFTER_CALLS, AUTO_MIN_STEPS, MAX_CHUNK, PAY_CALLS, EntryStats,  # noqa: F401
                                    _constant_schedules, _Entry, calls_seen, cached, chunk_limit, chunk_lengths, clear,
                                    compiler_refusal, config_refusal, describe, does_not_pay, entry, note_call,
-                                   note_compiled_call, scaled_noise, signature, stats)
+                                   note_compiled_call, post_noise_mode, scaled_noise, signature, stats)
 from pyebm.ops import descent as _ops
 
 log = logging.getLogger("pyebm")
@@ -317,9 +317,9 @@ def _chunk_fn(plan: _Plan, module, x, y, velocity, active, steps, status, pendin
         eta = cfg.step_size_at(k)
         noise_post = xi.reshape(N, D) if (xi is not None and plan.post_mode != "none") else None
         if cfg.integrator == "heun":
-            _heun_step(plan, grad_and_value, yf, Gf, Ef, active, steps, status, base, eta,
-                       None if noise is None else noise[s].reshape(N, D), scales, s, fixed_f, mask_f, lower, upper,
-                       clip)
+            _heun_step(plan, grad_and_value, yf, Gf, Ef, active, steps, status, base, eta, noise_post,
+                       None if noise is None else noise[s].reshape(N, D) * scales[s, 1], fixed_f, mask_f, lower,
+                       upper, clip)
         elif plan.update is not None:
             _ops._fused_update(plan.update, yf, Gf, Ef, active, steps, status, velocity, pending, noise_post,
                                plan.post_mode, n_k, fixed_f, mask_f, lower, upper, clip, eta, cfg.grad_scale,
@@ -341,11 +341,11 @@ def _chunk_fn(plan: _Plan, module, x, y, velocity, active, steps, status, pendin
     return y, velocity, active, steps, status, pending, E_first, E
 
 
-def _heun_step(plan: _Plan, grad_and_value, yf, Gf, Ef, active, steps, status, base, eta, xi, scales, s, fixed,
+def _heun_step(plan: _Plan, grad_and_value, yf, Gf, Ef, active, steps, status, base, eta, xi0, xi1, fixed,
                mask, lower, upper, clip) -> None:
     """Heun's method on the Stratonovich form, as the eager path's ``_heun``: the predictor an Euler step with
-    the clipped gradient and the draws xi times the factor s0 (no bookkeeping), the corrector the mean of the
-    two clipped gradients and xi times the mean factor (``scales[s]``: s0 and (s0 + s1) / 2)."""
+    the clipped gradient and the noise xi0 (the draws times s0; no bookkeeping), the corrector the mean of the
+    two clipped gradients and the noise xi1 (the same draws times (s0 + s1) / 2)."""
     cfg = plan.cfg
     common = dict(eta=eta, y_base=base, noise_mode="additive", noise_level=1.0, fixed=fixed, mask=mask, lower=lower,
                   upper=upper, step_clip=clip, grad_scale=cfg.grad_scale, bound_each_step=cfg.bound_each_step,
@@ -353,15 +353,13 @@ def _heun_step(plan: _Plan, grad_and_value, yf, Gf, Ef, active, steps, status, b
     finite0 = _ops.finite_rows(Gf)
     _ops.clip_grad_(Gf, cfg.grad_clip, cfg.grad_clip_norm)
     y_prop = torch.empty_like(yf)
-    _ops.descent_update(yf, Gf, Ef, active, steps, status, noise=None if xi is None else xi * scales[s, 0],
-                        out=y_prop, dry_run=True, **common)
+    _ops.descent_update(yf, Gf, Ef, active, steps, status, noise=xi0, out=y_prop, dry_run=True, **common)
     G1, (_, E1) = grad_and_value(y_prop.view(plan.shape))
     G1f = G1.reshape(plan.N, plan.D).contiguous()
     finite1 = _ops.finite_rows(G1f, E1.reshape(plan.N)) & finite0
     _ops.clip_grad_(G1f, cfg.grad_clip, cfg.grad_clip_norm)
     Gf.add_(G1f).mul_(0.5)
-    _ops.descent_update(yf, Gf, Ef, active, steps, status, noise=None if xi is None else xi * scales[s, 1],
-                        finite_also=finite1, **common)
+    _ops.descent_update(yf, Gf, Ef, active, steps, status, noise=xi1, finite_also=finite1, **common)
 
 
 def noise_scales(cfg, k0: int, length: int, device, dtype) -> Tensor:
@@ -414,8 +412,7 @@ def run(call, module: nn.Module, sig: tuple, *, y0: Tensor, update: Optional[str
     ent = entry(module, sig)
     fixed = y0.clone() if call.mask is not None else None
     scaled = scaled_noise(cfg)
-    post_mode = "additive" if scaled and cfg.noise != "pre" else \
-        (cfg.noise if cfg.noise in ("langevin", "step", "additive") else "none")
+    post_mode = post_noise_mode(cfg)
     velocity = torch.zeros(N, D, device=device, dtype=dtype) if cfg.momentum > 0 else None
     active = torch.ones(N, dtype=torch.bool, device=device)
     steps = torch.zeros(N, dtype=torch.int32, device=device)

@@ -96,6 +96,13 @@ def scaled_noise(cfg) -> bool:
     return cfg.integrator == "heun" or (cfg.noise_schedule != "constant" and cfg.step_schedule == "constant")
 
 
+def post_noise_mode(cfg) -> str:
+    """The post-gradient noise mode a compiled chunk's update runs: "additive" where the chunk scales the draws
+    itself (``scaled_noise``), else the config's ("none" for no noise or noise "pre")."""
+    post = cfg.noise if cfg.noise in ("langevin", "step", "additive") else "none"
+    return "additive" if post != "none" and scaled_noise(cfg) else post
+
+
 def _constant_schedules(cfg) -> bool:
     """Whether one graph serves every chunk of the loop (nothing step-dependent is baked into it)."""
     step_const = cfg.step_schedule in ("constant", "energy")

@@ -1044,10 +1044,8 @@ def _run_compiled(call: _Call) -> DescentResult:
     cfg = call.cfg
     probe = torch.empty(1, 1, device=call.device, dtype=call.dtype)
     moved = cfg.normalize is not None or cfg.noise == "pre" or cfg.project is not None
-    post = cfg.noise if cfg.noise in ("langevin", "step", "additive") else "none"
-    if post != "none" and _compiled_cache.scaled_noise(cfg):
-        post = "additive"  # the chunk scales the draws itself
-    update, _ = _dispatch.update_route(probe, probe, probe if moved else None, post, cfg.tol, cfg.tol_on,
+    update, _ = _dispatch.update_route(probe, probe, probe if moved else None,
+                                       _compiled_cache.post_noise_mode(cfg), cfg.tol, cfg.tol_on,
                                        cfg.tol_scope, None, False, None, None, None, call.backend)
 
     def finish(calls, y, E_init, steps, status, fixed):
