@@ -301,15 +301,25 @@ def test_triton_attention_backend(triton_device, ebt_type):
         b = fast.think(tok, init=init[:, :, sl], **kw)
         c = model64.think(tok, init=init[:, :, sl].double(), **kw)
         assert torch.equal(a.sample, b.sample) and torch.equal(a.sample, c.sample)
-        # The descent grows fp32 rounding by the same factor on both paths (time_embed's two steps by several
-        # hundred times at this size): after it, allow the Triton path's error at the start (the initial
-        # energy) grown as the ATen path's was, when it started further off than the ATen path.
+        # The descent grows fp32 rounding (time_embed's two steps by several hundred times at this size), and
+        # by how much depends on the last bits of its input: the ATen path's own error moves tenfold when the
+        # init moves by one unit in the last place (seen with the baseline kernels on an AVX2 CPU). So the scale
+        # is the ATen path's error envelope over the init and three such neighbours of it, and on top of that
+        # the Triton path's error at the start (the initial energy), grown as the ATen path's was, when it
+        # started further off than the ATen path.
+        g = torch.Generator().manual_seed(1)
+        x0 = init[:, :, sl]
+        near = [model.think(tok, init=x0 * (1 + 2.0 ** -23 * torch.randn(x0.shape, generator=g).to(x0.device)),
+                            **kw) for _ in range(3)]
         e0_ref = float((a.initial_energy.double() - c.initial_energy).abs().max())
         e0_got = float((b.initial_energy.double() - c.initial_energy).abs().max())
         growth = max(1.0, e0_got / e0_ref) if e0_ref > 0 else 1.0
         for key in ("logits", "energy", "initial_energy"):
-            want, ref32, got = getattr(c, key), getattr(a, key), getattr(b, key)
-            atol = tolerance(ref32, want) * (1.0 if key == "initial_energy" else growth)
+            want, got = getattr(c, key), getattr(b, key)
+            if key == "initial_energy":  # before any step: the ATen path's own error at this very input
+                atol = tolerance(a.initial_energy, want)
+            else:
+                atol = max(tolerance(getattr(r, key), want) for r in [a] + near) * growth
             torch.testing.assert_close(got.double(), want, rtol=0, atol=atol, msg=key)
     ctx = fast.prepare(tok)
     y = torch.softmax(torch.randn(2, 4, V, device=triton_device), -1)
