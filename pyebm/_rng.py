@@ -69,8 +69,8 @@ class TracedGenerator:
 
     def draw(self, kind: str, shape: Sequence[int], count: int, dtype: torch.dtype) -> Tensor:
         """[count, *shape]: ``count`` draws of ``shape`` one after the other."""
-        out, self.state = torch.ops.pyebm.rng_draw(self.state, self.seed, kind, list(shape), count, dtype,
-                                                   self.device)
+        out, self.state = torch.ops.pyebm.rng_draw(self.state, self.seed, kind, list(shape), count,
+                                                   _rng_draw_op.dtype_name(dtype), self.device)
         if self.target is not None:  # the caller's state advances as its generator's would
             self.target.copy_(self.state)
         return out

@@ -17,6 +17,7 @@ from torch.utils._pytree import tree_flatten
 
 import pyebm
 from pyebm import _rng, config as _config
+from pyebm.ops import rng_draw as rng_draw_op
 from pyebm.models import EBT, EBTPolicy
 from pyebm.policies import EnergyPolicy
 
@@ -122,24 +123,29 @@ def test_rng_draw_is_the_generators_sequence():
     for a, b in zip(got, want):
         assert torch.equal(a, b)
     assert torch.equal(tg.state, g.get_state())
-    torch.library.opcheck(torch.ops.pyebm.rng_draw.default, (None, 3, "normal", [2, 17], 2, torch.float32,
+    torch.library.opcheck(torch.ops.pyebm.rng_draw.default, (None, 3, "normal", [2, 17], 2, "float32",
                                                               torch.device("cpu")))
     torch.library.opcheck(torch.ops.pyebm.rng_draw.default, (torch.Generator().manual_seed(1).get_state(), 0,
-                                                              "uniform", [3], 1, torch.float64, torch.device("cpu")))
+                                                              "uniform", [3], 1, "float64", torch.device("cpu")))
 
 
 def test_rng_draw_checks_its_arguments():
     cpu = torch.device("cpu")
     with pytest.raises(ValueError, match="state must be a 1-d uint8 CPU tensor"):
-        torch.ops.pyebm.rng_draw(torch.zeros(3), 0, "normal", [2], 1, torch.float32, cpu)
+        torch.ops.pyebm.rng_draw(torch.zeros(3), 0, "normal", [2], 1, "float32", cpu)
     with pytest.raises(ValueError, match="kind must be one of"):
-        torch.ops.pyebm.rng_draw(None, 0, "gamma", [2], 1, torch.float32, cpu)
-    with pytest.raises(TypeError, match="dtype must be a floating dtype"):
-        torch.ops.pyebm.rng_draw(None, 0, "normal", [2], 1, torch.int32, cpu)
+        torch.ops.pyebm.rng_draw(None, 0, "gamma", [2], 1, "float32", cpu)
+    for bad in ("int32", "complex64", "torch.float32", "nonsense", ""):
+        with pytest.raises(TypeError, match="dtype must name a floating dtype"):
+            torch.ops.pyebm.rng_draw(None, 0, "normal", [2], 1, bad, cpu)
+    with pytest.raises(TypeError, match="dtype must name a floating dtype, e.g. 'float32'; got torch.float32"):
+        rng_draw_op.check("pyebm::rng_draw", None, 0, "normal", [2], 1, torch.float32, cpu)
+    for dt in (torch.float32, torch.float64, torch.float16, torch.bfloat16):  # the names the draws pass
+        assert torch.ops.pyebm.rng_draw(None, 0, "normal", [2], 1, rng_draw_op.dtype_name(dt), cpu)[0].dtype == dt
     with pytest.raises(ValueError, match="count must be >= 1"):
-        torch.ops.pyebm.rng_draw(None, 0, "normal", [2], 0, torch.float32, cpu)
+        torch.ops.pyebm.rng_draw(None, 0, "normal", [2], 0, "float32", cpu)
     with pytest.raises(ValueError, match="state has 16 bytes, but a generator on cpu has a state of 5056 bytes"):
-        torch.ops.pyebm.rng_draw(torch.zeros(16, dtype=torch.uint8), 0, "normal", [2], 1, torch.float32, cpu)
+        torch.ops.pyebm.rng_draw(torch.zeros(16, dtype=torch.uint8), 0, "normal", [2], 1, "float32", cpu)
 
 
 # -- torch.compile(fullgraph=True) --------------------------------------------------------------------

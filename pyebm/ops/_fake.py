@@ -328,7 +328,7 @@ def ebt_policy_gelu_tanh_bwd_triton(grad_out, x):
 
 @_fake("rng_draw")
 def rng_draw_(state, seed, kind, shape, count, dtype, device):
-    rng_draw.check("pyebm::rng_draw", state, seed, kind, shape, count, dtype, device)
+    dtype = rng_draw.check("pyebm::rng_draw", state, seed, kind, shape, count, dtype, device)
     n = state.numel() if state is not None else rng_draw.state_size(device)
     return (torch.empty((count,) + tuple(shape), dtype=dtype, device=device),
             torch.empty(n, dtype=torch.uint8, device="cpu"))

@@ -1,7 +1,9 @@
 """Random draws from a generator state held in a tensor: ``torch.ops.pyebm.rng_draw``.
 
 ``torch.ops.pyebm.rng_draw(state, seed, kind, shape, count, dtype, device) -> (out, new_state)``
-    out [count, *shape]: ``count`` draws, one after the other, each as ``torch.empty(shape).normal_()``
+    out [count, *shape] of the floating dtype named by ``dtype`` ("float32", "float64", "float16",
+    "bfloat16": ``dtype_name(torch.float32)``): ``count`` draws, one after the other, each as
+    ``torch.empty(shape).normal_()``
     (kind "normal") or ``.uniform_()`` (kind "uniform") with a ``torch.Generator`` on ``device`` whose state
     is ``state`` (a uint8 tensor as ``Generator.get_state()`` gives it, of a generator on ``device``'s kind of
     device) or, when ``state`` is None, seeded with ``seed``. new_state: that generator's state after the draws.
@@ -11,6 +13,10 @@ The op is functional: the generator's state goes in and out as a tensor. Under `
 an int draws the same numbers as the eager call with ``torch.Generator().manual_seed(seed)``, in the same
 order, and a traced call given a generator's state tensor draws the numbers of the eager call with that
 generator (``pyebm._rng``). Not differentiable (random draws have no gradient).
+
+The dtype is passed by name, not as a ``torch.dtype`` argument: AOTInductor's runtime in torch 2.11 hands a
+custom op's dtype argument over as another dtype (float32 arrives as float64: the serialized enum read as
+c10's), so a package would draw other numbers, or none. A string arrives as it was written.
 """
 from __future__ import annotations
 
@@ -22,9 +28,24 @@ from torch import Tensor
 KINDS = ("normal", "uniform")
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """The op's name for a dtype: ``dtype_name(torch.float32) == "float32"``."""
+    return str(dtype).replace("torch.", "", 1)
+
+
+def dtype_of(op: str, name: str) -> torch.dtype:
+    """The floating dtype a name of ``dtype_name`` stands for (TypeError for anything else)."""
+    dt = getattr(torch, name, None) if isinstance(name, str) else None
+    if not isinstance(dt, torch.dtype) or not dt.is_floating_point or dt.is_complex:
+        shown = f"torch.{dtype_name(name)} (pass its name, dtype_name(dtype))" if isinstance(name, torch.dtype) \
+            else repr(name)
+        raise TypeError(f"{op}: dtype must name a floating dtype, e.g. 'float32'; got {shown}")
+    return dt
+
+
 def check(op: str, state: Optional[Tensor], seed: int, kind: str, shape: Sequence[int], count: int,
-          dtype: torch.dtype, device: Optional[torch.device] = None) -> None:
-    """The op's argument checks (its fake runs them too)."""
+          dtype: str, device: Optional[torch.device] = None) -> torch.dtype:
+    """The op's argument checks (its fake runs them too); the dtype that ``dtype`` names."""
     if state is not None:
         if not isinstance(state, Tensor) or state.dtype != torch.uint8 or state.dim() != 1 \
                 or state.device.type != "cpu":
@@ -39,8 +60,7 @@ def check(op: str, state: Optional[Tensor], seed: int, kind: str, shape: Sequenc
         raise ValueError(f"{op}: kind must be one of {', '.join(map(repr, KINDS))}; got {kind!r}")
     if count < 1:
         raise ValueError(f"{op}: count must be >= 1; got {count}")
-    if not dtype.is_floating_point:
-        raise TypeError(f"{op}: dtype must be a floating dtype; got {dtype}")
+    return dtype_of(op, dtype)
 
 
 def state_size(device: torch.device) -> int:
@@ -52,10 +72,10 @@ def state_size(device: torch.device) -> int:
 
 
 @torch.library.custom_op("pyebm::rng_draw", mutates_args=())
-def rng_draw(state: Optional[Tensor], seed: int, kind: str, shape: Sequence[int], count: int, dtype: torch.dtype,
+def rng_draw(state: Optional[Tensor], seed: int, kind: str, shape: Sequence[int], count: int, dtype: str,
              device: torch.device) -> Tuple[Tensor, Tensor]:
     """(out [count, *shape], new_state): ``count`` draws with the generator of ``state`` (or ``seed``)."""
-    check("pyebm::rng_draw", state, seed, kind, shape, count, dtype, device)
+    dtype = check("pyebm::rng_draw", state, seed, kind, shape, count, dtype, device)
     g = torch.Generator(device=device)
     if state is None:
         g.manual_seed(seed)
