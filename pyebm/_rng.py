@@ -51,7 +51,13 @@ def tracing() -> bool:
 
 
 def exporting() -> bool:
-    """True while torch.export traces the call (strict or not)."""
+    """True while torch.export traces the call (strict or not), not while torch.compile does.
+
+    Reads the flag behind ``torch.compiler.is_exporting()``: Dynamo in torch 2.11 and earlier answers that
+    call with True under every trace, torch.compile's too (torch 2.13 reads the flag)."""
+    flag = getattr(torch.compiler, "_is_exporting_flag", None)
+    if isinstance(flag, bool):
+        return flag
     is_exporting = getattr(torch.compiler, "is_exporting", None)
     return bool(is_exporting is not None and is_exporting())
 
