@@ -995,7 +995,7 @@ def _run_dfo(call: _Call, calls: _EnergyCalls, y0: Tensor, fixed) -> DescentResu
     for k in range(cfg.steps):
         if k > 0 and xi is not None:
             _rng.normal_(xi, generator)
-            y.add_(xi, alpha=cfg.noise_level_at(k - 1))
+            torch.add(y, xi, alpha=cfg.noise_level_at(k - 1), out=y)  # not add_: see descent_pre
             if lower is not None or upper is not None:
                 y.clamp_(lower, upper)
             if mask is not None:

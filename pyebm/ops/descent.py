@@ -181,7 +181,9 @@ def descent_pre(y: Tensor, *, normalize: Optional[str] = None, normalize_eps: Op
             raise ValueError(f"normalize must be None, 'rms' or 'rms_all'; got {normalize!r}")
         ys = y / (ms + eps).sqrt_()
     if noise is not None:
-        ys = torch.add(ys, noise, alpha=noise_level) if ys is y else ys.add_(noise, alpha=noise_level)
+        # Out of place also when ys is a temporary: a traced add_ with alpha is decomposed into a product and a
+        # sum (two roundings) by torch 2.11's functionalization, unlike the eager kernel; add is not.
+        ys = torch.add(ys, noise, alpha=noise_level)
     if project == "softmax":
         ys = torch.softmax(ys, dim=-1)
     elif project is not None:
