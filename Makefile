@@ -85,8 +85,8 @@ $(GPU_PY):
 gpu-rehearsal: $(GPU_PY)
 	@$(GPU_PY) -c "import torch, triton, sys; sys.exit(not ('$(GPU_TORCH_SPEC)'.endswith('=' + torch.__version__.split('+')[0]) and '$(GPU_TRITON_SPEC)'.endswith('=' + triton.__version__)))" 2>/dev/null \
 	  || $(GPU_PY) -m pip install "$(GPU_TORCH_SPEC)" "$(GPU_TRITON_SPEC)"
-	@$(GPU_PY) -c "import numpy, pybind11, setuptools, wheel, pytest, pytest_benchmark, hypothesis, xdist, rich, matplotlib, sys; sys.exit(tuple(map(int, numpy.__version__.split('.')[:2])) >= (2, 4))" 2>/dev/null \
-	  || $(GPU_PY) -m pip install -q "numpy<2.4" pybind11 setuptools wheel "pytest>=7" "pytest-benchmark>=4" "hypothesis>=6" pytest-xdist "rich>=13" "matplotlib>=3.6"
+	@$(GPU_PY) -c "import numpy, pybind11, setuptools, wheel, pytest, pytest_benchmark, hypothesis, xdist, rich, matplotlib, scipy, safetensors, sys; sys.exit(tuple(map(int, numpy.__version__.split('.')[:2])) >= (2, 4))" 2>/dev/null \
+	  || $(GPU_PY) -m pip install -q "numpy<2.4" pybind11 setuptools wheel "pytest>=7" "pytest-benchmark>=4" "hypothesis>=6" pytest-xdist "rich>=13" "matplotlib>=3.6" "scipy>=1.9" "safetensors>=0.4"
 	PYTHON=$(GPU_PY) PYEBM_GPU_SUITE_DRY=1 bash bench/gpu_suite.sh $(GPU_OUT)
 	PYTHONPATH=$(CURDIR) $(GPU_PY) -m pytest -q -p no:cacheprovider tests $(PYTEST_ARGS)
 
