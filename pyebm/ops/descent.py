@@ -369,14 +369,14 @@ def _add_noise(d, noise, noise_mode, noise_level, eta, eta_r, energy_scaled) -> 
         if energy_scaled:
             d.addcmul_(noise, (eta_r * (2.0 * noise_level)).sqrt_().unsqueeze(1))
         else:
-            d.add_(noise, alpha=math.sqrt(2.0 * eta * noise_level))
+            torch.add(d, noise, alpha=math.sqrt(2.0 * eta * noise_level), out=d)  # see descent_pre
     elif noise_mode == "step":
         if energy_scaled:
             d.addcmul_(noise, (eta_r * noise_level).unsqueeze(1), value=-1.0)
         else:
-            d.add_(noise, alpha=-(eta * noise_level))
+            torch.add(d, noise, alpha=-(eta * noise_level), out=d)
     elif noise_mode == "additive":
-        d.add_(noise, alpha=noise_level)
+        torch.add(d, noise, alpha=noise_level, out=d)
     else:
         raise ValueError(f"noise_mode for descent_update must be one of {_POST_NOISE}; got {noise_mode!r}")
 
