@@ -14,6 +14,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
+from pyebm import _dtypes
+
 _POLICIES = ("EnergyPolicy", "PolicyAdapter")
 _ENERGIES = ("MLPEnergy", "EBT", "EBTPolicy")
 _FIELDS = ("observation", "seed")
@@ -195,7 +197,7 @@ class PolicyServer(_Server):
         return {"model_dir": self.model_dir, "architecture": self.architecture, "energy": type(p.energy).__name__,
                 "route": "/act", "observation_shapes": self.observation_shapes(),
                 "action_shape": [steps, p.action_dim], "candidates": p.candidates,
-                "dtype": str(self.dtype).replace("torch.", ""), "device": str(self.device)}
+                "dtype": _dtypes.name(self.dtype), "device": str(self.device)}
 
     def example_request(self, generator: torch.Generator) -> Dict[str, Any]:
         """A valid request with a random observation (``pyebm bench serve``)."""
@@ -376,7 +378,7 @@ class EnergyServer(_Server):
                 "context_shapes": self.context_shapes(),
                 "init_shapes": [str(ev), str([self.candidates] + ev)], "y_shape": ev,
                 "candidates": self.candidates, "descent": self.descent.to_dict(),
-                "dtype": str(self.dtype).replace("torch.", ""), "device": str(self.device)}
+                "dtype": _dtypes.name(self.dtype), "device": str(self.device)}
 
     def example_request(self, generator: torch.Generator) -> Dict[str, Any]:
         """A valid request with a random context (``pyebm bench serve``)."""
@@ -574,7 +576,7 @@ class EBTServer(_Server):
                "inference": self.defaults.to_dict(),
                "limits": {"max_new_tokens": self.max_new_tokens, "max_steps": self.max_steps,
                           "max_samples": self.max_samples, "max_top_k": cfg.vocab_size},
-               "dtype": str(self.dtype).replace("torch.", ""), "device": str(self.device)}
+               "dtype": _dtypes.name(self.dtype), "device": str(self.device)}
         if self.minimizer is not None:
             m = self.minimizer
             out["minimize"] = {"context_shapes": m.context_shapes(), "candidates": m.candidates,

@@ -43,6 +43,8 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 from torch import nn
 
+from pyebm import _dtypes
+
 FORMAT = "pyebm"
 FORMAT_VERSION = 1
 CONFIG_NAME = "config.json"
@@ -119,8 +121,8 @@ class Pretrained:
 def _dtype_name(module: nn.Module) -> str:
     for t in list(module.parameters()) + list(module.buffers()):
         if t.is_floating_point():
-            return str(t.dtype).replace("torch.", "")
-    return str(torch.get_default_dtype()).replace("torch.", "")
+            return _dtypes.name(t.dtype)
+    return _dtypes.name(torch.get_default_dtype())
 
 
 def _spec(obj) -> Dict[str, Any]:
@@ -319,8 +321,8 @@ def _read_config(directory: str) -> Dict[str, Any]:
 
 
 def _dtype(name, where: str) -> torch.dtype:
-    dtype = getattr(torch, name, None) if isinstance(name, str) else None
-    if not isinstance(dtype, torch.dtype):
+    dtype = _dtypes.named(name)
+    if dtype is None:
         raise ValueError(f"from_pretrained: {where} has an unknown dtype {name!r}")
     return dtype
 

@@ -11,6 +11,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from pyebm import _dtypes
 from pyebm.bench import stats
 from pyebm.bench.host import host_warnings, machine_info  # noqa: F401  (machine_info: public here too)
 from pyebm.bench.timing import Timing, measure_interleaved
@@ -60,7 +61,7 @@ class Column:
 def run_params(params: Dict[str, object], device: str, dtype=torch.float32) -> Dict[str, object]:
     """``params`` plus the dtype, the thread count and the device of this run."""
     out = dict(params)
-    out.setdefault("dtype", str(dtype).replace("torch.", ""))
+    out.setdefault("dtype", _dtypes.name(dtype))
     out.setdefault("threads", torch.get_num_threads())
     out.setdefault("device", str(device))
     return out

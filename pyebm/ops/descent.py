@@ -181,9 +181,9 @@ def descent_pre(y: Tensor, *, normalize: Optional[str] = None, normalize_eps: Op
             raise ValueError(f"normalize must be None, 'rms' or 'rms_all'; got {normalize!r}")
         ys = y / (ms + eps).sqrt_()
     if noise is not None:
-        # Out of place also when ys is a temporary: a traced add_ with alpha is decomposed into a product and a
-        # sum (two roundings) by torch 2.11's functionalization, unlike the eager kernel; add is not.
-        ys = torch.add(ys, noise, alpha=noise_level)
+        # add(out=) rather than add_: torch 2.11's functionalization splits a traced add_ with alpha into a product
+        # and a sum (two roundings, unlike the eager kernel), not add. Into ys itself when it is a temporary.
+        ys = torch.add(ys, noise, alpha=noise_level, out=None if ys is y else ys)
     if project == "softmax":
         ys = torch.softmax(ys, dim=-1)
     elif project is not None:

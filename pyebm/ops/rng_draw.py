@@ -25,21 +25,17 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from pyebm._dtypes import name as dtype_name, named
+
 KINDS = ("normal", "uniform")
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    """The op's name for a dtype: ``dtype_name(torch.float32) == "float32"``."""
-    return str(dtype).replace("torch.", "", 1)
 
 
 def dtype_of(op: str, name: str) -> torch.dtype:
     """The floating dtype a name of ``dtype_name`` stands for (TypeError for anything else)."""
-    dt = getattr(torch, name, None) if isinstance(name, str) else None
-    if not isinstance(dt, torch.dtype) or not dt.is_floating_point or dt.is_complex:
-        shown = f"torch.{dtype_name(name)} (pass its name, dtype_name(dtype))" if isinstance(name, torch.dtype) \
-            else repr(name)
-        raise TypeError(f"{op}: dtype must name a floating dtype, e.g. 'float32'; got {shown}")
+    dt = named(name)
+    if dt is None or not dt.is_floating_point:
+        hint = " (pass its name, dtype_name(dtype))" if isinstance(name, torch.dtype) else ""
+        raise TypeError(f"{op}: dtype must name a floating dtype, e.g. 'float32'; got {name!r}{hint}")
     return dt
 
 
